@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   — virtualenv + install (with TensorFlow for the worker) + `ckptd demo`
+#   make test   — virtualenv + test extras + lint, types and the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[tf-cpu,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ckptd demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check ckptd migrations tests bench
+	$(BIN)/ruff format --check ckptd migrations tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""``python -m ckptd`` is the ``ckptd`` command."""
+
+import sys
+
+from ckptd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,316 @@
+"""The daemon's lifecycle: migrate, backfill, watch, schedule, report health, stop cleanly.
+
+Threads: watchdog observers (enqueue dirty runs), one reconcile thread (the single DB writer for
+discovery), APScheduler's pool (rescan, heartbeat, later evaluate/freeze/prune). The main thread
+only handles signals and sd_notify.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from ckptd import __version__
+from ckptd.config import Config, ConfigError, load_config, warn_missing_paths
+from ckptd.daemon import runs as runs_mod
+from ckptd.daemon.notify import notify, watchdog_interval
+from ckptd.daemon.reconcile import Reconciler
+from ckptd.daemon.runs import RunSpec
+from ckptd.daemon.scheduler import Scheduler
+from ckptd.daemon.watch import Watcher
+from ckptd.model import utcnow
+from ckptd.store import migrate
+from ckptd.store.db import insert_id, make_engine, session_scope
+from ckptd.store.tables import CheckpointRow, DaemonRow
+
+log = logging.getLogger(__name__)
+
+
+class DirtyRuns:
+    """A set of runs to rescan, with a short debounce so a burst of events costs one scan."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[int, str], RunSpec] = {}
+        self._cond = threading.Condition()
+        self.first_seen: dict[tuple[int, str], float] = {}
+
+    def add(self, spec: RunSpec) -> None:
+        key = (spec.watch_index, spec.name)
+        with self._cond:
+            if key not in self._pending:
+                self._pending[key] = spec
+                self.first_seen.setdefault(key, time.monotonic())
+                self._cond.notify()
+
+    def take(self, timeout: float, debounce: float) -> list[RunSpec]:
+        with self._cond:
+            if not self._pending and not self._cond.wait(timeout):
+                return []
+        if debounce > 0:
+            time.sleep(debounce)  # let the rest of a save's renames land in the same scan
+        with self._cond:
+            out = list(self._pending.values())
+            self._pending.clear()
+            self.first_seen.clear()
+            return out
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+
+@dataclass
+class Health:
+    started: float = field(default_factory=time.time)
+    last_reconcile: float = 0.0
+    reconcile_errors: int = 0
+    db_ok: bool = True
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine = make_engine(config.daemon.database)
+        self.dirty = DirtyRuns()
+        self.health = Health()
+        self.reconciler = Reconciler(self.engine)
+        self.watcher = Watcher(config.watches, self._on_path)
+        self.scheduler = Scheduler()
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.daemon_id: int | None = None
+        self._thread: threading.Thread | None = None
+        self._known_runs: set[tuple[int, str]] = set()
+
+    # ------------------------------------------------------------ start-up
+
+    def prepare(self) -> None:
+        """Upgrade the schema (or refuse with a message) and register this daemon."""
+        try:
+            before, after = migrate.upgrade(self.engine)
+        except Exception as exc:
+            raise SystemExit(
+                f"ckptd: cannot migrate the database {self.config.daemon.database}: "
+                f"{exc}. Run `ckptd db upgrade` to see the details."
+            ) from exc
+        if before != after:
+            log.info("database upgraded from %s to %s", before or "empty", after)
+        with session_scope(self.engine) as s:
+            now = utcnow()
+            self.daemon_id = insert_id(
+                s,
+                insert(DaemonRow).values(
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    version=__version__,
+                    config=self.config.source,
+                    started_at=now,
+                    heartbeat_at=now,
+                    status={
+                        "state": "starting",
+                        "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
+                        "watches": [str(w.path) for w in self.config.watches],
+                    },
+                ),
+            )
+
+    def all_runs(self) -> list[RunSpec]:
+        specs = []
+        for i, w in enumerate(self.config.watches):
+            specs += runs_mod.discover(i, w)
+        return specs
+
+    def full_reconcile(self) -> int:
+        """Rescan every run (backfill at start, then every ``rescan_interval``)."""
+        specs = self.all_runs()
+        # Runs recorded before but missing now: reconcile them too, so their checkpoints go "gone".
+        current = {(s.watch_index, s.name) for s in specs}
+        for key in self._known_runs - current:
+            i, name = key
+            w = self.config.watches[i]
+            specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
+        count = 0
+        for spec in specs:
+            count += len(self._reconcile(spec).recorded)
+        self._known_runs = current
+        return count
+
+    def _reconcile(self, spec: RunSpec) -> Any:
+        try:
+            outcome = self.reconciler.reconcile(spec)
+            self.health.last_reconcile = time.time()
+            self.health.db_ok = True
+            return outcome
+        except Exception as exc:
+            self.health.reconcile_errors += 1
+            self.health.db_ok = "database" not in str(exc)
+            log.exception("reconciling %s failed; the next rescan retries", spec.path)
+            from ckptd.daemon.reconcile import Outcome
+
+            return Outcome(spec.name)
+
+    # ------------------------------------------------------------ events
+
+    def _on_path(self, index: int, path: str) -> None:
+        spec = runs_mod.run_of(index, self.config.watches[index], path)
+        if spec is not None:
+            self.dirty.add(spec)
+
+    def _reconcile_loop(self) -> None:
+        debounce = self.config.daemon.debounce.total_seconds()
+        while not self.stop_event.is_set():
+            for spec in self.dirty.take(timeout=0.5, debounce=debounce):
+                if self.stop_event.is_set():
+                    break
+                key = (spec.watch_index, spec.name)
+                if key not in self._known_runs and not spec.path.is_dir():
+                    continue  # an event under a run directory that does not exist (anymore)
+                self._known_runs.add(key)
+                self._reconcile(spec)
+
+    # ------------------------------------------------------------ periodic jobs
+
+    def counts(self) -> dict[str, int]:
+        with session_scope(self.engine) as s:
+            rows = s.execute(
+                select(CheckpointRow.state, func.count()).group_by(CheckpointRow.state)
+            )
+            return {state: n for state, n in rows}
+
+    def heartbeat(self) -> None:
+        counts = self.counts()
+        status = {
+            "state": "running",
+            "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
+            "watches": self.watcher.describe(),
+            "counts": counts,
+            "pending_rescans": len(self.dirty),
+            "jobs": {k: v for k, v in self.scheduler.last_success.items()},
+        }
+        with session_scope(self.engine) as s:
+            s.execute(
+                update(DaemonRow)
+                .where(DaemonRow.id == self.daemon_id)
+                .values(heartbeat_at=utcnow(), status=status)
+            )
+        notify(
+            f"STATUS=watching {len(self.config.watches)} path(s); "
+            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            if counts
+            else f"STATUS=watching {len(self.config.watches)} path(s); no checkpoints yet"
+        )
+
+    def rescan(self) -> None:
+        for msg in self.watcher.check():
+            log.info(msg)
+        self.full_reconcile()
+
+    def healthy(self) -> bool:
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self.watcher.healthy() and self.scheduler.running() and self.health.db_ok
+
+    # ------------------------------------------------------------ run
+
+    def run_once(self) -> int:
+        self.prepare()
+        n = self.full_reconcile()
+        self._mark_stopped()
+        return n
+
+    def run(self) -> int:
+        self.prepare()
+        self._install_signals()
+        self.watcher.start()  # before the backfill, so nothing written during it is missed
+        t0 = time.monotonic()
+        recorded = self.full_reconcile()
+        log.info(
+            "startup scan recorded %d checkpoint(s) in %.2f s", recorded, time.monotonic() - t0
+        )
+        self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
+        self._thread.start()
+        d = self.config.daemon
+        self.scheduler.every("rescan", d.rescan_interval, self.rescan)
+        self.scheduler.every("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=True)
+        self.scheduler.start()
+        notify(
+            "READY=1",
+            f"STATUS=watching {len(self.config.watches)} path(s)",
+            f"MAINPID={os.getpid()}",
+        )
+        wd = watchdog_interval()
+        while not self.stop_event.is_set():
+            self.stop_event.wait(wd or 1.0)
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self._reload()
+            if wd and self.healthy():
+                notify("WATCHDOG=1")
+        notify("STOPPING=1")
+        self.shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: Any) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        def hup(_signum: int, _frame: Any) -> None:
+            self.reload_event.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
+        notify(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            notify("READY=1", f"STATUS=reload failed: {exc}")
+            return
+        warn_missing_paths(new)
+        self.watcher.stop()
+        self.config = new
+        self.watcher = Watcher(new.watches, self._on_path)
+        self.watcher.start()
+        self.scheduler.every("rescan", new.daemon.rescan_interval, self.rescan, run_now=True)
+        self.scheduler.every("heartbeat", new.daemon.heartbeat_interval, self.heartbeat)
+        log.info("configuration reloaded from %s", new.source)
+        notify("READY=1", "STATUS=configuration reloaded")
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        self.scheduler.shutdown()
+        self.watcher.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._mark_stopped()
+        self.engine.dispose()
+        log.info("stopped")
+
+    def _mark_stopped(self) -> None:
+        if self.daemon_id is None:
+            return
+        with session_scope(self.engine) as s:
+            s.execute(
+                update(DaemonRow)
+                .where(DaemonRow.id == self.daemon_id)
+                .values(stopped_at=utcnow(), heartbeat_at=utcnow())
+            )
+
+
+def heartbeat_grace(interval: timedelta) -> timedelta:
+    return interval * 3 + timedelta(seconds=5)

@@ -1,0 +1,484 @@
+"""Reconcile: list a run directory, diff it against the database, write the difference.
+
+Filesystem events only say "look at run R again"; this module is the truth. It is idempotent, so a
+dropped event costs latency (until the periodic full rescan), never a checkpoint, and a restart
+is just a full reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, insert, select, update
+
+from ckptd import formats
+from ckptd.daemon.runs import RunSpec
+from ckptd.eventfiles import metric_prefix, read_scalars
+from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, utcnow
+from ckptd.store.db import insert_id, session_scope
+from ckptd.store.tables import (
+    ActionRow,
+    CheckpointRow,
+    EventFileRow,
+    MetricRow,
+    RunRow,
+    ScalarRow,
+)
+from ckptd.store.upsert import upsert
+
+log = logging.getLogger(__name__)
+
+# States the reconciler owns. ``pruning``/``pruned`` belong to the pruner and are left alone.
+_OWNED = (COMPLETE, CORRUPT, GONE)
+
+
+@dataclass
+class _Known:
+    id: int
+    state: str
+    step: int | None
+    signature: tuple[int, ...]
+
+
+@dataclass
+class _RunCache:
+    run_id: int
+    checkpoints: dict[str, _Known] = field(default_factory=dict)
+    by_step: dict[int, list[int]] = field(default_factory=dict)
+    event_files: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
+
+    def add(self, prefix: str, known: _Known) -> None:
+        self.checkpoints[prefix] = known
+        if known.step is not None:
+            self.by_step.setdefault(known.step, []).append(known.id)
+
+
+@dataclass
+class Outcome:
+    """What one reconcile of one run changed (used for logs, status and tests)."""
+
+    run: str
+    recorded: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    scalars: int = 0
+    new_complete_ids: list[int] = field(default_factory=list)
+
+
+class Reconciler:
+    """Owns the in-memory view of what the DB holds per run; every write goes through it.
+
+    One instance per daemon; ``reconcile`` is serialised by a lock so the database has one writer
+    path.
+    """
+
+    def __init__(
+        self, engine: Engine, *, stale_after: float = 120.0, on_recorded: Any = None
+    ) -> None:
+        self.engine = engine
+        self.stale_after = stale_after
+        self.on_recorded = on_recorded  # callback(list[checkpoint id]) for evaluate-on-new
+        self._cache: dict[str, _RunCache] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------- cache
+
+    def _load(self, session: Any, spec: RunSpec) -> _RunCache:
+        path = str(spec.path)
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
+        run_id = session.execute(select(RunRow.id).where(RunRow.path == path)).scalar()
+        now = utcnow()
+        if run_id is None:
+            run_id = insert_id(
+                session,
+                insert(RunRow).values(
+                    name=spec.name,
+                    path=path,
+                    watch_path=str(spec.watch.path),
+                    present=True,
+                    created_at=now,
+                ),
+            )
+            self._action(session, "run_discovered", run_id, None, spec.name, None, {"path": path})
+        cache = _RunCache(run_id)
+        rows = session.execute(
+            select(
+                CheckpointRow.id,
+                CheckpointRow.prefix,
+                CheckpointRow.state,
+                CheckpointRow.step,
+                CheckpointRow.signature,
+            ).where(CheckpointRow.run_id == run_id)
+        )
+        for cid, prefix, state, step, sig in rows:
+            cache.add(prefix, _Known(cid, state, step, tuple(sig or ())))
+        for fid, fpath, offset, error in session.execute(
+            select(
+                EventFileRow.id, EventFileRow.path, EventFileRow.offset, EventFileRow.error
+            ).where(EventFileRow.run_id == run_id)
+        ):
+            cache.event_files[fpath] = (fid, offset, error)
+        self._cache[path] = cache
+        return cache
+
+    def forget(self) -> None:
+        """Drop the cache (after another writer, e.g. the pruner, changed rows)."""
+        with self._lock:
+            self._cache.clear()
+
+    # ----------------------------------------------------------- public
+
+    def reconcile(self, spec: RunSpec) -> Outcome:
+        with self._lock:
+            outcome = self._reconcile(spec)
+        if outcome.new_complete_ids and self.on_recorded:
+            try:
+                self.on_recorded(outcome.new_complete_ids)
+            except Exception:  # a listener never breaks recording
+                log.exception("on_recorded listener failed")
+        return outcome
+
+    def reconcile_many(self, specs: Iterable[RunSpec]) -> list[Outcome]:
+        return [self.reconcile(s) for s in specs]
+
+    # ----------------------------------------------------------- core
+
+    def _reconcile(self, spec: RunSpec) -> Outcome:
+        outcome = Outcome(spec.name)
+        present = spec.path.is_dir() and not spec.path.is_symlink()
+        cache = self._cache.get(str(spec.path))
+        known_sigs = (
+            {p: k.signature for p, k in cache.checkpoints.items() if k.state == COMPLETE}
+            if cache
+            else None
+        )
+        found = (
+            formats.scan_run(
+                spec.path, spec.watch.keras_template, known_sigs, stale_after=self.stale_after
+            )
+            if present
+            else []
+        )
+        events = formats.event_files(spec.path) if present else []
+        with session_scope(self.engine) as session:
+            cache = self._load(session, spec)
+            now = utcnow()
+            self._apply_checkpoints(session, spec, cache, found, present, now, outcome)
+            self._apply_events(session, spec, cache, events, now, outcome)
+            session.execute(
+                update(RunRow)
+                .where(RunRow.id == cache.run_id)
+                .values(scanned_at=now, present=present)
+            )
+        for name in outcome.recorded:
+            log.info("recorded %s", name)
+        for name in outcome.corrupt:
+            log.warning("corrupt checkpoint %s", name)
+        return outcome
+
+    def _apply_checkpoints(
+        self,
+        session: Any,
+        spec: RunSpec,
+        cache: _RunCache,
+        found: list[formats.Found],
+        present: bool,
+        now: Any,
+        outcome: Outcome,
+    ) -> None:
+        table: Any = CheckpointRow.__table__
+        inserts: list[dict[str, Any]] = []
+        filename_metrics: list[tuple[str, formats.Found]] = []
+        seen: set[str] = set()
+        for f in found:
+            seen.add(f.prefix)
+            if f.state == formats.INCOMPLETE:
+                continue  # not yet a checkpoint; its completion will trigger another scan
+            known = cache.checkpoints.get(f.prefix)
+            created = _from_ts(f.mtime)
+            values = dict(
+                step=f.step,
+                format=f.format,
+                state=f.state,
+                reason=f.reason,
+                size_bytes=f.size,
+                files=list(f.files),
+                has_meta=f.has_meta,
+                signature=list(f.signature),
+                created_at=created,
+            )
+            if known is None:
+                inserts.append(
+                    dict(
+                        values,
+                        run_id=cache.run_id,
+                        prefix=f.prefix,
+                        recorded_at=now,
+                        completed_at=now if f.state == COMPLETE else None,
+                    )
+                )
+                if f.metrics:
+                    filename_metrics.append((f.prefix, f))
+                continue
+            if known.state in (PRUNING, PRUNED):
+                continue
+            if known.state == f.state and known.signature == f.signature:
+                continue
+            if f.state == COMPLETE and known.state != COMPLETE:
+                values["completed_at"] = now
+                values["gone_at"] = None
+                outcome.recorded.append(_label(spec, f.step, f.prefix))
+                outcome.new_complete_ids.append(known.id)
+            elif f.state == CORRUPT and known.state != CORRUPT:
+                outcome.corrupt.append(_label(spec, f.step, f.prefix))
+                self._action(session, "corrupt", cache.run_id, known.id, f.prefix, f.reason, {})
+            session.execute(update(table).where(table.c.id == known.id).values(**values))
+            known.state, known.signature = f.state, f.signature
+
+        if inserts:
+            ids = _insert_returning_ids(session, table, inserts)
+            actions = []
+            for row, cid in zip(inserts, ids, strict=True):
+                known = _Known(cid, row["state"], row["step"], tuple(row["signature"]))
+                cache.add(row["prefix"], known)
+                label = _label(spec, row["step"], row["prefix"])
+                if row["state"] == COMPLETE:
+                    outcome.recorded.append(label)
+                    outcome.new_complete_ids.append(cid)
+                else:
+                    outcome.corrupt.append(label)
+                actions.append(
+                    dict(
+                        at=now,
+                        kind="recorded" if row["state"] == COMPLETE else "corrupt",
+                        run_id=cache.run_id,
+                        checkpoint_id=cid,
+                        subject=row["prefix"],
+                        reason=row["reason"],
+                        detail={"step": row["step"], "format": row["format"]},
+                    )
+                )
+            session.execute(insert(ActionRow), actions)
+            metric_rows = []
+            for prefix, f in filename_metrics:
+                cid = cache.checkpoints[prefix].id
+                metric_rows += [
+                    dict(
+                        checkpoint_id=cid,
+                        name=k,
+                        value=_num(v),
+                        step=f.step,
+                        source="filename",
+                        recorded_at=now,
+                    )
+                    for k, v in f.metrics.items()
+                ]
+            self._metrics(session, metric_rows)
+            self._attach_scalars(
+                session,
+                cache,
+                [
+                    (r["step"], cache.checkpoints[r["prefix"]].id)
+                    for r in inserts
+                    if r["step"] is not None
+                ],
+                now,
+            )
+
+        # Checkpoints that vanished: deleted by the trainer (Saver max_to_keep) or by hand.
+        for prefix, known in cache.checkpoints.items():
+            if prefix in seen or known.state not in (COMPLETE, CORRUPT):
+                continue
+            session.execute(
+                update(table)
+                .where(table.c.id == known.id)
+                .values(
+                    state=GONE,
+                    gone_at=now,
+                    reason="deleted outside ckptd" if present else "run directory is gone",
+                )
+            )
+            self._action(
+                session,
+                "gone",
+                cache.run_id,
+                known.id,
+                prefix,
+                "deleted outside ckptd" if present else "run directory is gone",
+                {},
+            )
+            known.state = GONE
+            outcome.gone.append(_label(spec, known.step, prefix))
+
+    def _apply_events(
+        self,
+        session: Any,
+        spec: RunSpec,
+        cache: _RunCache,
+        events: list[Path],
+        now: Any,
+        outcome: Outcome,
+    ) -> None:
+        new_scalars: dict[tuple[str, int], tuple[float | None, float]] = {}
+        for path in events:
+            key = str(path)
+            fid, offset, error = cache.event_files.get(key, (None, 0, None))
+            if error:
+                continue  # reported once; a corrupt file is skipped, not re-read forever
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if fid is not None and size == offset:
+                continue
+            if size < offset:  # truncated / replaced: start over
+                offset = 0
+            result = read_scalars(path, offset, metric_prefix(spec.path, path))
+            for s in result.scalars:
+                new_scalars[(s.name, s.step)] = (_num(s.value), s.wall_time)
+            if result.error:
+                log.warning("event file %s: %s; skipping the rest of it", path, result.error)
+                self._action(
+                    session, "event_file_corrupt", cache.run_id, None, key, result.error, {}
+                )
+            if fid is None:
+                fid = insert_id(
+                    session,
+                    insert(EventFileRow).values(
+                        run_id=cache.run_id,
+                        path=key,
+                        offset=result.offset,
+                        error=result.error,
+                        updated_at=now,
+                    ),
+                )
+            elif result.offset != offset or result.error:
+                session.execute(
+                    update(EventFileRow)
+                    .where(EventFileRow.id == fid)
+                    .values(offset=result.offset, error=result.error, updated_at=now)
+                )
+            cache.event_files[key] = (fid, result.offset, result.error)
+        if not new_scalars:
+            return
+        outcome.scalars = len(new_scalars)
+        upsert(
+            session,
+            ScalarRow,
+            [
+                dict(run_id=cache.run_id, name=n, step=st, value=v, wall_time=w)
+                for (n, st), (v, w) in new_scalars.items()
+            ],
+            keys=("run_id", "name", "step"),
+            update=("value", "wall_time"),
+        )
+        rows = []
+        for (name, step), (value, _w) in new_scalars.items():
+            for cid in cache.by_step.get(step, ()):
+                rows.append(
+                    dict(
+                        checkpoint_id=cid,
+                        name=name,
+                        value=value,
+                        step=step,
+                        source="tfevents",
+                        recorded_at=now,
+                    )
+                )
+        self._metrics(session, rows)
+
+    def _attach_scalars(
+        self, session: Any, cache: _RunCache, steps: list[tuple[int, int]], now: Any
+    ) -> None:
+        """Give newly recorded checkpoints the event-file values logged at their step."""
+        if not steps:
+            return
+        by_step: dict[int, list[int]] = {}
+        for step, cid in steps:
+            by_step.setdefault(step, []).append(cid)
+        rows = []
+        wanted = list(by_step)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            for name, step, value in session.execute(
+                select(ScalarRow.name, ScalarRow.step, ScalarRow.value).where(
+                    ScalarRow.run_id == cache.run_id, ScalarRow.step.in_(chunk)
+                )
+            ):
+                rows += [
+                    dict(
+                        checkpoint_id=cid,
+                        name=name,
+                        value=value,
+                        step=step,
+                        source="tfevents",
+                        recorded_at=now,
+                    )
+                    for cid in by_step[step]
+                ]
+        self._metrics(session, rows)
+
+    @staticmethod
+    def _metrics(session: Any, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            upsert(
+                session,
+                MetricRow,
+                rows,
+                keys=("checkpoint_id", "name", "source"),
+                update=("value", "step", "recorded_at"),
+            )
+
+    @staticmethod
+    def _action(
+        session: Any,
+        kind: str,
+        run_id: int | None,
+        checkpoint_id: int | None,
+        subject: str | None,
+        reason: str | None,
+        detail: dict[str, Any],
+    ) -> None:
+        insert_id(
+            session,
+            insert(ActionRow).values(
+                at=utcnow(),
+                kind=kind,
+                run_id=run_id,
+                checkpoint_id=checkpoint_id,
+                subject=subject,
+                reason=reason,
+                detail=detail,
+            ),
+        )
+
+
+def _label(spec: RunSpec, step: int | None, prefix: str) -> str:
+    return f"{spec.name}@{step}" if step is not None else prefix
+
+
+def _num(value: float) -> float | None:
+    """SQLite stores NaN as NULL; NULL ranks worst, exactly as NaN must."""
+    return None if value is None or math.isnan(value) else value
+
+
+def _from_ts(ts: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None) if ts else None
+
+
+def _insert_returning_ids(session: Any, table: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """Bulk insert, returning primary keys in row order (one executemany on SQLite ≥ 3.35)."""
+    result = session.execute(
+        table.insert().returning(table.c.id, sort_by_parameter_order=True), rows
+    )
+    return [r[0] for r in result]

@@ -1,0 +1,155 @@
+"""Filesystem watching with watchdog (the only module that imports it).
+
+Events are hints: each one only marks its run dirty. The handler never blocks and never raises.
+``auto`` uses inotify and falls back to polling, with a warning, when the kernel refuses more
+watches (ENOSPC) or instances (EMFILE); dead observer threads are restarted by ``check``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from ckptd.config import WatchConfig
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, index: int, on_path: Callable[[int, str], None]) -> None:
+        self.index, self.on_path = index, on_path
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # reads (ours included) change nothing
+        try:
+            for path in (event.src_path, getattr(event, "dest_path", "")):
+                if path:
+                    self.on_path(
+                        self.index,
+                        path if isinstance(path, str) else path.decode("utf-8", "surrogateescape"),
+                    )
+        except Exception:  # an exception here would kill the observer thread
+            log.exception("error handling %r", event)
+
+
+@dataclass
+class _Slot:
+    index: int
+    watch: WatchConfig
+    observer: BaseObserver | None = None
+    kind: str = ""  # inotify | polling | "" (not started: path missing)
+
+
+class Watcher:
+    """One observer per watch, so one watch falling back to polling does not affect the others."""
+
+    def __init__(
+        self,
+        watches: tuple[WatchConfig, ...],
+        on_path: Callable[[int, str], None],
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.on_path = on_path
+        self.poll_interval = poll_interval
+        self.slots = [_Slot(i, w) for i, w in enumerate(watches)]
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._start(slot)
+
+    def _start(self, slot: _Slot) -> None:
+        if not slot.watch.path.is_dir():
+            return
+        handler = _Handler(slot.index, self.on_path)
+        wanted = slot.watch.observer
+        if wanted in ("auto", "inotify"):
+            observer: BaseObserver = Observer()
+            try:
+                observer.schedule(handler, str(slot.watch.path), recursive=True)
+                observer.start()
+                slot.observer, slot.kind = observer, "inotify"
+                return
+            except OSError as exc:
+                _stop(observer)
+                if wanted == "inotify" or exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                    log.error(
+                        "cannot watch %s with inotify: %s; relying on the periodic rescan",
+                        slot.watch.path,
+                        exc,
+                    )
+                    if wanted == "inotify":
+                        return
+                log.warning(
+                    "inotify limit reached watching %s (%s); falling back to polling "
+                    "every %.0f s. Raise fs.inotify.max_user_watches to avoid this.",
+                    slot.watch.path,
+                    exc,
+                    self.poll_interval,
+                )
+        observer = PollingObserver(timeout=self.poll_interval)
+        observer.schedule(handler, str(slot.watch.path), recursive=True)
+        observer.start()
+        slot.observer, slot.kind = observer, "polling"
+
+    def check(self) -> list[str]:
+        """Restart dead observers and start ones whose path has appeared; returns what it did."""
+        done = []
+        with self._lock:
+            for slot in self.slots:
+                if slot.observer is not None and slot.observer.is_alive():
+                    if slot.watch.path.is_dir():
+                        continue
+                    # Watched directory deleted: inotify watches are gone with it.
+                    _stop(slot.observer)
+                    slot.observer, slot.kind = None, ""
+                    done.append(f"stopped watching {slot.watch.path} (directory is gone)")
+                    continue
+                if slot.observer is not None:
+                    log.error("observer for %s died; restarting it", slot.watch.path)
+                    _stop(slot.observer)
+                    slot.observer = None
+                if slot.watch.path.is_dir():
+                    self._start(slot)
+                    if slot.observer is not None:
+                        done.append(f"watching {slot.watch.path} ({slot.kind})")
+        return done
+
+    def healthy(self) -> bool:
+        return all(s.observer is None or s.observer.is_alive() for s in self.slots)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {
+                "path": str(s.watch.path),
+                "observer": s.kind or "waiting for path",
+                "alive": bool(s.observer and s.observer.is_alive()),
+            }
+            for s in self.slots
+        ]
+
+    def stop(self) -> None:
+        for slot in self.slots:
+            if slot.observer is not None:
+                _stop(slot.observer)
+                slot.observer = None
+
+
+def _stop(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=5)
+    except Exception:
+        log.debug("error stopping observer", exc_info=True)

@@ -1,0 +1,416 @@
+"""Checkpoint discovery and completeness checks, for every format, without TensorFlow.
+
+``scan_run(run_dir)`` lists one directory and groups its files into checkpoints: TF1 Saver and TF2
+object checkpoints (``PREFIX.index`` + ``PREFIX.data-NNNNN-of-MMMMM`` [+ ``PREFIX.meta``]) and
+Keras ``.keras`` / ``.weights.h5`` files. Temporary names TensorFlow uses while writing are never
+checkpoints. Each result says whether the checkpoint is complete, and if not, why.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptd.formats.tensorbundle import BundleError, read_header
+
+COMPLETE, INCOMPLETE, CORRUPT = "complete", "incomplete", "corrupt"
+
+_DATA = re.compile(r"^(?P<prefix>.+)\.data-(?P<shard>\d{5})-of-(?P<total>\d{5})$")
+_STEP = re.compile(r"-(\d+)$")
+_TEMP = re.compile(r"(\.tempstate|\.tmp|_temp$|_temp/)")
+EVENT_FILE = "events.out.tfevents."
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_temp_name(name: str) -> bool:
+    """Names TensorFlow and Keras use while writing: never checkpoints, never deleted by us."""
+    return bool(_TEMP.search(name))
+
+
+@dataclass(frozen=True)
+class Found:
+    """One checkpoint as seen on disk at scan time."""
+
+    prefix: str  # absolute prefix path (Keras: the file path)
+    format: str  # tf1 | tf2 | keras | keras_weights
+    step: int | None
+    state: str  # complete | incomplete | corrupt
+    reason: str | None
+    files: tuple[str, ...]  # base names in the run directory
+    size: int
+    has_meta: bool
+    mtime: float
+    signature: tuple[int, ...]  # (size, mtime_ns) of the file whose change means "look again"
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Group:
+    index: os.DirEntry[str] | None = None
+    meta: os.DirEntry[str] | None = None
+    data: dict[int, os.DirEntry[str]] = field(default_factory=dict)
+    totals: set[int] = field(default_factory=set)
+
+
+def step_from_name(prefix_name: str) -> int | None:
+    m = _STEP.search(prefix_name)
+    return int(m.group(1)) if m else None
+
+
+def _stat(entry: os.DirEntry[str]) -> os.stat_result | None:
+    try:
+        return entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _bundle(
+    run_dir: Path,
+    name: str,
+    g: _Group,
+    known: dict[str, tuple[int, ...]] | None,
+    now: float,
+    stale_after: float,
+) -> Found | None:
+    prefix = str(run_dir / name)
+    files = []
+    size = 0
+    mtime = 0.0
+    for entry in (g.index, g.meta, *g.data.values()):
+        if entry is None:
+            continue
+        st = _stat(entry)
+        if st is None:
+            continue
+        files.append(entry.name)
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime)
+    step = step_from_name(name)
+    has_meta = g.meta is not None
+    fmt = "tf1" if has_meta else "tf2"
+    if g.index is None:
+        # Data without an index: a save in progress (both TF1 and TF2 write the index last),
+        # or, long after, a save that died.
+        if now - mtime > stale_after:
+            return Found(
+                prefix,
+                fmt,
+                step,
+                CORRUPT,
+                f"no .index file; data unchanged for {now - mtime:.0f} s",
+                tuple(sorted(files)),
+                size,
+                has_meta,
+                mtime,
+                (),
+            )
+        return Found(
+            prefix,
+            fmt,
+            step,
+            INCOMPLETE,
+            "index not written yet",
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            (),
+        )
+    ist = _stat(g.index)
+    if ist is None:
+        return None
+    if g.index.is_symlink():
+        return Found(
+            prefix,
+            fmt,
+            step,
+            CORRUPT,
+            "index is a symlink; not followed",
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            (),
+        )
+    signature = (ist.st_size, ist.st_mtime_ns, len(g.data), int(has_meta))
+    if known is not None and known.get(prefix) == signature:
+        # Unchanged since it was validated: skip re-reading the index (keeps rescans cheap).
+        return Found(
+            prefix,
+            fmt,
+            step,
+            COMPLETE,
+            None,
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            signature,
+        )
+    try:
+        with open(g.index.path, "rb") as fh:
+            data = fh.read()
+        header = read_header(data)
+    except BundleError as exc:
+        # No footer yet = still being written (TF2 writes .index in place); anything else = corrupt.
+        # An index without a footer whose data files are long finished is truncated.
+        state = INCOMPLETE if "footer" in str(exc) or "too short" in str(exc) else CORRUPT
+        reason = f"index: {exc}"
+        if state == INCOMPLETE and now - ist.st_mtime > stale_after:
+            state, reason = (
+                CORRUPT,
+                f"index truncated: {exc}; unchanged for {now - ist.st_mtime:.0f} s",
+            )
+        return Found(
+            prefix, fmt, step, state, reason, tuple(sorted(files)), size, has_meta, mtime, signature
+        )
+    except OSError as exc:
+        return Found(
+            prefix,
+            fmt,
+            step,
+            INCOMPLETE,
+            f"index unreadable: {exc.strerror}",
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            (),
+        )
+    fmt = "tf2" if header.is_object_graph else "tf1"
+    total = header.num_shards or (max(g.totals) if g.totals else 0)
+    if len(g.totals) > 1 or (g.totals and total not in g.totals):
+        return Found(
+            prefix,
+            fmt,
+            step,
+            CORRUPT,
+            f"data shards disagree on the shard count ({sorted(g.totals)} vs index {total})",
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            signature,
+        )
+    missing = [i for i in range(total) if i not in g.data]
+    if missing:
+        shown = ", ".join(f"{i:05d}" for i in missing[:4]) + (" …" if len(missing) > 4 else "")
+        return Found(
+            prefix,
+            fmt,
+            step,
+            CORRUPT,
+            f"missing data shard(s) {shown} of {total:05d}",
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            signature,
+        )
+    return Found(
+        prefix, fmt, step, COMPLETE, None, tuple(sorted(files)), size, has_meta, mtime, signature
+    )
+
+
+class KerasTemplate:
+    """Turns a ModelCheckpoint filename template into a parser for epoch and metrics.
+
+    ``model.{epoch:02d}-{val_loss:.2f}.keras`` parses ``model.03-0.41.keras`` as step 3,
+    ``val_loss = 0.41``.
+    """
+
+    _FIELD = re.compile(r"\{(\w+)(?::([^}]*))?\}")
+    _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        pattern, pos = "", 0
+        self.fields: list[str] = []
+        for m in self._FIELD.finditer(template):
+            pattern += re.escape(template[pos : m.start()])
+            name, spec = m.group(1), m.group(2) or ""
+            self.fields.append(name)
+            group = r"\d+" if spec.endswith("d") or name in ("epoch", "batch") else self._NUMBER
+            pattern += f"(?P<{name}>{group})" if name not in pattern else f"(?:{group})"
+            pos = m.end()
+        pattern += re.escape(template[pos:])
+        self.regex = re.compile(pattern + "$")
+
+    def parse(self, filename: str) -> tuple[int | None, dict[str, float]] | None:
+        m = self.regex.match(filename)
+        if not m:
+            return None
+        step = None
+        metrics = {}
+        for name, text in m.groupdict().items():
+            if name in ("epoch", "batch"):
+                step = int(text)
+            else:
+                try:
+                    metrics[name] = float(text)
+                except ValueError:
+                    metrics[name] = math.nan
+        return step, metrics
+
+
+def _keras_complete(path: str, is_h5: bool, size: int) -> str | None:
+    """None when the file is whole, else why not (zip end record / HDF5 end-of-file address)."""
+    try:
+        with open(path, "rb") as fh:
+            if is_h5:
+                head = fh.read(48)
+                if len(head) < 16 or not head.startswith(HDF5_SIGNATURE):
+                    return "no HDF5 signature (still being written, or not an HDF5 file)"
+                version = head[8]
+                if version in (0, 1):
+                    eof_at = 40 if version == 0 else 44
+                    (eof,) = (
+                        struct.unpack_from("<Q", head, eof_at) if len(head) >= eof_at + 8 else (0,)
+                    )
+                else:
+                    (eof,) = struct.unpack_from("<Q", head, 28) if len(head) >= 36 else (0,)
+                    if head[11] & 1:
+                        return "HDF5 file is still open for writing"
+                if eof == 0 or eof > size:
+                    return f"HDF5 file is shorter than its end-of-file address ({size} < {eof})"
+                return None
+        if not zipfile.is_zipfile(path):
+            return "not a complete zip archive (still being written, or truncated)"
+        return None
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+
+
+def _keras(
+    run_dir: Path,
+    entry: os.DirEntry[str],
+    template: KerasTemplate | None,
+    known: dict[str, tuple[int, ...]] | None,
+) -> Found | None:
+    st = _stat(entry)
+    if st is None:
+        return None
+    name = entry.name
+    is_h5 = name.endswith(".weights.h5")
+    fmt = "keras_weights" if is_h5 else "keras"
+    parsed = template.parse(name) if template else None
+    if parsed is None:
+        digits = re.findall(r"\d+", name.rsplit(".weights.h5" if is_h5 else ".keras", 1)[0])
+        parsed = (int(digits[0]) if digits else None, {})
+    step, metrics = parsed
+    signature = (st.st_size, st.st_mtime_ns)
+    prefix = str(run_dir / name)
+    if entry.is_symlink():
+        return Found(
+            prefix,
+            fmt,
+            step,
+            CORRUPT,
+            "symlink; not followed",
+            (name,),
+            st.st_size,
+            False,
+            st.st_mtime,
+            signature,
+            metrics,
+        )
+    if known is not None and known.get(prefix) == signature:
+        problem = None
+    else:
+        problem = _keras_complete(entry.path, is_h5, st.st_size)
+    state = COMPLETE if problem is None else INCOMPLETE
+    return Found(
+        prefix,
+        fmt,
+        step,
+        state,
+        problem,
+        (name,),
+        st.st_size,
+        False,
+        st.st_mtime,
+        signature,
+        metrics,
+    )
+
+
+def scan_run(
+    run_dir: Path,
+    keras_template: str | None = None,
+    known: dict[str, tuple[int, ...]] | None = None,
+    *,
+    now: float | None = None,
+    stale_after: float = 120.0,
+) -> list[Found]:
+    """Every checkpoint in ``run_dir`` (not recursive), each with its completeness.
+
+    ``known`` maps prefixes already validated to their signature; unchanged ones are not re-read.
+    A partial write that has not changed for ``stale_after`` seconds is reported corrupt.
+    """
+    now = time.time() if now is None else now
+    groups: dict[str, _Group] = {}
+    keras_entries = []
+    try:
+        it = os.scandir(run_dir)
+    except OSError:
+        return []
+    with it:
+        for entry in it:
+            name = entry.name
+            if is_temp_name(name):
+                continue
+            if name.endswith(".index"):
+                groups.setdefault(name[:-6], _Group()).index = entry
+            elif name.endswith(".meta"):
+                groups.setdefault(name[:-5], _Group()).meta = entry
+            elif ".data-" in name and (m := _DATA.match(name)):
+                g = groups.setdefault(m.group("prefix"), _Group())
+                g.data[int(m.group("shard"))] = entry
+                g.totals.add(int(m.group("total")))
+            elif name.endswith((".keras", ".weights.h5")) and not entry.is_dir(
+                follow_symlinks=False
+            ):
+                keras_entries.append(entry)
+    found = []
+    for name, g in groups.items():
+        if g.index is None and not g.data:
+            continue  # a lone .meta (e.g. a graph export) is not a checkpoint
+        f = _bundle(run_dir, name, g, known, now, stale_after)
+        if f is not None:
+            found.append(f)
+    template = KerasTemplate(keras_template) if keras_template else None
+    for entry in keras_entries:
+        f = _keras(run_dir, entry, template, known)
+        if f is not None:
+            found.append(f)
+    return found
+
+
+def event_files(run_dir: Path, max_depth: int = 2) -> list[Path]:
+    """TensorBoard event files in the run and its subdirectories (``eval/``, ``validation/``)."""
+    out: list[Path] = []
+
+    def walk(d: Path, depth: int) -> None:
+        try:
+            it = os.scandir(d)
+        except OSError:
+            return
+        with it:
+            for entry in it:
+                if entry.name.startswith(EVENT_FILE) and entry.is_file(follow_symlinks=False):
+                    out.append(Path(entry.path))
+                elif (
+                    depth < max_depth
+                    and entry.is_dir(follow_symlinks=False)
+                    and not is_temp_name(entry.name)
+                ):
+                    walk(Path(entry.path), depth + 1)
+
+    walk(run_dir, 0)
+    return sorted(out)

@@ -1,0 +1,216 @@
+"""Read TensorFlow's tensor-bundle ``.index`` files without TensorFlow.
+
+The ``.index`` of a TF1 Saver (V2 format) or TF2 object checkpoint is a LevelDB-style SSTable
+written uncompressed by ``BundleWriter`` (tensorflow/core/util/tensor_bundle). Its footer ends in a
+fixed magic number, so a file still being written (TF2 writes ``.index`` in place) is recognised;
+the first entry (empty key) is a ``BundleHeaderProto`` giving the number of data shards; every
+other entry is a ``BundleEntryProto`` (dtype, shape, shard). This module is written by hand because
+no library outside TensorFlow reads this format, and importing TensorFlow costs ~4 s and ~500 MB.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+TABLE_MAGIC = 0xDB4775248B80FB57
+FOOTER_LEN = 48  # two BlockHandles padded to 40 bytes + 8-byte magic
+BLOCK_TRAILER_LEN = 5  # compression type byte + crc32c
+OBJECT_GRAPH_KEY = b"_CHECKPOINTABLE_OBJECT_GRAPH"
+
+# tensorflow/core/framework/types.proto DataType
+DTYPES = {
+    1: "float32",
+    2: "float64",
+    3: "int32",
+    4: "uint8",
+    5: "int16",
+    6: "int8",
+    7: "string",
+    8: "complex64",
+    9: "int64",
+    10: "bool",
+    11: "qint8",
+    12: "quint8",
+    13: "qint32",
+    14: "bfloat16",
+    15: "qint16",
+    16: "quint16",
+    17: "uint16",
+    18: "complex128",
+    19: "float16",
+    20: "resource",
+    21: "variant",
+    22: "uint32",
+    23: "uint64",
+    24: "float8_e5m2",
+    25: "float8_e4m3fn",
+}
+
+
+class BundleError(ValueError):
+    """The index is not (yet) a valid tensor bundle; the message says why."""
+
+
+@dataclass(frozen=True)
+class BundleHeader:
+    num_shards: int
+    is_object_graph: bool
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    size: int
+
+
+def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise BundleError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise BundleError("bad varint")
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """Protobuf wire-format fields: (number, wire type, int value or bytes)."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        num, wt = key >> 3, key & 7
+        value: int | bytes
+        if wt == 0:
+            value, pos = _varint(buf, pos)
+        elif wt == 1:
+            value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
+        elif wt == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = bytes(buf[pos : pos + n]), pos + n
+        elif wt == 5:
+            value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
+        else:
+            raise BundleError(f"unsupported protobuf wire type {wt}")
+        yield num, wt, value
+
+
+def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
+    """Entries (key, value) of one uncompressed SSTable block."""
+    end = offset + size
+    if end + BLOCK_TRAILER_LEN > len(data) or size < 4:
+        raise BundleError("block extends past the end of the file")
+    if data[end] != 0:
+        raise BundleError(f"compressed block (type {data[end]}) is not supported")
+    (num_restarts,) = struct.unpack_from("<I", data, end - 4)
+    limit = end - 4 - 4 * num_restarts
+    if limit < offset:
+        raise BundleError("bad block restart array")
+    pos, key = offset, b""
+    while pos < limit:
+        shared, pos = _varint(data, pos)
+        non_shared, pos = _varint(data, pos)
+        value_len, pos = _varint(data, pos)
+        key = key[:shared] + data[pos : pos + non_shared]
+        pos += non_shared
+        yield key, data[pos : pos + value_len]
+        pos += value_len
+
+
+def _data_blocks(data: bytes) -> Iterator[tuple[int, int]]:
+    if len(data) < FOOTER_LEN:
+        raise BundleError(f"file is too short to be an SSTable ({len(data)} bytes)")
+    (magic,) = struct.unpack_from("<Q", data, len(data) - 8)
+    if magic != TABLE_MAGIC:
+        raise BundleError("no SSTable footer (still being written, or truncated)")
+    pos = len(data) - FOOTER_LEN
+    _meta_off, pos = _varint(data, pos)
+    _meta_size, pos = _varint(data, pos)
+    index_off, pos = _varint(data, pos)
+    index_size, pos = _varint(data, pos)
+    for _key, handle in _block(data, index_off, index_size):
+        off, p = _varint(handle, 0)
+        size, _ = _varint(handle, p)
+        yield off, size
+
+
+def entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """All (key, serialized proto) pairs of an index file's bytes, in key order."""
+    for off, size in _data_blocks(data):
+        yield from _block(data, off, size)
+
+
+def has_footer(data: bytes) -> bool:
+    return (
+        len(data) >= FOOTER_LEN and struct.unpack_from("<Q", data, len(data) - 8)[0] == TABLE_MAGIC
+    )
+
+
+def read_header(data: bytes) -> BundleHeader:
+    """Parse the header and detect a TF2 object graph; raises BundleError if incomplete/corrupt."""
+    num_shards = None
+    is_object = False
+    for key, value in entries(data):
+        if key == b"":
+            num_shards = 0
+            for num, _wt, v in _fields(value):
+                if num == 1 and isinstance(v, int):
+                    num_shards = v
+        elif key == OBJECT_GRAPH_KEY:
+            is_object = True
+            break
+        elif key > OBJECT_GRAPH_KEY:
+            break
+    if num_shards is None:
+        raise BundleError("index has no bundle header entry")
+    return BundleHeader(num_shards=num_shards, is_object_graph=is_object)
+
+
+def _shape(buf: bytes) -> tuple[int, ...]:
+    dims = []
+    for num, _wt, v in _fields(buf):
+        if num == 2 and isinstance(v, bytes):
+            size = 0
+            for n2, _w2, v2 in _fields(v):
+                if n2 == 1 and isinstance(v2, int):
+                    size = v2 - (1 << 64) if v2 >= 1 << 63 else v2
+            dims.append(size)
+    return tuple(dims)
+
+
+def list_tensors(data: bytes) -> list[TensorInfo]:
+    """Every saved tensor: what ``tf.train.list_variables`` and inspect_checkpoint print."""
+    out = []
+    for key, value in entries(data):
+        if key == b"":
+            continue
+        dtype, shard, size = 0, 0, 0
+        shape: tuple[int, ...] = ()
+        for num, _wt, v in _fields(value):
+            if num == 1 and isinstance(v, int):
+                dtype = v
+            elif num == 2 and isinstance(v, bytes):
+                shape = _shape(v)
+            elif num == 3 and isinstance(v, int):
+                shard = v
+            elif num == 5 and isinstance(v, int):
+                size = v
+        out.append(
+            TensorInfo(
+                key.decode("utf-8", "replace"),
+                DTYPES.get(dtype, f"dtype{dtype}"),
+                shape,
+                shard,
+                size,
+            )
+        )
+    return out

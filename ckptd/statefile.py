@@ -1,0 +1,136 @@
+"""The ``checkpoint`` state file TensorFlow keeps beside its checkpoints.
+
+A text-format ``CheckpointState`` proto. TF1 Saver writes absolute paths, TF2 CheckpointManager
+relative ones plus ``all_model_checkpoint_timestamps``. Read without TensorFlow; rewritten the way
+TensorFlow does it (temp file in the same directory, then rename) so that readers such as
+``tf.train.latest_checkpoint`` never see half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATE_FILE = "checkpoint"
+_LINE = re.compile(r'^\s*(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|([-+0-9.eE]+|inf|nan))\s*$')
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
+
+
+@dataclass
+class CheckpointState:
+    model_checkpoint_path: str = ""
+    all_model_checkpoint_paths: list[str] = field(default_factory=list)
+    all_model_checkpoint_timestamps: list[float] = field(default_factory=list)
+    last_preserved_timestamp: float | None = None
+
+    def resolve(self, run_dir: Path, path: str) -> Path:
+        """Absolute prefix path of an entry (TF2 writes them relative to the directory)."""
+        p = Path(path)
+        return p if p.is_absolute() else run_dir / p
+
+
+def _unescape(text: str) -> str:
+    if "\\" not in text:
+        return text
+    out = re.sub(
+        r"\\([0-7]{1,3}|.)",
+        lambda m: (
+            chr(int(m.group(1), 8))
+            if m.group(1)[0] in "01234567"
+            else _ESCAPES.get(m.group(1), m.group(1))
+        ),
+        text,
+    )
+    # Octal escapes are bytes of UTF-8; re-decode them.
+    try:
+        return out.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return out
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def parse(text: str) -> CheckpointState:
+    """Parse a state file's text; malformed lines are ignored (TF's own parser is lenient)."""
+    state = CheckpointState()
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        key, string, number = m.groups()
+        if key == "model_checkpoint_path" and string is not None:
+            state.model_checkpoint_path = _unescape(string)
+        elif key == "all_model_checkpoint_paths" and string is not None:
+            state.all_model_checkpoint_paths.append(_unescape(string))
+        elif key == "all_model_checkpoint_timestamps" and number is not None:
+            state.all_model_checkpoint_timestamps.append(float(number))
+        elif key == "last_preserved_timestamp" and number is not None:
+            state.last_preserved_timestamp = float(number)
+    return state
+
+
+def read(run_dir: Path) -> CheckpointState | None:
+    """The run's state file, or None when it is absent or unreadable."""
+    try:
+        return parse((run_dir / STATE_FILE).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+
+
+def render(state: CheckpointState) -> str:
+    lines = [f'model_checkpoint_path: "{_escape(state.model_checkpoint_path)}"']
+    lines += [
+        f'all_model_checkpoint_paths: "{_escape(p)}"' for p in state.all_model_checkpoint_paths
+    ]
+    lines += [
+        f"all_model_checkpoint_timestamps: {t!r}" for t in state.all_model_checkpoint_timestamps
+    ]
+    if state.last_preserved_timestamp is not None:
+        lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(run_dir: Path, state: CheckpointState) -> None:
+    """Replace the state file atomically (temp name TF itself ignores, fsync, rename, fsync dir)."""
+    tmp = run_dir / f"{STATE_FILE}.tmp{uuid.uuid4().hex}"
+    data = render(state).encode("utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, run_dir / STATE_FILE)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def without(state: CheckpointState, run_dir: Path, removed: set[Path]) -> CheckpointState:
+    """The state with ``removed`` prefixes dropped, keeping paths' style and their timestamps.
+
+    ``model_checkpoint_path`` stays the newest remaining entry, as TF would have it.
+    """
+    paths, stamps = [], []
+    has_stamps = len(state.all_model_checkpoint_timestamps) == len(state.all_model_checkpoint_paths)
+    for i, p in enumerate(state.all_model_checkpoint_paths):
+        if state.resolve(run_dir, p) in removed:
+            continue
+        paths.append(p)
+        if has_stamps:
+            stamps.append(state.all_model_checkpoint_timestamps[i])
+    current = state.model_checkpoint_path
+    if current and state.resolve(run_dir, current) in removed:
+        current = paths[-1] if paths else ""
+    return CheckpointState(current, paths, stamps, state.last_preserved_timestamp)

@@ -1,0 +1,104 @@
+"""Engines and the one session scope: pragmas, BEGIN IMMEDIATE, read-only CLI access."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+class StoreError(Exception):
+    """A database problem, phrased for the user."""
+
+
+def sqlite_path(url: str) -> Path | None:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def make_engine(url: str, *, readonly: bool = False) -> Engine:
+    """An engine with SQLite set up for one writer and many readers (WAL, busy timeout, FKs).
+
+    Writers start transactions with ``BEGIN IMMEDIATE`` so a lock conflict waits at BEGIN (under
+    the busy timeout) instead of failing half-way through a transaction.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return create_engine(url, future=True)
+    if readonly:
+        if not path.exists():
+            raise StoreError(
+                f"no database at {path}: start the daemon (ckptd run) or run `ckptd db upgrade`"
+            )
+        engine = create_engine(
+            f"sqlite:///file:{path}?mode=ro&uri=true",
+            future=True,
+            connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            future=True,
+            connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys = ON")
+        if not readonly:
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def insert_id(session: Session, stmt: Any) -> int:
+    """Execute an INSERT of one row and return its new ``id``."""
+    return int(session.execute(stmt.returning(stmt.table.c.id)).scalar_one())
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """Commit on success, roll back on error; driver errors become :class:`StoreError`."""
+    session = Session(engine, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except OperationalError as exc:
+        session.rollback()
+        msg = str(exc.orig) if exc.orig else str(exc)
+        if "locked" in msg or "busy" in msg:
+            raise StoreError(
+                f"database is locked by another process ({msg}); retry, or check "
+                "for a long-running reader"
+            ) from exc
+        if "no such table" in msg:
+            raise StoreError(f"database schema is missing ({msg}): run `ckptd db upgrade`") from exc
+        raise StoreError(f"database error: {msg}") from exc
+    except SQLAlchemyError as exc:
+        session.rollback()
+        raise StoreError(f"database error: {exc}") from exc
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,1 @@
+"""Alembic migrations for the ckptd schema (shipped in the wheel as ``ckptd.migrations``)."""
