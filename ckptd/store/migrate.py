@@ -19,11 +19,12 @@ def script_location() -> Path:
 
 
 def _alembic_config(engine: Engine) -> AlembicConfig:
+    """Migrations always run on a connection we pass in, so no URL goes into the config."""
+    del engine
     from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(script_location()))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     return cfg
 
 

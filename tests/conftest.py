@@ -1,0 +1,235 @@
+"""Shared fixtures: real TensorFlow checkpoints made once per session, copied per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+ENV.pop("NOTIFY_SOCKET", None)
+
+# kind -> trainer arguments. Small: each job is ~4 s, mostly `import tensorflow`.
+CORPUS = {
+    "tf1": ["--steps", "30", "--save-every", "10"],
+    "tf2": ["--steps", "30", "--save-every", "10"],
+    "sharded": ["--steps", "20", "--save-every", "10"],
+    "keras": ["--steps", "3"],
+}
+
+# Lists every checkpoint's variables with TensorFlow itself: the oracle for our index reader.
+LIST_VARIABLES = textwrap.dedent(
+    """
+    import json, sys, os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+    out = {}
+    for prefix in sys.argv[1:]:
+        out[prefix] = {
+            "variables": [[n, list(s)] for n, s in tf.train.list_variables(prefix)],
+            "dtypes": {
+                n: tf.dtypes.as_dtype(d).name
+                for n, d in tf.train.load_checkpoint(prefix).get_variable_to_dtype_map().items()
+            },
+        }
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+@dataclass
+class Corpus:
+    root: Path
+    saves: dict[str, list[dict[str, Any]]]  # kind -> the trainer's "saved" lines
+    variables: dict[str, dict[str, Any]]  # prefix -> TF's list_variables / dtypes
+
+    def run_dir(self, kind: str) -> Path:
+        return self.root / kind
+
+    def copy(self, kind: str, dest: Path) -> Path:
+        """A private copy of one run (tests may mutate it)."""
+        shutil.copytree(self.root / kind, dest, symlinks=True)
+        return dest
+
+
+def train(kind: str, out: Path, *args: str, timeout: float = 300) -> list[dict[str, Any]]:
+    """Run the real TF trainer in a subprocess; returns its "saved" records."""
+    proc = subprocess.run(
+        [PY, "-m", "ckptd.worker.train", kind, "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"trainer {kind} failed:\n{proc.stderr[-3000:]}")
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return [rec for rec in lines if rec.get("event") == "saved"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    root = tmp_path_factory.mktemp("corpus")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            kind: pool.submit(train, kind, root / kind, *args) for kind, args in CORPUS.items()
+        }
+        saves = {kind: f.result() for kind, f in futures.items()}
+    prefixes = [rec["prefix"] for kind in ("tf1", "tf2", "sharded") for rec in saves[kind]]
+    proc = subprocess.run(
+        [PY, "-c", LIST_VARIABLES, *prefixes], capture_output=True, text=True, env=ENV, check=True
+    )
+    return Corpus(root, saves, json.loads(proc.stdout))
+
+
+# ------------------------------------------------------------------ config / daemon helpers
+
+
+def write_config(
+    path: Path,
+    watch: Path,
+    *,
+    db: Path,
+    runs: str | None = "*",
+    extra: str = "",
+    daemon: str = "",
+    rescan: str = "2s",
+) -> Path:
+    runs_line = f'runs = "{runs}"' if runs else ""
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            [daemon]
+            database = "sqlite:///{db}"
+            rescan_interval = "{rescan}"
+            heartbeat_interval = "1s"
+            {daemon}
+
+            [[watch]]
+            path = "{watch}"
+            {runs_line}
+            keras_template = "model.{{epoch:02d}}-{{val_loss:.2f}}.keras"
+
+            [watch.best]
+            metric = "eval/accuracy"
+            mode = "max"
+            """
+        )
+        + extra
+    )
+    return path
+
+
+def ckptd(
+    *args: str, config: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    cmd = [PY, "-m", "ckptd"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    return subprocess.run(
+        cmd + list(args), capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; every wait in the suite is bounded."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except sqlite3.Error:
+            last = None
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last value: {last!r})")
+
+
+class DaemonProcess:
+    """A real `ckptd run` subprocess."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log_path = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "ckptd", "--config", str(self.config), "run"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+            start_new_session=True,
+        )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(config: Path) -> DaemonProcess:
+        d = DaemonProcess(config, tmp_path / f"daemon{len(started)}.log").start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_leaks() -> Iterator[None]:
+    """Background threads started by a test must be stopped by it (as in watchdog's suite)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        leaked = [
+            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
+        ]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"threads leaked: {leaked}")

@@ -1,0 +1,158 @@
+"""The CLI contract: --help with examples everywhere, --json shapes, exit codes, no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import click
+import pytest
+
+from ckptd.cli import cli
+from tests.conftest import ENV, PY, REPO, Corpus, ckptd, write_config
+
+READ_COMMANDS = ["status", "ls", "best", "show", "events"]
+
+
+def _all_commands(
+    group: click.Group, prefix: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], click.Command]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append(((*prefix, name), cmd))
+        if isinstance(cmd, click.Group):
+            out += _all_commands(cmd, (*prefix, name))
+    return out
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    for path, cmd in _all_commands(cli):
+        if isinstance(cmd, click.Group):
+            assert cmd.help, f"{' '.join(path)} has no help"
+            continue
+        assert cmd.help and "Example" in cmd.help, (
+            f"`ckptd {' '.join(path)} --help` shows no example"
+        )
+
+
+def test_every_read_command_takes_json() -> None:
+    commands = dict(_all_commands(cli))
+    for name in READ_COMMANDS:
+        assert any(p.name == "as_json" for p in commands[(name,)].params), name
+    assert any(p.name == "as_json" for p in commands[("db", "current")].params)
+    assert any(p.name == "as_json" for p in commands[("config", "check")].params)
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, corpus: Corpus) -> Path:
+    root = tmp_path / "runs"
+    root.mkdir()
+    conf = write_config(tmp_path / "c.toml", root, db=tmp_path / "ckptd.db")
+    corpus.copy("tf1", root / "mnist")
+    corpus.copy("tf2", root / "team-a" / "exp3")  # not matched by runs = "*": nested
+    result = ckptd("run", "--once", config=conf)
+    assert result.returncode == 0, result.stderr
+    return conf
+
+
+def test_ls_json_contract(recorded: Path, corpus: Corpus) -> None:
+    result = ckptd("ls", "--json", config=recorded)
+    assert result.returncode == 0, result.stderr
+    items = json.loads(result.stdout)
+    assert [i["step"] for i in items] == [10, 20, 30]
+    best_step = max(corpus.saves["tf1"], key=lambda s: (s["metrics"]["eval/accuracy"], s["step"]))[
+        "step"
+    ]
+    for item in items:
+        assert {
+            "run",
+            "step",
+            "path",
+            "state",
+            "metrics",
+            "best",
+            "exported",
+            "recorded_at",
+        } <= set(item)
+        assert item["run"] == "mnist" and item["state"] == "complete" and item["exported"] is False
+        assert item["best"] is (item["step"] == best_step)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", item["recorded_at"])
+        assert datetime.fromisoformat(item["recorded_at"]).tzinfo is not None
+        assert set(item["metrics"]) >= {"eval/accuracy", "eval/loss", "loss"}
+    # A run by absolute path is the same run.
+    by_path = json.loads(
+        ckptd("ls", str(recorded.parent / "runs" / "mnist"), "--json", config=recorded).stdout
+    )
+    assert by_path == items
+
+
+def test_best_and_events_and_status(recorded: Path, corpus: Corpus) -> None:
+    best = json.loads(ckptd("best", "mnist", "--json", config=recorded).stdout)
+    expected = max(corpus.saves["tf1"], key=lambda s: (s["metrics"]["eval/accuracy"], s["step"]))
+    assert best["metric"] == "eval/accuracy" and best["best"][0]["step"] == expected["step"]
+    by_loss = json.loads(
+        ckptd(
+            "best", "mnist", "--metric", "eval/loss", "--mode", "min", "--json", config=recorded
+        ).stdout
+    )
+    assert (
+        by_loss["best"][0]["step"]
+        == min(corpus.saves["tf1"], key=lambda s: s["metrics"]["eval/loss"])["step"]
+    )
+    events = json.loads(ckptd("events", "--json", config=recorded).stdout)
+    assert [e["kind"] for e in events].count("recorded") == 3
+    status = json.loads(ckptd("status", "--json", config=recorded).stdout)
+    assert status["counts"] == {"complete": 3}
+    assert status["daemon"]["alive"] is False  # --once has exited
+    human = ckptd("status", config=recorded)
+    assert human.returncode == 0 and "mnist" in human.stdout and "3 complete" in human.stdout
+
+
+def test_show_matches_tensorflow(recorded: Path, corpus: Corpus) -> None:
+    result = ckptd("show", "mnist@20", "--json", config=recorded)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    prefix = corpus.saves["tf1"][1]["prefix"]
+    oracle = corpus.variables[prefix]
+    assert [[v["name"], v["shape"]] for v in data["variables"]] == oracle["variables"]
+    assert {v["name"]: v["dtype"] for v in data["variables"]} == oracle["dtypes"]
+
+
+def test_errors_and_exit_codes(recorded: Path, tmp_path: Path) -> None:
+    missing = ckptd("ls", "nosuchrun", config=recorded)
+    assert missing.returncode == 1 and "no run 'nosuchrun'; known runs: mnist" in missing.stderr
+    assert ckptd("ls", "--bogus", config=recorded).returncode == 2
+    no_db = tmp_path / "nodb.toml"
+    no_db.write_text(f'[daemon]\ndatabase = "sqlite:///{tmp_path}/absent.db"\n')
+    result = ckptd("status", config=no_db)
+    assert result.returncode == 1 and "ckptd db upgrade" in result.stderr
+    assert ckptd("show", "mnist@999", config=recorded).returncode == 1
+
+
+def test_daemon_and_cli_never_import_tensorflow(recorded: Path) -> None:
+    probe = (
+        "import sys\n"
+        "import ckptd.daemon.main, ckptd.daemon.reconcile, ckptd.daemon.watch, ckptd.daemon.scheduler\n"
+        "from ckptd.cli import main\n"
+        f"for args in (['status'], ['ls', '--json'], ['best', 'mnist'], ['show', 'mnist@10']):\n"
+        f"    assert main(['--config', {str(recorded)!r}, *args]) == 0, args\n"
+        "heavy = sorted(m for m in sys.modules if m == 'tensorflow' or m.startswith(('tensorflow.', 'keras')))\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([PY, "-c", probe], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_only_the_worker_imports_tensorflow() -> None:
+    pattern = re.compile(r"^\s*(import tensorflow|from tensorflow|import keras|from keras)", re.M)
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "ckptd").rglob("*.py")
+        if "worker" not in p.parts and pattern.search(p.read_text())
+    ]
+    assert offenders == []

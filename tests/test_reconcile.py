@@ -1,0 +1,234 @@
+"""Reconcile against a real SQLite database and real TensorFlow checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ckptd.config import parse_config
+from ckptd.daemon.main import Daemon
+from ckptd.daemon.reconcile import Reconciler
+from ckptd.daemon.runs import RunSpec, discover, run_of
+from ckptd.store import migrate, queries
+from ckptd.store.db import make_engine, session_scope
+from tests.conftest import Corpus
+
+
+def _setup(
+    tmp_path: Path, runs: str | None = "*", **watch: object
+) -> tuple[Reconciler, list, object]:
+    root = tmp_path / "runs"
+    root.mkdir(exist_ok=True)
+    cfg = parse_config(
+        {
+            "daemon": {"database": f"sqlite:///{tmp_path}/ckptd.db"},
+            "watch": [
+                {
+                    "path": str(root),
+                    **({"runs": runs} if runs else {}),
+                    "keras_template": "model.{epoch:02d}-{val_loss:.2f}.keras",
+                    "best": {"metric": "eval/accuracy"},
+                    **watch,
+                }
+            ],
+        }
+    )
+    engine = make_engine(cfg.daemon.database)
+    migrate.upgrade(engine)
+    return Reconciler(engine), cfg.watches, engine
+
+
+def _ls(engine: object, run: str | None = None) -> list:
+    with session_scope(engine) as s:  # type: ignore[arg-type]
+        run_id = queries.resolve_run(s, run).id if run else None
+        return queries.checkpoints(s, run_id=run_id)
+
+
+def test_backfill_every_format_with_metrics(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path)
+    for kind in ("tf1", "tf2", "sharded", "keras"):
+        corpus.copy(kind, tmp_path / "runs" / kind)
+    outcomes = rec.reconcile_many(discover(0, watches[0]))
+    assert sum(len(o.recorded) for o in outcomes) > 0
+    items = _ls(engine)
+    by_run: dict[str, list] = {}
+    for c in items:
+        by_run.setdefault(c.run, []).append(c)
+    for kind in ("tf1", "tf2", "sharded"):
+        saves = corpus.saves[kind]
+        got = {c.step: c for c in by_run[kind]}
+        assert sorted(got) == [s["step"] for s in saves]
+        for s in saves:
+            c = got[s["step"]]
+            assert c.state == "complete" and c.prefix == str(
+                tmp_path / "runs" / kind / Path(s["prefix"]).name
+            )
+            assert c.metrics["eval/accuracy"] == pytest.approx(
+                s["metrics"]["eval/accuracy"], rel=1e-6
+            )
+            assert c.recorded_at is not None
+        assert all(c.format == ("tf1" if kind == "tf1" else "tf2") for c in got.values())
+        assert all(c.has_meta == (kind == "tf1") for c in got.values())
+    assert all(len([f for f in c.files if ".data-" in f]) == 4 for c in by_run["sharded"])
+    keras = [c for c in by_run["keras"] if c.format == "keras"]
+    assert sorted(c.step for c in keras) == [1, 2, 3]
+    for s in corpus.saves["keras"]:
+        (c,) = [k for k in keras if k.step == s["step"]]
+        # Parsed from the file name, rounded by the template to 2 decimals.
+        assert c.metrics["val_loss"] == pytest.approx(s["metrics"]["val_loss"], abs=0.006)
+
+
+def test_second_reconcile_and_restart_add_nothing(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path)
+    corpus.copy("tf1", tmp_path / "runs" / "a")
+    specs = discover(0, watches[0])
+    first = rec.reconcile_many(specs)
+    assert len(first[0].recorded) == 3
+    assert rec.reconcile_many(specs)[0].recorded == []
+    restarted = Reconciler(engine)  # a new daemon: cold cache, same database
+    assert restarted.reconcile_many(specs)[0].recorded == []
+    assert len(_ls(engine)) == 3
+
+
+def test_changes_while_down_are_caught_up(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path)
+    run = corpus.copy("tf1", tmp_path / "runs" / "a")
+    rec.reconcile_many(discover(0, watches[0]))
+    # While "down": the trainer deletes step 10 and a new run appears.
+    for f in run.glob("model.ckpt-10.*"):
+        f.unlink()
+    corpus.copy("tf2", tmp_path / "runs" / "b")
+    rec2 = Reconciler(engine)
+    rec2.reconcile_many(discover(0, watches[0]))
+    states = {(c.run, c.step): c.state for c in _ls(engine)}
+    assert states[("a", 10)] == "gone"
+    assert states[("a", 20)] == "complete"
+    assert [k for k in states if k[0] == "b"] == [("b", 10), ("b", 20), ("b", 30)]
+    with session_scope(engine) as s:
+        gone = queries.actions(s, kinds=["gone"])
+    assert [a.subject for a in gone] == [str(run / "model.ckpt-10")]
+    assert gone[0].reason == "deleted outside ckptd"
+
+
+def test_partial_then_complete(tmp_path: Path, corpus: Corpus) -> None:
+    """A save in progress is not recorded; when it completes it is, with its metric."""
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    src = corpus.run_dir("tf2")
+    run = tmp_path / "runs"
+    shutil.copy(src / "ckpt-10.data-00000-of-00001", run)
+    index = (src / "ckpt-10.index").read_bytes()
+    (run / "ckpt-10.index").write_bytes(index[: len(index) // 2])  # TF2 writes .index in place
+    (spec,) = discover(0, watches[0])
+    assert rec.reconcile(spec).recorded == []
+    assert _ls(engine) == []
+    (run / "ckpt-10.index").write_bytes(index)
+    shutil.copytree(src / "eval", run / "eval")
+    assert rec.reconcile(spec).recorded == ["runs@10"]
+    (c,) = _ls(engine)
+    assert c.state == "complete" and "eval/accuracy" in c.metrics
+
+
+def test_meta_arriving_after_is_recorded(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    src = corpus.run_dir("tf1")
+    run = tmp_path / "runs"
+    for f in src.glob("model.ckpt-10.*"):
+        if f.suffix != ".meta":
+            shutil.copy(f, run)
+    (spec,) = discover(0, watches[0])
+    rec.reconcile(spec)
+    (c,) = _ls(engine)
+    assert c.state == "complete" and not c.has_meta
+    shutil.copy(src / "model.ckpt-10.meta", run)
+    rec.reconcile(spec)
+    (c,) = _ls(engine)
+    assert c.has_meta and "model.ckpt-10.meta" in c.files
+
+
+def test_corrupt_checkpoint_is_recorded_with_reason(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    run = tmp_path / "runs"
+    src = corpus.run_dir("sharded")
+    for f in src.glob("ckpt-10.*"):
+        if "data-00002" not in f.name:
+            shutil.copy(f, run)
+    (spec,) = discover(0, watches[0])
+    outcome = rec.reconcile(spec)
+    assert outcome.corrupt == ["runs@10"]
+    (c,) = _ls(engine)
+    assert c.state == "corrupt" and "00002" in (c.reason or "")
+    with session_scope(engine) as s:
+        assert [a.kind for a in queries.actions(s)] == ["run_discovered", "corrupt"]
+
+
+def test_corrupt_event_file_is_reported_and_skipped(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    run = tmp_path / "runs"
+    for f in corpus.run_dir("tf1").iterdir():
+        if f.is_file():
+            shutil.copy(f, run)
+    (run / "eval").mkdir()
+    (run / "eval" / "events.out.tfevents.0.garbage").write_bytes(bytes(range(256)) * 8)
+    (spec,) = discover(0, watches[0])
+    rec.reconcile(spec)
+    assert len(_ls(engine)) == 3  # the checkpoints are fine
+    with session_scope(engine) as s:
+        problems = queries.actions(s, kinds=["event_file_corrupt"])
+    assert len(problems) == 1 and "corrupt record" in (problems[0].reason or "")
+    rec.reconcile(spec)  # reported once, not every scan
+    with session_scope(engine) as s:
+        assert len(queries.actions(s, kinds=["event_file_corrupt"])) == 1
+
+
+def test_incremental_event_reads_attach_late_metrics(tmp_path: Path, corpus: Corpus) -> None:
+    """Checkpoint first, eval summary later (an evaluator job writing eval/ after the save)."""
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    run = tmp_path / "runs"
+    for f in corpus.run_dir("tf1").glob("model.ckpt-*"):
+        shutil.copy(f, run)
+    (spec,) = discover(0, watches[0])
+    rec.reconcile(spec)
+    assert all("eval/accuracy" not in c.metrics for c in _ls(engine))
+    shutil.copytree(corpus.run_dir("tf1") / "eval", run / "eval")
+    rec.reconcile(spec)
+    expected = {s["step"]: s["metrics"]["eval/accuracy"] for s in corpus.saves["tf1"]}
+    got = {c.step: c.metrics["eval/accuracy"] for c in _ls(engine)}
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_run_mapping_nested_names(tmp_path: Path) -> None:
+    cfg = parse_config({"watch": [{"path": str(tmp_path), "runs": "team-*/*"}]})
+    (w,) = cfg.watches
+    spec = run_of(0, w, f"{tmp_path}/team-a/exp3/eval/events.out.tfevents.1")
+    assert spec == RunSpec(0, "team-a/exp3", tmp_path / "team-a" / "exp3", w)
+    assert run_of(0, w, f"{tmp_path}/other/exp3/x.index") is None
+    assert run_of(0, w, f"{tmp_path}/team-a") is None
+    (tmp_path / "team-a" / "exp3").mkdir(parents=True)
+    (tmp_path / "team-b").mkdir()
+    (tmp_path / "escape").mkdir()
+    (tmp_path / "team-b" / "link").symlink_to(tmp_path / "escape")
+    assert [r.name for r in discover(0, w)] == ["team-a/exp3"]  # the symlinked run is not followed
+
+
+def test_daemon_rescan_catches_what_events_missed(tmp_path: Path, corpus: Corpus) -> None:
+    """No observer at all (every event dropped): the periodic rescan still records everything."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    cfg = parse_config(
+        {
+            "daemon": {"database": f"sqlite:///{tmp_path}/d.db"},
+            "watch": [{"path": str(root), "runs": "*"}],
+        }
+    )
+    daemon = Daemon(cfg)
+    daemon.prepare()
+    assert daemon.full_reconcile() == 0
+    corpus.copy("tf2", root / "late")
+    daemon.rescan()
+    assert [c.step for c in _ls(daemon.engine, "late")] == [10, 20, 30]
+    shutil.rmtree(root / "late")
+    daemon.rescan()
+    assert {c.state for c in _ls(daemon.engine, "late")} == {"gone"}
+    daemon.shutdown()

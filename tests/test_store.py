@@ -1,0 +1,125 @@
+"""Store: migrations match the ORM, ship in the wheel, and SQLite is set up as promised."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from ckptd.store import migrate
+from ckptd.store.db import StoreError, make_engine, session_scope
+from ckptd.store.tables import Base
+from tests.conftest import ENV, REPO
+
+
+def test_migrations_match_the_orm(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
+    before, after = migrate.upgrade(engine)
+    assert before is None and after == migrate.head_revision(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], f"ORM and migrations disagree: {diff}"
+    assert migrate.is_current(engine)
+    # Idempotent: upgrading again is a no-op.
+    assert migrate.upgrade(engine) == (after, after)
+
+
+def test_sqlite_pragmas_and_readonly(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/p.db"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() >= 5000
+    ro = make_engine(url, readonly=True)
+    with pytest.raises(StoreError), session_scope(ro) as s:
+        s.execute(text("INSERT INTO pins (checkpoint_id, created_at) VALUES (1, '2020-01-01')"))
+
+
+def test_readonly_on_missing_database_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="ckptd db upgrade"):
+        make_engine(f"sqlite:///{tmp_path}/none.db", readonly=True)
+
+
+@pytest.mark.timeout(600)
+def test_migrations_run_from_the_installed_wheel(tmp_path: Path) -> None:
+    """Build the wheel, install it alone into a target dir, and migrate with it (not the source)."""
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        env=ENV,
+        cwd=tmp_path,
+    )
+    (wheel,) = dist.glob("ckptd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ckptd/migrations/env.py" in names
+    assert any(n.startswith("ckptd/migrations/versions/0001") for n in names)
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
+    db = tmp_path / "w.db"
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[daemon]\ndatabase = "sqlite:///{db}"\n')
+    env = {**ENV, "PYTHONPATH": str(target)}
+    probe = "import ckptd.store.migrate as m; print(m.script_location())"
+    where = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout.strip()
+    assert where.startswith(str(target)), f"migrations came from {where}, not the wheel"
+    result = subprocess.run(
+        [sys.executable, "-m", "ckptd", "--config", str(conf), "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "upgraded" in result.stdout
+    current = subprocess.run(
+        [sys.executable, "-m", "ckptd", "--config", str(conf), "db", "current", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert '"up_to_date": true' in current.stdout
+    assert os.path.getsize(db) > 0
