@@ -51,7 +51,8 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     pinned: bool = False
     evaluation: str | None = None  # pending | running | done | failed
-    exported: bool = False
+    exported: bool = False  # behind a published export
+    exporting: bool = False  # an export of it is being written right now
 
     @property
     def label(self) -> str:

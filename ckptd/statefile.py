@@ -15,8 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STATE_FILE = "checkpoint"
-_LINE = re.compile(r'^\s*(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|([-+0-9.eE]+|inf|nan))\s*$')
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
+_LINE = re.compile(r'^\s*(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|([-+0-9.eE]+|[-+]?inf|[-+]?nan))\s*$')
+_ESCAPE = re.compile(r"\\([0-7]{1,3}|x[0-9a-fA-F]{1,2}|.)", re.DOTALL)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+# What TensorFlow writes (python protobuf ``text_format``, ``CEscape(as_utf8=False)``): the
+# UTF-8 bytes, with quotes, backslash and control characters escaped, non-ASCII as octal.
+_BYTE_ESCAPES = [f"\\{i:03o}" for i in range(32)] + [chr(i) for i in range(32, 127)]
+_BYTE_ESCAPES += [f"\\{i:03o}" for i in range(127, 256)]
+for _byte, _text in ((9, "\\t"), (10, "\\n"), (13, "\\r"), (34, '\\"'), (39, "\\'"), (92, "\\\\")):
+    _BYTE_ESCAPES[_byte] = _text
 
 
 @dataclass
@@ -33,32 +40,34 @@ class CheckpointState:
 
 
 def _unescape(text: str) -> str:
+    """A text-format string's value: escapes (octal/hex ones are bytes of UTF-8) resolved."""
     if "\\" not in text:
         return text
-    out = re.sub(
-        r"\\([0-7]{1,3}|.)",
-        lambda m: (
-            chr(int(m.group(1), 8))
-            if m.group(1)[0] in "01234567"
-            else _ESCAPES.get(m.group(1), m.group(1))
-        ),
-        text,
-    )
-    # Octal escapes are bytes of UTF-8; re-decode them.
-    try:
-        return out.encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return out
+    out = bytearray()
+    pos = 0
+    for m in _ESCAPE.finditer(text):
+        out += text[pos : m.start()].encode("utf-8")
+        esc = m.group(1)
+        if esc[0] in "01234567":
+            out.append(int(esc, 8) & 0xFF)
+        elif esc[0] == "x" and len(esc) > 1:
+            out.append(int(esc[1:], 16))
+        else:
+            out += _ESCAPES.get(esc, esc).encode("utf-8")
+        pos = m.end()
+    out += text[pos:].encode("utf-8")
+    return out.decode("utf-8", errors="replace")
 
 
 def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "".join(_BYTE_ESCAPES[b] for b in text.encode("utf-8", errors="surrogateescape"))
 
 
 def parse(text: str) -> CheckpointState:
     """Parse a state file's text; malformed lines are ignored (TF's own parser is lenient)."""
     state = CheckpointState()
-    for line in text.splitlines():
+    # Only "\n" ends a line: str.splitlines() would also split inside a path at \r, \x85, \u2028…
+    for line in text.split("\n"):
         m = _LINE.match(line)
         if not m:
             continue
@@ -67,10 +76,18 @@ def parse(text: str) -> CheckpointState:
             state.model_checkpoint_path = _unescape(string)
         elif key == "all_model_checkpoint_paths" and string is not None:
             state.all_model_checkpoint_paths.append(_unescape(string))
-        elif key == "all_model_checkpoint_timestamps" and number is not None:
-            state.all_model_checkpoint_timestamps.append(float(number))
-        elif key == "last_preserved_timestamp" and number is not None:
-            state.last_preserved_timestamp = float(number)
+        elif number is not None and key in (
+            "all_model_checkpoint_timestamps",
+            "last_preserved_timestamp",
+        ):
+            try:
+                value = float(number)
+            except ValueError:
+                continue  # e.g. "1.2.3": malformed, ignored like any other bad line
+            if key == "last_preserved_timestamp":
+                state.last_preserved_timestamp = value
+            else:
+                state.all_model_checkpoint_timestamps.append(value)
     return state
 
 
@@ -101,13 +118,15 @@ def write_atomic(run_dir: Path, state: CheckpointState) -> None:
     data = render(state).encode("utf-8")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, run_dir / STATE_FILE)
-    except OSError:
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     dfd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)

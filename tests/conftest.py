@@ -63,8 +63,14 @@ class Corpus:
         return self.root / kind
 
     def copy(self, kind: str, dest: Path) -> Path:
-        """A private copy of one run (tests may mutate it)."""
+        """A private copy of one run (tests may mutate it), as if the trainer had written it there.
+
+        TF1 state files hold absolute paths; they are rewritten to the copy's location.
+        """
         shutil.copytree(self.root / kind, dest, symlinks=True)
+        state = dest / "checkpoint"
+        if state.exists():
+            state.write_text(state.read_text().replace(str(self.root / kind), str(dest)))
         return dest
 
 
@@ -111,6 +117,7 @@ def write_config(
     extra: str = "",
     daemon: str = "",
     rescan: str = "2s",
+    best: bool = True,
 ) -> Path:
     runs_line = f'runs = "{runs}"' if runs else ""
     path.write_text(
@@ -126,12 +133,9 @@ def write_config(
             path = "{watch}"
             {runs_line}
             keras_template = "model.{{epoch:02d}}-{{val_loss:.2f}}.keras"
-
-            [watch.best]
-            metric = "eval/accuracy"
-            mode = "max"
             """
         )
+        + ('\n[watch.best]\nmetric = "eval/accuracy"\nmode = "max"\n' if best else "")
         + extra
     )
     return path

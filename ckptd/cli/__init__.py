@@ -39,9 +39,9 @@ def cli(ctx: click.Context, config_arg: str | None) -> None:
 
 
 def _register() -> None:
-    from ckptd.cli import admin, demo, query
+    from ckptd.cli import admin, demo, manage, query
 
-    for module in (admin, query, demo):
+    for module in (admin, query, manage, demo):
         for command in module.COMMANDS:
             cli.add_command(command)
 

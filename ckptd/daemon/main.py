@@ -7,6 +7,7 @@ only handles signals and sd_notify.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from ckptd import __version__
 from ckptd.config import Config, ConfigError, load_config, warn_missing_paths
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.notify import notify, watchdog_interval
+from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Scheduler
@@ -83,6 +85,7 @@ class Daemon:
         self.dirty = DirtyRuns()
         self.health = Health()
         self.reconciler = Reconciler(self.engine)
+        self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
         self.watcher = Watcher(config.watches, self._on_path)
         self.scheduler = Scheduler()
         self.stop_event = threading.Event()
@@ -122,6 +125,10 @@ class Daemon:
                     },
                 ),
             )
+
+        resumed = self.pruner.resume()
+        if resumed:
+            log.info("finished %d deletion(s) interrupted by the last stop", resumed)
 
     def all_runs(self) -> list[RunSpec]:
         specs = []
@@ -209,6 +216,38 @@ class Daemon:
             else f"STATUS=watching {len(self.config.watches)} path(s); no checkpoints yet"
         )
 
+    def prune(self, index: int) -> None:
+        """Apply watch ``index``'s retention policy to each of its runs."""
+        watch = self.config.watches[index]
+        from ckptd.store import queries
+
+        with session_scope(self.engine) as s:
+            runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
+        for run in runs:
+            # dry_run = true in the config: the scheduled job only logs its plan.
+            dry = watch.retain is not None and watch.retain.dry_run
+            result = self.pruner.prune_run(run, watch, dry_run=dry)
+            if result.pruned or result.failed:
+                log.info(
+                    "pruned %d checkpoint(s) of %s (%d bytes freed)%s",
+                    len(result.pruned),
+                    run.name,
+                    result.bytes_freed,
+                    f"; {len(result.failed)} failed" if result.failed else "",
+                )
+            elif result.dry_run and result.plan.delete:
+                log.info("dry run: would prune %s", ", ".join(c.label for c in result.plan.delete))
+
+    def _schedule_watch_jobs(self) -> None:
+        for name in self.scheduler.jobs():
+            if name.startswith("prune["):
+                self.scheduler.remove(name)
+        for i, w in enumerate(self.config.watches):
+            if w.retain is not None:
+                self.scheduler.every(
+                    f"prune[{i}]", w.retain.every, functools.partial(self.prune, i)
+                )
+
     def rescan(self) -> None:
         for msg in self.watcher.check():
             log.info(msg)
@@ -223,6 +262,9 @@ class Daemon:
     def run_once(self) -> int:
         self.prepare()
         n = self.full_reconcile()
+        for i, w in enumerate(self.config.watches):
+            if w.retain is not None:
+                self.prune(i)
         self._mark_stopped()
         return n
 
@@ -240,6 +282,7 @@ class Daemon:
         d = self.config.daemon
         self.scheduler.every("rescan", d.rescan_interval, self.rescan)
         self.scheduler.every("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=True)
+        self._schedule_watch_jobs()
         self.scheduler.start()
         notify(
             "READY=1",
@@ -288,6 +331,7 @@ class Daemon:
         self.watcher.start()
         self.scheduler.every("rescan", new.daemon.rescan_interval, self.rescan, run_now=True)
         self.scheduler.every("heartbeat", new.daemon.heartbeat_interval, self.heartbeat)
+        self._schedule_watch_jobs()
         log.info("configuration reloaded from %s", new.source)
         notify("READY=1", "STATUS=configuration reloaded")
 

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, insert, select, update
 from ckptd import formats
 from ckptd.daemon.runs import RunSpec
 from ckptd.eventfiles import metric_prefix, read_scalars
-from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, utcnow
+from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNING, utcnow
 from ckptd.store.db import insert_id, session_scope
 from ckptd.store.tables import (
     ActionRow,
@@ -228,8 +228,8 @@ class Reconciler:
                 if f.metrics:
                     filename_metrics.append((f.prefix, f))
                 continue
-            if known.state in (PRUNING, PRUNED):
-                continue
+            if known.state == PRUNING:
+                continue  # the pruner owns it until it commits "pruned"
             if known.state == f.state and known.signature == f.signature:
                 continue
             if f.state == COMPLETE and known.state != COMPLETE:
@@ -294,29 +294,32 @@ class Reconciler:
             )
 
         # Checkpoints that vanished: deleted by the trainer (Saver max_to_keep) or by hand.
+        why = "deleted outside ckptd" if present else "run directory is gone"
         for prefix, known in cache.checkpoints.items():
             if prefix in seen or known.state not in (COMPLETE, CORRUPT):
                 continue
-            session.execute(
+            changed = session.execute(
                 update(table)
-                .where(table.c.id == known.id)
-                .values(
-                    state=GONE,
-                    gone_at=now,
-                    reason="deleted outside ckptd" if present else "run directory is gone",
-                )
-            )
-            self._action(
-                session,
-                "gone",
-                cache.run_id,
-                known.id,
-                prefix,
-                "deleted outside ckptd" if present else "run directory is gone",
-                {},
-            )
+                .where(table.c.id == known.id, table.c.state.in_((COMPLETE, CORRUPT)))
+                .values(state=GONE, gone_at=now, reason=why)
+            ).rowcount
+            if not changed:
+                # Another writer (the pruner, `ckptd prune`) owns it now: take its state.
+                known.state = session.execute(
+                    select(table.c.state).where(table.c.id == known.id)
+                ).scalar_one()
+                continue
+            self._action(session, "gone", cache.run_id, known.id, prefix, why, {})
             known.state = GONE
             outcome.gone.append(_label(spec, known.step, prefix))
+
+    def note_states(self, states: dict[str, str]) -> None:
+        """Another writer changed these checkpoints' states (prefix -> state)."""
+        with self._lock:
+            for cache in self._cache.values():
+                for prefix, state in states.items():
+                    if prefix in cache.checkpoints:
+                        cache.checkpoints[prefix].state = state
 
     def _apply_events(
         self,

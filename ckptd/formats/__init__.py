@@ -91,6 +91,8 @@ def _bundle(
         files.append(entry.name)
         size += st.st_size
         mtime = max(mtime, st.st_mtime)
+    if not files:
+        return None  # every file vanished since the listing (the trainer deleted it)
     step = step_from_name(name)
     has_meta = g.meta is not None
     fmt = "tf1" if has_meta else "tf2"
@@ -139,11 +141,14 @@ def _bundle(
             (),
         )
     signature = (ist.st_size, ist.st_mtime_ns, len(g.data), int(has_meta))
-    if known is not None and known.get(prefix) == signature:
+    seen = known.get(prefix) if known is not None else None
+    if seen is not None and len(seen) == 5 and seen[:4] == signature:
         # Unchanged since it was validated: skip re-reading the index (keeps rescans cheap).
+        # The 5th element remembers what the index said (object graph = TF2); the .meta alone
+        # cannot tell, as a TF1 checkpoint has none until its meta graph arrives (or ever).
         return Found(
             prefix,
-            fmt,
+            "tf2" if seen[4] else "tf1",
             step,
             COMPLETE,
             None,
@@ -151,7 +156,7 @@ def _bundle(
             size,
             has_meta,
             mtime,
-            signature,
+            tuple(seen),
         )
     try:
         with open(g.index.path, "rb") as fh:
@@ -214,7 +219,16 @@ def _bundle(
             signature,
         )
     return Found(
-        prefix, fmt, step, COMPLETE, None, tuple(sorted(files)), size, has_meta, mtime, signature
+        prefix,
+        fmt,
+        step,
+        COMPLETE,
+        None,
+        tuple(sorted(files)),
+        size,
+        has_meta,
+        mtime,
+        (*signature, int(header.is_object_graph)),
     )
 
 
@@ -237,7 +251,8 @@ class KerasTemplate:
             name, spec = m.group(1), m.group(2) or ""
             self.fields.append(name)
             group = r"\d+" if spec.endswith("d") or name in ("epoch", "batch") else self._NUMBER
-            pattern += f"(?P<{name}>{group})" if name not in pattern else f"(?:{group})"
+            # A field used twice is captured once (the first time).
+            pattern += f"(?:{group})" if name in self.fields[:-1] else f"(?P<{name}>{group})"
             pos = m.end()
         pattern += re.escape(template[pos:])
         self.regex = re.compile(pattern + "$")
@@ -292,6 +307,8 @@ def _keras(
     entry: os.DirEntry[str],
     template: KerasTemplate | None,
     known: dict[str, tuple[int, ...]] | None,
+    now: float,
+    stale_after: float,
 ) -> Found | None:
     st = _stat(entry)
     if st is None:
@@ -325,6 +342,9 @@ def _keras(
     else:
         problem = _keras_complete(entry.path, is_h5, st.st_size)
     state = COMPLETE if problem is None else INCOMPLETE
+    if problem is not None and now - st.st_mtime > stale_after:
+        # Not growing any more: a truncated or corrupt file, not one being written.
+        state, problem = CORRUPT, f"{problem}; unchanged for {now - st.st_mtime:.0f} s"
     return Found(
         prefix,
         fmt,
@@ -386,7 +406,7 @@ def scan_run(
             found.append(f)
     template = KerasTemplate(keras_template) if keras_template else None
     for entry in keras_entries:
-        f = _keras(run_dir, entry, template, known)
+        f = _keras(run_dir, entry, template, known, now, stale_after)
         if f is not None:
             found.append(f)
     return found

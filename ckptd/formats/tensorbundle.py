@@ -14,6 +14,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import google_crc32c
+
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_LEN = 48  # two BlockHandles padded to 40 bytes + 8-byte magic
 BLOCK_TRAILER_LEN = 5  # compression type byte + crc32c
@@ -111,6 +113,12 @@ def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]
         raise BundleError("block extends past the end of the file")
     if data[end] != 0:
         raise BundleError(f"compressed block (type {data[end]}) is not supported")
+    # The trailer's masked crc32c covers the block and its type byte; TensorFlow's reader checks
+    # it (DataLoss "block checksum mismatch"), so a checkpoint failing it cannot be restored.
+    (stored,) = struct.unpack_from("<I", data, end + 1)
+    crc = google_crc32c.value(data[offset : end + 1])
+    if (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF != stored:
+        raise BundleError(f"block checksum mismatch at byte {offset}")
     (num_restarts,) = struct.unpack_from("<I", data, end - 4)
     limit = end - 4 - 4 * num_restarts
     if limit < offset:
@@ -127,6 +135,10 @@ def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]
 
 
 def _data_blocks(data: bytes) -> Iterator[tuple[int, int]]:
+    # The first entry of every bundle index is its header, whose key is empty: the file starts
+    # with shared = 0, non_shared = 0. A file still being written starts so too; garbage does not.
+    if data[:2] != b"\0\0"[: len(data)]:
+        raise BundleError("not a tensor bundle index (it does not start with the header entry)")
     if len(data) < FOOTER_LEN:
         raise BundleError(f"file is too short to be an SSTable ({len(data)} bytes)")
     (magic,) = struct.unpack_from("<Q", data, len(data) - 8)
@@ -187,9 +199,30 @@ def _shape(buf: bytes) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def _slice_owner(key: bytes) -> bytes:
+    """The tensor name in a slice key (``EncodeTensorNameSlice``: OrderedCode 0, then the name
+    as an OrderedCode string: NUL is ``00 FF``, 0xFF is ``FF 00``, and ``00 01`` ends it)."""
+    out = bytearray()
+    i = 1
+    while i < len(key):
+        b = key[i]
+        if b in (0, 0xFF) and i + 1 < len(key):
+            if b == 0 and key[i + 1] == 1:
+                break
+            i += 1  # skip the escape's second byte
+        out.append(b)
+        i += 1
+    return bytes(out)
+
+
 def list_tensors(data: bytes) -> list[TensorInfo]:
-    """Every saved tensor: what ``tf.train.list_variables`` and inspect_checkpoint print."""
+    """Every saved tensor: what ``tf.train.list_variables`` and inspect_checkpoint print.
+
+    A tensor saved in slices (e.g. split over shards by a sharding policy) is listed once, with
+    the total size of its slices; the slice entries themselves (keys starting with NUL) are not.
+    """
     out = []
+    slice_bytes: dict[bytes, int] = {}
     for key, value in entries(data):
         if key == b"":
             continue
@@ -204,6 +237,11 @@ def list_tensors(data: bytes) -> list[TensorInfo]:
                 shard = v
             elif num == 5 and isinstance(v, int):
                 size = v
+        if key.startswith(b"\0"):
+            owner = _slice_owner(key)
+            slice_bytes[owner] = slice_bytes.get(owner, 0) + size
+            continue
+        size = size or slice_bytes.get(key, 0)
         out.append(
             TensorInfo(
                 key.decode("utf-8", "replace"),

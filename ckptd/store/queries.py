@@ -108,7 +108,7 @@ def checkpoints(
     extra = _extras(session, wanted, run_id if ids is None and not limit else None)
     out = []
     for row, run_name in rows:
-        metrics, pinned, evaluation, exported = extra(row.id)
+        metrics, pinned, evaluation, exported, exporting = extra(row.id)
         out.append(
             Checkpoint(
                 id=row.id,
@@ -128,6 +128,7 @@ def checkpoints(
                 pinned=pinned,
                 evaluation=evaluation,
                 exported=exported,
+                exporting=exporting,
             )
         )
     return out
@@ -159,17 +160,17 @@ def _extras(session: Session, ids: list[int], run_id: int | None) -> Any:
             )
         ).all()
     )
-    exported = set(
-        session.scalars(
-            select(ExportRow.checkpoint_id).where(
-                and_(where(ExportRow.checkpoint_id), ExportRow.status == "published")
-            )
+    exports = session.execute(
+        select(ExportRow.checkpoint_id, ExportRow.status).where(
+            and_(where(ExportRow.checkpoint_id), ExportRow.status.in_(["published", "exporting"]))
         )
-    )
+    ).all()
+    exported = {cid for cid, st in exports if st == "published"}
+    exporting = {cid for cid, st in exports if st == "exporting"}
 
-    def get(cid: int) -> tuple[dict[str, float], bool, str | None, bool]:
+    def get(cid: int) -> tuple[dict[str, float], bool, str | None, bool, bool]:
         m = {k: v for k, (_r, v) in sorted(metrics.get(cid, {}).items())}
-        return m, cid in pinned, evaluations.get(cid), cid in exported
+        return m, cid in pinned, evaluations.get(cid), cid in exported, cid in exporting
 
     return get
 

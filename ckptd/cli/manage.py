@@ -1,0 +1,189 @@
+"""Commands that change things: prune, pin, unpin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ckptd.cli.output import (
+    CliContext,
+    fmt_size,
+    fmt_value,
+    output_options,
+    pass_ctx,
+    print_json,
+    table,
+)
+from ckptd.model import iso
+
+
+def _plan_rows(result: Any, metric: str | None) -> list[dict[str, Any]]:
+    rows = []
+    deleting = {c.id for c in result.plan.delete}
+    for c in sorted(result.history, key=lambda c: (c.step is None, c.step, c.id)):
+        if c.state != "complete" and c.id not in deleting:
+            continue
+        rows.append(
+            {
+                "run": c.run,
+                "step": c.step,
+                "path": c.prefix,
+                "action": "delete" if c.id in deleting else "keep",
+                "reasons": list(result.plan.reasons(c)),
+                "metric": c.metrics.get(metric) if metric else None,
+                "size": c.size,
+                "recorded_at": iso(c.recorded_at),
+            }
+        )
+    return rows
+
+
+@click.command()
+@click.argument("run", required=False)
+@click.option(
+    "--dry-run", is_flag=True, help="Show the plan (what is kept and why); delete nothing."
+)
+@output_options
+@pass_ctx
+def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> None:
+    """Apply the retention policy ([watch.retain]) to RUN, or to every run.
+
+    Only checkpoints ckptd recorded are deleted, only their recorded files, never through a
+    symlink; the newest, the best, pinned and exported checkpoints are always kept. The run's
+    `checkpoint` state file is rewritten so TensorFlow keeps working. Runs whose watch has no
+    [watch.retain] section are never pruned.
+
+    \b
+    Examples:
+      ckptd prune --dry-run              # the plan for every run, with reasons
+      ckptd prune mnist --dry-run --json
+      ckptd prune mnist                  # do it now
+    """
+    from ckptd.daemon.prune import Pruner
+    from ckptd.store import queries
+
+    cfg = ctx.config(required=True)
+    engine = ctx.engine(readonly=dry_run)
+    with ctx.session(readonly=dry_run) as s:
+        runs = [queries.resolve_run(s, run)] if run else queries.runs(s)
+    pruner = Pruner(engine)
+    results = []
+    for r in runs:
+        watch = ctx.watch_for(r.watch_path)
+        if watch is None:
+            if run:
+                raise click.ClickException(f"run {r.name} is not under any watch in {cfg.source}")
+            continue
+        if watch.retain is None:
+            if run:
+                raise click.ClickException(
+                    f"run {r.name} has no retention policy: add a [watch.retain] section "
+                    f"(e.g. keep_last = 5) to {cfg.source}"
+                )
+            continue
+        results.append((pruner.prune_run(r, watch, dry_run=dry_run), watch.best.metric))
+    if as_json:
+        print_json(
+            [
+                {
+                    "run": res.run,
+                    "dry_run": res.dry_run,
+                    "plan": _plan_rows(res, metric),
+                    "pruned": res.pruned,
+                    "failed": res.failed,
+                    "bytes_freed": res.bytes_freed,
+                }
+                for res, metric in results
+            ]
+        )
+        return
+    if not results:
+        click.echo("no run has a retention policy ([watch.retain]); nothing to do")
+    for res, metric in results:
+        rows = _plan_rows(res, metric)
+        title = f"{res.run}: " + (
+            f"would delete {len(res.plan.delete)}, keep {len(rows) - len(res.plan.delete)}"
+            if res.dry_run
+            else f"deleted {len(res.pruned)} ({fmt_size(res.bytes_freed)} freed)"
+        )
+        table(
+            title,
+            ["step", "action", "why", metric or "metric", "size"],
+            [
+                [
+                    r["step"],
+                    r["action"],
+                    ", ".join(r["reasons"]) or "not kept by any rule",
+                    fmt_value(r["metric"]),
+                    fmt_size(r["size"]),
+                ]
+                for r in rows
+            ],
+            empty=f"{res.run}: no complete checkpoints",
+        )
+        for f in res.failed:
+            click.echo(f"failed: {f}", err=True)
+    if any(res.failed for res, _ in results):
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("checkpoint")
+@click.option("--reason", help="Why it must be kept (shown in ls and events).")
+@pass_ctx
+def pin(ctx: CliContext, checkpoint: str, reason: str | None) -> None:
+    """Keep CHECKPOINT forever, whatever the retention policy says.
+
+    \b
+    Examples:
+      ckptd pin mnist@12000 --reason "paper results"
+      ckptd pin /data/runs/mnist/model.ckpt-12000
+    """
+    _set_pin(ctx, checkpoint, True, reason)
+
+
+@click.command()
+@click.argument("checkpoint")
+@pass_ctx
+def unpin(ctx: CliContext, checkpoint: str) -> None:
+    """Let the retention policy decide about CHECKPOINT again.
+
+    \b
+    Example:
+      ckptd unpin mnist@12000
+    """
+    _set_pin(ctx, checkpoint, False, None)
+
+
+def _set_pin(ctx: CliContext, checkpoint: str, on: bool, reason: str | None) -> None:
+    from sqlalchemy import delete, insert
+
+    from ckptd.model import utcnow
+    from ckptd.store import queries
+    from ckptd.store.tables import ActionRow, PinRow
+
+    with ctx.session(readonly=False) as s:
+        c = queries.resolve_checkpoint(s, checkpoint)
+        if on and not c.pinned:
+            s.execute(insert(PinRow).values(checkpoint_id=c.id, reason=reason, created_at=utcnow()))
+        elif not on and c.pinned:
+            s.execute(delete(PinRow).where(PinRow.checkpoint_id == c.id))
+        else:
+            click.echo(f"{c.label} is already {'pinned' if on else 'not pinned'}")
+            return
+        s.execute(
+            insert(ActionRow).values(
+                at=utcnow(),
+                kind="pinned" if on else "unpinned",
+                run_id=c.run_id,
+                checkpoint_id=c.id,
+                subject=c.prefix,
+                reason=reason,
+                detail={"step": c.step},
+            )
+        )
+    click.echo(f"{'pinned' if on else 'unpinned'} {c.label}")
+
+
+COMMANDS = [prune, pin, unpin]

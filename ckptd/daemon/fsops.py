@@ -1,0 +1,123 @@
+"""The only code in ckptd that deletes files.
+
+Every deletion goes through a directory file descriptor opened component by component from the
+watch root with ``O_NOFOLLOW``, so a symlink anywhere on the way can never lead outside the root;
+only plain base names recorded by ckptd are unlinked, and ``unlink`` never follows a symlink (a
+planted link is removed, its target is untouched).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePath(Exception):
+    """A path that would leave the watch root or pass through a symlink: refused."""
+
+
+@contextmanager
+def open_dir_under(root: Path, directory: Path) -> Iterator[int]:
+    """A file descriptor for ``directory``, reached from ``root`` without following symlinks."""
+    root = Path(os.path.abspath(root))
+    directory = Path(os.path.abspath(directory))
+    try:
+        rel = directory.relative_to(root)
+    except ValueError:
+        raise UnsafePath(f"{directory} is not under the watch root {root}") from None
+    if any(part in ("..", "") for part in rel.parts):
+        raise UnsafePath(f"{directory}: refusing a path with '..'")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in rel.parts:
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(
+                        f"{directory}: {part!r} is a symlink or not a directory"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = nfd
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Removal:
+    removed: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # already gone (trainer got there first)
+    bytes_freed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def remove_files(root: Path, directory: Path, names: Iterable[str]) -> Removal:
+    """Unlink recorded base names in ``directory`` (under ``root``); missing files are fine."""
+    result = Removal()
+    names = list(names)
+    for name in names:
+        if not name or "/" in name or name in (".", ".."):
+            result.errors.append(f"{name!r}: not a plain file name; refused")
+    if result.errors:
+        return result
+    try:
+        with open_dir_under(root, directory) as dfd:
+            for name in names:
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        result.errors.append(f"{name}: is a directory; refused")
+                        continue
+                    os.unlink(name, dir_fd=dfd)
+                    result.removed.append(name)
+                    if stat.S_ISREG(st.st_mode):
+                        result.bytes_freed += st.st_size
+                except FileNotFoundError:
+                    result.missing.append(name)
+                except OSError as exc:
+                    result.errors.append(f"{name}: {exc.strerror}")
+    except FileNotFoundError:
+        result.missing.extend(names)  # the whole run directory is gone
+    except (UnsafePath, OSError) as exc:
+        result.errors.append(str(exc))
+    return result
+
+
+def remove_stale_temp_dirs(root: Path, directory: Path, older_than: float = 86400) -> list[str]:
+    """Remove ``*_temp`` directories TensorFlow left behind (safe once older than a day)."""
+    removed = []
+    now = time.time()
+    try:
+        with open_dir_under(root, directory) as dfd:
+            with os.scandir(dfd) as it:
+                entries = [
+                    (e.name, e.stat(follow_symlinks=False)) for e in it if e.name.endswith("_temp")
+                ]
+            for name, st in entries:
+                if not stat.S_ISDIR(st.st_mode) or now - st.st_mtime < older_than:
+                    continue
+                # rmtree with dir_fd is symlink-attack safe on Linux
+                # (shutil.rmtree.avoids_symlink_attacks).
+                shutil.rmtree(name, dir_fd=dfd)
+                removed.append(name)
+    except (OSError, UnsafePath) as exc:
+        log.warning("cleaning temp directories in %s: %s", directory, exc)
+    return removed

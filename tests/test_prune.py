@@ -1,0 +1,276 @@
+"""Pruning real checkpoints on disk: safe deletion, crash-resume, and TensorFlow still works after."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptd import statefile
+from ckptd.daemon import fsops
+from tests.conftest import ENV, PY, Corpus, ckptd, query, write_config
+
+RETAIN = """
+[watch.retain]
+keep_last = {keep_last}
+min_age = "0s"
+every = "1h"
+"""
+
+
+def _setup(
+    tmp_path: Path, corpus: Corpus, kinds: tuple[str, ...], keep_last: int = 1, best: bool = False
+) -> tuple[Path, Path, Path]:
+    root = tmp_path / "runs"
+    root.mkdir()
+    db = tmp_path / "ckptd.db"
+    conf = write_config(
+        tmp_path / "c.toml", root, db=db, extra=RETAIN.format(keep_last=keep_last), best=best
+    )
+    for kind in kinds:
+        corpus.copy(kind, root / kind)
+    return root, db, conf
+
+
+def _states(db: Path) -> dict[str, str]:
+    return dict(query(db, "select prefix, state from checkpoints"))
+
+
+TF_STILL_WORKS = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+    tf1_dir, tf2_dir = sys.argv[1], sys.argv[2]
+    out = {}
+    # TF1: latest_checkpoint + Saver.restore through the meta graph, as the classic eval does.
+    latest = tf.train.latest_checkpoint(tf1_dir)
+    g = tf.Graph()
+    with g.as_default(), tf.compat.v1.Session() as sess:
+        saver = tf.compat.v1.train.import_meta_graph(latest + ".meta")
+        saver.restore(sess, latest)
+        out["tf1_latest"] = latest
+    # TF2: a restarted CheckpointManager sees exactly what exists and restores the latest.
+    v = tf.Variable(0.0)
+    mgr = tf.train.CheckpointManager(tf.train.Checkpoint(), tf2_dir, max_to_keep=10)
+    out["tf2_checkpoints"] = list(mgr.checkpoints)
+    out["tf2_latest"] = mgr.latest_checkpoint
+    reader = tf.train.load_checkpoint(mgr.latest_checkpoint)
+    out["tf2_vars"] = len(reader.get_variable_to_shape_map())
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.tf
+def test_prune_keeps_tensorflow_working(tmp_path: Path, corpus: Corpus) -> None:
+    root, db, conf = _setup(tmp_path, corpus, ("tf1", "tf2"))
+    dry = ckptd("prune", "--dry-run", "--json", config=conf)
+    assert dry.returncode == 1 and "no database" in dry.stderr  # nothing recorded yet
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    states = _states(db)
+    for kind, prefix in (("tf1", "model.ckpt"), ("tf2", "ckpt")):
+        assert states[f"{root}/{kind}/{prefix}-30"] == "complete"
+        assert states[f"{root}/{kind}/{prefix}-10"] == "pruned"
+        assert not list((root / kind).glob(f"{prefix}-10.*")) and not list(
+            (root / kind).glob(f"{prefix}-20.*")
+        )
+        assert len(list((root / kind).glob(f"{prefix}-30.*"))) >= 2
+    tf2_state = statefile.read(root / "tf2")
+    assert tf2_state is not None and tf2_state.all_model_checkpoint_paths == ["ckpt-30"]
+    assert len(tf2_state.all_model_checkpoint_timestamps) == 1  # TF2's timestamps stay aligned
+    proc = subprocess.run(
+        [PY, "-c", TF_STILL_WORKS, str(root / "tf1"), str(root / "tf2")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tf1_latest"] == f"{root}/tf1/model.ckpt-30"
+    assert (
+        out["tf2_checkpoints"] == [f"{root}/tf2/ckpt-30"]
+        and out["tf2_latest"] == f"{root}/tf2/ckpt-30"
+    )
+    assert out["tf2_vars"] > 0
+    events = json.loads(ckptd("events", "--kind", "pruned", "--json", config=conf).stdout)
+    assert len(events) == 4 and all(e["reason"] == "not kept by keep_last=1" for e in events)
+
+
+def test_dry_run_plans_with_reasons_and_deletes_nothing(tmp_path: Path, corpus: Corpus) -> None:
+    root, db, conf = _setup(tmp_path, corpus, ("tf2",), keep_last=1, best=True)
+    conf.write_text(conf.read_text().replace('every = "1h"', 'every = "1h"\ndry_run = true'))
+    assert ckptd("run", "--once", config=conf).returncode == 0  # dry_run config: logs only
+    assert set(_states(db).values()) == {"complete"}
+    result = ckptd("prune", "tf2", "--dry-run", "--json", config=conf)
+    assert result.returncode == 0, result.stderr
+    (plan,) = json.loads(result.stdout)
+    actions = {row["step"]: (row["action"], row["reasons"]) for row in plan["plan"]}
+    assert actions[30][0] == "keep" and actions[30][1][:2] == ["newest", "last"]
+    best = max(corpus.saves["tf2"], key=lambda s: (s["metrics"]["eval/accuracy"], s["step"]))[
+        "step"
+    ]
+    assert "best" in actions[best][1]  # [watch.best] is configured: the best is always kept
+    for step in (10, 20):
+        assert actions[step] == (("keep", ["best"]) if step == best else ("delete", []))
+    assert len(list((root / "tf2").glob("ckpt-*.index"))) == 3
+    human = ckptd("prune", "--dry-run", config=conf)
+    assert (
+        f"would delete {2 if best == 30 else 1}" in human.stdout
+        and "not kept by any rule" in human.stdout
+    )
+
+
+def test_pin_protects_and_unpin_releases(tmp_path: Path, corpus: Corpus) -> None:
+    root, db, conf = _setup(tmp_path, corpus, ("tf2",), best=True)
+    conf.write_text(conf.read_text().replace('every = "1h"', 'every = "1h"\ndry_run = true'))
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    assert ckptd("pin", "tf2@10", "--reason", "paper", config=conf).returncode == 0
+    result = ckptd("prune", "tf2", config=conf)
+    assert result.returncode == 0, result.stderr
+    best = max(corpus.saves["tf2"], key=lambda s: (s["metrics"]["eval/accuracy"], s["step"]))[
+        "step"
+    ]
+    states = _states(db)
+    assert states[f"{root}/tf2/ckpt-10"] == "complete"
+    assert states[f"{root}/tf2/ckpt-20"] == ("complete" if best == 20 else "pruned")
+    assert ckptd("unpin", "tf2@10", config=conf).returncode == 0
+    assert ckptd("prune", "tf2", config=conf).returncode == 0
+    assert _states(db)[f"{root}/tf2/ckpt-10"] == ("complete" if best == 10 else "pruned")
+    kinds = [e["kind"] for e in json.loads(ckptd("events", "--json", config=conf).stdout)]
+    assert kinds.count("pinned") == 1 and kinds.count("unpinned") == 1
+
+
+def test_symlink_never_followed_and_unrecorded_files_survive(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    root, db, conf = _setup(tmp_path, corpus, ("tf2",))
+    outside = tmp_path / "precious.bin"
+    outside.write_bytes(b"do not delete me")
+    data = root / "tf2" / "ckpt-10.data-00000-of-00001"
+    data.unlink()
+    data.symlink_to(outside)  # planted: a checkpoint file pointing outside the root
+    (root / "tf2" / "ckpt-20.index.bak").write_bytes(b"not ckptd's")  # never recorded
+    (root / "tf2" / "ckpt-20.data-00000-of-00001").unlink()  # the trainer got there first
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    assert outside.read_bytes() == b"do not delete me"
+    assert not data.is_symlink()  # the link itself went with its checkpoint
+    assert (root / "tf2" / "ckpt-20.index.bak").exists()
+    assert (root / "tf2" / "ckpt-30.index").exists()
+
+
+def test_fsops_refuses_paths_through_symlinks(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "a.index").write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.index").write_bytes(b"keep")
+    (root / "link").symlink_to(elsewhere)
+    bad = fsops.remove_files(root, root / "link", ["a.index"])
+    assert not bad.ok and "symlink" in bad.errors[0]
+    assert (elsewhere / "a.index").exists()
+    assert not fsops.remove_files(root, tmp_path / "elsewhere", ["a.index"]).ok  # outside the root
+    assert not fsops.remove_files(root, root / "real", ["../real/a.index"]).ok
+    ok = fsops.remove_files(root, root / "real", ["a.index", "missing.index"])
+    assert ok.ok and ok.removed == ["a.index"] and ok.missing == ["missing.index"]
+
+
+def _many_checkpoints(src: Path, run: Path, n: int) -> None:
+    """n real checkpoints, hard-linked from one real TF2 checkpoint, with a TF2 state file."""
+    run.mkdir(parents=True)
+    files = [f for f in src.iterdir() if f.name.startswith("ckpt-10.")]
+    base = time.time() - 3600
+    for step in range(1, n + 1):
+        for f in files:
+            os.link(f, run / f.name.replace("ckpt-10.", f"ckpt-{step}."))
+    state = statefile.CheckpointState(
+        f"ckpt-{n}", [f"ckpt-{s}" for s in range(1, n + 1)], [base + s for s in range(1, n + 1)]
+    )
+    statefile.write_atomic(run, state)
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_during_prune_then_restart_loses_nothing(tmp_path: Path, corpus: Corpus) -> None:
+    root = tmp_path / "runs"
+    db = tmp_path / "ckptd.db"
+    _many_checkpoints(corpus.run_dir("tf2"), root / "big", 500)
+
+    def config(keep_last: int, dry_run: bool) -> Path:
+        extra = RETAIN.format(keep_last=keep_last) + ("dry_run = true\n" if dry_run else "")
+        return write_config(tmp_path / "c.toml", root, db=db, extra=extra, best=False)
+
+    conf = config(500, dry_run=True)
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    assert len(_states(db)) == 500
+    rng = random.Random(1234)
+    kills = 0
+    for keep_last in (400, 300, 200, 100, 50):
+        conf = config(keep_last, dry_run=False)
+        proc = subprocess.Popen(
+            [PY, "-m", "ckptd", "--config", str(conf), "prune", "big"],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # Kill it mid-work: once its intent ("pruning") is committed, after a random extra delay
+        # that lands anywhere in the deletion phase (or, sometimes, after it).
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if query(db, "select count(*) from checkpoints where state = 'pruning'")[0][0]:
+                    break
+            except sqlite3.Error:
+                pass
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.03))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        # Restart: the daemon's start-up resumes any interrupted deletion (dry_run: it adds none).
+        conf = config(keep_last, dry_run=True)
+        assert ckptd("run", "--once", config=conf).returncode == 0
+        _check_consistent(root / "big", db, keep_newest=keep_last)
+    assert kills >= 3, "the test rarely interrupted a prune; adjust its timing"
+    resumed = query(
+        db,
+        "select count(*) from actions where kind = 'pruned' and reason like '%resumed after restart%'",
+    )
+    assert resumed[0][0] > 0, "no interrupted deletion was resumed"
+
+
+def _check_consistent(run: Path, db: Path, keep_newest: int) -> None:
+    rows = query(db, "select prefix, step, state, files from checkpoints")
+    on_disk = {f.name for f in run.iterdir()}
+    for prefix, step, state, files in rows:
+        files = json.loads(files)
+        present = [f for f in files if f in on_disk]
+        assert state in ("complete", "pruned"), (prefix, state)
+        if state == "complete":
+            assert present == files, (
+                f"{prefix} is recorded complete but lost {set(files) - set(present)}"
+            )
+        else:
+            assert present == [], f"{prefix} is recorded pruned but {present} remain"
+    complete = sorted(step for _, step, state, _ in rows if state == "complete")
+    assert complete[-keep_newest:] == list(range(501 - keep_newest, 501)), (
+        "a checkpoint the plan kept is missing"
+    )
+    state = statefile.read(run)
+    assert state is not None
+    listed = [state.resolve(run, p) for p in state.all_model_checkpoint_paths]
+    assert all(p.with_name(p.name + ".index").exists() for p in listed), (
+        "the state file names a deleted checkpoint"
+    )
+    assert len(state.all_model_checkpoint_timestamps) == len(listed)
+    assert state.resolve(run, state.model_checkpoint_path) == run / "ckpt-500"
