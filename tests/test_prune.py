@@ -153,7 +153,7 @@ def test_pin_protects_and_unpin_releases(tmp_path: Path, corpus: Corpus) -> None
 def test_symlink_never_followed_and_unrecorded_files_survive(
     tmp_path: Path, corpus: Corpus
 ) -> None:
-    root, db, conf = _setup(tmp_path, corpus, ("tf2",))
+    root, _db, conf = _setup(tmp_path, corpus, ("tf2",))
     outside = tmp_path / "precious.bin"
     outside.write_bytes(b"do not delete me")
     data = root / "tf2" / "ckpt-10.data-00000-of-00001"
@@ -252,7 +252,7 @@ def test_sigkill_during_prune_then_restart_loses_nothing(tmp_path: Path, corpus:
 def _check_consistent(run: Path, db: Path, keep_newest: int) -> None:
     rows = query(db, "select prefix, step, state, files from checkpoints")
     on_disk = {f.name for f in run.iterdir()}
-    for prefix, step, state, files in rows:
+    for prefix, _step, state, files in rows:
         files = json.loads(files)
         present = [f for f in files if f in on_disk]
         assert state in ("complete", "pruned"), (prefix, state)
