@@ -128,6 +128,25 @@ def _argv(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _formats(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError(
+            f'expected "saved_model", "frozen_graph" or a list of both, got {_show(value)}'
+        )
+    for item in items:
+        if item not in EXPORT_FORMATS:
+            raise ValueError(f'expected "saved_model" or "frozen_graph", got {_show(item)}')
+    # SavedModel first: its builder needs an empty directory; frozen.pb is added after.
+    return tuple(sorted(set(items), key=EXPORT_FORMATS.index))
+
+
+def _tolerance(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"expected a non-negative number such as 1e-5, got {_show(value)}")
+    return float(value)
+
+
 def _entry_point(value: object) -> str:
     text = _str(value)
     if not re.fullmatch(r"[\w.]+:[\w.]+", text):
@@ -166,12 +185,13 @@ class EvaluateConfig:
     use_ema: bool = False
     function: str | None = None
     command: tuple[str, ...] = ()
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
 class FreezeConfig:
     export_dir: Path
-    format: str = "saved_model"
+    format: tuple[str, ...] = ("saved_model",)
     every: timedelta = timedelta(hours=1)
     cron: str | None = None
     keep: int = 3
@@ -179,6 +199,7 @@ class FreezeConfig:
     outputs: Mapping[str, str] = field(default_factory=dict)
     builder: str | None = None
     timeout: timedelta = timedelta(minutes=30)
+    tolerance: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -254,10 +275,11 @@ EVALUATE_KEYS: Schema = {
     "use_ema": _bool,
     "function": _entry_point,
     "command": _argv,
+    "batch_size": _positive_int,
 }
 FREEZE_KEYS: Schema = {
     "export_dir": _path,
-    "format": _choice(*EXPORT_FORMATS),
+    "format": _formats,
     "every": parse_duration,
     "cron": _str,
     "keep": _positive_int,
@@ -265,6 +287,7 @@ FREEZE_KEYS: Schema = {
     "outputs": _str_map,
     "builder": _entry_point,
     "timeout": parse_duration,
+    "tolerance": _tolerance,
 }
 RETAIN_KEYS: Schema = {
     "keep_last": _nonneg_int,
@@ -347,7 +370,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             ev = reader.section(raw["evaluate"], f"{where}.evaluate", EVALUATE_KEYS)
             kind = ev.get("evaluator", "tfevents")
             needs = {
-                "meta_graph": ("data", "fetch"),
+                "meta_graph": ("data", "feed", "fetch"),
                 "keras": ("data",),
                 "python": ("function",),
                 "command": ("command",),
@@ -358,7 +381,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if "freeze" in raw:
             fr = reader.section(raw["freeze"], f"{where}.freeze", FREEZE_KEYS)
             reader.require(fr, f"{where}.freeze", "export_dir", "where exports are published")
-            if fr.get("format", "saved_model") == "frozen_graph" and not fr.get("outputs"):
+            if "frozen_graph" in fr.get("format", ()) and not fr.get("outputs"):
                 reader.require({}, f"{where}.freeze", "outputs", "frozen_graph needs output nodes")
             freeze = FreezeConfig(**fr)
         if "retain" in raw:

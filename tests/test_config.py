@@ -40,6 +40,7 @@ def test_full_contract_parses(tmp_path: Path) -> None:
                         "every": "5m",
                         "timeout": "30m",
                         "data": "/data/heldout.npz",
+                        "feed": {"x:0": "x"},
                         "fetch": {"eval/accuracy": "accuracy:0"},
                     },
                     "freeze": {
@@ -63,7 +64,7 @@ def test_full_contract_parses(tmp_path: Path) -> None:
     assert cfg.daemon.rescan_interval == timedelta(seconds=60)
     assert w.path == Path("/data/runs") and w.runs == "*" and w.observer == "polling"
     assert w.evaluate is not None and w.evaluate.timeout == timedelta(minutes=30)
-    assert w.freeze is not None and w.freeze.keep == 3
+    assert w.freeze is not None and w.freeze.keep == 3 and w.freeze.format == ("saved_model",)
     assert w.retain is not None and w.retain.keep_every == timedelta(hours=6)
 
 

@@ -6,6 +6,7 @@ hard-coded numbers: metrics differ from run to run.
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from pathlib import Path
@@ -39,6 +40,16 @@ def _boundaries(data: bytes) -> list[int]:
     return out
 
 
+def _value_kinds(path: Path) -> set[str]:
+    """Which Summary.Value oneof the writer used (TF1: simple_value; TF2: tensor)."""
+    data, kinds = path.read_bytes(), set()
+    bounds = _boundaries(data)
+    for start, end in itertools.pairwise(bounds):
+        event = event_pb2.Event.FromString(data[start + 12 : end - 4])
+        kinds |= {v.WhichOneof("value") for v in event.summary.value}
+    return kinds
+
+
 def _eval_file(run: Path) -> Path:
     (path,) = [p for p in event_files(run) if p.parent.name == "eval"]
     return path
@@ -49,6 +60,7 @@ def test_event_metrics_are_exactly_what_the_trainer_logged(corpus: Corpus, kind:
     run = corpus.run_dir(kind)
     results = _read_run(run)
     assert {p.parent for p in results} == {run, run / "eval"}
+    assert _value_kinds(_eval_file(run)) == ({"simple_value"} if kind == "tf1" else {"tensor"})
     for path, result in results.items():
         assert result.error is None, (path, result.error)
         assert result.offset == path.stat().st_size

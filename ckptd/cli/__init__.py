@@ -39,9 +39,9 @@ def cli(ctx: click.Context, config_arg: str | None) -> None:
 
 
 def _register() -> None:
-    from ckptd.cli import admin, demo, manage, query
+    from ckptd.cli import admin, demo, manage, query, work
 
-    for module in (admin, query, manage, demo):
+    for module in (admin, query, manage, work, demo):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -121,3 +121,18 @@ def remove_stale_temp_dirs(root: Path, directory: Path, older_than: float = 8640
     except (OSError, UnsafePath) as exc:
         log.warning("cleaning temp directories in %s: %s", directory, exc)
     return removed
+
+
+def remove_tree(root: Path, name: str) -> bool:
+    """Remove the directory ``root/name`` (an export version or a temp dir), symlink-safe."""
+    if not name or "/" in name or name in (".", ".."):
+        raise UnsafePath(f"{name!r}: not a plain directory name; refused")
+    with open_dir_under(root, root) as dfd:
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"{root / name} is not a directory; refused")
+        shutil.rmtree(name, dir_fd=dfd)
+    return True

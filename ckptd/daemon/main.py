@@ -23,6 +23,8 @@ from sqlalchemy import func, insert, select, update
 from ckptd import __version__
 from ckptd.config import Config, ConfigError, load_config, warn_missing_paths
 from ckptd.daemon import runs as runs_mod
+from ckptd.daemon.evaluate import Evaluator
+from ckptd.daemon.freeze import Freezer
 from ckptd.daemon.notify import notify, watchdog_interval
 from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
@@ -33,6 +35,7 @@ from ckptd.model import utcnow
 from ckptd.store import migrate
 from ckptd.store.db import insert_id, make_engine, session_scope
 from ckptd.store.tables import CheckpointRow, DaemonRow
+from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,13 @@ class Daemon:
         self.engine = make_engine(config.daemon.database)
         self.dirty = DirtyRuns()
         self.health = Health()
-        self.reconciler = Reconciler(self.engine)
+        self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
         self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
+        # One warm TensorFlow worker, shared by evaluation and export (2 cores, ~500 MB each).
+        self.worker = WorkerClient()
+        self.evaluator = Evaluator(self.engine, config, self.worker)
+        self.freezer = Freezer(self.engine, self.worker)
+        self._eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self._on_path)
         self.scheduler = Scheduler()
         self.stop_event = threading.Event()
@@ -129,6 +137,10 @@ class Daemon:
         resumed = self.pruner.resume()
         if resumed:
             log.info("finished %d deletion(s) interrupted by the last stop", resumed)
+        if self.evaluator.recover():
+            log.info("re-queued evaluations interrupted by the last stop")
+        if self.freezer.recover(self.config.watches):
+            log.info("exports interrupted by the last stop will be redone")
 
     def all_runs(self) -> list[RunSpec]:
         specs = []
@@ -238,14 +250,41 @@ class Daemon:
             elif result.dry_run and result.plan.delete:
                 log.info("dry run: would prune %s", ", ".join(c.label for c in result.plan.delete))
 
+    def _on_recorded(self, ids: list[int]) -> None:
+        self.evaluator.enqueue(ids, new=True)
+
+    def evaluate_backlog(self) -> None:
+        self.evaluator.enqueue()
+        self.evaluator.wake()
+
+    def freeze(self, index: int) -> None:
+        """Export the best checkpoint of each run of watch ``index`` if it changed."""
+        watch = self.config.watches[index]
+        from ckptd.store import queries
+
+        with session_scope(self.engine) as s:
+            runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
+        for run in runs:
+            outcome = self.freezer.freeze_run(run, watch)
+            if outcome.status == "failed":
+                log.error("export of %s failed: %s", run.name, outcome.message)
+
     def _schedule_watch_jobs(self) -> None:
         for name in self.scheduler.jobs():
-            if name.startswith("prune["):
+            if name.startswith(("prune[", "evaluate[", "freeze[")):
                 self.scheduler.remove(name)
         for i, w in enumerate(self.config.watches):
             if w.retain is not None:
                 self.scheduler.every(
                     f"prune[{i}]", w.retain.every, functools.partial(self.prune, i)
+                )
+            if w.evaluate is not None and w.evaluate.evaluator != "tfevents":
+                self.scheduler.every(
+                    f"evaluate[{i}]", w.evaluate.every, self.evaluate_backlog, run_now=True
+                )
+            if w.freeze is not None:
+                self.scheduler.every(
+                    f"freeze[{i}]", w.freeze.every, functools.partial(self.freeze, i), run_now=True
                 )
 
     def rescan(self) -> None:
@@ -260,11 +299,17 @@ class Daemon:
     # ------------------------------------------------------------ run
 
     def run_once(self) -> int:
+        """One reconcile, then the due work in lifecycle order: evaluate, export, prune."""
         self.prepare()
         n = self.full_reconcile()
+        self.evaluator.enqueue()
+        self.evaluator.run_pending()
         for i, w in enumerate(self.config.watches):
+            if w.freeze is not None:
+                self.freeze(i)
             if w.retain is not None:
                 self.prune(i)
+        self.worker.close()
         self._mark_stopped()
         return n
 
@@ -279,6 +324,10 @@ class Daemon:
         )
         self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
         self._thread.start()
+        self._eval_thread = threading.Thread(
+            target=self.evaluator.serve, args=(self.stop_event,), name="evaluate", daemon=True
+        )
+        self._eval_thread.start()
         d = self.config.daemon
         self.scheduler.every("rescan", d.rescan_interval, self.rescan)
         self.scheduler.every("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=True)
@@ -329,6 +378,7 @@ class Daemon:
         self.config = new
         self.watcher = Watcher(new.watches, self._on_path)
         self.watcher.start()
+        self.evaluator.config = new
         self.scheduler.every("rescan", new.daemon.rescan_interval, self.rescan, run_now=True)
         self.scheduler.every("heartbeat", new.daemon.heartbeat_interval, self.heartbeat)
         self._schedule_watch_jobs()
@@ -337,10 +387,13 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.stop_event.set()
+        self.evaluator.wake()
+        self.worker.close()  # terminates a running evaluation/export; its row is redone later
         self.scheduler.shutdown()
         self.watcher.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in (self._thread, self._eval_thread):
+            if thread is not None:
+                thread.join(timeout=30)
         self._mark_stopped()
         self.engine.dispose()
         log.info("stopped")

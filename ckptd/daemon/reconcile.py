@@ -21,7 +21,7 @@ from ckptd import formats
 from ckptd.daemon.runs import RunSpec
 from ckptd.eventfiles import metric_prefix, read_scalars
 from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNING, utcnow
-from ckptd.store.db import insert_id, session_scope
+from ckptd.store.db import insert_id, rowcount, session_scope
 from ckptd.store.tables import (
     ActionRow,
     CheckpointRow,
@@ -298,11 +298,12 @@ class Reconciler:
         for prefix, known in cache.checkpoints.items():
             if prefix in seen or known.state not in (COMPLETE, CORRUPT):
                 continue
-            changed = session.execute(
+            changed = rowcount(
+                session,
                 update(table)
                 .where(table.c.id == known.id, table.c.state.in_((COMPLETE, CORRUPT)))
-                .values(state=GONE, gone_at=now, reason=why)
-            ).rowcount
+                .values(state=GONE, gone_at=now, reason=why),
+            )
             if not changed:
                 # Another writer (the pruner, `ckptd prune`) owns it now: take its state.
                 known.state = session.execute(

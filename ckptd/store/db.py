@@ -76,6 +76,11 @@ def insert_id(session: Session, stmt: Any) -> int:
     return int(session.execute(stmt.returning(stmt.table.c.id)).scalar_one())
 
 
+def rowcount(session: Session, stmt: Any) -> int:
+    """Execute an UPDATE/DELETE and return how many rows it touched."""
+    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """Commit on success, roll back on error; driver errors become :class:`StoreError`."""

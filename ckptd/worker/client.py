@@ -1,0 +1,215 @@
+"""Starting, feeding, timing out and killing TensorFlow worker processes (no TensorFlow here).
+
+A worker is ``python -m ckptd.worker serve`` in its own session (so the whole process group can
+be killed), with ``NOTIFY_SOCKET`` removed (only the daemon talks to systemd). Requests and
+results are JSON lines. A worker that exceeds its timeout gets SIGTERM, then SIGKILL, to its
+process group; a worker that dies fails the one request it was on. Workers are recycled after
+``max_jobs`` requests or any failure, so a leak or a wedged TensorFlow runtime cannot accumulate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE = 5.0
+
+
+class WorkerError(Exception):
+    """A request failed: ``kind`` is not_found | bad_request | tf_error | timeout | crashed."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(key, None)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class WorkerClient:
+    """One warm worker process at a time; thread-safe (requests are serialised)."""
+
+    def __init__(self, *, max_jobs: int = 200, python: str | None = None) -> None:
+        self.max_jobs = max_jobs
+        self.python = python or sys.executable
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._jobs = 0
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stderr_tail: deque[str] = deque(maxlen=30)
+        self._buffer = b""
+        self.started = 0  # how many processes were spawned (for tests and metrics)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [self.python, "-m", "ckptd.worker", "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=worker_env(),
+            start_new_session=True,  # its own process group: killable as a whole
+            close_fds=True,
+        )
+        self.started += 1
+        self._jobs = 0
+        self._buffer = b""
+        self._stderr_tail.clear()
+        threading.Thread(
+            target=self._drain_stderr, args=(proc,), daemon=True, name="worker-stderr"
+        ).start()
+        log.debug("started TensorFlow worker pid %d", proc.pid)
+        return proc
+
+    def _drain_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._stderr_tail.append(line)
+                log.debug("worker %d: %s", proc.pid, line)
+
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc and self._proc.poll() is None else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self, *, kill: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            if not kill and proc.stdin:
+                try:
+                    proc.stdin.close()  # EOF: a clean exit
+                    proc.wait(timeout=KILL_GRACE)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            if proc.poll() is None:
+                terminate_group(proc)
+        for stream in (proc.stdout, proc.stdin):
+            try:
+                if stream:
+                    stream.close()
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------ requests
+
+    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one request; return its result or raise :class:`WorkerError`."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None or self._jobs >= self.max_jobs:
+                self._stop()
+                self._proc = self._spawn()
+            proc = self._proc
+            rid = next(self._ids)
+            self._jobs += 1
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
+                proc.stdin.flush()
+            except OSError:
+                self._stop(kill=True)
+                raise WorkerError(
+                    "crashed", f"worker died before taking the request ({self._tail()})"
+                ) from None
+            try:
+                reply = self._read_line(proc, timeout)
+            except WorkerError:
+                self._stop(kill=True)
+                raise
+            if reply.get("id") != rid:
+                self._stop(kill=True)
+                raise WorkerError(
+                    "crashed", f"worker answered request {reply.get('id')} instead of {rid}"
+                )
+            if not reply.get("ok"):
+                kind = str(reply.get("kind") or "tf_error")
+                if kind not in ("not_found", "bad_request"):
+                    self._stop()  # recycle after a TensorFlow error: state may be wedged
+                raise WorkerError(kind, str(reply.get("error") or "unknown worker error"))
+            return dict(reply.get("result") or {})
+
+    def _read_line(self, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WorkerError(
+                        "timeout", f"worker did not answer within {timeout:g} s; killed it"
+                    )
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    code = proc.wait(timeout=KILL_GRACE)
+                    how = (
+                        f"signal {signal.Signals(-code).name}"
+                        if code < 0
+                        else f"exit status {code}"
+                    )
+                    raise WorkerError("crashed", f"worker died ({how}): {self._tail()}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            return dict(json.loads(line))
+        except ValueError:
+            raise WorkerError(
+                "crashed", f"worker wrote garbage on its protocol channel: {line[:200]!r}"
+            ) from None
+
+    def _tail(self) -> str:
+        lines = [ln for ln in self._stderr_tail if ln.strip()]
+        return " | ".join(lines[-3:]) or "no output"
+
+
+def terminate_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            if pgid is not None:
+                os.killpg(pgid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # stragglers the worker itself started
+        except ProcessLookupError:
+            pass
