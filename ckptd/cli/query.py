@@ -41,6 +41,28 @@ def _best_ids(ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]) 
     return best
 
 
+def _retention_reasons(
+    ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]
+) -> dict[int, list[str]]:
+    """Why each checkpoint survives its run's [watch.retain] policy (runs with one only)."""
+    from ckptd.daemon.prune import rules_for
+    from ckptd.model import utcnow
+    from ckptd.policy import plan_prune
+    from ckptd.store import queries
+
+    runs = {r.id: r for r in queries.runs(session)}
+    out: dict[int, list[str]] = {}
+    for run_id in {c.run_id for c in checkpoints}:
+        watch = ctx.watch_for(runs[run_id].watch_path) if run_id in runs else None
+        rules = rules_for(watch) if watch else None
+        if rules is None:
+            continue
+        plan = plan_prune(queries.checkpoints(session, run_id=run_id), rules, utcnow())
+        out.update({c.id: [] for c in plan.delete})  # the next prune deletes these
+        out.update({cid: list(reasons) for cid, reasons in plan.keep.items()})
+    return out
+
+
 def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
     """The ``ls --json`` contract: run, step, path, state, metrics, best, exported, recorded_at."""
     return {
@@ -226,8 +248,11 @@ def ls(
         wanted = list(states) or (None if show_all else ["complete", "corrupt", "pruning"])
         items = queries.checkpoints(s, run_id=run_id, states=wanted)
         best = _best_ids(ctx, s, items)
+        kept = _retention_reasons(ctx, s, items)
     if as_json:
-        print_json([checkpoint_json(c, c.id in best) for c in items])
+        print_json(
+            [{**checkpoint_json(c, c.id in best), "kept_because": kept.get(c.id)} for c in items]
+        )
         return
     names = sorted({k for c in items for k in c.metrics})[:4]
     rows = []
@@ -246,13 +271,26 @@ def ls(
                 state,
                 fmt_size(c.size),
                 *[fmt_value(c.metrics.get(n)) for n in names],
+                c.evaluation or "",
                 flags.strip(),
+                (", ".join(kept[c.id]) or "nothing: prunable") if c.id in kept else "",
                 _short_time(c.recorded_at),
             ]
         )
     table(
         None,
-        ["run", "step", "format", "state", "size", *names, "", "recorded (UTC)"],
+        [
+            "run",
+            "step",
+            "format",
+            "state",
+            "size",
+            *names,
+            "eval",
+            "",
+            "kept because",
+            "recorded (UTC)",
+        ],
         rows,
         empty="no checkpoints recorded"
         + (f" for {run}" if run else "")

@@ -136,7 +136,8 @@ def freeze(ctx: CliContext, target: str, force: bool, as_json: bool) -> None:
     run, watch, checkpoint = _targets(ctx, target)
     if watch.freeze is None:
         raise click.ClickException(
-            f"run {run.name} has no [watch.freeze] section: add one with export_dir and format to the config"
+            f"run {run.name} has no [watch.freeze] section: "
+            "add one with export_dir and format to the config"
         )
     ctx.config(required=True)
     freezer = Freezer(ctx.engine(readonly=False))

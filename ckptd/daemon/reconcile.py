@@ -230,6 +230,16 @@ class Reconciler:
                 continue
             if known.state == PRUNING:
                 continue  # the pruner owns it until it commits "pruned"
+            if (
+                known.state == COMPLETE
+                and f.state == CORRUPT
+                and f.reason
+                and f.reason.startswith("no .index")
+            ):
+                # TF deletes .index before the data files: this is a deletion in progress, and
+                # the next scan (no files left) records it as gone.
+                seen.discard(f.prefix)
+                continue
             if known.state == f.state and known.signature == f.signature:
                 continue
             if f.state == COMPLETE and known.state != COMPLETE:
