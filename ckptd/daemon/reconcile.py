@@ -34,6 +34,8 @@ from ckptd.store.upsert import upsert
 
 log = logging.getLogger(__name__)
 
+BULK_AUDIT = 20  # more new checkpoints than this in one scan get one audit entry, not one each
+
 # States the reconciler owns. ``pruning``/``pruned`` belong to the pruner and are left alone.
 _OWNED = (COMPLETE, CORRUPT, GONE)
 
@@ -171,15 +173,20 @@ class Reconciler:
         with session_scope(self.engine) as session:
             cache = self._load(session, spec)
             now = utcnow()
-            self._apply_checkpoints(session, spec, cache, found, present, now, outcome)
+            # Events first: scalars for checkpoints already known are upserted; checkpoints new in
+            # this scan then take every value logged at their step in one plain insert.
             self._apply_events(session, spec, cache, events, now, outcome)
+            self._apply_checkpoints(session, spec, cache, found, present, now, outcome)
             session.execute(
                 update(RunRow)
                 .where(RunRow.id == cache.run_id)
                 .values(scanned_at=now, present=present)
             )
-        for name in outcome.recorded:
-            log.info("recorded %s", name)
+        if len(outcome.recorded) > 20:  # a backfill: one line per run, not per checkpoint
+            log.info("recorded %d checkpoints of %s", len(outcome.recorded), spec.name)
+        else:
+            for name in outcome.recorded:
+                log.info("recorded %s", name)
         for name in outcome.corrupt:
             log.warning("corrupt checkpoint %s", name)
         return outcome
@@ -276,7 +283,26 @@ class Reconciler:
                         detail={"step": row["step"], "format": row["format"]},
                     )
                 )
-            session.execute(insert(ActionRow), actions)
+            recorded = [a for a in actions if a["kind"] == "recorded"]
+            if len(recorded) > BULK_AUDIT:
+                # A backfill: one audit entry for the batch instead of thousands (the rows
+                # themselves carry recorded_at); corrupt ones are still listed one by one.
+                steps = [a["detail"]["step"] for a in recorded if a["detail"]["step"] is not None]
+                actions = [a for a in actions if a["kind"] != "recorded"] + [
+                    dict(
+                        at=now,
+                        kind="recorded",
+                        run_id=cache.run_id,
+                        checkpoint_id=None,
+                        subject=str(spec.path),
+                        reason=f"{len(recorded)} checkpoints found in one scan",
+                        detail={
+                            "count": len(recorded),
+                            "steps": [min(steps), max(steps)] if steps else None,
+                        },
+                    )
+                ]
+            session.connection().execute(ActionRow.__table__.insert(), actions)
             metric_rows = []
             for prefix, f in filename_metrics:
                 cid = cache.checkpoints[prefix].id
@@ -291,7 +317,7 @@ class Reconciler:
                     )
                     for k, v in f.metrics.items()
                 ]
-            self._metrics(session, metric_rows)
+            self._metrics(session, metric_rows, new=True)
             self._attach_scalars(
                 session,
                 cache,
@@ -441,8 +467,11 @@ class Reconciler:
         self._metrics(session, rows)
 
     @staticmethod
-    def _metrics(session: Any, rows: list[dict[str, Any]]) -> None:
-        if rows:
+    def _metrics(session: Any, rows: list[dict[str, Any]], *, new: bool = False) -> None:
+        """Store metric rows; ``new``: only checkpoints inserted in this transaction."""
+        if rows and new:
+            session.connection().execute(MetricRow.__table__.insert(), rows)
+        elif rows:
             upsert(
                 session,
                 MetricRow,
