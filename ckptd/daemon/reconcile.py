@@ -302,7 +302,7 @@ class Reconciler:
                         },
                     )
                 ]
-            session.connection().execute(ActionRow.__table__.insert(), actions)
+            session.connection().execute(insert(ActionRow.__table__), actions)
             metric_rows = []
             for prefix, f in filename_metrics:
                 cid = cache.checkpoints[prefix].id
@@ -470,7 +470,7 @@ class Reconciler:
     def _metrics(session: Any, rows: list[dict[str, Any]], *, new: bool = False) -> None:
         """Store metric rows; ``new``: only checkpoints inserted in this transaction."""
         if rows and new:
-            session.connection().execute(MetricRow.__table__.insert(), rows)
+            session.connection().execute(insert(MetricRow.__table__), rows)
         elif rows:
             upsert(
                 session,

@@ -78,14 +78,14 @@ def _path(req: dict[str, Any], key: str, default: Any = ...) -> Any:
 
 
 def _names(req: dict[str, Any], key: str, default: Any = ...) -> Any:
-    """A {str: str} mapping field (feed, fetch, inputs, outputs)."""
+    """A {str: str} mapping field (feed, fetch, inputs, outputs); {} counts as absent."""
     value = _field(req, key, dict, default)
-    if isinstance(value, dict) and req.get(key) is not None:
-        bad = [k for k, v in value.items() if not isinstance(v, str)]
-        if bad or not value:
-            raise WorkerFailure(
-                BAD_REQUEST, f"{req.get('op')}: field {key!r} must map names to strings: {value}"
-            )
+    if value == {} and req.get(key) is not None:
+        value = _field({"op": req.get("op")}, key, dict, default)  # missing unless optional
+    if isinstance(value, dict) and (bad := [k for k, v in value.items() if not isinstance(v, str)]):
+        raise WorkerFailure(
+            BAD_REQUEST, f"{req.get('op')}: field {key!r} must map names to strings: {bad}"
+        )
     return value
 
 
@@ -693,11 +693,14 @@ def sample_inputs(
     rng = np.random.default_rng(0)
     samples, info = {}, {}
     for key, (dtype, shape) in specs.items():
-        source = feed.get(key, feed.get(names.get(key, key)))
+        aliases = [key] + [a for a in (names.get(key),) if a]  # input key, tensor name / "x"
+        source = next((feed[a] for a in aliases if feed.get(a) is not None), None)
+        if source is None and data:
+            source = next((a for a in aliases if a in arrays), None)
         if isinstance(source, list | int | float):
             value, origin = np.asarray(source, dtype=dtype.as_numpy_dtype), "feed"
-        elif isinstance(source, str) or (data and key in arrays):
-            name = source if isinstance(source, str) else key
+        elif isinstance(source, str):
+            name = source
             if not data:
                 raise WorkerFailure(BAD_REQUEST, f"verify: feed names array {name!r} but no data")
             value, origin = _array(arrays, name, data)[:VERIFY_ROWS], f"{data}:{name}"
@@ -872,10 +875,17 @@ def op_verify(req: dict[str, Any]) -> dict[str, Any]:
             k: (tf.as_dtype(t.dtype), tf.TensorShape(t.shape))
             for k, t in zip(keys, model.inputs, strict=True)
         }
-        samples, info = sample_inputs(req, specs, dict(zip(keys, names, strict=True)))
-        pred = model(*[tf.constant(samples[k]) for k in keys], training=False)
-        wanted = list(outputs) or ["output_0"]
-        ref = {wanted[0]: _as_numpy(pred)} if not isinstance(pred, dict) else pred
+        # A single-input model also takes its data from feed/array "x", as the keras evaluator.
+        aliases = {keys[0]: "x"} if len(keys) == 1 else dict(zip(keys, names, strict=True))
+        samples, info = sample_inputs(req, specs, aliases)
+        args = [tf.constant(samples[k]) for k in keys]
+        pred = model(args[0] if len(args) == 1 else args, training=False)
+        if isinstance(pred, dict):
+            ref = {k: _as_numpy(v) for k, v in pred.items()}
+        elif isinstance(pred, list | tuple):
+            ref = {f"output_{i}": _as_numpy(v) for i, v in enumerate(pred)}
+        else:
+            ref = {(list(outputs) or ["output_0"])[0]: _as_numpy(pred)}
     elif kind == "tf2":
         spec = _field(req, "builder", str)
         build, _ = _import_function(spec, "export builder")
