@@ -23,7 +23,9 @@ from tests.conftest import REPO, Corpus
 pytestmark = pytest.mark.tf
 
 
-def _setup(tmp_path: Path, corpus: Corpus, evaluate: dict, kinds=("tf2",)) -> tuple[Evaluator, object, Path]:
+def _setup(
+    tmp_path: Path, corpus: Corpus, evaluate: dict, kinds=("tf2",)
+) -> tuple[Evaluator, object, Path]:
     root = tmp_path / "runs"
     root.mkdir()
     for kind in kinds:
@@ -31,7 +33,14 @@ def _setup(tmp_path: Path, corpus: Corpus, evaluate: dict, kinds=("tf2",)) -> tu
     cfg = parse_config(
         {
             "daemon": {"database": f"sqlite:///{tmp_path}/ckptd.db"},
-            "watch": [{"path": str(root), "runs": "*", "best": {"metric": "eval/score"}, "evaluate": evaluate}],
+            "watch": [
+                {
+                    "path": str(root),
+                    "runs": "*",
+                    "best": {"metric": "eval/score"},
+                    "evaluate": evaluate,
+                }
+            ],
         }
     )
     engine = make_engine(cfg.daemon.database)
@@ -48,15 +57,25 @@ def _evaluations(engine: object) -> dict[int, tuple[str, int, str | None]]:
 
     with session_scope(engine) as s:  # type: ignore[arg-type]
         rows = s.execute(
-            select(CheckpointRow.step, EvaluationRow.status, EvaluationRow.attempts, EvaluationRow.error).join(
-                EvaluationRow, EvaluationRow.checkpoint_id == CheckpointRow.id
-            )
+            select(
+                CheckpointRow.step,
+                EvaluationRow.status,
+                EvaluationRow.attempts,
+                EvaluationRow.error,
+            ).join(EvaluationRow, EvaluationRow.checkpoint_id == CheckpointRow.id)
         ).all()
     return {step: (status, attempts, error) for step, status, attempts, error in rows}
 
 
-def test_every_checkpoint_evaluated_exactly_once_in_one_warm_worker(tmp_path: Path, corpus: Corpus) -> None:
-    ev, engine, root = _setup(tmp_path, corpus, {"evaluator": "python", "function": "tests.daemon_eval_fns:step_score"}, kinds=("tf2", "tf1"))
+def test_every_checkpoint_evaluated_exactly_once_in_one_warm_worker(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    ev, engine, root = _setup(
+        tmp_path,
+        corpus,
+        {"evaluator": "python", "function": "tests.daemon_eval_fns:step_score"},
+        kinds=("tf2", "tf1"),
+    )
     try:
         assert ev.enqueue() == 6
         assert ev.enqueue() == 0  # idempotent: already queued
@@ -70,16 +89,29 @@ def test_every_checkpoint_evaluated_exactly_once_in_one_warm_worker(tmp_path: Pa
         ev.close()
     for kind in ("tf1", "tf2"):
         assert sorted((root / kind / ".evaluated").read_text().split()) == ["10", "20", "30"]
-    assert {s: v[0] for s, v in _evaluations(engine).items()} == {10: "done", 20: "done", 30: "done"}
+    assert {s: v[0] for s, v in _evaluations(engine).items()} == {
+        10: "done",
+        20: "done",
+        30: "done",
+    }
     with session_scope(engine) as s:  # type: ignore[arg-type]
         items = queries.checkpoints(s, run_id=queries.resolve_run(s, "tf2").id)
     assert {c.step: c.metrics["eval/score"] for c in items} == {10: 0.01, 20: 0.02, 30: 0.03}
     assert all(c.evaluation == "done" for c in items)
 
 
-def test_hanging_worker_is_killed_at_its_timeout_and_work_goes_on(tmp_path: Path, corpus: Corpus) -> None:
-    ev, engine, _root = _setup(
-        tmp_path, corpus, {"evaluator": "python", "function": "tests.daemon_eval_fns:hang", "timeout": "3s", "max_attempts": 1}
+def test_hanging_worker_is_killed_at_its_timeout_and_work_goes_on(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    ev, _engine, _root = _setup(
+        tmp_path,
+        corpus,
+        {
+            "evaluator": "python",
+            "function": "tests.daemon_eval_fns:hang",
+            "timeout": "3s",
+            "max_attempts": 1,
+        },
     )
     try:
         ev.enqueue()
@@ -91,7 +123,11 @@ def test_hanging_worker_is_killed_at_its_timeout_and_work_goes_on(tmp_path: Path
 
 
 def test_crashing_worker_fails_one_job_and_the_next_runs(tmp_path: Path, corpus: Corpus) -> None:
-    ev, engine, root = _setup(tmp_path, corpus, {"evaluator": "python", "function": "tests.daemon_eval_fns:crash", "max_attempts": 1})
+    ev, _engine, root = _setup(
+        tmp_path,
+        corpus,
+        {"evaluator": "python", "function": "tests.daemon_eval_fns:crash", "max_attempts": 1},
+    )
     try:
         ev.enqueue()
         (first,) = ev.run_pending(limit=1)
@@ -100,7 +136,16 @@ def test_crashing_worker_fails_one_job_and_the_next_runs(tmp_path: Path, corpus:
         ev.config = parse_config(
             {
                 "daemon": {"database": "sqlite://"},
-                "watch": [{"path": str(root), "runs": "*", "evaluate": {"evaluator": "python", "function": "tests.daemon_eval_fns:step_score"}}],
+                "watch": [
+                    {
+                        "path": str(root),
+                        "runs": "*",
+                        "evaluate": {
+                            "evaluator": "python",
+                            "function": "tests.daemon_eval_fns:step_score",
+                        },
+                    }
+                ],
             }
         )
         rest = ev.run_pending()
@@ -110,11 +155,18 @@ def test_crashing_worker_fails_one_job_and_the_next_runs(tmp_path: Path, corpus:
         ev.close()
 
 
-def test_errors_are_recorded_retried_with_backoff_then_failed(tmp_path: Path, corpus: Corpus) -> None:
+def test_errors_are_recorded_retried_with_backoff_then_failed(
+    tmp_path: Path, corpus: Corpus
+) -> None:
     ev, engine, _root = _setup(
         tmp_path,
         corpus,
-        {"evaluator": "python", "function": "tests.daemon_eval_fns:boom", "max_attempts": 2, "retry_backoff": "0s"},
+        {
+            "evaluator": "python",
+            "function": "tests.daemon_eval_fns:boom",
+            "max_attempts": 2,
+            "retry_backoff": "0s",
+        },
     )
     try:
         ev.enqueue()
@@ -122,7 +174,11 @@ def test_errors_are_recorded_retried_with_backoff_then_failed(tmp_path: Path, co
     finally:
         ev.close()
     evaluations = _evaluations(engine)
-    assert {s: (st, n) for s, (st, n, _e) in evaluations.items()} == {10: ("failed", 2), 20: ("failed", 2), 30: ("failed", 2)}
+    assert {s: (st, n) for s, (st, n, _e) in evaluations.items()} == {
+        10: ("failed", 2),
+        20: ("failed", 2),
+        30: ("failed", 2),
+    }
     assert "boom at step 10" in (evaluations[10][2] or "")
     with session_scope(engine) as s:  # type: ignore[arg-type]
         failures = queries.actions(s, kinds=["evaluation_failed"])
@@ -130,7 +186,9 @@ def test_errors_are_recorded_retried_with_backoff_then_failed(tmp_path: Path, co
 
 
 def test_checkpoint_deleted_before_evaluation_fails_cleanly(tmp_path: Path, corpus: Corpus) -> None:
-    ev, engine, root = _setup(tmp_path, corpus, {"evaluator": "python", "function": "tests.daemon_eval_fns:step_score"})
+    ev, _engine, root = _setup(
+        tmp_path, corpus, {"evaluator": "python", "function": "tests.daemon_eval_fns:step_score"}
+    )
     try:
         ev.enqueue()
         for f in (root / "tf2").glob("ckpt-10.*"):
@@ -154,7 +212,14 @@ def test_command_evaluator(tmp_path: Path, corpus: Corpus) -> None:
             """
         )
     )
-    ev, engine, _root = _setup(tmp_path, corpus, {"evaluator": "command", "command": [sys.executable, str(script), "{checkpoint}", "{step}"]})
+    ev, _engine, _root = _setup(
+        tmp_path,
+        corpus,
+        {
+            "evaluator": "command",
+            "command": [sys.executable, str(script), "{checkpoint}", "{step}"],
+        },
+    )
     try:
         ev.enqueue()
         outcomes = ev.run_pending()

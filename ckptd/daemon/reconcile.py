@@ -29,6 +29,7 @@ from ckptd.store.tables import (
     MetricRow,
     RunRow,
     ScalarRow,
+    table_of,
 )
 from ckptd.store.upsert import upsert
 
@@ -302,7 +303,7 @@ class Reconciler:
                         },
                     )
                 ]
-            session.connection().execute(insert(ActionRow.__table__), actions)
+            session.connection().execute(insert(table_of(ActionRow)), actions)
             metric_rows = []
             for prefix, f in filename_metrics:
                 cid = cache.checkpoints[prefix].id
@@ -470,7 +471,7 @@ class Reconciler:
     def _metrics(session: Any, rows: list[dict[str, Any]], *, new: bool = False) -> None:
         """Store metric rows; ``new``: only checkpoints inserted in this transaction."""
         if rows and new:
-            session.connection().execute(insert(MetricRow.__table__), rows)
+            session.connection().execute(insert(table_of(MetricRow)), rows)
         elif rows:
             upsert(
                 session,

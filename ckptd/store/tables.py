@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import (
     JSON,
@@ -14,6 +15,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -167,3 +169,8 @@ class DaemonRow(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
     status: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+
+
+def table_of(row: type[Base]) -> Table:
+    """The Core table of an ORM row class (for bulk executemany without ORM overhead)."""
+    return cast(Table, row.__table__)
