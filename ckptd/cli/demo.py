@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +22,50 @@ database = "sqlite:///{db}"
 rescan_interval = "30s"
 heartbeat_interval = "2s"
 
+# The TF1 run: evaluated by restoring its meta graph with the ExponentialMovingAverage shadow
+# values (the classic MNIST eval), the best exported as a SavedModel and a frozen graph.
 [[watch]]
-path = "{runs}"
-runs = "*"
-keras_template = "model.{{epoch:02d}}-{{val_loss:.2f}}.keras"
+path = "{runs}/mnist-tf1"
 
 [watch.best]
 metric = "eval/accuracy"
 mode = "max"
+
+[watch.evaluate]
+evaluator = "meta_graph"
+data = "{runs}/mnist-tf1/heldout.npz"
+feed = {{ "x:0" = "x", "y_:0" = "y" }}
+fetch = {{ "eval/accuracy" = "accuracy:0", "eval/loss" = "loss:0" }}
+use_ema = true
+every = "5s"
+
+[watch.freeze]
+format = ["saved_model", "frozen_graph"]
+export_dir = "{base}/export/mnist"
+inputs = {{ "x" = "x:0" }}
+outputs = {{ "y" = "y:0" }}
+every = "3s"
+keep = 2
+
+[watch.retain]
+keep_last = 3
+keep_best = 2
+min_age = "0s"
+every = "1h"   # the demo prunes at the end, to show the plan
+
+# The TF2 CheckpointManager run: ranked by its own eval summaries (tensor summaries).
+[[watch]]
+path = "{runs}/mnist-tf2"
+
+[watch.best]
+metric = "eval/accuracy"
+mode = "max"
+
+[watch.retain]
+keep_last = 3
+keep_best = 2
+min_age = "0s"
+every = "1h"
 """
 
 JOBS = [
@@ -77,7 +114,7 @@ def demo(ctx: CliContext, workdir: str | None, keep: bool) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     db = base / "ckptd.db"
     config = base / "ckptd.toml"
-    config.write_text(DEMO_CONFIG.format(db=db, runs=runs))
+    config.write_text(DEMO_CONFIG.format(db=db, runs=runs, base=base))
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     out.print(f"[bold]ckptd demo[/bold] in {base}")
@@ -139,6 +176,8 @@ def demo(ctx: CliContext, workdir: str | None, keep: bool) -> None:
                         "pip install 'ckptd[tf-cpu]')"
                     )
         _wait_recorded(db, sum(expected.values()))
+        out.print("waiting for the daemon to evaluate every TF1 checkpoint and export the best …")
+        export = _wait_exported(db, timeout=90)
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -146,20 +185,80 @@ def demo(ctx: CliContext, workdir: str | None, keep: bool) -> None:
         except subprocess.TimeoutExpired:
             daemon.kill()
         daemon_log.close()
-    env_cmd = [_python(), "-m", "ckptd", "--config", str(config)]
+    cli = [_python(), "-m", "ckptd", "--config", str(config)]
+    width = {"COLUMNS": str(max(shutil.get_terminal_size().columns, 160))}
+    show = {**env, **width}
     out.print()
-    out.print(f"[bold]The daemon recorded {sum(expected.values())} checkpoints (ckptd ls):[/bold]")
-    subprocess.run([*env_cmd, "ls"], check=False)
+    out.print(
+        f"[bold]1. The daemon recorded all {sum(expected.values())} checkpoints, with step and "
+        "metrics (ckptd ls):[/bold]"
+    )
+    subprocess.run([*cli, "ls"], check=False, env=show)
     out.print()
+    out.print("[bold]2. The best of each run (ckptd best):[/bold]")
     for name, *_ in JOBS:
-        subprocess.run([*env_cmd, "best", name], check=False)
+        subprocess.run([*cli, "best", name], check=False, env=show)
     out.print()
-    out.print(f"database: {db}\nconfig:   {config}\ndaemon log: {base / 'daemon.log'}")
-    out.print(f"try:      ckptd --config {config} status")
+    out.print(
+        "[bold]3. Retention keep_last = 3, keep_best = 2 (ckptd prune): what was kept and "
+        "why[/bold]"
+    )
+    subprocess.run([*cli, "prune"], check=False, env=show)
+    out.print()
+    if export:
+        out.print(
+            "[bold]4. The best TF1 checkpoint, exported (SavedModel + frozen graph) and "
+            "verified:[/bold]"
+        )
+        click.echo(f"   {export}")
+        click.echo(f"   serve:    tensorflow_model_server --model_base_path={Path(export).parent}")
+        click.echo(f"   inspect:  saved_model_cli show --all --dir {export}")
+        click.echo(f"   load:     tf.saved_model.load('{export}').signatures['serving_default']")
+        click.echo(
+            f"   frozen:   tf.compat.v1.GraphDef.FromString(open('{export}/frozen.pb', 'rb').read())"
+        )
+    else:
+        out.print(f"[yellow]no export was published; see {base / 'daemon.log'}[/yellow]")
+    click.echo()
+    click.echo(f"database:   {db}\nconfig:     {config}\ndaemon log: {base / 'daemon.log'}")
+    click.echo(
+        f"try:        ckptd --config {config} status   (or: events, ls --json, show mnist-tf1@200)"
+    )
     if not keep:
-        import shutil
-
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_exported(db: Path, timeout: float) -> str | None:
+    """The path of the published export once evaluations are done and the best is exported."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                pending = con.execute(
+                    "select count(*) from evaluations where status in ('pending', 'running')"
+                ).fetchone()[0]
+                best = con.execute(
+                    "select c.id from checkpoints c join runs r on r.id = c.run_id "
+                    "join metrics m on m.checkpoint_id = c.id "
+                    "where r.name = 'mnist-tf1' and c.state = 'complete' "
+                    "and m.name = 'eval/accuracy' and m.source = 'evaluator' "
+                    "order by m.value desc, c.step desc limit 1"
+                ).fetchone()
+                row = con.execute(
+                    "select path from exports where status = 'published' and checkpoint_id = ?",
+                    (best[0] if best else -1,),
+                ).fetchone()
+            finally:
+                con.close()
+            if not pending and row:
+                return str(row[0])
+        except sqlite3.Error:
+            pass
+        time.sleep(0.2)
+    return None
 
 
 def _count(db: Path) -> int:

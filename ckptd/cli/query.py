@@ -273,7 +273,7 @@ def ls(
                 *[fmt_value(c.metrics.get(n)) for n in names],
                 c.evaluation or "",
                 flags.strip(),
-                (", ".join(kept[c.id]) or "nothing: prunable") if c.id in kept else "",
+                (", ".join(kept[c.id]) or "prunable") if c.id in kept else "",
                 _short_time(c.recorded_at),
             ]
         )
