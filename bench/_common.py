@@ -29,6 +29,9 @@ PY = str(VENV_PY if VENV_PY.exists() else Path(sys.executable))
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 ENV.pop("NOTIFY_SOCKET", None)  # the daemon must not talk to a real systemd
 ENV.pop("CKPTD_CONFIG", None)
+# Subprocesses run outside the checkout: `python -m ckptd` puts its cwd first on sys.path, so a
+# cwd of REPO would shadow a PYTHONPATH pointing at another ckptd tree (e.g. a snapshot of HEAD).
+RUN_CWD = "/"
 
 
 # ------------------------------------------------------------------ config / processes
@@ -88,7 +91,7 @@ class Daemon:
             stderr=subprocess.STDOUT,
             env=ENV,
             start_new_session=True,
-            cwd=REPO,
+            cwd=RUN_CWD,
         )
         return self
 
@@ -148,7 +151,7 @@ def train(kind: str, out: Path, *args: str, timeout: float = 600) -> list[dict[s
         text=True,
         env=ENV,
         timeout=timeout,
-        cwd=REPO,
+        cwd=RUN_CWD,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"trainer {kind} failed:\n{proc.stderr[-3000:]}")
@@ -172,7 +175,7 @@ def timed_run(
     """Wall time of a whole subprocess, from just before spawn to exit."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        list(cmd), capture_output=True, text=True, env=ENV, timeout=timeout, cwd=REPO
+        list(cmd), capture_output=True, text=True, env=ENV, timeout=timeout, cwd=RUN_CWD
     )
     return time.perf_counter() - t0, proc
 
@@ -352,8 +355,35 @@ def load_report() -> dict[str, Any]:
     return report
 
 
+def ckptd_source() -> dict[str, Any]:
+    """Which ckptd the subprocesses import (the editable checkout, or PYTHONPATH's), and its git
+    state: the numbers belong to that code."""
+    proc = subprocess.run(
+        [PY, "-c", "import ckptd, os; print(os.path.dirname(os.path.dirname(ckptd.__file__)))"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=RUN_CWD,
+    )
+    src = proc.stdout.strip()
+    info: dict[str, Any] = {"path": src, "pythonpath": os.environ.get("PYTHONPATH", "")}
+    git = subprocess.run(
+        ["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    if git.returncode == 0 and src:
+        dirty = subprocess.run(
+            ["git", "-C", src, "status", "--porcelain", "--", "ckptd", "migrations"],
+            capture_output=True,
+            text=True,
+        ).stdout.split("\n")
+        info["git_head"] = git.stdout.strip()
+        info["uncommitted"] = [line[3:] for line in dirty if line.strip()]
+    return info
+
+
 def host_info() -> dict[str, Any]:
     return {
+        "ckptd": ckptd_source(),
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
@@ -366,6 +396,15 @@ def save_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     info = {**host_info(), "load": load_report()}
+    src = info["ckptd"]
+    print(
+        f"ckptd under test: {src['path']}"
+        + (
+            f" (git {src['git_head']}, {len(src['uncommitted'])} uncommitted file(s))"
+            if "git_head" in src
+            else " (not a git checkout)"
+        )
+    )
     path.write_text(json.dumps({"benchmark": name, **info, **data}, indent=2) + "\n")
     print(f"\nresult written to {path.relative_to(REPO)}")
     return path

@@ -34,8 +34,8 @@ from typing import Any
 from _common import (
     ENV,
     PY,
-    REPO,
     RESULTS,
+    RUN_CWD,
     check,
     ckptd_cmd,
     db_epoch,
@@ -196,7 +196,7 @@ def profile(work: Path, root: Path) -> Path:
         capture_output=True,
         text=True,
         env=ENV,
-        cwd=REPO,
+        cwd=RUN_CWD,
     )
     check(proc, "profiled ckptd run --once")
     import pstats

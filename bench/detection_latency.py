@@ -28,7 +28,7 @@ from typing import Any
 from _common import (
     ENV,
     PY,
-    REPO,
+    RUN_CWD,
     Daemon,
     db_epoch,
     fmt,
@@ -107,7 +107,7 @@ def run_rate(label: str, interval: float, saves: int, work: Path) -> dict[str, A
         stderr=subprocess.DEVNULL,
         env=ENV,
         start_new_session=True,
-        cwd=REPO,
+        cwd=RUN_CWD,
     )
     trainer_out = work / "trainer.jsonl"
     try:
@@ -142,7 +142,7 @@ def run_rate(label: str, interval: float, saves: int, work: Path) -> dict[str, A
                 stderr=subprocess.PIPE,
                 env=ENV,
                 timeout=600,
-                cwd=REPO,
+                cwd=RUN_CWD,
             )
         if trainer.returncode != 0:
             raise RuntimeError(f"trainer failed:\n{trainer.stderr.decode()[-3000:]}")

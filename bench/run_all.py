@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from _common import BENCH, ENV, PY, REPO, RESULTS, fmt, fmt_ratio, print_table, save_result
+from _common import BENCH, ENV, PY, RESULTS, RUN_CWD, fmt, fmt_ratio, print_table, save_result
 
 BENCHMARKS = ["detection_latency", "backfill", "footprint"]
 
@@ -29,7 +29,7 @@ def main() -> int:
         cmd = [PY, str(BENCH / f"{name}.py")] + (["--quick"] if args.quick else [])
         print(f"\n{'=' * 30} {name}{' --quick' if args.quick else ''} {'=' * 30}", flush=True)
         t0 = time.perf_counter()
-        code = subprocess.call(cmd, env=ENV, cwd=REPO)
+        code = subprocess.call(cmd, env=ENV, cwd=RUN_CWD)
         status[name] = {"exit": code, "seconds": time.perf_counter() - t0}
 
     rows = []

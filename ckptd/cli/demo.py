@@ -215,7 +215,8 @@ def demo(ctx: CliContext, workdir: str | None, keep: bool) -> None:
         click.echo(f"   inspect:  saved_model_cli show --all --dir {export}")
         click.echo(f"   load:     tf.saved_model.load('{export}').signatures['serving_default']")
         click.echo(
-            f"   frozen:   tf.compat.v1.GraphDef.FromString(open('{export}/frozen.pb', 'rb').read())"
+            f"   frozen:   tf.compat.v1.GraphDef.FromString("
+            f"open('{export}/frozen.pb', 'rb').read())"
         )
     else:
         out.print(f"[yellow]no export was published; see {base / 'daemon.log'}[/yellow]")
