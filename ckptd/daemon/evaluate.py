@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, insert, or_, select, update
 
 from ckptd.config import Config, EvaluateConfig, WatchConfig
+from ckptd.daemon import metrics as prom
 from ckptd.model import COMPLETE, Checkpoint, utcnow
 from ckptd.store import queries
 from ckptd.store.db import rowcount, session_scope
@@ -338,6 +339,7 @@ class Evaluator:
                     ", giving up" if final else f", retry at {retry_at}",
                     error,
                 )
+        prom.evaluation(status, seconds)
         if error is None and self.on_done:
             self.on_done(c.id)
         return EvalOutcome(c.label, status, metrics, error, seconds)

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from ckptd.config import WatchConfig
-from ckptd.daemon import fsops
+from ckptd.daemon import fsops, metrics
 from ckptd.model import Checkpoint, Run, utcnow
 from ckptd.policy import select_best
 from ckptd.store import queries
@@ -206,6 +206,7 @@ class Freezer:
             seconds,
         )
         self._retire(run, watch, keep_id=target.id)
+        metrics.export("published", seconds)
         return ExportOutcome(run.name, target.label, "published", str(final), True, "", seconds)
 
     def _write_and_verify(self, c: Checkpoint, watch: WatchConfig, tmp: Path) -> dict[str, Any]:
@@ -274,6 +275,7 @@ class Freezer:
                 )
             )
         log.error("exporting %s failed: %s", c.label, error)
+        metrics.export("failed", seconds)
         return ExportOutcome(run.name, c.label, "failed", None, False, error, seconds)
 
     def _retire(self, run: Run, watch: WatchConfig, keep_id: int) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy import func, insert, select, update
 
 from ckptd import __version__
 from ckptd.config import Config, ConfigError, load_config, warn_missing_paths
+from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.freeze import Freezer
@@ -99,6 +100,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.daemon_id: int | None = None
+        self.reload_error: str | None = None
         self._thread: threading.Thread | None = None
         self._known_runs: set[tuple[int, str]] = set()
 
@@ -207,6 +209,7 @@ class Daemon:
 
     def heartbeat(self) -> None:
         counts = self.counts()
+        metrics.checkpoints(counts)
         status = {
             "state": "running",
             "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
@@ -214,6 +217,8 @@ class Daemon:
             "counts": counts,
             "pending_rescans": len(self.dirty),
             "jobs": {k: v for k, v in self.scheduler.last_success.items()},
+            "healthy": self.healthy(),
+            "reload_error": self.reload_error,
         }
         with session_scope(self.engine) as s:
             s.execute(
@@ -221,12 +226,10 @@ class Daemon:
                 .where(DaemonRow.id == self.daemon_id)
                 .values(heartbeat_at=utcnow(), status=status)
             )
-        notify(
-            f"STATUS=watching {len(self.config.watches)} path(s); "
-            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-            if counts
-            else f"STATUS=watching {len(self.config.watches)} path(s); no checkpoints yet"
-        )
+        text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
+        if self.reload_error:
+            text += f"; reload failed, running the previous config: {self.reload_error}"
+        notify(f"STATUS=watching {len(self.config.watches)} path(s); {text}")
 
     def prune(self, index: int) -> None:
         """Apply watch ``index``'s retention policy to each of its runs."""
@@ -316,6 +319,15 @@ class Daemon:
     def run(self) -> int:
         self.prepare()
         self._install_signals()
+        if self.config.daemon.metrics_address:
+            try:
+                metrics.serve(self.config.daemon.metrics_address)
+            except OSError as exc:
+                log.error(
+                    "cannot serve metrics on %s: %s; continuing without them",
+                    self.config.daemon.metrics_address,
+                    exc,
+                )
         self.watcher.start()  # before the backfill, so nothing written during it is missed
         t0 = time.monotonic()
         recorded = self.full_reconcile()
@@ -371,9 +383,13 @@ class Daemon:
             new = load_config(self.config.source)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
+            self.reload_error = str(exc)
             notify("READY=1", f"STATUS=reload failed: {exc}")
             return
         warn_missing_paths(new)
+        self.reload_error = None
+        if new.daemon.database != self.config.daemon.database:
+            log.warning("the database setting changed; it takes effect at the next restart")
         self.watcher.stop()
         self.config = new
         self.watcher = Watcher(new.watches, self._on_path)
@@ -388,7 +404,7 @@ class Daemon:
     def shutdown(self) -> None:
         self.stop_event.set()
         self.evaluator.wake()
-        self.worker.close()  # terminates a running evaluation/export; its row is redone later
+        self.worker.terminate()  # a running evaluation/export is redone at the next start
         self.scheduler.shutdown()
         self.watcher.stop()
         for thread in (self._thread, self._eval_thread):

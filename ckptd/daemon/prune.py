@@ -18,7 +18,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from ckptd import statefile
 from ckptd.config import WatchConfig
-from ckptd.daemon import fsops
+from ckptd.daemon import fsops, metrics
 from ckptd.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
 from ckptd.policy import Plan, Rules, plan_prune
 from ckptd.store import queries
@@ -219,6 +219,7 @@ class Pruner:
         result.pruned += [c.label for c, _ in done]
         result.failed += [f"{c.label}: {'; '.join(r.errors)}" for c, r in failed]
         result.bytes_freed += sum(r.bytes_freed for _, r in done)
+        metrics.pruned(len(done), sum(r.bytes_freed for _, r in done))
         if done:
             self._rewrite_state_file(run_dir, {Path(c.prefix) for c, _ in done})
         for name in fsops.remove_stale_temp_dirs(root, run_dir):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from ckptd import formats
+from ckptd.daemon import metrics
 from ckptd.daemon.runs import RunSpec
 from ckptd.eventfiles import metric_prefix, read_scalars
 from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNING, utcnow
@@ -72,6 +74,7 @@ class Outcome:
     gone: list[str] = field(default_factory=list)
     scalars: int = 0
     new_complete_ids: list[int] = field(default_factory=list)
+    written_at: list[float] = field(default_factory=list)  # newest file mtime of each recorded
 
 
 class Reconciler:
@@ -183,6 +186,9 @@ class Reconciler:
                 .where(RunRow.id == cache.run_id)
                 .values(scanned_at=now, present=present)
             )
+        if outcome.written_at:
+            committed = time.time()
+            metrics.detection_latency([committed - t for t in outcome.written_at])
         if len(outcome.recorded) > 20:  # a backfill: one line per run, not per checkpoint
             log.info("recorded %d checkpoints of %s", len(outcome.recorded), spec.name)
         else:
@@ -204,6 +210,7 @@ class Reconciler:
     ) -> None:
         table: Any = CheckpointRow.__table__
         inserts: list[dict[str, Any]] = []
+        mtimes: dict[str, float] = {}
         filename_metrics: list[tuple[str, formats.Found]] = []
         seen: set[str] = set()
         for f in found:
@@ -224,6 +231,7 @@ class Reconciler:
                 created_at=created,
             )
             if known is None:
+                mtimes[f.prefix] = f.mtime
                 inserts.append(
                     dict(
                         values,
@@ -271,6 +279,7 @@ class Reconciler:
                 if row["state"] == COMPLETE:
                     outcome.recorded.append(label)
                     outcome.new_complete_ids.append(cid)
+                    outcome.written_at.append(mtimes[row["prefix"]])
                 else:
                     outcome.corrupt.append(label)
                 actions.append(

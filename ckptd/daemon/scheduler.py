@@ -9,6 +9,8 @@ from datetime import timedelta
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from ckptd.daemon import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +34,7 @@ class Scheduler:
             try:
                 func()
                 self.last_success[name] = time.time()
+                metrics.job_succeeded(name, self.last_success[name])
             except Exception:
                 log.exception("job %s failed; it will run again in %s", name, interval)
 

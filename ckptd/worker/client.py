@@ -95,6 +95,13 @@ class WorkerClient:
         with self._lock:
             self._stop()
 
+    def terminate(self) -> None:
+        """Stop now, even mid-request (daemon shutdown): the waiting caller sees a crash."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            terminate_group(proc, grace=2.0)
+        self.close()
+
     def _stop(self, *, kill: bool = False) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
