@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -232,3 +233,35 @@ def test_daemon_rescan_catches_what_events_missed(tmp_path: Path, corpus: Corpus
     daemon.rescan()
     assert {c.state for c in _ls(daemon.engine, "late")} == {"gone"}
     daemon.shutdown()
+
+
+def test_data_shard_of_the_wrong_size_is_corrupt(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    run = tmp_path / "runs"
+    for f in corpus.run_dir("tf2").glob("ckpt-10.*"):
+        shutil.copy(f, run)
+    data = run / "ckpt-10.data-00000-of-00001"
+    data.write_bytes(b"garbage" * 10)  # wrong size: cannot hold what the index describes
+    (spec,) = discover(0, watches[0])
+    assert rec.reconcile(spec).corrupt == ["runs@10"]
+    (c,) = _ls(engine)
+    assert c.state == "corrupt"
+    assert "data shard 00000 has 70 bytes, the index needs" in (c.reason or "")
+
+
+def test_non_utf8_names_are_reported_not_recorded(tmp_path: Path, corpus: Corpus) -> None:
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    run = tmp_path / "runs"
+    for f in corpus.run_dir("tf2").glob("ckpt-10.*"):
+        shutil.copy(f, run)
+    bad = os.fsencode(run) + b"/ckpt-\xff.index"
+    with open(bad, "wb") as fh:
+        fh.write(b"x")
+    (spec,) = discover(0, watches[0])
+    assert rec.reconcile(spec).recorded == ["runs@10"]
+    rec.reconcile(spec)  # reported once, not on every scan
+    with session_scope(engine) as s:
+        reported = queries.actions(s, kinds=["unsupported_name"])
+    assert [a.subject for a in reported] == ["ckpt-\\xff.index"]
+    assert "not valid UTF-8" in (reported[0].reason or "")
+    assert os.path.exists(bad)

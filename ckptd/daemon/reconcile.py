@@ -57,6 +57,7 @@ class _RunCache:
     checkpoints: dict[str, _Known] = field(default_factory=dict)
     by_step: dict[int, list[int]] = field(default_factory=dict)
     event_files: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
+    unsupported: set[str] = field(default_factory=set)  # names already reported
 
     def add(self, prefix: str, known: _Known) -> None:
         self.checkpoints[prefix] = known
@@ -166,9 +167,14 @@ class Reconciler:
             if cache
             else None
         )
+        unsupported: list[str] = []
         found = (
             formats.scan_run(
-                spec.path, spec.watch.keras_template, known_sigs, stale_after=self.stale_after
+                spec.path,
+                spec.watch.keras_template,
+                known_sigs,
+                stale_after=self.stale_after,
+                unsupported=unsupported,
             )
             if present
             else []
@@ -181,6 +187,20 @@ class Reconciler:
             # this scan then take every value logged at their step in one plain insert.
             self._apply_events(session, spec, cache, events, now, outcome)
             self._apply_checkpoints(session, spec, cache, found, present, now, outcome)
+            for name in unsupported:
+                if name not in cache.unsupported:
+                    cache.unsupported.add(name)
+                    log.warning("%s/%s: file name is not valid UTF-8; ignored", spec.path, name)
+                    self._action(
+                        session,
+                        "unsupported_name",
+                        cache.run_id,
+                        None,
+                        name,
+                        "file name is not valid UTF-8; ckptd ignores it (rename it to "
+                        "have it recorded)",
+                        {},
+                    )
             session.execute(
                 update(RunRow)
                 .where(RunRow.id == cache.run_id)

@@ -82,6 +82,8 @@ def _bundle(
     files = []
     size = 0
     mtime = 0.0
+    shard_sizes: dict[int, int] = {}
+    data_entries = {id(e): shard for shard, e in g.data.items()}
     for entry in (g.index, g.meta, *g.data.values()):
         if entry is None:
             continue
@@ -91,6 +93,8 @@ def _bundle(
         files.append(entry.name)
         size += st.st_size
         mtime = max(mtime, st.st_mtime)
+        if id(entry) in data_entries:
+            shard_sizes[data_entries[id(entry)]] = st.st_size
     if not files:
         return None  # every file vanished since the listing (the trainer deleted it)
     step = step_from_name(name)
@@ -140,15 +144,21 @@ def _bundle(
             mtime,
             (),
         )
-    signature = (ist.st_size, ist.st_mtime_ns, len(g.data), int(has_meta))
+    signature = (
+        ist.st_size,
+        ist.st_mtime_ns,
+        len(g.data),
+        int(has_meta),
+        sum(shard_sizes.values()),
+    )
     seen = known.get(prefix) if known is not None else None
-    if seen is not None and len(seen) == 5 and seen[:4] == signature:
+    if seen is not None and len(seen) == 6 and seen[:5] == signature:
         # Unchanged since it was validated: skip re-reading the index (keeps rescans cheap).
-        # The 5th element remembers what the index said (object graph = TF2); the .meta alone
+        # The last element remembers what the index said (object graph = TF2); the .meta alone
         # cannot tell, as a TF1 checkpoint has none until its meta graph arrives (or ever).
         return Found(
             prefix,
-            "tf2" if seen[4] else "tf1",
+            "tf2" if seen[5] else "tf1",
             step,
             COMPLETE,
             None,
@@ -212,6 +222,24 @@ def _bundle(
             step,
             CORRUPT,
             f"missing data shard(s) {shown} of {total:05d}",
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            signature,
+        )
+    short = [
+        f"{i:05d} has {shard_sizes.get(i, 0):,} bytes, the index needs {need:,}"
+        for i, need in sorted(header.shard_bytes.items())
+        if i in shard_sizes and shard_sizes[i] < need
+    ]
+    if short:
+        return Found(
+            prefix,
+            fmt,
+            step,
+            CORRUPT,
+            "data shard " + "; ".join(short[:3]) + " (truncated, or not this checkpoint's data)",
             tuple(sorted(files)),
             size,
             has_meta,
@@ -367,6 +395,7 @@ def scan_run(
     *,
     now: float | None = None,
     stale_after: float = 120.0,
+    unsupported: list[str] | None = None,
 ) -> list[Found]:
     """Every checkpoint in ``run_dir`` (not recursive), each with its completeness.
 
@@ -384,6 +413,14 @@ def scan_run(
         for entry in it:
             name = entry.name
             if is_temp_name(name):
+                continue
+            if not _utf8(name):
+                # The database (and users' terminals) need text; such a file is reported, never
+                # recorded, never deleted.
+                if unsupported is not None and _looks_like_checkpoint(name):
+                    unsupported.append(
+                        name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    )
                 continue
             if name.endswith(".index"):
                 groups.setdefault(name[:-6], _Group()).index = entry
@@ -412,6 +449,18 @@ def scan_run(
     return found
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _looks_like_checkpoint(name: str) -> bool:
+    return name.endswith((".index", ".meta", ".keras", ".weights.h5")) or ".data-" in name
+
+
 def event_files(run_dir: Path, max_depth: int = 2) -> list[Path]:
     """TensorBoard event files in the run and its subdirectories (``eval/``, ``validation/``)."""
     out: list[Path] = []
@@ -423,6 +472,8 @@ def event_files(run_dir: Path, max_depth: int = 2) -> list[Path]:
             return
         with it:
             for entry in it:
+                if not _utf8(entry.name):
+                    continue
                 if entry.name.startswith(EVENT_FILE) and entry.is_file(follow_symlinks=False):
                     out.append(Path(entry.path))
                 elif (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import google_crc32c
 
@@ -59,6 +59,8 @@ class BundleError(ValueError):
 class BundleHeader:
     num_shards: int
     is_object_graph: bool
+    # shard id -> bytes the index says that data file must hold (max offset + size)
+    shard_bytes: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,23 +170,36 @@ def has_footer(data: bytes) -> bool:
 
 
 def read_header(data: bytes) -> BundleHeader:
-    """Parse the header and detect a TF2 object graph; raises BundleError if incomplete/corrupt."""
+    """Parse the header, detect a TF2 object graph and the size each data shard must have.
+
+    One pass over every entry (the index is small next to the data); raises BundleError when
+    the index is incomplete or corrupt.
+    """
     num_shards = None
     is_object = False
+    shard_bytes: dict[int, int] = {}
     for key, value in entries(data):
         if key == b"":
             num_shards = 0
             for num, _wt, v in _fields(value):
                 if num == 1 and isinstance(v, int):
                     num_shards = v
-        elif key == OBJECT_GRAPH_KEY:
+            continue
+        if key == OBJECT_GRAPH_KEY:
             is_object = True
-            break
-        elif key > OBJECT_GRAPH_KEY:
-            break
+        shard = offset = size = 0
+        for num, _wt, v in _fields(value):
+            if num == 3 and isinstance(v, int):
+                shard = v
+            elif num == 4 and isinstance(v, int):
+                offset = v
+            elif num == 5 and isinstance(v, int):
+                size = v
+        if offset + size > shard_bytes.get(shard, 0):
+            shard_bytes[shard] = offset + size
     if num_shards is None:
         raise BundleError("index has no bundle header entry")
-    return BundleHeader(num_shards=num_shards, is_object_graph=is_object)
+    return BundleHeader(num_shards=num_shards, is_object_graph=is_object, shard_bytes=shard_bytes)
 
 
 def _shape(buf: bytes) -> tuple[int, ...]:
