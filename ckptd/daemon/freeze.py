@@ -205,7 +205,7 @@ class Freezer:
             verify.get("max_abs_diff"),
             seconds,
         )
-        self._retire(run, watch, keep_id=target.id)
+        self._retire(run, watch, history)
         metrics.export("published", seconds)
         return ExportOutcome(run.name, target.label, "published", str(final), True, "", seconds)
 
@@ -278,10 +278,13 @@ class Freezer:
         metrics.export("failed", seconds)
         return ExportOutcome(run.name, c.label, "failed", None, False, error, seconds)
 
-    def _retire(self, run: Run, watch: WatchConfig, keep_id: int) -> None:
-        """Keep the newest ``keep`` published exports of the run, and always the best's."""
+    def _retire(self, run: Run, watch: WatchConfig, history: list[Checkpoint]) -> None:
+        """Keep the ``keep`` newest published exports of the run, and always the best's."""
         fr = watch.freeze
         assert fr is not None
+        best = (
+            select_best(history, watch.best.metric, watch.best.mode) if watch.best.metric else None
+        )
         with session_scope(self.engine) as s:
             rows = s.execute(
                 select(ExportRow.id, ExportRow.checkpoint_id, ExportRow.path)
@@ -289,12 +292,10 @@ class Freezer:
                     ExportRow.status == "published",
                     ExportRow.path.like(f"{export_root(watch, run)}/%"),
                 )
-                .order_by(ExportRow.version.desc())
+                .order_by(ExportRow.created_at.desc(), ExportRow.id.desc())
             ).all()
-        survivors = [r for r in rows if r[1] == keep_id]
-        others = [r for r in rows if r[1] != keep_id]
-        keep_others = max(fr.keep - len(survivors), 0)
-        for eid, _cid, path in others[keep_others:]:
+        kept = {r[0] for r in rows[: fr.keep]} | {r[0] for r in rows if best and r[1] == best.id}
+        for eid, _cid, path in (r for r in rows if r[0] not in kept):
             p = Path(path)
             try:
                 fsops.remove_tree(p.parent, p.name)
