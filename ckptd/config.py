@@ -141,6 +141,15 @@ def _formats(value: object) -> tuple[str, ...]:
     return tuple(sorted(set(items), key=EXPORT_FORMATS.index))
 
 
+def _crontab(value: object) -> str:
+    text = _str(value)
+    if len(text.split()) != 5:
+        raise ValueError(
+            f'expected a crontab schedule of 5 fields such as "0 * * * *", got {_show(value)}'
+        )
+    return text
+
+
 def _tolerance(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"expected a non-negative number such as 1e-5, got {_show(value)}")
@@ -281,7 +290,7 @@ FREEZE_KEYS: Schema = {
     "export_dir": _path,
     "format": _formats,
     "every": parse_duration,
-    "cron": _str,
+    "cron": _crontab,
     "keep": _positive_int,
     "inputs": _str_map,
     "outputs": _str_map,

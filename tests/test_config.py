@@ -106,6 +106,30 @@ def test_shipped_example_config_is_valid() -> None:
             "X.toml: watch[1].path: /x is already watched",
         ),
         ({"deamon": {}}, 'X.toml: deamon: unknown key (did you mean "daemon"?)'),
+        (
+            {
+                "watch": [
+                    {
+                        "path": "/x",
+                        "best": {"metric": "m"},
+                        "freeze": {"export_dir": "/e", "cron": "hourly"},
+                    }
+                ]
+            },
+            'X.toml: watch[0].freeze.cron: expected a crontab schedule of 5 fields such as "0 * * * *", got "hourly"',
+        ),
+        (
+            {
+                "watch": [
+                    {
+                        "path": "/x",
+                        "best": {"metric": "m"},
+                        "freeze": {"export_dir": "/e", "format": "onnx"},
+                    }
+                ]
+            },
+            'X.toml: watch[0].freeze.format: expected "saved_model" or "frozen_graph", got "onnx"',
+        ),
     ],
 )
 def test_errors_name_file_key_and_expectation(data: dict, message: str) -> None:

@@ -18,6 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.config import (
+    BEST_KEYS,
+    DAEMON_KEYS,
+    EVALUATE_KEYS,
+    FREEZE_KEYS,
+    RETAIN_KEYS,
+    WATCH_KEYS,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "ckptd.service"
@@ -163,34 +172,14 @@ def test_systemd_analyze_security_exposure(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------- example config
 
+# The contract is ckptd's own schema (one source of truth), not a copy of it.
 _CONTRACT = {
-    "daemon": {"database", "rescan_interval", "heartbeat_interval", "log_level", "metrics_address"},
-    "watch": {"path", "runs", "observer", "keras_template"},
-    "watch.best": {"metric", "mode"},
-    "watch.evaluate": {
-        "evaluator",
-        "every",
-        "timeout",
-        "on_new",
-        "order",
-        "max_attempts",
-        "data",
-        "feed",
-        "fetch",
-        "use_ema",
-        "function",
-        "command",
-    },
-    "watch.freeze": {"format", "export_dir", "every", "keep", "inputs", "outputs"},
-    "watch.retain": {
-        "keep_last",
-        "keep_best",
-        "keep_every",
-        "keep_every_steps",
-        "min_age",
-        "every",
-        "dry_run",
-    },
+    "daemon": set(DAEMON_KEYS),
+    "watch": set(WATCH_KEYS),
+    "watch.best": set(BEST_KEYS),
+    "watch.evaluate": set(EVALUATE_KEYS),
+    "watch.freeze": set(FREEZE_KEYS),
+    "watch.retain": set(RETAIN_KEYS),
 }
 _DURATION = re.compile(r"^\d+(?:\.\d+)?(?:ms|s|m|h|d)$")
 

@@ -153,19 +153,40 @@ def test_pin_protects_and_unpin_releases(tmp_path: Path, corpus: Corpus) -> None
 def test_symlink_never_followed_and_unrecorded_files_survive(
     tmp_path: Path, corpus: Corpus
 ) -> None:
-    root, _db, conf = _setup(tmp_path, corpus, ("tf2",))
+    root, db, conf = _setup(tmp_path, corpus, ("tf2",))
+    conf.write_text(conf.read_text().replace('every = "1h"', 'every = "1h"\ndry_run = true'))
+    assert ckptd("run", "--once", config=conf).returncode == 0  # recorded, nothing deleted yet
     outside = tmp_path / "precious.bin"
     outside.write_bytes(b"do not delete me")
     data = root / "tf2" / "ckpt-10.data-00000-of-00001"
     data.unlink()
-    data.symlink_to(outside)  # planted: a checkpoint file pointing outside the root
+    data.symlink_to(outside)  # planted after recording: a checkpoint file pointing outside
     (root / "tf2" / "ckpt-20.index.bak").write_bytes(b"not ckptd's")  # never recorded
     (root / "tf2" / "ckpt-20.data-00000-of-00001").unlink()  # the trainer got there first
-    assert ckptd("run", "--once", config=conf).returncode == 0
+    result = ckptd("prune", "tf2", config=conf)
+    assert result.returncode == 0, result.stderr
     assert outside.read_bytes() == b"do not delete me"
-    assert not data.is_symlink()  # the link itself went with its checkpoint
+    assert not data.is_symlink()  # the link itself went with its checkpoint, not its target
     assert (root / "tf2" / "ckpt-20.index.bak").exists()
     assert (root / "tf2" / "ckpt-30.index").exists()
+    states = _states(db)
+    assert states[f"{root}/tf2/ckpt-10"] == states[f"{root}/tf2/ckpt-20"] == "pruned"
+    missing = json.loads(ckptd("events", "--kind", "pruned", "--json", config=conf).stdout)
+    assert any(e["detail"]["already_missing"] == ["ckpt-20.data-00000-of-00001"] for e in missing)
+
+
+def test_symlink_present_at_scan_is_corrupt_and_never_pruned(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    root, db, conf = _setup(tmp_path, corpus, ("tf2",))
+    outside = tmp_path / "precious.bin"
+    outside.write_bytes(b"do not delete me")
+    data = root / "tf2" / "ckpt-10.data-00000-of-00001"
+    data.unlink()
+    data.symlink_to(outside)
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    assert _states(db)[f"{root}/tf2/ckpt-10"] == "corrupt"
+    assert data.is_symlink() and outside.read_bytes() == b"do not delete me"
 
 
 def test_fsops_refuses_paths_through_symlinks(tmp_path: Path) -> None:

@@ -111,7 +111,7 @@ def test_reload_applies_added_watch_without_restart(tmp_path: Path, corpus: Corp
     first.mkdir()
     second.mkdir()
     db = tmp_path / "ckptd.db"
-    conf = write_config(tmp_path / "c.toml", first, db=db, rescan="1h")
+    conf = write_config(tmp_path / "c.toml", first, db=db)
     proc = _start(conf, tmp_path / "d.log")
     try:
         wait_for(lambda: query(db, "select count(*) from daemons")[0][0] == 1)

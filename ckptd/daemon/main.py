@@ -285,7 +285,11 @@ class Daemon:
                 self.scheduler.every(
                     f"evaluate[{i}]", w.evaluate.every, self.evaluate_backlog, run_now=True
                 )
-            if w.freeze is not None:
+            if w.freeze is not None and w.freeze.cron:
+                self.scheduler.cron(
+                    f"freeze[{i}]", w.freeze.cron, functools.partial(self.freeze, i)
+                )
+            elif w.freeze is not None:
                 self.scheduler.every(
                     f"freeze[{i}]", w.freeze.every, functools.partial(self.freeze, i), run_now=True
                 )

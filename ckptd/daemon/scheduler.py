@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -28,8 +29,6 @@ class Scheduler:
     def every(
         self, name: str, interval: timedelta, func: Callable[[], object], *, run_now: bool = False
     ) -> None:
-        import time
-
         def job() -> None:
             try:
                 func()
@@ -52,6 +51,22 @@ class Scheduler:
             replace_existing=True,
             **kwargs,
         )
+
+    def cron(self, name: str, crontab: str, func: Callable[[], object]) -> None:
+        """Run ``func`` on a crontab schedule ("0 * * * *" = hourly), in UTC."""
+        from apscheduler.triggers.cron import CronTrigger
+
+        trigger = CronTrigger.from_crontab(crontab, timezone="UTC")
+
+        def job() -> None:
+            try:
+                func()
+                self.last_success[name] = time.time()
+                metrics.job_succeeded(name, self.last_success[name])
+            except Exception:
+                log.exception("job %s failed; it will run again at its next time", name)
+
+        self._scheduler.add_job(job, trigger, id=name, name=name, replace_existing=True)
 
     def remove(self, name: str) -> None:
         if self._scheduler.get_job(name):

@@ -131,13 +131,16 @@ def _bundle(
     ist = _stat(g.index)
     if ist is None:
         return None
-    if g.index.is_symlink():
+    links = [
+        e.name for e in (g.index, g.meta, *g.data.values()) if e is not None and e.is_symlink()
+    ]
+    if links:
         return Found(
             prefix,
             fmt,
             step,
             CORRUPT,
-            "index is a symlink; not followed",
+            f"{', '.join(links)}: symlink, not followed (a checkpoint's files must be real files)",
             tuple(sorted(files)),
             size,
             has_meta,
