@@ -58,6 +58,7 @@ class _RunCache:
     by_step: dict[int, list[int]] = field(default_factory=dict)
     event_files: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
     unsupported: set[str] = field(default_factory=set)  # names already reported
+    present: bool = True  # whether the run directory existed at the last scan
 
     def add(self, prefix: str, known: _Known) -> None:
         self.checkpoints[prefix] = known
@@ -101,7 +102,8 @@ class Reconciler:
         cached = self._cache.get(path)
         if cached is not None:
             return cached
-        run_id = session.execute(select(RunRow.id).where(RunRow.path == path)).scalar()
+        row = session.execute(select(RunRow.id, RunRow.present).where(RunRow.path == path)).first()
+        run_id, present = (row[0], bool(row[1])) if row else (None, True)
         now = utcnow()
         if run_id is None:
             run_id = insert_id(
@@ -115,7 +117,7 @@ class Reconciler:
                 ),
             )
             self._action(session, "run_discovered", run_id, None, spec.name, None, {"path": path})
-        cache = _RunCache(run_id)
+        cache = _RunCache(run_id, present=present)
         rows = session.execute(
             select(
                 CheckpointRow.id,
@@ -180,6 +182,8 @@ class Reconciler:
             else []
         )
         events = formats.event_files(spec.path) if present else []
+        if cache is not None and not self._changed(cache, found, events, unsupported, present):
+            return outcome  # the common rescan: nothing new, no transaction at all
         with session_scope(self.engine) as session:
             cache = self._load(session, spec)
             now = utcnow()
@@ -206,6 +210,7 @@ class Reconciler:
                 .where(RunRow.id == cache.run_id)
                 .values(scanned_at=now, present=present)
             )
+            cache.present = present
         if outcome.written_at:
             committed = time.time()
             metrics.detection_latency([committed - t for t in outcome.written_at])
@@ -217,6 +222,40 @@ class Reconciler:
         for name in outcome.corrupt:
             log.warning("corrupt checkpoint %s", name)
         return outcome
+
+    @staticmethod
+    def _changed(
+        cache: _RunCache,
+        found: list[formats.Found],
+        events: list[Path],
+        unsupported: list[str],
+        present: bool,
+    ) -> bool:
+        """Whether a scan differs from what the database holds (decided without touching it)."""
+        if present != cache.present or any(n not in cache.unsupported for n in unsupported):
+            return True
+        seen = set()
+        for f in found:
+            seen.add(f.prefix)
+            if f.state == formats.INCOMPLETE:
+                continue
+            known = cache.checkpoints.get(f.prefix)
+            if known is None or known.state != f.state or known.signature != f.signature:
+                return True
+        if any(
+            k.state in (COMPLETE, CORRUPT) and p not in seen for p, k in cache.checkpoints.items()
+        ):
+            return True
+        for path in events:
+            fid, offset, error = cache.event_files.get(str(path), (None, 0, None))
+            if error:
+                continue
+            try:
+                if fid is None or path.stat().st_size != offset:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def _apply_checkpoints(
         self,
