@@ -17,6 +17,8 @@ from ckptd.cli.output import (
 )
 from ckptd.model import iso
 
+MAX_DELETE_ROWS = 20
+
 
 def _plan_rows(result: Any, metric: str | None) -> list[dict[str, Any]]:
     rows = []
@@ -102,6 +104,21 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
         click.echo("no run has a retention policy ([watch.retain]); nothing to do")
     for res, metric in results:
         rows = _plan_rows(res, metric)
+        deleting = [r for r in rows if r["action"] == "delete"]
+        if len(deleting) > MAX_DELETE_ROWS:
+            # Thousands of rows help nobody: every kept one (with its reasons), a few deleted.
+            shown = {
+                id(r) for r in deleting[: MAX_DELETE_ROWS // 2] + deleting[-MAX_DELETE_ROWS // 2 :]
+            }
+            steps = [r["step"] for r in deleting if r["step"] is not None]
+            hidden = len(deleting) - len(shown)
+            rows = [r for r in rows if r["action"] == "keep" or id(r) in shown]
+            click.echo(
+                f"{res.run}: {hidden} more checkpoints to delete are not listed "
+                f"(steps {min(steps)}–{max(steps)} overall); use --json for all"
+                if steps
+                else f"{res.run}: {hidden} more not listed; use --json for all"
+            )
         title = f"{res.run}: " + (
             f"would delete {len(res.plan.delete)}, keep {len(rows) - len(res.plan.delete)}"
             if res.dry_run

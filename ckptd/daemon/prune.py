@@ -23,7 +23,7 @@ from ckptd.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
 from ckptd.policy import Plan, Rules, plan_prune
 from ckptd.store import queries
 from ckptd.store.db import session_scope
-from ckptd.store.tables import ActionRow, CheckpointRow, RunRow
+from ckptd.store.tables import ActionRow, CheckpointRow, RunRow, table_of
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class Pruner:
     ) -> None:
         done: list[tuple[Checkpoint, fsops.Removal]] = []
         failed: list[tuple[Checkpoint, fsops.Removal]] = []
-        for c in ckpts:  # phase 2: the filesystem
-            removal = fsops.remove_files(root, run_dir, c.files)
+        removals = fsops.remove_groups(root, run_dir, [list(c.files) for c in ckpts])  # phase 2
+        for c, removal in zip(ckpts, removals, strict=True):
             (done if removal.ok else failed).append((c, removal))
         now = utcnow()
         with session_scope(self.engine) as s:  # phase 3: the result
@@ -179,8 +179,8 @@ class Pruner:
                     .where(CheckpointRow.id.in_([c.id for c, _ in done]))
                     .values(state=PRUNED, gone_at=now, reason=reason)
                 )
-                s.execute(
-                    insert(ActionRow),
+                s.connection().execute(
+                    insert(table_of(ActionRow)),
                     [
                         dict(
                             at=now,

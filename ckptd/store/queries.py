@@ -86,7 +86,25 @@ def checkpoints(
     newest_first: bool = False,
 ) -> list[Checkpoint]:
     """Checkpoints with their metrics, pin, evaluation and export flags, oldest step first."""
-    stmt = select(CheckpointRow, RunRow.name).join(RunRow, RunRow.id == CheckpointRow.run_id)
+    c = CheckpointRow
+    # Columns, not ORM entities: loading 100k entities into an identity map is what made
+    # `ls` and planning slow, and these rows are read-only here.
+    stmt = select(
+        c.id,
+        RunRow.name,
+        c.run_id,
+        c.prefix,
+        c.step,
+        c.format,
+        c.state,
+        c.reason,
+        c.size_bytes,
+        c.files,
+        c.has_meta,
+        c.created_at,
+        c.completed_at,
+        c.recorded_at,
+    ).join(RunRow, RunRow.id == c.run_id)
     if run_id is not None:
         stmt = stmt.where(CheckpointRow.run_id == run_id)
     if ids is not None:
@@ -104,15 +122,15 @@ def checkpoints(
     rows = session.execute(stmt).all()
     if not rows:
         return []
-    wanted = [r[0].id for r in rows]
+    wanted = [r.id for r in rows]
     extra = _extras(session, wanted, run_id if ids is None and not limit else None)
     out = []
-    for row, run_name in rows:
+    for row in rows:
         metrics, pinned, evaluation, exported, exporting = extra(row.id)
         out.append(
             Checkpoint(
                 id=row.id,
-                run=run_name,
+                run=row.name,
                 run_id=row.run_id,
                 prefix=row.prefix,
                 step=row.step,
