@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 # Checkpoint states. ``incomplete`` is only ever seen in a scan, never stored as final.
 COMPLETE, CORRUPT, GONE, PRUNING, PRUNED = "complete", "corrupt", "gone", "pruning", "pruned"
@@ -68,3 +68,8 @@ class Action:
     subject: str | None
     reason: str | None
     detail: dict[str, object]
+
+
+def heartbeat_grace(interval: timedelta) -> timedelta:
+    """How stale a heartbeat may be before the daemon counts as not running."""
+    return interval * 3 + timedelta(seconds=5)

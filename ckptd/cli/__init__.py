@@ -52,8 +52,7 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps the project's errors to exit codes (1 failure, 2 usage, 78 config)."""
     from ckptd.config import ConfigError
-    from ckptd.store.db import StoreError
-    from ckptd.store.queries import NotFound
+    from ckptd.errors import NotFound, StoreError
 
     try:
         cli.main(args=argv, prog_name="ckptd", standalone_mode=False)

@@ -8,13 +8,15 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from ckptd.config import Config, WatchConfig, load_config
+
+if TYPE_CHECKING:  # SQLAlchemy is imported by the commands that use the database, not by --help
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 

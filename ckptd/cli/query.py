@@ -96,7 +96,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
       ckptd status
       ckptd status --json | jq .daemon.alive
     """
-    from ckptd.daemon.main import heartbeat_grace
+    from ckptd.model import heartbeat_grace
     from ckptd.store import queries
 
     with ctx.session() as s:

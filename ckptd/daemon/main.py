@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -427,7 +426,3 @@ class Daemon:
                 .where(DaemonRow.id == self.daemon_id)
                 .values(stopped_at=utcnow(), heartbeat_at=utcnow())
             )
-
-
-def heartbeat_grace(interval: timedelta) -> timedelta:
-    return interval * 3 + timedelta(seconds=5)

@@ -12,11 +12,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from ckptd.errors import StoreError
+
 BUSY_TIMEOUT_MS = 10_000
-
-
-class StoreError(Exception):
-    """A database problem, phrased for the user."""
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from ckptd.errors import NotFound
 from ckptd.model import Action, Checkpoint, Run
 from ckptd.store.tables import (
     ActionRow,
@@ -24,10 +25,6 @@ from ckptd.store.tables import (
 # When the same metric comes from several sources, an evaluation beats the run's own summaries,
 # which beat a value parsed from a file name (rounded by the template).
 SOURCE_RANK = {"evaluator": 0, "tfevents": 1, "filename": 2}
-
-
-class NotFound(LookupError):
-    """A run or checkpoint the user named does not exist; the message says what does."""
 
 
 def to_run(row: RunRow) -> Run:
