@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -104,6 +105,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
         counts = queries.state_counts(s)
         runs = queries.run_summaries(s)
         newest = queries.checkpoints(s, states=["complete"], limit=5, newest_first=True)
+        work = queries.work_counts(s)
         recent = queries.actions(
             s,
             limit=5,
@@ -131,10 +133,14 @@ def status(ctx: CliContext, as_json: bool) -> None:
             "stopped_at": iso(d.stopped_at),
             "watches": (d.status or {}).get("watches", []),
             "jobs": (d.status or {}).get("jobs", {}),
+            "healthy": (d.status or {}).get("healthy"),
+            "reload_error": (d.status or {}).get("reload_error"),
         }
     data = {
         "daemon": daemon,
         "counts": counts,
+        "evaluations": work["evaluations"],
+        "exports": work["exports"],
         "runs": runs,
         "newest": [checkpoint_json(c, False) for c in newest],
         "problems": [
@@ -164,6 +170,24 @@ def status(ctx: CliContext, as_json: bool) -> None:
     else:
         why = "stopped" if d.stopped_at else "no heartbeat"
         out.print(f"daemon: [red]not running[/red] ({why}; last seen {iso(d.heartbeat_at)})")
+    if daemon.get("alive"):
+        health = "[green]healthy[/green]" if daemon.get("healthy") else "[red]unhealthy[/red]"
+        jobs = daemon.get("jobs") or {}
+        now = time.time()
+        ago = ", ".join(f"{k} {now - float(v):.0f}s ago" for k, v in sorted(jobs.items()))
+        out.print(f"  {health} (observers, scheduler, database); last runs: {ago or 'none yet'}")
+        if daemon.get("reload_error"):
+            out.print(
+                f"  [yellow]last reload failed, running the previous config:[/yellow] "
+                f"{daemon['reload_error']}"
+            )
+    if work["evaluations"] or work["exports"]:
+        out.print(
+            "evaluations: "
+            + (", ".join(f"{n} {k}" for k, n in sorted(work["evaluations"].items())) or "none")
+            + " — exports: "
+            + (", ".join(f"{n} {k}" for k, n in sorted(work["exports"].items())) or "none")
+        )
     for w in daemon.get("watches", []):
         if isinstance(w, dict):
             out.print(f"  watching {w.get('path')} ({w.get('observer')})")

@@ -249,3 +249,12 @@ def actions(
 
 def latest_daemon(session: Session) -> DaemonRow | None:
     return session.scalars(select(DaemonRow).order_by(DaemonRow.id.desc()).limit(1)).first()
+
+
+def work_counts(session: Session) -> dict[str, dict[str, int]]:
+    """Evaluations and exports by status, for `ckptd status`."""
+    evaluations = session.execute(
+        select(EvaluationRow.status, func.count()).group_by(EvaluationRow.status)
+    )
+    exports = session.execute(select(ExportRow.status, func.count()).group_by(ExportRow.status))
+    return {"evaluations": dict(evaluations.all()), "exports": dict(exports.all())}
