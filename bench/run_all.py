@@ -14,7 +14,7 @@ import time
 
 from _common import BENCH, ENV, PY, RESULTS, RUN_CWD, fmt, fmt_ratio, print_table, save_result
 
-BENCHMARKS = ["detection_latency", "backfill", "footprint"]
+BENCHMARKS = ["detection_latency", "backfill", "footprint", "eval_throughput", "freeze", "prune"]
 
 
 def main() -> int:

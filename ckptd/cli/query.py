@@ -181,13 +181,6 @@ def status(ctx: CliContext, as_json: bool) -> None:
                 f"  [yellow]last reload failed, running the previous config:[/yellow] "
                 f"{daemon['reload_error']}"
             )
-    if work["evaluations"] or work["exports"]:
-        out.print(
-            "evaluations: "
-            + (", ".join(f"{n} {k}" for k, n in sorted(work["evaluations"].items())) or "none")
-            + " — exports: "
-            + (", ".join(f"{n} {k}" for k, n in sorted(work["exports"].items())) or "none")
-        )
     for w in daemon.get("watches", []):
         if isinstance(w, dict):
             out.print(f"  watching {w.get('path')} ({w.get('observer')})")
@@ -198,6 +191,13 @@ def status(ctx: CliContext, as_json: bool) -> None:
         f"checkpoints: {total} — "
         + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet")
     )
+    if work["evaluations"] or work["exports"]:
+        out.print(
+            "evaluations: "
+            + (", ".join(f"{n} {k}" for k, n in sorted(work["evaluations"].items())) or "none")
+            + " — exports: "
+            + (", ".join(f"{n} {k}" for k, n in sorted(work["exports"].items())) or "none")
+        )
     table(
         "runs",
         ["run", "complete", "corrupt", "gone", "pruned", "newest step", "path"],
