@@ -206,6 +206,19 @@ def run_rate(label: str, interval: float, saves: int, work: Path) -> dict[str, A
     ]
     anchor_from_index = [yielded[p] - t for p, t in index_mtime.items() if p in yielded]
     without_meta = sum(1 for *_r, has_meta in db_rows.values() if not has_meta)
+    per_save = [
+        {
+            "step": r["step"],
+            "saved_at": r["saved_at"],
+            "ckptd_ms": _ms(db_epoch(db_rows[r["prefix"]][1]) - r["saved_at"])  # type: ignore[operator]
+            if r["prefix"] in db_rows
+            else None,
+            "anchor_ms": _ms(yielded[r["prefix"]] - r["saved_at"])
+            if r["prefix"] in yielded
+            else None,
+        }
+        for r in records
+    ]
     times = [r["saved_at"] for r in records]
     achieved = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
     return {
@@ -223,6 +236,7 @@ def run_rate(label: str, interval: float, saves: int, work: Path) -> dict[str, A
             "ckptd": stats(ckptd_from_index, len(saved)),
             "anchor": stats(anchor_from_index, len(saved)),
         },
+        "per_save": per_save,
         "save_call_after_index_ms": {
             "p50": _ms(percentile(index_to_return, 50)),
             "max": _ms(max(index_to_return) if index_to_return else None),

@@ -65,6 +65,27 @@ class Freezer:
     def recover(self, watches: tuple[WatchConfig, ...]) -> int:
         """After a crash: drop half-written temp dirs, mark interrupted exports failed (redone)."""
         with session_scope(self.engine) as s:
+            # The rename to the numeric name happens only after verification: an "exporting" row
+            # whose directory exists was published and verified; only its commit was lost.
+            for eid, path in s.execute(
+                select(ExportRow.id, ExportRow.path).where(ExportRow.status == "exporting")
+            ).all():
+                if Path(path).is_dir():
+                    s.execute(
+                        update(ExportRow)
+                        .where(ExportRow.id == eid)
+                        .values(status="published", verified=True)
+                    )
+            # And a retired export whose removal was not committed: its directory is gone.
+            for eid, path in s.execute(
+                select(ExportRow.id, ExportRow.path).where(ExportRow.status == "published")
+            ).all():
+                if not Path(path).exists():
+                    s.execute(
+                        update(ExportRow)
+                        .where(ExportRow.id == eid)
+                        .values(status="removed", removed_at=utcnow())
+                    )
             n = rowcount(
                 s,
                 update(ExportRow)

@@ -34,7 +34,7 @@ from ckptd.daemon.watch import Watcher
 from ckptd.model import utcnow
 from ckptd.store import migrate
 from ckptd.store.db import insert_id, make_engine, session_scope
-from ckptd.store.tables import CheckpointRow, DaemonRow
+from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
 from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Daemon:
         self.reload_error: str | None = None
         self._thread: threading.Thread | None = None
         self._known_runs: set[tuple[int, str]] = set()
+        self._reported_runs: set[str] = set()
 
     # ------------------------------------------------------------ start-up
 
@@ -158,11 +159,31 @@ class Daemon:
             i, name = key
             w = self.config.watches[i]
             specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
+        self._report_unsupported_runs()
         count = 0
         for spec in specs:
             count += len(self._reconcile(spec).recorded)
         self._known_runs = current
         return count
+
+    def _report_unsupported_runs(self) -> None:
+        """Run directories whose names are not UTF-8: one audit entry each, then silence."""
+        new = sorted(runs_mod.UNSUPPORTED - self._reported_runs)
+        if not new:
+            return
+        with session_scope(self.engine) as s:
+            for shown in new:
+                s.execute(
+                    insert(ActionRow).values(
+                        at=utcnow(),
+                        kind="unsupported_name",
+                        subject=shown,
+                        reason="directory name is not valid UTF-8; ckptd does not watch it as a "
+                        "run (rename it to have its checkpoints recorded)",
+                        detail={},
+                    )
+                )
+        self._reported_runs |= set(new)
 
     def _reconcile(self, spec: RunSpec) -> Any:
         try:

@@ -96,7 +96,13 @@ class Pruner:
             history,
             dry_run=dry_run,
         )
-        if result.dry_run or not plan.delete:
+        if result.dry_run:
+            return result
+        if not plan.delete:
+            # A live TF2 CheckpointManager rewrites the state file from its own list at every
+            # save, putting back entries ckptd pruned: repair it on every pass (cheap: a read
+            # and a compare; it writes only on change).
+            self._rewrite_state_file(Path(run.path), set())
             return result
         reason = describe(rules)
         ids = [c.id for c in plan.delete]
@@ -225,8 +231,21 @@ class Pruner:
         for name in fsops.remove_stale_temp_dirs(root, run_dir):
             log.info("removed stale TensorFlow temp directory %s/%s", run_dir, name)
 
-    @staticmethod
-    def _rewrite_state_file(run_dir: Path, removed: set[Path]) -> None:
+    def _newest_complete(self, run_dir: Path) -> str | None:
+        with session_scope(self.engine) as s:
+            return s.scalar(
+                select(CheckpointRow.prefix)
+                .join(RunRow, RunRow.id == CheckpointRow.run_id)
+                .where(
+                    RunRow.path == str(run_dir),
+                    CheckpointRow.state == COMPLETE,
+                    CheckpointRow.format.in_(("tf1", "tf2")),
+                )
+                .order_by(CheckpointRow.step.desc(), CheckpointRow.id.desc())
+                .limit(1)
+            )
+
+    def _rewrite_state_file(self, run_dir: Path, removed: set[Path]) -> None:
         """Drop pruned (and otherwise vanished) entries; keep paths' style and TF2 timestamps."""
         state = statefile.read(run_dir)
         if state is None:
@@ -237,6 +256,14 @@ class Pruner:
             if not _exists(state.resolve(run_dir, p))
         }
         new = statefile.without(state, run_dir, removed | vanished)
+        if not new.all_model_checkpoint_paths:
+            # TF refuses a state file with no latest checkpoint (latest_checkpoint and
+            # CheckpointManager raise): point it at the newest checkpoint that exists.
+            newest = self._newest_complete(run_dir)
+            if newest is None:
+                return
+            name = Path(newest).name
+            new = statefile.CheckpointState(name, [name], [], state.last_preserved_timestamp)
         if new != state:
             try:
                 statefile.write_atomic(run_dir, new)

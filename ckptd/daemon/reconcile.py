@@ -22,7 +22,7 @@ from ckptd import formats
 from ckptd.daemon import metrics
 from ckptd.daemon.runs import RunSpec
 from ckptd.eventfiles import metric_prefix, read_scalars
-from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNING, utcnow
+from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, utcnow
 from ckptd.store.db import insert_id, rowcount, session_scope
 from ckptd.store.tables import (
     ActionRow,
@@ -147,7 +147,12 @@ class Reconciler:
 
     def reconcile(self, spec: RunSpec) -> Outcome:
         with self._lock:
-            outcome = self._reconcile(spec)
+            try:
+                outcome = self._reconcile(spec)
+            except BaseException:
+                # The transaction rolled back: what the cache learned in it never happened.
+                self._cache.pop(str(spec.path), None)
+                raise
         if outcome.new_complete_ids and self.on_recorded:
             try:
                 self.on_recorded(outcome.new_complete_ids)
@@ -325,7 +330,13 @@ class Reconciler:
             elif f.state == CORRUPT and known.state != CORRUPT:
                 outcome.corrupt.append(_label(spec, f.step, f.prefix))
                 self._action(session, "corrupt", cache.run_id, known.id, f.prefix, f.reason, {})
-            session.execute(update(table).where(table.c.id == known.id).values(**values))
+            if not rowcount(
+                session,
+                update(table)
+                .where(table.c.id == known.id, table.c.state.in_((*_OWNED, PRUNED)))
+                .values(**values),
+            ):
+                continue  # the pruner took it meanwhile; the next scan sees its state
             known.state, known.signature = f.state, f.signature
 
         if inserts:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.config import WatchConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,24 @@ class RunSpec:
     name: str
     path: Path
     watch: WatchConfig
+
+
+UNSUPPORTED: set[str] = set()  # run directories reported as having non-UTF-8 names
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _report_unsupported(path: Path) -> None:
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if shown not in UNSUPPORTED:
+        UNSUPPORTED.add(shown)
+        log.warning("%s: directory name is not valid UTF-8; it is not watched as a run", shown)
 
 
 def _depth(pattern: str) -> int:
@@ -39,6 +60,9 @@ def discover(watch_index: int, watch: WatchConfig) -> list[RunSpec]:
             return
         with it:
             for entry in it:
+                if not _utf8(entry.name):
+                    _report_unsupported(Path(d) / entry.name)
+                    continue
                 if not entry.is_dir(follow_symlinks=False):
                     continue
                 if not fnmatch.fnmatchcase(entry.name, parts[level]):
@@ -68,6 +92,8 @@ def run_of(watch_index: int, watch: WatchConfig, path: str) -> RunSpec | None:
         return None
     parts = Path(watch.runs).parts
     if not all(fnmatch.fnmatchcase(rel[i], parts[i]) for i in range(depth)):
+        return None
+    if not all(_utf8(part) for part in rel[:depth]):
         return None
     name = "/".join(rel[:depth])
     return RunSpec(watch_index, name, watch.path / name, watch)

@@ -78,7 +78,24 @@ def encode_response(response: dict[str, Any]) -> str:
         return protocol.encode(protocol.failure(response.get("id"), protocol.TF_ERROR, msg))
 
 
+def _exit_with_parent() -> None:
+    """A worker whose daemon was SIGKILLed must not live on (a hung one would, forever)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                _log("the daemon that started this worker is gone; exiting")
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def serve(out: TextIO) -> int:
+    _exit_with_parent()
     try:
         from ckptd.worker import tf_ops  # noqa: F401  (pay the TensorFlow import up front)
     except Exception:

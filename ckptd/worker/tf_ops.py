@@ -974,7 +974,14 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def _tf_message(exc: tf.errors.OpError) -> str:
+    """The cause, not the traceback: TF puts "Detected at node … (most recent call last)" first,
+    then ``Node: '…'`` and the real reason (e.g. "No space left on device"), then a hint."""
     msg = exc.message.split("\n\nOriginal stack trace")[0]
+    if "\nNode: '" in msg:
+        msg = msg.split("\nNode: '", 1)[1].split("\n", 1)[-1]
+    msg = "\n".join(
+        line for line in msg.splitlines() if not line.strip().startswith(("[[{{node", "Hint:"))
+    )
     return one_line(msg)[:600]
 
 
