@@ -352,7 +352,7 @@ def main() -> int:
             "quick": args.quick,
             "checkpoints": CHECKPOINTS,
             "anchor_checkpoints": n_anchor,
-            "ckptd": c,
+            "ckptd_eval": c,  # not "ckptd": save_result stores the source under that key
             "anchor": a,
             "warm_ms": {"p50": p50, "p90": p90, "worker_p50": w50, "round_trip_p50": rtt50},
             "anchor_total_s": anchor_total,
