@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.config import WatchConfig
+from ckptd.formats import is_utf8 as _utf8
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,6 @@ class RunSpec:
 
 
 UNSUPPORTED: set[str] = set()  # run directories reported as having non-UTF-8 names
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _report_unsupported(path: Path) -> None:

@@ -417,7 +417,7 @@ def scan_run(
             name = entry.name
             if is_temp_name(name):
                 continue
-            if not _utf8(name):
+            if not is_utf8(name):
                 # The database (and users' terminals) need text; such a file is reported, never
                 # recorded, never deleted.
                 if unsupported is not None and _looks_like_checkpoint(name):
@@ -452,7 +452,8 @@ def scan_run(
     return found
 
 
-def _utf8(name: str) -> bool:
+def is_utf8(name: str) -> bool:
+    """Whether a file name (surrogate-escaped by Python) is text the database can store."""
     try:
         name.encode("utf-8")
         return True
@@ -475,7 +476,7 @@ def event_files(run_dir: Path, max_depth: int = 2) -> list[Path]:
             return
         with it:
             for entry in it:
-                if not _utf8(entry.name):
+                if not is_utf8(entry.name):
                     continue
                 if entry.name.startswith(EVENT_FILE) and entry.is_file(follow_symlinks=False):
                     out.append(Path(entry.path))
