@@ -341,8 +341,10 @@ class Daemon:
         return n
 
     def run(self) -> int:
-        self.prepare()
+        # Handlers first: a SIGHUP that arrives during start-up must not kill the daemon (its
+        # default action), and a SIGTERM then must still stop it cleanly.
         self._install_signals()
+        self.prepare()
         if self.config.daemon.metrics_address:
             try:
                 metrics.serve(self.config.daemon.metrics_address)
