@@ -160,7 +160,7 @@ def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         con.close()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20, interval: float = 0.05) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.05) -> Any:
     """Poll until ``predicate()`` is truthy; every wait in the suite is bounded."""
     deadline = time.monotonic() + timeout
     last = None

@@ -38,7 +38,7 @@ class NotifySocket:
             except TimeoutError:
                 return self.messages
 
-    def wait_for(self, text: str, timeout: float = 30) -> list[str]:
+    def wait_for(self, text: str, timeout: float = 60) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(text in m for m in self.drain()):
