@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import DateTime, Engine, String, insert, literal, select, update
 
 from ckptd import formats
 from ckptd.daemon import metrics
@@ -33,7 +33,7 @@ from ckptd.store.tables import (
     ScalarRow,
     table_of,
 )
-from ckptd.store.upsert import upsert
+from ckptd.store.upsert import insert_many
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class Reconciler:
             known.state, known.signature = f.state, f.signature
 
         if inserts:
-            ids = _insert_returning_ids(session, table, inserts)
+            ids = _insert_checkpoints(session, table, inserts)
             actions = []
             for row, cid in zip(inserts, ids, strict=True):
                 known = _Known(cid, row["state"], row["step"], tuple(row["signature"]))
@@ -490,14 +490,13 @@ class Reconciler:
         if not new_scalars:
             return
         outcome.scalars = len(new_scalars)
-        upsert(
-            session,
-            ScalarRow,
-            [
-                dict(run_id=cache.run_id, name=n, step=st, value=v, wall_time=w)
-                for (n, st), (v, w) in new_scalars.items()
-            ],
-            keys=("run_id", "name", "step"),
+        run_id = cache.run_id
+        insert_many(
+            session.connection(),
+            table_of(ScalarRow),
+            ("run_id", "name", "step", "value", "wall_time"),
+            [(run_id, n, st, v, w) for (n, st), (v, w) in new_scalars.items()],
+            conflict_keys=("run_id", "name", "step"),
             update=("value", "wall_time"),
         )
         rows = []
@@ -518,47 +517,56 @@ class Reconciler:
     def _attach_scalars(
         self, session: Any, cache: _RunCache, steps: list[tuple[int, int]], now: Any
     ) -> None:
-        """Give newly recorded checkpoints the event-file values logged at their step."""
+        """Give newly recorded checkpoints the event-file values logged at their step.
+
+        One INSERT … SELECT per chunk: the join runs inside SQLite, no row passes through Python.
+        """
         if not steps:
             return
-        by_step: dict[int, list[int]] = {}
-        for step, cid in steps:
-            by_step.setdefault(step, []).append(cid)
-        rows = []
-        wanted = list(by_step)
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i : i + 500]
-            for name, step, value in session.execute(
-                select(ScalarRow.name, ScalarRow.step, ScalarRow.value).where(
-                    ScalarRow.run_id == cache.run_id, ScalarRow.step.in_(chunk)
+        ckpt, scalar, metric = table_of(CheckpointRow), table_of(ScalarRow), table_of(MetricRow)
+        ids = sorted(cid for _step, cid in steps)
+        # New rows get ids above every existing one (rowid = max + 1 under our write lock), so a
+        # contiguous range is one cheap range condition; SQLite is much slower with long IN lists.
+        if ids[-1] - ids[0] + 1 == len(ids):
+            ranges = [ckpt.c.id.between(ids[0], ids[-1])]
+        else:
+            ranges = [ckpt.c.id.in_(ids[i : i + 500]) for i in range(0, len(ids), 500)]
+        for cond in ranges:
+            rows = (
+                select(
+                    ckpt.c.id,
+                    scalar.c.name,
+                    scalar.c.value,
+                    scalar.c.step,
+                    literal("tfevents", String),
+                    literal(now, DateTime),
                 )
-            ):
-                rows += [
-                    dict(
-                        checkpoint_id=cid,
-                        name=name,
-                        value=value,
-                        step=step,
-                        source="tfevents",
-                        recorded_at=now,
-                    )
-                    for cid in by_step[step]
-                ]
-        self._metrics(session, rows)
+                .select_from(ckpt)
+                .join(
+                    scalar,
+                    (scalar.c.run_id == ckpt.c.run_id) & (scalar.c.step == ckpt.c.step),
+                )
+                .where(ckpt.c.run_id == cache.run_id, cond)
+            )
+            session.connection().execute(
+                insert(metric).from_select(
+                    ["checkpoint_id", "name", "value", "step", "source", "recorded_at"], rows
+                )
+            )
 
     @staticmethod
     def _metrics(session: Any, rows: list[dict[str, Any]], *, new: bool = False) -> None:
         """Store metric rows; ``new``: only checkpoints inserted in this transaction."""
-        if rows and new:
-            session.connection().execute(insert(table_of(MetricRow)), rows)
-        elif rows:
-            upsert(
-                session,
-                MetricRow,
-                rows,
-                keys=("checkpoint_id", "name", "source"),
-                update=("value", "step", "recorded_at"),
-            )
+        if not rows:
+            return
+        insert_many(
+            session.connection(),
+            table_of(MetricRow),
+            _METRIC_COLUMNS,
+            [[r[c] for c in _METRIC_COLUMNS] for r in rows],
+            conflict_keys=() if new else ("checkpoint_id", "name", "source"),
+            update=() if new else ("value", "step", "recorded_at"),
+        )
 
     @staticmethod
     def _action(
@@ -599,9 +607,40 @@ def _from_ts(ts: float) -> Any:
     return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None) if ts else None
 
 
-def _insert_returning_ids(session: Any, table: Any, rows: list[dict[str, Any]]) -> list[int]:
-    """Bulk insert, returning primary keys in row order (one executemany on SQLite ≥ 3.35)."""
-    result = session.execute(
-        table.insert().returning(table.c.id, sort_by_parameter_order=True), rows
+_METRIC_COLUMNS = ("checkpoint_id", "name", "value", "step", "source", "recorded_at")
+_CHECKPOINT_COLUMNS = (
+    "run_id",
+    "prefix",
+    "step",
+    "format",
+    "state",
+    "reason",
+    "size_bytes",
+    "files",
+    "has_meta",
+    "signature",
+    "created_at",
+    "recorded_at",
+    "completed_at",
+)
+
+
+def _insert_checkpoints(session: Any, table: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """Bulk insert, returning primary keys in row order.
+
+    One executemany, then the new ids by prefix (unique) — cheaper than INSERT … RETURNING
+    through the ORM, which re-processes every row's parameters.
+    """
+    conn = session.connection()
+    if len(rows) == 1:
+        return [insert_id(session, insert(table).values(**rows[0]))]
+    insert_many(
+        conn, table, _CHECKPOINT_COLUMNS, [[r[c] for c in _CHECKPOINT_COLUMNS] for r in rows]
     )
-    return [r[0] for r in result]
+    ids: dict[str, int] = {}
+    prefixes = [r["prefix"] for r in rows]
+    for i in range(0, len(prefixes), 500):
+        chunk = prefixes[i : i + 500]
+        query = select(table.c.prefix, table.c.id).where(table.c.prefix.in_(chunk))
+        ids.update((prefix, cid) for prefix, cid in conn.execute(query))
+    return [ids[p] for p in prefixes]
