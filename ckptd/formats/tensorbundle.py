@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import google_crc32c
 
@@ -110,21 +111,7 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
 
 def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
     """Entries (key, value) of one uncompressed SSTable block."""
-    end = offset + size
-    if end + BLOCK_TRAILER_LEN > len(data) or size < 4:
-        raise BundleError("block extends past the end of the file")
-    if data[end] != 0:
-        raise BundleError(f"compressed block (type {data[end]}) is not supported")
-    # The trailer's masked crc32c covers the block and its type byte; TensorFlow's reader checks
-    # it (DataLoss "block checksum mismatch"), so a checkpoint failing it cannot be restored.
-    (stored,) = struct.unpack_from("<I", data, end + 1)
-    crc = google_crc32c.value(data[offset : end + 1])
-    if (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF != stored:
-        raise BundleError(f"block checksum mismatch at byte {offset}")
-    (num_restarts,) = struct.unpack_from("<I", data, end - 4)
-    limit = end - 4 - 4 * num_restarts
-    if limit < offset:
-        raise BundleError("bad block restart array")
+    limit = _check_block(data, offset, size)
     pos, key = offset, b""
     while pos < limit:
         # Fast path: the three lengths are almost always single-byte varints.
@@ -217,12 +204,139 @@ def _extent(entry: bytes) -> tuple[int, int]:
     return shard, offset + size
 
 
+def _check_block(data: bytes, offset: int, size: int) -> int:
+    """Validate one block's trailer and checksum; return where its entries end."""
+    end = offset + size
+    if end + BLOCK_TRAILER_LEN > len(data) or size < 4:
+        raise BundleError("block extends past the end of the file")
+    if data[end] != 0:
+        raise BundleError(f"compressed block (type {data[end]}) is not supported")
+    # The trailer's masked crc32c covers the block and its type byte; TensorFlow's reader checks
+    # it (DataLoss "block checksum mismatch"), so a checkpoint failing it cannot be restored.
+    (stored,) = struct.unpack_from("<I", data, end + 1)
+    crc = google_crc32c.value(data[offset : end + 1])
+    if (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF != stored:
+        raise BundleError(f"block checksum mismatch at byte {offset}")
+    (num_restarts,) = struct.unpack_from("<I", data, end - 4)
+    limit = end - 4 - 4 * num_restarts
+    if limit < offset:
+        raise BundleError("bad block restart array")
+    return limit
+
+
+def _entry_classes() -> tuple[Any, Any]:
+    """Compiled (upb) message classes for BundleEntryProto and a list of them.
+
+    Built from a descriptor at import (TensorFlow's own tensor_bundle.proto is not shipped outside
+    TensorFlow). Field numbers and wire types are TensorFlow's; ``shape`` and ``slices`` are kept
+    as raw bytes because only list_tensors needs them (and decodes them itself).
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    f = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="ckptd_tensor_bundle.proto", package="ckptd.bundle", syntax="proto3"
+    )
+    entry = proto.message_type.add(name="BundleEntryProto")
+    for name, number, kind, label in (
+        ("dtype", 1, f.TYPE_INT32, f.LABEL_OPTIONAL),
+        ("shape", 2, f.TYPE_BYTES, f.LABEL_OPTIONAL),
+        ("shard_id", 3, f.TYPE_INT32, f.LABEL_OPTIONAL),
+        ("offset", 4, f.TYPE_INT64, f.LABEL_OPTIONAL),
+        ("size", 5, f.TYPE_INT64, f.LABEL_OPTIONAL),
+        ("crc32c", 6, f.TYPE_FIXED32, f.LABEL_OPTIONAL),
+        ("slices", 7, f.TYPE_BYTES, f.LABEL_REPEATED),
+    ):
+        entry.field.add(name=name, number=number, type=kind, label=label)
+    many = proto.message_type.add(name="Entries")
+    many.field.add(
+        name="entry",
+        number=1,
+        type=f.TYPE_MESSAGE,
+        type_name=".ckptd.bundle.BundleEntryProto",
+        label=f.LABEL_REPEATED,
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return tuple(  # type: ignore[return-value]
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"ckptd.bundle.{n}"))
+        for n in ("BundleEntryProto", "Entries")
+    )
+
+
+_BundleEntry, _Entries = _entry_classes()
+_FIELD1 = b"\x0a"  # tag of Entries.entry (field 1, length-delimited)
+
+
 def read_header(data: bytes) -> BundleHeader:
     """Parse the header, detect a TF2 object graph and the size each data shard must have.
 
     One pass over every entry (the index is small next to the data); raises BundleError when
-    the index is incomplete or corrupt.
+    the index is incomplete or corrupt. This runs for every checkpoint at backfill, so the block
+    walk is inline and the BundleEntryProtos are framed as one repeated field and decoded by the
+    compiled protobuf runtime in one call; :func:`read_header_reference` is the plain version
+    (a test checks both agree on real checkpoints).
     """
+    num_shards = None
+    is_object = False
+    parts: list[bytes] = []
+    append = parts.append
+    for block_off, block_size in _data_blocks(data):
+        limit = _check_block(data, block_off, block_size)
+        pos, key = block_off, b""
+        while pos < limit:
+            shared, non_shared, value_len = data[pos], data[pos + 1], data[pos + 2]
+            if (shared | non_shared | value_len) < 0x80:
+                pos += 3
+            else:
+                shared, pos = _varint(data, pos)
+                non_shared, pos = _varint(data, pos)
+                value_len, pos = _varint(data, pos)
+            key = key[:shared] + data[pos : pos + non_shared]
+            pos += non_shared
+            end = pos + value_len
+            if end > limit:
+                raise BundleError("entry extends past its block")
+            if not key:
+                num_shards = 0
+                for num, _wt, v in _fields(data[pos:end]):
+                    if num == 1 and isinstance(v, int):
+                        num_shards = v
+            else:
+                if key == OBJECT_GRAPH_KEY:
+                    is_object = True
+                append(_FIELD1)
+                append(_LEN1[value_len] if value_len < 0x80 else _varint_bytes(value_len))
+                append(data[pos:end])
+            pos = end
+    if num_shards is None:
+        raise BundleError("index has no bundle header entry")
+    try:
+        decoded = _Entries.FromString(b"".join(parts)).entry
+    except Exception as exc:  # protobuf's DecodeError
+        raise BundleError(f"an entry does not parse as a BundleEntryProto: {exc}") from None
+    shard_bytes: dict[int, int] = {}
+    for e in decoded:
+        extent = e.offset + e.size
+        if extent > shard_bytes.get(e.shard_id, 0):
+            shard_bytes[e.shard_id] = extent
+    return BundleHeader(num_shards=num_shards, is_object_graph=is_object, shard_bytes=shard_bytes)
+
+
+_LEN1 = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_header_reference(data: bytes) -> BundleHeader:
+    """:func:`read_header` written plainly with :func:`entries` (kept for tests)."""
     num_shards = None
     is_object = False
     shard_bytes: dict[int, int] = {}
