@@ -7,6 +7,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -30,6 +31,52 @@ def test_migrations_match_the_orm(tmp_path: Path) -> None:
     assert migrate.is_current(engine)
     # Idempotent: upgrading again is a no-op.
     assert migrate.upgrade(engine) == (after, after)
+
+
+def _schema(engine: Any) -> list[tuple[str, str, list[str]]]:
+    """Every table and index as SQLite stores it: its columns and constraints, in any order."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
+        ).all()
+    out = []
+    for kind, _name, sql in rows:
+        head, body = sql.split("(", 1)
+        clauses, depth, cur = [], 0, ""
+        for ch in body.rsplit(")", 1)[0]:
+            depth += (ch == "(") - (ch == ")")
+            if ch == "," and depth == 0:
+                clauses.append(" ".join(cur.split()))
+                cur = ""
+            else:
+                cur += ch
+        clauses.append(" ".join(cur.split()))
+        out.append((kind, " ".join(head.split()), sorted(clauses)))
+    return out
+
+
+def test_start_up_schema_fast_path_builds_what_the_migrations_build(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    migrated = make_engine(f"sqlite:///{tmp_path}/migrated.db")
+    migrate.upgrade(migrated)
+    created = make_engine(f"sqlite:///{tmp_path}/created.db")
+    assert migrate.ensure_schema(created) == (None, migrate.SCHEMA_HEAD)
+    assert migrate.head_revision(created) == migrate.SCHEMA_HEAD
+    assert migrate.current_revision(created) == migrate.SCHEMA_HEAD
+    with created.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    # Same tables, columns, constraints and indexes, clause by clause as SQLite keeps them.
+    assert {n for _t, n, _s in _schema(created)} == {n for _t, n, _s in _schema(migrated)}
+    assert _schema(created) == _schema(migrated)
+    # Current: nothing to do (and Alembic agrees); an older revision goes through Alembic.
+    assert migrate.ensure_schema(created) == (migrate.SCHEMA_HEAD,) * 2
+    assert migrate.upgrade(created) == (migrate.SCHEMA_HEAD,) * 2
+    old = make_engine(f"sqlite:///{tmp_path}/old.db")
+    migrate.upgrade(old, "0001")
+    assert migrate.ensure_schema(old) == ("0001", migrate.SCHEMA_HEAD)
+    assert _schema(old) == _schema(migrated)
 
 
 def test_sqlite_pragmas_and_readonly(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ class Daemon:
     def prepare(self) -> None:
         """Upgrade the schema (or refuse with a message) and register this daemon."""
         try:
-            before, after = migrate.upgrade(self.engine)
+            before, after = migrate.ensure_schema(self.engine)
         except Exception as exc:
             raise SystemExit(
                 f"ckptd: cannot migrate the database {self.config.daemon.database}: "

@@ -5,10 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
+from sqlalchemy import (
+    Column,
+    Engine,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    inspect,
+    select,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
+
+
+# The newest migration in migrations/versions. A test checks it equals Alembic's head, so the
+# daemon can tell "schema is current" with one SELECT instead of importing Alembic (~0.1 s).
+SCHEMA_HEAD = "0002"
+
+_version_table = Table(
+    "alembic_version",
+    MetaData(),
+    Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
 
 
 def script_location() -> Path:
@@ -55,3 +76,26 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
 
 def is_current(engine: Engine) -> bool:
     return current_revision(engine) == head_revision(engine)
+
+
+def ensure_schema(engine: Engine) -> tuple[str | None, str | None]:
+    """Bring the schema to head at start-up, cheaply; returns (before, after).
+
+    Current schema: one SELECT. Empty database: ``create_all`` from the ORM and stamp head, the
+    Alembic cookbook's way to create a fresh database (a test checks the result is the schema the
+    migrations build). Anything else (an older revision, a foreign database): Alembic's upgrade.
+    """
+    from ckptd.store.tables import Base
+
+    with engine.begin() as conn:  # BEGIN IMMEDIATE: one process creates, the others wait
+        tables = set(inspect(conn).get_table_names())
+        if "alembic_version" in tables:
+            current = conn.execute(select(_version_table.c.version_num)).scalar()
+            if current == SCHEMA_HEAD:
+                return current, current
+        elif not tables:
+            Base.metadata.create_all(conn)
+            _version_table.create(conn)
+            conn.execute(_version_table.insert().values(version_num=SCHEMA_HEAD))
+            return None, SCHEMA_HEAD
+    return upgrade(engine)
