@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from ckptd.config import parse_config
 from ckptd.daemon.main import Daemon
@@ -91,6 +92,101 @@ def test_second_reconcile_and_restart_add_nothing(tmp_path: Path, corpus: Corpus
     restarted = Reconciler(engine)  # a new daemon: cold cache, same database
     assert restarted.reconcile_many(specs)[0].recorded == []
     assert len(_ls(engine)) == 3
+
+
+def _db_rows(engine: object) -> list[tuple]:
+    """Everything reconcile writes, without ids and times (comparable across databases)."""
+    with session_scope(engine) as s:  # type: ignore[arg-type]
+        return sorted(
+            (
+                c.run,
+                c.step,
+                c.state,
+                c.format,
+                tuple(c.files),
+                c.size,
+                c.reason,
+                c.has_meta,
+                c.created_at,
+                sorted(c.metrics.items()),
+            )
+            for c in queries.checkpoints(s)
+        )
+
+
+def test_parallel_backfill_records_what_the_sequential_one_does(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    """observe_all with worker processes (real forkserver pool) == observing in-process."""
+    results = []
+    for mode in ("sequential", "parallel"):
+        base = tmp_path / mode
+        base.mkdir()
+        rec, watches, engine = _setup(base)
+        for kind in ("tf1", "tf2", "sharded", "keras"):
+            corpus.copy(kind, base / "runs" / kind)
+        (base / "runs" / "empty").mkdir()
+        specs = discover(0, watches[0])
+        if mode == "parallel":
+            assert rec.register(specs) == len(specs)
+            outcomes = rec.reconcile_many(specs, workers=2)
+        else:
+            outcomes = rec.reconcile_many(specs)
+        assert sum(len(o.recorded) for o in outcomes) > 0
+        results.append(_db_rows(engine))
+        with session_scope(engine) as s:
+            runs = {r.name: r for r in queries.runs(s)}
+        assert set(runs) == {"tf1", "tf2", "sharded", "keras", "empty"}
+    assert results[0] == results[1]
+    assert len(results[0]) >= 12
+
+
+def test_observation_made_before_a_write_is_redone(tmp_path: Path, corpus: Corpus) -> None:
+    """A stale observation (a checkpoint was recorded after it) must not mark that one gone."""
+    rec, watches, engine = _setup(tmp_path)
+    run = corpus.copy("tf1", tmp_path / "runs" / "a")
+    specs = discover(0, watches[0])
+    newest = sorted(run.glob("model.ckpt-30.*"))
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for f in newest:
+        f.rename(hidden / f.name)
+    rec.reconcile_many(specs)
+    (old,) = list(rec.observe_all(specs))  # sees steps 10 and 20 …
+    for f in newest:
+        (hidden / f.name).rename(run / f.name)
+    assert rec.reconcile(specs[0]).recorded == ["a@30"]  # … then step 30 is recorded
+    assert rec.reconcile(specs[0], old).gone == []
+    assert {c.step: c.state for c in _ls(engine)} == {
+        10: "complete",
+        20: "complete",
+        30: "complete",
+    }
+
+
+def test_restart_preloads_and_rereads_nothing(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec, watches, engine = _setup(tmp_path)
+    corpus.copy("tf1", tmp_path / "runs" / "a")
+    corpus.copy("tf2", tmp_path / "runs" / "b")
+    specs = discover(0, watches[0])
+    rec.reconcile_many(specs)
+    before = _db_rows(engine)
+    with session_scope(engine) as s:
+        scanned = s.execute(text("SELECT name, scanned_at FROM runs")).all()
+
+    def no_reads(*_a: object, **_k: object) -> None:
+        raise AssertionError("an unchanged checkpoint or event file was read again")
+
+    monkeypatch.setattr("ckptd.formats.read_header", no_reads)
+    monkeypatch.setattr("ckptd.daemon.observe.read_scalars", no_reads)
+    restarted = Reconciler(engine)  # a new daemon: same database
+    assert restarted.preload() == 2
+    assert all(o.recorded == [] for o in restarted.reconcile_many(specs, workers=1))
+    assert _db_rows(engine) == before
+    with session_scope(engine) as s:  # nothing changed: no transaction, not even scanned_at
+        assert s.execute(text("SELECT name, scanned_at FROM runs")).all() == scanned
 
 
 def test_changes_while_down_are_caught_up(tmp_path: Path, corpus: Corpus) -> None:

@@ -8,12 +8,14 @@ only handles signals and sd_notify.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.freeze import Freezer
 from ckptd.daemon.notify import notify, watchdog_interval
+from ckptd.daemon.observe import Observation, default_workers
 from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec
@@ -38,6 +41,10 @@ from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
 from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
+
+# Fewer runs than this are observed in-process at start: starting worker processes (~0.1 s)
+# would cost more than it saves.
+PARALLEL_MIN_RUNS = 8
 
 
 class DirtyRuns:
@@ -144,14 +151,23 @@ class Daemon:
         if self.freezer.recover(self.config.watches):
             log.info("exports interrupted by the last stop will be redone")
 
+    def backfill(self) -> int:
+        """The start-up scan: what the database knows first, then every run, in parallel."""
+        self.reconciler.preload()
+        return self.full_reconcile(workers=default_workers())
+
     def all_runs(self) -> list[RunSpec]:
         specs = []
         for i, w in enumerate(self.config.watches):
             specs += runs_mod.discover(i, w)
         return specs
 
-    def full_reconcile(self) -> int:
-        """Rescan every run (backfill at start, then every ``rescan_interval``)."""
+    def full_reconcile(self, workers: int = 1) -> int:
+        """Rescan every run (backfill at start, then every ``rescan_interval``).
+
+        ``workers`` > 1 (the start-up backfill): runs are observed — listed, .index files and
+        event files read — in that many processes while this one writes what they saw.
+        """
         specs = self.all_runs()
         # Runs recorded before but missing now: reconcile them too, so their checkpoints go "gone".
         current = {(s.watch_index, s.name) for s in specs}
@@ -160,9 +176,13 @@ class Daemon:
             w = self.config.watches[i]
             specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
         self._report_unsupported_runs()
+        observations: Iterable[Observation | None] = itertools.repeat(None)
+        if workers > 1 and len(specs) >= PARALLEL_MIN_RUNS:
+            self.reconciler.register(specs)
+            observations = self.reconciler.observe_all(specs, workers)
         count = 0
-        for spec in specs:
-            count += len(self._reconcile(spec).recorded)
+        for spec, obs in zip(specs, observations, strict=False):
+            count += len(self._reconcile(spec, obs).recorded)
         self._known_runs = current
         return count
 
@@ -185,9 +205,9 @@ class Daemon:
                 )
         self._reported_runs |= set(new)
 
-    def _reconcile(self, spec: RunSpec) -> Any:
+    def _reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Any:
         try:
-            outcome = self.reconciler.reconcile(spec)
+            outcome = self.reconciler.reconcile(spec, observation)
             self.health.last_reconcile = time.time()
             self.health.db_ok = True
             return outcome
@@ -328,7 +348,7 @@ class Daemon:
     def run_once(self) -> int:
         """One reconcile, then the due work in lifecycle order: evaluate, export, prune."""
         self.prepare()
-        n = self.full_reconcile()
+        n = self.backfill()
         self.evaluator.enqueue()
         self.evaluator.run_pending()
         for i, w in enumerate(self.config.watches):
@@ -356,7 +376,7 @@ class Daemon:
                 )
         self.watcher.start()  # before the backfill, so nothing written during it is missed
         t0 = time.monotonic()
-        recorded = self.full_reconcile()
+        recorded = self.backfill()
         log.info(
             "startup scan recorded %d checkpoint(s) in %.2f s", recorded, time.monotonic() - t0
         )

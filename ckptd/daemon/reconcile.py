@@ -7,21 +7,21 @@ is just a full reconcile.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, Engine, String, insert, literal, select, update
 
 from ckptd import formats
 from ckptd.daemon import metrics
+from ckptd.daemon.observe import EventTail, Observation, Request, observe, observe_many
 from ckptd.daemon.runs import RunSpec
-from ckptd.eventfiles import metric_prefix, read_scalars
 from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, utcnow
 from ckptd.store.db import insert_id, rowcount, session_scope
 from ckptd.store.tables import (
@@ -51,6 +51,9 @@ class _Known:
     signature: tuple[int, ...]
 
 
+_GENERATION = itertools.count()
+
+
 @dataclass
 class _RunCache:
     run_id: int
@@ -59,6 +62,10 @@ class _RunCache:
     event_files: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
     unsupported: set[str] = field(default_factory=set)  # names already reported
     present: bool = True  # whether the run directory existed at the last scan
+    scanned: bool = True  # False until the first scan of a newly discovered run is committed
+    # Bumped on every commit for this run: an observation made against an older generation is
+    # stale (observed before a write it does not know about) and is redone.
+    generation: int = field(default_factory=lambda: next(_GENERATION))
 
     def add(self, prefix: str, known: _Known) -> None:
         self.checkpoints[prefix] = known
@@ -103,9 +110,7 @@ class Reconciler:
         if cached is not None:
             return cached
         row = session.execute(select(RunRow.id, RunRow.present).where(RunRow.path == path)).first()
-        run_id, present = (row[0], bool(row[1])) if row else (None, True)
-        now = utcnow()
-        if run_id is None:
+        if row is None:
             run_id = insert_id(
                 session,
                 insert(RunRow).values(
@@ -113,30 +118,122 @@ class Reconciler:
                     path=path,
                     watch_path=str(spec.watch.path),
                     present=True,
-                    created_at=now,
+                    created_at=utcnow(),
                 ),
             )
             self._action(session, "run_discovered", run_id, None, spec.name, None, {"path": path})
-        cache = _RunCache(run_id, present=present)
-        rows = session.execute(
-            select(
-                CheckpointRow.id,
-                CheckpointRow.prefix,
-                CheckpointRow.state,
-                CheckpointRow.step,
-                CheckpointRow.signature,
-            ).where(CheckpointRow.run_id == run_id)
-        )
-        for cid, prefix, state, step, sig in rows:
-            cache.add(prefix, _Known(cid, state, step, tuple(sig or ())))
-        for fid, fpath, offset, error in session.execute(
-            select(
-                EventFileRow.id, EventFileRow.path, EventFileRow.offset, EventFileRow.error
-            ).where(EventFileRow.run_id == run_id)
-        ):
-            cache.event_files[fpath] = (fid, offset, error)
+            cache = _RunCache(run_id, scanned=False)
+        else:
+            cache = self._read_caches(session, [(row[0], path, bool(row[1]))])[path]
         self._cache[path] = cache
         return cache
+
+    @staticmethod
+    def _read_caches(
+        session: Any, runs: list[tuple[int, str, bool]], *, everything: bool = False
+    ) -> dict[str, _RunCache]:
+        """What the database holds for ``runs`` (id, path, present): 3 queries, whatever the
+        number of runs when ``everything`` (all runs of the database) is asked for."""
+        by_id = {rid: _RunCache(rid, present=present) for rid, _path, present in runs}
+        ckpt, files = table_of(CheckpointRow), table_of(EventFileRow)
+        q1 = select(ckpt.c.id, ckpt.c.run_id, ckpt.c.prefix, ckpt.c.state, ckpt.c.step)
+        q1 = q1.add_columns(ckpt.c.signature)
+        q2 = select(files.c.id, files.c.run_id, files.c.path, files.c.offset, files.c.error)
+        if not everything:
+            q1 = q1.where(ckpt.c.run_id.in_(list(by_id)))
+            q2 = q2.where(files.c.run_id.in_(list(by_id)))
+        conn = session.connection()
+        for cid, run_id, prefix, state, step, sig in conn.execute(q1):
+            if run_id in by_id:
+                by_id[run_id].add(prefix, _Known(cid, state, step, tuple(sig or ())))
+        for fid, run_id, fpath, offset, error in conn.execute(q2):
+            if run_id in by_id:
+                by_id[run_id].event_files[fpath] = (fid, offset, error)
+        return {path: by_id[rid] for rid, path, _present in runs}
+
+    def preload(self) -> int:
+        """Load what the database knows about every run, in a few queries (daemon start).
+
+        Then the first scan after a restart re-reads only what changed while the daemon was down
+        — not every .index and event file — and writes nothing when nothing changed.
+        """
+        with self._lock, session_scope(self.engine) as session:
+            runs = [
+                (rid, path, bool(present))
+                for rid, path, present in session.execute(
+                    select(RunRow.id, RunRow.path, RunRow.present)
+                )
+            ]
+            loaded = self._read_caches(session, runs, everything=True)
+            for path, cache in loaded.items():
+                self._cache.setdefault(path, cache)
+        return len(loaded)
+
+    def register(self, specs: list[RunSpec]) -> int:
+        """Rows and caches for runs not cached yet, in one transaction (a backfill finds many
+        new runs at once; one by one, each costs its own statements and commit)."""
+        with self._lock:
+            new = {str(s.path): s for s in specs if str(s.path) not in self._cache}
+            if not new:
+                return 0
+            runs, actions = table_of(RunRow), table_of(ActionRow)
+            with session_scope(self.engine) as session:
+                conn = session.connection()
+
+                def ids(paths: list[str]) -> dict[str, tuple[int, bool]]:
+                    out = {}
+                    for i in range(0, len(paths), 500):
+                        q = select(runs.c.path, runs.c.id, runs.c.present)
+                        for path, rid, present in conn.execute(
+                            q.where(runs.c.path.in_(paths[i : i + 500]))
+                        ):
+                            out[path] = (rid, bool(present))
+                    return out
+
+                known = ids(list(new))
+                missing = [p for p in new if p not in known]
+                now = utcnow()
+                insert_many(
+                    conn,
+                    runs,
+                    ("name", "path", "watch_path", "present", "created_at"),
+                    [(new[p].name, p, str(new[p].watch.path), True, now) for p in missing],
+                )
+                created = ids(missing)
+                insert_many(
+                    conn,
+                    actions,
+                    ("at", "kind", "run_id", "subject", "detail"),
+                    [
+                        (now, "run_discovered", created[p][0], new[p].name, {"path": p})
+                        for p in missing
+                    ],
+                )
+                loaded = self._read_caches(
+                    session, [(rid, p, present) for p, (rid, present) in known.items()]
+                )
+            for p in missing:
+                self._cache[p] = _RunCache(created[p][0], scanned=False)
+            for p, cache in loaded.items():
+                self._cache.setdefault(p, cache)
+            return len(missing)
+
+    def request(self, spec: RunSpec) -> Request:
+        """What observing ``spec`` needs from the cache (see observe.Request)."""
+        cache = self._cache.get(str(spec.path))
+        if cache is None:
+            return Request(
+                spec.path, spec.watch.keras_template, None, {}, frozenset(), self.stale_after, -1
+            )
+        return Request(
+            spec.path,
+            spec.watch.keras_template,
+            {p: k.signature for p, k in cache.checkpoints.items() if k.state == COMPLETE},
+            {p: offset for p, (_fid, offset, _error) in cache.event_files.items()},
+            frozenset(p for p, (_fid, _offset, error) in cache.event_files.items() if error),
+            self.stale_after,
+            cache.generation,
+        )
 
     def forget(self) -> None:
         """Drop the cache (after another writer, e.g. the pruner, changed rows)."""
@@ -145,10 +242,26 @@ class Reconciler:
 
     # ----------------------------------------------------------- public
 
-    def reconcile(self, spec: RunSpec) -> Outcome:
+    def reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Outcome:
+        """Bring the database in line with ``spec``'s directory. ``observation``: what a worker
+        saw (``observe_many``); used only if nothing was written for this run since."""
         with self._lock:
             try:
-                outcome = self._reconcile(spec)
+                path = str(spec.path)
+                if path not in self._cache:
+                    with session_scope(self.engine) as session:
+                        self._load(session, spec)
+                cache = self._cache[path]
+                # Observed before a write to this run it cannot know about: observe again. (A
+                # run unknown when observed is still fine if nothing has been recorded for it.)
+                if observation is None or (
+                    observation.basis != cache.generation
+                    and not (
+                        observation.basis == -1 and not cache.checkpoints and not cache.event_files
+                    )
+                ):
+                    observation = observe(self.request(spec))
+                outcome = self._reconcile(spec, cache, observation)
             except BaseException:
                 # The transaction rolled back: what the cache learned in it never happened.
                 self._cache.pop(str(spec.path), None)
@@ -160,43 +273,33 @@ class Reconciler:
                 log.exception("on_recorded listener failed")
         return outcome
 
-    def reconcile_many(self, specs: Iterable[RunSpec]) -> list[Outcome]:
-        return [self.reconcile(s) for s in specs]
+    def observe_all(self, specs: list[RunSpec], workers: int = 1) -> Iterator[Observation]:
+        """Observations of ``specs`` in order, ``workers`` processes at a time (backfill)."""
+        with self._lock:
+            requests = [self.request(s) for s in specs]
+        return observe_many(requests, workers)
+
+    def reconcile_many(self, specs: Iterable[RunSpec], workers: int = 1) -> list[Outcome]:
+        specs = list(specs)
+        return [
+            self.reconcile(s, o)
+            for s, o in zip(specs, self.observe_all(specs, workers), strict=True)
+        ]
 
     # ----------------------------------------------------------- core
 
-    def _reconcile(self, spec: RunSpec) -> Outcome:
+    def _reconcile(self, spec: RunSpec, cache: _RunCache, obs: Observation) -> Outcome:
         outcome = Outcome(spec.name)
-        present = spec.path.is_dir() and not spec.path.is_symlink()
-        cache = self._cache.get(str(spec.path))
-        known_sigs = (
-            {p: k.signature for p, k in cache.checkpoints.items() if k.state == COMPLETE}
-            if cache
-            else None
-        )
-        unsupported: list[str] = []
-        found = (
-            formats.scan_run(
-                spec.path,
-                spec.watch.keras_template,
-                known_sigs,
-                stale_after=self.stale_after,
-                unsupported=unsupported,
-            )
-            if present
-            else []
-        )
-        events = formats.event_files(spec.path) if present else []
-        if cache is not None and not self._changed(cache, found, events, unsupported, present):
+        present = obs.present
+        if not self._changed(cache, obs):
             return outcome  # the common rescan: nothing new, no transaction at all
         with session_scope(self.engine) as session:
-            cache = self._load(session, spec)
             now = utcnow()
             # Events first: scalars for checkpoints already known are upserted; checkpoints new in
             # this scan then take every value logged at their step in one plain insert.
-            self._apply_events(session, spec, cache, events, now, outcome)
-            self._apply_checkpoints(session, spec, cache, found, present, now, outcome)
-            for name in unsupported:
+            self._apply_events(session, spec, cache, obs.events, now, outcome)
+            self._apply_checkpoints(session, spec, cache, obs.found, present, now, outcome)
+            for name in obs.unsupported:
                 if name not in cache.unsupported:
                     cache.unsupported.add(name)
                     log.warning("%s/%s: file name is not valid UTF-8; ignored", spec.path, name)
@@ -216,6 +319,8 @@ class Reconciler:
                 .values(scanned_at=now, present=present)
             )
             cache.present = present
+        cache.scanned = True
+        cache.generation = next(_GENERATION)
         if outcome.written_at:
             committed = time.time()
             metrics.detection_latency([committed - t for t in outcome.written_at])
@@ -229,18 +334,16 @@ class Reconciler:
         return outcome
 
     @staticmethod
-    def _changed(
-        cache: _RunCache,
-        found: list[formats.Found],
-        events: list[Path],
-        unsupported: list[str],
-        present: bool,
-    ) -> bool:
-        """Whether a scan differs from what the database holds (decided without touching it)."""
-        if present != cache.present or any(n not in cache.unsupported for n in unsupported):
+    def _changed(cache: _RunCache, obs: Observation) -> bool:
+        """Whether an observation differs from what the database holds (decided without it)."""
+        if (
+            obs.present != cache.present
+            or any(n not in cache.unsupported for n in obs.unsupported)
+            or not cache.scanned
+        ):
             return True
         seen = set()
-        for f in found:
+        for f in obs.found:
             seen.add(f.prefix)
             if f.state == formats.INCOMPLETE:
                 continue
@@ -251,15 +354,10 @@ class Reconciler:
             k.state in (COMPLETE, CORRUPT) and p not in seen for p, k in cache.checkpoints.items()
         ):
             return True
-        for path in events:
-            fid, offset, error = cache.event_files.get(str(path), (None, 0, None))
-            if error:
-                continue
-            try:
-                if fid is None or path.stat().st_size != offset:
-                    return True
-            except OSError:
-                continue
+        for key, tail in obs.events.items():
+            fid, offset, _error = cache.event_files.get(key, (None, 0, None))
+            if fid is None or tail.size != offset:
+                return True
         return False
 
     def _apply_checkpoints(
@@ -443,25 +541,20 @@ class Reconciler:
         session: Any,
         spec: RunSpec,
         cache: _RunCache,
-        events: list[Path],
+        events: dict[str, EventTail],
         now: Any,
         outcome: Outcome,
     ) -> None:
         new_scalars: dict[tuple[str, int], tuple[float | None, float]] = {}
-        for path in events:
-            key = str(path)
+        for key, tail in events.items():
+            result = tail.read
+            if result is None:
+                continue  # unchanged since the offset we hold
             fid, offset, error = cache.event_files.get(key, (None, 0, None))
             if error:
                 continue  # reported once; a corrupt file is skipped, not re-read forever
-            try:
-                size = path.stat().st_size
-            except OSError:
-                continue
-            if fid is not None and size == offset:
-                continue
-            if size < offset:  # truncated / replaced: start over
-                offset = 0
-            result = read_scalars(path, offset, metric_prefix(spec.path, path))
+            offset = tail.start
+            path = key
             for s in result.scalars:
                 new_scalars[(s.name, s.step)] = (_num(s.value), s.wall_time)
             if result.error:

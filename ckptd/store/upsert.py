@@ -67,17 +67,15 @@ def insert_many(
     sql, order, procs = _compiled(
         conn.dialect, table, tuple(columns), tuple(conflict_keys), tuple(update)
     )
-    if any(procs):
-        params = [
-            tuple(p(row[i]) if p else row[i] for i, p in zip(order, procs, strict=True))
-            for row in rows
-        ]
-    elif order == list(range(len(columns))):
-        params = [tuple(row) for row in rows]
-    else:
-        params = [tuple(row[i] for i in order) for row in rows]
+    convert = [(j, p) for j, p in enumerate(procs) if p is not None]
+    identity = order == list(range(len(columns)))
+    params: list[Any] = [list(row) if identity else [row[i] for i in order] for row in rows]
+    for j, proc in convert:
+        for row in params:
+            row[j] = proc(row[j])
     if not params:
         return 0
+    params = [tuple(row) for row in params]  # the driver API wants tuples
     if not conn.dialect.positional:  # named paramstyle (psycopg): dicts keyed by column
         names = [columns[i] for i in order]
         conn.exec_driver_sql(sql, [dict(zip(names, p, strict=True)) for p in params])
