@@ -17,7 +17,8 @@
     get_checkpoint_state`` (count + newest per run: the TF way to get a "status"), and the same for
     one run, printing its 1,000 paths as JSON (the TF way to get an "ls").
 
-Usage: .venv/bin/python bench/footprint.py [--quick]
+Usage: .venv/bin/python bench/footprint.py [--quick] [--only idle|status] [--repeat N]
+(``--only status`` runs part (b) alone; ``--skip-cli`` is ``--only idle``.)
 """
 
 from __future__ import annotations
@@ -609,33 +610,50 @@ def main() -> int:
         default=None,
         help="the daemon's rescan_interval in seconds (default: the window length)",
     )
-    ap.add_argument("--skip-cli", action="store_true", help="only part (a)")
+    ap.add_argument("--skip-cli", action="store_true", help="only part (a) (= --only idle)")
+    ap.add_argument(
+        "--only",
+        choices=["idle", "status"],
+        default=None,
+        help="run only part (a) (idle) or only part (b) (status / ls on the 100k-checkpoint DB)",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=None, help="runs per timed command (default 5; 3 --quick)"
+    )
     args = ap.parse_args()
+    only = "idle" if args.skip_cli else args.only
     idle_runs = 200 if args.quick else 1000
     window = args.window or (10.0 if args.quick else 30.0)
-    repeat = 3 if args.quick else 5
+    repeat = args.repeat or (3 if args.quick else 5)
     status_runs, per_run = 100, 1000
 
     with tempfile.TemporaryDirectory(prefix="ckptd-bench-footprint-") as tmp:
         work = Path(tmp)
-        print(f"(a) idle daemon watching {idle_runs:,} runs, {window:.0f} s window …", flush=True)
-        a = idle(work, idle_runs, window, args.rescan_interval or window)
+        a = None
+        if only != "status":
+            print(
+                f"(a) idle daemon watching {idle_runs:,} runs, {window:.0f} s window …", flush=True
+            )
+            a = idle(work, idle_runs, window, args.rescan_interval or window)
         b = None
-        if not args.skip_cli:
+        if only != "idle":
             print(
                 f"(b) status / ls on {status_runs * per_run:,} checkpoints, median of {repeat} …",
                 flush=True,
             )
             b = cli(work, status_runs, per_run, repeat)
 
-    summary, met = report_idle(a)
+    summary: list[dict[str, Any]] = []
+    met: dict[str, bool] = {}
+    if a is not None:
+        summary, met = report_idle(a)
     if b is not None:
         more, met_b = report_cli(b, repeat)
         summary += more
         met.update(met_b)
 
     save_result(
-        "footprint" + ("-idle" if args.skip_cli else ""),
+        "footprint" + (f"-{only}" if only else ""),
         {"quick": args.quick, "idle": a, "cli": b, "targets_met": met, "summary": summary},
     )
     return 0

@@ -21,7 +21,10 @@ def _all_commands(
     group: click.Group, prefix: tuple[str, ...] = ()
 ) -> list[tuple[tuple[str, ...], click.Command]]:
     out = []
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # the top-level group loads its commands lazily
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         out.append(((*prefix, name), cmd))
         if isinstance(cmd, click.Group):
             out += _all_commands(cmd, (*prefix, name))
@@ -36,6 +39,33 @@ def test_every_command_has_help_with_an_example() -> None:
         assert cmd.help and "Example" in cmd.help, (
             f"`ckptd {' '.join(path)} --help` shows no example"
         )
+
+
+def test_lazy_command_table_matches_the_modules() -> None:
+    import importlib
+
+    from ckptd.cli import COMMAND_MODULES, MODULES
+
+    defined = {
+        c.name: m for m in MODULES for c in importlib.import_module(f"ckptd.cli.{m}").COMMANDS
+    }
+    assert defined == COMMAND_MODULES
+
+
+def test_status_imports_only_what_it_needs(recorded: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from ckptd.cli import main\n"
+        f"assert main(['--config', {str(recorded)!r}, 'status']) == 0\n"
+        "unneeded = ('ckptd.cli.admin', 'ckptd.cli.demo', 'ckptd.cli.manage', 'ckptd.cli.work',\n"
+        "            'ckptd.daemon', 'alembic', 'rich', 'tensorflow')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(unneeded))\n"
+        "assert not loaded, loaded\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([PY, "-c", probe], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
 
 
 def test_every_read_command_takes_json() -> None:

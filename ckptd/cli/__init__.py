@@ -1,7 +1,8 @@
-"""The ``ckptd`` command. Never imports TensorFlow; heavy modules are imported per command."""
+"""The ``ckptd`` command. Never imports TensorFlow; commands and heavy modules load on demand."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -9,8 +10,54 @@ import click
 from ckptd import __version__
 from ckptd.cli.output import EX_CONFIG, EX_FAIL, CliContext
 
+# Which module defines each command, so `ckptd status` imports the read commands only (not the
+# daemon, the evaluator, the demo …). A command missing here is still found: an unknown name
+# loads every module (tests/test_cli.py checks this table against the modules' COMMANDS).
+COMMAND_MODULES = {
+    "run": "admin",
+    "config": "admin",
+    "db": "admin",
+    "status": "query",
+    "ls": "query",
+    "best": "query",
+    "show": "query",
+    "events": "query",
+    "prune": "manage",
+    "pin": "manage",
+    "unpin": "manage",
+    "evaluate": "work",
+    "freeze": "work",
+    "demo": "demo",
+}
+MODULES = ("admin", "query", "manage", "work", "demo")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported from ``ckptd.cli.<module>`` when first needed."""
+
+    def _load(self, module: str) -> None:
+        mod = importlib.import_module(f"ckptd.cli.{module}")
+        for command in mod.COMMANDS:
+            if command.name not in self.commands:
+                self.add_command(command)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            module = COMMAND_MODULES.get(cmd_name)
+            for m in [module] if module else MODULES:
+                self._load(m)
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        for m in MODULES:
+            self._load(m)
+        return super().list_commands(ctx)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option(
     "--config",
     "-c",
@@ -36,17 +83,6 @@ def cli(ctx: click.Context, config_arg: str | None) -> None:
       ckptd demo                             # a real training job, watched, in a temp dir
     """
     ctx.obj = CliContext(config_arg)
-
-
-def _register() -> None:
-    from ckptd.cli import admin, demo, manage, query, work
-
-    for module in (admin, query, manage, work, demo):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> int:

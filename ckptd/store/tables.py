@@ -49,6 +49,8 @@ class CheckpointRow(Base):
     __table_args__ = (
         Index("ix_checkpoints_run_step", "run_id", "step"),
         Index("ix_checkpoints_state", "state"),
+        # Covers `status`'s per-run counts by state and newest step (migration 0002).
+        Index("ix_checkpoints_run_state_step", "run_id", "state", "step"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
