@@ -11,8 +11,8 @@ ckptd, with ``[watch.retain] keep_last = 1, min_age = "0s"``:
   * ``python -m ckptd --config X prune`` (all runs), spawn → exit: Python start, imports, plans,
     the two-phase commits (``pruning`` intent, unlink, ``pruned`` + an audit row per checkpoint),
     100 atomic state-file rewrites (fsync'd), and its printed table of every run's plan;
-  * in this process, ``Pruner.prune_run`` over every run (engine, plans, commits, unlinks, state
-    files), excluding interpreter start and imports.
+  * in this process, ``Pruner.prune_runs`` over every run, as the CLI calls it (engine, plans,
+    commits, unlinks, state files), excluding interpreter start and imports.
 Afterwards each tree is checked: exactly 9,900 checkpoints ``pruned``, 100 ``complete`` (step 100),
 their files gone, every state file listing only ``ckpt-100``.
 
@@ -156,8 +156,8 @@ def prune_in_process(config: Path) -> tuple[float, int, int]:
     cfg, engine = open_store(config)
     pruner = Pruner(engine)
     pruned = failed = 0
-    for run in runs(engine):
-        result = pruner.prune_run(run, watch_for(cfg, run))
+    # As `ckptd prune` does: every run in one call, each phase batched across the runs.
+    for result in pruner.prune_runs([(run, watch_for(cfg, run)) for run in runs(engine)]):
         pruned += len(result.pruned)
         failed += len(result.failed)
     wall = time.perf_counter() - t0
@@ -224,7 +224,7 @@ def main() -> int:
             os.unlink(p)
         unlink_wall = time.perf_counter() - t0
 
-        print("ckptd Pruner.prune_run over all runs, in this process …", flush=True)
+        print("ckptd Pruner.prune_runs over all runs, in this process …", flush=True)
         in_wall, in_pruned, in_failed = prune_in_process(conf_in)
         in_check = verify(trees["inproc"], db_in, n_runs, files)
 
@@ -280,7 +280,7 @@ def main() -> int:
             ],
             ["  files deleted/s", fmt(n_files / cli_wall, 0), fmt(n_files / rm_wall, 0), ""],
             [
-                "in-process: Pruner.prune_run vs os.unlink loop (s)",
+                "in-process: Pruner.prune_runs vs os.unlink loop (s)",
                 fmt(in_wall, 3),
                 fmt(unlink_wall, 3),
                 fmt_ratio(r_in),

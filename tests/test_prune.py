@@ -11,11 +11,15 @@ import subprocess
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ckptd import statefile
-from ckptd.daemon import fsops
+from ckptd.config import load_config
+from ckptd.daemon import fsops, prune
+from ckptd.store import queries
+from ckptd.store.db import make_engine, session_scope
 from tests.conftest import ENV, PY, Corpus, ckptd, query, write_config
 
 RETAIN = """
@@ -295,3 +299,183 @@ def _check_consistent(run: Path, db: Path, keep_newest: int) -> None:
     )
     assert len(state.all_model_checkpoint_timestamps) == len(listed)
     assert state.resolve(run, state.model_checkpoint_path) == run / "ckpt-500"
+
+
+# ------------------------------------------------------------------ batching across runs
+
+
+def _recorded_runs(
+    tmp_path: Path, corpus: Corpus, n_runs: int, per_run: int, keep_last: int
+) -> tuple[Path, Path, Any, Any]:
+    """``n_runs`` runs of ``per_run`` real checkpoints, recorded (nothing deleted yet); the
+    root, the database, the parsed config (with ``keep_last``) and an engine on the database."""
+    root = tmp_path / "runs"
+    for r in range(n_runs):
+        _many_checkpoints(corpus.run_dir("tf2"), root / f"run-{r}", per_run)
+    db = tmp_path / "ckptd.db"
+    conf = write_config(
+        tmp_path / "c.toml",
+        root,
+        db=db,
+        extra=RETAIN.format(keep_last=keep_last) + "dry_run = true\n",
+        best=False,
+    )
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    cfg = load_config(conf)
+    return root, db, cfg, make_engine(cfg.daemon.database)
+
+
+def _runs_and_watches(engine: Any, cfg: Any) -> list[tuple[Any, Any]]:
+    with session_scope(engine) as s:
+        runs = queries.runs(s)
+    return [(r, cfg.watches[0]) for r in runs]
+
+
+@pytest.mark.parametrize("batch", [20_000, 25])
+def test_prune_runs_batches_every_phase_across_runs(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    root, db, cfg, engine = _recorded_runs(tmp_path, corpus, n_runs=4, per_run=12, keep_last=2)
+    monkeypatch.setattr(prune, "CHUNK", 5)  # several IN (...) chunks per phase
+    monkeypatch.setattr(prune, "BATCH", batch)  # 25: pruned as two groups of two runs
+    seen: list[dict[str, str]] = []
+    pruner = prune.Pruner(engine, on_states=seen.append)
+    items = _runs_and_watches(engine, cfg)
+    dry = pruner.prune_runs(items, dry_run=True)
+    assert [len(r.plan.delete) for r in dry] == [10] * 4 and all(r.dry_run for r in dry)
+    assert set(_states(db).values()) == {"complete"} and not seen  # a dry run deletes nothing
+    results = pruner.prune_runs([*items, items[0]])  # a run listed twice is pruned once
+    assert [len(r.pruned) for r in results[:4]] == [10] * 4 and results[4] is results[0]
+    assert all(not r.failed and r.bytes_freed > 0 for r in results)
+    rows = query(db, "select prefix, step, state, reason from checkpoints")
+    assert len(rows) == 48
+    for prefix, step, state, reason in rows:
+        if step > 10:
+            assert state == "complete", prefix
+        else:
+            assert (state, reason) == ("pruned", "not kept by keep_last=2"), prefix
+    audit = query(db, "select subject, detail from actions where kind = 'pruned'")
+    assert sorted(s for s, _ in audit) == sorted(p for p, _, st, _ in rows if st == "pruned")
+    for subject, detail in audit:
+        d = json.loads(detail)
+        name = Path(subject).name
+        assert sorted(d["files"]) == [f"{name}.data-00000-of-00001", f"{name}.index"]
+        assert d["already_missing"] == [] and d["bytes"] > 0
+    groups = 1 if batch > 40 else 2  # each group: its intent, then its result
+    assert [set(s.values()) for s in seen] == [{"pruning"}, {"pruned"}] * groups
+    assert [len(s) for s in seen] == [40 // groups] * 2 * groups
+    for r in range(4):
+        run = root / f"run-{r}"
+        assert {p.name for p in run.iterdir()} == {
+            "checkpoint",
+            *(f"ckpt-{s}.{ext}" for s in (11, 12) for ext in ("index", "data-00000-of-00001")),
+        }
+        state = statefile.read(run)
+        assert state is not None and state.all_model_checkpoint_paths == ["ckpt-11", "ckpt-12"]
+        assert len(state.all_model_checkpoint_timestamps) == 2
+        assert state.model_checkpoint_path == "ckpt-12"
+    again = pruner.prune_runs(items)  # nothing left to delete: no rows, no writes
+    assert all(not r.pruned and not r.plan.delete for r in again)
+    assert len(query(db, "select id from actions where kind = 'pruned'")) == 40
+    engine.dispose()
+
+
+def test_prune_runs_interrupted_mid_batch_is_resumed(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, db, cfg, engine = _recorded_runs(tmp_path, corpus, n_runs=3, per_run=6, keep_last=1)
+    real = fsops.remove_groups
+    calls: list[str] = []
+
+    class Crash(BaseException):
+        pass
+
+    def crash_on_second_run(root_: Any, directory: Any, groups: list[list[str]]) -> Any:
+        calls.append(str(directory))
+        if len(calls) == 2:
+            raise Crash  # as a SIGKILL would, after the first run's files went
+        return real(root_, directory, groups)
+
+    monkeypatch.setattr(fsops, "remove_groups", crash_on_second_run)
+    with pytest.raises(Crash):
+        prune.Pruner(engine).prune_runs(_runs_and_watches(engine, cfg))
+    # Intent was committed for every run before any file went; no result was committed.
+    states = query(db, "select step, state from checkpoints")
+    assert sorted(st for step, st in states if step < 6) == ["pruning"] * 15
+    assert not query(db, "select id from actions where kind = 'pruned'")
+    assert not list((root / "run-0").glob("ckpt-1.*"))  # the first run's files are gone
+    assert list((root / "run-2").glob("ckpt-1.*"))  # a later run's are not, yet
+    monkeypatch.setattr(fsops, "remove_groups", real)
+    assert prune.Pruner(engine).resume() == 15
+    assert sorted(st for _, st in query(db, "select step, state from checkpoints")) == (
+        ["complete"] * 3 + ["pruned"] * 15
+    )
+    resumed = query(db, "select reason, detail from actions where kind = 'pruned'")
+    assert len(resumed) == 15 and all("resumed after restart" in r for r, _ in resumed)
+    assert sum(1 for _, d in resumed if json.loads(d)["already_missing"]) == 5  # run-0's
+    for r in range(3):
+        run = root / f"run-{r}"
+        assert sorted(p.name for p in run.iterdir()) == [
+            "checkpoint",
+            "ckpt-6.data-00000-of-00001",
+            "ckpt-6.index",
+        ]
+        state = statefile.read(run)
+        assert state is not None and state.all_model_checkpoint_paths == ["ckpt-6"]
+        assert len(state.all_model_checkpoint_timestamps) == 1
+    engine.dispose()
+
+
+def test_state_file_filter_matches_statefile_without(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    for name in ("a-1", "a-2", "a-4", "sub/a-5", "a-7"):
+        (run / f"{name}.index").write_bytes(b"")
+    (run / "a-6").write_bytes(b"")  # a single-file (Keras-like) entry, no .index
+    entries = [
+        "a-1",  # deleted by this prune
+        "a-2",  # kept, exists
+        "a-3",  # vanished (the trainer deleted it)
+        str(run / "a-4"),  # TF1 style: absolute
+        "./a-4",
+        "sub/a-5",
+        "a-6",
+        "",
+        str(tmp_path / "elsewhere" / "a-8"),  # absolute, outside, missing
+        "a-7",
+    ]
+    stamps = [float(i) for i in range(len(entries))]
+    removed = {str(run / "a-1"), str(run / "a-7"), str(run / "sub" / "a-5")}
+    for current in ("a-7", "a-2", "a-9", str(run / "a-1"), ""):
+        for with_stamps in (stamps, stamps[:-1]):
+            state = statefile.CheckpointState(current, entries, with_stamps, 12.5)
+            vanished = {
+                state.resolve(run, p)
+                for p in entries
+                if not (
+                    state.resolve(run, p).with_name(state.resolve(run, p).name + ".index").exists()
+                    or state.resolve(run, p).exists()
+                )
+            }
+            expected = statefile.without(state, run, {Path(p) for p in removed} | vanished)
+            assert prune._without(state, str(run), removed) == expected, (current, with_stamps)
+
+
+def test_fsops_accepts_str_paths_and_refuses_a_sibling_sharing_the_roots_prefix(
+    tmp_path: Path,
+) -> None:
+    root, sibling = tmp_path / "root", tmp_path / "root2"
+    (root / "run").mkdir(parents=True)
+    sibling.mkdir()
+    (sibling / "a.index").write_bytes(b"keep")
+    (root / "a.index").write_bytes(b"x")
+    (root / "run" / "b.index").write_bytes(b"x")
+    (root / "run" / "sub").mkdir()
+    refused = fsops.remove_files(str(root), str(sibling), ["a.index"])
+    assert not refused.ok and "not under the watch root" in refused.errors[0]
+    assert (sibling / "a.index").read_bytes() == b"keep"
+    assert fsops.remove_files(str(root), str(root), ["a.index"]).removed == ["a.index"]
+    groups = fsops.remove_groups(str(root) + "/", str(root / "run"), [["b.index"], ["sub"]])
+    assert groups[0].ok and groups[0].removed == ["b.index"] and groups[0].bytes_freed == 1
+    assert not groups[1].ok and "is a directory" in groups[1].errors[0]
+    assert (root / "run" / "sub").is_dir()

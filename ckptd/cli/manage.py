@@ -20,7 +20,8 @@ from ckptd.model import iso
 MAX_DELETE_ROWS = 20
 
 
-def _plan_rows(result: Any, metric: str | None) -> list[dict[str, Any]]:
+def _plan_rows(result: Any, metric: str | None, times: bool = True) -> list[dict[str, Any]]:
+    """Every complete or deleted checkpoint of the run; ``times``: with ``recorded_at`` (JSON)."""
     rows = []
     deleting = {c.id for c in result.plan.delete}
     for c in sorted(result.history, key=lambda c: (c.step is None, c.step, c.id)):
@@ -35,7 +36,7 @@ def _plan_rows(result: Any, metric: str | None) -> list[dict[str, Any]]:
                 "reasons": list(result.plan.reasons(c)),
                 "metric": c.metrics.get(metric) if metric else None,
                 "size": c.size,
-                "recorded_at": iso(c.recorded_at),
+                "recorded_at": iso(c.recorded_at) if times else None,
             }
         )
     return rows
@@ -70,7 +71,7 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
     with ctx.session(readonly=dry_run) as s:
         runs = [queries.resolve_run(s, run)] if run else queries.runs(s)
     pruner = Pruner(engine)
-    results = []
+    todo: list[tuple[Any, Any]] = []
     for r in runs:
         watch = ctx.watch_for(r.watch_path)
         if watch is None:
@@ -84,7 +85,10 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
                     f"(e.g. keep_last = 5) to {cfg.source}"
                 )
             continue
-        results.append((pruner.prune_run(r, watch, dry_run=dry_run), watch.best.metric))
+        todo.append((r, watch))
+    # All the runs at once: each phase (intent, deletion, result) is batched across them.
+    done = pruner.prune_runs(todo, dry_run=dry_run)
+    results = [(res, watch.best.metric) for res, (_, watch) in zip(done, todo, strict=True)]
     if as_json:
         print_json(
             [
@@ -103,7 +107,7 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
     if not results:
         click.echo("no run has a retention policy ([watch.retain]); nothing to do")
     for res, metric in results:
-        rows = _plan_rows(res, metric)
+        rows = _plan_rows(res, metric, times=False)
         deleting = [r for r in rows if r["action"] == "delete"]
         if len(deleting) > MAX_DELETE_ROWS:
             # Thousands of rows help nobody: every kept one (with its reasons), a few deleted.

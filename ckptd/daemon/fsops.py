@@ -21,6 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+StrPath = str | os.PathLike[str]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -29,26 +30,26 @@ class UnsafePath(Exception):
 
 
 @contextmanager
-def open_dir_under(root: Path, directory: Path) -> Iterator[int]:
+def open_dir_under(root: StrPath, directory: StrPath) -> Iterator[int]:
     """A file descriptor for ``directory``, reached from ``root`` without following symlinks."""
-    root = Path(os.path.abspath(root))
-    directory = Path(os.path.abspath(directory))
+    root_s = os.path.abspath(root)
+    dir_s = os.path.abspath(directory)
+    if dir_s == root_s:
+        parts: list[str] = []
+    elif dir_s.startswith(root_s.rstrip("/") + "/"):
+        parts = dir_s[len(root_s.rstrip("/")) + 1 :].split("/")
+    else:
+        raise UnsafePath(f"{dir_s} is not under the watch root {root_s}")
+    if any(part in ("..", "") for part in parts):
+        raise UnsafePath(f"{dir_s}: refusing a path with '..'")
+    fd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        rel = directory.relative_to(root)
-    except ValueError:
-        raise UnsafePath(f"{directory} is not under the watch root {root}") from None
-    if any(part in ("..", "") for part in rel.parts):
-        raise UnsafePath(f"{directory}: refusing a path with '..'")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in rel.parts:
+        for part in parts:
             try:
                 nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePath(
-                        f"{directory}: {part!r} is a symlink or not a directory"
-                    ) from None
+                    raise UnsafePath(f"{dir_s}: {part!r} is a symlink or not a directory") from None
                 raise
             os.close(fd)
             fd = nfd
@@ -69,12 +70,12 @@ class Removal:
         return not self.errors
 
 
-def remove_files(root: Path, directory: Path, names: Iterable[str]) -> Removal:
+def remove_files(root: StrPath, directory: StrPath, names: Iterable[str]) -> Removal:
     """Unlink recorded base names in ``directory`` (under ``root``); missing files are fine."""
     return remove_groups(root, directory, [list(names)])[0]
 
 
-def remove_groups(root: Path, directory: Path, groups: list[list[str]]) -> list[Removal]:
+def remove_groups(root: StrPath, directory: StrPath, groups: list[list[str]]) -> list[Removal]:
     """:func:`remove_files` for many checkpoints of one directory, opening it only once."""
     results = [Removal() for _ in groups]
     for names, result in zip(groups, results, strict=True):
@@ -97,23 +98,29 @@ def remove_groups(root: Path, directory: Path, groups: list[list[str]]) -> list[
 
 
 def _unlink_all(dfd: int, names: list[str], result: Removal) -> None:
+    lstat, unlink = os.lstat, os.unlink  # the loop runs once per file: local names
+    removed, freed = result.removed, 0
     for name in names:
         try:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
+            st = lstat(name, dir_fd=dfd)
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
                 result.errors.append(f"{name}: is a directory; refused")
                 continue
-            os.unlink(name, dir_fd=dfd)  # never follows a symlink: a link goes, its target stays
-            result.removed.append(name)
-            if stat.S_ISREG(st.st_mode):
-                result.bytes_freed += st.st_size
+            unlink(name, dir_fd=dfd)  # never follows a symlink: a link goes, its target stays
+            removed.append(name)
+            if stat.S_ISREG(mode):
+                freed += st.st_size
         except FileNotFoundError:
             result.missing.append(name)
         except OSError as exc:
             result.errors.append(f"{name}: {exc.strerror}")
+    result.bytes_freed += freed
 
 
-def remove_stale_temp_dirs(root: Path, directory: Path, older_than: float = 86400) -> list[str]:
+def remove_stale_temp_dirs(
+    root: StrPath, directory: StrPath, older_than: float = 86400
+) -> list[str]:
     """Remove ``*_temp`` directories TensorFlow left behind (safe once older than a day)."""
     removed = []
     now = time.time()

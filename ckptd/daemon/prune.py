@@ -10,9 +10,12 @@ next start. Then the run's ``checkpoint`` state file is rewritten so that
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -24,6 +27,7 @@ from ckptd.policy import Plan, Rules, plan_prune
 from ckptd.store import queries
 from ckptd.store.db import session_scope
 from ckptd.store.tables import ActionRow, CheckpointRow, RunRow, table_of
+from ckptd.store.upsert import insert_many
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,35 @@ class PruneResult:
     dry_run: bool = False
 
 
+# Ids per ``IN (...)`` list: far below SQLite's bound-parameter limit, and short statements.
+CHUNK = 500
+# Checkpoints per transaction when pruning many runs at once: runs are read, and then pruned, in
+# groups of about this many, so that no transaction holds SQLite's write lock for long (other
+# writers wait at most the busy timeout).
+BATCH = 20_000
+AUDIT_COLUMNS = ("at", "kind", "run_id", "checkpoint_id", "subject", "reason", "detail")
+# Threads rewriting state files: each rewrite is two fsyncs (file, directory), which release the
+# GIL; done concurrently the filesystem commits them together instead of one journal commit each.
+STATE_FILE_THREADS = 8
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    ids = list(ids)
+    for i in range(0, len(ids), CHUNK):
+        yield ids[i : i + CHUNK]
+
+
+@dataclass
+class _Batch:
+    """The checkpoints of one run to delete, with where they live and why they go."""
+
+    ckpts: list[Checkpoint]
+    run_dir: str
+    root: str
+    reason: str
+    result: PruneResult
+
+
 class Pruner:
     """Deletes what a plan says, and nothing else. ``on_states`` keeps a reconciler's cache true."""
 
@@ -85,49 +118,96 @@ class Pruner:
         return plan_prune(history, rules, utcnow()), history
 
     def prune_run(self, run: Run, watch: WatchConfig, *, dry_run: bool = False) -> PruneResult:
-        rules = rules_for(watch)
-        if rules is None:
-            # No [watch.retain] section: nothing is ever deleted.
-            return PruneResult(run.name, Plan({}, ()), [], dry_run=True)
-        plan, history = self.plan(run, watch, rules)
-        result = PruneResult(
-            run.name,
-            plan,
-            history,
-            dry_run=dry_run,
-        )
-        if result.dry_run:
-            return result
-        if not plan.delete:
-            # A live TF2 CheckpointManager rewrites the state file from its own list at every
-            # save, putting back entries ckptd pruned: repair it on every pass (cheap: a read
-            # and a compare; it writes only on change).
-            self._rewrite_state_file(Path(run.path), set())
-            return result
-        reason = describe(rules)
-        ids = [c.id for c in plan.delete]
-        with session_scope(self.engine) as s:  # phase 1: intent
-            s.execute(
-                update(CheckpointRow)
-                .where(CheckpointRow.id.in_(ids), CheckpointRow.state == COMPLETE)
-                .values(state=PRUNING, reason=reason)
+        return self.prune_runs([(run, watch)], dry_run=dry_run)[0]
+
+    def prune_runs(
+        self, items: Sequence[tuple[Run, WatchConfig]], *, dry_run: bool = False
+    ) -> list[PruneResult]:
+        """:meth:`prune_run` for many runs, each phase batched across them.
+
+        The same phases and guarantees as one run at a time, with one transaction per phase for
+        a whole group of runs (up to about BATCH checkpoints): the intent of every run of the
+        group is committed before any of its files is removed, and a crash leaves ``pruning``
+        rows that :meth:`resume` finishes.
+        """
+        results: list[PruneResult] = []
+        planned: list[tuple[Run, Rules, PruneResult]] = []
+        todo: list[tuple[Run, Rules]] = []
+        seen: set[int] = set()
+        for run, watch in items:
+            rules = rules_for(watch)
+            if rules is not None:
+                todo.append((run, rules))
+        histories = self._histories([run.id for run, _ in todo])
+        now = utcnow()
+        by_id = {}
+        for run, rules in todo:
+            history = histories.get(run.id, [])
+            by_id[run.id] = (
+                PruneResult(run.name, plan_prune(history, rules, now), history, dry_run=dry_run),
+                rules,
             )
-            intended = set(
-                s.scalars(
-                    select(CheckpointRow.id).where(
-                        CheckpointRow.id.in_(ids), CheckpointRow.state == PRUNING
-                    )
-                )
-            )
-        self._notify({c.prefix: PRUNING for c in plan.delete if c.id in intended})
-        self._finish(
-            [c for c in plan.delete if c.id in intended],
-            Path(run.path),
-            Path(run.watch_path),
-            reason,
-            result,
-        )
-        return result
+        for run, _watch in items:
+            if run.id not in by_id:
+                # No [watch.retain] section: nothing is ever deleted.
+                results.append(PruneResult(run.name, Plan({}, ()), [], dry_run=True))
+                continue
+            result, rules = by_id[run.id]
+            results.append(result)
+            if run.id not in seen:  # a run listed twice is still pruned once
+                seen.add(run.id)
+                planned.append((run, rules, result))
+        if dry_run:
+            return results
+        group: list[tuple[Run, Rules, PruneResult]] = []
+        size = 0
+        for entry in planned:  # bounded transactions: runs in groups of about BATCH deletions
+            n = len(entry[2].plan.delete)
+            if group and size + n > BATCH:
+                self._prune_group(group)
+                group, size = [], 0
+            group.append(entry)
+            size += n
+        if group:
+            self._prune_group(group)
+        return results
+
+    def _prune_group(self, planned: list[tuple[Run, Rules, PruneResult]]) -> None:
+        """Phase 1 for every run of ``planned`` in one transaction, then :meth:`_finish`."""
+        wanted: dict[str, list[int]] = {}  # reason -> ids
+        for _run, rules, result in planned:
+            if result.plan.delete:
+                wanted.setdefault(describe(rules), []).extend(c.id for c in result.plan.delete)
+        intended: set[int] = set()
+        if wanted:
+            with session_scope(self.engine) as s:  # phase 1: intent, for every run at once
+                for reason, ids in wanted.items():
+                    for chunk in _chunks(ids):
+                        s.execute(
+                            update(CheckpointRow)
+                            .where(CheckpointRow.id.in_(chunk), CheckpointRow.state == COMPLETE)
+                            .values(state=PRUNING, reason=reason)
+                        )
+                        intended.update(
+                            s.scalars(
+                                select(CheckpointRow.id).where(
+                                    CheckpointRow.id.in_(chunk), CheckpointRow.state == PRUNING
+                                )
+                            )
+                        )
+        batches: list[_Batch] = []
+        untouched: list[str] = []
+        for run, rules, result in planned:
+            if result.plan.delete:
+                ckpts = [c for c in result.plan.delete if c.id in intended]
+                batches.append(_Batch(ckpts, run.path, run.watch_path, describe(rules), result))
+            else:
+                # A live TF2 CheckpointManager rewrites the state file from its own list at
+                # every save, putting back entries ckptd pruned: repair it on every pass
+                # (cheap: a read and a compare; it writes only on change).
+                untouched.append(run.path)
+        self._notify({c.prefix: PRUNING for b in batches for c in b.ckpts})
+        self._finish(batches, repair=untouched)
 
     def resume(self) -> int:
         """Finish deletions a crash interrupted (rows left in ``pruning``)."""
@@ -153,85 +233,135 @@ class Pruner:
                     .distinct()
                 )
             )
-        for (path, watch_path), ckpts in items.items():
-            result = PruneResult(Path(path).name, Plan({}, ()), [])
-            self._finish(
+        batches = [
+            _Batch(
                 ckpts,
-                Path(path),
-                Path(watch_path),
+                path,
+                watch_path,
                 reasons[(path, watch_path)] + " (resumed after restart)",
-                result,
+                PruneResult(os.path.basename(path), Plan({}, ()), []),
             )
-            log.info("resumed pruning of %d checkpoint(s) in %s", len(result.pruned), path)
-        for path in pruned_runs - {p for p, _ in items}:
-            self._rewrite_state_file(Path(path), set())
+            for (path, watch_path), ckpts in items.items()
+        ]
+        self._finish(batches, repair=sorted(pruned_runs - {p for p, _ in items}))
+        for b in batches:
+            log.info("resumed pruning of %d checkpoint(s) in %s", len(b.result.pruned), b.run_dir)
         return sum(len(v) for v in items.values())
 
     # -------------------------------------------------------------- internals
 
-    def _finish(
-        self, ckpts: list[Checkpoint], run_dir: Path, root: Path, reason: str, result: PruneResult
+    def _histories(self, run_ids: list[int]) -> dict[int, list[Checkpoint]]:
+        """Each run's whole history (what :func:`plan_prune` needs): many runs per transaction,
+        a new one after about BATCH checkpoints."""
+        out: dict[int, list[Checkpoint]] = {}
+        pending = list(dict.fromkeys(run_ids))
+        while pending:
+            with session_scope(self.engine) as s:
+                read = 0
+                while pending and read < BATCH:
+                    rid = pending.pop(0)
+                    out[rid] = queries.checkpoints(s, run_id=rid)
+                    read += len(out[rid])
+        return out
+
+    def _finish(self, batches: list[_Batch], repair: Sequence[str] = ()) -> None:
+        """Phases 2 and 3 for checkpoints already in ``pruning``, then the runs' state files."""
+        outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]] = []
+        jobs: list[tuple[str, str | None, set[str], bool]] = []
+        for b in batches:  # phase 2: one directory descriptor per run
+            groups = [list(c.files) for c in b.ckpts]
+            pairs = list(zip(b.ckpts, fsops.remove_groups(b.root, b.run_dir, groups), strict=True))
+            outcomes.append((b, pairs))
+            removed = {c.prefix for c, r in pairs if r.ok}
+            # The state file is rewritten when something went; stale TensorFlow temp
+            # directories are cleaned either way.
+            jobs.append((b.run_dir, b.root, removed, bool(removed)))
+        jobs += [(path, None, set(), True) for path in repair]
+        self._commit_results(outcomes)  # phase 3
+        if len(jobs) <= 1:
+            for job in jobs:
+                self._tidy_run(*job)
+            return
+        # Each state-file rewrite waits on two fsyncs (file, directory), which release the GIL:
+        # done concurrently, the filesystem commits them together instead of one by one.
+        with ThreadPoolExecutor(min(STATE_FILE_THREADS, len(jobs))) as pool:
+            for _ in pool.map(lambda job: self._tidy_run(*job), jobs):
+                pass
+
+    def _commit_results(
+        self, outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]]
     ) -> None:
-        done: list[tuple[Checkpoint, fsops.Removal]] = []
-        failed: list[tuple[Checkpoint, fsops.Removal]] = []
-        removals = fsops.remove_groups(root, run_dir, [list(c.files) for c in ckpts])  # phase 2
-        for c, removal in zip(ckpts, removals, strict=True):
-            (done if removal.ok else failed).append((c, removal))
+        """Phase 3: ``pruned`` and an audit row for each removed checkpoint, for every run."""
         now = utcnow()
-        with session_scope(self.engine) as s:  # phase 3: the result
-            if done:
-                s.execute(
-                    update(CheckpointRow)
-                    .where(CheckpointRow.id.in_([c.id for c, _ in done]))
-                    .values(state=PRUNED, gone_at=now, reason=reason)
-                )
-                s.connection().execute(
-                    insert(table_of(ActionRow)),
-                    [
-                        dict(
+        done_ids: dict[str, list[int]] = {}
+        audit: list[tuple[Any, ...]] = []  # in AUDIT_COLUMNS order
+        failed: list[tuple[Checkpoint, fsops.Removal]] = []
+        for b, pairs in outcomes:
+            for c, r in pairs:
+                if not r.ok:
+                    failed.append((c, r))
+                    continue
+                done_ids.setdefault(b.reason, []).append(c.id)
+                detail = {
+                    "step": c.step,
+                    "files": r.removed,
+                    "already_missing": r.missing,
+                    "bytes": r.bytes_freed,
+                }
+                audit.append((now, "pruned", c.run_id, c.id, c.prefix, b.reason, detail))
+        if audit or failed:
+            with session_scope(self.engine) as s:  # for every run at once
+                for reason, ids in done_ids.items():
+                    for chunk in _chunks(ids):
+                        s.execute(
+                            update(CheckpointRow)
+                            .where(CheckpointRow.id.in_(chunk))
+                            .values(state=PRUNED, gone_at=now, reason=reason)
+                        )
+                if audit:
+                    # One compiled INSERT, executemany by the driver (no per-row ORM work).
+                    insert_many(s.connection(), table_of(ActionRow), AUDIT_COLUMNS, audit)
+                for c, r in failed:
+                    # Leave it recorded as present: some of its files could not be removed.
+                    s.execute(
+                        update(CheckpointRow).where(CheckpointRow.id == c.id).values(state=COMPLETE)
+                    )
+                    s.execute(
+                        insert(ActionRow).values(
                             at=now,
-                            kind="pruned",
+                            kind="prune_failed",
                             run_id=c.run_id,
                             checkpoint_id=c.id,
                             subject=c.prefix,
-                            reason=reason,
-                            detail={
-                                "step": c.step,
-                                "files": r.removed,
-                                "already_missing": r.missing,
-                                "bytes": r.bytes_freed,
-                            },
+                            reason="; ".join(r.errors),
+                            detail={"removed": r.removed},
                         )
-                        for c, r in done
-                    ],
-                )
-            for c, r in failed:
-                # Leave it recorded as present: some of its files could not be removed.
-                s.execute(
-                    update(CheckpointRow).where(CheckpointRow.id == c.id).values(state=COMPLETE)
-                )
-                s.execute(
-                    insert(ActionRow).values(
-                        at=now,
-                        kind="prune_failed",
-                        run_id=c.run_id,
-                        checkpoint_id=c.id,
-                        subject=c.prefix,
-                        reason="; ".join(r.errors),
-                        detail={"removed": r.removed},
                     )
-                )
-        self._notify({c.prefix: PRUNED for c, _ in done} | {c.prefix: COMPLETE for c, _ in failed})
-        result.pruned += [c.label for c, _ in done]
-        result.failed += [f"{c.label}: {'; '.join(r.errors)}" for c, r in failed]
-        result.bytes_freed += sum(r.bytes_freed for _, r in done)
-        metrics.pruned(len(done), sum(r.bytes_freed for _, r in done))
-        if done:
-            self._rewrite_state_file(run_dir, {Path(c.prefix) for c, _ in done})
-        for name in fsops.remove_stale_temp_dirs(root, run_dir):
-            log.info("removed stale TensorFlow temp directory %s/%s", run_dir, name)
+        states: dict[str, str] = {}
+        total, freed = 0, 0
+        for b, pairs in outcomes:
+            done = [(c, r) for c, r in pairs if r.ok]
+            bad = [(c, r) for c, r in pairs if not r.ok]
+            states.update({c.prefix: PRUNED for c, _ in done})
+            states.update({c.prefix: COMPLETE for c, _ in bad})
+            b.result.pruned += [c.label for c, _ in done]
+            b.result.failed += [f"{c.label}: {'; '.join(r.errors)}" for c, r in bad]
+            run_freed = sum(r.bytes_freed for _, r in done)
+            b.result.bytes_freed += run_freed
+            total += len(done)
+            freed += run_freed
+        self._notify(states)
+        metrics.pruned(total, freed)
 
-    def _newest_complete(self, run_dir: Path) -> str | None:
+    def _tidy_run(self, run_dir: str, root: str | None, removed: set[str], rewrite: bool) -> None:
+        """State-file repair (``rewrite``) and temp-dir cleaning (with a ``root``) of one run."""
+        if rewrite:
+            self._rewrite_state_file(run_dir, removed)
+        if root is not None:
+            for name in fsops.remove_stale_temp_dirs(root, run_dir):
+                log.info("removed stale TensorFlow temp directory %s/%s", run_dir, name)
+
+    def _newest_complete(self, run_dir: str) -> str | None:
         with session_scope(self.engine) as s:
             return s.scalar(
                 select(CheckpointRow.prefix)
@@ -245,28 +375,29 @@ class Pruner:
                 .limit(1)
             )
 
-    def _rewrite_state_file(self, run_dir: Path, removed: set[Path]) -> None:
-        """Drop pruned (and otherwise vanished) entries; keep paths' style and TF2 timestamps."""
-        state = statefile.read(run_dir)
+    def _rewrite_state_file(self, run_dir: str | Path, removed: set[str]) -> None:
+        """Drop pruned (and otherwise vanished) entries; keep paths' style and TF2 timestamps.
+
+        ``removed`` holds the prefixes (as recorded) this prune deleted: they are dropped without
+        a look at the disk; every other entry is dropped only if its files are gone.
+        """
+        run_path = Path(run_dir)
+        state = statefile.read(run_path)
         if state is None:
             return
-        vanished = {
-            state.resolve(run_dir, p)
-            for p in state.all_model_checkpoint_paths
-            if not _exists(state.resolve(run_dir, p))
-        }
-        new = statefile.without(state, run_dir, removed | vanished)
+        base = str(run_path)
+        new = _without(state, base, removed)
         if not new.all_model_checkpoint_paths:
             # TF refuses a state file with no latest checkpoint (latest_checkpoint and
             # CheckpointManager raise): point it at the newest checkpoint that exists.
-            newest = self._newest_complete(run_dir)
+            newest = self._newest_complete(base)
             if newest is None:
                 return
-            name = Path(newest).name
+            name = os.path.basename(newest)
             new = statefile.CheckpointState(name, [name], [], state.last_preserved_timestamp)
         if new != state:
             try:
-                statefile.write_atomic(run_dir, new)
+                statefile.write_atomic(run_path, new)
             except OSError as exc:
                 log.error("could not rewrite %s/checkpoint: %s", run_dir, exc)
 
@@ -275,8 +406,44 @@ class Pruner:
             self.on_states(states)
 
 
-def _exists(prefix: Path) -> bool:
-    return prefix.with_name(prefix.name + ".index").exists() or prefix.exists()
+def _resolve(run_dir: str, entry: str) -> str:
+    """``str(state.resolve(Path(run_dir), entry))`` without building paths for plain base names
+    (TF2 writes those); ``run_dir`` must already be normalized (``str(Path(...))``)."""
+    if entry and "/" not in entry and entry not in (".", ".."):
+        return f"{run_dir}/{entry}" if run_dir != "/" else f"/{entry}"
+    return str(statefile.CheckpointState().resolve(Path(run_dir), entry))
+
+
+def _without(
+    state: statefile.CheckpointState, run_dir: str, removed: set[str]
+) -> statefile.CheckpointState:
+    """:func:`statefile.without` of ``removed`` and of every entry whose files are gone.
+
+    Entries in ``removed`` (deleted by this prune) are dropped without looking at the disk.
+    """
+    paths: list[str] = []
+    stamps: list[float] = []
+    dropped: set[str] = set()
+    old_stamps = state.all_model_checkpoint_timestamps
+    has_stamps = len(old_stamps) == len(state.all_model_checkpoint_paths)
+    for i, entry in enumerate(state.all_model_checkpoint_paths):
+        path = _resolve(run_dir, entry)
+        if path in removed or not _exists(path):
+            dropped.add(path)
+            continue
+        paths.append(entry)
+        if has_stamps:
+            stamps.append(old_stamps[i])
+    current = state.model_checkpoint_path
+    if current:
+        path = _resolve(run_dir, current)
+        if path in removed or path in dropped:
+            current = paths[-1] if paths else ""
+    return statefile.CheckpointState(current, paths, stamps, state.last_preserved_timestamp)
+
+
+def _exists(prefix: str) -> bool:
+    return os.path.exists(prefix + ".index") or os.path.exists(prefix)
 
 
 def run_for(engine: Engine, name_or_path: str) -> Run:
