@@ -11,6 +11,7 @@ import math
 import os
 import select
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -514,3 +515,35 @@ def test_once_writes_the_result_atomically(corpus: Corpus, tmp_path: Path) -> No
     assert response["ok"] is False and response["kind"] == "bad_request"
     assert str(request) in response["error"]
     assert not (tmp_path / "result.json.tmp").exists()
+
+
+def test_terminate_wins_against_a_worker_being_started(tmp_path: Path) -> None:
+    """Shutdown while an evaluation is between 'running' and its worker's start (a race a
+    SIGTERM test found): the new worker is stopped at once and the call says "stopping"."""
+    from ckptd.worker.client import WorkerClient, WorkerError
+
+    client = WorkerClient()
+    spawned: list[subprocess.Popen[bytes]] = []
+    real_spawn = client._spawn
+
+    stopper = threading.Thread(target=client.terminate)  # the shutdown, in another thread
+
+    def spawn_then_terminate() -> subprocess.Popen[bytes]:
+        proc = real_spawn()
+        spawned.append(proc)
+        stopper.start()  # lands mid-spawn: sees no worker yet, then waits for the call
+        deadline = time.monotonic() + 10
+        while not client._stopping and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return proc
+
+    client._spawn = spawn_then_terminate  # type: ignore[method-assign]
+    with pytest.raises(WorkerError) as err:
+        client.call({"op": "ping"}, timeout=60)
+    assert err.value.kind == "stopping"
+    stopper.join(timeout=30)
+    assert not stopper.is_alive()
+    assert spawned and spawned[0].wait(timeout=10) is not None, "the new worker was not stopped"
+    with pytest.raises(WorkerError) as again:  # and nothing new starts afterwards
+        client.call({"op": "ping"}, timeout=60)
+    assert again.value.kind == "stopping" and client.started == 1

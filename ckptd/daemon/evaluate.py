@@ -265,6 +265,8 @@ class Evaluator:
         except WorkerError as exc:
             error, kind = str(exc), exc.kind
         seconds = time.perf_counter() - t0
+        if kind == "stopping":  # daemon shutdown: stays 'running', re-queued at the next start
+            return EvalOutcome(c.label, RUNNING, {}, error, seconds)
         now = utcnow()
         with session_scope(self.engine) as s:
             if error is None:

@@ -57,6 +57,7 @@ class WorkerClient:
         self._stderr_tail: deque[str] = deque(maxlen=30)
         self._buffer = b""
         self.started = 0  # how many processes were spawned (for tests and metrics)
+        self._stopping = False  # set by terminate(): no new worker, no new request
 
     # ------------------------------------------------------------ lifecycle
 
@@ -96,7 +97,11 @@ class WorkerClient:
             self._stop()
 
     def terminate(self) -> None:
-        """Stop now, even mid-request (daemon shutdown): the waiting caller sees a crash."""
+        """Stop now, even mid-request (daemon shutdown): the waiting caller sees a crash, and
+        later calls fail with kind ``stopping``. The flag is set before ``_proc`` is read and
+        ``call`` checks it again after spawning, so a worker started concurrently is stopped too.
+        """
+        self._stopping = True
         proc = self._proc
         if proc is not None and proc.poll() is None:
             terminate_group(proc, grace=2.0)
@@ -127,9 +132,14 @@ class WorkerClient:
     def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request; return its result or raise :class:`WorkerError`."""
         with self._lock:
+            if self._stopping:
+                raise WorkerError("stopping", "the daemon is stopping")
             if self._proc is None or self._proc.poll() is not None or self._jobs >= self.max_jobs:
                 self._stop()
                 self._proc = self._spawn()
+                if self._stopping:  # terminate() ran while the worker was being started
+                    self._stop(kill=True)
+                    raise WorkerError("stopping", "the daemon is stopping")
             proc = self._proc
             rid = next(self._ids)
             self._jobs += 1
@@ -146,6 +156,8 @@ class WorkerClient:
                 reply = self._read_line(proc, timeout)
             except WorkerError:
                 self._stop(kill=True)
+                if self._stopping:  # killed by terminate(), not a crash of the job
+                    raise WorkerError("stopping", "the daemon is stopping") from None
                 raise
             if reply.get("id") != rid:
                 self._stop(kill=True)
