@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,9 @@ def test_parallel_backfill_records_what_the_sequential_one_does(
         if mode == "parallel":
             assert rec.register(specs) == len(specs)
             outcomes = rec.reconcile_many(specs, workers=2)
+            from multiprocessing import forkserver
+
+            assert forkserver._forkserver._forkserver_pid is None, "fork server left running"
         else:
             outcomes = rec.reconcile_many(specs)
         assert sum(len(o.recorded) for o in outcomes) > 0
@@ -361,3 +365,93 @@ def test_non_utf8_names_are_reported_not_recorded(tmp_path: Path, corpus: Corpus
     assert [a.subject for a in reported] == ["ckpt-\\xff.index"]
     assert "not valid UTF-8" in (reported[0].reason or "")
     assert os.path.exists(bad)
+
+
+def _age_dirs(run: Path, seconds: float = 60) -> None:
+    """Directory mtimes in the past, as for a run written a minute ago (not racy any more)."""
+    past = time.time() - seconds
+    for d in [run, *[p for p in run.rglob("*") if p.is_dir()]]:
+        os.utime(d, (past, past))
+
+
+def test_quick_rescan_fingerprint_sees_every_change_a_listing_would(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    rec, watches, _engine = _setup(tmp_path)
+    run = corpus.copy("tf1", tmp_path / "runs" / "a")
+    (spec,) = discover(0, watches[0])
+    os.utime(run)  # copytree kept the corpus' old mtimes: as if the trainer wrote just now
+    rec.reconcile(spec)
+    assert not rec.unchanged(spec), "directories modified just now: the fingerprint is racy"
+    _age_dirs(run)
+    rec.reconcile(spec)
+    assert rec.unchanged(spec)
+    # A new file in the run directory (a new checkpoint, a deletion, a rename) …
+    (run / "notes.txt").write_text("x")
+    assert not rec.unchanged(spec)
+    rec.reconcile(spec)
+    _age_dirs(run)
+    rec.reconcile(spec)
+    assert rec.unchanged(spec)
+    # … an event file growing …
+    (event,) = sorted((run / "eval").glob("events.out.tfevents.*"))
+    with event.open("ab") as fh:
+        fh.write(b"\0")
+    assert not rec.unchanged(spec)
+    rec.reconcile(spec)
+    _age_dirs(run)
+    rec.reconcile(spec)
+    assert rec.unchanged(spec)
+    # … a new event file in a subdirectory, or the run directory going away.
+    (run / "eval" / "events.out.tfevents.2.host").write_bytes(b"")
+    assert not rec.unchanged(spec)
+    rec.reconcile(spec)
+    _age_dirs(run)
+    rec.reconcile(spec)
+    assert rec.unchanged(spec)
+    shutil.rmtree(run)
+    assert not rec.unchanged(spec)
+
+
+def test_partial_write_is_never_skipped_by_a_quick_rescan(tmp_path: Path, corpus: Corpus) -> None:
+    """A checkpoint still being written turns corrupt with time alone: no fingerprint."""
+    rec, watches, _engine = _setup(tmp_path)
+    run = corpus.copy("tf1", tmp_path / "runs" / "a")
+    (run / "model.ckpt-10.index").unlink()  # data without an index: a save in progress
+    (spec,) = discover(0, watches[0])
+    _age_dirs(run)
+    rec.reconcile(spec)
+    assert not rec.unchanged(spec)
+
+
+def test_daemon_deep_rescan_catches_an_in_place_rewrite(tmp_path: Path, corpus: Corpus) -> None:
+    """Quick rescans skip unchanged runs; every DEEP_RESCAN_EVERY-th re-lists and re-stats all,
+    catching what changes no directory (an index rewritten in place, its events dropped)."""
+    from ckptd.daemon import main as daemon_main
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    run = corpus.copy("tf1", root / "a")
+    _age_dirs(run)
+    cfg = parse_config(
+        {
+            "daemon": {"database": f"sqlite:///{tmp_path}/d.db"},
+            "watch": [{"path": str(root), "runs": "*"}],
+        }
+    )
+    daemon = Daemon(cfg)
+    daemon.prepare()
+    daemon.full_reconcile()
+    assert {c.step: c.state for c in _ls(daemon.engine)} == {s: "complete" for s in (10, 20, 30)}
+    index = run / "model.ckpt-20.index"
+    data = bytearray(index.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # same name, same size: only the file's mtime changes
+    with index.open("r+b") as fh:
+        fh.write(data)
+    seen = []
+    for _ in range(daemon_main.DEEP_RESCAN_EVERY):
+        daemon.rescan()
+        seen.append({c.step: c.state for c in _ls(daemon.engine)}[20])
+    assert seen[:-1] == ["complete"] * (daemon_main.DEEP_RESCAN_EVERY - 1), "quick passes skip"
+    assert seen[-1] == "corrupt"
+    daemon.shutdown()

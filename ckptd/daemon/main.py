@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # Fewer runs than this are observed in-process at start: starting worker processes (~0.1 s)
 # would cost more than it saves.
 PARALLEL_MIN_RUNS = 8
+# Every this many periodic rescans, one re-lists every run even if its fingerprint holds.
+DEEP_RESCAN_EVERY = 10
 
 
 class DirtyRuns:
@@ -109,6 +111,7 @@ class Daemon:
         self.reload_error: str | None = None
         self._thread: threading.Thread | None = None
         self._known_runs: set[tuple[int, str]] = set()
+        self._rescans = 0
         self._reported_runs: set[str] = set()
 
     # ------------------------------------------------------------ start-up
@@ -162,11 +165,13 @@ class Daemon:
             specs += runs_mod.discover(i, w)
         return specs
 
-    def full_reconcile(self, workers: int = 1) -> int:
+    def full_reconcile(self, workers: int = 1, *, quick: bool = False) -> int:
         """Rescan every run (backfill at start, then every ``rescan_interval``).
 
         ``workers`` > 1 (the start-up backfill): runs are observed — listed, .index files and
         event files read — in that many processes while this one writes what they saw.
+        ``quick``: skip runs whose directory and event-file fingerprint has not changed since
+        they were last observed (a few stats per run instead of listing and stat'ing every file).
         """
         specs = self.all_runs()
         # Runs recorded before but missing now: reconcile them too, so their checkpoints go "gone".
@@ -175,6 +180,8 @@ class Daemon:
             i, name = key
             w = self.config.watches[i]
             specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
+        if quick:
+            specs = [s for s in specs if not self.reconciler.unchanged(s)]
         self._report_unsupported_runs()
         observations: Iterable[Observation | None] = itertools.repeat(None)
         if workers > 1 and len(specs) >= PARALLEL_MIN_RUNS:
@@ -335,9 +342,13 @@ class Daemon:
                 )
 
     def rescan(self) -> None:
+        """The periodic safety net for missed events. Most passes are quick (unchanged runs are
+        skipped by fingerprint); every DEEP_RESCAN_EVERY-th re-lists and re-stats everything,
+        which also catches a checkpoint file rewritten in place without any event."""
         for msg in self.watcher.check():
             log.info(msg)
-        self.full_reconcile()
+        self._rescans += 1
+        self.full_reconcile(quick=self._rescans % DEEP_RESCAN_EVERY != 0)
 
     def healthy(self) -> bool:
         alive = self._thread is not None and self._thread.is_alive()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,43 @@ class Observation:
     unsupported: list[str] = field(default_factory=list)
     events: dict[str, EventTail] = field(default_factory=dict)
     basis: int = -1  # the reconciler cache generation this was observed against
+    # What a quick rescan compares to skip this run while nothing changed (see fingerprint_holds);
+    # None when the directory may still change without its mtime showing it.
+    fingerprint: Fingerprint | None = None
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """mtimes of the run directory and its event subdirectories, sizes of its event files.
+
+    Any file created, renamed or deleted in the run directory changes its mtime; a growing event
+    file changes its size. Taken before the listing, so a change during it is never absorbed.
+    """
+
+    run_mtime_ns: int
+    dirs: tuple[tuple[str, int], ...]
+    event_sizes: tuple[tuple[str, int], ...]
+
+
+# An mtime this close to now can still be followed by a change in the same timestamp tick
+# (coarse filesystem clocks): such a fingerprint is not trusted ("racy" in git's terms).
+_RACY_NS = 2_000_000_000
+
+
+def fingerprint_holds(run_dir: Path, fp: Fingerprint) -> bool:
+    """Whether nothing a quick rescan can see changed since ``fp`` (a few stats, no listing)."""
+    try:
+        if os.stat(run_dir, follow_symlinks=False).st_mtime_ns != fp.run_mtime_ns:
+            return False
+        for d, mtime in fp.dirs:
+            if os.stat(d, follow_symlinks=False).st_mtime_ns != mtime:
+                return False
+        for path, size in fp.event_sizes:
+            if os.stat(path, follow_symlinks=False).st_size != size:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -56,6 +94,10 @@ def observe(req: Request) -> Observation:
     run_dir = req.run_dir
     if not run_dir.is_dir() or run_dir.is_symlink():
         return Observation(False, basis=req.basis)
+    try:
+        run_mtime = os.stat(run_dir).st_mtime_ns
+    except OSError:
+        return Observation(False, basis=req.basis)
     obs = Observation(True, basis=req.basis)
     obs.found = formats.scan_run(
         run_dir,
@@ -64,7 +106,8 @@ def observe(req: Request) -> Observation:
         stale_after=req.stale_after,
         unsupported=obs.unsupported,
     )
-    for path in formats.event_files(run_dir):
+    dir_mtimes: dict[str, int] = {}
+    for path in formats.event_files(run_dir, dir_mtimes=dir_mtimes):
         key = str(path)
         if key in req.skip_events:
             continue  # reported once; a corrupt file is skipped, not re-read forever
@@ -79,6 +122,15 @@ def observe(req: Request) -> Observation:
         start = offset if offset is not None and size > offset else 0  # shrank: replaced
         obs.events[key] = EventTail(
             size, start, read_scalars(path, start, metric_prefix(run_dir, path))
+        )
+    racy = time.time_ns() - _RACY_NS
+    # A partial write turns corrupt after stale_after with no change on disk: not settled.
+    settled = all(f.state != formats.INCOMPLETE for f in obs.found)
+    if settled and run_mtime < racy and all(m < racy for m in dir_mtimes.values()):
+        obs.fingerprint = Fingerprint(
+            run_mtime,
+            tuple(sorted(dir_mtimes.items())),
+            tuple(sorted((k, t.size) for k, t in obs.events.items())),
         )
     return obs
 
@@ -97,8 +149,8 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["ckptd.daemon.observe"])
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-            chunk = max(1, min(16, len(requests) // (workers * 4)))
-            for obs in pool.map(observe, requests, chunksize=chunk):
+            # One run per task: the first results arrive early, so writing starts early.
+            for obs in pool.map(observe, requests):
                 done += 1
                 yield obs
         except Exception as exc:  # BrokenProcessPool, OSError (no /dev/shm, seccomp) …
@@ -110,8 +162,22 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+                _stop_forkserver()
     for req in requests[done:]:
         yield observe(req)
+
+
+def _stop_forkserver() -> None:
+    """The fork server otherwise idles for the daemon's lifetime (~20 MB). ``_stop`` is private
+    (CPython's own tests use it); without it the server just stays."""
+    from multiprocessing import forkserver
+
+    stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        try:
+            stop()
+        except OSError:  # pragma: no cover - already gone
+            pass
 
 
 def default_workers() -> int:

@@ -20,7 +20,15 @@ from sqlalchemy import DateTime, Engine, String, insert, literal, select, update
 
 from ckptd import formats
 from ckptd.daemon import metrics
-from ckptd.daemon.observe import EventTail, Observation, Request, observe, observe_many
+from ckptd.daemon.observe import (
+    EventTail,
+    Fingerprint,
+    Observation,
+    Request,
+    fingerprint_holds,
+    observe,
+    observe_many,
+)
 from ckptd.daemon.runs import RunSpec
 from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, utcnow
 from ckptd.store.db import insert_id, rowcount, session_scope
@@ -66,6 +74,7 @@ class _RunCache:
     # Bumped on every commit for this run: an observation made against an older generation is
     # stale (observed before a write it does not know about) and is redone.
     generation: int = field(default_factory=lambda: next(_GENERATION))
+    fingerprint: Fingerprint | None = None  # of the last observation applied
 
     def add(self, prefix: str, known: _Known) -> None:
         self.checkpoints[prefix] = known
@@ -218,6 +227,12 @@ class Reconciler:
                 self._cache.setdefault(p, cache)
             return len(missing)
 
+    def unchanged(self, spec: RunSpec) -> bool:
+        """Whether a quick rescan may skip ``spec``: its fingerprint still holds (no listing)."""
+        cache = self._cache.get(str(spec.path))
+        fp = cache.fingerprint if cache is not None else None
+        return fp is not None and fingerprint_holds(spec.path, fp)
+
     def request(self, spec: RunSpec) -> Request:
         """What observing ``spec`` needs from the cache (see observe.Request)."""
         cache = self._cache.get(str(spec.path))
@@ -292,6 +307,7 @@ class Reconciler:
         outcome = Outcome(spec.name)
         present = obs.present
         if not self._changed(cache, obs):
+            cache.fingerprint = obs.fingerprint
             return outcome  # the common rescan: nothing new, no transaction at all
         with session_scope(self.engine) as session:
             now = utcnow()
@@ -321,6 +337,7 @@ class Reconciler:
             cache.present = present
         cache.scanned = True
         cache.generation = next(_GENERATION)
+        cache.fingerprint = obs.fingerprint
         if outcome.written_at:
             committed = time.time()
             metrics.detection_latency([committed - t for t in outcome.written_at])

@@ -465,12 +465,20 @@ def _looks_like_checkpoint(name: str) -> bool:
     return name.endswith((".index", ".meta", ".keras", ".weights.h5")) or ".data-" in name
 
 
-def event_files(run_dir: Path, max_depth: int = 2) -> list[Path]:
-    """TensorBoard event files in the run and its subdirectories (``eval/``, ``validation/``)."""
+def event_files(
+    run_dir: Path, max_depth: int = 2, *, dir_mtimes: dict[str, int] | None = None
+) -> list[Path]:
+    """TensorBoard event files in the run and its subdirectories (``eval/``, ``validation/``).
+
+    ``dir_mtimes`` collects each subdirectory's mtime, taken before it is listed (so a file
+    created during the listing changes it): what a later quick rescan compares.
+    """
     out: list[Path] = []
 
     def walk(d: Path, depth: int) -> None:
         try:
+            if dir_mtimes is not None and depth > 0:
+                dir_mtimes[str(d)] = os.stat(d).st_mtime_ns
             it = os.scandir(d)
         except OSError:
             return
