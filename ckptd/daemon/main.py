@@ -285,15 +285,14 @@ class Daemon:
 
         with session_scope(self.engine) as s:
             runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
-        for run in runs:
-            # dry_run = true in the config: the scheduled job only logs its plan.
-            dry = watch.retain is not None and watch.retain.dry_run
-            result = self.pruner.prune_run(run, watch, dry_run=dry)
+        # dry_run = true in the config: the scheduled job only logs its plan.
+        dry = watch.retain is not None and watch.retain.dry_run
+        for result in self.pruner.prune_runs([(run, watch) for run in runs], dry_run=dry):
             if result.pruned or result.failed:
                 log.info(
                     "pruned %d checkpoint(s) of %s (%d bytes freed)%s",
                     len(result.pruned),
-                    run.name,
+                    result.run,
                     result.bytes_freed,
                     f"; {len(result.failed)} failed" if result.failed else "",
                 )
