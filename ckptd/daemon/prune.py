@@ -77,6 +77,7 @@ CHUNK = 500
 # groups of about this many, so that no transaction holds SQLite's write lock for long (other
 # writers wait at most the busy timeout).
 BATCH = 20_000
+HISTORY_RUNS = 50  # runs read per history query when planning
 AUDIT_COLUMNS = ("at", "kind", "run_id", "checkpoint_id", "subject", "reason", "detail")
 # Threads rewriting state files: each rewrite is two fsyncs (file, directory), which release the
 # GIL; done concurrently the filesystem commits them together instead of one journal commit each.
@@ -259,9 +260,13 @@ class Pruner:
             with session_scope(self.engine) as s:
                 read = 0
                 while pending and read < BATCH:
-                    rid = pending.pop(0)
-                    out[rid] = queries.checkpoints(s, run_id=rid)
-                    read += len(out[rid])
+                    # Several runs per query: 5 statements whatever their number.
+                    chunk, pending = pending[:HISTORY_RUNS], pending[HISTORY_RUNS:]
+                    for rid in chunk:
+                        out[rid] = []
+                    for c in queries.checkpoints(s, run_ids=chunk):
+                        out[c.run_id].append(c)
+                        read += 1
         return out
 
     def _finish(self, batches: list[_Batch], repair: Sequence[str] = ()) -> None:

@@ -89,12 +89,16 @@ def checkpoints(
     session: Session,
     *,
     run_id: int | None = None,
+    run_ids: Sequence[int] | None = None,
     ids: Sequence[int] | None = None,
     states: Sequence[str] | None = None,
     limit: int | None = None,
     newest_first: bool = False,
 ) -> list[Checkpoint]:
-    """Checkpoints with their metrics, pin, evaluation and export flags, oldest step first."""
+    """Checkpoints with their metrics, pin, evaluation and export flags, oldest step first.
+
+    ``run_ids``: the histories of many runs in one go (the pruner plans many runs at once).
+    """
     c, r = _checkpoints, _runs
     # Columns, not ORM entities: loading 100k entities into an identity map is what made
     # `ls` and planning slow, and these rows are read-only here.
@@ -116,6 +120,8 @@ def checkpoints(
     ).join(table_of(RunRow), r.id == c.run_id)
     if run_id is not None:
         stmt = stmt.where(c.run_id == run_id)
+    if run_ids is not None:
+        stmt = stmt.where(c.run_id.in_(list(run_ids)))
     if ids is not None:
         stmt = stmt.where(c.id.in_(list(ids)))
     if states:
@@ -128,7 +134,13 @@ def checkpoints(
     if not rows:
         return []
     wanted = [r.id for r in rows]
-    extra = _extras(session, wanted, run_id if ids is None and not limit else None)
+    whole_runs = ids is None and not limit
+    extra = _extras(
+        session,
+        wanted,
+        run_id if whole_runs else None,
+        run_ids if whole_runs and run_id is None else None,
+    )
     out = []
     for row in rows:
         metrics, pinned, evaluation, exported, exporting = extra(row.id)
@@ -157,12 +169,16 @@ def checkpoints(
     return out
 
 
-def _extras(session: Session, ids: list[int], run_id: int | None) -> Any:
+def _extras(
+    session: Session, ids: list[int], run_id: int | None, run_ids: Sequence[int] | None = None
+) -> Any:
     """Metrics, pins, evaluations and exports for many checkpoints in four queries."""
 
     def where(column: Any) -> Any:
         if run_id is not None:
             return column.in_(select(_checkpoints.id).where(_checkpoints.run_id == run_id))
+        if run_ids is not None:
+            return column.in_(select(_checkpoints.id).where(_checkpoints.run_id.in_(list(run_ids))))
         return column.in_(ids) if len(ids) <= 30000 else True
 
     metrics: dict[int, dict[str, tuple[int, float]]] = {}
