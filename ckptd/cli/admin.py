@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ckptd.cli.output import CliContext, output_options, pass_ctx, print_json
+from ckptd.cli.output import CliContext, _freeze_gc_at_exit, output_options, pass_ctx, print_json
 
 
 @click.command()
@@ -36,6 +36,8 @@ def run(ctx: CliContext, once: bool) -> None:
         t0 = time.monotonic()
         n = daemon.run_once()
         click.echo(f"recorded {n} new checkpoint(s) in {time.monotonic() - t0:.2f} s", err=True)
+        daemon.engine.dispose()  # connections closed (WAL checkpointed) before the exit below
+        _freeze_gc_at_exit()
         return
     sys.exit(daemon.run())
 
