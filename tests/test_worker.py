@@ -10,7 +10,9 @@ import json
 import math
 import os
 import select
+import signal
 import subprocess
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -547,3 +549,42 @@ def test_terminate_wins_against_a_worker_being_started(tmp_path: Path) -> None:
     with pytest.raises(WorkerError) as again:  # and nothing new starts afterwards
         client.call({"op": "ping"}, timeout=60)
     assert again.value.kind == "stopping" and client.started == 1
+
+
+def test_worker_busy_in_a_hung_job_exits_when_its_daemon_is_killed(tmp_path: Path) -> None:
+    """The daemon is SIGKILLed while its worker runs a job that never returns: the worker sees
+    its parent gone and exits, even though its stderr pipe died with the daemon (EPIPE)."""
+    parent_code = textwrap.dedent(
+        f"""
+        import json, subprocess, sys, time
+        w = subprocess.Popen([{PY!r}, "-m", "ckptd.worker", "serve"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+        req = {{"id": 1, "op": "evaluate", "evaluator": "python",
+               "function": "tests.daemon_eval_fns:hang", "checkpoint": "x", "run": "r"}}
+        w.stdin.write((json.dumps(req) + "\\n").encode()); w.stdin.flush()
+        print(w.pid, flush=True)
+        time.sleep(3600)
+        """
+    )
+    parent = subprocess.Popen(
+        [PY, "-c", parent_code], stdout=subprocess.PIPE, env=ENV, cwd=REPO, text=True
+    )
+    assert parent.stdout is not None
+    worker_pid = int(parent.stdout.readline())
+    time.sleep(8)  # the worker imports TensorFlow, then sits in the hung job
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{worker_pid}/stat") as fh:  # a zombie (pid 1 may not reap) is gone
+            if fh.read().split(")")[-1].split()[0] == "Z":
+                break
+        time.sleep(0.2)
+    else:
+        os.kill(worker_pid, signal.SIGKILL)
+        raise AssertionError("the worker outlived its killed daemon by 60 s")

@@ -88,7 +88,10 @@ def _exit_with_parent() -> None:
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
-                _log("the daemon that started this worker is gone; exiting")
+                try:
+                    _log("the daemon that started this worker is gone; exiting")
+                except OSError:  # its stderr pipe died with it (EPIPE): exit all the same
+                    pass
                 os._exit(3)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
