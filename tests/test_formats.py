@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,20 +58,27 @@ def _data_files(prefix: Path) -> list[str]:
 
 
 class _OpenSpy:
-    """Records every path ``ckptd.formats`` opens (installed as its module-level ``open``)."""
+    """Records every path ``ckptd.formats`` opens: installed as its module-level ``open`` (Keras
+    files) and around its ``_read_file`` (indexes, read by descriptor)."""
 
-    def __init__(self) -> None:
+    def __init__(self, read_file: Any) -> None:
         self.paths: list[Path] = []
+        self._read_file = read_file
 
     def __call__(self, file, *args, **kwargs):  # type: ignore[no-untyped-def]
         self.paths.append(Path(file))
         return builtins.open(file, *args, **kwargs)
 
+    def read_file(self, path: str, size_hint: int) -> bytes:
+        self.paths.append(Path(path))
+        return self._read_file(path, size_hint)  # type: ignore[no-any-return]
+
 
 @pytest.fixture
 def open_spy(monkeypatch: pytest.MonkeyPatch) -> _OpenSpy:
-    spy = _OpenSpy()
+    spy = _OpenSpy(formats._read_file)
     monkeypatch.setattr(formats, "open", spy, raising=False)
+    monkeypatch.setattr(formats, "_read_file", spy.read_file)
     return spy
 
 

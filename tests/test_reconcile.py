@@ -415,12 +415,15 @@ def test_quick_rescan_fingerprint_sees_every_change_a_listing_would(
 
 def test_partial_write_is_never_skipped_by_a_quick_rescan(tmp_path: Path, corpus: Corpus) -> None:
     """A checkpoint still being written turns corrupt with time alone: no fingerprint."""
-    rec, watches, _engine = _setup(tmp_path)
+    rec, watches, engine = _setup(tmp_path)
     run = corpus.copy("tf1", tmp_path / "runs" / "a")
-    (run / "model.ckpt-10.index").unlink()  # data without an index: a save in progress
+    (run / "model.ckpt-10.index").unlink()  # data without an index: a save in progress …
+    for f in run.glob("model.ckpt-10.*"):
+        os.utime(f)  # … written just now (copytree kept the corpus' old mtimes)
     (spec,) = discover(0, watches[0])
     _age_dirs(run)
     rec.reconcile(spec)
+    assert 10 not in {c.step for c in _ls(engine)}, "a save in progress is not recorded yet"
     assert not rec.unchanged(spec)
 
 
@@ -455,3 +458,39 @@ def test_daemon_deep_rescan_catches_an_in_place_rewrite(tmp_path: Path, corpus: 
     assert seen[:-1] == ["complete"] * (daemon_main.DEEP_RESCAN_EVERY - 1), "quick passes skip"
     assert seen[-1] == "corrupt"
     daemon.shutdown()
+
+
+def test_observe_many_falls_back_in_process_when_the_pool_breaks(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool that breaks (seccomp, no /dev/shm, a killed worker) costs speed, never a run."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from ckptd.daemon import observe as observe_mod
+
+    class Broken:
+        def __init__(self, *_a: object, **_k: object) -> None:
+            self.submitted = 0
+
+        def submit(self, *_a: object) -> Future:
+            self.submitted += 1
+            f: Future = Future()
+            if self.submitted != 2:  # pending: the caller observes it itself
+                return f
+            # the second was taken by a worker, which then died
+            f.set_running_or_notify_cancel()
+            f.set_exception(BrokenProcessPool("a worker died"))
+            return f
+
+        def shutdown(self, **_k: object) -> None:
+            pass
+
+    rec, watches, _engine = _setup(tmp_path)
+    for kind in ("tf1", "tf2", "sharded"):
+        corpus.copy(kind, tmp_path / "runs" / kind)
+    specs = discover(0, watches[0])
+    expected = [o.found for o in rec.observe_all(specs, workers=1)]
+    monkeypatch.setattr(observe_mod, "ProcessPoolExecutor", Broken)
+    got = [o.found for o in rec.observe_all(specs, workers=2)]
+    assert got == expected and len(got) == 3

@@ -139,18 +139,38 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
     """Observations in request order; with ``workers`` > 1, computed in worker processes.
 
     The pool lives only as long as the iteration (a backfill), so an idle daemon keeps no extra
-    processes. Processes come from a fork server (never a fork of this threaded daemon). If the
+    processes. Processes come from a fork server (never a fork of this threaded daemon). The
+    caller's process works too: a run no worker has started by the time the caller wants it is
+    observed right here (while the pool starts up, and whenever the workers fall behind). If the
     pool cannot start or breaks, the remaining runs are observed here — never lost.
     """
     done = 0
+    stolen: dict[int, Observation] = {}  # observed here ahead of their turn
     if workers > 1 and len(requests) > 1:
         pool = None
         try:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["ckptd.daemon.observe"])
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-            # One run per task: the first results arrive early, so writing starts early.
-            for obs in pool.map(observe, requests):
+            futures = [pool.submit(observe, req) for req in requests]
+            n, ahead = len(requests), 0
+            for i in range(n):
+                if i in stolen:
+                    obs = stolen.pop(i)
+                elif futures[i].cancel():  # no worker has it yet: do it here
+                    obs = observe(requests[i])
+                else:
+                    # A worker has it: meanwhile observe the next run no worker has started
+                    # (a future only goes from pending to running, so `ahead` only advances).
+                    ahead = max(ahead, i + 1)
+                    while not futures[i].done():
+                        while ahead < n and not futures[ahead].cancel():
+                            ahead += 1
+                        if ahead >= n:
+                            break
+                        stolen[ahead] = observe(requests[ahead])
+                        ahead += 1
+                    obs = futures[i].result()
                 done += 1
                 yield obs
         except Exception as exc:  # BrokenProcessPool, OSError (no /dev/shm, seccomp) …
@@ -163,8 +183,8 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
                 _stop_forkserver()
-    for req in requests[done:]:
-        yield observe(req)
+    for i in range(done, len(requests)):
+        yield stolen.pop(i) if i in stolen else observe(requests[i])
 
 
 def _stop_forkserver() -> None:

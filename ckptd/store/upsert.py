@@ -71,8 +71,21 @@ def insert_many(
     identity = order == list(range(len(columns)))
     params: list[Any] = [list(row) if identity else [row[i] for i in order] for row in rows]
     for j, proc in convert:
+        # Rows often share a value (every row's recorded_at is the same `now`): convert each
+        # distinct hashable value once.
+        if params and isinstance(params[0][j], (list, dict)):  # JSON: unhashable, all distinct
+            for row in params:
+                row[j] = proc(row[j])
+            continue
+        memo: dict[Any, Any] = {}
         for row in params:
-            row[j] = proc(row[j])
+            value = row[j]
+            try:
+                row[j] = memo[value]
+            except KeyError:
+                row[j] = memo[value] = proc(value)
+            except TypeError:  # an unhashable value after all
+                row[j] = proc(value)
     if not params:
         return 0
     params = [tuple(row) for row in params]  # the driver API wants tuples
