@@ -473,9 +473,13 @@ def test_observe_many_falls_back_in_process_when_the_pool_breaks(
         def __init__(self, *_a: object, **_k: object) -> None:
             self.submitted = 0
 
-        def submit(self, *_a: object) -> Future:
-            self.submitted += 1
+        def submit(self, fn: object, *_a: object) -> Future:
             f: Future = Future()
+            if fn is int:  # the start-up probe: the pool is up
+                f.set_running_or_notify_cancel()
+                f.set_result(0)
+                return f
+            self.submitted += 1
             if self.submitted != 2:  # pending: the caller observes it itself
                 return f
             # the second was taken by a worker, which then died
@@ -492,5 +496,13 @@ def test_observe_many_falls_back_in_process_when_the_pool_breaks(
     specs = discover(0, watches[0])
     expected = [o.found for o in rec.observe_all(specs, workers=1)]
     monkeypatch.setattr(observe_mod, "ProcessPoolExecutor", Broken)
+    monkeypatch.setattr(observe_mod, "_stop_forkserver", lambda: None)
     got = [o.found for o in rec.observe_all(specs, workers=2)]
     assert got == expected and len(got) == 3
+
+    class NoStart(Broken):
+        def submit(self, fn: object, *_a: object) -> Future:
+            raise OSError("fork server cannot start")
+
+    monkeypatch.setattr(observe_mod, "ProcessPoolExecutor", NoStart)
+    assert [o.found for o in rec.observe_all(specs, workers=2)] == expected

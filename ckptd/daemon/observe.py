@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,55 +137,110 @@ def observe(req: Request) -> Observation:
 
 
 def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observation]:
-    """Observations in request order; with ``workers`` > 1, computed in worker processes.
+    """Observations in request order; with ``workers`` > 1, also computed in worker processes.
 
     The pool lives only as long as the iteration (a backfill), so an idle daemon keeps no extra
-    processes. Processes come from a fork server (never a fork of this threaded daemon). The
-    caller's process works too: a run no worker has started by the time the caller wants it is
-    observed right here (while the pool starts up, and whenever the workers fall behind). If the
-    pool cannot start or breaks, the remaining runs are observed here — never lost.
+    processes; its processes come from a fork server (never a fork of this threaded daemon). The
+    caller's process works too: while the pool starts (a background thread waits for that), and
+    then whenever it wants a run no worker has started yet. If the pool cannot start or breaks,
+    the remaining runs are observed here — never lost.
     """
-    done = 0
+    n = len(requests)
+    if workers <= 1 or n <= 1:
+        for req in requests:
+            yield observe(req)
+        return
+    pool = _Pool(requests, workers)
     stolen: dict[int, Observation] = {}  # observed here ahead of their turn
-    if workers > 1 and len(requests) > 1:
-        pool = None
+    ahead = 0
+    try:
+        for i in range(n):
+            future = pool.future(i)
+            if i in stolen:
+                obs = stolen.pop(i)
+            elif future is None or future.cancel():  # the pool is not up, or nobody took it
+                obs = observe(requests[i])
+            else:
+                # A worker has it: meanwhile observe the next run no worker has started
+                # (a future only goes from pending to running, so `ahead` only advances).
+                ahead = max(ahead, i + 1)
+                while not future.done():
+                    nxt = pool.future(ahead) if ahead < n else None
+                    while nxt is not None and not nxt.cancel():
+                        ahead += 1
+                        nxt = pool.future(ahead) if ahead < n else None
+                    if nxt is None:
+                        break
+                    stolen[ahead] = observe(requests[ahead])
+                    ahead += 1
+                try:
+                    obs = future.result()
+                except Exception as exc:  # BrokenProcessPool, a pickling error …
+                    pool.failed(exc)
+                    obs = observe(requests[i])
+            yield obs
+    finally:
+        pool.close()
+
+
+class _Pool:
+    """Worker processes for :func:`observe_many`, started without blocking the caller.
+
+    Until the pool is up (the fork server imported ckptd and forked the workers), ``future``
+    returns None and the caller observes runs itself; then every later request is submitted.
+    """
+
+    def __init__(self, requests: Sequence[Request], workers: int) -> None:
+        self._requests = requests
+        self._lock = threading.Lock()
+        self._wanted = 0  # the highest index the caller has asked for, +1
+        self._futures: dict[int, Future[Observation]] = {}
+        self._executor: ProcessPoolExecutor | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._start, args=(workers,), name="observe-pool", daemon=True
+        )
+        self._thread.start()
+
+    def _start(self, workers: int) -> None:
         try:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["ckptd.daemon.observe"])
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-            futures = [pool.submit(observe, req) for req in requests]
-            n, ahead = len(requests), 0
-            for i in range(n):
-                if i in stolen:
-                    obs = stolen.pop(i)
-                elif futures[i].cancel():  # no worker has it yet: do it here
-                    obs = observe(requests[i])
-                else:
-                    # A worker has it: meanwhile observe the next run no worker has started
-                    # (a future only goes from pending to running, so `ahead` only advances).
-                    ahead = max(ahead, i + 1)
-                    while not futures[i].done():
-                        while ahead < n and not futures[ahead].cancel():
-                            ahead += 1
-                        if ahead >= n:
-                            break
-                        stolen[ahead] = observe(requests[ahead])
-                        ahead += 1
-                    obs = futures[i].result()
-                done += 1
-                yield obs
-        except Exception as exc:  # BrokenProcessPool, OSError (no /dev/shm, seccomp) …
-            log.warning(
-                "observing runs in %d worker processes failed (%s); continuing in-process",
-                workers,
-                exc,
-            )
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-                _stop_forkserver()
-    for i in range(done, len(requests)):
-        yield stolen.pop(i) if i in stolen else observe(requests[i])
+            executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            self._executor = executor
+            executor.submit(int).result()  # the fork server and the workers are up
+            with self._lock:
+                if self._closed:
+                    return
+                for i in range(self._wanted, len(self._requests)):
+                    self._futures[i] = executor.submit(observe, self._requests[i])
+        except Exception as exc:
+            self.failed(exc)
+
+    def future(self, i: int) -> Future[Observation] | None:
+        with self._lock:
+            self._wanted = max(self._wanted, i + 1)
+            return self._futures.get(i)
+
+    def failed(self, exc: BaseException) -> None:
+        """Stop using the pool: the caller observes everything left itself."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            futures, self._futures = self._futures, {}
+        for f in futures.values():
+            f.cancel()
+        log.warning("observing runs in worker processes failed (%s); continuing in-process", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._futures = {}
+        self._thread.join()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            _stop_forkserver()
 
 
 def _stop_forkserver() -> None:
