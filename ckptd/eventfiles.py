@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import google_crc32c
 
@@ -28,8 +29,9 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
-class Scalar:
+class Scalar(NamedTuple):
+    """One logged value (a tuple: thousands per run cross from worker processes at backfill)."""
+
     name: str
     step: int
     value: float
