@@ -307,8 +307,10 @@ def main() -> int:
     )
     print(
         "Notes: both read the same files, already in the page cache (just written). ckptd's "
-        "wall time includes Python start-up, imports and creating the schema (Alembic) on a "
-        "fresh database; the anchor's includes `import tensorflow`."
+        "wall time includes Python start-up, imports, creating the schema (create_all + stamp) "
+        "on a fresh database and starting its observer processes; the anchor's includes "
+        "`import tensorflow`. Both vary from run to run on a shared machine: compare the "
+        "ratio of one run, not times across runs."
     )
     summary = [
         summary_row(

@@ -506,3 +506,41 @@ def test_observe_many_falls_back_in_process_when_the_pool_breaks(
 
     monkeypatch.setattr(observe_mod, "ProcessPoolExecutor", NoStart)
     assert [o.found for o in rec.observe_all(specs, workers=2)] == expected
+
+
+def test_observer_ignores_reads_and_reports_writes(tmp_path: Path, corpus: Corpus) -> None:
+    """Listing and reading run directories (every rescan does, by the thousand) must not feed
+    the real inotify observer events; creating a file must."""
+    from ckptd.daemon.watch import Watcher
+
+    root = tmp_path / "runs"
+    run = corpus.copy("tf1", root / "a")
+    cfg = parse_config({"daemon": {}, "watch": [{"path": str(root), "runs": "*"}]})
+    seen: list[str] = []
+    watcher = Watcher(cfg.watches, lambda _i, path: seen.append(path))
+    watcher.start()
+    try:
+        assert watcher.describe()[0]["observer"] == "inotify"
+        # The kernel is not even asked for open / close-without-write events.
+        from watchdog.observers.inotify_c import InotifyConstants
+
+        observer = watcher.slots[0].observer
+        assert observer is not None
+        (emitter,) = observer.emitters
+        mask = emitter.get_event_mask_from_filter()  # type: ignore[attr-defined]
+        assert not mask & (InotifyConstants.IN_OPEN | InotifyConstants.IN_CLOSE_NOWRITE)
+        assert mask & InotifyConstants.IN_CREATE and mask & InotifyConstants.IN_MODIFY
+        for _ in range(20):
+            for entry in os.scandir(run):
+                if entry.is_file():
+                    entry.stat()
+            (run / "checkpoint").read_bytes()
+        time.sleep(1.0)
+        assert seen == [], seen[:5]
+        (run / "new-file").write_text("x")
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert str(run / "new-file") in seen
+    finally:
+        watcher.stop()

@@ -13,7 +13,19 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -23,6 +35,21 @@ from ckptd.config import WatchConfig
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
+
+# Every change; not "opened" / "closed without writing": reads change nothing, and without this
+# filter each directory ckptd itself lists (thousands per rescan) costs the observer thread two
+# inotify events to decode and drop.
+EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileModifiedEvent,
+    DirModifiedEvent,
+    FileClosedEvent,
+]
 
 
 class _Handler(FileSystemEventHandler):
@@ -77,7 +104,9 @@ class Watcher:
         if wanted in ("auto", "inotify"):
             observer: BaseObserver = Observer()
             try:
-                observer.schedule(handler, str(slot.watch.path), recursive=True)
+                observer.schedule(
+                    handler, str(slot.watch.path), recursive=True, event_filter=EVENTS
+                )
                 observer.start()
                 slot.observer, slot.kind = observer, "inotify"
                 return
@@ -99,7 +128,7 @@ class Watcher:
                     self.poll_interval,
                 )
         observer = PollingObserver(timeout=self.poll_interval)
-        observer.schedule(handler, str(slot.watch.path), recursive=True)
+        observer.schedule(handler, str(slot.watch.path), recursive=True, event_filter=EVENTS)
         observer.start()
         slot.observer, slot.kind = observer, "polling"
 
