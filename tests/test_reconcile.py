@@ -544,3 +544,15 @@ def test_observer_ignores_reads_and_reports_writes(tmp_path: Path, corpus: Corpu
         assert str(run / "new-file") in seen
     finally:
         watcher.stop()
+
+
+def test_idle_benchmark_sizes_its_window_by_the_daemons_deep_rescan_period() -> None:
+    """bench/footprint.py does not import ckptd; its copy of DEEP_RESCAN_EVERY must match."""
+    import re
+
+    from ckptd.daemon import main as daemon_main
+    from tests.conftest import REPO
+
+    text = (REPO / "bench" / "footprint.py").read_text()
+    (value,) = re.findall(r"^DEEP_RESCAN_EVERY = (\d+)", text, re.M)
+    assert int(value) == daemon_main.DEEP_RESCAN_EVERY
