@@ -556,3 +556,46 @@ def test_idle_benchmark_sizes_its_window_by_the_daemons_deep_rescan_period() -> 
     text = (REPO / "bench" / "footprint.py").read_text()
     (value,) = re.findall(r"^DEEP_RESCAN_EVERY = (\d+)", text, re.M)
     assert int(value) == daemon_main.DEEP_RESCAN_EVERY
+
+
+def test_backfill_survives_a_run_whose_observation_fails(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error listing one run costs that run (logged, retried at the next scan),
+    not the parallel backfill of the others."""
+    from ckptd import formats
+    from ckptd.daemon import main as daemon_main
+    from ckptd.daemon import observe as observe_mod
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    n = daemon_main.PARALLEL_MIN_RUNS + 1
+    for i in range(n):
+        corpus.copy("tf2", root / f"r{i:02d}")
+    cfg = parse_config(
+        {
+            "daemon": {"database": f"sqlite:///{tmp_path}/d.db"},
+            "watch": [{"path": str(root), "runs": "*"}],
+        }
+    )
+    daemon = Daemon(cfg)
+    daemon.prepare()
+    real_scan = formats.scan_run
+
+    def flaky_scan(run_dir: Path, *a: object, **k: object) -> list:
+        if run_dir.name == "r03":
+            raise RuntimeError("simulated bug")
+        return real_scan(run_dir, *a, **k)  # type: ignore[arg-type]
+
+    class NeverUp(observe_mod._Pool):  # observed in this process, where the patch applies
+        def _start(self, workers: int) -> None:
+            return None
+
+    monkeypatch.setattr(formats, "scan_run", flaky_scan)
+    monkeypatch.setattr(observe_mod, "_Pool", NeverUp)
+    assert daemon.full_reconcile(workers=2) == 3 * (n - 1)
+    assert daemon.health.reconcile_errors == 1
+    assert {c.run for c in _ls(daemon.engine)} == {f"r{i:02d}" for i in range(n)} - {"r03"}
+    monkeypatch.setattr(formats, "scan_run", real_scan)
+    assert daemon.full_reconcile() == 3
+    daemon.shutdown()

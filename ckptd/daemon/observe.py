@@ -136,7 +136,17 @@ def observe(req: Request) -> Observation:
     return obs
 
 
-def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observation]:
+def _observe_or_none(req: Request) -> Observation | None:
+    """None when observing fails unexpectedly: the reconciler then observes that run again
+    inside its own error handling, so one bad run is logged and skipped, not the backfill."""
+    try:
+        return observe(req)
+    except Exception:
+        log.debug("observing %s failed; left to the reconciler", req.run_dir, exc_info=True)
+        return None
+
+
+def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observation | None]:
     """Observations in request order; with ``workers`` > 1, also computed in worker processes.
 
     The pool lives only as long as the iteration (a backfill), so an idle daemon keeps no extra
@@ -148,10 +158,10 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
     n = len(requests)
     if workers <= 1 or n <= 1:
         for req in requests:
-            yield observe(req)
+            yield _observe_or_none(req)
         return
     pool = _Pool(requests, workers)
-    stolen: dict[int, Observation] = {}  # observed here ahead of their turn
+    stolen: dict[int, Observation | None] = {}  # observed here ahead of their turn
     ahead = 0
     try:
         for i in range(n):
@@ -159,7 +169,7 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
             if i in stolen:
                 obs = stolen.pop(i)
             elif future is None or future.cancel():  # the pool is not up, or nobody took it
-                obs = observe(requests[i])
+                obs = _observe_or_none(requests[i])
             else:
                 # A worker has it: meanwhile observe the next run no worker has started
                 # (a future only goes from pending to running, so `ahead` only advances).
@@ -171,13 +181,13 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
                         nxt = pool.future(ahead) if ahead < n else None
                     if nxt is None:
                         break
-                    stolen[ahead] = observe(requests[ahead])
+                    stolen[ahead] = _observe_or_none(requests[ahead])
                     ahead += 1
                 try:
                     obs = future.result()
                 except Exception as exc:  # BrokenProcessPool, a pickling error …
                     pool.failed(exc)
-                    obs = observe(requests[i])
+                    obs = _observe_or_none(requests[i])
             yield obs
     finally:
         pool.close()

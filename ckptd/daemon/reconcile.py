@@ -288,7 +288,7 @@ class Reconciler:
                 log.exception("on_recorded listener failed")
         return outcome
 
-    def observe_all(self, specs: list[RunSpec], workers: int = 1) -> Iterator[Observation]:
+    def observe_all(self, specs: list[RunSpec], workers: int = 1) -> Iterator[Observation | None]:
         """Observations of ``specs`` in order, ``workers`` processes at a time (backfill)."""
         with self._lock:
             requests = [self.request(s) for s in specs]
