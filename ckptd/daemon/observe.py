@@ -204,7 +204,7 @@ class _Pool:
         self._requests = requests
         self._lock = threading.Lock()
         self._wanted = 0  # the highest index the caller has asked for, +1
-        self._futures: dict[int, Future[Observation]] = {}
+        self._futures: dict[int, Future[Observation | None]] = {}
         self._executor: ProcessPoolExecutor | None = None
         self._closed = False
         self._thread = threading.Thread(
@@ -223,11 +223,11 @@ class _Pool:
                 if self._closed:
                     return
                 for i in range(self._wanted, len(self._requests)):
-                    self._futures[i] = executor.submit(observe, self._requests[i])
+                    self._futures[i] = executor.submit(_observe_or_none, self._requests[i])
         except Exception as exc:
             self.failed(exc)
 
-    def future(self, i: int) -> Future[Observation] | None:
+    def future(self, i: int) -> Future[Observation | None] | None:
         with self._lock:
             self._wanted = max(self._wanted, i + 1)
             return self._futures.get(i)
