@@ -124,8 +124,11 @@ def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]
             value_len, pos = _varint(data, pos)
         key = key[:shared] + data[pos : pos + non_shared]
         pos += non_shared
-        yield key, data[pos : pos + value_len]
-        pos += value_len
+        end = pos + value_len
+        if end > limit:
+            raise BundleError("entry extends past its block")
+        yield key, data[pos:end]
+        pos = end
 
 
 def _data_blocks(data: bytes) -> Iterator[tuple[int, int]]:
@@ -268,47 +271,39 @@ _BundleEntry, _Entries = _entry_classes()
 _FIELD1 = b"\x0a"  # tag of Entries.entry (field 1, length-delimited)
 
 
+def _num_shards(header: bytes) -> int:
+    """BundleHeaderProto.num_shards (field 1) of the header entry's value (the last one wins,
+    as in protobuf)."""
+    shards = 0
+    for num, _wt, v in _fields(header):
+        if num == 1 and isinstance(v, int):
+            shards = v
+    return shards
+
+
 def read_header(data: bytes) -> BundleHeader:
     """Parse the header, detect a TF2 object graph and the size each data shard must have.
 
     One pass over every entry (the index is small next to the data); raises BundleError when
-    the index is incomplete or corrupt. This runs for every checkpoint at backfill, so the block
-    walk is inline and the BundleEntryProtos are framed as one repeated field and decoded by the
-    compiled protobuf runtime in one call; :func:`read_header_reference` is the plain version
-    (a test checks both agree on real checkpoints).
+    the index is incomplete or corrupt. This runs for every checkpoint at backfill, so the
+    BundleEntryProtos are framed as one repeated field and decoded by the compiled protobuf
+    runtime in one call; :func:`read_header_reference` decodes them by hand (a test checks both
+    agree on real checkpoints).
     """
     num_shards = None
     is_object = False
     parts: list[bytes] = []
     append = parts.append
-    for block_off, block_size in _data_blocks(data):
-        limit = _check_block(data, block_off, block_size)
-        pos, key = block_off, b""
-        while pos < limit:
-            shared, non_shared, value_len = data[pos], data[pos + 1], data[pos + 2]
-            if (shared | non_shared | value_len) < 0x80:
-                pos += 3
-            else:
-                shared, pos = _varint(data, pos)
-                non_shared, pos = _varint(data, pos)
-                value_len, pos = _varint(data, pos)
-            key = key[:shared] + data[pos : pos + non_shared]
-            pos += non_shared
-            end = pos + value_len
-            if end > limit:
-                raise BundleError("entry extends past its block")
-            if not key:
-                num_shards = 0
-                for num, _wt, v in _fields(data[pos:end]):
-                    if num == 1 and isinstance(v, int):
-                        num_shards = v
-            else:
-                if key == OBJECT_GRAPH_KEY:
-                    is_object = True
-                append(_FIELD1)
-                append(_LEN1[value_len] if value_len < 0x80 else _varint_bytes(value_len))
-                append(data[pos:end])
-            pos = end
+    for key, value in entries(data):
+        if not key:
+            num_shards = _num_shards(value)
+            continue
+        if key == OBJECT_GRAPH_KEY:
+            is_object = True
+        n = len(value)
+        append(_FIELD1)
+        append(_LEN1[n] if n < 0x80 else _varint_bytes(n))
+        append(value)
     if num_shards is None:
         raise BundleError("index has no bundle header entry")
     try:
@@ -342,10 +337,7 @@ def read_header_reference(data: bytes) -> BundleHeader:
     shard_bytes: dict[int, int] = {}
     for key, value in entries(data):
         if key == b"":
-            num_shards = 0
-            for num, _wt, v in _fields(value):
-                if num == 1 and isinstance(v, int):
-                    num_shards = v
+            num_shards = _num_shards(value)
             continue
         if key == OBJECT_GRAPH_KEY:
             is_object = True
