@@ -114,28 +114,52 @@ class Reconciler:
     # ----------------------------------------------------------- cache
 
     def _load(self, session: Any, spec: RunSpec) -> _RunCache:
-        path = str(spec.path)
-        cached = self._cache.get(path)
-        if cached is not None:
-            return cached
-        row = session.execute(select(RunRow.id, RunRow.present).where(RunRow.path == path)).first()
-        if row is None:
-            run_id = insert_id(
-                session,
-                insert(RunRow).values(
-                    name=spec.name,
-                    path=path,
-                    watch_path=str(spec.watch.path),
-                    present=True,
-                    created_at=utcnow(),
-                ),
-            )
-            self._action(session, "run_discovered", run_id, None, spec.name, None, {"path": path})
-            cache = _RunCache(run_id, scanned=False)
-        else:
-            cache = self._read_caches(session, [(row[0], path, bool(row[1]))])[path]
-        self._cache[path] = cache
-        return cache
+        self._load_runs(session, [spec])
+        return self._cache[str(spec.path)]
+
+    def _load_runs(self, session: Any, specs: list[RunSpec]) -> int:
+        """Caches for runs not cached yet: what the database holds, or new run rows (each with
+        its ``run_discovered`` audit entry). Returns how many runs were new. The caller drops
+        these caches if its transaction fails."""
+        new = {str(s.path): s for s in specs if str(s.path) not in self._cache}
+        if not new:
+            return 0
+        runs, actions = table_of(RunRow), table_of(ActionRow)
+        conn = session.connection()
+
+        def ids(paths: list[str]) -> dict[str, tuple[int, bool]]:
+            out = {}
+            for i in range(0, len(paths), 500):
+                q = select(runs.c.path, runs.c.id, runs.c.present)
+                for path, rid, present in conn.execute(
+                    q.where(runs.c.path.in_(paths[i : i + 500]))
+                ):
+                    out[path] = (rid, bool(present))
+            return out
+
+        known = ids(list(new))
+        missing = [p for p in new if p not in known]
+        now = utcnow()
+        insert_many(
+            conn,
+            runs,
+            ("name", "path", "watch_path", "present", "created_at"),
+            [(new[p].name, p, str(new[p].watch.path), True, now) for p in missing],
+        )
+        created = ids(missing)
+        insert_many(
+            conn,
+            actions,
+            ("at", "kind", "run_id", "subject", "detail"),
+            [(now, "run_discovered", created[p][0], new[p].name, {"path": p}) for p in missing],
+        )
+        loaded = self._read_caches(
+            session, [(rid, p, present) for p, (rid, present) in known.items()]
+        )
+        for p in missing:
+            self._cache[p] = _RunCache(created[p][0], scanned=False)
+        self._cache.update(loaded)
+        return len(missing)
 
     @staticmethod
     def _read_caches(
@@ -182,50 +206,14 @@ class Reconciler:
         """Rows and caches for runs not cached yet, in one transaction (a backfill finds many
         new runs at once; one by one, each costs its own statements and commit)."""
         with self._lock:
-            new = {str(s.path): s for s in specs if str(s.path) not in self._cache}
-            if not new:
-                return 0
-            runs, actions = table_of(RunRow), table_of(ActionRow)
-            with session_scope(self.engine) as session:
-                conn = session.connection()
-
-                def ids(paths: list[str]) -> dict[str, tuple[int, bool]]:
-                    out = {}
-                    for i in range(0, len(paths), 500):
-                        q = select(runs.c.path, runs.c.id, runs.c.present)
-                        for path, rid, present in conn.execute(
-                            q.where(runs.c.path.in_(paths[i : i + 500]))
-                        ):
-                            out[path] = (rid, bool(present))
-                    return out
-
-                known = ids(list(new))
-                missing = [p for p in new if p not in known]
-                now = utcnow()
-                insert_many(
-                    conn,
-                    runs,
-                    ("name", "path", "watch_path", "present", "created_at"),
-                    [(new[p].name, p, str(new[p].watch.path), True, now) for p in missing],
-                )
-                created = ids(missing)
-                insert_many(
-                    conn,
-                    actions,
-                    ("at", "kind", "run_id", "subject", "detail"),
-                    [
-                        (now, "run_discovered", created[p][0], new[p].name, {"path": p})
-                        for p in missing
-                    ],
-                )
-                loaded = self._read_caches(
-                    session, [(rid, p, present) for p, (rid, present) in known.items()]
-                )
-            for p in missing:
-                self._cache[p] = _RunCache(created[p][0], scanned=False)
-            for p, cache in loaded.items():
-                self._cache.setdefault(p, cache)
-            return len(missing)
+            new = [str(s.path) for s in specs if str(s.path) not in self._cache]
+            try:
+                with session_scope(self.engine) as session:
+                    return self._load_runs(session, specs)
+            except BaseException:
+                for path in new:  # rolled back: what was learnt about them never happened
+                    self._cache.pop(path, None)
+                raise
 
     def unchanged(self, spec: RunSpec) -> bool:
         """Whether a quick rescan may skip ``spec``: its fingerprint still holds (no listing)."""
