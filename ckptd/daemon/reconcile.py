@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Engine, String, insert, literal, select, update
@@ -376,40 +377,15 @@ class Reconciler:
         outcome: Outcome,
     ) -> None:
         table: Any = CheckpointRow.__table__
-        inserts: list[dict[str, Any]] = []
-        mtimes: dict[str, float] = {}
-        filename_metrics: list[tuple[str, formats.Found]] = []
+        new: list[formats.Found] = []  # not in the database yet
         seen: set[str] = set()
         for f in found:
             seen.add(f.prefix)
             if f.state == formats.INCOMPLETE:
                 continue  # not yet a checkpoint; its completion will trigger another scan
             known = cache.checkpoints.get(f.prefix)
-            created = _from_ts(f.mtime)
-            values = dict(
-                step=f.step,
-                format=f.format,
-                state=f.state,
-                reason=f.reason,
-                size_bytes=f.size,
-                files=list(f.files),
-                has_meta=f.has_meta,
-                signature=list(f.signature),
-                created_at=created,
-            )
             if known is None:
-                mtimes[f.prefix] = f.mtime
-                inserts.append(
-                    dict(
-                        values,
-                        run_id=cache.run_id,
-                        prefix=f.prefix,
-                        recorded_at=now,
-                        completed_at=now if f.state == COMPLETE else None,
-                    )
-                )
-                if f.metrics:
-                    filename_metrics.append((f.prefix, f))
+                new.append(f)
                 continue
             if known.state == PRUNING:
                 continue  # the pruner owns it until it commits "pruned"
@@ -425,6 +401,17 @@ class Reconciler:
                 continue
             if known.state == f.state and known.signature == f.signature:
                 continue
+            values = dict(
+                step=f.step,
+                format=f.format,
+                state=f.state,
+                reason=f.reason,
+                size_bytes=f.size,
+                files=list(f.files),
+                has_meta=f.has_meta,
+                signature=list(f.signature),
+                created_at=_from_ts(f.mtime),
+            )
             if f.state == COMPLETE and known.state != COMPLETE:
                 values["completed_at"] = now
                 values["gone_at"] = None
@@ -442,75 +429,8 @@ class Reconciler:
                 continue  # the pruner took it meanwhile; the next scan sees its state
             known.state, known.signature = f.state, f.signature
 
-        if inserts:
-            ids = _insert_checkpoints(session, table, inserts)
-            actions = []
-            for row, cid in zip(inserts, ids, strict=True):
-                known = _Known(cid, row["state"], row["step"], tuple(row["signature"]))
-                cache.add(row["prefix"], known)
-                label = _label(spec, row["step"], row["prefix"])
-                if row["state"] == COMPLETE:
-                    outcome.recorded.append(label)
-                    outcome.new_complete_ids.append(cid)
-                    outcome.written_at.append(mtimes[row["prefix"]])
-                else:
-                    outcome.corrupt.append(label)
-                actions.append(
-                    dict(
-                        at=now,
-                        kind="recorded" if row["state"] == COMPLETE else "corrupt",
-                        run_id=cache.run_id,
-                        checkpoint_id=cid,
-                        subject=row["prefix"],
-                        reason=row["reason"],
-                        detail={"step": row["step"], "format": row["format"]},
-                    )
-                )
-            recorded = [a for a in actions if a["kind"] == "recorded"]
-            if len(recorded) > BULK_AUDIT:
-                # A backfill: one audit entry for the batch instead of thousands (the rows
-                # themselves carry recorded_at); corrupt ones are still listed one by one.
-                steps = [a["detail"]["step"] for a in recorded if a["detail"]["step"] is not None]
-                actions = [a for a in actions if a["kind"] != "recorded"] + [
-                    dict(
-                        at=now,
-                        kind="recorded",
-                        run_id=cache.run_id,
-                        checkpoint_id=None,
-                        subject=str(spec.path),
-                        reason=f"{len(recorded)} checkpoints found in one scan",
-                        detail={
-                            "count": len(recorded),
-                            "steps": [min(steps), max(steps)] if steps else None,
-                        },
-                    )
-                ]
-            session.connection().execute(insert(table_of(ActionRow)), actions)
-            metric_rows = []
-            for prefix, f in filename_metrics:
-                cid = cache.checkpoints[prefix].id
-                metric_rows += [
-                    dict(
-                        checkpoint_id=cid,
-                        name=k,
-                        value=_num(v),
-                        step=f.step,
-                        source="filename",
-                        recorded_at=now,
-                    )
-                    for k, v in f.metrics.items()
-                ]
-            self._metrics(session, metric_rows, new=True)
-            self._attach_scalars(
-                session,
-                cache,
-                [
-                    (r["step"], cache.checkpoints[r["prefix"]].id)
-                    for r in inserts
-                    if r["step"] is not None
-                ],
-                now,
-            )
+        if new:
+            self._insert_new(session, spec, cache, new, now, outcome)
 
         # Checkpoints that vanished: deleted by the trainer (Saver max_to_keep) or by hand.
         why = "deleted outside ckptd" if present else "run directory is gone"
@@ -533,6 +453,85 @@ class Reconciler:
             known.state = GONE
             outcome.gone.append(_label(spec, known.step, prefix))
 
+    def _insert_new(
+        self,
+        session: Any,
+        spec: RunSpec,
+        cache: _RunCache,
+        new: list[formats.Found],
+        now: Any,
+        outcome: Outcome,
+    ) -> None:
+        """Record checkpoints the database does not hold yet (at backfill: every one of them)."""
+        table: Any = CheckpointRow.__table__
+        run_id = cache.run_id
+        rows = [
+            (
+                run_id,
+                f.prefix,
+                f.step,
+                f.format,
+                f.state,
+                f.reason,
+                f.size,
+                list(f.files),
+                f.has_meta,
+                list(f.signature),
+                _from_ts(f.mtime),
+                now,
+                now if f.state == COMPLETE else None,
+            )
+            for f in new
+        ]
+        ids = _insert_checkpoints(session, table, rows)
+        bulk = sum(f.state == COMPLETE for f in new) > BULK_AUDIT
+        actions: list[tuple[Any, ...]] = []
+        recorded_steps: list[int] = []
+        for f, cid in zip(new, ids, strict=True):
+            cache.add(f.prefix, _Known(cid, f.state, f.step, f.signature))
+            label = _label(spec, f.step, f.prefix)
+            if f.state == COMPLETE:
+                outcome.recorded.append(label)
+                outcome.new_complete_ids.append(cid)
+                outcome.written_at.append(f.mtime)
+                if f.step is not None:
+                    recorded_steps.append(f.step)
+            else:
+                outcome.corrupt.append(label)
+            if f.state != COMPLETE or not bulk:
+                kind = "recorded" if f.state == COMPLETE else "corrupt"
+                detail: dict[str, Any] = {"step": f.step, "format": f.format}
+                actions.append((now, kind, run_id, cid, f.prefix, f.reason, detail))
+        if bulk:
+            # A backfill: one audit entry for the batch instead of thousands (the rows
+            # themselves carry recorded_at); corrupt ones are still listed one by one.
+            count = sum(f.state == COMPLETE for f in new)
+            steps = [min(recorded_steps), max(recorded_steps)] if recorded_steps else None
+            reason = f"{count} checkpoints found in one scan"
+            detail = {"count": count, "steps": steps}
+            actions.append((now, "recorded", run_id, None, str(spec.path), reason, detail))
+        insert_many(
+            session.connection(),
+            table_of(ActionRow),
+            ("at", "kind", "run_id", "checkpoint_id", "subject", "reason", "detail"),
+            actions,
+        )
+        metric_rows = [
+            dict(
+                checkpoint_id=cache.checkpoints[f.prefix].id,
+                name=k,
+                value=_num(v),
+                step=f.step,
+                source="filename",
+                recorded_at=now,
+            )
+            for f in new
+            for k, v in f.metrics.items()
+        ]
+        self._metrics(session, metric_rows, new=True)
+        at_steps = [(f.step, cid) for f, cid in zip(new, ids, strict=True) if f.step is not None]
+        self._attach_scalars(session, cache, at_steps, now)
+
     def note_states(self, states: dict[str, str]) -> None:
         """Another writer changed these checkpoints' states (prefix -> state)."""
         with self._lock:
@@ -551,6 +550,7 @@ class Reconciler:
         outcome: Outcome,
     ) -> None:
         new_scalars: dict[tuple[str, int], tuple[float | None, float]] = {}
+        new_files: list[tuple[int, str, int, str | None, Any]] = []
         for key, tail in events.items():
             result = tail.read
             if result is None:
@@ -568,23 +568,24 @@ class Reconciler:
                     session, "event_file_corrupt", cache.run_id, None, key, result.error, {}
                 )
             if fid is None:
-                fid = insert_id(
-                    session,
-                    insert(EventFileRow).values(
-                        run_id=cache.run_id,
-                        path=key,
-                        offset=result.offset,
-                        error=result.error,
-                        updated_at=now,
-                    ),
-                )
-            elif result.offset != offset or result.error:
+                new_files.append((cache.run_id, key, result.offset, result.error, now))
+                continue
+            if result.offset != offset or result.error:
                 session.execute(
                     update(EventFileRow)
                     .where(EventFileRow.id == fid)
                     .values(offset=result.offset, error=result.error, updated_at=now)
                 )
             cache.event_files[key] = (fid, result.offset, result.error)
+        if new_files:  # one statement for all of them (a backfill meets every file as new)
+            conn = session.connection()
+            files = table_of(EventFileRow)
+            insert_many(conn, files, ("run_id", "path", "offset", "error", "updated_at"), new_files)
+            paths = [row[1] for row in new_files]
+            query = select(files.c.path, files.c.id).where(files.c.path.in_(paths))
+            ids = {path: fid for path, fid in conn.execute(query)}
+            for _run, key, offset, error, _now in new_files:
+                cache.event_files[key] = (ids[key], offset, error)
         if not new_scalars:
             return
         outcome.scalars = len(new_scalars)
@@ -700,8 +701,6 @@ def _num(value: float) -> float | None:
 
 
 def _from_ts(ts: float) -> Any:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None) if ts else None
 
 
@@ -723,20 +722,19 @@ _CHECKPOINT_COLUMNS = (
 )
 
 
-def _insert_checkpoints(session: Any, table: Any, rows: list[dict[str, Any]]) -> list[int]:
-    """Bulk insert, returning primary keys in row order.
+def _insert_checkpoints(session: Any, table: Any, rows: list[tuple[Any, ...]]) -> list[int]:
+    """Bulk insert of rows in ``_CHECKPOINT_COLUMNS`` order, returning primary keys in row order.
 
     One executemany, then the new ids by prefix (unique) — cheaper than INSERT … RETURNING
     through the ORM, which re-processes every row's parameters.
     """
     conn = session.connection()
     if len(rows) == 1:
-        return [insert_id(session, insert(table).values(**rows[0]))]
-    insert_many(
-        conn, table, _CHECKPOINT_COLUMNS, [[r[c] for c in _CHECKPOINT_COLUMNS] for r in rows]
-    )
+        values = dict(zip(_CHECKPOINT_COLUMNS, rows[0], strict=True))
+        return [insert_id(session, insert(table).values(**values))]
+    insert_many(conn, table, _CHECKPOINT_COLUMNS, rows)
     ids: dict[str, int] = {}
-    prefixes = [r["prefix"] for r in rows]
+    prefixes = [r[1] for r in rows]
     for i in range(0, len(prefixes), 500):
         chunk = prefixes[i : i + 500]
         query = select(table.c.prefix, table.c.id).where(table.c.prefix.in_(chunk))
