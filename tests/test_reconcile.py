@@ -496,7 +496,8 @@ def test_observe_many_falls_back_in_process_when_the_pool_breaks(
     specs = discover(0, watches[0])
     expected = [o.found for o in rec.observe_all(specs, workers=1)]
     monkeypatch.setattr(observe_mod, "ProcessPoolExecutor", Broken)
-    monkeypatch.setattr(observe_mod, "_stop_forkserver", lambda: None)
+    monkeypatch.setattr(observe_mod, "start_fork_server", lambda: None)
+    monkeypatch.setattr(observe_mod, "stop_fork_server", lambda: None)
     got = [o.found for o in rec.observe_all(specs, workers=2)]
     assert got == expected and len(got) == 3
 

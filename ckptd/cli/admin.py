@@ -26,9 +26,16 @@ def run(ctx: CliContext, once: bool) -> None:
     """
     from ckptd import logs
     from ckptd.config import warn_missing_paths
-    from ckptd.daemon.main import Daemon
+    from ckptd.daemon import observe
 
     config = ctx.config(required=True)
+    if observe.default_workers() > 1:
+        try:  # ready by the time the backfill wants workers (it overlaps the imports below)
+            observe.start_fork_server()
+        except OSError:
+            pass  # the backfill then observes in this process
+    from ckptd.daemon.main import Daemon
+
     logs.setup(config.daemon.log_level)
     warn_missing_paths(config)
     daemon = Daemon(config)

@@ -28,7 +28,7 @@ from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.freeze import Freezer
 from ckptd.daemon.notify import notify, watchdog_interval
-from ckptd.daemon.observe import Observation, default_workers
+from ckptd.daemon.observe import Observation, default_workers, stop_fork_server
 from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec
@@ -157,7 +157,10 @@ class Daemon:
     def backfill(self) -> int:
         """The start-up scan: what the database knows first, then every run, in parallel."""
         self.reconciler.preload()
-        return self.full_reconcile(workers=default_workers())
+        try:
+            return self.full_reconcile(workers=default_workers())
+        finally:
+            stop_fork_server()  # started by `ckptd run` even if there were too few runs to use
 
     def all_runs(self) -> list[RunSpec]:
         specs = []

@@ -214,8 +214,7 @@ class _Pool:
 
     def _start(self, workers: int) -> None:
         try:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["ckptd.daemon.observe"])
+            ctx = start_fork_server()
             executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
             self._executor = executor
             executor.submit(int).result()  # the fork server and the workers are up
@@ -250,10 +249,24 @@ class _Pool:
         self._thread.join()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
-            _stop_forkserver()
+            stop_fork_server()
 
 
-def _stop_forkserver() -> None:
+def start_fork_server() -> multiprocessing.context.ForkServerContext:
+    """Start the fork server the backfill's workers come from (idempotent, returns at once).
+
+    ``ckptd run`` calls this first thing, so the server's own start-up (a fresh interpreter
+    importing this module) overlaps the daemon's imports instead of delaying the backfill.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["ckptd.daemon.observe"])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return ctx
+
+
+def stop_fork_server() -> None:
     """The fork server otherwise idles for the daemon's lifetime (~20 MB). ``_stop`` is private
     (CPython's own tests use it); without it the server just stays."""
     from multiprocessing import forkserver
