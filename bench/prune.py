@@ -9,8 +9,9 @@ run --once`` with no ``[watch.retain]`` (so nothing is deleted while recording).
 
 ckptd, with ``[watch.retain] keep_last = 1, min_age = "0s"``:
   * ``python -m ckptd --config X prune`` (all runs), spawn → exit: Python start, imports, plans,
-    the two-phase commits (``pruning`` intent, unlink, ``pruned`` + an audit row per checkpoint),
-    100 atomic state-file rewrites (fsync'd), and its printed table of every run's plan;
+    the two-phase commits (``pruning`` intent, unlink, ``pruned`` and one audit row per run that
+    lists its deletions), 100 atomic state-file rewrites (fsync'd), and its printed table of
+    every run's plan;
   * in this process, ``Pruner.prune_runs`` over every run, as the CLI calls it (engine, plans,
     commits, unlinks, state files), excluding interpreter start and imports.
 Afterwards each tree is checked: exactly 9,900 checkpoints ``pruned``, 100 ``complete`` (step 100),
@@ -57,6 +58,8 @@ from _inproc import open_store, prepare_process, runs, watch_for
 
 from ckptd import statefile
 from ckptd.daemon.prune import Pruner
+from ckptd.store import queries
+from ckptd.store.db import make_engine, session_scope
 
 PER_RUN = 100
 TARGET_VS_RM = 3.0  # ckptd wall / rm wall
@@ -117,7 +120,16 @@ def record(work: Path, name: str, root: Path) -> tuple[Path, Path, float]:
 def verify(root: Path, db: Path, n_runs: int, files: list[Path]) -> dict[str, Any]:
     states = dict(query(db, "select state, count(*) from checkpoints group by state"))
     kept_steps = {s for (s,) in query(db, "select step from checkpoints where state = 'complete'")}
-    actions = query(db, "select count(*) from actions where kind = 'pruned'")[0][0]
+    # Through the read path `ckptd events` uses: one event per deleted checkpoint.
+    engine = make_engine(f"sqlite:///{db}", readonly=True)
+    try:
+        with session_scope(engine) as s:
+            events = queries.actions(s, limit=n_runs * PER_RUN * 2, kinds=["pruned"])
+    finally:
+        engine.dispose()
+    actions = len({e.subject for e in events})
+    if actions != len(events):
+        actions = -len(events)  # a checkpoint listed twice
     keep_names = {f.name.replace("ckpt-10.", f"ckpt-{PER_RUN}.") for f in files} | {"checkpoint"}
     wrong_dirs, wrong_states = 0, 0
     for r in range(n_runs):
@@ -300,7 +312,7 @@ def main() -> int:
     for label, chk in (*checked, ("Pruner in-process", in_check)):
         print(
             f"check {label}: states {chk['states']}; kept steps {chk['kept_steps']}; "
-            f"'pruned' audit rows {chk['pruned_actions']:,}; run dirs with more than ckpt-100 + "
+            f"'pruned' events {chk['pruned_actions']:,}; run dirs with more than ckpt-100 + "
             f"state file: {chk['dirs_not_just_newest']}; wrong state files: "
             f"{chk['state_files_wrong']} → {'OK' if chk['ok'] else 'FAILED'}"
         )
@@ -325,7 +337,7 @@ def main() -> int:
     print(
         "Notes: every tree is identical (hard links of one checkpoint, all in the page cache). "
         f"ckptd's whole-process time includes Python start-up and imports, reading {n:,} rows, "
-        "committing intent, result and an audit row per checkpoint, fsync'd rewrites of the "
+        "committing intent and result per checkpoint and an audit row per run, fsync'd rewrites of the "
         f"{n_runs} state files, and printing every run's plan; rm only unlinks."
     )
     summary = [

@@ -267,11 +267,21 @@ def test_sigkill_during_prune_then_restart_loses_nothing(tmp_path: Path, corpus:
         assert ckptd("run", "--once", config=conf).returncode == 0
         _check_consistent(root / "big", db, keep_newest=keep_last)
     assert kills >= 3, "the test rarely interrupted a prune; adjust its timing"
-    resumed = query(
-        db,
-        "select count(*) from actions where kind = 'pruned' and reason like '%resumed after restart%'",
+    events = _pruned_events(conf)
+    assert sum("resumed after restart" in (e["reason"] or "") for e in events) > 0, (
+        "no interrupted deletion was resumed"
     )
-    assert resumed[0][0] > 0, "no interrupted deletion was resumed"
+    # Every deletion is listed once, whether resumed or not.
+    pruned = {p for p, st in _states(db).items() if st == "pruned"}
+    assert sorted(e["subject"] for e in events) == sorted(pruned)
+
+
+def _pruned_events(conf: Path, *args: str) -> list[dict[str, Any]]:
+    """``ckptd events --kind pruned --json``: what users see of the deletions."""
+    proc = ckptd("events", "--kind", "pruned", "--json", "--limit", "100000", *args, config=conf)
+    assert proc.returncode == 0, proc.stderr
+    events: list[dict[str, Any]] = json.loads(proc.stdout)
+    return events
 
 
 def _check_consistent(run: Path, db: Path, keep_newest: int) -> None:
@@ -354,10 +364,13 @@ def test_prune_runs_batches_every_phase_across_runs(
             assert state == "complete", prefix
         else:
             assert (state, reason) == ("pruned", "not kept by keep_last=2"), prefix
-    audit = query(db, "select subject, detail from actions where kind = 'pruned'")
+    # One audit row per run, listing its deletions; events show each deletion.
+    assert query(db, "select count(*) from actions where kind = 'pruned'") == [(4,)]
+    with session_scope(engine) as s:
+        audit = [(e.subject, e.detail) for e in queries.actions(s, limit=1000, kinds=["pruned"])]
     assert sorted(s for s, _ in audit) == sorted(p for p, _, st, _ in rows if st == "pruned")
-    for subject, detail in audit:
-        d = json.loads(detail)
+    for subject, d in audit:
+        assert isinstance(subject, str) and isinstance(d["files"], list)
         name = Path(subject).name
         assert sorted(d["files"]) == [f"{name}.data-00000-of-00001", f"{name}.index"]
         assert d["already_missing"] == [] and d["bytes"] > 0
@@ -376,7 +389,8 @@ def test_prune_runs_batches_every_phase_across_runs(
         assert state.model_checkpoint_path == "ckpt-12"
     again = pruner.prune_runs(items)  # nothing left to delete: no rows, no writes
     assert all(not r.pruned and not r.plan.delete for r in again)
-    assert len(query(db, "select id from actions where kind = 'pruned'")) == 40
+    with session_scope(engine) as s:
+        assert len(queries.actions(s, limit=1000, kinds=["pruned"])) == 40
     engine.dispose()
 
 
@@ -410,9 +424,10 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
     assert sorted(st for _, st in query(db, "select step, state from checkpoints")) == (
         ["complete"] * 3 + ["pruned"] * 15
     )
-    resumed = query(db, "select reason, detail from actions where kind = 'pruned'")
-    assert len(resumed) == 15 and all("resumed after restart" in r for r, _ in resumed)
-    assert sum(1 for _, d in resumed if json.loads(d)["already_missing"]) == 5  # run-0's
+    with session_scope(engine) as s:
+        resumed = [(e.reason, e.detail) for e in queries.actions(s, kinds=["pruned"])]
+    assert len(resumed) == 15 and all("resumed after restart" in (r or "") for r, _ in resumed)
+    assert sum(1 for _, d in resumed if d["already_missing"]) == 5  # run-0's
     for r in range(3):
         run = root / f"run-{r}"
         assert sorted(p.name for p in run.iterdir()) == [
@@ -479,3 +494,133 @@ def test_fsops_accepts_str_paths_and_refuses_a_sibling_sharing_the_roots_prefix(
     assert groups[0].ok and groups[0].removed == ["b.index"] and groups[0].bytes_freed == 1
     assert not groups[1].ok and "is a directory" in groups[1].errors[0]
     assert (root / "run" / "sub").is_dir()
+
+
+# ------------------------------------------------------------------ audit rows and events
+
+
+def test_events_list_each_deletion_of_a_batched_audit_row(tmp_path: Path, corpus: Corpus) -> None:
+    root, db, _cfg, engine = _recorded_runs(tmp_path, corpus, n_runs=2, per_run=5, keep_last=1)
+    engine.dispose()
+    conf = tmp_path / "c.toml"
+    # A row as ckptd wrote them before deletions were batched: one event of its own.
+    con = sqlite3.connect(db)
+    with con:
+        con.execute(
+            "insert into actions (at, kind, subject, reason, detail) values (?, ?, ?, ?, ?)",
+            ("2020-01-01 00:00:00.000000", "pruned", "/old/ckpt-1", "legacy", '{"step": 1}'),
+        )
+    con.close()
+    proc = ckptd("prune", config=conf)
+    assert proc.returncode == 0, proc.stderr
+    # Stored: one row per run, listing its deletions.
+    assert query(db, "select count(*) from actions where kind = 'pruned'") == [(3,)]
+    deleted = [f"{root}/run-{r}/ckpt-{s}" for r in range(2) for s in range(1, 5)]
+    events = _pruned_events(conf)
+    assert [e["subject"] for e in events] == ["/old/ckpt-1", *deleted]  # newest last
+    assert events[0]["reason"] == "legacy" and events[0]["detail"] == {"step": 1}
+    ids = {p: i for p, i in query(db, "select prefix, id from checkpoints")}
+    for e, prefix in zip(events[1:], deleted, strict=True):
+        name = Path(prefix).name
+        assert e["kind"] == "pruned" and e["reason"] == "not kept by keep_last=1"
+        assert e["run"] == Path(prefix).parent.name
+        assert e["detail"]["step"] == int(name.split("-")[1])
+        assert sorted(e["detail"]["files"]) == [f"{name}.data-00000-of-00001", f"{name}.index"]
+        assert e["detail"]["already_missing"] == [] and e["detail"]["bytes"] > 0
+        assert e["detail"]["checkpoint_id"] == ids[prefix]
+    # --limit counts events, not rows: the newest 3 deletions (of run-1's row of 4) …
+    assert [e["subject"] for e in _pruned_events(conf, "--limit", "3")] == deleted[-3:]
+    # … across rows, and across kinds.
+    assert [e["subject"] for e in _pruned_events(conf, "--limit", "6")] == deleted[-6:]
+    assert ckptd("pin", "run-0@5", config=conf).returncode == 0
+    mixed = json.loads(ckptd("events", "--limit", "2", "--json", config=conf).stdout)
+    assert [e["kind"] for e in mixed] == ["pruned", "pinned"] and mixed[0]["subject"] == deleted[-1]
+    assert [e["subject"] for e in _pruned_events(conf, "--run", "run-0")] == deleted[:4]
+    # The table lists each deletion too, one line each.
+    human = ckptd("events", "--kind", "pruned", "--limit", "100", config=conf)
+    assert human.returncode == 0, human.stderr
+    lines = [line.split() for line in human.stdout.splitlines() if " pruned " in line]
+    subjects = [next(word for word in line if word.startswith("/")) for line in lines]
+    assert subjects == ["/old/ckpt-1", *deleted]
+    # `status` shows the newest deletions among its recent events.
+    status = json.loads(ckptd("status", "--json", config=conf).stdout)
+    assert [p["subject"] for p in status["problems"]] == deleted[-5:]
+
+
+class _Crash(BaseException):
+    """As a SIGKILL would stop the prune: nothing after it runs, nothing catches it."""
+
+
+@pytest.mark.parametrize("crash", ["after_intent", "after_unlink", "after_result"])
+def test_resume_after_a_crash_between_phases(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch, crash: str
+) -> None:
+    root, db, cfg, engine = _recorded_runs(tmp_path, corpus, n_runs=2, per_run=4, keep_last=1)
+    doomed = [f"{root}/run-{r}/ckpt-{s}" for r in range(2) for s in range(1, 4)]
+
+    def boom(*_args: Any, **_kwargs: Any) -> Any:
+        raise _Crash
+
+    with monkeypatch.context() as m:
+        if crash == "after_intent":  # before any file is removed
+            m.setattr(fsops, "remove_groups", boom)
+        elif crash == "after_unlink":  # files removed, "pruned" not committed
+            m.setattr(prune.Pruner, "_commit_results", boom)
+        else:  # "pruned" committed, state files not rewritten
+            m.setattr(statefile, "write_atomic", boom)
+        with pytest.raises(_Crash):
+            prune.Pruner(engine).prune_runs(_runs_and_watches(engine, cfg))
+    states = _states(db)
+    left = {p for p in doomed if list(Path(p).parent.glob(Path(p).name + ".*"))}
+    if crash == "after_result":
+        assert {states[p] for p in doomed} == {"pruned"} and not left
+    else:
+        assert {states[p] for p in doomed} == {"pruning"}
+        assert left == (set(doomed) if crash == "after_intent" else set())
+    if crash == "after_intent":
+        # Two intents with different reasons (two prunes under different configs): each
+        # checkpoint keeps its own.
+        con = sqlite3.connect(db)
+        with con:
+            con.execute("update checkpoints set reason = 'by hand' where prefix = ?", (doomed[0],))
+        con.close()
+    for r in range(2):
+        state = statefile.read(root / f"run-{r}")
+        assert state is not None
+        # A run's state file is rewritten as soon as its files are gone, concurrently with the
+        # rest: after_unlink may or may not have got there; the others have not.
+        if crash != "after_unlink":
+            assert len(state.all_model_checkpoint_paths) == 4
+
+    resumed = prune.Pruner(engine).resume()
+    assert resumed == (0 if crash == "after_result" else 6)
+    rows = query(db, "select prefix, state, reason from checkpoints")
+    assert sorted(st for _, st, _ in rows) == ["complete"] * 2 + ["pruned"] * 6
+    for r in range(2):
+        run = root / f"run-{r}"
+        assert sorted(p.name for p in run.iterdir()) == [
+            "checkpoint",
+            "ckpt-4.data-00000-of-00001",
+            "ckpt-4.index",
+        ]
+        state = statefile.read(run)
+        assert state is not None and state.all_model_checkpoint_paths == ["ckpt-4"]
+        assert state.model_checkpoint_path == "ckpt-4"
+        assert len(state.all_model_checkpoint_timestamps) == 1
+    with session_scope(engine) as s:
+        events = queries.actions(s, kinds=["pruned"])
+    assert sorted(e.subject or "" for e in events) == sorted(doomed)  # each deletion, once
+    reasons = {e.subject: e.reason for e in events}
+    stored = {p: reason for p, _, reason in rows}
+    for p in doomed:
+        assert reasons[p] == stored[p]  # `ls` and `events` agree on why it went
+        if crash == "after_result":
+            assert reasons[p] == "not kept by keep_last=1"
+        elif p == doomed[0] and crash == "after_intent":
+            assert reasons[p] == "by hand (resumed after restart)"
+        else:
+            assert reasons[p] == "not kept by keep_last=1 (resumed after restart)"
+    for e in events:
+        files = e.detail["already_missing" if crash == "after_unlink" else "files"]
+        assert isinstance(files, list) and len(files) == 2
+    engine.dispose()

@@ -14,7 +14,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +75,9 @@ def remove_files(root: StrPath, directory: StrPath, names: Iterable[str]) -> Rem
     return remove_groups(root, directory, [list(names)])[0]
 
 
-def remove_groups(root: StrPath, directory: StrPath, groups: list[list[str]]) -> list[Removal]:
+def remove_groups(
+    root: StrPath, directory: StrPath, groups: Sequence[Sequence[str]]
+) -> list[Removal]:
     """:func:`remove_files` for many checkpoints of one directory, opening it only once."""
     results = [Removal() for _ in groups]
     for names, result in zip(groups, results, strict=True):
@@ -97,7 +99,7 @@ def remove_groups(root: StrPath, directory: StrPath, groups: list[list[str]]) ->
     return results
 
 
-def _unlink_all(dfd: int, names: list[str], result: Removal) -> None:
+def _unlink_all(dfd: int, names: Sequence[str], result: Removal) -> None:
     lstat, unlink = os.lstat, os.unlink  # the loop runs once per file: local names
     removed, freed = result.removed, 0
     for name in names:

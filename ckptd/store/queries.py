@@ -253,6 +253,14 @@ def actions(
     run_id: int | None = None,
     kinds: Sequence[str] | None = None,
 ) -> list[Action]:
+    """The newest ``limit`` events, oldest first.
+
+    The pruner writes one ``pruned`` audit row per run and prune, whose ``detail`` lists every
+    checkpoint it deleted (``{"checkpoints": [...]}``); here such a row becomes one event per
+    checkpoint, as each deletion was recorded before (subject: the checkpoint's prefix; detail:
+    its step, files, files already missing, bytes and id). The events of one row share its
+    ``id``. ``limit`` counts events, not rows.
+    """
     a = _actions
     stmt = (
         select(a.id, a.at, a.kind, _runs.name, a.subject, a.reason, a.detail)
@@ -264,10 +272,38 @@ def actions(
         stmt = stmt.where(a.run_id == run_id)
     if kinds:
         stmt = stmt.where(a.kind.in_(list(kinds)))
-    rows = session.execute(stmt.limit(limit)).all()
+    # Every row is at least one event: `limit` rows always hold the newest `limit` events.
+    newest_first: list[Action] = []
+    for r in session.execute(stmt.limit(limit)):
+        newest_first += reversed(_events_of(r))
+        if len(newest_first) >= limit:
+            break
+    return newest_first[:limit][::-1]
+
+
+def _events_of(r: Any) -> list[Action]:
+    """The events of one audit row, oldest first (a batched ``pruned`` row holds many)."""
+    detail = dict(r.detail or {})
+    batch = detail.get("checkpoints") if r.kind == "pruned" else None
+    if not isinstance(batch, list) or not batch:
+        return [Action(r.id, r.at, r.kind, r.name, r.subject, r.reason, detail)]
     return [
-        Action(r.id, r.at, r.kind, r.name, r.subject, r.reason, dict(r.detail or {}))
-        for r in reversed(rows)
+        Action(
+            r.id,
+            r.at,
+            r.kind,
+            r.name,
+            e.get("prefix"),
+            e.get("reason", r.reason),
+            {
+                "step": e.get("step"),
+                "files": e.get("files", []),
+                "already_missing": e.get("already_missing", []),
+                "bytes": e.get("bytes", 0),
+                "checkpoint_id": e.get("checkpoint_id"),
+            },
+        )
+        for e in batch
     ]
 
 
