@@ -588,15 +588,134 @@ def test_backfill_survives_a_run_whose_observation_fails(
             raise RuntimeError("simulated bug")
         return real_scan(run_dir, *a, **k)  # type: ignore[arg-type]
 
-    class NeverUp(observe_mod._Pool):  # observed in this process, where the patch applies
+    class NeverUp(observe_mod.ObservePool):  # observed in this process, where the patch applies
         def _start(self, workers: int) -> None:
             return None
 
     monkeypatch.setattr(formats, "scan_run", flaky_scan)
-    monkeypatch.setattr(observe_mod, "_Pool", NeverUp)
+    monkeypatch.setattr(observe_mod, "ObservePool", NeverUp)
     assert daemon.full_reconcile(workers=2) == 3 * (n - 1)
     assert daemon.health.reconcile_errors == 1
     assert {c.run for c in _ls(daemon.engine)} == {f"r{i:02d}" for i in range(n)} - {"r03"}
     monkeypatch.setattr(formats, "scan_run", real_scan)
     assert daemon.full_reconcile() == 3
     daemon.shutdown()
+
+
+def test_cold_start_prefetch_records_what_the_sequential_backfill_does(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    """`ckptd run` begins a cold start's observations before the daemon reads its database
+    (prefetch.start); the backfill takes them over and records what an in-process one does."""
+    from multiprocessing import forkserver
+
+    from ckptd.daemon import observe, prefetch
+
+    kinds = ("tf1", "tf2", "sharded", "keras")
+    results = []
+    for mode in ("sequential", "prefetched"):
+        base = tmp_path / mode
+        base.mkdir()
+        rec, watches, engine = _setup(base)
+        for i in range(observe.PARALLEL_MIN_RUNS):
+            corpus.copy(kinds[i % len(kinds)], base / "runs" / f"r{i}")
+        cfg = parse_config(
+            {
+                "daemon": {"database": str(engine.url)},  # type: ignore[attr-defined]
+                "watch": [{"path": str(base / "runs"), "runs": "*"}],
+            }
+        )
+        specs = discover(0, watches[0])
+        if mode == "prefetched":
+            pool = prefetch.start(cfg, 2)
+            assert pool is not None
+            rec.register(specs)
+            outcomes = [
+                rec.reconcile(s, o)
+                for s, o in zip(specs, rec.observe_all(specs, 2, prefetched=pool), strict=True)
+            ]
+            observe.stop_fork_server()
+            assert forkserver._forkserver._forkserver_pid is None
+            # The database now knows runs: a restart starts nothing early.
+            assert prefetch.start(cfg, 2) is None
+        else:
+            outcomes = rec.reconcile_many(specs)
+        assert sum(len(o.recorded) for o in outcomes) > 0
+        results.append(_db_rows(engine))
+    assert results[0] == results[1]
+
+
+def test_prefetch_is_dropped_when_the_database_knows_the_runs(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First looks are only used for runs the database knows nothing about: a prefetch that
+    turns out stale (another process recorded the runs meanwhile) is closed, not applied."""
+    from ckptd.daemon import observe
+
+    rec, watches, engine = _setup(tmp_path)
+    for i in range(3):
+        corpus.copy("tf1", tmp_path / "runs" / f"r{i}")
+    specs = discover(0, watches[0])
+    rec.reconcile_many(specs)  # recorded: no longer unknown
+    before = _db_rows(engine)
+
+    class Stale:
+        def __init__(self) -> None:
+            self.closed = False
+            self.requests = [
+                observe.Request.first_look(s.path, s.watch.keras_template, observe.STALE_AFTER)
+                for s in specs
+            ]
+
+        def close(self) -> None:
+            self.closed = True
+
+    used: list[object] = []
+    real = observe.observe_many
+
+    def spy(requests: object, workers: int, *, pool: object = None) -> object:
+        used.append(pool)
+        return real(requests, workers, pool=pool)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("ckptd.daemon.reconcile.observe_many", spy)
+    stale = Stale()
+    observations = list(rec.observe_all(specs, 1, prefetched=stale))  # type: ignore[arg-type]
+    assert stale.closed and used == [None]
+    assert all(o is not None and o.basis != -1 for o in observations)
+    for s, o in zip(specs, observations, strict=True):
+        assert not rec.reconcile(s, o).recorded
+    assert _db_rows(engine) == before
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////var/lib/ckptd/ckptd.db",
+        "sqlite:///relative/ckptd.db",
+        "sqlite+pysqlite:////tmp/a%20b/ckptd.db?timeout=5",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "postgresql://ckptd@db/ckptd",
+    ],
+)
+def test_prefetch_reads_database_urls_as_sqlalchemy_does(url: str) -> None:
+    from ckptd.daemon.prefetch import sqlite_file
+    from ckptd.store.db import sqlite_path
+
+    expected = sqlite_path(url)
+    assert sqlite_file(url) == (str(expected) if expected is not None else None)
+
+
+def test_prefetch_only_for_a_database_that_knows_no_run(tmp_path: Path, corpus: Corpus) -> None:
+    from ckptd.daemon.prefetch import knows_no_run
+
+    url = f"sqlite:///{tmp_path}/ckptd.db"
+    assert knows_no_run(url)  # no file yet
+    (tmp_path / "ckptd.db").touch()
+    assert knows_no_run(url)  # a file without the schema
+    rec, watches, _engine = _setup(tmp_path)  # migrated, still no run
+    assert knows_no_run(url)
+    corpus.copy("tf1", tmp_path / "runs" / "a")
+    rec.reconcile_many(discover(0, watches[0]))
+    assert not knows_no_run(url)
+    assert not knows_no_run("postgresql://ckptd@db/ckptd")

@@ -26,19 +26,24 @@ def run(ctx: CliContext, once: bool) -> None:
     """
     from ckptd import logs
     from ckptd.config import warn_missing_paths
-    from ckptd.daemon import observe
+    from ckptd.daemon import observe, prefetch
 
     config = ctx.config(required=True)
-    if observe.default_workers() > 1:
-        try:  # ready by the time the backfill wants workers (it overlaps the imports below)
+    logs.setup(config.daemon.log_level)
+    warn_missing_paths(config)
+    # Started before the imports below, so they overlap them: the fork server the backfill's
+    # workers come from and, on a database that knows no run yet, the backfill's observations.
+    workers = observe.default_workers()
+    prefetched = None
+    if workers > 1:
+        try:
             observe.start_fork_server()
+            prefetched = prefetch.start(config, workers)
         except OSError:
             pass  # the backfill then observes in this process
     from ckptd.daemon.main import Daemon
 
-    logs.setup(config.daemon.log_level)
-    warn_missing_paths(config)
-    daemon = Daemon(config)
+    daemon = Daemon(config, prefetched=prefetched)
     if once:
         t0 = time.monotonic()
         n = daemon.run_once()

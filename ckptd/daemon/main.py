@@ -28,7 +28,13 @@ from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.freeze import Freezer
 from ckptd.daemon.notify import notify, watchdog_interval
-from ckptd.daemon.observe import Observation, default_workers, stop_fork_server
+from ckptd.daemon.observe import (
+    PARALLEL_MIN_RUNS,
+    Observation,
+    ObservePool,
+    default_workers,
+    stop_fork_server,
+)
 from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec
@@ -42,9 +48,6 @@ from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
 
-# Fewer runs than this are observed in-process at start: starting worker processes (~0.1 s)
-# would cost more than it saves.
-PARALLEL_MIN_RUNS = 8
 # Every this many periodic rescans, one re-lists every run even if its fingerprint holds.
 DEEP_RESCAN_EVERY = 10
 
@@ -91,8 +94,9 @@ class Health:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, prefetched: ObservePool | None = None) -> None:
         self.config = config
+        self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         self.engine = make_engine(config.daemon.database)
         self.dirty = DirtyRuns()
         self.health = Health()
@@ -157,9 +161,12 @@ class Daemon:
     def backfill(self) -> int:
         """The start-up scan: what the database knows first, then every run, in parallel."""
         self.reconciler.preload()
+        prefetched, self._prefetched = self._prefetched, None
         try:
-            return self.full_reconcile(workers=default_workers())
+            return self.full_reconcile(workers=default_workers(), prefetched=prefetched)
         finally:
+            if prefetched is not None:
+                prefetched.close()  # (a no-op once the backfill has used it)
             stop_fork_server()  # started by `ckptd run` even if there were too few runs to use
 
     def all_runs(self) -> list[RunSpec]:
@@ -168,13 +175,16 @@ class Daemon:
             specs += runs_mod.discover(i, w)
         return specs
 
-    def full_reconcile(self, workers: int = 1, *, quick: bool = False) -> int:
+    def full_reconcile(
+        self, workers: int = 1, *, quick: bool = False, prefetched: ObservePool | None = None
+    ) -> int:
         """Rescan every run (backfill at start, then every ``rescan_interval``).
 
         ``workers`` > 1 (the start-up backfill): runs are observed — listed, .index files and
         event files read — in that many processes while this one writes what they saw.
         ``quick``: skip runs whose directory and event-file fingerprint has not changed since
         they were last observed (a few stats per run instead of listing and stat'ing every file).
+        ``prefetched``: observations begun before the database was read (``prefetch.py``).
         """
         specs = self.all_runs()
         # Runs recorded before but missing now: reconcile them too, so their checkpoints go "gone".
@@ -189,7 +199,7 @@ class Daemon:
         observations: Iterable[Observation | None] = itertools.repeat(None)
         if workers > 1 and len(specs) >= PARALLEL_MIN_RUNS:
             self.reconciler.register(specs)
-            observations = self.reconciler.observe_all(specs, workers)
+            observations = self.reconciler.observe_all(specs, workers, prefetched=prefetched)
         count = 0
         for spec, obs in zip(specs, observations, strict=False):
             count += len(self._reconcile(spec, obs).recorded)

@@ -90,6 +90,17 @@ class Request:
     stale_after: float
     basis: int
 
+    @classmethod
+    def first_look(cls, run_dir: Path, keras_template: str | None, stale_after: float) -> Request:
+        """A run the database knows nothing about (yet): everything in it is new."""
+        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, -1)
+
+
+STALE_AFTER = 120.0  # seconds a partial write may stay unchanged before it is called corrupt
+# Fewer runs than this are observed in-process at start: starting worker processes (~0.1 s)
+# would cost more than it saves.
+PARALLEL_MIN_RUNS = 8
+
 
 def observe(req: Request) -> Observation:
     run_dir = req.run_dir
@@ -146,21 +157,25 @@ def _observe_or_none(req: Request) -> Observation | None:
         return None
 
 
-def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observation | None]:
+def observe_many(
+    requests: Sequence[Request], workers: int, *, pool: ObservePool | None = None
+) -> Iterator[Observation | None]:
     """Observations in request order; with ``workers`` > 1, also computed in worker processes.
 
     The pool lives only as long as the iteration (a backfill), so an idle daemon keeps no extra
     processes; its processes come from a fork server (never a fork of this threaded daemon). The
     caller's process works too: while the pool starts (a background thread waits for that), and
     then whenever it wants a run no worker has started yet. If the pool cannot start or breaks,
-    the remaining runs are observed here — never lost.
+    the remaining runs are observed here — never lost. ``pool``: one already started for exactly
+    these requests (see ``prefetch.py``).
     """
     n = len(requests)
-    if workers <= 1 or n <= 1:
-        for req in requests:
-            yield _observe_or_none(req)
-        return
-    pool = _Pool(requests, workers)
+    if pool is None:
+        if workers <= 1 or n <= 1:
+            for req in requests:
+                yield _observe_or_none(req)
+            return
+        pool = ObservePool(requests, workers)
     stolen: dict[int, Observation | None] = {}  # observed here ahead of their turn
     ahead = 0
     try:
@@ -193,7 +208,7 @@ def observe_many(requests: Sequence[Request], workers: int) -> Iterator[Observat
         pool.close()
 
 
-class _Pool:
+class ObservePool:
     """Worker processes for :func:`observe_many`, started without blocking the caller.
 
     Until the pool is up (the fork server imported ckptd and forked the workers), ``future``
@@ -201,7 +216,7 @@ class _Pool:
     """
 
     def __init__(self, requests: Sequence[Request], workers: int) -> None:
-        self._requests = requests
+        self.requests = self._requests = requests
         self._lock = threading.Lock()
         self._wanted = 0  # the highest index the caller has asked for, +1
         self._futures: dict[int, Future[Observation | None]] = {}

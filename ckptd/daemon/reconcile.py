@@ -22,9 +22,11 @@ from sqlalchemy import DateTime, Engine, String, insert, literal, select, update
 from ckptd import formats
 from ckptd.daemon import metrics
 from ckptd.daemon.observe import (
+    STALE_AFTER,
     EventTail,
     Fingerprint,
     Observation,
+    ObservePool,
     Request,
     fingerprint_holds,
     observe,
@@ -104,7 +106,7 @@ class Reconciler:
     """
 
     def __init__(
-        self, engine: Engine, *, stale_after: float = 120.0, on_recorded: Any = None
+        self, engine: Engine, *, stale_after: float = STALE_AFTER, on_recorded: Any = None
     ) -> None:
         self.engine = engine
         self.stale_after = stale_after
@@ -226,9 +228,7 @@ class Reconciler:
         """What observing ``spec`` needs from the cache (see observe.Request)."""
         cache = self._cache.get(str(spec.path))
         if cache is None:
-            return Request(
-                spec.path, spec.watch.keras_template, None, {}, frozenset(), self.stale_after, -1
-            )
+            return Request.first_look(spec.path, spec.watch.keras_template, self.stale_after)
         return Request(
             spec.path,
             spec.watch.keras_template,
@@ -260,9 +260,7 @@ class Reconciler:
                 # run unknown when observed is still fine if nothing has been recorded for it.)
                 if observation is None or (
                     observation.basis != cache.generation
-                    and not (
-                        observation.basis == -1 and not cache.checkpoints and not cache.event_files
-                    )
+                    and not (observation.basis == -1 and self._unknown(path))
                 ):
                     observation = observe(self.request(spec))
                 outcome = self._reconcile(spec, cache, observation)
@@ -277,11 +275,28 @@ class Reconciler:
                 log.exception("on_recorded listener failed")
         return outcome
 
-    def observe_all(self, specs: list[RunSpec], workers: int = 1) -> Iterator[Observation | None]:
-        """Observations of ``specs`` in order, ``workers`` processes at a time (backfill)."""
+    def observe_all(
+        self, specs: list[RunSpec], workers: int = 1, *, prefetched: ObservePool | None = None
+    ) -> Iterator[Observation | None]:
+        """Observations of ``specs`` in order, ``workers`` processes at a time (backfill).
+
+        ``prefetched``: first looks at runs started before the database was read (a cold start,
+        see ``prefetch.py``), used if they are of exactly these runs, all still unknown here.
+        """
         with self._lock:
             requests = [self.request(s) for s in specs]
+            if prefetched is not None:
+                if [_looked_at(r) for r in prefetched.requests] == [
+                    _looked_at(r) for r in requests
+                ] and all(self._unknown(str(s.path)) for s in specs):
+                    return observe_many(prefetched.requests, workers, pool=prefetched)
+                prefetched.close()
         return observe_many(requests, workers)
+
+    def _unknown(self, path: str) -> bool:
+        """Whether the database holds nothing for this run (a first look at it is current)."""
+        cache = self._cache.get(path)
+        return cache is None or not (cache.checkpoints or cache.event_files)
 
     def reconcile_many(self, specs: Iterable[RunSpec], workers: int = 1) -> list[Outcome]:
         specs = list(specs)
@@ -689,6 +704,11 @@ class Reconciler:
                 detail=detail,
             ),
         )
+
+
+def _looked_at(r: Request) -> tuple[Any, ...]:
+    """What makes two first looks at a run the same observation."""
+    return (r.run_dir, r.keras_template, r.stale_after)
 
 
 def _label(spec: RunSpec, step: int | None, prefix: str) -> str:

@@ -1,0 +1,65 @@
+"""Cold start: the backfill's first looks at runs, begun before the daemon loads its database layer.
+
+On a database that has recorded no run yet, observing a run needs nothing from the database (every
+request is a first look), so ``ckptd run`` starts those observations in worker processes first
+thing, and they proceed while this process imports SQLAlchemy and the daemon (~0.25 s). The
+backfill takes them over only if it asks for exactly these runs and the database, once read,
+knows none of them (``Reconciler.observe_all``); otherwise they are dropped and the runs observed
+as usual. Standard library only here: importing SQLAlchemy is what this overlaps.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from urllib.parse import quote, unquote
+
+from ckptd.config import Config
+from ckptd.daemon import observe
+from ckptd.daemon import runs as runs_mod
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file of a ``sqlite:///PATH`` URL (as SQLAlchemy reads it), else None."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or scheme.split("+", 1)[0] != "sqlite":
+        return None
+    path = unquote(rest.split("?", 1)[0])
+    return None if not path or path == ":memory:" else path
+
+
+def knows_no_run(url: str) -> bool:
+    """Whether ``url`` is a SQLite database with no run recorded, or none yet. Any other
+    database, or any doubt: False (then nothing is started early)."""
+    path = sqlite_file(url)
+    if path is None:
+        return False
+    if not os.path.exists(path):
+        return True
+    try:
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return False
+    try:
+        return conn.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is None
+    except sqlite3.OperationalError as exc:
+        return "no such table" in str(exc)  # created but never migrated
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
+def start(config: Config, workers: int) -> observe.ObservePool | None:
+    """Observations of every run the config names, in worker processes, when the database knows
+    no run yet and there are enough runs to be worth it; else None."""
+    if workers <= 1 or not knows_no_run(config.daemon.database):
+        return None
+    specs = [s for i, w in enumerate(config.watches) for s in runs_mod.discover(i, w)]
+    if len(specs) < observe.PARALLEL_MIN_RUNS:
+        return None
+    requests = [
+        observe.Request.first_look(s.path, s.watch.keras_template, observe.STALE_AFTER)
+        for s in specs
+    ]
+    return observe.ObservePool(requests, workers)
