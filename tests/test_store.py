@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -169,4 +170,5 @@ def test_migrations_run_from_the_installed_wheel(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert '"up_to_date": true' in current.stdout
+    assert json.loads(current.stdout)["database"] == f"sqlite:///{db}"  # as configured
     assert os.path.getsize(db) > 0

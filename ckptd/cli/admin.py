@@ -145,12 +145,15 @@ def db_current(ctx: CliContext, as_json: bool) -> None:
     Example:
       ckptd db current --json
     """
+    from sqlalchemy.engine import make_url
+
     from ckptd.store import migrate
 
     engine = ctx.engine(readonly=True)
     current, head = migrate.current_revision(engine), migrate.head_revision(engine)
     data = {
-        "database": engine.url.render_as_string(hide_password=True),
+        # the configured URL (the engine's is its read-only rewrite), without a password
+        "database": make_url(ctx.config().daemon.database).render_as_string(hide_password=True),
         "current": current,
         "head": head,
         "up_to_date": current == head,
