@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -186,3 +187,33 @@ def test_only_the_worker_imports_tensorflow() -> None:
         if "worker" not in p.parts and pattern.search(p.read_text())
     ]
     assert offenders == []
+
+
+def test_evaluate_progress_shows_a_run_name_with_brackets_as_text(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    """`ckptd evaluate` draws a progress bar on a terminal; a run name like `exp[red]` is text,
+    not rich markup (it used to lose its brackets; `[/…]` raised MarkupError). A command
+    evaluator: no TensorFlow."""
+    script = tmp_path / "eval.py"
+    script.write_text(
+        "import json, sys\nprint(json.dumps({'eval/score': int(sys.argv[1]) / 100}))\n"
+    )
+    root = tmp_path / "runs"
+    corpus.copy("tf1", root / "exp[red]")
+    evaluate = (
+        '\n[watch.evaluate]\nevaluator = "command"\n'
+        f'command = ["{sys.executable}", "{script}", "{{step}}"]\n'
+    )
+    conf = write_config(tmp_path / "c.toml", root, db=tmp_path / "ckptd.db", extra=evaluate)
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    result = subprocess.run(
+        [PY, "-m", "ckptd", "--config", str(conf), "evaluate", "exp[red]", "--again"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "FORCE_COLOR": "1", "COLUMNS": "120"},  # rich draws as on a terminal
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "evaluating exp[red]" in result.stdout  # the progress bar's frames
+    assert "eval/score" in result.stdout and "0.3" in result.stdout

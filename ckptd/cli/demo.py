@@ -108,6 +108,8 @@ def demo(ctx: CliContext, workdir: str | None, keep: bool) -> None:
       ckptd demo --dir /tmp/ckptd-demo
     """
     del ctx
+    from rich.markup import escape  # paths are text, not markup
+
     out = console()
     base = Path(workdir or tempfile.mkdtemp(prefix="ckptd-demo-")).resolve()
     runs = base / "runs"
@@ -117,7 +119,7 @@ def demo(ctx: CliContext, workdir: str | None, keep: bool) -> None:
     config.write_text(DEMO_CONFIG.format(db=db, runs=runs, base=base))
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
-    out.print(f"[bold]ckptd demo[/bold] in {base}")
+    out.print(f"[bold]ckptd demo[/bold] in {escape(str(base))}")
     daemon_log = (base / "daemon.log").open("wb")
     daemon = subprocess.Popen(
         [_python(), "-m", "ckptd", "--config", str(config), "run"],
@@ -219,7 +221,8 @@ def demo(ctx: CliContext, workdir: str | None, keep: bool) -> None:
             f"open('{export}/frozen.pb', 'rb').read())"
         )
     else:
-        out.print(f"[yellow]no export was published; see {base / 'daemon.log'}[/yellow]")
+        log_path = escape(str(base / "daemon.log"))
+        out.print(f"[yellow]no export was published; see {log_path}[/yellow]")
     click.echo()
     click.echo(f"database:   {db}\nconfig:     {config}\ndaemon log: {base / 'daemon.log'}")
     click.echo(

@@ -69,6 +69,7 @@ def evaluate(ctx: CliContext, target: str, again: bool, as_json: bool) -> None:
             s.execute(delete(EvaluationRow).where(EvaluationRow.checkpoint_id.in_(ids)))
     evaluator.enqueue(ids)
     total = evaluator.pending_count()
+    from rich.markup import escape  # a run name is text, not markup
     from rich.progress import Progress
 
     from ckptd.cli.output import console
@@ -76,7 +77,7 @@ def evaluate(ctx: CliContext, target: str, again: bool, as_json: bool) -> None:
     outcomes = []
     try:
         with Progress(console=console(), transient=True, disable=as_json) as progress:
-            task = progress.add_task(f"evaluating {run.name}", total=total)
+            task = progress.add_task(f"evaluating {escape(run.name)}", total=total)
             while batch := evaluator.run_pending(limit=1):
                 outcomes += batch
                 progress.advance(task)
