@@ -13,9 +13,8 @@ import gc
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -438,52 +437,30 @@ class Pruner:
         return len(rows)
 
     def _finish(self, batches: list[_Batch], repair: Sequence[str] = ()) -> None:
-        """Phases 2 and 3 for checkpoints already in ``pruning``, and the runs' state files.
-
-        A run's state file is rewritten (on a thread) as soon as its files are gone, while the
-        next runs' files are removed and phase 3 commits: each rewrite waits on two fsyncs (file,
-        directory), which release the GIL, and done concurrently the filesystem commits them
-        together. The order does not matter for safety: a crash before phase 3 leaves the rows
-        in ``pruning`` and :meth:`resume` redoes the (idempotent) rewrite.
-        """
+        """Phases 2 and 3 for checkpoints already in ``pruning``, then the runs' state files."""
         outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]] = []
-        left = Counter(b.run_dir for b in batches)  # batches per run dir still to remove
-        removed: dict[str, set[str]] = {}
-        tidy: list[tuple[str, str | None, set[str], bool]] = []
-        n_jobs = len(left) + len(set(repair) - set(left))
-        pool = ThreadPoolExecutor(min(STATE_FILE_THREADS, n_jobs)) if n_jobs > 1 else None
-        futures: list[Future[None]] = []
-
-        def tidy_run(job: tuple[str, str | None, set[str], bool]) -> None:
-            if pool is None:
-                tidy.append(job)  # alone: after phase 3, on this thread
-            else:
-                futures.append(pool.submit(self._tidy_run, *job))
-
-        try:
-            for b in batches:  # phase 2: one directory descriptor per run
-                pairs = list(
-                    zip(b.ckpts, fsops.remove_groups(b.root, b.run_dir, b.files()), strict=True)
-                )
-                outcomes.append((b, pairs))
-                gone = removed.setdefault(b.run_dir, set())
-                gone.update(c.prefix for c, r in pairs if r.ok)
-                left[b.run_dir] -= 1
-                if not left[b.run_dir]:
-                    # The state file is rewritten when something went; stale TensorFlow temp
-                    # directories are cleaned either way.
-                    tidy_run((b.run_dir, b.root, gone, bool(gone)))
-            for path in repair:
-                if path not in removed:
-                    tidy_run((path, None, set(), True))
-            self._commit_results(outcomes)  # phase 3
+        jobs: dict[str, tuple[str | None, set[str]]] = {}  # run dir -> (root, prefixes removed)
+        for b in batches:  # phase 2: one directory descriptor per run
+            pairs = list(
+                zip(b.ckpts, fsops.remove_groups(b.root, b.run_dir, b.files()), strict=True)
+            )
+            outcomes.append((b, pairs))
+            _root, removed = jobs.setdefault(b.run_dir, (b.root, set()))
+            removed.update(c.prefix for c, r in pairs if r.ok)
+        self._commit_results(outcomes)  # phase 3
+        # The state file is rewritten when something went (and always for a run to repair);
+        # stale TensorFlow temp directories are cleaned either way.
+        tidy = [(path, root, removed, bool(removed)) for path, (root, removed) in jobs.items()]
+        tidy += [(path, None, set(), True) for path in dict.fromkeys(repair) if path not in jobs]
+        if len(tidy) <= 1:
             for job in tidy:
                 self._tidy_run(*job)
-            for f in futures:
-                f.result()
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=False)
+            return
+        # Each state-file rewrite waits on two fsyncs (file, directory), which release the GIL:
+        # done concurrently, the filesystem commits them together instead of one by one.
+        with ThreadPoolExecutor(min(STATE_FILE_THREADS, len(tidy))) as pool:
+            for _ in pool.map(lambda job: self._tidy_run(*job), tidy):
+                pass
 
     def _commit_results(
         self, outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]]
