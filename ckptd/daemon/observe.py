@@ -230,7 +230,9 @@ class ObservePool:
     def _start(self, workers: int) -> None:
         try:
             ctx = start_fork_server()
-            executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            executor = ProcessPoolExecutor(
+                max_workers=workers, mp_context=ctx, initializer=_yield_cpu, initargs=(WORKER_NICE,)
+            )
             self._executor = executor
             executor.submit(int).result()  # the fork server and the workers are up
             with self._lock:
@@ -265,6 +267,18 @@ class ObservePool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             stop_fork_server()
+
+
+# Workers run at a lower priority than the daemon: its single thread writing what they observed
+# is the backfill's critical path, and they should take the CPU it leaves, not share its core.
+WORKER_NICE = 10
+
+
+def _yield_cpu(increment: int) -> None:
+    try:
+        os.nice(increment)
+    except OSError:  # pragma: no cover - not permitted: run at the daemon's priority
+        pass
 
 
 def start_fork_server() -> multiprocessing.context.ForkServerContext:
