@@ -16,7 +16,7 @@ from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec, discover, run_of
 from ckptd.store import migrate, queries
 from ckptd.store.db import make_engine, session_scope
-from tests.conftest import Corpus
+from tests.conftest import Corpus, wait_for
 
 
 def _setup(
@@ -133,7 +133,7 @@ def test_parallel_backfill_records_what_the_sequential_one_does(
             outcomes = rec.reconcile_many(specs, workers=2)
             from multiprocessing import forkserver
 
-            assert forkserver._forkserver._forkserver_pid is None, "fork server left running"
+            assert wait_for(lambda: forkserver._forkserver._forkserver_pid is None, timeout=10)
         else:
             outcomes = rec.reconcile_many(specs)
         assert sum(len(o.recorded) for o in outcomes) > 0
@@ -497,7 +497,7 @@ def test_observe_many_falls_back_in_process_when_the_pool_breaks(
     expected = [o.found for o in rec.observe_all(specs, workers=1)]
     monkeypatch.setattr(observe_mod, "ProcessPoolExecutor", Broken)
     monkeypatch.setattr(observe_mod, "start_fork_server", lambda: None)
-    monkeypatch.setattr(observe_mod, "stop_fork_server", lambda: None)
+    monkeypatch.setattr(observe_mod, "stop_fork_server", lambda **_k: None)
     got = [o.found for o in rec.observe_all(specs, workers=2)]
     assert got == expected and len(got) == 3
 

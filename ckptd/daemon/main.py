@@ -167,7 +167,8 @@ class Daemon:
         finally:
             if prefetched is not None:
                 prefetched.close()  # (a no-op once the backfill has used it)
-            stop_fork_server()  # started by `ckptd run` even if there were too few runs to use
+            # started by `ckptd run` even if there were too few runs to use it
+            stop_fork_server(wait=False)
 
     def all_runs(self) -> list[RunSpec]:
         specs = []

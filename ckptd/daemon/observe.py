@@ -266,7 +266,7 @@ class ObservePool:
         self._thread.join()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
-            stop_fork_server()
+            stop_fork_server(wait=False)
 
 
 # Workers run at a lower priority than the daemon: its single thread writing what they observed
@@ -295,9 +295,13 @@ def start_fork_server() -> multiprocessing.context.ForkServerContext:
     return ctx
 
 
-def stop_fork_server() -> None:
+def stop_fork_server(*, wait: bool = True) -> None:
     """The fork server otherwise idles for the daemon's lifetime (~20 MB). ``_stop`` is private
-    (CPython's own tests use it); without it the server just stays."""
+    (CPython's own tests use it); without it the server just stays. ``wait=False``: in a
+    background thread (the server takes ~20 ms to exit, and nothing needs to wait for that)."""
+    if not wait:
+        threading.Thread(target=stop_fork_server, name="stop-fork-server", daemon=True).start()
+        return
     from multiprocessing import forkserver
 
     stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
