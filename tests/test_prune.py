@@ -356,7 +356,8 @@ def test_prune_runs_batches_every_phase_across_runs(
     assert set(_states(db).values()) == {"complete"} and not seen  # a dry run deletes nothing
     results = pruner.prune_runs([*items, items[0]])  # a run listed twice is pruned once
     assert [len(r.pruned) for r in results[:4]] == [10] * 4 and results[4] is results[0]
-    assert all(not r.failed and r.bytes_freed > 0 for r in results)
+    # Every file here is a hard link of one source checkpoint: unlinking them frees no space.
+    assert all(not r.failed and r.bytes_freed == 0 for r in results)
     rows = query(db, "select prefix, step, state, reason from checkpoints")
     assert len(rows) == 48
     for prefix, step, state, reason in rows:
@@ -373,7 +374,7 @@ def test_prune_runs_batches_every_phase_across_runs(
         assert isinstance(subject, str) and isinstance(d["files"], list)
         name = Path(subject).name
         assert sorted(d["files"]) == [f"{name}.data-00000-of-00001", f"{name}.index"]
-        assert d["already_missing"] == [] and d["bytes"] > 0
+        assert d["already_missing"] == [] and d["bytes"] == 0  # hard links: nothing freed
     groups = 1 if batch > 40 else 2  # each group: its intent, then its result
     assert [set(s.values()) for s in seen] == [{"pruning"}, {"pruned"}] * groups
     assert [len(s) for s in seen] == [40 // groups] * 2 * groups
@@ -496,6 +497,16 @@ def test_fsops_accepts_str_paths_and_refuses_a_sibling_sharing_the_roots_prefix(
     assert (root / "run" / "sub").is_dir()
 
 
+def test_bytes_freed_counts_only_data_the_unlink_frees(tmp_path: Path) -> None:
+    """Unlinking one of two hard links frees nothing; the last link frees the data."""
+    (tmp_path / "a.data").write_bytes(b"x" * 100)
+    os.link(tmp_path / "a.data", tmp_path / "b.data")
+    first = fsops.remove_files(str(tmp_path), str(tmp_path), ["a.data"])
+    assert first.removed == ["a.data"] and first.bytes_freed == 0
+    last = fsops.remove_files(str(tmp_path), str(tmp_path), ["b.data"])
+    assert last.removed == ["b.data"] and last.bytes_freed == 100
+
+
 # ------------------------------------------------------------------ audit rows and events
 
 
@@ -526,7 +537,7 @@ def test_events_list_each_deletion_of_a_batched_audit_row(tmp_path: Path, corpus
         assert e["run"] == Path(prefix).parent.name
         assert e["detail"]["step"] == int(name.split("-")[1])
         assert sorted(e["detail"]["files"]) == [f"{name}.data-00000-of-00001", f"{name}.index"]
-        assert e["detail"]["already_missing"] == [] and e["detail"]["bytes"] > 0
+        assert e["detail"]["already_missing"] == [] and e["detail"]["bytes"] == 0  # hard links
         assert e["detail"]["checkpoint_id"] == ids[prefix]
     # --limit counts events, not rows: the newest 3 deletions (of run-1's row of 4) …
     assert [e["subject"] for e in _pruned_events(conf, "--limit", "3")] == deleted[-3:]

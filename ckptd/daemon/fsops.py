@@ -111,7 +111,7 @@ def _unlink_all(dfd: int, names: Sequence[str], result: Removal) -> None:
                 continue
             unlink(name, dir_fd=dfd)  # never follows a symlink: a link goes, its target stays
             removed.append(name)
-            if stat.S_ISREG(mode):
+            if stat.S_ISREG(mode) and st.st_nlink == 1:  # another hard link keeps the data
                 freed += st.st_size
         except FileNotFoundError:
             result.missing.append(name)
