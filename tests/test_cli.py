@@ -217,3 +217,18 @@ def test_evaluate_progress_shows_a_run_name_with_brackets_as_text(
     assert result.returncode == 0, result.stderr
     assert "evaluating exp[red]" in result.stdout  # the progress bar's frames
     assert "eval/score" in result.stdout and "0.3" in result.stdout
+
+
+def test_json_is_one_line_for_scripts_and_indented_on_a_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptd.cli.output import print_json
+
+    data = [{"step": 1, "metrics": {"loss": float("nan")}}]
+    print_json(data)  # captured: not a terminal
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out) == [{"step": 1, "metrics": {"loss": None}}]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    print_json(data)
+    out = capsys.readouterr().out
+    assert '\n  {\n    "step": 1,' in "\n" + out and json.loads(out)[0]["step"] == 1

@@ -99,8 +99,12 @@ def _clean(data: Any) -> Any:
 
 
 def print_json(data: Any) -> None:
-    """One ``json.dumps`` and one write: ``json.dump`` would write each token separately."""
-    sys.stdout.write(json.dumps(_clean(data), indent=2, default=str, allow_nan=False) + "\n")
+    """One ``json.dumps`` and one write: ``json.dump`` would write each token separately.
+
+    Indented on a terminal (for people); one line otherwise (for scripts): ``indent`` makes the
+    json module fall back from its C encoder to pure Python, ~0.1 s for 10,000 objects."""
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(_clean(data), indent=indent, default=str, allow_nan=False) + "\n")
 
 
 def console() -> Any:
