@@ -81,6 +81,9 @@ def test_live_training_every_checkpoint_lands_with_step_and_metric(
     # The TF1 meta graph arrives after the state file; it must end up recorded.
     meta_sql = "select count(*) from checkpoints c join runs r on r.id=c.run_id where r.name='tf1' and has_meta"
     assert wait_for(lambda: query(db, meta_sql)[0][0] == 8)
+    # The WAL is folded into the database by its own job, not by recording commits.
+    jobs_sql = "select status from daemons order by id desc limit 1"
+    assert wait_for(lambda: "wal-checkpoint" in json.loads(query(db, jobs_sql)[0][0])["jobs"])
     status = ckptd("status", "--json", config=conf)
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)

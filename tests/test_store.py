@@ -172,3 +172,31 @@ def test_migrations_run_from_the_installed_wheel(tmp_path: Path) -> None:
     assert '"up_to_date": true' in current.stdout
     assert json.loads(current.stdout)["database"] == f"sqlite:///{db}"  # as configured
     assert os.path.getsize(db) > 0
+
+
+def test_wal_checkpoints_can_be_taken_off_the_commit_path(tmp_path: Path) -> None:
+    """The daemon's engine never checkpoints in a commit; checkpoint_wal does it on demand."""
+    from ckptd.store.db import checkpoint_wal
+
+    url = f"sqlite:///{tmp_path}/w.db"
+    default, daemon = make_engine(url), make_engine(url, wal_autocheckpoint=False)
+    with default.connect() as c:
+        assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+    with daemon.connect() as c:
+        assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    migrate.upgrade(daemon)
+    with session_scope(daemon) as s:
+        for i in range(3000):  # well past 1,000 pages of WAL
+            s.execute(
+                text(
+                    "INSERT INTO runs (name, path, watch_path, present, created_at) "
+                    "VALUES (:n, :p, '/', 1, '')"
+                ),
+                {"n": f"r{i}", "p": f"/{i}/" + "x" * 2000},
+            )
+    wal = tmp_path / "w.db-wal"
+    busy, pages, done = checkpoint_wal(daemon)  # type: ignore[misc]
+    assert busy == 0 and pages > 1000 and done == pages  # nothing had checkpointed it
+    assert wal.exists()
+    daemon.dispose()
+    default.dispose()

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -42,12 +43,13 @@ from ckptd.daemon.scheduler import Scheduler
 from ckptd.daemon.watch import Watcher
 from ckptd.model import utcnow
 from ckptd.store import migrate
-from ckptd.store.db import insert_id, make_engine, session_scope
+from ckptd.store.db import checkpoint_wal, insert_id, make_engine, session_scope
 from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
 from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
 
+WAL_CHECKPOINT_EVERY = timedelta(seconds=1)
 # Every this many periodic rescans, one re-lists every run even if its fingerprint holds.
 DEEP_RESCAN_EVERY = 10
 
@@ -97,7 +99,8 @@ class Daemon:
     def __init__(self, config: Config, *, prefetched: ObservePool | None = None) -> None:
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
-        self.engine = make_engine(config.daemon.database)
+        # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
+        self.engine = make_engine(config.daemon.database, wal_autocheckpoint=False)
         self.dirty = DirtyRuns()
         self.health = Health()
         self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
@@ -268,6 +271,13 @@ class Daemon:
             )
             return {state: n for state, n in rows}
 
+    def checkpoint_wal(self) -> None:
+        """Fold the WAL into the database here, off the recording path (see make_engine)."""
+        result = checkpoint_wal(self.engine)
+        if result is not None and result[0]:
+            _busy, pages, done = result
+            log.debug("WAL checkpoint held back by a reader: %d of %d pages copied", done, pages)
+
     def heartbeat(self) -> None:
         counts = self.counts()
         metrics.checkpoints(counts)
@@ -413,6 +423,7 @@ class Daemon:
         d = self.config.daemon
         self.scheduler.every("rescan", d.rescan_interval, self.rescan)
         self.scheduler.every("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=True)
+        self.scheduler.every("wal-checkpoint", WAL_CHECKPOINT_EVERY, self.checkpoint_wal)
         self._schedule_watch_jobs()
         self.scheduler.start()
         notify(

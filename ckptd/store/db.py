@@ -24,11 +24,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(u.database)
 
 
-def make_engine(url: str, *, readonly: bool = False) -> Engine:
+def make_engine(url: str, *, readonly: bool = False, wal_autocheckpoint: bool = True) -> Engine:
     """An engine with SQLite set up for one writer and many readers (WAL, busy timeout, FKs).
 
     Writers start transactions with ``BEGIN IMMEDIATE`` so a lock conflict waits at BEGIN (under
     the busy timeout) instead of failing half-way through a transaction.
+    ``wal_autocheckpoint=False``: commits never checkpoint the WAL (SQLite's default makes the
+    commit that crosses 1,000 pages copy them into the database and fsync it, which under a
+    trainer's disk writes can stall that commit for hundreds of ms); the owner then calls
+    :func:`checkpoint_wal` from a thread of its own (the daemon: every second).
     """
     path = sqlite_path(url)
     if path is None:
@@ -60,6 +64,8 @@ def make_engine(url: str, *, readonly: bool = False) -> Engine:
         if not readonly:
             cur.execute("PRAGMA journal_mode = WAL")
             cur.execute("PRAGMA synchronous = NORMAL")
+            if not wal_autocheckpoint:
+                cur.execute("PRAGMA wal_autocheckpoint = 0")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -67,6 +73,22 @@ def make_engine(url: str, *, readonly: bool = False) -> Engine:
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def checkpoint_wal(engine: Engine) -> tuple[int, int, int] | None:
+    """Copy committed WAL pages into the database without blocking readers or writers
+    (``PRAGMA wal_checkpoint(PASSIVE)``): (busy, WAL pages, pages checkpointed); None when the
+    database is not SQLite. Runs outside any transaction, on a connection of its own."""
+    if engine.dialect.name != "sqlite":
+        return None
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        busy, log_pages, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        cur.close()
+        return int(busy), int(log_pages), int(done)
+    finally:
+        raw.close()
 
 
 def insert_id(session: Session, stmt: Any) -> int:
