@@ -314,6 +314,20 @@ def _check_consistent(run: Path, db: Path, keep_newest: int) -> None:
 # ------------------------------------------------------------------ batching across runs
 
 
+def _assert_only(run: Path, name: str) -> None:
+    """``run`` holds just checkpoint ``name`` (TF2: .index + one shard) and a state file that
+    lists only it, with its timestamp."""
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint",
+        f"{name}.data-00000-of-00001",
+        f"{name}.index",
+    ]
+    state = statefile.read(run)
+    assert state is not None and state.all_model_checkpoint_paths == [name]
+    assert state.model_checkpoint_path == name
+    assert len(state.all_model_checkpoint_timestamps) == 1
+
+
 def _recorded_runs(
     tmp_path: Path, corpus: Corpus, n_runs: int, per_run: int, keep_last: int
 ) -> tuple[Path, Path, Any, Any]:
@@ -430,15 +444,7 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
     assert len(resumed) == 15 and all("resumed after restart" in (r or "") for r, _ in resumed)
     assert sum(1 for _, d in resumed if d["already_missing"]) == 5  # run-0's
     for r in range(3):
-        run = root / f"run-{r}"
-        assert sorted(p.name for p in run.iterdir()) == [
-            "checkpoint",
-            "ckpt-6.data-00000-of-00001",
-            "ckpt-6.index",
-        ]
-        state = statefile.read(run)
-        assert state is not None and state.all_model_checkpoint_paths == ["ckpt-6"]
-        assert len(state.all_model_checkpoint_timestamps) == 1
+        _assert_only(root / f"run-{r}", "ckpt-6")
     engine.dispose()
 
 
@@ -604,16 +610,7 @@ def test_resume_after_a_crash_between_phases(
     rows = query(db, "select prefix, state, reason from checkpoints")
     assert sorted(st for _, st, _ in rows) == ["complete"] * 2 + ["pruned"] * 6
     for r in range(2):
-        run = root / f"run-{r}"
-        assert sorted(p.name for p in run.iterdir()) == [
-            "checkpoint",
-            "ckpt-4.data-00000-of-00001",
-            "ckpt-4.index",
-        ]
-        state = statefile.read(run)
-        assert state is not None and state.all_model_checkpoint_paths == ["ckpt-4"]
-        assert state.model_checkpoint_path == "ckpt-4"
-        assert len(state.all_model_checkpoint_timestamps) == 1
+        _assert_only(root / f"run-{r}", "ckpt-4")
     with session_scope(engine) as s:
         events = queries.actions(s, kinds=["pruned"])
     assert sorted(e.subject or "" for e in events) == sorted(doomed)  # each deletion, once
