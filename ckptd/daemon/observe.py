@@ -216,7 +216,7 @@ class ObservePool:
     """
 
     def __init__(self, requests: Sequence[Request], workers: int) -> None:
-        self.requests = self._requests = requests
+        self.requests = requests
         self._lock = threading.Lock()
         self._wanted = 0  # the highest index the caller has asked for, +1
         self._futures: dict[int, Future[Observation | None]] = {}
@@ -238,8 +238,8 @@ class ObservePool:
             with self._lock:
                 if self._closed:
                     return
-                for i in range(self._wanted, len(self._requests)):
-                    self._futures[i] = executor.submit(_observe_or_none, self._requests[i])
+                for i in range(self._wanted, len(self.requests)):
+                    self._futures[i] = executor.submit(_observe_or_none, self.requests[i])
         except Exception as exc:
             self.failed(exc)
 
