@@ -497,7 +497,8 @@ class Reconciler:
             for f in new
         ]
         ids = _insert_checkpoints(session, table, rows)
-        bulk = sum(f.state == COMPLETE for f in new) > BULK_AUDIT
+        complete = sum(f.state == COMPLETE for f in new)
+        bulk = complete > BULK_AUDIT
         actions: list[tuple[Any, ...]] = []
         recorded_steps: list[int] = []
         for f, cid in zip(new, ids, strict=True):
@@ -518,10 +519,9 @@ class Reconciler:
         if bulk:
             # A backfill: one audit entry for the batch instead of thousands (the rows
             # themselves carry recorded_at); corrupt ones are still listed one by one.
-            count = sum(f.state == COMPLETE for f in new)
             steps = [min(recorded_steps), max(recorded_steps)] if recorded_steps else None
-            reason = f"{count} checkpoints found in one scan"
-            detail = {"count": count, "steps": steps}
+            reason = f"{complete} checkpoints found in one scan"
+            detail = {"count": complete, "steps": steps}
             actions.append((now, "recorded", run_id, None, str(spec.path), reason, detail))
         insert_many(
             session.connection(),
