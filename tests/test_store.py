@@ -200,3 +200,31 @@ def test_wal_checkpoints_can_be_taken_off_the_commit_path(tmp_path: Path) -> Non
     assert wal.exists()
     daemon.dispose()
     default.dispose()
+
+
+def test_backfill_checkpoints_the_wal_while_it_writes(tmp_path: Path) -> None:
+    """The start-up backfill runs before the scheduler's WAL job: a thread checkpoints meanwhile,
+    so the copy overlaps the writing instead of landing on the exit (or the first job)."""
+    import time
+
+    from ckptd.config import parse_config
+    from ckptd.daemon.main import Daemon
+
+    (tmp_path / "runs").mkdir()
+    cfg = parse_config(
+        {
+            "daemon": {"database": f"sqlite:///{tmp_path}/d.db"},
+            "watch": [{"path": str(tmp_path / "runs"), "runs": "*"}],
+        }
+    )
+    daemon = Daemon(cfg)
+    daemon.prepare()
+    calls: list[float] = []
+    daemon.checkpoint_wal = lambda: calls.append(time.monotonic())  # type: ignore[method-assign]
+    with daemon._checkpointing_wal(every=0.02):
+        time.sleep(0.3)
+    n = len(calls)
+    assert n >= 2
+    time.sleep(0.1)
+    assert len(calls) == n  # stopped with the body
+    daemon.engine.dispose()

@@ -15,7 +15,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -50,6 +51,7 @@ from ckptd.worker.client import WorkerClient
 log = logging.getLogger(__name__)
 
 WAL_CHECKPOINT_EVERY = timedelta(seconds=1)
+BACKFILL_WAL_CHECKPOINT_EVERY = 0.1  # seconds; while the start-up backfill writes
 # Every this many periodic rescans, one re-lists every run even if its fingerprint holds.
 DEEP_RESCAN_EVERY = 10
 
@@ -166,12 +168,35 @@ class Daemon:
         self.reconciler.preload()
         prefetched, self._prefetched = self._prefetched, None
         try:
-            return self.full_reconcile(workers=default_workers(), prefetched=prefetched)
+            with self._checkpointing_wal(every=BACKFILL_WAL_CHECKPOINT_EVERY):
+                return self.full_reconcile(workers=default_workers(), prefetched=prefetched)
         finally:
             if prefetched is not None:
                 prefetched.close()  # (a no-op once the backfill has used it)
             # started by `ckptd run` even if there were too few runs to use it
             stop_fork_server(wait=False)
+
+    @contextmanager
+    def _checkpointing_wal(self, every: float) -> Iterator[None]:
+        """Checkpoint the WAL from a thread while the body writes (a backfill writes ~10 MB
+        per 10,000 checkpoints, before the scheduler's job runs): copying pages into the
+        database then overlaps the writing instead of following it at the end."""
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.wait(every):
+                try:
+                    self.checkpoint_wal()
+                except Exception:  # a failed checkpoint is retried next time; never fatal
+                    log.debug("WAL checkpoint failed", exc_info=True)
+
+        thread = threading.Thread(target=loop, name="wal-checkpoint", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def all_runs(self) -> list[RunSpec]:
         specs = []
