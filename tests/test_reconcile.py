@@ -547,6 +547,45 @@ def test_observer_ignores_reads_and_reports_writes(tmp_path: Path, corpus: Corpu
         watcher.stop()
 
 
+def test_renames_still_pair_with_the_short_move_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watchdog's 0.5 s hold on IN_MOVED_FROM (which could delay the next checkpoint by that
+    much) is cut to MOVE_PAIRING_DELAY; renames done the way TensorFlow writes its state file
+    still come through as one paired move, and the file written next is reported too."""
+    from watchdog.events import FileMovedEvent
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    from ckptd.daemon import watch
+
+    assert InotifyMoveEventGrouper.delay == watch.MOVE_PAIRING_DELAY < 0.1
+    root = tmp_path / "runs"
+    (root / "a").mkdir(parents=True)
+    cfg = parse_config({"daemon": {}, "watch": [{"path": str(root), "runs": "*"}]})
+    events: list[object] = []
+    real = watch._Handler.on_any_event
+
+    def record(self: watch._Handler, event: object) -> None:
+        events.append(event)
+        real(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watch._Handler, "on_any_event", record)
+    watcher = watch.Watcher(cfg.watches, lambda _i, _path: None)
+    watcher.start()
+    try:
+        for i in range(20):
+            tmp = root / "a" / f"checkpoint.tmp{i}"
+            tmp.write_text(f'model_checkpoint_path: "ckpt-{i}"\n')
+            os.replace(tmp, root / "a" / "checkpoint")
+            (root / "a" / f"ckpt-{i}.index").write_text("x")
+        want = str(root / "a" / "ckpt-19.index")
+        assert wait_for(lambda: any(getattr(e, "src_path", None) == want for e in events), 10)
+        moves = [e for e in events if isinstance(e, FileMovedEvent)]
+        assert len(moves) == 20 and all(m.dest_path.endswith("/checkpoint") for m in moves)
+    finally:
+        watcher.stop()
+
+
 def test_idle_benchmark_sizes_its_window_by_the_daemons_deep_rescan_period() -> None:
     """bench/footprint.py does not import ckptd; its copy of DEEP_RESCAN_EVERY must match."""
     import re
