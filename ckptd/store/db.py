@@ -30,9 +30,9 @@ def make_engine(url: str, *, readonly: bool = False, wal_autocheckpoint: bool = 
     Writers start transactions with ``BEGIN IMMEDIATE`` so a lock conflict waits at BEGIN (under
     the busy timeout) instead of failing half-way through a transaction.
     ``wal_autocheckpoint=False``: commits never checkpoint the WAL (SQLite's default makes the
-    commit that crosses 1,000 pages copy them into the database and fsync it, which under a
-    trainer's disk writes can stall that commit for hundreds of ms); the owner then calls
-    :func:`checkpoint_wal` from a thread of its own (the daemon: every second).
+    commit that crosses 1,000 pages copy them into the database and fsync it: ~6 ms here, more
+    when a trainer is writing to the same disk); the owner then calls :func:`checkpoint_wal`
+    from a thread of its own (the daemon: every second, and every 0.1 s during its backfill).
     """
     path = sqlite_path(url)
     if path is None:
