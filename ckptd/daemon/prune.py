@@ -392,16 +392,11 @@ class Pruner:
         if not rows:
             return 0
         params = {"run_ids": run_ids}
-        best: dict[int, dict[str, tuple[int, float]]] = {}
+        best: dict[int, dict[str, float]] = {}
         if metrics_wanted:
-            rank_of = queries.SOURCE_RANK.get
-            for cid, name, value, source in conn.execute(
-                _PLAN_METRICS, {**params, "names": metrics_wanted}
-            ):
-                rank = rank_of(source, 9)
-                slot = best.setdefault(cid, {})
-                if name not in slot or rank < slot[name][0]:
-                    slot[name] = (rank, float("nan") if value is None else value)
+            best = queries.best_sources(
+                conn.execute(_PLAN_METRICS, {**params, "names": metrics_wanted})
+            )
         pinned = set(conn.execute(_PLAN_PINS, params).scalars())
         evaluations = dict(conn.execute(_PLAN_EVALS, params).all())
         exports = conn.execute(_PLAN_EXPORTS, params).all()
@@ -411,7 +406,6 @@ class Pruner:
         files = json.loads("[" + ",".join(row[8] or "null" for row in rows) + "]")
         for row, names_of in zip(rows, files, strict=True):
             cid = row[0]
-            m = best.get(cid)
             out[row[1]].append(
                 Checkpoint(
                     id=cid,
@@ -427,7 +421,7 @@ class Pruner:
                     has_meta=row[9],
                     created_at=row[10],
                     recorded_at=row[11] or row[12],
-                    metrics={k: v for k, (_r, v) in m.items()} if m else {},
+                    metrics=best.get(cid, {}),
                     pinned=cid in pinned,
                     evaluation=evaluations.get(cid),
                     exported=cid in exported,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Row, and_, func, select
@@ -169,6 +169,18 @@ def checkpoints(
     return out
 
 
+def best_sources(rows: Iterable[Any]) -> dict[int, dict[str, float]]:
+    """Per checkpoint, each metric's value from its best source (SOURCE_RANK), names sorted;
+    rows are (checkpoint id, name, value, source). NULL (stored NaN) becomes NaN."""
+    slots: dict[int, dict[str, tuple[int, float]]] = {}
+    for cid, name, value, source in rows:
+        rank = SOURCE_RANK.get(source, 9)
+        slot = slots.setdefault(cid, {})
+        if name not in slot or rank < slot[name][0]:
+            slot[name] = (rank, float("nan") if value is None else value)
+    return {cid: {k: v for k, (_r, v) in sorted(slot.items())} for cid, slot in slots.items()}
+
+
 def _extras(
     session: Session, ids: list[int], run_id: int | None, run_ids: Sequence[int] | None = None
 ) -> Any:
@@ -181,16 +193,13 @@ def _extras(
             return column.in_(select(_checkpoints.id).where(_checkpoints.run_id.in_(list(run_ids))))
         return column.in_(ids) if len(ids) <= 30000 else True
 
-    metrics: dict[int, dict[str, tuple[int, float]]] = {}
-    for cid, name, value, source in session.execute(
-        select(_metrics.checkpoint_id, _metrics.name, _metrics.value, _metrics.source).where(
-            where(_metrics.checkpoint_id)
+    metrics = best_sources(
+        session.execute(
+            select(_metrics.checkpoint_id, _metrics.name, _metrics.value, _metrics.source).where(
+                where(_metrics.checkpoint_id)
+            )
         )
-    ):
-        rank = SOURCE_RANK.get(source, 9)
-        slot = metrics.setdefault(cid, {})
-        if name not in slot or rank < slot[name][0]:
-            slot[name] = (rank, float("nan") if value is None else value)
+    )
     pinned = set(session.scalars(select(_pins.checkpoint_id).where(where(_pins.checkpoint_id))))
     evaluations = dict(
         session.execute(
@@ -208,7 +217,7 @@ def _extras(
     exporting = {cid for cid, st in exports if st == "exporting"}
 
     def get(cid: int) -> tuple[dict[str, float], bool, str | None, bool, bool]:
-        m = {k: v for k, (_r, v) in sorted(metrics.get(cid, {}).items())}
+        m = metrics.get(cid, {})
         return m, cid in pinned, evaluations.get(cid), cid in exported, cid in exporting
 
     return get
