@@ -8,54 +8,20 @@ planted link is removed, its target is untouched).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptd.safeio import StrPath, UnsafePath, open_dir_under
+
 log = logging.getLogger(__name__)
 
-StrPath = str | os.PathLike[str]
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class UnsafePath(Exception):
-    """A path that would leave the watch root or pass through a symlink: refused."""
-
-
-@contextmanager
-def open_dir_under(root: StrPath, directory: StrPath) -> Iterator[int]:
-    """A file descriptor for ``directory``, reached from ``root`` without following symlinks."""
-    root_s = os.path.abspath(root)
-    dir_s = os.path.abspath(directory)
-    if dir_s == root_s:
-        parts: list[str] = []
-    elif dir_s.startswith(root_s.rstrip("/") + "/"):
-        parts = dir_s[len(root_s.rstrip("/")) + 1 :].split("/")
-    else:
-        raise UnsafePath(f"{dir_s} is not under the watch root {root_s}")
-    if any(part in ("..", "") for part in parts):
-        raise UnsafePath(f"{dir_s}: refusing a path with '..'")
-    fd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in parts:
-            try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePath(f"{dir_s}: {part!r} is a symlink or not a directory") from None
-                raise
-            os.close(fd)
-            fd = nfd
-        yield fd
-    finally:
-        os.close(fd)
+__all__ = ["Removal", "UnsafePath", "open_dir_under", "remove_files", "remove_groups"]
 
 
 @dataclass
