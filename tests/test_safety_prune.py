@@ -105,6 +105,9 @@ def test_prune_removes_only_tensorflow_leftovers_of_recorded_checkpoints(
     _tf2_temp_dir(tf2, "ckpt-99")
     (tf2 / "ckpt-40_temp").symlink_to(outside)
     (tf1 / f"model.ckpt-20.index{TEMPSTATE}").symlink_to(outside / "precious")
+    not_utf8 = tf1 / f"model.ckpt-10\udcff.index{TEMPSTATE}"  # b"\xff" in the name
+    not_utf8.write_bytes(b"")
+    _age(not_utf8)
     fresh = tf1 / f"model.ckpt-30.data-00000-of-00001{TEMPSTATE}"
     shutil.copy(tf1 / "model.ckpt-30.data-00000-of-00001", fresh)
 
@@ -144,7 +147,7 @@ def test_prune_removes_only_tensorflow_leftovers_of_recorded_checkpoints(
     assert len(list((tf2 / "ckpt-99_temp").iterdir())) == 2
     assert (tf2 / "ckpt-40_temp").is_symlink() and len(list(outside.iterdir())) == 2
     assert (tf1 / f"model.ckpt-20.index{TEMPSTATE}").is_symlink()
-    assert (outside / "precious").read_text() == "keep" and fresh.exists()
+    assert (outside / "precious").read_text() == "keep" and fresh.exists() and not_utf8.exists()
     # Nothing else that is not a checkpoint file went (the pruned checkpoints' files did).
     gone = {p for p in before - _tree(root) - _tree(outside) if not CHECKPOINT_FILE.fullmatch(p)}
     assert gone == {

@@ -295,6 +295,9 @@ class Pruner:
         with session_scope(self.engine) as s:
             for run, result, leftovers in found:
                 paths = {os.path.join(run.path, f.prefix) for f in leftovers}
+                # A name that is not UTF-8 (surrogate-escaped) was never recorded, nor can it be
+                # a query parameter.
+                paths = {path for path in paths if _utf8(path)}
                 recorded = set(
                     s.scalars(
                         select(CheckpointRow.prefix).where(
@@ -666,6 +669,14 @@ def _without(
         if path in removed or path in dropped:
             current = paths[-1] if paths else ""
     return statefile.CheckpointState(current, paths, stamps, state.last_preserved_timestamp)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _exists(prefix: str) -> bool:
