@@ -157,14 +157,12 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
             ],
             empty=f"{res.run}: no complete checkpoints",
         )
-        if res.leftovers:
+        if res.leftovers and res.dry_run:
             names = ", ".join(f.label for f in res.leftovers)
-            click.echo(
-                f"{res.run}: would remove TensorFlow's stale temporary files: {names}"
-                if res.dry_run
-                else f"{res.run}: removed TensorFlow's stale temporary files: "
-                + ", ".join(res.leftovers_removed)
-            )
+            click.echo(f"{res.run}: would remove TensorFlow's stale temporary files: {names}")
+        elif res.leftovers_removed:
+            names = ", ".join(res.leftovers_removed)
+            click.echo(f"{res.run}: removed TensorFlow's stale temporary files: {names}")
         for f in res.failed:
             click.echo(f"failed: {f}", err=True)
     if any(res.failed for res, _ in results):
