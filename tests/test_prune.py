@@ -44,6 +44,13 @@ def _setup(
     return root, db, conf
 
 
+def _record_then_allow_pruning(conf: Path) -> None:
+    """``run --once`` under ``dry_run = true`` (records, deletes nothing); then dry_run off."""
+    conf.write_text(conf.read_text().replace('every = "1h"', 'every = "1h"\ndry_run = true'))
+    assert ckptd("run", "--once", config=conf).returncode == 0
+    conf.write_text(conf.read_text().replace("dry_run = true", "dry_run = false"))
+
+
 def _states(db: Path) -> dict[str, str]:
     return dict(query(db, "select prefix, state from checkpoints"))
 
@@ -136,8 +143,7 @@ def test_dry_run_plans_with_reasons_and_deletes_nothing(tmp_path: Path, corpus: 
 
 def test_pin_protects_and_unpin_releases(tmp_path: Path, corpus: Corpus) -> None:
     root, db, conf = _setup(tmp_path, corpus, ("tf2",), best=True)
-    conf.write_text(conf.read_text().replace('every = "1h"', 'every = "1h"\ndry_run = true'))
-    assert ckptd("run", "--once", config=conf).returncode == 0
+    _record_then_allow_pruning(conf)
     assert ckptd("pin", "tf2@10", "--reason", "paper", config=conf).returncode == 0
     result = ckptd("prune", "tf2", config=conf)
     assert result.returncode == 0, result.stderr
@@ -158,8 +164,7 @@ def test_symlink_never_followed_and_unrecorded_files_survive(
     tmp_path: Path, corpus: Corpus
 ) -> None:
     root, db, conf = _setup(tmp_path, corpus, ("tf2",))
-    conf.write_text(conf.read_text().replace('every = "1h"', 'every = "1h"\ndry_run = true'))
-    assert ckptd("run", "--once", config=conf).returncode == 0  # recorded, nothing deleted yet
+    _record_then_allow_pruning(conf)  # recorded, nothing deleted yet
     outside = tmp_path / "precious.bin"
     outside.write_bytes(b"do not delete me")
     data = root / "tf2" / "ckpt-10.data-00000-of-00001"
@@ -345,6 +350,7 @@ def _recorded_runs(
         best=False,
     )
     assert ckptd("run", "--once", config=conf).returncode == 0
+    conf.write_text(conf.read_text().replace("dry_run = true", "dry_run = false"))
     cfg = load_config(conf)
     return root, db, cfg, make_engine(cfg.daemon.database)
 

@@ -55,7 +55,9 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
     Only checkpoints ckptd recorded are deleted, only their recorded files, never through a
     symlink; the newest, the best, pinned and exported checkpoints are always kept. The run's
     `checkpoint` state file is rewritten so TensorFlow keeps working. Runs whose watch has no
-    [watch.retain] section are never pruned.
+    [watch.retain] section are never pruned; with `dry_run = true` there, only the plan is shown.
+    TensorFlow's own temporary files of recorded checkpoints, untouched for a day
+    (`PREFIX_temp/` of part files, `*.tempstate*`, `PREFIX.meta.tmp*`), are in the plan too.
 
     \b
     Examples:
@@ -95,7 +97,13 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
                 {
                     "run": res.run,
                     "dry_run": res.dry_run,
+                    "dry_run_config": res.dry_run_config,
                     "plan": _plan_rows(res, metric),
+                    "leftovers": [
+                        {"name": f.name, "prefix": f.prefix, "files": f.parts}
+                        for f in res.leftovers
+                    ],
+                    "leftovers_removed": res.leftovers_removed,
                     "pruned": res.pruned,
                     "failed": res.failed,
                     "bytes_freed": res.bytes_freed,
@@ -106,6 +114,11 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
         return
     if not results:
         click.echo("no run has a retention policy ([watch.retain]); nothing to do")
+    if any(res.dry_run_config for res, _ in results):
+        click.echo(
+            f"dry-run mode: [watch.retain] dry_run = true in {cfg.source}; those runs show their "
+            "plan and nothing is deleted (set dry_run = false to prune)"
+        )
     for res, metric in results:
         rows = _plan_rows(res, metric, times=False)
         deleting = [r for r in rows if r["action"] == "delete"]
@@ -125,6 +138,7 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
             )
         title = f"{res.run}: " + (
             f"would delete {len(res.plan.delete)}, keep {len(rows) - len(res.plan.delete)}"
+            + (" (dry_run = true in the config)" if res.dry_run_config else "")
             if res.dry_run
             else f"deleted {len(res.pruned)} ({fmt_size(res.bytes_freed)} freed)"
         )
@@ -143,6 +157,12 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
             ],
             empty=f"{res.run}: no complete checkpoints",
         )
+        if res.leftovers and res.dry_run:
+            names = ", ".join(f.label for f in res.leftovers)
+            click.echo(f"{res.run}: would remove TensorFlow's stale temporary files: {names}")
+        elif res.leftovers_removed:
+            names = ", ".join(res.leftovers_removed)
+            click.echo(f"{res.run}: removed TensorFlow's stale temporary files: {names}")
         for f in res.failed:
             click.echo(f"failed: {f}", err=True)
     if any(res.failed for res, _ in results):

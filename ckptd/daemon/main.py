@@ -334,9 +334,8 @@ class Daemon:
 
         with session_scope(self.engine) as s:
             runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
-        # dry_run = true in the config: the scheduled job only logs its plan.
-        dry = watch.retain is not None and watch.retain.dry_run
-        for result in self.pruner.prune_runs([(run, watch) for run in runs], dry_run=dry):
+        # The pruner honours [watch.retain] dry_run = true: then this only logs the plan.
+        for result in self.pruner.prune_runs([(run, watch) for run in runs]):
             if result.pruned or result.failed:
                 log.info(
                     "pruned %d checkpoint(s) of %s (%d bytes freed)%s",
@@ -345,8 +344,14 @@ class Daemon:
                     result.bytes_freed,
                     f"; {len(result.failed)} failed" if result.failed else "",
                 )
-            elif result.dry_run and result.plan.delete:
-                log.info("dry run: would prune %s", ", ".join(c.label for c in result.plan.delete))
+            elif result.dry_run and (result.plan.delete or result.leftovers):
+                log.info(
+                    "dry_run = true in [watch.retain]: would prune %s of %s",
+                    ", ".join(
+                        [c.label for c in result.plan.delete] + [f.label for f in result.leftovers]
+                    ),
+                    result.run,
+                )
 
     def _on_recorded(self, ids: list[int]) -> None:
         self.evaluator.enqueue(ids, new=True)

@@ -79,6 +79,9 @@ class PruneResult:
     ``history`` is what planning read (see :meth:`Pruner._histories`): the run's complete
     checkpoints (its whole history when a ``keep_every`` rule needs it), each with only the
     ranking metric in ``metrics`` and ``evaluation`` only when pending or running.
+    ``leftovers`` are TensorFlow's stale temporary names of the run's recorded checkpoints (part
+    of the plan); ``leftovers_removed`` what of them was removed. ``dry_run_config``: the watch's
+    ``[watch.retain] dry_run = true`` made this a dry run.
     """
 
     run: str
@@ -88,6 +91,9 @@ class PruneResult:
     failed: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     dry_run: bool = False
+    dry_run_config: bool = False
+    leftovers: list[fsops.Leftover] = field(default_factory=list)
+    leftovers_removed: list[str] = field(default_factory=list)
 
 
 # Ids per ``IN (...)`` list: far below SQLite's bound-parameter limit, and short statements.
@@ -233,20 +239,23 @@ class Pruner:
         results: list[PruneResult] = []
         planned: list[tuple[Run, Rules, PruneResult]] = []
         todo: list[tuple[Run, Rules]] = []
+        dry_config: set[int] = set()  # runs whose watch says dry_run = true
         seen: set[int] = set()
         for run, watch in items:
             rules = rules_for(watch)
             if rules is not None:
                 todo.append((run, rules))
+                if watch.retain is not None and watch.retain.dry_run:
+                    dry_config.add(run.id)
         histories = self._histories(todo)
         now = utcnow()
         by_id = {}
         for run, rules in todo:
             history = histories.get(run.id, [])
-            by_id[run.id] = (
-                PruneResult(run.name, plan_prune(history, rules, now), history, dry_run=dry_run),
-                rules,
-            )
+            result = PruneResult(run.name, plan_prune(history, rules, now), history)
+            result.dry_run_config = run.id in dry_config
+            result.dry_run = dry_run or result.dry_run_config
+            by_id[run.id] = (result, rules)
         for run, _watch in items:
             if run.id not in by_id:
                 # No [watch.retain] section: nothing is ever deleted.
@@ -257,8 +266,8 @@ class Pruner:
             if run.id not in seen:  # a run listed twice is still pruned once
                 seen.add(run.id)
                 planned.append((run, rules, result))
-        if dry_run:
-            return results
+        self._find_leftovers([(run, result) for run, _rules, result in planned])
+        planned = [entry for entry in planned if not entry[2].dry_run]
         group: list[tuple[Run, Rules, PruneResult]] = []
         size = 0
         for entry in planned:  # bounded transactions: runs in groups of about BATCH deletions
@@ -270,7 +279,54 @@ class Pruner:
             size += n
         if group:
             self._prune_group(group)
+        self._remove_leftovers([(run, result) for run, _rules, result in planned])
         return results
+
+    def _find_leftovers(self, runs: Sequence[tuple[Run, PruneResult]]) -> None:
+        """Plan the removal of TensorFlow's stale temporary names in each run directory: only
+        those of a checkpoint prefix recorded for that run (a directory scan per run; the
+        database is asked only about the rare names that look like TF's)."""
+        found = [
+            (run, result, fsops.find_leftovers(run.watch_path, run.path)) for run, result in runs
+        ]
+        found = [item for item in found if item[2]]
+        if not found:
+            return
+        with session_scope(self.engine) as s:
+            for run, result, leftovers in found:
+                paths = {os.path.join(run.path, f.prefix) for f in leftovers}
+                # A name that is not UTF-8 (surrogate-escaped) was never recorded, nor can it be
+                # a query parameter.
+                paths = {path for path in paths if _utf8(path)}
+                recorded = set(
+                    s.scalars(
+                        select(CheckpointRow.prefix).where(
+                            CheckpointRow.run_id == run.id, CheckpointRow.prefix.in_(paths)
+                        )
+                    )
+                )
+                result.leftovers = [
+                    f for f in leftovers if os.path.join(run.path, f.prefix) in recorded
+                ]
+
+    def _remove_leftovers(self, runs: Sequence[tuple[Run, PruneResult]]) -> None:
+        """Remove the planned leftovers; one audit row per run names what went."""
+        audit: list[tuple[Any, ...]] = []
+        now = utcnow()
+        for run, result in runs:
+            if not result.leftovers:
+                continue
+            r = fsops.remove_leftovers(run.watch_path, run.path, result.leftovers)
+            result.leftovers_removed = r.removed
+            for error in r.errors:
+                log.warning("TensorFlow temp files in %s: %s", run.path, error)
+            if r.removed or r.errors:
+                detail = {"removed": r.removed, "bytes": r.bytes_freed, "errors": r.errors}
+                why = "TensorFlow's temporary files of recorded checkpoints, untouched for a day"
+                audit.append((now, "removed_temp", run.id, None, run.path, why, detail))
+        if audit:
+            with session_scope(self.engine) as s:
+                insert_many(s.connection(), table_of(ActionRow), AUDIT_COLUMNS, audit)
 
     def _prune_group(self, planned: list[tuple[Run, Rules, PruneResult]]) -> None:
         """Phase 1 for every run of ``planned`` in one transaction, then :meth:`_finish`."""
@@ -433,19 +489,17 @@ class Pruner:
     def _finish(self, batches: list[_Batch], repair: Sequence[str] = ()) -> None:
         """Phases 2 and 3 for checkpoints already in ``pruning``, then the runs' state files."""
         outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]] = []
-        jobs: dict[str, tuple[str | None, set[str]]] = {}  # run dir -> (root, prefixes removed)
+        jobs: dict[str, set[str]] = {}  # run dir -> prefixes removed
         for b in batches:  # phase 2: one directory descriptor per run
             pairs = list(
                 zip(b.ckpts, fsops.remove_groups(b.root, b.run_dir, b.files()), strict=True)
             )
             outcomes.append((b, pairs))
-            _root, removed = jobs.setdefault(b.run_dir, (b.root, set()))
-            removed.update(c.prefix for c, r in pairs if r.ok)
+            jobs.setdefault(b.run_dir, set()).update(c.prefix for c, r in pairs if r.ok)
         self._commit_results(outcomes)  # phase 3
-        # The state file is rewritten when something went (and always for a run to repair);
-        # stale TensorFlow temp directories are cleaned either way.
-        tidy = [(path, root, removed, bool(removed)) for path, (root, removed) in jobs.items()]
-        tidy += [(path, None, set(), True) for path in dict.fromkeys(repair) if path not in jobs]
+        # The state file is rewritten when something went (and always for a run to repair).
+        tidy = [(path, removed, bool(removed)) for path, removed in jobs.items()]
+        tidy += [(path, set(), True) for path in dict.fromkeys(repair) if path not in jobs]
         if len(tidy) <= 1:
             for job in tidy:
                 self._tidy_run(*job)
@@ -531,13 +585,10 @@ class Pruner:
         self._notify(states)
         metrics.pruned(total, freed)
 
-    def _tidy_run(self, run_dir: str, root: str | None, removed: set[str], rewrite: bool) -> None:
-        """State-file repair (``rewrite``) and temp-dir cleaning (with a ``root``) of one run."""
+    def _tidy_run(self, run_dir: str, removed: set[str], rewrite: bool) -> None:
+        """State-file repair (``rewrite``) of one run."""
         if rewrite:
             self._rewrite_state_file(run_dir, removed)
-        if root is not None:
-            for name in fsops.remove_stale_temp_dirs(root, run_dir):
-                log.info("removed stale TensorFlow temp directory %s/%s", run_dir, name)
 
     def _newest_complete(self, run_dir: str) -> str | None:
         with session_scope(self.engine) as s:
@@ -618,6 +669,14 @@ def _without(
         if path in removed or path in dropped:
             current = paths[-1] if paths else ""
     return statefile.CheckpointState(current, paths, stamps, state.last_preserved_timestamp)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _exists(prefix: str) -> bool:
