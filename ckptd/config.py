@@ -66,18 +66,24 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 60480
 _DURATION_EXAMPLE = 'a duration such as "90s", "10m" or "6h"'
 
 
-def parse_duration(value: object) -> timedelta:
-    """``"90s"``, ``"10m"``, ``"6h"``, ``"1.5d"`` or a number of seconds → timedelta."""
+def _seconds(value: object) -> float:
+    """A duration's seconds, possibly NaN or infinite (the callers bound them)."""
     if isinstance(value, bool):
         raise ValueError(f"expected {_DURATION_EXAMPLE}, got {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if abs(value) < 1e300 else math.inf  # a huge int: no OverflowError
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     else:
         raise ValueError(f"expected {_DURATION_EXAMPLE}, got {_show(value)}")
     if seconds < 0:
         raise ValueError(f"expected a non-negative duration, got {_show(value)}")
+    return seconds
+
+
+def parse_duration(value: object) -> timedelta:
+    """``"90s"``, ``"10m"``, ``"6h"``, ``"1.5d"`` or a number of seconds → timedelta."""
+    seconds = _seconds(value)
     if not seconds <= timedelta.max.total_seconds():  # also NaN and infinity
         raise ValueError(f"expected {_DURATION_EXAMPLE}, got {_show(value)}")
     return timedelta(seconds=seconds)
@@ -85,13 +91,13 @@ def parse_duration(value: object) -> timedelta:
 
 def _duration(low: str, high: str) -> Callable[[object], timedelta]:
     """A duration within [low, high]: an absurd value is a typo, not a wish."""
-    lo, hi = parse_duration(low), parse_duration(high)
+    lo, hi = parse_duration(low).total_seconds(), parse_duration(high).total_seconds()
 
     def convert(value: object) -> timedelta:
-        td = parse_duration(value)
-        if not lo <= td <= hi:
+        seconds = _seconds(value)
+        if not lo <= seconds <= hi:  # also NaN
             raise ValueError(f"expected a duration from {low} to {high}, got {_show(value)}")
-        return td
+        return timedelta(seconds=seconds)
 
     return convert
 
@@ -231,7 +237,7 @@ def _crontab(value: object) -> str:
 
 
 def _tolerance(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e300:
         raise ValueError(f"expected a finite number ≥ 0 such as 1e-5, got {_show(value)}")
     return float(value)
 
