@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if (bad := _not_utf8(args)) is not None:
         # Run and checkpoint names are UTF-8 (the database stores text): no such name exists.
-        click.echo(f"ckptd: argument {bad!r} is not valid UTF-8 text", err=True)
+        click.echo(f'ckptd: argument "{bad}" is not valid UTF-8 text', err=True)
         return EX_USAGE
     try:
         cli.main(args=args, prog_name="ckptd", standalone_mode=False)
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return EX_FAIL
+    except click.exceptions.NoArgsIsHelpError as exc:  # `ckptd db`: the help is the answer
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        return EX_USAGE
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx else "ckptd"
         click.echo(f"{where}: {_one_line(exc.format_message())} (see `{where} --help`)", err=True)
