@@ -571,10 +571,22 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         watch = _watch(reader, raw, where)
         if watch is not None:
             watches.append((i, watch))
-    for n, (i, a) in enumerate(watches):
-        for j, b in watches[n + 1 :]:
-            if problem := _overlap(i, a, j, b):
-                reader.fail(f"watch[{j}].path", problem)
+    # Each watch against the watches above it (O(watches x depth), not every pair).
+    first: dict[Path, int] = {}
+    for j, w in watches:
+        if w.path in first:
+            reader.fail(
+                f"watch[{j}].path", f"{w.path} is already watched by watch[{first[w.path]}]"
+            )
+        else:
+            first[w.path] = j
+    by_index = dict(watches)
+    for j, inner in watches:
+        for parent in inner.path.parents:
+            i = first.get(parent)
+            if i is not None and (problem := _overlap(i, by_index[i], j, inner)):
+                reader.fail(f"watch[{max(i, j)}].path", problem)
+                break
     reader.done()
     return Config(source=source, daemon=daemon, watches=tuple(w for _, w in watches))
 
@@ -633,22 +645,13 @@ def _watch(reader: _Reader, raw: dict[str, Any], where: str) -> WatchConfig | No
     return WatchConfig(best=best, evaluate=evaluate, freeze=freeze, retain=retain, **values)
 
 
-def _overlap(i: int, a: WatchConfig, j: int, b: WatchConfig) -> str | None:
-    """Why watch[j] may not be watched beside watch[i], or None when they are disjoint.
+def _overlap(i: int, outer: WatchConfig, j: int, inner: WatchConfig) -> str | None:
+    """Why watch[j], whose path is below watch[i]'s, may not be watched beside it, or None.
 
     Two watches must never own the same run: which one's retention and best settings applied
-    would depend on event order. So one watch's path may not lie inside the other's runs (or be
-    the same path); a path merely inside the other's directory, in a branch its ``runs`` glob
-    cannot match, is fine.
+    would depend on event order. So a watch path may not lie inside another watch's runs; one
+    merely inside the other's directory, in a branch its ``runs`` glob cannot match, is fine.
     """
-    if a.path == b.path:
-        return f"{b.path} is already watched by watch[{i}]"
-    if b.path.is_relative_to(a.path):
-        outer, n_outer, inner = a, i, b
-    elif a.path.is_relative_to(b.path):
-        outer, n_outer, inner = b, j, a
-    else:
-        return None
     rel = inner.path.relative_to(outer.path).parts
     if outer.runs is not None:
         pattern = Path(outer.runs).parts
@@ -656,8 +659,8 @@ def _overlap(i: int, a: WatchConfig, j: int, b: WatchConfig) -> str | None:
             return None
     runs = f'runs = "{outer.runs}"' if outer.runs else "a single run"
     return (
-        f"{b.path} overlaps watch[{n_outer}] ({outer.path}, {runs}): {inner.path} is or holds a "
-        "run of both watches; watch disjoint directories, or narrow the outer watch's runs glob"
+        f"{inner.path} (watch[{j}]) is or holds a run of watch[{i}] ({outer.path}, {runs}); "
+        "a run can belong to one watch only: watch disjoint directories, or narrow the runs glob"
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ckptd.config import ConfigError, load_config
+from ckptd.config import ConfigError, load_config, parse_config
 from tests.conftest import ENV, PY, ckptd, wait_for, write_config
 
 FREEZE = '\n[watch.freeze]\nexport_dir = "{tmp}/exports"\ncron = "{cron}"\n'
@@ -159,7 +159,7 @@ def test_overlapping_watches_are_refused(tmp_path: Path, second: str, runs: str,
         assert result.returncode == 0, result.stderr
         return
     line = _one_line(result, 78)
-    assert "watch[1].path: " in line and ("overlaps watch[0]" in line or "already watched" in line)
+    assert "watch[1].path: " in line and ("run of watch[0]" in line or "already watched" in line)
 
 
 def test_sighup_with_a_bad_value_keeps_the_running_config(tmp_path: Path, daemon_factory) -> None:
@@ -244,3 +244,16 @@ def test_missing_names_and_unusable_databases_are_one_line_exit_1(
         conf = tmp_path / "other.toml"
         conf.write_text(f'[daemon]\ndatabase = "{url}"\n')
         assert expected in _one_line(ckptd("db", "upgrade", config=conf), 1)
+
+
+def test_overlap_is_found_whichever_watch_comes_first() -> None:
+    inner, outer = {"path": "/d/a/b"}, {"path": "/d", "runs": "*"}
+    for watches in ([inner, outer], [outer, inner]):
+        with pytest.raises(ConfigError) as info:
+            parse_config({"watch": watches}, source="X.toml")
+        assert str(info.value) == (
+            f"X.toml: watch[1].path: /d/a/b (watch[{watches.index(inner)}]) is or holds a run of "
+            f'watch[{watches.index(outer)}] (/d, runs = "*"); a run can belong to one watch only: '
+            "watch disjoint directories, or narrow the runs glob"
+        )
+    parse_config({"watch": [{"path": "/d", "runs": "x/*"}, {"path": "/d/y/z"}]})  # disjoint
