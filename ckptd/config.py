@@ -583,9 +583,9 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     by_index = dict(watches)
     for j, inner in watches:
         for parent in inner.path.parents:
-            i = first.get(parent)
-            if i is not None and (problem := _overlap(i, by_index[i], j, inner)):
-                reader.fail(f"watch[{max(i, j)}].path", problem)
+            outer = first.get(parent)
+            if outer is not None and (problem := _overlap(outer, by_index[outer], j, inner)):
+                reader.fail(f"watch[{max(outer, j)}].path", problem)
                 break
     reader.done()
     return Config(source=source, daemon=daemon, watches=tuple(w for _, w in watches))
