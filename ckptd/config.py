@@ -169,6 +169,11 @@ def _path(value: object) -> Path:
     text = _str(value)
     if not text:
         raise ValueError("expected a path, got an empty string")
+    if len(os.fsencode(text)) > 4095 or any(len(os.fsencode(p)) > 255 for p in text.split("/")):
+        # Such a path can never exist (PATH_MAX, NAME_MAX): it would be "not there yet" forever.
+        raise ValueError(
+            f"expected a path of at most 4095 bytes, each name at most 255, got {_show(value)}"
+        )
     # Lexically normal ("/data/../x" is "/x"), so equal and nested watches are seen as such.
     return Path(os.path.normpath(os.path.expanduser(text)))
 
@@ -554,6 +559,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     reader.section(dict(data), "", {}, subsections=("daemon", "watch"))
     daemon_raw = reader.section(data.get("daemon", {}), "daemon", DAEMON_KEYS)
     daemon_raw.setdefault("database", default_database_url())
+    daemon_raw["database"] = _sqlite_absolute(daemon_raw["database"], _base(source))
     daemon = DaemonConfig(**daemon_raw)
 
     watch_list = data.get("watch", [])
@@ -591,15 +597,32 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     return Config(source=source, daemon=daemon, watches=tuple(w for _, w in watches))
 
 
+def _base(source: str) -> Path:
+    """What relative paths are relative to: the config file's directory. The daemon (cwd / under
+    systemd) and the CLI (any cwd) must mean the same files."""
+    return Path(os.path.abspath(Path(source).parent if not source.startswith("<") else "."))
+
+
+def _sqlite_absolute(url: str, base: Path) -> str:
+    """``sqlite:///ckptd.db`` made relative to ``base``, like every other path in the config."""
+    if not url.startswith("sqlite") or url.startswith("sqlite:////"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    db = u.database or ""
+    if u.get_backend_name() != "sqlite" or not db or os.path.isabs(db) or db.startswith("file:"):
+        return url
+    return u.set(database=os.path.normpath(base / db)).render_as_string(hide_password=False)
+
+
 def _watch(reader: _Reader, raw: dict[str, Any], where: str) -> WatchConfig | None:
     """One [[watch]] table; None when it has a problem (already recorded in ``reader``)."""
     source = reader.source
     before = len(reader.problems)
     subs = ("best", "evaluate", "freeze", "retain")
     values = reader.section(raw, where, WATCH_KEYS, subsections=subs)
-    # Relative paths are relative to the config file: the daemon (cwd / under systemd) and the
-    # CLI (any cwd) must mean the same directories.
-    base = Path(os.path.abspath(Path(source).parent if not source.startswith("<") else "."))
+    base = _base(source)
     path_ok = reader.require(
         values, where, "path", 'the directory to watch, e.g. path = "/data/runs"'
     )

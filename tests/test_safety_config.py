@@ -257,3 +257,30 @@ def test_overlap_is_found_whichever_watch_comes_first() -> None:
             "watch disjoint directories, or narrow the runs glob"
         )
     parse_config({"watch": [{"path": "/d", "runs": "x/*"}, {"path": "/d/y/z"}]})  # disjoint
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    """The daemon runs in / under systemd, the CLI anywhere: both must open the same files."""
+    data = {
+        "daemon": {"database": "sqlite:///state/ckptd.db"},
+        "watch": [
+            {
+                "path": "runs",
+                "best": {"metric": "m"},
+                "evaluate": {"evaluator": "keras", "data": "held/out.npz"},
+                "freeze": {"export_dir": "../exports"},
+            }
+        ],
+    }
+    config = parse_config(data, source=str(tmp_path / "conf" / "c.toml"))
+    (w,) = config.watches
+    assert config.daemon.database == f"sqlite:///{tmp_path}/conf/state/ckptd.db"
+    assert w.path == tmp_path / "conf" / "runs"
+    assert w.evaluate is not None and w.evaluate.data == tmp_path / "conf" / "held" / "out.npz"
+    assert w.freeze is not None and w.freeze.export_dir == tmp_path / "exports"
+
+
+@pytest.mark.parametrize("path", ["/x/" + "n" * 256, "/x" * 2100, "/x/a\x00b"])
+def test_paths_that_can_never_exist_are_refused(path: str) -> None:
+    with pytest.raises(ConfigError, match=r"^X.toml: watch\[0\].path: expected "):
+        parse_config({"watch": [{"path": path}]}, source="X.toml")
