@@ -284,3 +284,29 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
 def test_paths_that_can_never_exist_are_refused(path: str) -> None:
     with pytest.raises(ConfigError, match=r"^X.toml: watch\[0\].path: expected "):
         parse_config({"watch": [{"path": path}]}, source="X.toml")
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(database: Path) -> None:
+    """A bug is still one line (exit 1) for the CLI; CKPTD_DEBUG=1 shows the traceback."""
+    script = (
+        "import sys, ckptd.cli, ckptd.store.queries as q\n"
+        "def boom(*a, **k): raise KeyError('x')\n"
+        "q.latest_daemon = boom\n"
+        f"sys.exit(ckptd.cli.main(['--config', {str(database)!r}, 'status']))\n"
+    )
+    for debug, lines in (("", 1), ("1", None)):
+        result = subprocess.run(
+            [PY, "-c", script],
+            capture_output=True,
+            text=True,
+            env={**ENV, "CKPTD_DEBUG": debug},
+            timeout=60,
+        )
+        assert result.returncode == 1
+        if lines:
+            assert result.stderr.strip().splitlines() == [
+                "ckptd: internal error: KeyError: 'x' (a bug in ckptd: please report it; "
+                "CKPTD_DEBUG=1 shows the traceback)"
+            ]
+        else:
+            assert "Traceback" in result.stderr

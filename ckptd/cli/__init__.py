@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -146,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             return EX_FAIL
         if os.environ.get("CKPTD_DEBUG"):
             raise
-        click.echo(
-            f"ckptd: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
-            "(a bug in ckptd: please report it; CKPTD_DEBUG=1 shows the traceback)",
-            err=True,
-        )
+        what = f"internal error: {type(exc).__name__}: {_one_line(str(exc))} (a bug in ckptd"
+        if logging.getLogger().handlers:  # the daemon: its log folds the traceback into one line
+            logging.getLogger("ckptd").error("%s; please report it)", what, exc_info=exc)
+        else:
+            click.echo(
+                f"ckptd: {what}: please report it; CKPTD_DEBUG=1 shows the traceback)", err=True
+            )
         return EX_FAIL
     return 0
 
