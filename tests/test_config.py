@@ -91,7 +91,7 @@ def test_shipped_example_config_is_valid() -> None:
         ({"watch": [{"runs": "*"}]}, "X.toml: watch[0].path: required"),
         (
             {"watch": [{"path": "/x", "retain": {"keep_last": -1}}]},
-            "X.toml: watch[0].retain.keep_last: expected a whole number ≥ 0, got -1",
+            "X.toml: watch[0].retain.keep_last: expected a whole number from 0 to 1000000, got -1",
         ),
         (
             {"watch": [{"path": "/x", "retain": {"keep_best": 2}}]},

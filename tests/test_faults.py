@@ -1302,15 +1302,25 @@ def test_bad_input_gets_a_reason_and_the_daemon_goes_on(
     assert {f.name: f.read_bytes() for f in outside.iterdir()} == outside_before
     assert not query(db, "select prefix from checkpoints where prefix not like ?", f"{root}/%")
     assert all(os.path.exists(b) for b in bad_files)
-    # A config full of typos: refused before starting, naming the first bad key.
+    # A config full of typos: refused before starting, one line for each bad key.
     typos = tmp_path / "typos.toml"
     typos.write_text(TYPOS)
     result = ckptd("run", config=typos)
     assert result.returncode == 78
-    assert result.stderr.strip().splitlines() == [
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == (
         f'ckptd: config error: {typos}: daemon.databse: unknown key (did you mean "database"?); '
         "known keys: database, rescan_interval, heartbeat_interval, log_level, metrics_address, "
         "debounce"
+    )
+    keys = [line.split(": ")[3] for line in lines]
+    assert keys == [
+        "daemon.databse",
+        "daemon.rescan_intervall",
+        "watch[0].pth",
+        "watch[0].obsever",
+        "watch[0].retian",
+        "watch[0].path",
     ]
     # … and sent to the running daemon by SIGHUP: it keeps its config and keeps running.
     conf.write_text(TYPOS)

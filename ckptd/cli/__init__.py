@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 import click
 
 from ckptd import __version__
-from ckptd.cli.output import EX_CONFIG, EX_FAIL, CliContext
+from ckptd.cli.output import EX_CONFIG, EX_FAIL, EX_USAGE, CliContext
 
 # Which module defines each command, so `ckptd status` imports the read commands only (not the
 # daemon, the evaluator, the demo …). A command missing here is still found: an unknown name
@@ -85,30 +87,90 @@ def cli(ctx: click.Context, config_arg: str | None) -> None:
     ctx.obj = CliContext(config_arg)
 
 
+def _not_utf8(args: list[str]) -> str | None:
+    """The first argument that is not UTF-8 text (Python hands it over surrogate-escaped)."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps the project's errors to exit codes (1 failure, 2 usage, 78 config)."""
+    """Entry point and the one error boundary: every error a user can cause is one line on
+    stderr and an exit status (1 failure, 2 usage, 78 config), never a traceback."""
     from ckptd.config import ConfigError
     from ckptd.errors import NotFound, StoreError
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    if (bad := _not_utf8(args)) is not None:
+        # Run and checkpoint names are UTF-8 (the database stores text): no such name exists.
+        click.echo(f'ckptd: argument "{bad}" is not valid UTF-8 text', err=True)
+        return EX_USAGE
     try:
-        cli.main(args=argv, prog_name="ckptd", standalone_mode=False)
+        cli.main(args=args, prog_name="ckptd", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return EX_FAIL
+    except click.exceptions.NoArgsIsHelpError as exc:  # `ckptd db`: the help is the answer
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        return EX_USAGE
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "ckptd"
+        click.echo(f"{where}: {_one_line(exc.format_message())} (see `{where} --help`)", err=True)
+        return EX_USAGE
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"ckptd: {_one_line(exc.format_message())}", err=True)
         return exc.exit_code
     except ConfigError as exc:
-        click.echo(f"ckptd: config error: {exc}", err=True)
+        for problem in exc.problems:
+            click.echo(f"ckptd: config error: {_one_line(str(problem))}", err=True)
         return EX_CONFIG
     except (StoreError, NotFound) as exc:
-        click.echo(f"ckptd: {exc}", err=True)
+        click.echo(f"ckptd: {_one_line(str(exc))}", err=True)
         return EX_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ckptd ls | head`: the reader left; nothing more to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the exit's flush cannot fail
+        return EX_FAIL
+    except Exception as exc:
+        if _database_error(exc) is not None:
+            click.echo(f"ckptd: {_database_error(exc)}", err=True)
+            return EX_FAIL
+        if isinstance(exc, OSError):
+            what = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"ckptd: {what}{exc.strerror or exc}", err=True)
+            return EX_FAIL
+        if os.environ.get("CKPTD_DEBUG"):
+            raise
+        what = f"internal error: {type(exc).__name__}: {_one_line(str(exc))} (a bug in ckptd"
+        if logging.getLogger().handlers:  # the daemon: its log folds the traceback into one line
+            logging.getLogger("ckptd").error("%s; please report it)", what, exc_info=exc)
+        else:
+            click.echo(
+                f"ckptd: {what}: please report it; CKPTD_DEBUG=1 shows the traceback)", err=True
+            )
+        return EX_FAIL
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
+
+
+def _database_error(exc: Exception) -> str | None:
+    """A SQLAlchemy error that escaped a session scope, phrased like the ones it maps."""
+    if "sqlalchemy" not in sys.modules:
+        return None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ckptd.store.db import store_error
+
+    return str(store_error(exc)) if isinstance(exc, SQLAlchemyError) else None
 
 
 if __name__ == "__main__":

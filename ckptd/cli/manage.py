@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from ckptd.cli.output import (
+    CHECKPOINT,
     CliContext,
     fmt_size,
     fmt_value,
@@ -170,7 +171,7 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
 
 
 @click.command()
-@click.argument("checkpoint")
+@click.argument("checkpoint", type=CHECKPOINT)
 @click.option("--reason", help="Why it must be kept (shown in ls and events).")
 @pass_ctx
 def pin(ctx: CliContext, checkpoint: str, reason: str | None) -> None:
@@ -185,7 +186,7 @@ def pin(ctx: CliContext, checkpoint: str, reason: str | None) -> None:
 
 
 @click.command()
-@click.argument("checkpoint")
+@click.argument("checkpoint", type=CHECKPOINT)
 @pass_ctx
 def unpin(ctx: CliContext, checkpoint: str) -> None:
     """Let the retention policy decide about CHECKPOINT again.

@@ -60,6 +60,26 @@ class CliContext:
 
 pass_ctx = click.make_pass_decorator(CliContext)
 
+INT64_MAX = 2**63 - 1  # SQLite's INTEGER: a larger step or limit cannot even be looked up
+COUNT = click.IntRange(1, INT64_MAX)
+
+
+class CheckpointType(click.ParamType):
+    """A checkpoint prefix path or ``RUN@STEP`` with a step SQLite can hold (a usage error
+    otherwise, not an OverflowError from the driver)."""
+
+    name = "checkpoint"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        _, sep, step = text.rpartition("@")
+        if sep and step.isdigit() and not (step.isascii() and int(step) <= INT64_MAX):
+            self.fail(f"{text!r}: the step after @ must be a whole number from 0 to {INT64_MAX}")
+        return text
+
+
+CHECKPOINT = CheckpointType()
+
 _gc_frozen_at_exit = False
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import click
 
 from ckptd.cli.output import (
+    CHECKPOINT,
+    COUNT,
     CliContext,
     fmt_size,
     fmt_value,
@@ -335,7 +337,7 @@ def ls(
 @click.argument("run")
 @click.option("--metric", help="Rank by this metric instead of the configured one.")
 @click.option("--mode", type=click.Choice(["max", "min"]), help="Larger or smaller is better.")
-@click.option("--top", default=1, show_default=True, help="Show the best N.")
+@click.option("--top", default=1, show_default=True, type=COUNT, help="Show the best N.")
 @output_options
 @pass_ctx
 def best(
@@ -393,7 +395,7 @@ def best(
 
 
 @click.command()
-@click.argument("checkpoint")
+@click.argument("checkpoint", type=CHECKPOINT)
 @output_options
 @pass_ctx
 def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
@@ -460,7 +462,7 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
     multiple=True,
     help="Only these kinds (recorded, corrupt, gone, pruned, exported, …).",
 )
-@click.option("--limit", default=50, show_default=True, help="How many, newest last.")
+@click.option("--limit", default=50, show_default=True, type=COUNT, help="How many, newest last.")
 @output_options
 @pass_ctx
 def events(

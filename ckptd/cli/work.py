@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from ckptd.cli.output import CliContext, fmt_value, output_options, pass_ctx, print_json, table
+from ckptd.cli.output import (
+    CHECKPOINT,
+    CliContext,
+    fmt_value,
+    output_options,
+    pass_ctx,
+    print_json,
+    table,
+)
 
 
 def _targets(ctx: CliContext, target: str) -> tuple[Any, Any, Any]:
@@ -29,7 +37,7 @@ def _targets(ctx: CliContext, target: str) -> tuple[Any, Any, Any]:
 
 
 @click.command()
-@click.argument("target", metavar="CHECKPOINT|RUN")
+@click.argument("target", metavar="CHECKPOINT|RUN", type=CHECKPOINT)
 @click.option("--again", is_flag=True, help="Re-evaluate checkpoints that were already evaluated.")
 @output_options
 @pass_ctx
@@ -117,7 +125,7 @@ def evaluate(ctx: CliContext, target: str, again: bool, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("target", metavar="CHECKPOINT|RUN")
+@click.argument("target", metavar="CHECKPOINT|RUN", type=CHECKPOINT)
 @click.option("--force", is_flag=True, help="Export again even if it is already exported.")
 @output_options
 @pass_ctx

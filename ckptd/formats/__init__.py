@@ -8,7 +8,6 @@ checkpoints. Each result says whether the checkpoint is complete, and if not, wh
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import struct
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.formats.tensorbundle import BundleError, read_header
+from ckptd.kerasname import KerasTemplate  # a light module of its own: the config uses it
 
 COMPLETE, INCOMPLETE, CORRUPT = "complete", "incomplete", "corrupt"
 
@@ -278,48 +278,6 @@ def _bundle(
         mtime,
         (*signature, int(header.is_object_graph)),
     )
-
-
-class KerasTemplate:
-    """Turns a ModelCheckpoint filename template into a parser for epoch and metrics.
-
-    ``model.{epoch:02d}-{val_loss:.2f}.keras`` parses ``model.03-0.41.keras`` as step 3,
-    ``val_loss = 0.41``.
-    """
-
-    _FIELD = re.compile(r"\{(\w+)(?::([^}]*))?\}")
-    _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
-
-    def __init__(self, template: str) -> None:
-        self.template = template
-        pattern, pos = "", 0
-        self.fields: list[str] = []
-        for m in self._FIELD.finditer(template):
-            pattern += re.escape(template[pos : m.start()])
-            name, spec = m.group(1), m.group(2) or ""
-            self.fields.append(name)
-            group = r"\d+" if spec.endswith("d") or name in ("epoch", "batch") else self._NUMBER
-            # A field used twice is captured once (the first time).
-            pattern += f"(?:{group})" if name in self.fields[:-1] else f"(?P<{name}>{group})"
-            pos = m.end()
-        pattern += re.escape(template[pos:])
-        self.regex = re.compile(pattern + "$")
-
-    def parse(self, filename: str) -> tuple[int | None, dict[str, float]] | None:
-        m = self.regex.match(filename)
-        if not m:
-            return None
-        step = None
-        metrics = {}
-        for name, text in m.groupdict().items():
-            if name in ("epoch", "batch"):
-                step = int(text)
-            else:
-                try:
-                    metrics[name] = float(text)
-                except ValueError:
-                    metrics[name] = math.nan
-        return step, metrics
 
 
 def _keras_complete(path: str, is_h5: bool, size: int) -> str | None:

@@ -34,6 +34,24 @@ def make_engine(url: str, *, readonly: bool = False, wal_autocheckpoint: bool = 
     when a trainer is writing to the same disk); the owner then calls :func:`checkpoint_wal`
     from a thread of its own (the daemon: every second, and every 0.1 s during its backfill).
     """
+    try:
+        return _make_engine(url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint)
+    except (SQLAlchemyError, ImportError) as exc:  # a bad URL, an unknown dialect or driver
+        raise StoreError(f"cannot use database {_safe(url)}: {exc}") from None
+    except OSError as exc:  # the directory of the SQLite file cannot be created
+        raise StoreError(
+            f"cannot create the database directory for {_safe(url)}: {exc.strerror or exc}"
+        ) from None
+
+
+def _safe(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return "(unparseable URL)"
+
+
+def _make_engine(url: str, *, readonly: bool, wal_autocheckpoint: bool) -> Engine:
     path = sqlite_path(url)
     if path is None:
         return create_engine(url, future=True)
@@ -103,6 +121,24 @@ def rowcount(session: Session, stmt: Any) -> int:
     return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
+def store_error(exc: SQLAlchemyError) -> StoreError:
+    """A driver error as one line a user can act on (the CLI prints it, exit status 1)."""
+    msg = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    if isinstance(exc, OperationalError) and ("locked" in msg or "busy" in msg):
+        return StoreError(
+            f"database is locked by another process ({msg}); retry, or check "
+            "for a long-running reader"
+        )
+    if "no such table" in msg:
+        return StoreError(f"database schema is missing ({msg}): run `ckptd db upgrade`")
+    if "not a database" in msg or "malformed" in msg:
+        return StoreError(
+            f"database error: {msg}: the database file is damaged; restore it from a backup, or "
+            "move it aside and run `ckptd db upgrade` (pins and history stay in the old file)"
+        )
+    return StoreError(f"database error: {msg}")
+
+
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """Commit on success, roll back on error; driver errors become :class:`StoreError`."""
@@ -110,20 +146,9 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     try:
         yield session
         session.commit()
-    except OperationalError as exc:
-        session.rollback()
-        msg = str(exc.orig) if exc.orig else str(exc)
-        if "locked" in msg or "busy" in msg:
-            raise StoreError(
-                f"database is locked by another process ({msg}); retry, or check "
-                "for a long-running reader"
-            ) from exc
-        if "no such table" in msg:
-            raise StoreError(f"database schema is missing ({msg}): run `ckptd db upgrade`") from exc
-        raise StoreError(f"database error: {msg}") from exc
     except SQLAlchemyError as exc:
         session.rollback()
-        raise StoreError(f"database error: {exc}") from exc
+        raise store_error(exc) from exc
     except BaseException:
         session.rollback()
         raise

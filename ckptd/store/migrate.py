@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -15,6 +18,10 @@ from sqlalchemy import (
     inspect,
     select,
 )
+from sqlalchemy.exc import SQLAlchemyError
+
+from ckptd.errors import StoreError
+from ckptd.store.db import store_error
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -30,6 +37,38 @@ _version_table = Table(
     Column("version_num", String(32), nullable=False),
     PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
 )
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Database and Alembic errors as :class:`StoreError`: one line, not a traceback (`ckptd db
+    upgrade` is the unit's ExecStartPre, and its output is what the journal shows)."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _mapped():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise store_error(exc) from exc
+    except Exception as exc:
+        from alembic.util import CommandError  # imported by then if it can be the cause
+
+        if isinstance(exc, CommandError):  # e.g. a revision this ckptd does not know
+            raise StoreError(
+                f"database schema: {exc}; is the database from a newer ckptd?"
+            ) from exc
+        raise
 
 
 def script_location() -> Path:
@@ -49,12 +88,14 @@ def _alembic_config(engine: Engine) -> AlembicConfig:
     return cfg
 
 
+@_user_errors
 def head_revision(engine: Engine) -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
 
 
+@_user_errors
 def current_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
@@ -62,6 +103,7 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+@_user_errors
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Upgrade to ``revision``; returns (before, after)."""
     from alembic import command
@@ -74,10 +116,12 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
     return before, current_revision(engine)
 
 
+@_user_errors
 def is_current(engine: Engine) -> bool:
     return current_revision(engine) == head_revision(engine)
 
 
+@_user_errors
 def ensure_schema(engine: Engine) -> tuple[str | None, str | None]:
     """Bring the schema to head at start-up, cheaply; returns (before, after).
 
