@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 
 from ckptd import __version__
-from ckptd.config import Config, ConfigError, WatchConfig, load_config, warn_missing_paths
+from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
 from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
@@ -683,28 +683,40 @@ class Daemon:
         notify(
             "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
         )
+        old = self.config
         try:
-            new = load_config(self.config.source)
+            new = load_config(old.source)
             jobs = self.daemon_jobs(new, reload=True)
-        except (ConfigError, ValueError) as exc:
-            self.reload_error = str(exc)
-            log.error("reload failed, keeping the running config: %s", exc)
-            notify("READY=1", f"STATUS=reload failed, running the previous config: {exc}")
+        except Exception as exc:  # whatever the cause, the running config stays
+            self._reload_failed(exc)
             return
         warn_missing_paths(new)
-        if new.daemon.database != self.config.daemon.database:
+        if new.daemon.database != old.daemon.database:
             log.warning("the database setting changed; it takes effect at the next restart")
-        old_watcher = self.watcher
-        old_watcher.stop()
-        self.config = new
-        self.evaluator.config = new
-        self.progress.bound = stall_bound(new.daemon.heartbeat_interval)
-        self.watcher = Watcher(new.watches, self._on_path)
-        self.watcher.start()
-        self._schedule(jobs)
+        try:
+            self._apply(new, jobs)
+        except Exception as exc:
+            log.exception("applying the new config failed; going back to the running one")
+            self._apply(old, self.daemon_jobs(old, reload=True))
+            self._reload_failed(exc)
+            return
         self.reload_error = None
         log.info("configuration reloaded from %s", new.source)
         notify("READY=1", "STATUS=configuration reloaded")
+
+    def _apply(self, config: Config, jobs: list[Job]) -> None:
+        self.watcher.stop()
+        self.config = config
+        self.evaluator.config = config
+        self.progress.bound = stall_bound(config.daemon.heartbeat_interval)
+        self.watcher = Watcher(config.watches, self._on_path)
+        self.watcher.start()
+        self._schedule(jobs)
+
+    def _reload_failed(self, exc: Exception) -> None:
+        self.reload_error = str(exc) or type(exc).__name__
+        log.error("reload failed, keeping the running config: %s", self.reload_error)
+        notify("READY=1", f"STATUS=reload failed, running the previous config: {self.reload_error}")
 
     def shutdown(self) -> bool:
         """Stop every thread, waiting at most STOP_GRACE for each to finish its item; mark this

@@ -84,6 +84,7 @@ class Scheduler:
     def remove(self, name: str) -> None:
         if self._scheduler.get_job(name):
             self._scheduler.remove_job(name)
+        self.last_success.pop(name, None)  # a removed watch's jobs leave `ckptd status`
 
     def jobs(self) -> list[str]:
         return [j.id for j in self._scheduler.get_jobs()]
