@@ -583,9 +583,11 @@ class Daemon:
 
     def _start(self) -> bool:
         """Start up in a thread of its own while this one keeps handling signals: a SIGTERM
-        during a long backfill stops it between runs, and a start-up that is stuck (an item over
-        its bound) or late (``$CKPTD_START_TIMEOUT``, see health.py) exits 1, so systemd counts
-        a failed start. False when stopped before it finished."""
+        during a long backfill stops it between runs, and a start-up that does not finish by its
+        deadline (``$CKPTD_START_TIMEOUT``, see health.py) exits 1, so systemd counts a failed
+        start. An item stuck before that is logged and shown in STATUS; it is not fatal by
+        itself (a large run's first reconcile may legitimately be long). False when stopped
+        before it finished."""
         failure: list[BaseException] = []
 
         def body() -> None:
@@ -604,12 +606,13 @@ class Daemon:
                 thread.join(STOP_GRACE)
                 break
             stuck = self.progress.stuck()
-            late = deadline is not None and time.monotonic() > deadline
-            if stuck or late:
+            self._report_stuck(stuck)
+            if deadline is not None and time.monotonic() > deadline:
                 doing = ", ".join(str(s) for s in stuck) or ", ".join(self.progress.busy_with())
                 self.fatal = (
-                    f"start-up did not finish within {timeout:g} s" if late else "start-up is stuck"
-                ) + f" (busy with: {doing or 'starting'}); exiting"
+                    f"start-up did not finish within {timeout:g} s (busy with: "
+                    f"{doing or 'starting'}); exiting"
+                )
                 log.error("%s", self.fatal)
                 notify(f"STATUS={self.fatal}")
                 return False
