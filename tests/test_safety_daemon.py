@@ -238,6 +238,59 @@ def test_heartbeat_reports_what_is_stuck(tmp_path: Path, corpus: Corpus) -> None
     daemon.shutdown()
 
 
+STUCK_FOREVER = """
+import sys, threading
+from ckptd import logs
+from ckptd.config import load_config
+from ckptd.daemon.main import Daemon
+
+logs.setup("info")
+daemon = Daemon(load_config(sys.argv[1]))
+entered = threading.Event()
+
+
+def export_on_a_dead_mount():  # a job thread that never returns (a hung NFS read, say)
+    with daemon.progress.busy("export of /mnt/hung/run"):
+        entered.set()
+        threading.Event().wait()
+
+
+threading.Thread(target=export_on_a_dead_mount, name="job").start()  # not a daemon thread
+entered.wait()
+sys.exit(daemon.run())
+"""
+
+
+def test_sigterm_exits_even_with_a_thread_stuck_forever(tmp_path: Path, corpus: Corpus) -> None:
+    """A non-daemon thread that never returns would hold the interpreter's exit forever (as
+    APScheduler's pool threads are): the stop waits its grace, marks the daemon stopped, exits."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    corpus.copy("tf1", root / "a")
+    db = tmp_path / "ckptd.db"
+    conf = write_config(tmp_path / "c.toml", root, db=db)
+    log = tmp_path / "d.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [PY, "-c", STUCK_FOREVER, str(conf)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: "stuck: export of /mnt/hung/run" in log.read_text(), timeout=120)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    assert "exiting now; still busy with: export of /mnt/hung/run" in text
+    assert query(db, "select count(*) from daemons where stopped_at is null") == [(0,)]
+
+
 def test_start_up_that_cannot_finish_exits_1(
     tmp_path: Path, start: Callable[..., Proc], notify: Notify
 ) -> None:
