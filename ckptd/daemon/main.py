@@ -617,6 +617,8 @@ class Daemon:
                 notify(f"STATUS={self.fatal}")
                 return False
         if failure:
+            if isinstance(failure[0], StoreError):  # one line, not a traceback
+                raise SystemExit(f"ckptd: start-up failed: {failure[0]}")
             raise failure[0]
         return not self.stop_event.is_set()
 
