@@ -98,8 +98,11 @@ def status(ctx: CliContext, as_json: bool) -> None:
       ckptd status
       ckptd status --json | jq .daemon.alive
     """
+    import socket
+
     from ckptd.model import heartbeat_grace
     from ckptd.store import queries
+    from ckptd.store.daemons import ckptd_alive
 
     with ctx.session() as s:
         d = queries.latest_daemon(s)
@@ -129,8 +132,16 @@ def status(ctx: CliContext, as_json: bool) -> None:
     if d is not None:
         interval = timedelta(seconds=float(str((d.status or {}).get("heartbeat_interval", 10))))
         alive = d.stopped_at is None and utcnow() - d.heartbeat_at <= heartbeat_grace(interval)
+        # A stale heartbeat from a process that still runs here: stuck (e.g. on a lock), not gone.
+        unresponsive = (
+            not alive
+            and d.stopped_at is None
+            and d.host == socket.gethostname()
+            and ckptd_alive(d.pid)
+        )
         daemon = {
             "alive": alive,
+            "unresponsive": unresponsive,
             "host": d.host,
             "pid": d.pid,
             "version": d.version,
@@ -140,7 +151,8 @@ def status(ctx: CliContext, as_json: bool) -> None:
             "stopped_at": iso(d.stopped_at),
             "watches": (d.status or {}).get("watches", []),
             "jobs": (d.status or {}).get("jobs", {}),
-            "healthy": (d.status or {}).get("healthy"),
+            "healthy": alive and bool((d.status or {}).get("healthy")),
+            "stuck": (d.status or {}).get("stuck", []),
             "reload_error": (d.status or {}).get("reload_error"),
         }
     data = {
@@ -176,6 +188,12 @@ def status(ctx: CliContext, as_json: bool) -> None:
             f"daemon: {style('alive', fg='green')} — pid {d.pid} on {d.host}, since "
             f"{iso(d.started_at)}, last heartbeat {iso(d.heartbeat_at)}"
         )
+    elif daemon["unresponsive"]:
+        echo(
+            f"daemon: {style('unhealthy', fg='red')} — pid {d.pid} on {d.host} runs but wrote "
+            f"no heartbeat since {iso(d.heartbeat_at)} (stuck; its log and `systemctl status "
+            "ckptd` say on what)"
+        )
     else:
         why = "stopped" if d.stopped_at else "no heartbeat"
         echo(f"daemon: {style('not running', fg='red')} ({why}; last seen {iso(d.heartbeat_at)})")
@@ -186,7 +204,12 @@ def status(ctx: CliContext, as_json: bool) -> None:
         jobs = daemon.get("jobs") or {}
         now = time.time()
         ago = ", ".join(f"{k} {now - float(v):.0f}s ago" for k, v in sorted(jobs.items()))
-        echo(f"  {health} (observers, scheduler, database); last runs: {ago or 'none yet'}")
+        echo(
+            f"  {health} (observers, scheduler, database, progress); last runs: {ago or 'none yet'}"
+        )
+        for item in daemon.get("stuck") or []:
+            busy = f"{item.get('what')} for {item.get('seconds', 0):.0f} s"
+            echo(f"  {style('stuck:', fg='red')} {busy}")
         if daemon.get("reload_error"):
             echo(
                 f"  {style('last reload failed, running the previous config:', fg='yellow')} "

@@ -1,8 +1,10 @@
 """The daemon's lifecycle: migrate, backfill, watch, schedule, report health, stop cleanly.
 
 Threads: watchdog observers (enqueue dirty runs), one reconcile thread (the single DB writer for
-discovery), APScheduler's pool (rescan, heartbeat, later evaluate/freeze/prune). The main thread
-only handles signals and sd_notify.
+discovery), APScheduler's pool (rescan, heartbeat, later evaluate/freeze/prune), and a start-up
+thread for the migration and backfill. The main thread never touches the database or a run: it
+handles signals, sd_notify and the watchdog, so it can always tell what is stuck and stop within
+a bound (``health.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import itertools
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -24,11 +25,12 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 
 from ckptd import __version__
-from ckptd.config import Config, ConfigError, load_config, warn_missing_paths
+from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
 from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.freeze import Freezer
+from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
 from ckptd.daemon.observe import (
     PARALLEL_MIN_RUNS,
@@ -40,11 +42,12 @@ from ckptd.daemon.observe import (
 from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec
-from ckptd.daemon.scheduler import Scheduler
+from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
 from ckptd.daemon.watch import Watcher
+from ckptd.errors import StoreError
 from ckptd.model import utcnow
-from ckptd.store import migrate
-from ckptd.store.db import checkpoint_wal, insert_id, make_engine, session_scope
+from ckptd.store import daemons, migrate
+from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
 from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
 from ckptd.worker.client import WorkerClient
 
@@ -54,18 +57,28 @@ WAL_CHECKPOINT_EVERY = timedelta(seconds=1)
 BACKFILL_WAL_CHECKPOINT_EVERY = 0.1  # seconds; while the start-up backfill writes
 # Every this many periodic rescans, one re-lists every run even if its fingerprint holds.
 DEEP_RESCAN_EVERY = 10
+# How long a stop waits for threads to finish their current item (a stuck one never does; what
+# it was doing is redone at the next start). With the last DB write under the busy timeout, the
+# stop stays well inside the unit's TimeoutStopSec=90.
+STOP_GRACE = 10.0
+
+RunKey = tuple[str, str]  # (watch path, run name): stable across reloads, unlike a watch's index
+
+
+def run_key(spec: RunSpec) -> RunKey:
+    return (str(spec.watch.path), spec.name)
 
 
 class DirtyRuns:
     """A set of runs to rescan, with a short debounce so a burst of events costs one scan."""
 
     def __init__(self) -> None:
-        self._pending: dict[tuple[int, str], RunSpec] = {}
+        self._pending: dict[RunKey, RunSpec] = {}
         self._cond = threading.Condition()
-        self.first_seen: dict[tuple[int, str], float] = {}
+        self.first_seen: dict[RunKey, float] = {}
 
     def add(self, spec: RunSpec) -> None:
-        key = (spec.watch_index, spec.name)
+        key = run_key(spec)
         with self._cond:
             if key not in self._pending:
                 self._pending[key] = spec
@@ -102,9 +115,10 @@ class Daemon:
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
-        self.engine = make_engine(config.daemon.database, wal_autocheckpoint=False)
+        self.engine = make_engine(config.daemon.database, wal_autocheckpoint=False, recreate=False)
         self.dirty = DirtyRuns()
         self.health = Health()
+        self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
         self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
         self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
         # One warm TensorFlow worker, shared by evaluation and export (2 cores, ~500 MB each).
@@ -113,55 +127,88 @@ class Daemon:
         self.freezer = Freezer(self.engine, self.worker)
         self._eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self._on_path)
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(self.progress)
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.daemon_id: int | None = None
         self.reload_error: str | None = None
+        self.fatal: str | None = None  # why the daemon stops by itself (exit status 1)
         self._thread: threading.Thread | None = None
-        self._known_runs: set[tuple[int, str]] = set()
+        self._known_runs: set[RunKey] = set()
         self._rescans = 0
         self._reported_runs: set[str] = set()
+        self._db_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the SQLite file
+        self._reported_stuck: set[str] = set()
 
     # ------------------------------------------------------------ start-up
 
     def prepare(self) -> None:
-        """Upgrade the schema (or refuse with a message) and register this daemon."""
-        try:
-            before, after = migrate.ensure_schema(self.engine)
-        except Exception as exc:
-            raise SystemExit(
-                f"ckptd: cannot migrate the database {self.config.daemon.database}: "
-                f"{exc}. Run `ckptd db upgrade` to see the details."
-            ) from exc
+        """Upgrade the schema (or refuse with a message) and claim the database for this daemon."""
+        with self.progress.busy("migrating the database"):
+            try:
+                before, after = migrate.ensure_schema(self.engine)
+            except Exception as exc:
+                raise SystemExit(
+                    f"ckptd: cannot migrate the database {self.config.daemon.database}: "
+                    f"{exc}. Run `ckptd db upgrade` to see the details."
+                ) from exc
         if before != after:
             log.info("database upgraded from %s to %s", before or "empty", after)
-        with session_scope(self.engine) as s:
-            now = utcnow()
-            self.daemon_id = insert_id(
-                s,
-                insert(DaemonRow).values(
-                    host=socket.gethostname(),
-                    pid=os.getpid(),
+        self._db_file = self._database_file()
+        with self.progress.busy("claiming the database"):
+            try:
+                self.daemon_id = daemons.claim(
+                    self.engine,
                     version=__version__,
                     config=self.config.source,
-                    started_at=now,
-                    heartbeat_at=now,
                     status={
                         "state": "starting",
                         "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
                         "watches": [str(w.path) for w in self.config.watches],
                     },
-                ),
-            )
+                )
+            except daemons.AlreadyRunning as exc:
+                raise SystemExit(f"ckptd: refusing to start: {exc}") from None
+            except StoreError as exc:
+                raise SystemExit(f"ckptd: cannot register this daemon: {exc}") from None
 
-        resumed = self.pruner.resume()
+        with self.progress.busy("finishing interrupted deletions"):
+            resumed = self.pruner.resume()
         if resumed:
             log.info("finished %d deletion(s) interrupted by the last stop", resumed)
-        if self.evaluator.recover():
-            log.info("re-queued evaluations interrupted by the last stop")
-        if self.freezer.recover(self.config.watches):
-            log.info("exports interrupted by the last stop will be redone")
+        with self.progress.busy("recovering interrupted evaluations and exports"):
+            if self.evaluator.recover():
+                log.info("re-queued evaluations interrupted by the last stop")
+            if self.freezer.recover(self.config.watches):
+                log.info("exports interrupted by the last stop will be redone")
+
+    def _database_file(self) -> tuple[int, int] | None:
+        path = sqlite_path(self.config.daemon.database)
+        if path is None:
+            return None
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+
+    def database_replaced(self) -> str | None:
+        """Why the SQLite file this daemon opened is no longer the one at its path, if it is not:
+        writes would go into a deleted inode (lost at exit) or miss the new file."""
+        if self._db_file is None:
+            return None
+        path = sqlite_path(self.config.daemon.database)
+        try:
+            st = os.stat(path)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            how = "was deleted"
+        except OSError:
+            return None  # cannot tell now (EACCES, EIO): checked again at the next tick
+        else:
+            if (st.st_dev, st.st_ino) == self._db_file:
+                return None
+            how = "was replaced"
+        return (
+            f"the database file {path} {how} while ckptd was running; exiting so that the "
+            "restart records everything on disk into the database now at that path"
+        )
 
     def backfill(self) -> int:
         """The start-up scan: what the database knows first, then every run, in parallel."""
@@ -217,11 +264,13 @@ class Daemon:
         """
         specs = self.all_runs()
         # Runs recorded before but missing now: reconcile them too, so their checkpoints go "gone".
-        current = {(s.watch_index, s.name) for s in specs}
-        for key in self._known_runs - current:
-            i, name = key
-            w = self.config.watches[i]
-            specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
+        # (A run whose watch was removed from the config is no longer ours to reconcile.)
+        current = {run_key(s) for s in specs}
+        watches = {str(w.path): (i, w) for i, w in enumerate(self.config.watches)}
+        for watch_path, name in self._known_runs - current:
+            if watch_path in watches:
+                i, w = watches[watch_path]
+                specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
         if quick:
             specs = [s for s in specs if not self.reconciler.unchanged(s)]
         self._report_unsupported_runs()
@@ -230,8 +279,16 @@ class Daemon:
             self.reconciler.register(specs)
             observations = self.reconciler.observe_all(specs, workers, prefetched=prefetched)
         count = 0
-        for spec, obs in zip(specs, observations, strict=False):
-            count += len(self._reconcile(spec, obs).recorded)
+        try:
+            for spec, obs in zip(specs, observations, strict=False):
+                if self.stop_event.is_set():
+                    return count  # stopping: the rest is reconciled at the next start
+                with self.progress.busy(f"reconcile of {spec.path}"):
+                    count += len(self._reconcile(spec, obs).recorded)
+        finally:
+            close = getattr(observations, "close", None)
+            if close is not None:
+                close()  # ends the backfill's worker pool when the loop stopped early
         self._known_runs = current
         return count
 
@@ -270,10 +327,14 @@ class Daemon:
 
     # ------------------------------------------------------------ events
 
-    def _on_path(self, index: int, path: str) -> None:
-        spec = runs_mod.run_of(index, self.config.watches[index], path)
-        if spec is not None:
-            self.dirty.add(spec)
+    def _on_path(self, watch: WatchConfig, path: str) -> None:
+        # By identity: an event from an observer of the config before a reload is dropped.
+        for i, w in enumerate(self.config.watches):
+            if w is watch:
+                spec = runs_mod.run_of(i, w, path)
+                if spec is not None:
+                    self.dirty.add(spec)
+                return
 
     def _reconcile_loop(self) -> None:
         debounce = self.config.daemon.debounce.total_seconds()
@@ -281,11 +342,12 @@ class Daemon:
             for spec in self.dirty.take(timeout=0.5, debounce=debounce):
                 if self.stop_event.is_set():
                     break
-                key = (spec.watch_index, spec.name)
-                if key not in self._known_runs and not spec.path.is_dir():
-                    continue  # an event under a run directory that does not exist (anymore)
-                self._known_runs.add(key)
-                self._reconcile(spec)
+                key = run_key(spec)
+                with self.progress.busy(f"reconcile of {spec.path}"):
+                    if key not in self._known_runs and not spec.path.is_dir():
+                        continue  # an event under a run directory that does not exist (anymore)
+                    self._known_runs.add(key)
+                    self._reconcile(spec)
 
     # ------------------------------------------------------------ periodic jobs
 
@@ -306,6 +368,7 @@ class Daemon:
     def heartbeat(self) -> None:
         counts = self.counts()
         metrics.checkpoints(counts)
+        stuck = self.progress.stuck()
         status = {
             "state": "running",
             "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
@@ -313,7 +376,9 @@ class Daemon:
             "counts": counts,
             "pending_rescans": len(self.dirty),
             "jobs": {k: v for k, v in self.scheduler.last_success.items()},
-            "healthy": self.healthy(),
+            "healthy": self.healthy(stuck),
+            "stuck": [{"what": s.what, "seconds": round(s.seconds, 1)} for s in stuck],
+            "stall_bound": self.progress.bound,
             "reload_error": self.reload_error,
         }
         with session_scope(self.engine) as s:
@@ -323,19 +388,27 @@ class Daemon:
                 .values(heartbeat_at=utcnow(), status=status)
             )
         text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
+        notify(self._status_line(stuck, text))
+
+    def _status_line(self, stuck: list[Stuck], counts: str = "") -> str:
+        text = f"STATUS=watching {len(self.config.watches)} path(s)"
+        if counts:
+            text += f"; {counts}"
+        if stuck:
+            text += "; unhealthy, stuck: " + ", ".join(str(s) for s in stuck)
         if self.reload_error:
             text += f"; reload failed, running the previous config: {self.reload_error}"
-        notify(f"STATUS=watching {len(self.config.watches)} path(s); {text}")
+        return text
 
-    def prune(self, index: int) -> None:
-        """Apply watch ``index``'s retention policy to each of its runs."""
-        watch = self.config.watches[index]
+    def prune(self, watch: WatchConfig) -> None:
+        """Apply ``watch``'s retention policy to each of its runs."""
         from ckptd.store import queries
 
         with session_scope(self.engine) as s:
             runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
         # The pruner honours [watch.retain] dry_run = true: then this only logs the plan.
         for result in self.pruner.prune_runs([(run, watch) for run in runs]):
+            self.progress.tick()  # one run done
             if result.pruned or result.failed:
                 log.info(
                     "pruned %d checkpoint(s) of %s (%d bytes freed)%s",
@@ -360,39 +433,72 @@ class Daemon:
         self.evaluator.enqueue()
         self.evaluator.wake()
 
-    def freeze(self, index: int) -> None:
-        """Export the best checkpoint of each run of watch ``index`` if it changed."""
-        watch = self.config.watches[index]
+    def freeze(self, watch: WatchConfig) -> None:
+        """Export the best checkpoint of each run of ``watch`` if it changed."""
         from ckptd.store import queries
 
+        assert watch.freeze is not None
+        # An export may wait for the shared worker to finish an evaluation, then runs under its
+        # own timeout: only past both is it stuck.
+        waits = watch.freeze.timeout + max(
+            (w.evaluate.timeout for w in self.config.watches if w.evaluate is not None),
+            default=timedelta(0),
+        )
         with session_scope(self.engine) as s:
             runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
         for run in runs:
-            outcome = self.freezer.freeze_run(run, watch)
+            with self.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
+                outcome = self.freezer.freeze_run(run, watch)
             if outcome.status == "failed":
                 log.error("export of %s failed: %s", run.name, outcome.message)
 
-    def _schedule_watch_jobs(self) -> None:
-        for name in self.scheduler.jobs():
-            if name.startswith(("prune[", "evaluate[", "freeze[")):
-                self.scheduler.remove(name)
-        for i, w in enumerate(self.config.watches):
+    def watch_jobs(self, config: Config) -> list[Job]:
+        """The per-watch jobs of ``config``, named by watch path (stable when another watch is
+        added or removed). Raises ValueError for a schedule APScheduler rejects."""
+        jobs = []
+        for w in config.watches:
             if w.retain is not None:
-                self.scheduler.every(
-                    f"prune[{i}]", w.retain.every, functools.partial(self.prune, i)
+                jobs.append(
+                    interval(f"prune[{w.path}]", w.retain.every, functools.partial(self.prune, w))
                 )
             if w.evaluate is not None and w.evaluate.evaluator != "tfevents":
-                self.scheduler.every(
-                    f"evaluate[{i}]", w.evaluate.every, self.evaluate_backlog, run_now=True
+                jobs.append(
+                    interval(
+                        f"evaluate[{w.path}]", w.evaluate.every, self.evaluate_backlog, run_now=True
+                    )
                 )
             if w.freeze is not None and w.freeze.cron:
-                self.scheduler.cron(
-                    f"freeze[{i}]", w.freeze.cron, functools.partial(self.freeze, i)
+                jobs.append(
+                    cron(f"freeze[{w.path}]", w.freeze.cron, functools.partial(self.freeze, w))
                 )
             elif w.freeze is not None:
-                self.scheduler.every(
-                    f"freeze[{i}]", w.freeze.every, functools.partial(self.freeze, i), run_now=True
+                jobs.append(
+                    interval(
+                        f"freeze[{w.path}]",
+                        w.freeze.every,
+                        functools.partial(self.freeze, w),
+                        run_now=True,
+                    )
                 )
+        return jobs
+
+    def daemon_jobs(self, config: Config, *, reload: bool = False) -> list[Job]:
+        d = config.daemon
+        return [
+            interval("rescan", d.rescan_interval, self.rescan, run_now=reload),
+            interval("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=not reload),
+            interval("wal-checkpoint", WAL_CHECKPOINT_EVERY, self.checkpoint_wal),
+            *self.watch_jobs(config),
+        ]
+
+    def _schedule(self, jobs: list[Job]) -> None:
+        """Make ``jobs`` the scheduled set: per-watch jobs not among them are removed."""
+        names = {j.name for j in jobs}
+        for name in self.scheduler.jobs():
+            if name not in names and name.startswith(("prune[", "evaluate[", "freeze[")):
+                self.scheduler.remove(name)
+        for job in jobs:
+            self.scheduler.add(job)
 
     def rescan(self) -> None:
         """The periodic safety net for missed events. Most passes are quick (unchanged runs are
@@ -403,9 +509,18 @@ class Daemon:
         self._rescans += 1
         self.full_reconcile(quick=self._rescans % DEEP_RESCAN_EVERY != 0)
 
-    def healthy(self) -> bool:
+    def healthy(self, stuck: list[Stuck] | None = None) -> bool:
+        """Threads alive *and making progress*: nothing stuck for longer than its bound."""
+        if stuck is None:
+            stuck = self.progress.stuck()
         alive = self._thread is not None and self._thread.is_alive()
-        return alive and self.watcher.healthy() and self.scheduler.running() and self.health.db_ok
+        return (
+            alive
+            and not stuck
+            and self.watcher.healthy()
+            and self.scheduler.running()
+            and self.health.db_ok
+        )
 
     # ------------------------------------------------------------ run
 
@@ -415,11 +530,11 @@ class Daemon:
         n = self.backfill()
         self.evaluator.enqueue()
         self.evaluator.run_pending()
-        for i, w in enumerate(self.config.watches):
+        for w in self.config.watches:
             if w.freeze is not None:
-                self.freeze(i)
+                self.freeze(w)
             if w.retain is not None:
-                self.prune(i)
+                self.prune(w)
         self.worker.close()
         self._mark_stopped()
         return n
@@ -428,6 +543,21 @@ class Daemon:
         # Handlers first: a SIGHUP that arrives during start-up must not kill the daemon (its
         # default action), and a SIGTERM then must still stop it cleanly.
         self._install_signals()
+        if self._start():
+            notify(
+                "READY=1",
+                f"STATUS=watching {len(self.config.watches)} path(s)",
+                f"MAINPID={os.getpid()}",
+            )
+            self._watch_over()
+        notify("STOPPING=1")
+        code = 1 if self.fatal else 0
+        if not self.shutdown():
+            self._exit_now(code)
+        return code
+
+    def _start_up(self) -> None:
+        """Everything before READY=1 (in the start-up thread)."""
         self.prepare()
         if self.config.daemon.metrics_address:
             try:
@@ -441,6 +571,8 @@ class Daemon:
         self.watcher.start()  # before the backfill, so nothing written during it is missed
         t0 = time.monotonic()
         recorded = self.backfill()
+        if self.stop_event.is_set():
+            return
         log.info(
             "startup scan recorded %d checkpoint(s) in %.2f s", recorded, time.monotonic() - t0
         )
@@ -450,28 +582,95 @@ class Daemon:
             target=self.evaluator.serve, args=(self.stop_event,), name="evaluate", daemon=True
         )
         self._eval_thread.start()
-        d = self.config.daemon
-        self.scheduler.every("rescan", d.rescan_interval, self.rescan)
-        self.scheduler.every("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=True)
-        self.scheduler.every("wal-checkpoint", WAL_CHECKPOINT_EVERY, self.checkpoint_wal)
-        self._schedule_watch_jobs()
+        for job in self.daemon_jobs(self.config):
+            self.scheduler.add(job)
         self.scheduler.start()
-        notify(
-            "READY=1",
-            f"STATUS=watching {len(self.config.watches)} path(s)",
-            f"MAINPID={os.getpid()}",
-        )
+
+    def _start(self) -> bool:
+        """Start up in a thread of its own while this one keeps handling signals: a SIGTERM
+        during a long backfill stops it between runs, and a start-up that does not finish by its
+        deadline (``$CKPTD_START_TIMEOUT``, see health.py) exits 1, so systemd counts a failed
+        start. An item stuck before that is logged and shown in STATUS; it is not fatal by
+        itself (a large run's first reconcile may legitimately be long). False when stopped
+        before it finished."""
+        failure: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                self._start_up()
+            except BaseException as exc:  # re-raised in the main thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=body, name="start-up", daemon=True)
+        thread.start()
+        timeout = start_timeout()
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        while thread.is_alive():
+            thread.join(0.2)
+            if self.stop_event.is_set():
+                thread.join(STOP_GRACE)
+                break
+            stuck = self.progress.stuck()
+            self._report_stuck(stuck)
+            if deadline is not None and time.monotonic() > deadline:
+                doing = ", ".join(str(s) for s in stuck) or ", ".join(self.progress.busy_with())
+                self.fatal = (
+                    f"start-up did not finish within {timeout:g} s (busy with: "
+                    f"{doing or 'starting'}); exiting"
+                )
+                log.error("%s", self.fatal)
+                notify(f"STATUS={self.fatal}")
+                return False
+        if failure:
+            if isinstance(failure[0], StoreError):  # one line, not a traceback
+                raise SystemExit(f"ckptd: start-up failed: {failure[0]}")
+            raise failure[0]
+        return not self.stop_event.is_set()
+
+    def _watch_over(self) -> None:
+        """The main loop: reload on SIGHUP, check the database file, and ping the watchdog only
+        while every thread makes progress; returns when stopping."""
         wd = watchdog_interval()
-        while not self.stop_event.is_set():
-            self.stop_event.wait(wd or 1.0)
+        last_status = ""
+        # At least every second: a stall or a vanished database file is noticed promptly even
+        # with a long WatchdogSec (pinging more often than needed costs one datagram).
+        while not self.stop_event.wait(min(wd or 1.0, 1.0)):
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self._reload()
-            if wd and self.healthy():
+            problem = self.database_replaced()
+            if problem:
+                self.fatal = problem
+                self.daemon_id = None  # its row is not in the file now at that path
+                log.critical("%s", problem)
+                notify(f"STATUS={problem}")
+                return
+            stuck = self.progress.stuck()
+            self._report_stuck(stuck)
+            if stuck:
+                # The heartbeat may be the stuck one: say it from here, where nothing blocks.
+                line = self._status_line(stuck)
+                if line != last_status:
+                    notify(line)
+                last_status = line
+            else:
+                last_status = ""
+            if wd and self.healthy(stuck):
                 notify("WATCHDOG=1")
-        notify("STOPPING=1")
-        self.shutdown()
-        return 0
+
+    def _report_stuck(self, stuck: list[Stuck]) -> None:
+        whats = {s.what for s in stuck}
+        for s in stuck:
+            if s.what not in self._reported_stuck:
+                log.error(
+                    "stuck: %s, over the bound of %.0f s; not pinging the watchdog until it "
+                    "finishes",
+                    s,
+                    self.progress.bound,
+                )
+        for what in self._reported_stuck - whats:
+            log.info("no longer stuck: %s", what)
+        self._reported_stuck = whats
 
     def _install_signals(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
@@ -486,44 +685,86 @@ class Daemon:
         signal.signal(signal.SIGHUP, hup)
 
     def _reload(self) -> None:
-        """SIGHUP: re-read the config; keep the old one if the new one is invalid."""
+        """SIGHUP: re-read the config and apply it, or keep the running one and say why.
+
+        Everything that can fail (reading and checking the file, building every job's schedule)
+        happens before anything running is touched; jobs and observers are then rebuilt from the
+        new config, keyed by watch path, so no index into the old list of watches survives."""
         notify(
             "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
         )
+        old = self.config
         try:
-            new = load_config(self.config.source)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
-            self.reload_error = str(exc)
-            notify("READY=1", f"STATUS=reload failed: {exc}")
+            new = load_config(old.source)
+            jobs = self.daemon_jobs(new, reload=True)
+        except Exception as exc:  # whatever the cause, the running config stays
+            self._reload_failed(exc)
             return
         warn_missing_paths(new)
-        self.reload_error = None
-        if new.daemon.database != self.config.daemon.database:
+        if new.daemon.database != old.daemon.database:
             log.warning("the database setting changed; it takes effect at the next restart")
-        self.watcher.stop()
-        self.config = new
-        self.watcher = Watcher(new.watches, self._on_path)
-        self.watcher.start()
-        self.evaluator.config = new
-        self.scheduler.every("rescan", new.daemon.rescan_interval, self.rescan, run_now=True)
-        self.scheduler.every("heartbeat", new.daemon.heartbeat_interval, self.heartbeat)
-        self._schedule_watch_jobs()
+        try:
+            self._apply(new, jobs)
+        except Exception as exc:
+            log.exception("applying the new config failed; going back to the running one")
+            self._apply(old, self.daemon_jobs(old, reload=True))
+            self._reload_failed(exc)
+            return
+        self.reload_error = None
         log.info("configuration reloaded from %s", new.source)
         notify("READY=1", "STATUS=configuration reloaded")
 
-    def shutdown(self) -> None:
+    def _apply(self, config: Config, jobs: list[Job]) -> None:
+        self.watcher.stop()
+        self.config = config
+        self.evaluator.config = config
+        self.progress.bound = stall_bound(config.daemon.heartbeat_interval)
+        self.watcher = Watcher(config.watches, self._on_path)
+        self.watcher.start()
+        self._schedule(jobs)
+
+    def _reload_failed(self, exc: Exception) -> None:
+        self.reload_error = str(exc) or type(exc).__name__
+        log.error("reload failed, keeping the running config: %s", self.reload_error)
+        notify("READY=1", f"STATUS=reload failed, running the previous config: {self.reload_error}")
+
+    def shutdown(self) -> bool:
+        """Stop every thread, waiting at most STOP_GRACE for each to finish its item; mark this
+        daemon stopped and close the database. False when some thread is still busy (stuck):
+        the caller then exits without waiting for it."""
         self.stop_event.set()
         self.evaluator.wake()
         self.worker.terminate()  # a running evaluation/export is redone at the next start
         self.scheduler.shutdown()
         self.watcher.stop()
+        deadline = time.monotonic() + STOP_GRACE
         for thread in (self._thread, self._eval_thread):
             if thread is not None:
-                thread.join(timeout=30)
-        self._mark_stopped()
+                thread.join(timeout=max(deadline - time.monotonic(), 0))
+        while self.progress.busy_with() and time.monotonic() < deadline:
+            time.sleep(0.05)  # scheduled jobs finishing their item (APScheduler has no join)
+        busy = self.progress.busy_with()
+        try:
+            self._mark_stopped()
+        except StoreError as exc:
+            log.error("could not mark this daemon stopped: %s", exc)
         self.engine.dispose()
+        if busy:
+            return False
         log.info("stopped")
+        return True
+
+    def _exit_now(self, code: int) -> None:
+        """Exit without waiting for threads stuck in a system call (they would hold the
+        interpreter's exit forever); what they were doing is redone at the next start."""
+        log.error(
+            "exiting now; still busy with: %s (redone at the next start)",
+            ", ".join(self.progress.busy_with()) or "nothing",
+        )
+        self.worker.terminate()
+        stop_fork_server(wait=False)
+        logging.shutdown()
+        os._exit(code)
 
     def _mark_stopped(self) -> None:
         if self.daemon_id is None:

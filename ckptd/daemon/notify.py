@@ -26,13 +26,19 @@ def notify(*lines: str) -> bool:
         return False
 
 
-def watchdog_interval() -> float | None:
-    """Half of ``$WATCHDOG_USEC`` in seconds, if systemd's watchdog is enabled for us."""
+def watchdog_timeout() -> float | None:
+    """``$WATCHDOG_USEC`` (systemd's ``WatchdogSec``) in seconds, if its watchdog is on for us."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 2_000_000
+        return int(usec) / 1_000_000 or None
     except ValueError:
         return None
+
+
+def watchdog_interval() -> float | None:
+    """How often to ping the watchdog: half its timeout, as sd_watchdog_enabled(3) advises."""
+    timeout = watchdog_timeout()
+    return timeout / 2 if timeout else None

@@ -77,8 +77,8 @@ EVENTS: list[type[FileSystemEvent]] = [
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, index: int, on_path: Callable[[int, str], None]) -> None:
-        self.index, self.on_path = index, on_path
+    def __init__(self, watch: WatchConfig, on_path: Callable[[WatchConfig, str], None]) -> None:
+        self.watch, self.on_path = watch, on_path
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
@@ -87,7 +87,7 @@ class _Handler(FileSystemEventHandler):
             for path in (event.src_path, getattr(event, "dest_path", "")):
                 if path:
                     self.on_path(
-                        self.index,
+                        self.watch,
                         path if isinstance(path, str) else path.decode("utf-8", "surrogateescape"),
                     )
         except Exception:  # an exception here would kill the observer thread
@@ -108,7 +108,7 @@ class Watcher:
     def __init__(
         self,
         watches: tuple[WatchConfig, ...],
-        on_path: Callable[[int, str], None],
+        on_path: Callable[[WatchConfig, str], None],
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
         self.on_path = on_path
@@ -123,7 +123,7 @@ class Watcher:
     def _start(self, slot: _Slot) -> None:
         if not slot.watch.path.is_dir():
             return
-        handler = _Handler(slot.index, self.on_path)
+        handler = _Handler(slot.watch, self.on_path)
         wanted = slot.watch.observer
         if wanted in ("auto", "inotify"):
             observer: BaseObserver = Observer()

@@ -24,7 +24,9 @@ def sqlite_path(url: str) -> Path | None:
     return Path(u.database)
 
 
-def make_engine(url: str, *, readonly: bool = False, wal_autocheckpoint: bool = True) -> Engine:
+def make_engine(
+    url: str, *, readonly: bool = False, wal_autocheckpoint: bool = True, recreate: bool = True
+) -> Engine:
     """An engine with SQLite set up for one writer and many readers (WAL, busy timeout, FKs).
 
     Writers start transactions with ``BEGIN IMMEDIATE`` so a lock conflict waits at BEGIN (under
@@ -33,6 +35,9 @@ def make_engine(url: str, *, readonly: bool = False, wal_autocheckpoint: bool = 
     commit that crosses 1,000 pages copy them into the database and fsync it: ~6 ms here, more
     when a trainer is writing to the same disk); the owner then calls :func:`checkpoint_wal`
     from a thread of its own (the daemon: every second, and every 0.1 s during its backfill).
+    ``recreate=False``: a missing file is created now, once; a connection opened after it was
+    deleted then fails instead of silently creating an empty database at the path (the daemon
+    notices the deletion and exits, so that its restart records everything again).
     """
     try:
         return _make_engine(url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint)
@@ -67,8 +72,11 @@ def _make_engine(url: str, *, readonly: bool, wal_autocheckpoint: bool) -> Engin
         )
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not recreate:
+            with open(path, "ab"):
+                pass  # an empty file is an empty SQLite database
         engine = create_engine(
-            url,
+            url if recreate else f"sqlite:///file:{path}?mode=rw&uri=true",
             future=True,
             connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
         )

@@ -1,0 +1,83 @@
+"""The ``daemons`` table: one daemon claims a database at a time.
+
+Until several daemons share one PostgreSQL through leases (DESIGN v2), a second daemon on a
+database would record the same runs twice over (an IntegrityError per reconcile), so it is
+refused at start. The check and the insert are one transaction that takes the write lock first
+(``BEGIN IMMEDIATE`` on SQLite, a table lock on PostgreSQL): of two daemons starting at the same
+moment, exactly one sees no live row and inserts its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, insert, select, text, update
+
+from ckptd.model import heartbeat_grace, iso, utcnow
+from ckptd.store.db import insert_id, session_scope
+from ckptd.store.tables import DaemonRow
+
+
+class AlreadyRunning(Exception):
+    """Another live daemon holds the database; the message names it."""
+
+
+def ckptd_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live ckptd on this host (not a reused pid, not a zombie)."""
+    if pid == os.getpid():
+        return False  # an earlier process that had our pid, killed before it marked itself stopped
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, under another user
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"ckptd" in fh.read()  # empty for a zombie
+    except OSError:
+        return True  # /proc hidden (ProtectProc=): the pid exists, assume it is the daemon
+
+
+def _alive(row: Any, now: datetime, host: str) -> bool:
+    if row.host == host:
+        return ckptd_alive(row.pid)
+    # Another host: only its heartbeat tells (a stale one means it died without marking itself).
+    interval = float((row.status or {}).get("heartbeat_interval", 10))
+    return bool(now - row.heartbeat_at <= heartbeat_grace(timedelta(seconds=interval)))
+
+
+def claim(engine: Engine, *, version: str, config: str, status: dict[str, object]) -> int:
+    """Register this process as the database's daemon and return its row id; raise
+    :class:`AlreadyRunning` when another live daemon holds it. Rows of dead daemons (kill -9,
+    power loss) are marked stopped, so they never block a restart."""
+    host, now = socket.gethostname(), utcnow()
+    with session_scope(engine) as s:
+        if engine.dialect.name == "postgresql":
+            s.execute(text("LOCK TABLE daemons IN SHARE ROW EXCLUSIVE MODE"))
+        rows = s.execute(select(DaemonRow.__table__).where(DaemonRow.stopped_at.is_(None))).all()
+        for row in rows:
+            if _alive(row, now, host):
+                raise AlreadyRunning(
+                    f"another ckptd already uses this database: pid {row.pid} on {row.host}, "
+                    f"running since {iso(row.started_at)} (last heartbeat "
+                    f"{iso(row.heartbeat_at)}); stop it first, or give this one another database"
+                )
+            s.execute(
+                update(DaemonRow).where(DaemonRow.id == row.id).values(stopped_at=row.heartbeat_at)
+            )
+        return insert_id(
+            s,
+            insert(DaemonRow).values(
+                host=host,
+                pid=os.getpid(),
+                version=version,
+                config=config,
+                started_at=now,
+                heartbeat_at=now,
+                status=status,
+            ),
+        )
