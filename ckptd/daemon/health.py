@@ -20,8 +20,8 @@ from datetime import timedelta
 from ckptd.daemon.notify import watchdog_timeout
 
 # At start-up under systemd (NOTIFY_SOCKET set): one minute less than the unit's
-# TimeoutStartSec=15min, so ckptd exits 1 with its own message before systemd kills it.
-DEFAULT_START_TIMEOUT = 14 * 60.0
+# TimeoutStartSec=10min, so ckptd exits 1 with its own message before systemd kills it.
+DEFAULT_START_TIMEOUT = 9 * 60.0
 
 
 @dataclass

@@ -40,7 +40,9 @@ def make_engine(
     notices the deletion and exits, so that its restart records everything again).
     """
     try:
-        return _make_engine(url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint)
+        return _make_engine(
+            url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint, recreate=recreate
+        )
     except (SQLAlchemyError, ImportError) as exc:  # a bad URL, an unknown dialect or driver
         raise StoreError(f"cannot use database {_safe(url)}: {exc}") from None
     except OSError as exc:  # the directory of the SQLite file cannot be created
@@ -56,7 +58,7 @@ def _safe(url: str) -> str:
         return "(unparseable URL)"
 
 
-def _make_engine(url: str, *, readonly: bool, wal_autocheckpoint: bool) -> Engine:
+def _make_engine(url: str, *, readonly: bool, wal_autocheckpoint: bool, recreate: bool) -> Engine:
     path = sqlite_path(url)
     if path is None:
         return create_engine(url, future=True)
