@@ -124,7 +124,11 @@ def _choice(*choices: str) -> Callable[[object], str]:
 def _show(value: object) -> str:
     if isinstance(value, str):
         text = value if len(value) <= 80 else value[:77] + "..."
-        return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+        # Printable text as written (é, 💥); newlines and other controls escaped: one line.
+        shown = "".join(
+            c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+        )
+        return '"' + shown.replace('"', '\\"') + '"'
     if isinstance(value, dict | list):
         return "a table" if isinstance(value, dict) else "a list"
     text = repr(value)

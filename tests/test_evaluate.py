@@ -135,7 +135,7 @@ def test_crashing_worker_fails_one_job_and_the_next_runs(tmp_path: Path, corpus:
         # Same queue, now with a working evaluator: the daemon carries on.
         ev.config = parse_config(
             {
-                "daemon": {"database": "sqlite://"},
+                "daemon": {"database": f"sqlite:///{tmp_path}/unused.db"},
                 "watch": [
                     {
                         "path": str(root),
