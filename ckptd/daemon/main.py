@@ -282,7 +282,7 @@ class Daemon:
                 if self.stop_event.is_set():
                     break
                 key = (spec.watch_index, spec.name)
-                if key not in self._known_runs and not spec.path.is_dir():
+                if key not in self._known_runs and not runs_mod.is_present(spec):
                     continue  # an event under a run directory that does not exist (anymore)
                 self._known_runs.add(key)
                 self._reconcile(spec)
