@@ -579,7 +579,8 @@ class Pruner:
         except FileNotFoundError:
             return  # the run directory is gone: nothing to repair
         except OSError as exc:  # a symlink below the root, permissions …: left alone
-            log.warning("%s/%s: not rewritten: %s", run_dir, statefile.STATE_FILE, exc)
+            why = exc.strerror or exc
+            log.warning("%s/%s: not rewritten: %s", run_dir, statefile.STATE_FILE, why)
 
     def _rewrite_state_file_at(self, dfd: int, run_path: Path, removed: set[str]) -> None:
         try:
