@@ -77,6 +77,22 @@ def open_dir_under(root: StrPath, directory: StrPath) -> Iterator[int]:
         os.close(fd)
 
 
+def open_subdir(name: str, dir_fd: int) -> int:
+    """A file descriptor for the directory ``name`` in ``dir_fd``; never a symlink (UnsafePath).
+
+    For walking below a directory already reached safely (event-file subdirectories, nested
+    run globs). Caller closes the fd.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise UnsafePath(errno.EINVAL, f"{name!r}: not a plain directory name")
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePath(exc.errno, f"{name!r} is a symlink or not a directory") from None
+        raise
+
+
 def open_regular(name: str, dir_fd: int) -> tuple[int, os.stat_result]:
     """Open base name ``name`` in ``dir_fd`` for reading: (fd, fstat). Caller closes the fd.
 

@@ -4,17 +4,29 @@ A text-format ``CheckpointState`` proto. TF1 Saver writes absolute paths, TF2 Ch
 relative ones plus ``all_model_checkpoint_timestamps``. Read without TensorFlow; rewritten the way
 TensorFlow does it (temp file in the same directory, then rename) so that readers such as
 ``tf.train.latest_checkpoint`` never see half a file.
+
+Both go through :mod:`ckptd.safeio`: the run directory is reached from the watch root without
+following a symlink below it, a state file that is a FIFO, a device or a symlink is never opened
+(it is unreadable), reads are capped, and a rewrite replaces the directory entry itself.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptd import safeio
+
+log = logging.getLogger(__name__)
+
 STATE_FILE = "checkpoint"
+# The largest state file ckptd reads. TensorFlow lists every kept checkpoint in it, one line of
+# path (plus one of timestamp, TF2) each, and rewrites it whole at every save: 64 MiB is over
+# 200,000 checkpoints with 200-byte paths, far beyond what any trainer keeps; a bigger file is
+# unreadable (logged, treated as absent).
+STATE_FILE_MAX_BYTES = 64 << 20
 _LINE = re.compile(r'^\s*(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|([-+0-9.eE]+|[-+]?inf|[-+]?nan))\s*$')
 _ESCAPE = re.compile(r"\\([0-7]{1,3}|x[0-9a-fA-F]{1,2}|.)", re.DOTALL)
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
@@ -91,11 +103,31 @@ def parse(text: str) -> CheckpointState:
     return state
 
 
-def read(run_dir: Path) -> CheckpointState | None:
-    """The run's state file, or None when it is absent or unreadable."""
+def read_at(dir_fd: int) -> CheckpointState | None:
+    """The state file in the run directory ``dir_fd``; None when there is none.
+
+    Raises OSError when it cannot be read: :class:`safeio.NotRegularFile` (a FIFO, a symlink …),
+    :class:`safeio.TooLarge` (over STATE_FILE_MAX_BYTES), or the system's error.
+    """
     try:
-        return parse((run_dir / STATE_FILE).read_text(encoding="utf-8", errors="replace"))
-    except OSError:
+        data = safeio.read_file(STATE_FILE, dir_fd, STATE_FILE_MAX_BYTES)
+    except FileNotFoundError:
+        return None
+    return parse(data.decode("utf-8", errors="replace"))
+
+
+def read(run_dir: Path, root: Path | None = None) -> CheckpointState | None:
+    """The run's state file, or None when it is absent or unreadable (logged).
+
+    ``run_dir`` is reached from the watch ``root`` (default: the run directory itself).
+    """
+    try:
+        with safeio.open_dir_under(root if root is not None else run_dir, run_dir) as dfd:
+            return read_at(dfd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("%s/%s: %s; ignored", run_dir, STATE_FILE, exc.strerror or exc)
         return None
 
 
@@ -112,28 +144,16 @@ def render(state: CheckpointState) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(run_dir: Path, state: CheckpointState) -> None:
-    """Replace the state file atomically (temp name TF itself ignores, fsync, rename, fsync dir)."""
-    tmp = run_dir / f"{STATE_FILE}.tmp{uuid.uuid4().hex}"
-    data = render(state).encode("utf-8")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, run_dir / STATE_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def write_at(dir_fd: int, state: CheckpointState) -> None:
+    """Replace the state file in ``dir_fd`` atomically (temp name TF itself ignores, fsync,
+    rename, fsync dir); whatever the old entry was (a symlink), its target is never written."""
+    safeio.write_atomic(dir_fd, STATE_FILE, render(state).encode("utf-8"))
+
+
+def write_atomic(run_dir: Path, state: CheckpointState, root: Path | None = None) -> None:
+    """:func:`write_at` in ``run_dir``, reached from the watch ``root`` (default: itself)."""
+    with safeio.open_dir_under(root if root is not None else run_dir, run_dir) as dfd:
+        write_at(dfd, state)
 
 
 def without(state: CheckpointState, run_dir: Path, removed: set[Path]) -> CheckpointState:

@@ -176,16 +176,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
 
 
 class DaemonProcess:
-    """A real `ckptd run` subprocess."""
+    """A real `ckptd run` subprocess (``wrapper``: argv it runs under, e.g. setpriv …)."""
 
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log_path = config, log
+    def __init__(self, config: Path, log: Path, wrapper: tuple[str, ...] = ()) -> None:
+        self.config, self.log_path, self.wrapper = config, log, wrapper
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "ckptd", "--config", str(self.config), "run"],
+            [*self.wrapper, PY, "-m", "ckptd", "--config", str(self.config), "run"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=ENV,
@@ -208,11 +208,11 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(config: Path) -> DaemonProcess:
-        d = DaemonProcess(config, tmp_path / f"daemon{len(started)}.log").start()
+    def start(config: Path, wrapper: tuple[str, ...] = ()) -> DaemonProcess:
+        d = DaemonProcess(config, tmp_path / f"daemon{len(started)}.log", wrapper).start()
         started.append(d)
         return d
 

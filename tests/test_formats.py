@@ -7,7 +7,6 @@ Keras checkpoints once; tests that damage files work on a private copy. Time is 
 
 from __future__ import annotations
 
-import builtins
 import math
 import os
 import random
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ckptd import formats
+from ckptd import formats, safeio
 from ckptd.formats import (
     COMPLETE,
     CORRUPT,
@@ -58,27 +57,22 @@ def _data_files(prefix: Path) -> list[str]:
 
 
 class _OpenSpy:
-    """Records every path ``ckptd.formats`` opens: installed as its module-level ``open`` (Keras
-    files) and around its ``_read_file`` (indexes, read by descriptor)."""
+    """Records every file ``ckptd.formats`` opens: all of them go through
+    ``safeio.open_regular`` (relative to a run directory's fd)."""
 
-    def __init__(self, read_file: Any) -> None:
+    def __init__(self, open_regular: Any) -> None:
         self.paths: list[Path] = []
-        self._read_file = read_file
+        self._open_regular = open_regular
 
-    def __call__(self, file, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.paths.append(Path(file))
-        return builtins.open(file, *args, **kwargs)
-
-    def read_file(self, path: str, size_hint: int) -> bytes:
-        self.paths.append(Path(path))
-        return self._read_file(path, size_hint)  # type: ignore[no-any-return]
+    def open_regular(self, name: str, dir_fd: int) -> Any:
+        self.paths.append(Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / name)
+        return self._open_regular(name, dir_fd)
 
 
 @pytest.fixture
 def open_spy(monkeypatch: pytest.MonkeyPatch) -> _OpenSpy:
-    spy = _OpenSpy(formats._read_file)
-    monkeypatch.setattr(formats, "open", spy, raising=False)
-    monkeypatch.setattr(formats, "_read_file", spy.read_file)
+    spy = _OpenSpy(safeio.open_regular)
+    monkeypatch.setattr(safeio, "open_regular", spy.open_regular)
     return spy
 
 
@@ -547,9 +541,14 @@ def test_files_vanishing_during_the_scan(
 
 
 def test_missing_or_empty_run_dir(tmp_path: Path) -> None:
-    assert scan_run(tmp_path / "absent") == []
+    # A directory that cannot be listed raises (an empty result would mean "every checkpoint
+    # is gone"); the caller decides between gone and unreadable.
+    with pytest.raises(FileNotFoundError):
+        scan_run(tmp_path / "absent")
     assert scan_run(tmp_path) == []
-    assert event_files(tmp_path / "absent") == []
+    with pytest.raises(FileNotFoundError):
+        event_files(tmp_path / "absent")
+    assert event_files(tmp_path) == []
 
 
 @pytest.mark.parametrize("kind", ["tf1", "tf2"])

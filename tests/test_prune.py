@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ckptd import statefile
+from ckptd import safeio, statefile
 from ckptd.config import load_config
 from ckptd.daemon import fsops, prune
 from ckptd.store import queries
@@ -486,7 +486,9 @@ def test_state_file_filter_matches_statefile_without(tmp_path: Path) -> None:
                 )
             }
             expected = statefile.without(state, run, {Path(p) for p in removed} | vanished)
-            assert prune._without(state, str(run), removed) == expected, (current, with_stamps)
+            with safeio.open_dir_under(run, run) as dfd:
+                got = prune._without(state, str(run), removed, dfd)
+            assert got == expected, (current, with_stamps)
 
 
 def test_fsops_accepts_str_paths_and_refuses_a_sibling_sharing_the_roots_prefix(
@@ -590,7 +592,7 @@ def test_resume_after_a_crash_between_phases(
         elif crash == "after_unlink":  # files removed, "pruned" not committed
             m.setattr(prune.Pruner, "_commit_results", boom)
         else:  # "pruned" committed, state files not rewritten
-            m.setattr(statefile, "write_atomic", boom)
+            m.setattr(statefile, "write_at", boom)
         with pytest.raises(_Crash):
             prune.Pruner(engine).prune_runs(_runs_and_watches(engine, cfg))
     states = _states(db)

@@ -434,22 +434,38 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
     """
     import os
 
+    from ckptd import safeio
+    from ckptd.formats import INDEX_MAX_BYTES
     from ckptd.formats.tensorbundle import BundleError, list_tensors
 
     prefix = checkpoint
-    record = None
+    # A path the user typed is read where it is; a recorded checkpoint is reached from its
+    # watch root, never through a symlink below it.
+    root = os.path.dirname(os.path.abspath(checkpoint + ".index"))
     if not os.path.exists(checkpoint + ".index"):
+        from sqlalchemy import select
+
         from ckptd.store import queries
+        from ckptd.store.tables import RunRow
 
         with ctx.session() as s:
             record = queries.resolve_checkpoint(s, checkpoint)
+            root = s.scalar(select(RunRow.watch_path).where(RunRow.id == record.run_id)) or root
         prefix = record.prefix
     try:
-        with open(prefix + ".index", "rb") as fh:
-            tensors = list_tensors(fh.read())
+        tensors = list_tensors(safeio.read_under(root, prefix + ".index", INDEX_MAX_BYTES))
     except FileNotFoundError:
         raise click.ClickException(
             f"{prefix}.index does not exist (was it pruned or deleted? see `ckptd events`)"
+        ) from None
+    except safeio.TooLarge:
+        raise click.ClickException(
+            f"{prefix}.index is larger than {INDEX_MAX_BYTES >> 20} MiB, which no real "
+            "checkpoint index is; not read"
+        ) from None
+    except OSError as exc:  # a FIFO or a symlink, a symlinked directory, permissions …
+        raise click.ClickException(
+            f"{prefix}.index cannot be read: {exc.strerror or exc}"
         ) from None
     except BundleError as exc:
         raise click.ClickException(f"{prefix}.index cannot be read: {exc}") from None

@@ -344,7 +344,7 @@ class Daemon:
                     break
                 key = run_key(spec)
                 with self.progress.busy(f"reconcile of {spec.path}"):
-                    if key not in self._known_runs and not spec.path.is_dir():
+                    if key not in self._known_runs and not runs_mod.is_present(spec):
                         continue  # an event under a run directory that does not exist (anymore)
                     self._known_runs.add(key)
                     self._reconcile(spec)

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import formats
+from ckptd import formats, safeio
 from ckptd.eventfiles import ReadResult, metric_prefix, read_scalars
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class EventTail:
 
 @dataclass
 class Observation:
-    present: bool
+    present: bool  # False: the run directory does not exist (or is no longer a real directory)
     found: list[formats.Found] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
     events: dict[str, EventTail] = field(default_factory=dict)
@@ -42,11 +42,15 @@ class Observation:
     # What a quick rescan compares to skip this run while nothing changed (see fingerprint_holds);
     # None when the directory may still change without its mtime showing it.
     fingerprint: Fingerprint | None = None
+    # Why the run directory could not be read (EACCES, EIO …): nothing was seen, so nothing is
+    # concluded about its checkpoints; the next scan tries again.
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """mtimes of the run directory and its event subdirectories, sizes of its event files.
+    """mtimes of the run directory and its event subdirectories, sizes of its event files
+    (these two by their paths relative to the run directory).
 
     Any file created, renamed or deleted in the run directory changes its mtime; a growing event
     file changes its size. Taken before the listing, so a change during it is never absorbed.
@@ -62,17 +66,23 @@ class Fingerprint:
 _RACY_NS = 2_000_000_000
 
 
-def fingerprint_holds(run_dir: Path, fp: Fingerprint) -> bool:
-    """Whether nothing a quick rescan can see changed since ``fp`` (a few stats, no listing)."""
+def fingerprint_holds(root: Path, run_dir: Path, fp: Fingerprint) -> bool:
+    """Whether nothing a quick rescan can see changed since ``fp`` (a few stats, no listing).
+
+    The run directory is reached from the watch ``root`` as a scan reaches it. The other stats
+    are relative to it, parents before children: a subdirectory swapped for a symlink changes
+    its parent's mtime, which is compared first, so no changed answer ever rests on a link.
+    """
     try:
-        if os.stat(run_dir, follow_symlinks=False).st_mtime_ns != fp.run_mtime_ns:
-            return False
-        for d, mtime in fp.dirs:
-            if os.stat(d, follow_symlinks=False).st_mtime_ns != mtime:
+        with safeio.open_dir_under(root, run_dir) as dfd:
+            if os.fstat(dfd).st_mtime_ns != fp.run_mtime_ns:
                 return False
-        for path, size in fp.event_sizes:
-            if os.stat(path, follow_symlinks=False).st_size != size:
-                return False
+            for d, mtime in fp.dirs:
+                if os.stat(d, dir_fd=dfd, follow_symlinks=False).st_mtime_ns != mtime:
+                    return False
+            for path, size in fp.event_sizes:
+                if os.stat(path, dir_fd=dfd, follow_symlinks=False).st_size != size:
+                    return False
     except OSError:
         return False
     return True
@@ -89,11 +99,20 @@ class Request:
     skip_events: frozenset[str]  # event files reported corrupt: never re-read
     stale_after: float
     basis: int
+    # The watch root the run directory is reached from (its path is the user's choice and may
+    # be a symlink; nothing below it is followed). None: the run directory is its own root.
+    root: Path | None = None
 
     @classmethod
-    def first_look(cls, run_dir: Path, keras_template: str | None, stale_after: float) -> Request:
+    def first_look(
+        cls,
+        run_dir: Path,
+        keras_template: str | None,
+        stale_after: float,
+        root: Path | None = None,
+    ) -> Request:
         """A run the database knows nothing about (yet): everything in it is new."""
-        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, -1)
+        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, -1, root)
 
 
 STALE_AFTER = 120.0  # seconds a partial write may stay unchanged before it is called corrupt
@@ -103,23 +122,36 @@ PARALLEL_MIN_RUNS = 8
 
 
 def observe(req: Request) -> Observation:
-    run_dir = req.run_dir
-    if not run_dir.is_dir() or run_dir.is_symlink():
-        return Observation(False, basis=req.basis)
+    """What the run directory holds, read through one directory fd from the watch root.
+
+    Absent, or no longer a real directory (replaced by a symlink or a file): not present.
+    Present but unreadable (EACCES, EIO …): ``unreadable``, with nothing concluded.
+    """
+    root = req.root if req.root is not None else req.run_dir
     try:
-        run_mtime = os.stat(run_dir).st_mtime_ns
-    except OSError:
+        with safeio.open_dir_under(root, req.run_dir) as dfd:
+            return _observe(req, dfd)
+    except (FileNotFoundError, NotADirectoryError, safeio.UnsafePath):
         return Observation(False, basis=req.basis)
+    except OSError as exc:
+        why = f"{req.run_dir}: cannot read the run directory: {exc.strerror or exc}"
+        return Observation(True, basis=req.basis, unreadable=why)
+
+
+def _observe(req: Request, dfd: int) -> Observation:
+    run_dir = req.run_dir
+    run_mtime = os.fstat(dfd).st_mtime_ns
     obs = Observation(True, basis=req.basis)
     obs.found = formats.scan_run(
         run_dir,
         req.keras_template,
         req.known,
+        dir_fd=dfd,
         stale_after=req.stale_after,
         unsupported=obs.unsupported,
     )
     dir_mtimes: dict[str, int] = {}
-    for path in formats.event_files(run_dir, dir_mtimes=dir_mtimes):
+    for path in formats.event_files(run_dir, dir_mtimes=dir_mtimes, dir_fd=dfd):
         key = str(path)
         if key in req.skip_events:
             continue  # reported once; a corrupt file is skipped, not re-read forever
@@ -139,10 +171,11 @@ def observe(req: Request) -> Observation:
     # A partial write turns corrupt after stale_after with no change on disk: not settled.
     settled = all(f.state != formats.INCOMPLETE for f in obs.found)
     if settled and run_mtime < racy and all(m < racy for m in dir_mtimes.values()):
+        base = len(str(run_dir)) + 1  # paths relative to the run directory
         obs.fingerprint = Fingerprint(
             run_mtime,
-            tuple(sorted(dir_mtimes.items())),
-            tuple(sorted((k, t.size) for k, t in obs.events.items())),
+            tuple(sorted((d[base:], m) for d, m in dir_mtimes.items())),
+            tuple(sorted((k[base:], t.size) for k, t in obs.events.items())),
         )
     return obs
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import BindParameter, Engine, Text, bindparam, cast, insert, select, update
 
-from ckptd import statefile
+from ckptd import safeio, statefile
 from ckptd.config import WatchConfig
 from ckptd.daemon import fsops, metrics
 from ckptd.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
@@ -352,16 +352,16 @@ class Pruner:
                             conn.execute(_MARK_PRUNING, {"ids": chunk, "why": reason})
                             intended.update(conn.execute(_PRUNING_OF, {"ids": chunk}).scalars())
         batches: list[_Batch] = []
-        untouched: list[str] = []
+        untouched: list[tuple[str, str]] = []
         for run, rules, result in planned:
             if result.plan.delete:
                 ckpts = [c for c in result.plan.delete if c.id in intended]
                 batches.append(_Batch(ckpts, run.path, run.watch_path, describe(rules), result))
-            else:
+            elif run.present:
                 # A live TF2 CheckpointManager rewrites the state file from its own list at
                 # every save, putting back entries ckptd pruned: repair it on every pass
                 # (cheap: a read and a compare; it writes only on change).
-                untouched.append(run.path)
+                untouched.append((run.path, run.watch_path))
         self._notify({c.prefix: PRUNING for b in batches for c in b.ckpts})
         self._finish(batches, repair=untouched)
 
@@ -382,14 +382,16 @@ class Pruner:
             items = {key: queries.checkpoints(s, ids=ids) for key, ids in by_run.items()}
             # A crash after "pruned" was committed but before the state file was rewritten
             # leaves entries for deleted checkpoints there: fix every run that has pruned ones.
-            pruned_runs = set(
-                s.scalars(
-                    select(RunRow.path)
+            # Only runs present at their last scan: a run that is not there is never repaired.
+            pruned_runs = {
+                (path, watch_path)
+                for path, watch_path in s.execute(
+                    select(RunRow.path, RunRow.watch_path)
                     .join(CheckpointRow, CheckpointRow.run_id == RunRow.id)
-                    .where(CheckpointRow.state == PRUNED)
+                    .where(CheckpointRow.state == PRUNED, RunRow.present)
                     .distinct()
                 )
-            )
+            }
         batches = [
             _Batch(
                 ckpts,
@@ -402,7 +404,7 @@ class Pruner:
             for (path, watch_path), ckpts in items.items()
             if ckpts
         ]
-        self._finish(batches, repair=sorted(pruned_runs - {p for p, _ in items}))
+        self._finish(batches, repair=sorted(pruned_runs - set(items)))
         for b in batches:
             log.info("resumed pruning of %d checkpoint(s) in %s", len(b.result.pruned), b.run_dir)
         return sum(len(v) for v in items.values())
@@ -486,20 +488,24 @@ class Pruner:
             )
         return len(rows)
 
-    def _finish(self, batches: list[_Batch], repair: Sequence[str] = ()) -> None:
-        """Phases 2 and 3 for checkpoints already in ``pruning``, then the runs' state files."""
+    def _finish(self, batches: list[_Batch], repair: Sequence[tuple[str, str]] = ()) -> None:
+        """Phases 2 and 3 for checkpoints already in ``pruning``, then the runs' state files
+        (and those of the ``repair`` runs: (run dir, watch root))."""
         outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]] = []
-        jobs: dict[str, set[str]] = {}  # run dir -> prefixes removed
+        jobs: dict[str, tuple[str, set[str]]] = {}  # run dir -> (root, prefixes removed)
         for b in batches:  # phase 2: one directory descriptor per run
             pairs = list(
                 zip(b.ckpts, fsops.remove_groups(b.root, b.run_dir, b.files()), strict=True)
             )
             outcomes.append((b, pairs))
-            jobs.setdefault(b.run_dir, set()).update(c.prefix for c, r in pairs if r.ok)
+            _root, removed = jobs.setdefault(b.run_dir, (b.root, set()))
+            removed.update(c.prefix for c, r in pairs if r.ok)
         self._commit_results(outcomes)  # phase 3
         # The state file is rewritten when something went (and always for a run to repair).
-        tidy = [(path, removed, bool(removed)) for path, removed in jobs.items()]
-        tidy += [(path, set(), True) for path in dict.fromkeys(repair) if path not in jobs]
+        tidy = [(path, root, removed, bool(removed)) for path, (root, removed) in jobs.items()]
+        tidy += [
+            (path, root, set(), True) for path, root in dict.fromkeys(repair) if path not in jobs
+        ]
         if len(tidy) <= 1:
             for job in tidy:
                 self._tidy_run(*job)
@@ -585,10 +591,10 @@ class Pruner:
         self._notify(states)
         metrics.pruned(total, freed)
 
-    def _tidy_run(self, run_dir: str, removed: set[str], rewrite: bool) -> None:
+    def _tidy_run(self, run_dir: str, root: str, removed: set[str], rewrite: bool) -> None:
         """State-file repair (``rewrite``) of one run."""
         if rewrite:
-            self._rewrite_state_file(run_dir, removed)
+            self._rewrite_state_file(run_dir, root, removed)
 
     def _newest_complete(self, run_dir: str) -> str | None:
         with session_scope(self.engine) as s:
@@ -604,18 +610,40 @@ class Pruner:
                 .limit(1)
             )
 
-    def _rewrite_state_file(self, run_dir: str | Path, removed: set[str]) -> None:
+    def _rewrite_state_file(self, run_dir: str | Path, root: str | Path, removed: set[str]) -> None:
         """Drop pruned (and otherwise vanished) entries; keep paths' style and TF2 timestamps.
 
         ``removed`` holds the prefixes (as recorded) this prune deleted: they are dropped without
-        a look at the disk; every other entry is dropped only if its files are gone.
+        a look at the disk; every other entry is dropped only if its files are gone. The run
+        directory is reached from the watch ``root`` through :mod:`ckptd.safeio`: a run that is
+        gone, or whose directory (or anything on the way below the root) is now a symlink, is
+        left alone, and a state file that is a symlink, a FIFO or too big is never read.
         """
-        run_path = Path(run_dir)
-        state = statefile.read(run_path)
+        try:
+            with safeio.open_dir_under(root, run_dir) as dfd:
+                self._rewrite_state_file_at(dfd, Path(run_dir), removed)
+        except FileNotFoundError:
+            return  # the run directory is gone: nothing to repair
+        except OSError as exc:  # a symlink below the root, permissions …: left alone
+            why = exc.strerror or exc
+            log.warning("%s/%s: not rewritten: %s", run_dir, statefile.STATE_FILE, why)
+
+    def _rewrite_state_file_at(self, dfd: int, run_path: Path, removed: set[str]) -> None:
+        try:
+            state = statefile.read_at(dfd)
+        except OSError as exc:
+            log.warning(
+                "%s/%s: %s; not read or rewritten (ckptd uses only a regular state file: "
+                "replace or remove it)",
+                run_path,
+                statefile.STATE_FILE,
+                exc.strerror or exc,
+            )
+            return
         if state is None:
             return
         base = str(run_path)
-        new = _without(state, base, removed)
+        new = _without(state, base, removed, dfd)
         if not new.all_model_checkpoint_paths:
             # TF refuses a state file with no latest checkpoint (latest_checkpoint and
             # CheckpointManager raise): point it at the newest checkpoint that exists.
@@ -626,9 +654,9 @@ class Pruner:
             new = statefile.CheckpointState(name, [name], [], state.last_preserved_timestamp)
         if new != state:
             try:
-                statefile.write_atomic(run_path, new)
+                statefile.write_at(dfd, new)
             except OSError as exc:
-                log.error("could not rewrite %s/checkpoint: %s", run_dir, exc)
+                log.error("could not rewrite %s/checkpoint: %s", run_path, exc)
 
     def _notify(self, states: dict[str, str]) -> None:
         if self.on_states and states:
@@ -644,20 +672,29 @@ def _resolve(run_dir: str, entry: str) -> str:
 
 
 def _without(
-    state: statefile.CheckpointState, run_dir: str, removed: set[str]
+    state: statefile.CheckpointState, run_dir: str, removed: set[str], dfd: int
 ) -> statefile.CheckpointState:
     """:func:`statefile.without` of ``removed`` and of every entry whose files are gone.
 
     Entries in ``removed`` (deleted by this prune) are dropped without looking at the disk.
+    Entries in the run directory are looked up in ``dfd`` (never through a symlink); one naming
+    another directory (TF1 writes absolute paths, maybe through another mount) only by a stat
+    of its path: nothing there is ever opened.
     """
     paths: list[str] = []
     stamps: list[float] = []
     dropped: set[str] = set()
     old_stamps = state.all_model_checkpoint_timestamps
     has_stamps = len(old_stamps) == len(state.all_model_checkpoint_paths)
+    real_dir: str | None = None
     for i, entry in enumerate(state.all_model_checkpoint_paths):
         path = _resolve(run_dir, entry)
-        if path in removed or not _exists(path):
+        directory, name = os.path.split(path)
+        in_run = directory == run_dir
+        if not in_run:  # TF1 writes absolute paths as the trainer spelt them: maybe the real one
+            real_dir = real_dir or os.path.realpath(run_dir)
+            in_run = directory == real_dir
+        if path in removed or not (_exists(dfd, name) if in_run else _exists_outside(path)):
             dropped.add(path)
             continue
         paths.append(entry)
@@ -679,7 +716,20 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _exists(prefix: str) -> bool:
+def _exists(dfd: int, name: str) -> bool:
+    """Whether checkpoint ``name`` (its .index, or the file itself) is in the directory ``dfd``."""
+    for candidate in (name + ".index", name):
+        try:
+            os.stat(candidate, dir_fd=dfd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True  # cannot tell: keep the entry
+    return False
+
+
+def _exists_outside(prefix: str) -> bool:
     return os.path.exists(prefix + ".index") or os.path.exists(prefix)
 
 

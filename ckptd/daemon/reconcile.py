@@ -78,6 +78,7 @@ class _RunCache:
     # stale (observed before a write it does not know about) and is redone.
     generation: int = field(default_factory=lambda: next(_GENERATION))
     fingerprint: Fingerprint | None = None  # of the last observation applied
+    unreadable: str | None = None  # why the last scan could not read the run directory
 
     def add(self, prefix: str, known: _Known) -> None:
         self.checkpoints[prefix] = known
@@ -222,13 +223,15 @@ class Reconciler:
         """Whether a quick rescan may skip ``spec``: its fingerprint still holds (no listing)."""
         cache = self._cache.get(str(spec.path))
         fp = cache.fingerprint if cache is not None else None
-        return fp is not None and fingerprint_holds(spec.path, fp)
+        return fp is not None and fingerprint_holds(spec.watch.path, spec.path, fp)
 
     def request(self, spec: RunSpec) -> Request:
         """What observing ``spec`` needs from the cache (see observe.Request)."""
         cache = self._cache.get(str(spec.path))
         if cache is None:
-            return Request.first_look(spec.path, spec.watch.keras_template, self.stale_after)
+            return Request.first_look(
+                spec.path, spec.watch.keras_template, self.stale_after, spec.watch.path
+            )
         return Request(
             spec.path,
             spec.watch.keras_template,
@@ -237,6 +240,7 @@ class Reconciler:
             frozenset(p for p, (_fid, _offset, error) in cache.event_files.items() if error),
             self.stale_after,
             cache.generation,
+            spec.watch.path,
         )
 
     def forget(self) -> None:
@@ -309,6 +313,20 @@ class Reconciler:
 
     def _reconcile(self, spec: RunSpec, cache: _RunCache, obs: Observation) -> Outcome:
         outcome = Outcome(spec.name)
+        if obs.unreadable is not None:
+            # Nothing was seen, so nothing is concluded: its checkpoints stay as recorded (none
+            # turns "gone"), and no fingerprint lets a quick rescan skip it. Retried next scan.
+            if cache.unreadable is None:
+                log.warning(
+                    "%s; its checkpoints stay as recorded and it is retried at every scan "
+                    "(give the ckptd user read access to it)",
+                    obs.unreadable,
+                )
+            cache.unreadable, cache.fingerprint = obs.unreadable, None
+            return outcome
+        if cache.unreadable is not None:
+            log.info("%s: readable again", spec.path)
+            cache.unreadable = None
         present = obs.present
         if not self._changed(cache, obs):
             cache.fingerprint = obs.fingerprint
@@ -686,7 +704,7 @@ class Reconciler:
 
 def _looked_at(r: Request) -> tuple[Any, ...]:
     """What makes two first looks at a run the same observation."""
-    return (r.run_dir, r.keras_template, r.stale_after)
+    return (r.run_dir, r.keras_template, r.stale_after, r.root)
 
 
 def _label(spec: RunSpec, step: int | None, prefix: str) -> str:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd import safeio
 from ckptd.config import WatchConfig
 from ckptd.formats import is_utf8 as _utf8
 
@@ -39,37 +40,63 @@ def _depth(pattern: str) -> int:
 
 
 def discover(watch_index: int, watch: WatchConfig) -> list[RunSpec]:
-    """The runs of one watch that exist now. Symlinked run directories are never followed."""
+    """The runs of one watch that exist now.
+
+    The watch ``path`` is followed even if it is a symlink (the user chose it); below it,
+    directories are listed through directory fds and a symlinked directory is never a run nor
+    entered.
+    """
     root = watch.path
     if not watch.runs:
         return [RunSpec(watch_index, root.name, root, watch)] if root.is_dir() else []
     parts = Path(watch.runs).parts
     found: list[RunSpec] = []
 
-    def walk(d: Path, level: int) -> None:
-        try:
-            it = os.scandir(d)
-        except OSError:
-            return
-        with it:
+    def walk(fd: int, d: Path, level: int) -> None:
+        with os.scandir(fd) as it:
             for entry in it:
-                if not _utf8(entry.name):
-                    _report_unsupported(Path(d) / entry.name)
+                name = entry.name
+                if not _utf8(name):
+                    _report_unsupported(d / name)
                     continue
                 if not entry.is_dir(follow_symlinks=False):
                     continue
-                if not fnmatch.fnmatchcase(entry.name, parts[level]):
+                if not fnmatch.fnmatchcase(name, parts[level]):
                     continue
+                path = d / name
                 if level + 1 == len(parts):
-                    path = Path(entry.path)
                     found.append(
                         RunSpec(watch_index, path.relative_to(root).as_posix(), path, watch)
                     )
-                else:
-                    walk(Path(entry.path), level + 1)
+                    continue
+                try:
+                    sub = safeio.open_subdir(name, fd)
+                except OSError:
+                    continue  # gone, unreadable, or swapped for a symlink since the listing
+                try:
+                    walk(sub, path, level + 1)
+                except OSError:
+                    continue
+                finally:
+                    os.close(sub)
 
-    walk(root, 0)
+    try:
+        with safeio.open_dir_under(root, root) as fd:
+            walk(fd, root, 0)
+    except OSError:
+        return []
     return sorted(found, key=lambda r: r.name)
+
+
+def is_present(spec: RunSpec) -> bool:
+    """Whether ``spec``'s directory exists as a real directory under its watch root."""
+    try:
+        with safeio.open_dir_under(spec.watch.path, spec.path):
+            return True
+    except (FileNotFoundError, NotADirectoryError, safeio.UnsafePath):
+        return False
+    except OSError:
+        return True  # there, but unreadable right now: the reconciler says so and retries
 
 
 def run_of(watch_index: int, watch: WatchConfig, path: str) -> RunSpec | None:

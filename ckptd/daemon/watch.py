@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,8 +78,26 @@ EVENTS: list[type[FileSystemEvent]] = [
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, watch: WatchConfig, on_path: Callable[[WatchConfig, str], None]) -> None:
+    """Passes each changed path on, as a path under the configured watch ``path``.
+
+    A watch path that is a symlink is watched at its target (``real``: watchdog does not follow
+    a symlinked watch path, and below it nothing is followed); paths are mapped back.
+    """
+
+    def __init__(
+        self,
+        watch: WatchConfig,
+        on_path: Callable[[WatchConfig, str], None],
+        real: str = "",
+        shown: str = "",
+    ) -> None:
         self.watch, self.on_path = watch, on_path
+        self.real, self.shown = real, shown
+
+    def _shown(self, path: str) -> str:
+        if self.real != self.shown and (path == self.real or path.startswith(self.real + "/")):
+            return self.shown + path[len(self.real) :]
+        return path
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
@@ -86,10 +105,9 @@ class _Handler(FileSystemEventHandler):
         try:
             for path in (event.src_path, getattr(event, "dest_path", "")):
                 if path:
-                    self.on_path(
-                        self.watch,
-                        path if isinstance(path, str) else path.decode("utf-8", "surrogateescape"),
-                    )
+                    if not isinstance(path, str):
+                        path = path.decode("utf-8", "surrogateescape")
+                    self.on_path(self.watch, self._shown(path))
         except Exception:  # an exception here would kill the observer thread
             log.exception("error handling %r", event)
 
@@ -123,14 +141,14 @@ class Watcher:
     def _start(self, slot: _Slot) -> None:
         if not slot.watch.path.is_dir():
             return
-        handler = _Handler(slot.watch, self.on_path)
+        shown = str(slot.watch.path)
+        real = os.path.realpath(shown)
+        handler = _Handler(slot.watch, self.on_path, real, shown)
         wanted = slot.watch.observer
         if wanted in ("auto", "inotify"):
             observer: BaseObserver = Observer()
             try:
-                observer.schedule(
-                    handler, str(slot.watch.path), recursive=True, event_filter=EVENTS
-                )
+                observer.schedule(handler, real, recursive=True, event_filter=EVENTS)
                 observer.start()
                 slot.observer, slot.kind = observer, "inotify"
                 return
@@ -152,7 +170,7 @@ class Watcher:
                     self.poll_interval,
                 )
         observer = PollingObserver(timeout=self.poll_interval)
-        observer.schedule(handler, str(slot.watch.path), recursive=True, event_filter=EVENTS)
+        observer.schedule(handler, real, recursive=True, event_filter=EVENTS)
         observer.start()
         slot.observer, slot.kind = observer, "polling"
 

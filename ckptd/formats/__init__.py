@@ -4,18 +4,25 @@
 object checkpoints (``PREFIX.index`` + ``PREFIX.data-NNNNN-of-MMMMM`` [+ ``PREFIX.meta``]) and
 Keras ``.keras`` / ``.weights.h5`` files. Temporary names TensorFlow uses while writing are never
 checkpoints. Each result says whether the checkpoint is complete, and if not, why.
+
+Every file is reached through :mod:`ckptd.safeio`: the run directory through a directory fd from
+the watch root, files relative to it, never through a symlink, never blocking on a FIFO, with
+capped reads. A checkpoint file that is not a regular file is corrupt ("not a regular file").
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import struct
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptd import safeio
 from ckptd.formats.tensorbundle import BundleError, read_header
 from ckptd.kerasname import KerasTemplate  # a light module of its own: the config uses it
 
@@ -26,6 +33,10 @@ _STEP = re.compile(r"-(\d+)$")
 _TEMP = re.compile(r"(\.tempstate|\.tmp|_temp$|_temp/)")
 EVENT_FILE = "events.out.tfevents."
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# The largest .index ckptd reads. An index holds one short entry per tensor (its name, dtype,
+# shape, shard, offset: tens of bytes): 64 MiB is over half a million tensors with 100-byte
+# names, far beyond any real model; a bigger file is recorded corrupt, never loaded.
+INDEX_MAX_BYTES = 64 << 20
 
 
 def is_temp_name(name: str) -> bool:
@@ -58,25 +69,6 @@ class _Group:
     totals: set[int] = field(default_factory=set)
 
 
-def _read_file(path: str, size_hint: int) -> bytes:
-    """The whole file, in one read when it is no bigger than ``size_hint`` (its stat size).
-
-    Plain ``os.read`` on a descriptor: a backfill reads thousands of small indexes, and a Python
-    file object costs more than the read itself. Symlinks are not followed.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        chunks = [os.read(fd, size_hint + 1)]
-        while len(chunks[-1]) > size_hint:  # it grew since the stat: read to the end
-            chunks.append(os.read(fd, 1 << 20))
-            if not chunks[-1]:
-                break
-            size_hint = 0
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def step_from_name(prefix_name: str) -> int | None:
     m = _STEP.search(prefix_name)
     return int(m.group(1)) if m else None
@@ -90,6 +82,7 @@ def _stat(entry: os.DirEntry[str]) -> os.stat_result | None:
 
 
 def _bundle(
+    dir_fd: int,
     run_dir: Path,
     name: str,
     g: _Group,
@@ -102,17 +95,22 @@ def _bundle(
     size = 0
     mtime = 0.0
     shard_sizes: dict[int, int] = {}
+    odd = []  # FIFOs, sockets, devices, directories: never opened, the checkpoint is corrupt
     for entry in (g.index, g.meta):
         if entry is not None and (st := _stat(entry)) is not None:
             files.append(entry.name)
             size += st.st_size
             mtime = max(mtime, st.st_mtime)
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+                odd.append(entry.name)
     for shard, entry in g.data.items():
         if (st := _stat(entry)) is not None:
             files.append(entry.name)
             size += st.st_size
             mtime = max(mtime, st.st_mtime)
             shard_sizes[shard] = st.st_size
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+                odd.append(entry.name)
     if not files:
         return None  # every file vanished since the listing (the trainer deleted it)
     step = step_from_name(name)
@@ -172,6 +170,19 @@ def _bundle(
         int(has_meta),
         sum(shard_sizes.values()),
     )
+    if odd:
+        return Found(
+            prefix,
+            fmt,
+            step,
+            CORRUPT,
+            f"{', '.join(sorted(odd))}: not a regular file",
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            signature,
+        )
     seen = known.get(prefix) if known is not None else None
     if seen is not None and len(seen) == 6 and seen[:5] == signature:
         # Unchanged since it was validated: skip re-reading the index (keeps rescans cheap).
@@ -190,8 +201,30 @@ def _bundle(
             tuple(seen),
         )
     try:
-        data = _read_file(g.index.path, ist.st_size)
+        fd, fst = safeio.open_regular(g.index.name, dir_fd)
+        try:
+            data = safeio.read_fd(fd, fst.st_size, INDEX_MAX_BYTES)
+        finally:
+            os.close(fd)
         header = read_header(data)
+    except (safeio.NotRegularFile, safeio.TooLarge) as exc:
+        # Swapped for a FIFO or a device since the listing, or absurdly big: never a checkpoint.
+        if isinstance(exc, safeio.TooLarge):
+            reason = f"index is larger than the {INDEX_MAX_BYTES >> 20} MiB cap; not read"
+        else:
+            reason = f"{g.index.name}: not a regular file"
+        return Found(
+            prefix,
+            fmt,
+            step,
+            CORRUPT,
+            reason,
+            tuple(sorted(files)),
+            size,
+            has_meta,
+            mtime,
+            signature,
+        )
     except BundleError as exc:
         # No footer yet = still being written (TF2 writes .index in place); anything else = corrupt.
         # An index without a footer whose data files are long finished is truncated.
@@ -280,10 +313,14 @@ def _bundle(
     )
 
 
-def _keras_complete(path: str, is_h5: bool, size: int) -> str | None:
-    """None when the file is whole, else why not (zip end record / HDF5 end-of-file address)."""
+def _keras_complete(dir_fd: int, name: str, is_h5: bool, size: int) -> str | None:
+    """None when the file is whole, else why not (zip end record / HDF5 end-of-file address).
+
+    Raises :class:`safeio.NotRegularFile` for a FIFO, device or symlink (never opened for real).
+    """
+    fd, _st = safeio.open_regular(name, dir_fd)
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(fd, "rb") as fh:
             if is_h5:
                 head = fh.read(48)
                 if len(head) < 16 or not head.startswith(HDF5_SIGNATURE):
@@ -301,14 +338,16 @@ def _keras_complete(path: str, is_h5: bool, size: int) -> str | None:
                 if eof == 0 or eof > size:
                     return f"HDF5 file is shorter than its end-of-file address ({size} < {eof})"
                 return None
-        if not zipfile.is_zipfile(path):
-            return "not a complete zip archive (still being written, or truncated)"
-        return None
+            # (reads only the end of the archive: its end record, a bounded search)
+            if not zipfile.is_zipfile(fh):
+                return "not a complete zip archive (still being written, or truncated)"
+            return None
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
 
 
 def _keras(
+    dir_fd: int,
     run_dir: Path,
     entry: os.DirEntry[str],
     template: KerasTemplate | None,
@@ -343,12 +382,17 @@ def _keras(
             signature,
             metrics,
         )
-    if known is not None and known.get(prefix) == signature:
-        problem = None
-    else:
-        problem = _keras_complete(entry.path, is_h5, st.st_size)
-    state = COMPLETE if problem is None else INCOMPLETE
-    if problem is not None and now - st.st_mtime > stale_after:
+    state, problem = COMPLETE, None
+    if known is None or known.get(prefix) != signature:
+        try:
+            if not stat.S_ISREG(st.st_mode):
+                raise safeio.NotRegularFile(errno.EINVAL, "not a regular file")
+            problem = _keras_complete(dir_fd, name, is_h5, st.st_size)
+        except safeio.NotRegularFile:  # (or swapped for a FIFO or a symlink since the listing)
+            state, problem = CORRUPT, "not a regular file"
+        else:
+            state = COMPLETE if problem is None else INCOMPLETE
+    if state == INCOMPLETE and now - st.st_mtime > stale_after:
         # Not growing any more: a truncated or corrupt file, not one being written.
         state, problem = CORRUPT, f"{problem}; unchanged for {now - st.st_mtime:.0f} s"
     return Found(
@@ -371,23 +415,36 @@ def scan_run(
     keras_template: str | None = None,
     known: dict[str, tuple[int, ...]] | None = None,
     *,
+    root: Path | None = None,
+    dir_fd: int | None = None,
     now: float | None = None,
     stale_after: float = 120.0,
     unsupported: list[str] | None = None,
 ) -> list[Found]:
     """Every checkpoint in ``run_dir`` (not recursive), each with its completeness.
 
+    The directory is ``dir_fd`` when given, else reached from the watch ``root`` (default: the
+    run directory itself) without following a symlink below it. Raises OSError when it cannot
+    be listed (absent, unreadable, a symlink: :class:`safeio.UnsafePath`): the caller decides
+    what that means, as an empty result would say every checkpoint is gone.
     ``known`` maps prefixes already validated to their signature; unchanged ones are not re-read.
     A partial write that has not changed for ``stale_after`` seconds is reported corrupt.
     """
+    if dir_fd is None:
+        with safeio.open_dir_under(root if root is not None else run_dir, run_dir) as fd:
+            return scan_run(
+                run_dir,
+                keras_template,
+                known,
+                dir_fd=fd,
+                now=now,
+                stale_after=stale_after,
+                unsupported=unsupported,
+            )
     now = time.time() if now is None else now
     groups: dict[str, _Group] = {}
     keras_entries = []
-    try:
-        it = os.scandir(run_dir)
-    except OSError:
-        return []
-    with it:
+    with os.scandir(dir_fd) as it:
         for entry in it:
             name = entry.name
             # (substring tests first: this loop sees every file of every run at backfill)
@@ -417,12 +474,12 @@ def scan_run(
     for name, g in groups.items():
         if g.index is None and not g.data:
             continue  # a lone .meta (e.g. a graph export) is not a checkpoint
-        f = _bundle(run_dir, name, g, known, now, stale_after)
+        f = _bundle(dir_fd, run_dir, name, g, known, now, stale_after)
         if f is not None:
             found.append(f)
     template = KerasTemplate(keras_template) if keras_template else None
     for entry in keras_entries:
-        f = _keras(run_dir, entry, template, known, now, stale_after)
+        f = _keras(dir_fd, run_dir, entry, template, known, now, stale_after)
         if f is not None:
             found.append(f)
     return found
@@ -442,34 +499,51 @@ def _looks_like_checkpoint(name: str) -> bool:
 
 
 def event_files(
-    run_dir: Path, max_depth: int = 2, *, dir_mtimes: dict[str, int] | None = None
+    run_dir: Path,
+    max_depth: int = 2,
+    *,
+    dir_mtimes: dict[str, int] | None = None,
+    root: Path | None = None,
+    dir_fd: int | None = None,
 ) -> list[Path]:
     """TensorBoard event files in the run and its subdirectories (``eval/``, ``validation/``).
 
+    The run directory is ``dir_fd``, or is reached from ``root`` (default: itself) as in
+    :func:`scan_run`; subdirectories are entered through directory fds, never through a symlink.
+    An unreadable run directory raises OSError; an unreadable subdirectory is skipped.
     ``dir_mtimes`` collects each subdirectory's mtime, taken before it is listed (so a file
     created during the listing changes it): what a later quick rescan compares.
     """
+    if dir_fd is None:
+        with safeio.open_dir_under(root if root is not None else run_dir, run_dir) as fd:
+            return event_files(run_dir, max_depth, dir_mtimes=dir_mtimes, dir_fd=fd)
     out: list[Path] = []
 
-    def walk(d: Path, depth: int) -> None:
-        try:
-            if dir_mtimes is not None and depth > 0:
-                dir_mtimes[str(d)] = os.stat(d).st_mtime_ns
-            it = os.scandir(d)
-        except OSError:
-            return
-        with it:
+    def walk(fd: int, d: Path, depth: int) -> None:
+        with os.scandir(fd) as it:
             for entry in it:
-                if not is_utf8(entry.name):
+                name = entry.name
+                if not is_utf8(name):
                     continue
-                if entry.name.startswith(EVENT_FILE) and entry.is_file(follow_symlinks=False):
-                    out.append(Path(entry.path))
+                if name.startswith(EVENT_FILE) and entry.is_file(follow_symlinks=False):
+                    out.append(d / name)
                 elif (
                     depth < max_depth
                     and entry.is_dir(follow_symlinks=False)
-                    and not is_temp_name(entry.name)
+                    and not is_temp_name(name)
                 ):
-                    walk(Path(entry.path), depth + 1)
+                    try:
+                        sub = safeio.open_subdir(name, fd)
+                    except OSError:
+                        continue  # gone, unreadable, or swapped for a symlink: skipped
+                    try:
+                        if dir_mtimes is not None:
+                            dir_mtimes[str(d / name)] = os.fstat(sub).st_mtime_ns
+                        walk(sub, d / name, depth + 1)
+                    except OSError:
+                        continue
+                    finally:
+                        os.close(sub)
 
-    walk(run_dir, 0)
+    walk(dir_fd, Path(run_dir), 0)
     return sorted(out)
