@@ -452,9 +452,16 @@ def test_reload_that_fails_to_apply_keeps_the_running_config(
     # Still running the old config: new checkpoints are recorded, and status says why.
     corpus.copy("tf2", root / "b")
     wait_for(lambda: {n for n, _ in recorded(db)} == {"a", "b"}, timeout=60)
-    data = wait_for(lambda: (s := status(conf)) and s["daemon"]["reload_error"] and s, timeout=30)
+    # `ckptd status` with the file on disk names the mistake itself (exit 78) ...
+    bad_status = ckptd("status", config=conf)
+    assert bad_status.returncode == 78 and "61" in bad_status.stderr, bad_status
+    # ... and, asked with the config the daemon runs, shows the daemon's reload error.
+    running = two_watch_config(tmp_path / "running.toml", db, [(root, "")])
+    data = wait_for(
+        lambda: (s := status(running)) and s["daemon"]["reload_error"] and s, timeout=30
+    )
     assert "61" in data["daemon"]["reload_error"]
-    assert "reload failed" in ckptd("status", config=conf).stdout
+    assert "reload failed" in ckptd("status", config=running).stdout
     os.kill(d.pid, signal.SIGTERM)
     assert d.wait(timeout=60) == 0
 
