@@ -89,11 +89,14 @@ class Request:
     skip_events: frozenset[str]  # event files reported corrupt: never re-read
     stale_after: float
     basis: int
+    root: Path  # the watch path: files are reached from it (see ckptd.safeio)
 
     @classmethod
-    def first_look(cls, run_dir: Path, keras_template: str | None, stale_after: float) -> Request:
+    def first_look(
+        cls, run_dir: Path, keras_template: str | None, stale_after: float, root: Path
+    ) -> Request:
         """A run the database knows nothing about (yet): everything in it is new."""
-        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, -1)
+        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, -1, root)
 
 
 STALE_AFTER = 120.0  # seconds a partial write may stay unchanged before it is called corrupt
@@ -124,7 +127,7 @@ def observe(req: Request) -> Observation:
         if key in req.skip_events:
             continue  # reported once; a corrupt file is skipped, not re-read forever
         try:
-            size = path.stat().st_size
+            size = os.stat(path, follow_symlinks=False).st_size
         except OSError:
             continue
         offset = req.event_offsets.get(key)
@@ -132,12 +135,14 @@ def observe(req: Request) -> Observation:
             obs.events[key] = EventTail(size, offset, None)
             continue
         start = offset if offset is not None and size > offset else 0  # shrank: replaced
-        obs.events[key] = EventTail(
-            size, start, read_scalars(path, start, metric_prefix(run_dir, path))
-        )
+        read = read_scalars(path, start, metric_prefix(run_dir, path), root=req.root)
+        obs.events[key] = EventTail(size, start, read)
     racy = time.time_ns() - _RACY_NS
-    # A partial write turns corrupt after stale_after with no change on disk: not settled.
-    settled = all(f.state != formats.INCOMPLETE for f in obs.found)
+    # A partial write turns corrupt after stale_after with no change on disk: not settled. Nor
+    # is an event file that could not be read: regaining access changes no mtime or size.
+    settled = all(f.state != formats.INCOMPLETE for f in obs.found) and not any(
+        t.read is not None and t.read.retry for t in obs.events.values()
+    )
     if settled and run_mtime < racy and all(m < racy for m in dir_mtimes.values()):
         obs.fingerprint = Fingerprint(
             run_mtime,

@@ -59,7 +59,9 @@ def start(config: Config, workers: int) -> observe.ObservePool | None:
     if len(specs) < observe.PARALLEL_MIN_RUNS:
         return None
     requests = [
-        observe.Request.first_look(s.path, s.watch.keras_template, observe.STALE_AFTER)
+        observe.Request.first_look(
+            s.path, s.watch.keras_template, observe.STALE_AFTER, s.watch.path
+        )
         for s in specs
     ]
     return observe.ObservePool(requests, workers)

@@ -72,6 +72,7 @@ class _RunCache:
     by_step: dict[int, list[int]] = field(default_factory=dict)
     event_files: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
     unsupported: set[str] = field(default_factory=set)  # names already reported
+    unreadable: set[str] = field(default_factory=set)  # event files failing to open, reported
     present: bool = True  # whether the run directory existed at the last scan
     scanned: bool = True  # False until the first scan of a newly discovered run is committed
     # Bumped on every commit for this run: an observation made against an older generation is
@@ -184,6 +185,8 @@ class Reconciler:
                 by_id[run_id].add(prefix, _Known(cid, state, step, tuple(sig or ())))
         for fid, run_id, fpath, offset, error in conn.execute(q2):
             if run_id in by_id:
+                if error and error.startswith(_UNREADABLE):
+                    error = None  # recorded by ckptd 0.1.0 as permanent; it is retried
                 by_id[run_id].event_files[fpath] = (fid, offset, error)
         return {path: by_id[rid] for rid, path, _present in runs}
 
@@ -228,7 +231,9 @@ class Reconciler:
         """What observing ``spec`` needs from the cache (see observe.Request)."""
         cache = self._cache.get(str(spec.path))
         if cache is None:
-            return Request.first_look(spec.path, spec.watch.keras_template, self.stale_after)
+            return Request.first_look(
+                spec.path, spec.watch.keras_template, self.stale_after, spec.watch.path
+            )
         return Request(
             spec.path,
             spec.watch.keras_template,
@@ -237,6 +242,7 @@ class Reconciler:
             frozenset(p for p, (_fid, _offset, error) in cache.event_files.items() if error),
             self.stale_after,
             cache.generation,
+            spec.watch.path,
         )
 
     def forget(self) -> None:
@@ -575,6 +581,19 @@ class Reconciler:
             path = key
             for s in result.scalars:
                 new_scalars[(s.name, s.step)] = (_num(s.value), s.wall_time)
+            if result.skipped:
+                log.warning(
+                    "event file %s: skipped %d value(s) that are not valid scalars (first: %s)",
+                    path,
+                    result.skipped,
+                    result.skip_reason,
+                )
+            if result.retry and key not in cache.unreadable:
+                log.warning("event file %s: %s; retrying at the next scan", path, result.retry)
+            if result.retry:
+                cache.unreadable.add(key)
+            else:
+                cache.unreadable.discard(key)
             if result.error:
                 log.warning("event file %s: %s; skipping the rest of it", path, result.error)
                 self._action(
@@ -686,7 +705,7 @@ class Reconciler:
 
 def _looked_at(r: Request) -> tuple[Any, ...]:
     """What makes two first looks at a run the same observation."""
-    return (r.run_dir, r.keras_template, r.stale_after)
+    return (r.run_dir, r.keras_template, r.stale_after, r.root)
 
 
 def _label(spec: RunSpec, step: int | None, prefix: str) -> str:
@@ -698,8 +717,19 @@ def _num(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+# Event-file errors starting so were transient (EACCES, EIO…): ckptd 0.1.0 stored them as if
+# the file were corrupt.
+_UNREADABLE = "unreadable: "
+# mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
+_MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
 def _from_ts(ts: float) -> Any:
-    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None) if ts else None
+    """A file time as a naive UTC datetime, clamped to the range a datetime can represent."""
+    if not ts:
+        return None
+    return datetime.fromtimestamp(min(max(ts, _MIN_TS), _MAX_TS), UTC).replace(tzinfo=None)
 
 
 _METRIC_COLUMNS = ("checkpoint_id", "name", "value", "step", "source", "recorded_at")
