@@ -579,3 +579,26 @@ def test_unreadable_error_stored_by_0_1_0_is_retried(corpus: Corpus, tmp_path: P
     restarted.preload()
     restarted.reconcile(spec)
     assert None not in _eval_metrics(engine).values()
+
+
+def test_step_too_big_for_the_database_does_not_block_the_run(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    """``ckpt-99999999999999999999``: SQLite refused the step (OverflowError) and with it every
+    other checkpoint of the run, at every scan."""
+    rec, watch, engine = _reconciler(tmp_path)
+    run = corpus.copy("tf2", tmp_path / "runs" / "r")
+    huge = "9" * 20
+    first = Path(corpus.saves["tf2"][0]["prefix"]).name
+    for f in run.glob(first + ".*"):
+        f.rename(run / f.name.replace(first, f"ckpt-{huge}"))
+    keras = next(corpus.run_dir("keras").glob("*.keras"))
+    shutil.copy(keras, run / f"model.{huge}-0.50.keras")
+    (spec,) = discover(0, watch)
+    rec.reconcile(spec)
+    with session_scope(engine) as s:
+        got = {Path(c.prefix).name: (c.step, c.state) for c in queries.checkpoints(s)}
+    assert got[f"ckpt-{huge}"] == (None, "complete")
+    assert got[f"model.{huge}-0.50.keras"][0] is None
+    later = [Path(s["prefix"]).name for s in corpus.saves["tf2"][1:]]
+    assert all(got[name][1] == "complete" for name in later)

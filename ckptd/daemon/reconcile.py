@@ -7,6 +7,7 @@ is just a full reconcile.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -316,6 +317,7 @@ class Reconciler:
     def _reconcile(self, spec: RunSpec, cache: _RunCache, obs: Observation) -> Outcome:
         outcome = Outcome(spec.name)
         present = obs.present
+        obs.found = [_storable_step(f) for f in obs.found]
         if not self._changed(cache, obs):
             cache.fingerprint = obs.fingerprint
             return outcome  # the common rescan: nothing new, no transaction at all
@@ -723,6 +725,18 @@ _UNREADABLE = "unreadable: "
 # mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
 _MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
 _MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
+def _storable_step(f: formats.Found) -> formats.Found:
+    """``f`` with a step the database can hold (64-bit): a file name claiming a bigger one
+    (``ckpt-99999999999999999999``) is recorded without a step, not refused by SQLite with the
+    rest of its run."""
+    if f.step is None or f.step < _INT64:
+        return f
+    return dataclasses.replace(f, step=None)
+
+
+_INT64 = 1 << 63
 
 
 def _from_ts(ts: float) -> Any:
