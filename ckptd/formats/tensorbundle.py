@@ -325,9 +325,9 @@ def _checked_shards(header: bytes) -> int:
 
 def _check_shard_ids(shard_bytes: dict[int, int], num_shards: int) -> None:
     """Every tensor's data must lie in one of the header's shards (else TF cannot restore it)."""
-    bad = [s for s in shard_bytes if s < 0 or (num_shards and s >= num_shards)]
-    if bad:
-        raise BundleError(f"a tensor lies in data shard {min(bad)}, but there are {num_shards}")
+    for shard in shard_bytes:
+        if shard < 0 or (num_shards and shard >= num_shards):
+            raise BundleError(f"a tensor lies in data shard {shard}, but there are {num_shards}")
 
 
 def read_header(data: bytes) -> BundleHeader:
