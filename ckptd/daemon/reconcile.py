@@ -725,6 +725,7 @@ _UNREADABLE = "unreadable: "
 # mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
 _MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
 _MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+_INT64 = 1 << 63  # SQLite's INTEGER is 64-bit
 
 
 def _storable_step(f: formats.Found) -> formats.Found:
@@ -734,9 +735,6 @@ def _storable_step(f: formats.Found) -> formats.Found:
     if f.step is None or f.step < _INT64:
         return f
     return dataclasses.replace(f, step=None)
-
-
-_INT64 = 1 << 63
 
 
 def _from_ts(ts: float) -> Any:
