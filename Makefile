@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean bytecode
+.PHONY: demo test lint bench bench-quick clean bytecode fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The parser fuzz tests with many more examples than the suite's time-boxed profile.
+fuzz: $(STAMP)
+	CKPTD_FUZZ=ckptd-fuzz-long CKPTD_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q \
+	  tests/test_fuzz.py tests/test_fuzz_config.py --hypothesis-show-statistics
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

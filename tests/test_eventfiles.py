@@ -25,8 +25,12 @@ from tests.conftest import Corpus
 F32 = {"rel": 1e-6}  # the trainer reports float32 values widened to float
 
 
+def _read(path: Path, offset: int, prefix: str) -> ReadResult:
+    return read_scalars(path, offset, prefix, root=path.parent)
+
+
 def _read_run(run: Path) -> dict[Path, ReadResult]:
-    return {p: read_scalars(p, 0, metric_prefix(run, p)) for p in event_files(run)}
+    return {p: _read(p, 0, metric_prefix(run, p)) for p in event_files(run)}
 
 
 def _boundaries(data: bytes) -> list[int]:
@@ -93,19 +97,19 @@ def test_every_cut_point_reads_whole_records_then_resumes(
     run = corpus.run_dir(kind)
     source = _eval_file(run)
     data = source.read_bytes()
-    full = read_scalars(source, 0, "eval")
+    full = _read(source, 0, "eval")
     assert full.error is None and len(full.scalars) == 2 * len(corpus.saves[kind])
     bounds = _boundaries(data)
     assert len(bounds) > 3
     path = tmp_path / source.name
     for cut in range(len(data) + 1):
         path.write_bytes(data[:cut])
-        first = read_scalars(path, 0, "eval")
+        first = _read(path, 0, "eval")
         assert first.error is None, (cut, first.error)
         assert first.offset == max(b for b in bounds if b <= cut), cut
         with path.open("ab") as fh:
             fh.write(data[cut:])
-        rest = read_scalars(path, first.offset, "eval")
+        rest = _read(path, first.offset, "eval")
         assert rest.error is None and rest.offset == len(data), cut
         assert first.scalars + rest.scalars == full.scalars, cut
 
@@ -115,7 +119,7 @@ def test_resume_on_the_big_training_file(corpus: Corpus, tmp_path: Path) -> None
     run = corpus.run_dir("tf1")
     (source,) = [p for p in event_files(run) if p.parent == run]
     data = source.read_bytes()
-    full = read_scalars(source, 0, "")
+    full = _read(source, 0, "")
     bounds = _boundaries(data)
     offsets = []
     path = tmp_path / source.name
@@ -129,7 +133,7 @@ def test_resume_on_the_big_training_file(corpus: Corpus, tmp_path: Path) -> None
         with path.open("ab") as fh:
             fh.write(data[prev:cut])
         prev = cut
-        r = read_scalars(path, offset, "")
+        r = _read(path, offset, "")
         assert r.error is None
         assert r.offset in bounds and r.offset <= cut
         got += r.scalars
@@ -144,14 +148,14 @@ def test_resume_on_the_big_training_file(corpus: Corpus, tmp_path: Path) -> None
 def test_random_bytes_set_an_error_without_raising(tmp_path: Path) -> None:
     path = tmp_path / "events.out.tfevents.1.garbage"
     path.write_bytes(random.Random(0).randbytes(4096))
-    r = read_scalars(path, 0, "")
+    r = _read(path, 0, "")
     assert r.error and "corrupt" in r.error
     assert r.scalars == [] and r.offset == 0
 
 
-def test_unreadable_file_sets_an_error(tmp_path: Path) -> None:
-    r = read_scalars(tmp_path / "events.out.tfevents.1.absent", 0, "")
-    assert r.error and r.error.startswith("unreadable")
+def test_unreadable_file_is_retried_not_corrupt(tmp_path: Path) -> None:
+    r = _read(tmp_path / "events.out.tfevents.1.absent", 0, "")
+    assert r.error is None and r.retry and r.retry.startswith("unreadable")
     assert r.scalars == [] and r.offset == 0
 
 
@@ -159,15 +163,15 @@ def test_unreadable_file_sets_an_error(tmp_path: Path) -> None:
 def test_valid_records_then_garbage(corpus: Corpus, tmp_path: Path, kind: str) -> None:
     source = _eval_file(corpus.run_dir(kind))
     data = source.read_bytes()
-    full = read_scalars(source, 0, "eval")
+    full = _read(source, 0, "eval")
     path = tmp_path / source.name
     path.write_bytes(data + random.Random(1).randbytes(64))
-    r = read_scalars(path, 0, "eval")
+    r = _read(path, 0, "eval")
     assert r.scalars == full.scalars
     assert r.offset == len(data)
     assert r.error and f"byte {len(data)}" in r.error
     # Reading on from the remembered offset reports the same error, and nothing new.
-    again = read_scalars(path, r.offset, "eval")
+    again = _read(path, r.offset, "eval")
     assert again.scalars == [] and again.error == r.error and again.offset == len(data)
 
 
@@ -175,13 +179,13 @@ def test_flipped_payload_byte_stops_at_that_record(corpus: Corpus, tmp_path: Pat
     source = _eval_file(corpus.run_dir("tf2"))
     data = bytearray(source.read_bytes())
     bounds = _boundaries(bytes(data))
-    full = read_scalars(source, 0, "eval")
+    full = _read(source, 0, "eval")
     # Damage the payload of the third record (file_version, then one record per scalar).
     start = bounds[2]
     data[start + 12 + 3] ^= 0x40
     path = tmp_path / source.name
     path.write_bytes(bytes(data))
-    r = read_scalars(path, 0, "eval")
+    r = _read(path, 0, "eval")
     assert r.offset == start and r.error and f"data at byte {start}" in r.error
     assert r.scalars == full.scalars[:1]
 
@@ -226,7 +230,7 @@ def test_tensor_summaries_of_every_scalar_kind(tmp_path: Path) -> None:
             value=[summary_pb2.Summary.Value(tag="simple", simple_value=0.5)]
         )
         writer.write(event_pb2.Event(wall_time=3.0, step=99, summary=summary).SerializeToString())
-    r = read_scalars(path, 0, "sub/dir")
+    r = _read(path, 0, "sub/dir")
     assert r.error is None and r.offset == path.stat().st_size
     got = {s.name: (s.step, s.value) for s in r.scalars}
     assert got == {

@@ -702,7 +702,9 @@ def test_prefetch_is_dropped_when_the_database_knows_the_runs(
         def __init__(self) -> None:
             self.closed = False
             self.requests = [
-                observe.Request.first_look(s.path, s.watch.keras_template, observe.STALE_AFTER)
+                observe.Request.first_look(
+                    s.path, s.watch.keras_template, observe.STALE_AFTER, s.watch.path
+                )
                 for s in specs
             ]
 

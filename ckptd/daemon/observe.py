@@ -156,7 +156,7 @@ def _observe(req: Request, dfd: int) -> Observation:
         if key in req.skip_events:
             continue  # reported once; a corrupt file is skipped, not re-read forever
         try:
-            size = path.stat().st_size
+            size = os.stat(path, follow_symlinks=False).st_size
         except OSError:
             continue
         offset = req.event_offsets.get(key)
@@ -164,12 +164,14 @@ def _observe(req: Request, dfd: int) -> Observation:
             obs.events[key] = EventTail(size, offset, None)
             continue
         start = offset if offset is not None and size > offset else 0  # shrank: replaced
-        obs.events[key] = EventTail(
-            size, start, read_scalars(path, start, metric_prefix(run_dir, path))
-        )
+        read = read_scalars(path, start, metric_prefix(run_dir, path), root=req.root or run_dir)
+        obs.events[key] = EventTail(size, start, read)
     racy = time.time_ns() - _RACY_NS
-    # A partial write turns corrupt after stale_after with no change on disk: not settled.
-    settled = all(f.state != formats.INCOMPLETE for f in obs.found)
+    # A partial write turns corrupt after stale_after with no change on disk: not settled. Nor
+    # is an event file that could not be read: regaining access changes no mtime or size.
+    settled = all(f.state != formats.INCOMPLETE for f in obs.found) and not any(
+        t.read is not None and t.read.retry for t in obs.events.values()
+    )
     if settled and run_mtime < racy and all(m < racy for m in dir_mtimes.values()):
         base = len(str(run_dir)) + 1  # paths relative to the run directory
         obs.fingerprint = Fingerprint(

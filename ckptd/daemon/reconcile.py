@@ -7,6 +7,7 @@ is just a full reconcile.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -72,6 +73,9 @@ class _RunCache:
     by_step: dict[int, list[int]] = field(default_factory=dict)
     event_files: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
     unsupported: set[str] = field(default_factory=set)  # names already reported
+    unreadable_events: set[str] = field(
+        default_factory=set
+    )  # event files failing to open, reported
     present: bool = True  # whether the run directory existed at the last scan
     scanned: bool = True  # False until the first scan of a newly discovered run is committed
     # Bumped on every commit for this run: an observation made against an older generation is
@@ -185,6 +189,8 @@ class Reconciler:
                 by_id[run_id].add(prefix, _Known(cid, state, step, tuple(sig or ())))
         for fid, run_id, fpath, offset, error in conn.execute(q2):
             if run_id in by_id:
+                if error and error.startswith(_UNREADABLE):
+                    error = None  # recorded by ckptd 0.1.0 as permanent; it is retried
                 by_id[run_id].event_files[fpath] = (fid, offset, error)
         return {path: by_id[rid] for rid, path, _present in runs}
 
@@ -328,6 +334,7 @@ class Reconciler:
             log.info("%s: readable again", spec.path)
             cache.unreadable = None
         present = obs.present
+        obs.found = [_storable_step(f) for f in obs.found]
         if not self._changed(cache, obs):
             cache.fingerprint = obs.fingerprint
             return outcome  # the common rescan: nothing new, no transaction at all
@@ -593,6 +600,19 @@ class Reconciler:
             path = key
             for s in result.scalars:
                 new_scalars[(s.name, s.step)] = (_num(s.value), s.wall_time)
+            if result.skipped:
+                log.warning(
+                    "event file %s: skipped %d value(s) that are not valid scalars (first: %s)",
+                    path,
+                    result.skipped,
+                    result.skip_reason,
+                )
+            if result.retry and key not in cache.unreadable_events:
+                log.warning("event file %s: %s; retrying at the next scan", path, result.retry)
+            if result.retry:
+                cache.unreadable_events.add(key)
+            else:
+                cache.unreadable_events.discard(key)
             if result.error:
                 log.warning("event file %s: %s; skipping the rest of it", path, result.error)
                 self._action(
@@ -716,8 +736,29 @@ def _num(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+# Event-file errors starting so were transient (EACCES, EIO…): ckptd 0.1.0 stored them as if
+# the file were corrupt.
+_UNREADABLE = "unreadable: "
+# mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
+_MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+_INT64 = 1 << 63  # SQLite's INTEGER is 64-bit
+
+
+def _storable_step(f: formats.Found) -> formats.Found:
+    """``f`` with a step the database can hold (64-bit): a file name claiming a bigger one
+    (``ckpt-99999999999999999999``) is recorded without a step, not refused by SQLite with the
+    rest of its run."""
+    if f.step is None or f.step < _INT64:
+        return f
+    return dataclasses.replace(f, step=None)
+
+
 def _from_ts(ts: float) -> Any:
-    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None) if ts else None
+    """A file time as a naive UTC datetime, clamped to the range a datetime can represent."""
+    if not ts:
+        return None
+    return datetime.fromtimestamp(min(max(ts, _MIN_TS), _MAX_TS), UTC).replace(tzinfo=None)
 
 
 _METRIC_COLUMNS = ("checkpoint_id", "name", "value", "step", "source", "recorded_at")

@@ -52,6 +52,11 @@ DTYPES = {
 }
 
 
+# Data files are named PREFIX.data-NNNNN-of-NNNNN: five digits (TensorFlow's "%05d").
+MAX_SHARDS = 99_999
+_KEY_BYTES_PER_BYTE = 16  # see _block
+
+
 class BundleError(ValueError):
     """The index is not (yet) a valid tensor bundle; the message says why."""
 
@@ -110,8 +115,17 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
 
 
 def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
-    """Entries (key, value) of one uncompressed SSTable block."""
+    """Entries (key, value) of one uncompressed SSTable block.
+
+    Rebuilding a prefix-compressed key copies its shared part, so the work is the keys' total
+    length, which a hostile block makes quadratic in its size. TensorFlow's writer stores a whole
+    key at least every 16 entries (its restart interval), so the keys of a real block add up to
+    less than 16 times its size: a block claiming more is refused. Only entries with a multi-byte
+    length are counted: sharing under 128 bytes costs little whatever the block, and the common
+    entry stays as cheap as it was.
+    """
     limit = _check_block(data, offset, size)
+    budget = _KEY_BYTES_PER_BYTE * size
     pos, key = offset, b""
     while pos < limit:
         # Fast path: the three lengths are almost always single-byte varints.
@@ -122,6 +136,11 @@ def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]
             shared, pos = _varint(data, pos)
             non_shared, pos = _varint(data, pos)
             value_len, pos = _varint(data, pos)
+            budget -= shared
+            if budget < 0:
+                raise BundleError(
+                    f"keys of the block at byte {offset} add up to far more than it holds"
+                )
         key = key[:shared] + data[pos : pos + non_shared]
         pos += non_shared
         end = pos + value_len
@@ -132,6 +151,13 @@ def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]
 
 
 def _data_blocks(data: bytes) -> Iterator[tuple[int, int]]:
+    """(offset, size) of each data block, in file order.
+
+    TensorFlow's table writer lays the blocks out one after the other, before the index block;
+    handles that go backwards, overlap or point past the data area are refused, so every byte of
+    the file is parsed at most once (a hostile index block repeating one handle would otherwise
+    make the index count many times its size).
+    """
     # The first entry of every bundle index is its header, whose key is empty: the file starts
     # with shared = 0, non_shared = 0. A file still being written starts so too; garbage does not.
     if data[:2] != b"\0\0"[: len(data)]:
@@ -146,9 +172,17 @@ def _data_blocks(data: bytes) -> Iterator[tuple[int, int]]:
     _meta_size, pos = _varint(data, pos)
     index_off, pos = _varint(data, pos)
     index_size, pos = _varint(data, pos)
+    if index_off + index_size + BLOCK_TRAILER_LEN > len(data) - FOOTER_LEN:
+        raise BundleError("index block handle points past the footer")
+    free = 0  # where the next data block may start
     for _key, handle in _block(data, index_off, index_size):
         off, p = _varint(handle, 0)
         size, _ = _varint(handle, p)
+        if off < free or off + size + BLOCK_TRAILER_LEN > index_off:
+            raise BundleError(
+                f"data block handle ({off}, {size}) overlaps another block or the index block"
+            )
+        free = off + size + BLOCK_TRAILER_LEN
         yield off, size
 
 
@@ -281,6 +315,21 @@ def _num_shards(header: bytes) -> int:
     return shards
 
 
+def _checked_shards(header: bytes) -> int:
+    """num_shards of the header entry, refused when no checkpoint can have that many."""
+    shards = _num_shards(header)
+    if shards > MAX_SHARDS:
+        raise BundleError(f"header claims {shards:,} data shards (at most {MAX_SHARDS:,} exist)")
+    return shards
+
+
+def _check_shard_ids(shard_bytes: dict[int, int], num_shards: int) -> None:
+    """Every tensor's data must lie in one of the header's shards (else TF cannot restore it)."""
+    for shard in shard_bytes:
+        if shard < 0 or (num_shards and shard >= num_shards):
+            raise BundleError(f"a tensor lies in data shard {shard}, but there are {num_shards}")
+
+
 def read_header(data: bytes) -> BundleHeader:
     """Parse the header, detect a TF2 object graph and the size each data shard must have.
 
@@ -296,7 +345,7 @@ def read_header(data: bytes) -> BundleHeader:
     append = parts.append
     for key, value in entries(data):
         if not key:
-            num_shards = _num_shards(value)
+            num_shards = _checked_shards(value)
             continue
         if key == OBJECT_GRAPH_KEY:
             is_object = True
@@ -315,6 +364,7 @@ def read_header(data: bytes) -> BundleHeader:
         extent = e.offset + e.size
         if extent > shard_bytes.get(e.shard_id, 0):
             shard_bytes[e.shard_id] = extent
+    _check_shard_ids(shard_bytes, num_shards)
     return BundleHeader(num_shards=num_shards, is_object_graph=is_object, shard_bytes=shard_bytes)
 
 
@@ -337,7 +387,7 @@ def read_header_reference(data: bytes) -> BundleHeader:
     shard_bytes: dict[int, int] = {}
     for key, value in entries(data):
         if key == b"":
-            num_shards = _num_shards(value)
+            num_shards = _checked_shards(value)
             continue
         if key == OBJECT_GRAPH_KEY:
             is_object = True
@@ -346,6 +396,7 @@ def read_header_reference(data: bytes) -> BundleHeader:
             shard_bytes[shard] = extent
     if num_shards is None:
         raise BundleError("index has no bundle header entry")
+    _check_shard_ids(shard_bytes, num_shards)
     return BundleHeader(num_shards=num_shards, is_object_graph=is_object, shard_bytes=shard_bytes)
 
 
