@@ -213,7 +213,7 @@ def test_show_refuses_a_fifo_index_at_once(tmp_path: Path) -> None:
     result = ckptd("show", str(tmp_path / "model.ckpt-5"), timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"Error: {tmp_path}/model.ckpt-5.index cannot be read: not a regular file"
+        f"ckptd: {tmp_path}/model.ckpt-5.index cannot be read: not a regular file"
     ]
 
 
