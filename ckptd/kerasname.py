@@ -29,8 +29,12 @@ class KerasTemplate:
             name, spec = m.group(1), m.group(2) or ""
             self.fields.append(name)
             group = r"\d+" if spec.endswith("d") or name in ("epoch", "batch") else self._NUMBER
-            # A field used twice is captured once (the first time).
-            pattern += f"(?:{group})" if name in self.fields[:-1] else f"(?P<{name}>{group})"
+            # Each field is atomic: it takes the longest number there and is never re-split, so
+            # a long hostile file name costs linear time (nested choices between fields
+            # backtracked polynomially). A template that needs a re-split is refused by the
+            # config's format-and-parse-back check. A field used twice is captured once.
+            inner = f"(?:{group})" if name in self.fields[:-1] else f"(?P<{name}>{group})"
+            pattern += f"(?>{inner})"
             pos = m.end()
         pattern += re.escape(template[pos:])
         self.regex = re.compile(pattern + "$")

@@ -394,6 +394,18 @@ def test_fifo_event_file_is_corrupt_and_never_blocks(tmp_path: Path) -> None:
     assert got[0].error == "not a regular file" and got[0].retry is None
 
 
+def test_a_fifo_or_symlink_event_file_is_listed_so_its_read_reports_it(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "events.out.tfevents.1.fifo")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "events.out.tfevents.2.link").symlink_to("/dev/zero")
+    (tmp_path / "events.out.tfevents.3.dir").mkdir()
+    listed = sorted(p.relative_to(tmp_path).as_posix() for p in event_files(tmp_path))
+    assert listed == ["eval/events.out.tfevents.2.link", "events.out.tfevents.1.fifo"]
+    for path in listed:
+        r = read_scalars(tmp_path / path, 0, "", root=tmp_path)
+        assert r.scalars == [] and "not a regular file" in (r.error or "")
+
+
 # ------------------------------------------------------------------ item 5: timestamps
 
 
@@ -602,3 +614,23 @@ def test_step_too_big_for_the_database_does_not_block_the_run(
     assert got[f"model.{huge}-0.50.keras"][0] is None
     later = [Path(s["prefix"]).name for s in corpus.saves["tf2"][1:]]
     assert all(got[name][1] == "complete" for name in later)
+
+
+def test_a_long_hostile_keras_name_cannot_stall_the_template_parser() -> None:
+    """Fields separated by text a number may contain ("1") backtracked as n**4: 200 digits took
+    two minutes. Fields are now atomic; the join bound is a hang guard, not a timing."""
+    from ckptd.kerasname import KerasTemplate
+
+    template = KerasTemplate("{a}1{b}1{c}1{d}.keras")
+    got: list[object] = []
+    parser = threading.Thread(
+        target=lambda: got.append(template.parse("1" * 300 + ".keras")), daemon=True
+    )
+    parser.start()
+    parser.join(timeout=30)
+    assert not parser.is_alive(), "parsing one file name took more than 30 s"
+    assert got == [None]  # atomic fields cannot split a run of digits: no match, no metrics
+    assert KerasTemplate("model.{epoch:02d}-{val_loss:.2f}.keras").parse("model.03-0.41.keras") == (
+        3,
+        {"val_loss": 0.41},
+    )

@@ -525,7 +525,9 @@ def event_files(
                 name = entry.name
                 if not is_utf8(name):
                     continue
-                if name.startswith(EVENT_FILE) and entry.is_file(follow_symlinks=False):
+                # Any entry but a directory: a FIFO or symlink is listed so that its read
+                # reports it (corrupt, "not a regular file") instead of it passing unseen.
+                if name.startswith(EVENT_FILE) and not entry.is_dir(follow_symlinks=False):
                     out.append(d / name)
                 elif (
                     depth < max_depth
