@@ -40,26 +40,39 @@ class TooLarge(OSError):
     """A file bigger than any real one of its kind: not read."""
 
 
-def relative_parts(root: StrPath, path: StrPath) -> list[str]:
-    """The components of ``path`` below ``root`` (both made absolute); raises UnsafePath."""
-    root_s = os.path.abspath(root).rstrip("/") or "/"
-    path_s = os.path.abspath(path)
+def _absolute(path: StrPath) -> str:
+    """``os.path.abspath``, skipped for a path that is already absolute and normal (ckptd's own
+    paths always are: every scan of every run comes here)."""
+    text = os.fspath(path)
+    if text[:1] == "/" and "/." not in text and "//" not in text and text[-1:] != "/":
+        return text
+    return os.path.abspath(text)
+
+
+def _split(root: StrPath, path: StrPath) -> tuple[str, list[str]]:
+    root_s = _absolute(root).rstrip("/") or "/"
+    path_s = _absolute(path)
     if path_s == root_s:
-        return []
+        return root_s, []
     base = root_s if root_s.endswith("/") else root_s + "/"
     if not path_s.startswith(base):
         raise UnsafePath(errno.EXDEV, f"{path_s} is not under the watch root {root_s}")
     parts = path_s[len(base) :].split("/")
     if any(part in ("..", ".", "") for part in parts):
         raise UnsafePath(errno.EINVAL, f"{path_s}: refusing a path with '..' or '.'")
-    return parts
+    return root_s, parts
+
+
+def relative_parts(root: StrPath, path: StrPath) -> list[str]:
+    """The components of ``path`` below ``root`` (both made absolute); raises UnsafePath."""
+    return _split(root, path)[1]
 
 
 @contextmanager
 def open_dir_under(root: StrPath, directory: StrPath) -> Iterator[int]:
     """A file descriptor for ``directory``, reached from ``root`` without following symlinks."""
-    parts = relative_parts(root, directory)
-    fd = os.open(os.path.abspath(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_s, parts = _split(root, directory)
+    fd = os.open(root_s, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in parts:
             try:

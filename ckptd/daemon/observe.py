@@ -66,23 +66,26 @@ class Fingerprint:
 _RACY_NS = 2_000_000_000
 
 
-def fingerprint_holds(root: Path, run_dir: Path, fp: Fingerprint) -> bool:
+def fingerprint_holds(run_dir: Path, fp: Fingerprint) -> bool:
     """Whether nothing a quick rescan can see changed since ``fp`` (a few stats, no listing).
 
-    The run directory is reached from the watch ``root`` as a scan reaches it. The other stats
-    are relative to it, parents before children: a subdirectory swapped for a symlink changes
-    its parent's mtime, which is compared first, so no changed answer ever rests on a link.
+    Plain ``lstat`` calls, not the directory-fd walk from ``root`` that reads use: they only
+    decide whether to look again, never what is recorded; any difference (a directory
+    swapped for a symlink has the link's own mtime) sends the run to a full observation through
+    :mod:`ckptd.safeio`. A quick rescan of every run costs a few stats each this way, where the
+    fd walk cost several opens.
     """
+    base = os.fspath(run_dir)
+    lstat = os.lstat
     try:
-        with safeio.open_dir_under(root, run_dir) as dfd:
-            if os.fstat(dfd).st_mtime_ns != fp.run_mtime_ns:
+        if lstat(base).st_mtime_ns != fp.run_mtime_ns:
+            return False
+        for d, mtime in fp.dirs:
+            if lstat(f"{base}/{d}").st_mtime_ns != mtime:
                 return False
-            for d, mtime in fp.dirs:
-                if os.stat(d, dir_fd=dfd, follow_symlinks=False).st_mtime_ns != mtime:
-                    return False
-            for path, size in fp.event_sizes:
-                if os.stat(path, dir_fd=dfd, follow_symlinks=False).st_size != size:
-                    return False
+        for path, size in fp.event_sizes:
+            if lstat(f"{base}/{path}").st_size != size:
+                return False
     except OSError:
         return False
     return True

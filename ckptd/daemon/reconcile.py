@@ -229,7 +229,7 @@ class Reconciler:
         """Whether a quick rescan may skip ``spec``: its fingerprint still holds (no listing)."""
         cache = self._cache.get(str(spec.path))
         fp = cache.fingerprint if cache is not None else None
-        return fp is not None and fingerprint_holds(spec.watch.path, spec.path, fp)
+        return fp is not None and fingerprint_holds(spec.path, fp)
 
     def request(self, spec: RunSpec) -> Request:
         """What observing ``spec`` needs from the cache (see observe.Request)."""
