@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +31,17 @@ from ckptd.formats import CORRUPT, INDEX_MAX_BYTES, scan_run
 from ckptd.statefile import STATE_FILE_MAX_BYTES, CheckpointState
 from ckptd.store import migrate, queries
 from ckptd.store.db import make_engine, session_scope
-from tests.conftest import Corpus, DaemonProcess, ckptd, query, wait_for, write_config
+from tests.conftest import (
+    ENV,
+    PY,
+    REPO,
+    Corpus,
+    DaemonProcess,
+    ckptd,
+    query,
+    wait_for,
+    write_config,
+)
 
 RETAIN = '\n[watch.retain]\nkeep_last = 1\nmin_age = "0s"\nevery = "1h"\n'
 # Root without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH is refused by a mode-000 directory like
@@ -408,3 +419,24 @@ def test_discovery_never_enters_a_symlinked_directory_below_the_root(tmp_path: P
     )
     assert [s.name for s in discover(0, cfg.watches[0])] == ["team-a/exp1"]
     assert formats.event_files(root / "team-a" / "exp1", root=root) == []
+
+
+@pytest.mark.tf
+def test_the_worker_never_imports_modules_from_the_callers_directory(tmp_path: Path) -> None:
+    """`ckptd evaluate` run from inside a writable run directory: a planted numpy.py there must
+    not be what the TensorFlow worker imports."""
+    marker = tmp_path / "planted-code-ran"
+    (tmp_path / "numpy.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError\n")
+    code = (
+        "from ckptd.worker.client import WorkerClient\n"
+        "c = WorkerClient()\n"
+        "print(c.call({'op': 'ping'}, timeout=240))\n"
+        "c.terminate()\n"
+    )
+    env = {**ENV, "PYTHONPATH": f"{REPO}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [PY, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert not marker.exists(), "the worker imported numpy.py from the caller's directory"
+    assert "cannot import the TensorFlow worker" not in out.stdout, out.stdout

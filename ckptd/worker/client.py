@@ -68,6 +68,9 @@ class WorkerClient:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=worker_env(),
+            # `python -m` puts the working directory first on sys.path: started from a writable
+            # run directory (`ckptd evaluate` there), a planted numpy.py would be imported.
+            cwd="/",
             start_new_session=True,  # its own process group: killable as a whole
             close_fds=True,
         )
