@@ -40,13 +40,7 @@ MiB = 1 << 20
 # ------------------------------------------------------------------ building real SSTables
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+varint = tb._varint_bytes  # the encoder the reader itself uses for its keys
 
 
 def block(entries: list[tuple[bytes, bytes]], restart_every: int = 16) -> bytes:
