@@ -13,7 +13,7 @@ from typing import Any
 from _common import ENV, RUN_CWD
 
 from ckptd.config import Config, WatchConfig, load_config
-from ckptd.model import Run
+from ckptd.core.model import Run
 from ckptd.store import queries
 from ckptd.store.db import make_engine, session_scope
 from ckptd.worker.client import WorkerClient

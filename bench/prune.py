@@ -56,8 +56,8 @@ from _common import (
 )
 from _inproc import open_store, prepare_process, runs, watch_for
 
-from ckptd import statefile
 from ckptd.daemon.prune import Pruner
+from ckptd.io import statefile
 from ckptd.store import queries
 from ckptd.store.db import make_engine, session_scope
 

@@ -102,14 +102,6 @@ def _duration(low: str, high: str) -> Callable[[object], timedelta]:
     return convert
 
 
-def format_duration(td: timedelta) -> str:
-    seconds = td.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
 def _choice(*choices: str) -> Callable[[object], str]:
     def convert(value: object) -> str:
         if value not in choices:
@@ -316,7 +308,7 @@ def _keras_template(value: object) -> str:
     """A ModelCheckpoint file name template ckptd can parse: formatted and parsed back here."""
     import string
 
-    from ckptd.kerasname import KerasTemplate
+    from ckptd.io.kerasname import KerasTemplate
 
     text = _str(value)
     expected = 'expected a file name template such as "model.{epoch:02d}-{val_loss:.2f}.keras"'
@@ -707,7 +699,7 @@ def _read_config_file(path: Path) -> bytes:
     """The file's bytes: never blocks on a FIFO, never reads a device or an endless file."""
     import stat
 
-    from ckptd.safeio import read_fd
+    from ckptd.io.safeio import read_fd
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:

@@ -18,8 +18,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked_crc32c
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from ckptd.eventfiles import ReadResult, Scalar, masked_crc32c, metric_prefix, read_scalars
-from ckptd.formats import event_files
+from ckptd.io.eventfiles import ReadResult, Scalar, masked_crc32c, metric_prefix, read_scalars
+from ckptd.io.formats import event_files
 from tests.conftest import Corpus
 
 F32 = {"rel": 1e-6}  # the trainer reports float32 values widened to float

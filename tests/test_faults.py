@@ -43,7 +43,7 @@ import pytest
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from ckptd import statefile
+from ckptd.io import statefile
 from tests.conftest import ENV, PY, REPO, Corpus, ckptd, query, train, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]

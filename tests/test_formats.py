@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from ckptd import formats, safeio
-from ckptd.formats import (
+from ckptd.io import formats, safeio
+from ckptd.io.formats import (
     COMPLETE,
     CORRUPT,
     INCOMPLETE,
@@ -28,7 +28,7 @@ from ckptd.formats import (
     is_temp_name,
     scan_run,
 )
-from ckptd.formats import tensorbundle as tb
+from ckptd.io.formats import tensorbundle as tb
 from tests.conftest import Corpus
 
 TEMPLATE = "model.{epoch:02d}-{val_loss:.2f}.keras"
@@ -57,7 +57,7 @@ def _data_files(prefix: Path) -> list[str]:
 
 
 class _OpenSpy:
-    """Records every file ``ckptd.formats`` opens: all of them go through
+    """Records every file ``ckptd.io.formats`` opens: all of them go through
     ``safeio.open_regular`` (relative to a run directory's fd)."""
 
     def __init__(self, open_regular: Any) -> None:

@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 
-from ckptd import statefile
-from ckptd.eventfiles import read_scalars
-from ckptd.formats import KerasTemplate, event_files, step_from_name
-from ckptd.formats import tensorbundle as tb
+from ckptd.io import statefile
+from ckptd.io.eventfiles import read_scalars
+from ckptd.io.formats import KerasTemplate, event_files, step_from_name
+from ckptd.io.formats import tensorbundle as tb
 from tests.conftest import Corpus
 from tests.test_safety_parsers import record, sstable, trailer
 

@@ -176,7 +176,7 @@ def daemon_can_use(config: cfg.Config) -> None:
     from sqlalchemy.engine import make_url
 
     from ckptd.daemon.runs import run_of
-    from ckptd.kerasname import KerasTemplate
+    from ckptd.io.kerasname import KerasTemplate
 
     make_url(config.daemon.database)
     for i, w in enumerate(config.watches):

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptd.model import Checkpoint
-from ckptd.policy import (
+from ckptd.core.model import Checkpoint
+from ckptd.core.policy import (
     BEST,
     EXPORTED,
     IN_USE,

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from ckptd import safeio, statefile
 from ckptd.config import load_config
-from ckptd.daemon import fsops, prune
+from ckptd.daemon import prune
+from ckptd.io import fsops, safeio, statefile
 from ckptd.store import queries
 from ckptd.store.db import make_engine, session_scope
 from tests.conftest import ENV, PY, Corpus, ckptd, query, write_config

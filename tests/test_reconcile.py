@@ -183,8 +183,8 @@ def test_restart_preloads_and_rereads_nothing(
     def no_reads(*_a: object, **_k: object) -> None:
         raise AssertionError("an unchanged checkpoint or event file was read again")
 
-    monkeypatch.setattr("ckptd.formats.read_header", no_reads)
-    monkeypatch.setattr("ckptd.daemon.observe.read_scalars", no_reads)
+    monkeypatch.setattr("ckptd.io.formats.read_header", no_reads)
+    monkeypatch.setattr("ckptd.io.observe.read_scalars", no_reads)
     restarted = Reconciler(engine)  # a new daemon: same database
     assert restarted.preload() == 2
     assert all(o.recorded == [] for o in restarted.reconcile_many(specs, workers=1))
@@ -467,7 +467,7 @@ def test_observe_many_falls_back_in_process_when_the_pool_breaks(
     from concurrent.futures import Future
     from concurrent.futures.process import BrokenProcessPool
 
-    from ckptd.daemon import observe as observe_mod
+    from ckptd.io import observe as observe_mod
 
     class Broken:
         def __init__(self, *_a: object, **_k: object) -> None:
@@ -603,9 +603,9 @@ def test_backfill_survives_a_run_whose_observation_fails(
 ) -> None:
     """An unexpected error listing one run costs that run (logged, retried at the next scan),
     not the parallel backfill of the others."""
-    from ckptd import formats
     from ckptd.daemon import main as daemon_main
-    from ckptd.daemon import observe as observe_mod
+    from ckptd.io import formats
+    from ckptd.io import observe as observe_mod
 
     root = tmp_path / "runs"
     root.mkdir()
@@ -648,7 +648,8 @@ def test_cold_start_prefetch_records_what_the_sequential_backfill_does(
     (prefetch.start); the backfill takes them over and records what an in-process one does."""
     from multiprocessing import forkserver
 
-    from ckptd.daemon import observe, prefetch
+    from ckptd.daemon import prefetch
+    from ckptd.io import observe
 
     kinds = ("tf1", "tf2", "sharded", "keras")
     results = []
@@ -689,7 +690,7 @@ def test_prefetch_is_dropped_when_the_database_knows_the_runs(
 ) -> None:
     """First looks are only used for runs the database knows nothing about: a prefetch that
     turns out stale (another process recorded the runs meanwhile) is closed, not applied."""
-    from ckptd.daemon import observe
+    from ckptd.io import observe
 
     rec, watches, engine = _setup(tmp_path)
     for i in range(3):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd import safeio
+from ckptd.io import safeio
 
 
 def test_read_under_reads_a_regular_file(tmp_path: Path) -> None:

@@ -22,13 +22,12 @@ from typing import Any
 
 import pytest
 
-from ckptd import formats, safeio, statefile
 from ckptd.config import parse_config
-from ckptd.daemon import observe
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import discover
-from ckptd.formats import CORRUPT, INDEX_MAX_BYTES, scan_run
-from ckptd.statefile import STATE_FILE_MAX_BYTES, CheckpointState
+from ckptd.io import formats, observe, safeio, statefile
+from ckptd.io.formats import CORRUPT, INDEX_MAX_BYTES, scan_run
+from ckptd.io.statefile import STATE_FILE_MAX_BYTES, CheckpointState
 from ckptd.store import migrate, queries
 from ckptd.store.db import make_engine, session_scope
 from tests.conftest import (

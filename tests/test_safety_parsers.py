@@ -28,9 +28,9 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from ckptd.config import parse_config
 from ckptd.daemon.reconcile import Reconciler, _from_ts
 from ckptd.daemon.runs import discover
-from ckptd.eventfiles import MAX_RECORD, masked_crc32c, read_scalars
-from ckptd.formats import CORRUPT, event_files, scan_run
-from ckptd.formats import tensorbundle as tb
+from ckptd.io.eventfiles import MAX_RECORD, masked_crc32c, read_scalars
+from ckptd.io.formats import CORRUPT, event_files, scan_run
+from ckptd.io.formats import tensorbundle as tb
 from ckptd.store import migrate, queries
 from ckptd.store.db import make_engine, session_scope
 from tests.conftest import Corpus, query, wait_for, write_config
@@ -613,7 +613,7 @@ def test_step_too_big_for_the_database_does_not_block_the_run(
 def test_a_long_hostile_keras_name_cannot_stall_the_template_parser() -> None:
     """Fields separated by text a number may contain ("1") backtracked as n**4: 200 digits took
     two minutes. Fields are now atomic; the join bound is a hang guard, not a timing."""
-    from ckptd.kerasname import KerasTemplate
+    from ckptd.io.kerasname import KerasTemplate
 
     template = KerasTemplate("{a}1{b}1{c}1{d}.keras")
     got: list[object] = []

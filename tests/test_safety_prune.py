@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ckptd.daemon import fsops
+from ckptd.io import fsops
 from tests.conftest import Corpus, ckptd, query, write_config
 
 RETAIN = """

@@ -17,8 +17,8 @@ from google.protobuf import text_encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptd import statefile
-from ckptd.statefile import CheckpointState, parse, render, without, write_atomic
+from ckptd.io import statefile
+from ckptd.io.statefile import CheckpointState, parse, render, without, write_atomic
 from tests.conftest import ENV, Corpus
 
 # Paths with everything a text proto string must escape, and unicode (incl. line separators).

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point and the one error boundary: every error a user can cause is one line on
     stderr and an exit status (1 failure, 2 usage, 78 config), never a traceback."""
     from ckptd.config import ConfigError
-    from ckptd.errors import NotFound, StoreError
+    from ckptd.core.errors import NotFound, StoreError
 
     args = sys.argv[1:] if argv is None else list(argv)
     if (bad := _not_utf8(args)) is not None:

@@ -26,7 +26,8 @@ def run(ctx: CliContext, once: bool) -> None:
     """
     from ckptd import logs
     from ckptd.config import warn_missing_paths
-    from ckptd.daemon import observe, prefetch
+    from ckptd.daemon import prefetch
+    from ckptd.io import observe
 
     config = ctx.config(required=True)
     logs.setup(config.daemon.log_level)
@@ -74,7 +75,8 @@ def config_check(ctx: CliContext, as_json: bool) -> None:
     """
     import dataclasses
 
-    from ckptd.config import format_duration, missing_paths
+    from ckptd.config import missing_paths
+    from ckptd.core.durations import format_duration
 
     cfg = ctx.config(required=True)
     warnings = missing_paths(cfg)

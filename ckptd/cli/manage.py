@@ -16,7 +16,7 @@ from ckptd.cli.output import (
     print_json,
     table,
 )
-from ckptd.model import iso
+from ckptd.core.model import iso
 
 MAX_DELETE_ROWS = 20
 
@@ -201,7 +201,7 @@ def unpin(ctx: CliContext, checkpoint: str) -> None:
 def _set_pin(ctx: CliContext, checkpoint: str, on: bool, reason: str | None) -> None:
     from sqlalchemy import delete, insert
 
-    from ckptd.model import utcnow
+    from ckptd.core.model import utcnow
     from ckptd.store import queries
     from ckptd.store.tables import ActionRow, PinRow
 

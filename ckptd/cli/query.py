@@ -20,12 +20,12 @@ from ckptd.cli.output import (
     print_json,
     table,
 )
-from ckptd.model import Checkpoint, iso, utcnow
+from ckptd.core.model import Checkpoint, iso, utcnow
 
 
 def _best_ids(ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]) -> set[int]:
     """The best checkpoint of each run among ``checkpoints``, by its watch's configured metric."""
-    from ckptd.policy import select_best
+    from ckptd.core.policy import select_best
     from ckptd.store import queries
 
     by_run: dict[int, list[Checkpoint]] = {}
@@ -47,9 +47,9 @@ def _retention_reasons(
     ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]
 ) -> dict[int, list[str]]:
     """Why each checkpoint survives its run's [watch.retain] policy (runs with one only)."""
+    from ckptd.core.model import utcnow
+    from ckptd.core.policy import plan_prune
     from ckptd.daemon.prune import rules_for
-    from ckptd.model import utcnow
-    from ckptd.policy import plan_prune
     from ckptd.store import queries
 
     runs = {r.id: r for r in queries.runs(session)}
@@ -100,7 +100,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
     """
     import socket
 
-    from ckptd.model import heartbeat_grace
+    from ckptd.core.model import heartbeat_grace
     from ckptd.store import queries
     from ckptd.store.daemons import ckptd_alive
 
@@ -375,7 +375,7 @@ def best(
       ckptd best mnist
       ckptd best mnist --metric eval/loss --mode min --top 3 --json
     """
-    from ckptd.policy import ranked
+    from ckptd.core.policy import ranked
     from ckptd.store import queries
 
     with ctx.session() as s:
@@ -434,9 +434,9 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
     """
     import os
 
-    from ckptd import safeio
-    from ckptd.formats import INDEX_MAX_BYTES
-    from ckptd.formats.tensorbundle import BundleError, list_tensors
+    from ckptd.io import safeio
+    from ckptd.io.formats import INDEX_MAX_BYTES
+    from ckptd.io.formats.tensorbundle import BundleError, list_tensors
 
     prefix = checkpoint
     # A path the user typed is read where it is; a recorded checkpoint is reached from its

@@ -22,8 +22,8 @@ from typing import Any
 from sqlalchemy import Engine, and_, insert, or_, select, update
 
 from ckptd.config import Config, EvaluateConfig, WatchConfig
+from ckptd.core.model import COMPLETE, Checkpoint, utcnow
 from ckptd.daemon import metrics as prom
-from ckptd.model import COMPLETE, Checkpoint, utcnow
 from ckptd.store import queries
 from ckptd.store.db import rowcount, session_scope
 from ckptd.store.tables import ActionRow, CheckpointRow, EvaluationRow, MetricRow, RunRow

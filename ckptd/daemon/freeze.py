@@ -20,9 +20,10 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from ckptd.config import WatchConfig
-from ckptd.daemon import fsops, metrics
-from ckptd.model import Checkpoint, Run, utcnow
-from ckptd.policy import select_best
+from ckptd.core.model import Checkpoint, Run, utcnow
+from ckptd.core.policy import select_best
+from ckptd.daemon import metrics
+from ckptd.io import fsops
 from ckptd.store import queries
 from ckptd.store.db import insert_id, rowcount, session_scope
 from ckptd.store.tables import ActionRow, ExportRow

@@ -26,26 +26,26 @@ from sqlalchemy import func, insert, select, update
 
 from ckptd import __version__
 from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
+from ckptd.core.errors import StoreError
+from ckptd.core.model import utcnow
 from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.freeze import Freezer
 from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
-from ckptd.daemon.observe import (
+from ckptd.daemon.prune import Pruner
+from ckptd.daemon.reconcile import Reconciler
+from ckptd.daemon.runs import RunSpec
+from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
+from ckptd.daemon.watch import Watcher
+from ckptd.io.observe import (
     PARALLEL_MIN_RUNS,
     Observation,
     ObservePool,
     default_workers,
     stop_fork_server,
 )
-from ckptd.daemon.prune import Pruner
-from ckptd.daemon.reconcile import Reconciler
-from ckptd.daemon.runs import RunSpec
-from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
-from ckptd.daemon.watch import Watcher
-from ckptd.errors import StoreError
-from ckptd.model import utcnow
 from ckptd.store import daemons, migrate
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
 from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow

@@ -15,8 +15,8 @@ import sqlite3
 from urllib.parse import quote, unquote
 
 from ckptd.config import Config
-from ckptd.daemon import observe
 from ckptd.daemon import runs as runs_mod
+from ckptd.io import observe
 
 
 def sqlite_file(url: str) -> str | None:

@@ -1,7 +1,7 @@
 """Acting on a retention plan: two-phase, resumable deletion, then a state file TF can still use.
 
 Phase 1 commits ``pruning`` for every checkpoint to delete (the intent); phase 2 removes the
-files recorded for each through :mod:`ckptd.daemon.fsops`; phase 3 commits ``pruned`` with the
+files recorded for each through :mod:`ckptd.io.fsops`; phase 3 commits ``pruned`` with the
 reason. A crash anywhere leaves rows in ``pruning``, which :meth:`Pruner.resume` finishes at the
 next start. Then the run's ``checkpoint`` state file is rewritten so that
 ``tf.train.latest_checkpoint`` and a restarted ``CheckpointManager`` see only what exists.
@@ -22,11 +22,11 @@ from typing import Any
 
 from sqlalchemy import BindParameter, Engine, Text, bindparam, cast, insert, select, update
 
-from ckptd import safeio, statefile
 from ckptd.config import WatchConfig
-from ckptd.daemon import fsops, metrics
-from ckptd.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
-from ckptd.policy import Plan, Rules, plan_prune
+from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
+from ckptd.core.policy import Plan, Rules, plan_prune
+from ckptd.daemon import metrics
+from ckptd.io import fsops, safeio, statefile
 from ckptd.store import queries
 from ckptd.store.db import session_scope
 from ckptd.store.tables import (
@@ -615,7 +615,7 @@ class Pruner:
 
         ``removed`` holds the prefixes (as recorded) this prune deleted: they are dropped without
         a look at the disk; every other entry is dropped only if its files are gone. The run
-        directory is reached from the watch ``root`` through :mod:`ckptd.safeio`: a run that is
+        directory is reached from the watch ``root`` through :mod:`ckptd.io.safeio`: a run that is
         gone, or whose directory (or anything on the way below the root) is now a symlink, is
         left alone, and a state file that is a symlink, a FIFO or too big is never read.
         """

@@ -20,9 +20,11 @@ from typing import Any
 
 from sqlalchemy import DateTime, Engine, String, bindparam, insert, literal, select, update
 
-from ckptd import formats
+from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, utcnow
 from ckptd.daemon import metrics
-from ckptd.daemon.observe import (
+from ckptd.daemon.runs import RunSpec
+from ckptd.io import formats
+from ckptd.io.observe import (
     STALE_AFTER,
     EventTail,
     Fingerprint,
@@ -33,8 +35,6 @@ from ckptd.daemon.observe import (
     observe,
     observe_many,
 )
-from ckptd.daemon.runs import RunSpec
-from ckptd.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, utcnow
 from ckptd.store.db import insert_id, rowcount, session_scope
 from ckptd.store.tables import (
     ActionRow,

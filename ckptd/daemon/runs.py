@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd import safeio
 from ckptd.config import WatchConfig
-from ckptd.formats import is_utf8 as _utf8
+from ckptd.io import safeio
+from ckptd.io.formats import is_utf8 as _utf8
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, text, update
 
-from ckptd.model import heartbeat_grace, iso, utcnow
+from ckptd.core.model import heartbeat_grace, iso, utcnow
 from ckptd.store.db import insert_id, session_scope
 from ckptd.store.tables import DaemonRow
 

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ckptd.errors import StoreError
+from ckptd.core.errors import StoreError
 
 BUSY_TIMEOUT_MS = 10_000
 

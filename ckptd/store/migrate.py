@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from ckptd.errors import StoreError
+from ckptd.core.errors import StoreError
 from ckptd.store.db import store_error
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions. A test checks it equals Alembic's head, so the
 # daemon can tell "schema is current" with one SELECT instead of importing Alembic (~0.1 s).
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 _version_table = Table(
     "alembic_version",

@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import Row, and_, func, select
 from sqlalchemy.orm import Session
 
-from ckptd.errors import NotFound
-from ckptd.model import Action, Checkpoint, Run
+from ckptd.core.errors import NotFound
+from ckptd.core.model import Action, Checkpoint, Run
 from ckptd.store.tables import (
     ActionRow,
     CheckpointRow,

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -42,6 +43,8 @@ class RunRow(Base):
     present: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     scanned_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Bumped by every writer of the run's rows: writes conditional on it never apply a stale view.
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class CheckpointRow(Base):
@@ -119,6 +122,8 @@ class EvaluationRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(255))  # while running: who
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime)  # ... and until when
 
 
 class ExportRow(Base):
@@ -133,6 +138,16 @@ class ExportRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     removed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class RunClaimRow(Base):
+    """A per-run job (prune, freeze) held by one process until ``claimed_until``."""
+
+    __tablename__ = "run_claims"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    job: Mapped[str] = mapped_column(String(16), primary_key=True)
+    claimed_by: Mapped[str] = mapped_column(String(255))
+    claimed_until: Mapped[datetime] = mapped_column(DateTime)
 
 
 class PinRow(Base):

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd.safeio import StrPath, UnsafePath, open_dir_under
+from ckptd.io.safeio import StrPath, UnsafePath, open_dir_under
 
 log = logging.getLogger(__name__)
 

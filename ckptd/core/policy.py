@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ckptd.config import format_duration
-from ckptd.model import COMPLETE, Checkpoint
+from ckptd.core.durations import format_duration
+from ckptd.core.model import COMPLETE, Checkpoint
 
 
 def metric_value(ckpt: Checkpoint, metric: str) -> float | None:

@@ -5,7 +5,7 @@ object checkpoints (``PREFIX.index`` + ``PREFIX.data-NNNNN-of-MMMMM`` [+ ``PREFI
 Keras ``.keras`` / ``.weights.h5`` files. Temporary names TensorFlow uses while writing are never
 checkpoints. Each result says whether the checkpoint is complete, and if not, why.
 
-Every file is reached through :mod:`ckptd.safeio`: the run directory through a directory fd from
+Every file is reached through :mod:`ckptd.io.safeio`: the run directory through a directory fd from
 the watch root, files relative to it, never through a symlink, never blocking on a FIFO, with
 capped reads. A checkpoint file that is not a regular file is corrupt ("not a regular file").
 """
@@ -22,9 +22,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import safeio
-from ckptd.formats.tensorbundle import BundleError, read_header
-from ckptd.kerasname import KerasTemplate  # a light module of its own: the config uses it
+from ckptd.io import safeio
+from ckptd.io.formats.tensorbundle import BundleError, read_header
+from ckptd.io.kerasname import KerasTemplate  # a light module of its own: the config uses it
 
 COMPLETE, INCOMPLETE, CORRUPT = "complete", "incomplete", "corrupt"
 

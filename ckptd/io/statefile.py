@@ -5,7 +5,7 @@ relative ones plus ``all_model_checkpoint_timestamps``. Read without TensorFlow;
 TensorFlow does it (temp file in the same directory, then rename) so that readers such as
 ``tf.train.latest_checkpoint`` never see half a file.
 
-Both go through :mod:`ckptd.safeio`: the run directory is reached from the watch root without
+Both go through :mod:`ckptd.io.safeio`: the run directory is reached from the watch root without
 following a symlink below it, a state file that is a FIFO, a device or a symlink is never opened
 (it is unreadable), reads are capped, and a rewrite replaces the directory entry itself.
 """
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import safeio
+from ckptd.io import safeio
 
 log = logging.getLogger(__name__)
 

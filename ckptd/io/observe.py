@@ -17,8 +17,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd import formats, safeio
-from ckptd.eventfiles import ReadResult, metric_prefix, read_scalars
+from ckptd.io import formats, safeio
+from ckptd.io.eventfiles import ReadResult, metric_prefix, read_scalars
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def fingerprint_holds(run_dir: Path, fp: Fingerprint) -> bool:
     Plain ``lstat`` calls, not the directory-fd walk from ``root`` that reads use: they only
     decide whether to look again, never what is recorded; any difference (a directory
     swapped for a symlink has the link's own mtime) sends the run to a full observation through
-    :mod:`ckptd.safeio`. A quick rescan of every run costs a few stats each this way, where the
+    :mod:`ckptd.io.safeio`. A quick rescan of every run costs a few stats each this way, where the
     fd walk cost several opens.
     """
     base = os.fspath(run_dir)
@@ -326,7 +326,7 @@ def start_fork_server() -> multiprocessing.context.ForkServerContext:
     importing this module) overlaps the daemon's imports instead of delaying the backfill.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["ckptd.daemon.observe"])
+    ctx.set_forkserver_preload(["ckptd.io.observe"])
     from multiprocessing import forkserver
 
     forkserver.ensure_running()

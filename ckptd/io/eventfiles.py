@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import google_crc32c
 
-from ckptd import safeio
+from ckptd.io import safeio
 
 _HEADER = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
@@ -161,7 +161,7 @@ def _tensor_scalar(tensor: object) -> float | None:
 def read_scalars(path: Path, offset: int, prefix: str, *, root: Path) -> ReadResult:
     """Scalars appended to ``path`` (under the watch ``root``) since ``offset``; never raises.
 
-    The file is reached through :mod:`ckptd.safeio` (no symlink, a regular file) and read in
+    The file is reached through :mod:`ckptd.io.safeio` (no symlink, a regular file) and read in
     bounded chunks. A broken frame sets ``error`` (permanent); an OS error sets ``retry``; a
     value that is not a valid scalar is skipped and counted, and reading goes on.
     """

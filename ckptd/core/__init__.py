@@ -1,0 +1,1 @@
+"""Pure domain: records, ranking, retention rules, the recording diff. Imports nothing of ckptd."""

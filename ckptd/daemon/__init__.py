@@ -1,0 +1,1 @@
+"""Wiring only: observers, scheduler jobs, threads, signals, sd_notify."""

@@ -1,0 +1,59 @@
+"""The one handle to the database that code above the store holds (it never sees an engine)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from ckptd.store.db import checkpoint_wal, make_engine, session_scope
+
+
+def process_name() -> str:
+    """Who holds a claim: host, pid and a per-process nonce (a pid is reused after a reboot)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Store:
+    """An open database. ``holder`` names this process in the claims it takes."""
+
+    engine: Engine
+    holder: str = field(default_factory=process_name)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        readonly: bool = False,
+        wal_autocheckpoint: bool = True,
+        recreate: bool = True,
+    ) -> Store:
+        return cls(
+            make_engine(
+                url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint, recreate=recreate
+            )
+        )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction (commit on success). For the store's own modules only."""
+        with session_scope(self.engine) as session:
+            yield session
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def checkpoint_wal(self) -> tuple[int, int, int] | None:
+        return checkpoint_wal(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
