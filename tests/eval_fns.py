@@ -1,8 +1,8 @@
 """Functions the worker imports by name in tests (`tests.eval_fns:NAME`).
 
 They run inside the worker process, where TensorFlow is already imported, so they add no import
-cost. The numpy oracles here share no code with ckptd.worker.tf_ops: they read raw tensors with
-`tf.train.load_checkpoint` and compute the model by hand.
+cost. The numpy oracles here share no code with the worker (ckptd.worker): they read raw tensors
+with `tf.train.load_checkpoint` and compute the model by hand.
 """
 
 from __future__ import annotations

@@ -152,10 +152,78 @@ def test_protocol_module_round_trip_without_tensorflow() -> None:
         protocol.WorkerFailure("exploded", "no such kind")
     assert protocol.failure(3, "tf_error", "line one\n  line two")["error"] == "line one line two"
     probe = (
-        "import sys, ckptd.worker.protocol, ckptd.worker.__main__\n"
+        "import sys, ckptd.worker.protocol, ckptd.worker.client, ckptd.worker.__main__\n"
         "assert not [m for m in sys.modules if m.startswith(('tensorflow', 'keras'))]\n"
     )
     subprocess.run([PY, "-c", probe], check=True, env=ENV, cwd=REPO)
+
+
+def _refused(wire: dict[str, Any]) -> str:
+    with pytest.raises(protocol.WorkerFailure) as err:
+        protocol.parse_request(wire)
+    assert err.value.kind == "bad_request"
+    return err.value.message
+
+
+def test_typed_requests_round_trip_and_are_checked_without_tensorflow(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    evaluate_req = protocol.EvaluateRequest(
+        evaluator="meta_graph",
+        checkpoint=str(run / "model.ckpt-10"),
+        data=str(run / "heldout.npz"),
+        feed=FEED,
+        fetch=FETCH,
+        use_ema=True,
+    )
+    wire = json.loads(protocol.request_line(7, evaluate_req))
+    assert wire["id"] == 7 and wire["op"] == "evaluate"
+    assert "batch_size" not in wire and "run" not in wire  # unset fields stay off the wire
+    assert protocol.parse_request(wire) == evaluate_req
+    assert evaluate_req.run_dir() == str(run)
+    export_req = protocol.ExportRequest(
+        format="frozen_graph", checkpoint="/r/m", out_dir="/o", outputs={"y": "y:0"}
+    )
+    assert protocol.parse_request(export_req.to_wire()) == export_req
+    verify_req = protocol.VerifyRequest(export_dir="/o", checkpoint="/r/m.keras")
+    parsed = protocol.parse_request(verify_req.to_wire())
+    assert isinstance(parsed, protocol.VerifyRequest) and parsed.kind == "keras"
+    assert verify_req.checkpoint_kind() == "keras"
+    home = protocol.parse_request({**export_req.to_wire(), "checkpoint": "~/m"})
+    assert isinstance(home, protocol.ExportRequest)
+    assert home.checkpoint == os.path.expanduser("~/m")
+
+    assert "'use_ema' has type str" in _refused({**wire, "use_ema": "yes"})
+    assert "batch_size must be >= 1" in _refused({**wire, "batch_size": 0})
+    assert "must map names to strings" in _refused({**wire, "fetch": {"a": 1}})
+    assert "'outputs'" in _refused({**export_req.to_wire(), "outputs": {}})
+    assert "'builder'" in _refused({**export_req.to_wire(), "format": "saved_model", "kind": "tf2"})
+    assert "tf1" in _refused({**export_req.to_wire(), "kind": "keras"})
+    assert "'onnx'" in _refused({**verify_req.to_wire(), "formats": ["onnx"]})
+    assert "kind 'tf3'" in _refused({**verify_req.to_wire(), "kind": "tf3"})
+
+
+def test_responses_are_read_by_the_shared_protocol() -> None:
+    from ckptd.worker import client
+
+    assert client.WorkerError is protocol.WorkerFailure  # one error type on both sides
+    ok_line = protocol.encode(protocol.ok(3, {"metrics": {"a": 1.0}})).encode()
+    assert protocol.read_response(ok_line, 3) == {"metrics": {"a": 1.0}}
+    cases = [
+        (b"Traceback (most recent", 3, "crashed", "garbage"),
+        (ok_line, 4, "crashed", "answered request 3 instead of 4"),
+        (
+            protocol.encode(protocol.failure(3, "not_found", "gone")).encode(),
+            3,
+            "not_found",
+            "gone",
+        ),
+        (b'{"id":3,"ok":false,"kind":"exploded","error":"x"}', 3, "tf_error", "x"),
+    ]
+    for line, request_id, kind, text in cases:
+        with pytest.raises(protocol.WorkerFailure) as err:
+            protocol.read_response(line, request_id)
+        assert err.value.kind == kind and text in err.value.message, line
+    assert "stopping" in protocol.KINDS
 
 
 def test_ping(worker: Worker) -> None:
@@ -519,10 +587,53 @@ def test_once_writes_the_result_atomically(corpus: Corpus, tmp_path: Path) -> No
     assert not (tmp_path / "result.json.tmp").exists()
 
 
+def test_client_typed_methods(corpus: Corpus, tmp_path: Path) -> None:
+    from ckptd.worker.client import WorkerClient
+
+    save, prefix = tf1_copy(corpus, tmp_path / "tf1")[-1]
+    client = WorkerClient()
+    try:
+        result = client.evaluate(
+            protocol.EvaluateRequest(
+                evaluator="meta_graph",
+                checkpoint=str(prefix),
+                data=str(prefix.parent / "heldout.npz"),
+                feed=FEED,
+                fetch=FETCH,
+            ),
+            timeout=180,
+        )
+        assert result["metrics"] == pytest.approx(save["metrics"], rel=1e-5)
+        assert result["rows"] == 512 and result["warm"] is False
+        out = tmp_path / "export"
+        io = {"inputs": {"x": "x:0"}, "outputs": {"y": "y:0"}}
+        exported = client.export(
+            protocol.ExportRequest(
+                format="frozen_graph", checkpoint=str(prefix), out_dir=str(out), **io
+            ),
+            timeout=180,
+        )
+        assert exported["files"] == ["frozen.pb"] and exported["out_dir"] == str(out)
+        verified = client.verify(
+            protocol.VerifyRequest(export_dir=str(out), checkpoint=str(prefix), **io),
+            timeout=180,
+        )
+        assert verified["verified"] is True and verified["formats"] == ["frozen_graph"]
+        with pytest.raises(protocol.WorkerFailure) as err:
+            client.verify(
+                protocol.VerifyRequest(export_dir=str(tmp_path / "none"), checkpoint=str(prefix)),
+                timeout=180,
+            )
+        assert err.value.kind == "not_found" and str(tmp_path / "none") in str(err.value)
+        assert client.started == 1 and client.pid() is not None  # not_found keeps it warm
+    finally:
+        client.close()
+
+
 def test_terminate_wins_against_a_worker_being_started(tmp_path: Path) -> None:
     """Shutdown while an evaluation is between 'running' and its worker's start (a race a
     SIGTERM test found): the new worker is stopped at once and the call says "stopping"."""
-    from ckptd.worker.client import WorkerClient, WorkerError
+    from ckptd.worker.client import WorkerClient
 
     client = WorkerClient()
     spawned: list[subprocess.Popen[bytes]] = []
@@ -540,13 +651,13 @@ def test_terminate_wins_against_a_worker_being_started(tmp_path: Path) -> None:
         return proc
 
     client._spawn = spawn_then_terminate  # type: ignore[method-assign]
-    with pytest.raises(WorkerError) as err:
+    with pytest.raises(protocol.WorkerFailure) as err:
         client.call({"op": "ping"}, timeout=60)
     assert err.value.kind == "stopping"
     stopper.join(timeout=30)
     assert not stopper.is_alive()
     assert spawned and spawned[0].wait(timeout=10) is not None, "the new worker was not stopped"
-    with pytest.raises(WorkerError) as again:  # and nothing new starts afterwards
+    with pytest.raises(protocol.WorkerFailure) as again:  # and nothing new starts afterwards
         client.call({"op": "ping"}, timeout=60)
     assert again.value.kind == "stopping" and client.started == 1
 

@@ -3,7 +3,7 @@
     python -m ckptd.worker serve
         Reads one JSON request per line on stdin, answers each with one JSON line on stdout
         (see ckptd.worker.protocol), exits 0 at EOF. Stays warm between requests: graphs,
-        sessions, models and data sets are cached (ckptd.worker.tf_ops).
+        sessions, models and data sets are cached (ckptd.worker.caches).
 
     python -m ckptd.worker once REQUEST.json RESULT.json
         Answers one request read from a file; the response is written atomically
@@ -25,13 +25,10 @@ import traceback
 from typing import Any, TextIO
 
 from ckptd.worker import protocol
+from ckptd.worker.logs import log
 from ckptd.worker.protocol import WorkerFailure
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _log(msg: str) -> None:
-    print(f"[ckptd.worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
 def claim_stdout() -> TextIO:
@@ -49,9 +46,9 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     op = request.get("op")
     start = time.perf_counter()
     try:
-        from ckptd.worker import tf_ops  # imports TensorFlow (cached after the first time)
+        from ckptd.worker import dispatch  # imports TensorFlow (cached after the first time)
 
-        response = protocol.ok(request_id, tf_ops.handle(request))
+        response = protocol.ok(request_id, dispatch.handle(request))
     except WorkerFailure as exc:
         response = protocol.failure(request_id, exc.kind, exc.message)
     except KeyboardInterrupt:
@@ -65,7 +62,7 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         msg = f"{op}: unexpected {type(exc).__name__}: {exc}"
         response = protocol.failure(request_id, protocol.TF_ERROR, msg)
     status = "ok" if response["ok"] else f"{response['kind']}: {response['error']}"
-    _log(f"id={request_id!r} op={op} {time.perf_counter() - start:.3f}s {status}")
+    log(f"id={request_id!r} op={op} {time.perf_counter() - start:.3f}s {status}")
     return response
 
 
@@ -89,7 +86,7 @@ def _exit_with_parent() -> None:
             time.sleep(1.0)
             if os.getppid() != parent:
                 try:
-                    _log("the daemon that started this worker is gone; exiting")
+                    log("the daemon that started this worker is gone; exiting")
                 except OSError:  # its stderr pipe died with it (EPIPE): exit all the same
                     pass
                 os._exit(3)
@@ -100,15 +97,15 @@ def _exit_with_parent() -> None:
 def serve(out: TextIO) -> int:
     _exit_with_parent()
     try:
-        from ckptd.worker import tf_ops  # noqa: F401  (pay the TensorFlow import up front)
+        from ckptd.worker import dispatch  # noqa: F401  (pay the TensorFlow import up front)
     except Exception:
         traceback.print_exc(file=sys.stderr)  # each request will report it
-    _log("serving")
+    log("serving")
     stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()
         if not line:
-            _log("stdin closed; exiting")
+            log("stdin closed; exiting")
             return 0
         if not line.strip():
             continue
@@ -122,7 +119,7 @@ def serve(out: TextIO) -> int:
             out.write(encode_response(response) + "\n")
             out.flush()
         except BrokenPipeError:
-            _log("protocol pipe closed; exiting")
+            log("protocol pipe closed; exiting")
             return 0
 
 

@@ -5,12 +5,13 @@ be killed), with ``NOTIFY_SOCKET`` removed (only the daemon talks to systemd). R
 results are JSON lines. A worker that exceeds its timeout gets SIGTERM, then SIGKILL, to its
 process group; a worker that dies fails the one request it was on. Workers are recycled after
 ``max_jobs`` requests or any failure, so a leak or a wedged TensorFlow runtime cannot accumulate.
+
+Requests, results, framing and the one error type (WorkerFailure) are ckptd.worker.protocol's.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import selectors
@@ -20,19 +21,30 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
+
+from ckptd.worker import protocol
+from ckptd.worker.protocol import (
+    CRASHED,
+    HARMLESS,
+    STOPPING,
+    TIMEOUT,
+    EvaluateRequest,
+    EvaluateResult,
+    ExportRequest,
+    ExportResult,
+    Request,
+    VerifyRequest,
+    VerifyResult,
+    WorkerFailure,
+)
 
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 5.0
 
-
-class WorkerError(Exception):
-    """A request failed: ``kind`` is not_found | bad_request | tf_error | timeout | crashed."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+# The name this error had before it was shared with the worker; use protocol.WorkerFailure.
+WorkerError = WorkerFailure
 
 
 def worker_env() -> dict[str, str]:
@@ -132,49 +144,51 @@ class WorkerClient:
 
     # ------------------------------------------------------------ requests
 
-    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send one request; return its result or raise :class:`WorkerError`."""
+    def evaluate(self, request: EvaluateRequest, timeout: float) -> EvaluateResult:
+        return cast(EvaluateResult, self.call(request.to_wire(), timeout))
+
+    def export(self, request: ExportRequest, timeout: float) -> ExportResult:
+        return cast(ExportResult, self.call(request.to_wire(), timeout))
+
+    def verify(self, request: VerifyRequest, timeout: float) -> VerifyResult:
+        return cast(VerifyResult, self.call(request.to_wire(), timeout))
+
+    def call(self, request: Request | dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one request (typed, or as its wire dict); return its result or raise
+        :class:`~ckptd.worker.protocol.WorkerFailure`."""
         with self._lock:
             if self._stopping:
-                raise WorkerError("stopping", "the daemon is stopping")
+                raise WorkerFailure(STOPPING, "the daemon is stopping")
             if self._proc is None or self._proc.poll() is not None or self._jobs >= self.max_jobs:
                 self._stop()
                 self._proc = self._spawn()
                 if self._stopping:  # terminate() ran while the worker was being started
                     self._stop(kill=True)
-                    raise WorkerError("stopping", "the daemon is stopping")
+                    raise WorkerFailure(STOPPING, "the daemon is stopping")
             proc = self._proc
             rid = next(self._ids)
             self._jobs += 1
             try:
                 assert proc.stdin is not None
-                proc.stdin.write((json.dumps({**request, "id": rid}) + "\n").encode())
+                proc.stdin.write(protocol.request_line(rid, request))
                 proc.stdin.flush()
             except OSError:
                 self._stop(kill=True)
-                raise WorkerError(
-                    "crashed", f"worker died before taking the request ({self._tail()})"
+                raise WorkerFailure(
+                    CRASHED, f"worker died before taking the request ({self._tail()})"
                 ) from None
             try:
-                reply = self._read_line(proc, timeout)
-            except WorkerError:
-                self._stop(kill=True)
-                if self._stopping:  # killed by terminate(), not a crash of the job
-                    raise WorkerError("stopping", "the daemon is stopping") from None
-                raise
-            if reply.get("id") != rid:
-                self._stop(kill=True)
-                raise WorkerError(
-                    "crashed", f"worker answered request {reply.get('id')} instead of {rid}"
-                )
-            if not reply.get("ok"):
-                kind = str(reply.get("kind") or "tf_error")
-                if kind not in ("not_found", "bad_request"):
+                return protocol.read_response(self._read_line(proc, timeout), rid)
+            except WorkerFailure as exc:
+                if exc.kind in (CRASHED, TIMEOUT):
+                    self._stop(kill=True)
+                    if self._stopping:  # killed by terminate(), not a crash of the job
+                        raise WorkerFailure(STOPPING, "the daemon is stopping") from None
+                elif exc.kind not in HARMLESS:
                     self._stop()  # recycle after a TensorFlow error: state may be wedged
-                raise WorkerError(kind, str(reply.get("error") or "unknown worker error"))
-            return dict(reply.get("result") or {})
+                raise
 
-    def _read_line(self, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    def _read_line(self, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         deadline = time.monotonic() + timeout
@@ -183,8 +197,8 @@ class WorkerClient:
             while b"\n" not in self._buffer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise WorkerError(
-                        "timeout", f"worker did not answer within {timeout:g} s; killed it"
+                    raise WorkerFailure(
+                        TIMEOUT, f"worker did not answer within {timeout:g} s; killed it"
                     )
                 if not sel.select(remaining):
                     continue
@@ -196,15 +210,10 @@ class WorkerClient:
                         if code < 0
                         else f"exit status {code}"
                     )
-                    raise WorkerError("crashed", f"worker died ({how}): {self._tail()}")
+                    raise WorkerFailure(CRASHED, f"worker died ({how}): {self._tail()}")
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        try:
-            return dict(json.loads(line))
-        except ValueError:
-            raise WorkerError(
-                "crashed", f"worker wrote garbage on its protocol channel: {line[:200]!r}"
-            ) from None
+        return line
 
     def _tail(self) -> str:
         lines = [ln for ln in self._stderr_tail if ln.strip()]
