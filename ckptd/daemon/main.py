@@ -75,14 +75,12 @@ class DirtyRuns:
     def __init__(self) -> None:
         self._pending: dict[RunKey, RunSpec] = {}
         self._cond = threading.Condition()
-        self.first_seen: dict[RunKey, float] = {}
 
     def add(self, spec: RunSpec) -> None:
         key = run_key(spec)
         with self._cond:
             if key not in self._pending:
                 self._pending[key] = spec
-                self.first_seen.setdefault(key, time.monotonic())
                 self._cond.notify()
 
     def take(self, timeout: float, debounce: float) -> list[RunSpec]:
@@ -94,7 +92,6 @@ class DirtyRuns:
         with self._cond:
             out = list(self._pending.values())
             self._pending.clear()
-            self.first_seen.clear()
             return out
 
     def __len__(self) -> int:
