@@ -729,25 +729,6 @@ def test_prefetch_is_dropped_when_the_database_knows_the_runs(
     assert _db_rows(engine) == before
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
-        "sqlite:////var/lib/ckptd/ckptd.db",
-        "sqlite:///relative/ckptd.db",
-        "sqlite+pysqlite:////tmp/a%20b/ckptd.db?timeout=5",
-        "sqlite://",
-        "sqlite:///:memory:",
-        "postgresql://ckptd@db/ckptd",
-    ],
-)
-def test_prefetch_reads_database_urls_as_sqlalchemy_does(url: str) -> None:
-    from ckptd.daemon.prefetch import sqlite_file
-    from ckptd.store.db import sqlite_path
-
-    expected = sqlite_path(url)
-    assert sqlite_file(url) == (str(expected) if expected is not None else None)
-
-
 def test_prefetch_only_for_a_database_that_knows_no_run(tmp_path: Path, corpus: Corpus) -> None:
     from ckptd.daemon.prefetch import knows_no_run
 
