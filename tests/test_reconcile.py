@@ -183,7 +183,7 @@ def test_restart_preloads_and_rereads_nothing(
     def no_reads(*_a: object, **_k: object) -> None:
         raise AssertionError("an unchanged checkpoint or event file was read again")
 
-    monkeypatch.setattr("ckptd.io.formats.read_header", no_reads)
+    monkeypatch.setattr("ckptd.io.formats.tf.read_header", no_reads)
     monkeypatch.setattr("ckptd.io.observe.read_scalars", no_reads)
     restarted = Reconciler(engine)  # a new daemon: same database
     assert restarted.preload() == 2
