@@ -2,7 +2,7 @@
 
 On a database that has recorded no run yet, observing a run needs nothing from the database (every
 request is a first look), so ``ckptd run`` starts those observations in worker processes first
-thing, and they proceed while this process imports SQLAlchemy and the daemon (~0.25 s). The
+thing, and they proceed while this process imports SQLAlchemy and the daemon. The
 backfill takes them over only if it asks for exactly these runs and the database, once read,
 knows none of them (``Reconciler.observe_all``); otherwise they are dropped and the runs observed
 as usual. Standard library only here: importing SQLAlchemy is what this overlaps.

@@ -24,8 +24,8 @@ def make_engine(
     Writers start transactions with ``BEGIN IMMEDIATE`` so a lock conflict waits at BEGIN (under
     the busy timeout) instead of failing half-way through a transaction.
     ``wal_autocheckpoint=False``: commits never checkpoint the WAL (SQLite's default makes the
-    commit that crosses 1,000 pages copy them into the database and fsync it: ~6 ms here, more
-    when a trainer is writing to the same disk); the owner then calls :func:`checkpoint_wal`
+    commit that crosses 1,000 pages copy them into the database and fsync it, a stall that
+    grows when a trainer is writing to the same disk); the owner then calls :func:`checkpoint_wal`
     from a thread of its own (the daemon: every second, and every 0.1 s during its backfill).
     ``recreate=False``: a missing file is created now, once; a connection opened after it was
     deleted then fails instead of silently creating an empty database at the path (the daemon
@@ -107,7 +107,7 @@ def checkpoint_wal(engine: Engine) -> tuple[int, int, int] | None:
 def insert_id(session: Session, stmt: Any) -> int:
     """Execute an INSERT of one row and return its new ``id``."""
     # Core execution on the session's connection (same transaction): the ORM's bulk-insert path
-    # costs ~1 ms a statement for nothing here, as no ORM objects are involved.
+    # costs far more a statement, for nothing here, as no ORM objects are involved.
     return int(session.connection().execute(stmt.returning(stmt.table.c.id)).scalar_one())
 
 
