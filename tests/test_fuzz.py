@@ -151,7 +151,7 @@ def reseal(data: bytes, spans: list[tuple[int, int]]) -> bytes:
 
 
 def _index_calls(data: bytes) -> None:
-    for fn in (tb.read_header, tb.read_header_reference, tb.list_tensors, tb.has_footer):
+    for fn in (tb.read_header, tb.list_tensors):
         try:
             fn(data)
         except tb.BundleError:

@@ -100,7 +100,7 @@ SHAPES: dict[str, st.SearchStrategy[Any]] = {
 def _shaped(key: str, convert: Any) -> st.SearchStrategy[Any]:
     if key in SHAPES:
         return st.one_of(SHAPES[key], _values)
-    if getattr(convert, "__qualname__", "").startswith(("_duration", "parse_duration")):
+    if getattr(convert, "__qualname__", "").startswith(("duration", "parse_duration")):
         return st.one_of(_durations, _values)
     return _values
 

@@ -183,7 +183,7 @@ def test_restart_preloads_and_rereads_nothing(
     def no_reads(*_a: object, **_k: object) -> None:
         raise AssertionError("an unchanged checkpoint or event file was read again")
 
-    monkeypatch.setattr("ckptd.io.formats.read_header", no_reads)
+    monkeypatch.setattr("ckptd.io.formats.tf.read_header", no_reads)
     monkeypatch.setattr("ckptd.io.observe.read_scalars", no_reads)
     restarted = Reconciler(engine)  # a new daemon: same database
     assert restarted.preload() == 2
@@ -727,25 +727,6 @@ def test_prefetch_is_dropped_when_the_database_knows_the_runs(
     for s, o in zip(specs, observations, strict=True):
         assert not rec.reconcile(s, o).recorded
     assert _db_rows(engine) == before
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "sqlite:////var/lib/ckptd/ckptd.db",
-        "sqlite:///relative/ckptd.db",
-        "sqlite+pysqlite:////tmp/a%20b/ckptd.db?timeout=5",
-        "sqlite://",
-        "sqlite:///:memory:",
-        "postgresql://ckptd@db/ckptd",
-    ],
-)
-def test_prefetch_reads_database_urls_as_sqlalchemy_does(url: str) -> None:
-    from ckptd.daemon.prefetch import sqlite_file
-    from ckptd.store.db import sqlite_path
-
-    expected = sqlite_path(url)
-    assert sqlite_file(url) == (str(expected) if expected is not None else None)
 
 
 def test_prefetch_only_for_a_database_that_knows_no_run(tmp_path: Path, corpus: Corpus) -> None:

@@ -157,8 +157,6 @@ def test_tensor_in_a_shard_the_header_does_not_have_is_corrupt() -> None:
     data = sstable([[header(2), (b"v", tensor_entry(shard=5))]])
     with pytest.raises(tb.BundleError, match="shard 5"):
         tb.read_header(data)
-    with pytest.raises(tb.BundleError, match="shard 5"):
-        tb.read_header_reference(data)
 
 
 def test_index_block_repeating_one_handle_is_refused_in_bounded_memory() -> None:

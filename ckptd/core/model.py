@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 
 # Checkpoint states. ``incomplete`` is only ever seen in a scan, never stored as final.
 COMPLETE, CORRUPT, GONE, PRUNING, PRUNED = "complete", "corrupt", "gone", "pruning", "pruned"
-LIVE_STATES = (COMPLETE,)
 
 
 def utcnow() -> datetime:

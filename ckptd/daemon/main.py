@@ -75,14 +75,12 @@ class DirtyRuns:
     def __init__(self) -> None:
         self._pending: dict[RunKey, RunSpec] = {}
         self._cond = threading.Condition()
-        self.first_seen: dict[RunKey, float] = {}
 
     def add(self, spec: RunSpec) -> None:
         key = run_key(spec)
         with self._cond:
             if key not in self._pending:
                 self._pending[key] = spec
-                self.first_seen.setdefault(key, time.monotonic())
                 self._cond.notify()
 
     def take(self, timeout: float, debounce: float) -> list[RunSpec]:
@@ -94,7 +92,6 @@ class DirtyRuns:
         with self._cond:
             out = list(self._pending.values())
             self._pending.clear()
-            self.first_seen.clear()
             return out
 
     def __len__(self) -> int:
@@ -121,7 +118,7 @@ class Daemon:
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
         self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
         self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
-        # One warm TensorFlow worker, shared by evaluation and export (2 cores, ~500 MB each).
+        # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
         self.evaluator = Evaluator(self.engine, config, self.worker)
         self.freezer = Freezer(self.engine, self.worker)
@@ -225,8 +222,8 @@ class Daemon:
 
     @contextmanager
     def _checkpointing_wal(self, every: float) -> Iterator[None]:
-        """Checkpoint the WAL from a thread while the body writes (a backfill writes ~10 MB
-        per 10,000 checkpoints, before the scheduler's job runs): copying pages into the
+        """Checkpoint the WAL from a thread while the body writes (a backfill writes many pages
+        before the scheduler's job runs): copying pages into the
         database then overlaps the writing instead of following it at the end."""
         done = threading.Event()
 

@@ -2,7 +2,7 @@
 
 On a database that has recorded no run yet, observing a run needs nothing from the database (every
 request is a first look), so ``ckptd run`` starts those observations in worker processes first
-thing, and they proceed while this process imports SQLAlchemy and the daemon (~0.25 s). The
+thing, and they proceed while this process imports SQLAlchemy and the daemon. The
 backfill takes them over only if it asks for exactly these runs and the database, once read,
 knows none of them (``Reconciler.observe_all``); otherwise they are dropped and the runs observed
 as usual. Standard library only here: importing SQLAlchemy is what this overlaps.
@@ -12,32 +12,24 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from ckptd.config import Config
 from ckptd.daemon import runs as runs_mod
 from ckptd.io import observe
-
-
-def sqlite_file(url: str) -> str | None:
-    """The file of a ``sqlite:///PATH`` URL (as SQLAlchemy reads it), else None."""
-    scheme, sep, rest = url.partition(":///")
-    if not sep or scheme.split("+", 1)[0] != "sqlite":
-        return None
-    path = unquote(rest.split("?", 1)[0])
-    return None if not path or path == ":memory:" else path
+from ckptd.store.urls import sqlite_path  # standard library only, like this module
 
 
 def knows_no_run(url: str) -> bool:
     """Whether ``url`` is a SQLite database with no run recorded, or none yet. Any other
     database, or any doubt: False (then nothing is started early)."""
-    path = sqlite_file(url)
+    path = sqlite_path(url)
     if path is None:
         return False
     if not os.path.exists(path):
         return True
     try:
-        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=1)
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=1)
     except sqlite3.Error:
         return False
     try:

@@ -165,8 +165,8 @@ def _old_objects_frozen() -> Iterator[None]:
     """Keep the cyclic GC's full passes off everything that existed before the prune.
 
     A prune of 10,000 checkpoints allocates enough to trigger a full collection, which walks
-    every object of the process (SQLAlchemy's alone are hundreds of thousands): ~50 ms of a
-    ~0.4 s prune for nothing. Frozen objects are skipped until :func:`gc.unfreeze` returns
+    every object of the process (SQLAlchemy's alone are very many): a large part of a prune
+    for nothing. Frozen objects are skipped until :func:`gc.unfreeze` returns
     them to the oldest generation; objects made during the prune are still collected.
     """
     gc.freeze()

@@ -780,7 +780,7 @@ _CHECKPOINT_COLUMNS = (
 
 
 # Statements run for every run a scan changes, built once (building one costs more than running
-# it: ~0.1 ms each, and a backfill runs a few per run).
+# it, and a backfill runs a few per run).
 _runs_t, _ckpt_t = table_of(RunRow), table_of(CheckpointRow)
 _files_t, _scalars_t = table_of(EventFileRow), table_of(ScalarRow)
 _UPDATE_RUN = (

@@ -40,7 +40,7 @@ POLL_INTERVAL = 1.0
 # watchdog holds each inotify IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and when
 # its reader reaches one before the pair is made it sleeps out the whole delay, holding every
 # event behind it (watchdog#649). TensorFlow saves through renames (state file, .meta, data
-# shards), so at 20 saves/s some runs had a few checkpoints recorded ~0.5 s late. The kernel
+# shards), so under frequent saves some checkpoints were recorded a whole delay late. The kernel
 # queues both halves of a rename together, so a short delay still pairs them; and to ckptd an
 # event is only a hint to rescan its run, so even an unpaired move costs nothing.
 MOVE_PAIRING_DELAY = 0.02

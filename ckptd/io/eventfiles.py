@@ -165,7 +165,7 @@ def read_scalars(path: Path, offset: int, prefix: str, *, root: Path) -> ReadRes
     bounded chunks. A broken frame sets ``error`` (permanent); an OS error sets ``retry``; a
     value that is not a valid scalar is skipped and counted, and reading goes on.
     """
-    from tensorboard.compat.proto import event_pb2  # ~40 ms; only when there is an event file
+    from tensorboard.compat.proto import event_pb2  # slow to import: only for an event file
 
     result = ReadResult(offset=offset)
     try:

@@ -21,19 +21,18 @@ class KerasTemplate:
     _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
 
     def __init__(self, template: str) -> None:
-        self.template = template
         pattern, pos = "", 0
-        self.fields: list[str] = []
+        fields: list[str] = []
         for m in self._FIELD.finditer(template):
             pattern += re.escape(template[pos : m.start()])
             name, spec = m.group(1), m.group(2) or ""
-            self.fields.append(name)
+            fields.append(name)
             group = r"\d+" if spec.endswith("d") or name in ("epoch", "batch") else self._NUMBER
             # Each field is atomic: it takes the longest number there and is never re-split, so
             # a long hostile file name costs linear time (nested choices between fields
             # backtracked polynomially). A template that needs a re-split is refused by the
             # config's format-and-parse-back check. A field used twice is captured once.
-            inner = f"(?:{group})" if name in self.fields[:-1] else f"(?P<{name}>{group})"
+            inner = f"(?:{group})" if name in fields[:-1] else f"(?P<{name}>{group})"
             pattern += f"(?>{inner})"
             pos = m.end()
         pattern += re.escape(template[pos:])

@@ -119,8 +119,8 @@ class Request:
 
 
 STALE_AFTER = 120.0  # seconds a partial write may stay unchanged before it is called corrupt
-# Fewer runs than this are observed in-process at start: starting worker processes (~0.1 s)
-# would cost more than it saves.
+# Fewer runs than this are observed in-process at start: starting worker processes would cost
+# more than it saves.
 PARALLEL_MIN_RUNS = 8
 
 
@@ -334,9 +334,10 @@ def start_fork_server() -> multiprocessing.context.ForkServerContext:
 
 
 def stop_fork_server(*, wait: bool = True) -> None:
-    """The fork server otherwise idles for the daemon's lifetime (~20 MB). ``_stop`` is private
-    (CPython's own tests use it); without it the server just stays. ``wait=False``: in a
-    background thread (the server takes ~20 ms to exit, and nothing needs to wait for that)."""
+    """The fork server, a process of its own, otherwise idles for the daemon's lifetime.
+    ``_stop`` is private (CPython's own tests use it); without it the server just stays.
+    ``wait=False``: in a background thread (the server takes a moment to exit, and nothing needs
+    to wait for that)."""
     if not wait:
         threading.Thread(target=stop_fork_server, name="stop-fork-server", daemon=True).start()
         return

@@ -28,7 +28,7 @@ from ckptd.store.tables import (
 SOURCE_RANK = {"evaluator": 0, "tfevents": 1, "filename": 2}
 
 # The queries below that only read columns use the Core tables: a Core SELECT skips the ORM's
-# per-statement compile state and mapper configuration (~25 ms of each `ckptd status`).
+# per-statement compile state and mapper configuration (a large part of `ckptd status`).
 _runs = table_of(RunRow).c
 _checkpoints = table_of(CheckpointRow).c
 _metrics = table_of(MetricRow).c
@@ -234,7 +234,7 @@ def run_summaries(session: Session) -> list[dict[str, Any]]:
     """Per run (by name): checkpoint counts by state and the newest complete step.
 
     The counts are one pass over the covering index ix_checkpoints_run_state_step (migration
-    0002) without a join, half the time of joining runs in SQL; the ~100 runs join here.
+    0002) without a join, cheaper than joining runs in SQL; the few runs are joined here.
     """
     r, c = _runs, _checkpoints
     out: dict[int, dict[str, Any]] = {

@@ -1,7 +1,7 @@
 """Bulk writes: one compiled statement, many rows, SQLAlchemy's own value conversion.
 
-``session.execute(insert(t), rows)`` re-processes every parameter dict through the compiler
-(~5 µs a row); a backfill writes tens of thousands of rows, so here the statement is compiled
+``session.execute(insert(t), rows)`` re-processes every parameter dict through the compiler,
+row by row; a backfill writes tens of thousands of rows, so here the statement is compiled
 once, each column's bind processor (the same one SQLAlchemy would apply: DateTime -> its SQLite
 string, JSON -> text) is applied to plain tuples, and the DBAPI's ``executemany`` does the rest.
 """

@@ -30,7 +30,7 @@ import numpy as np
 FEATURES, HIDDEN, CLASSES = 64, 32, 10
 N_TRAIN, N_HELDOUT, BATCH = 1024, 512, 64
 LEARNING_RATE = 0.01
-# Small enough that the tiny model's ~30 KB of variables span several shards.
+# Small enough that the tiny model's variables span several shards.
 SHARD_BYTES = 8 * 1024
 
 # Real stdout is reserved for the JSON protocol; see main().

@@ -5,7 +5,7 @@ written uncompressed by ``BundleWriter`` (tensorflow/core/util/tensor_bundle). I
 fixed magic number, so a file still being written (TF2 writes ``.index`` in place) is recognised;
 the first entry (empty key) is a ``BundleHeaderProto`` giving the number of data shards; every
 other entry is a ``BundleEntryProto`` (dtype, shape, shard). This module is written by hand because
-no library outside TensorFlow reads this format, and importing TensorFlow costs ~4 s and ~500 MB.
+no library outside TensorFlow reads this format, and importing TensorFlow is slow and large.
 """
 
 from __future__ import annotations
@@ -192,55 +192,6 @@ def entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         yield from _block(data, off, size)
 
 
-def has_footer(data: bytes) -> bool:
-    return (
-        len(data) >= FOOTER_LEN and struct.unpack_from("<Q", data, len(data) - 8)[0] == TABLE_MAGIC
-    )
-
-
-def _extent(entry: bytes) -> tuple[int, int]:
-    """(shard_id, offset + size) of a BundleEntryProto, decoding nothing else.
-
-    Hand-inlined because it runs for every tensor of every checkpoint at backfill; the generic
-    :func:`_fields` costs ~3x more.
-    """
-    pos, n = 0, len(entry)
-    shard = offset = size = 0
-    while pos < n:
-        key = entry[pos]
-        pos += 1
-        if key >= 0x80:  # a field number > 15: not in BundleEntryProto; parse generically
-            values = {num: v for num, _wt, v in _fields(entry) if isinstance(v, int)}
-            return values.get(3, 0), values.get(4, 0) + values.get(5, 0)
-        wt = key & 7
-        if wt == 0 or wt == 2:
-            x = shift = 0
-            while True:
-                if pos >= n:
-                    raise BundleError("truncated varint")
-                b = entry[pos]
-                pos += 1
-                x |= (b & 0x7F) << shift
-                if b < 0x80:
-                    break
-                shift += 7
-            if wt == 2:
-                pos += x
-            elif key == 0x18:
-                shard = x
-            elif key == 0x20:
-                offset = x
-            elif key == 0x28:
-                size = x
-        elif wt == 5:
-            pos += 4
-        elif wt == 1:
-            pos += 8
-        else:
-            raise BundleError(f"unsupported protobuf wire type {wt}")
-    return shard, offset + size
-
-
 def _check_block(data: bytes, offset: int, size: int) -> int:
     """Validate one block's trailer and checksum; return where its entries end."""
     end = offset + size
@@ -336,8 +287,7 @@ def read_header(data: bytes) -> BundleHeader:
     One pass over every entry (the index is small next to the data); raises BundleError when
     the index is incomplete or corrupt. This runs for every checkpoint at backfill, so the
     BundleEntryProtos are framed as one repeated field and decoded by the compiled protobuf
-    runtime in one call; :func:`read_header_reference` decodes them by hand (a test checks both
-    agree on real checkpoints).
+    runtime in one call instead of one by one.
     """
     num_shards = None
     is_object = False
@@ -378,26 +328,6 @@ def _varint_bytes(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
-
-
-def read_header_reference(data: bytes) -> BundleHeader:
-    """:func:`read_header` written plainly with :func:`entries` (kept for tests)."""
-    num_shards = None
-    is_object = False
-    shard_bytes: dict[int, int] = {}
-    for key, value in entries(data):
-        if key == b"":
-            num_shards = _checked_shards(value)
-            continue
-        if key == OBJECT_GRAPH_KEY:
-            is_object = True
-        shard, extent = _extent(value)
-        if extent > shard_bytes.get(shard, 0):
-            shard_bytes[shard] = extent
-    if num_shards is None:
-        raise BundleError("index has no bundle header entry")
-    _check_shard_ids(shard_bytes, num_shards)
-    return BundleHeader(num_shards=num_shards, is_object_graph=is_object, shard_bytes=shard_bytes)
 
 
 def _shape(buf: bytes) -> tuple[int, ...]:

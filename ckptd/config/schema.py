@@ -1,0 +1,189 @@
+"""What a config holds: its frozen dataclasses, the keys each table takes, and its errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ckptd.config import values as v
+
+EVALUATORS = ("tfevents", "meta_graph", "keras", "python", "command")
+EXPORT_FORMATS = v.EXPORT_FORMATS
+OBSERVERS = ("auto", "inotify", "polling")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake: ``FILE: key: what was expected, got what``."""
+
+    source: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.source}: {self.key}: {self.message}"
+            if self.key
+            else f"{self.source}: {self.message}"
+        )
+
+
+class ConfigError(Exception):
+    """Configuration problems a user must fix; exit status 78 (EX_CONFIG).
+
+    ``problems`` lists every mistake found (the first is ``source``/``key``/``message``), so
+    one edit fixes them all; ``str()`` is one line (it goes into STATUS= and ``ckptd status``).
+    """
+
+    def __init__(
+        self, source: str, key: str, message: str, *, more: Sequence[Problem] = ()
+    ) -> None:
+        self.source, self.key, self.message = source, key, message
+        self.problems = [Problem(source, key, message), *more]
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+
+# ---------------------------------------------------------------- frozen config
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    metric: str | None = None
+    mode: str = "max"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    evaluator: str = "tfevents"
+    every: timedelta = timedelta(minutes=5)
+    timeout: timedelta = timedelta(minutes=30)
+    on_new: bool = True
+    order: str = "oldest"
+    max_attempts: int = 3
+    retry_backoff: timedelta = timedelta(seconds=30)
+    data: Path | None = None
+    feed: Mapping[str, str] = field(default_factory=dict)
+    fetch: Mapping[str, str] = field(default_factory=dict)
+    use_ema: bool = False
+    function: str | None = None
+    command: tuple[str, ...] = ()
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    export_dir: Path
+    format: tuple[str, ...] = ("saved_model",)
+    every: timedelta = timedelta(hours=1)
+    cron: str | None = None
+    keep: int = 3
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    builder: str | None = None
+    timeout: timedelta = timedelta(minutes=30)
+    tolerance: float = 1e-5
+
+
+@dataclass(frozen=True)
+class RetainConfig:
+    keep_last: int | None = None
+    keep_best: int | None = None
+    keep_every: timedelta | None = None
+    keep_every_steps: int | None = None
+    min_age: timedelta = timedelta(minutes=10)
+    every: timedelta = timedelta(minutes=10)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    path: Path
+    runs: str | None = None
+    observer: str = "auto"
+    keras_template: str | None = None
+    best: BestConfig = field(default_factory=BestConfig)
+    evaluate: EvaluateConfig | None = None
+    freeze: FreezeConfig | None = None
+    retain: RetainConfig | None = None
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    database: str
+    rescan_interval: timedelta = timedelta(seconds=60)
+    heartbeat_interval: timedelta = timedelta(seconds=10)
+    log_level: str = "info"
+    metrics_address: str = ""
+    debounce: timedelta = timedelta(milliseconds=2)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    daemon: DaemonConfig
+    watches: tuple[WatchConfig, ...] = ()
+
+
+# ---------------------------------------------------------------- keys of each table
+
+Schema = dict[str, Callable[[object], Any]]
+
+# Durations and numbers have ranges: a 10-year debounce or a 0 s rescan is a typo, and the
+# scheduler and SQLite (int64) have limits of their own. deploy/ckptd.toml lists them.
+DAEMON_KEYS: Schema = {
+    "database": v.database,
+    "rescan_interval": v.duration("1s", "1d"),
+    "heartbeat_interval": v.duration("1s", "1h"),
+    "log_level": v.choice(*LOG_LEVELS),
+    "metrics_address": v.address,
+    "debounce": v.duration("0s", "10s"),
+}
+WATCH_KEYS: Schema = {
+    "path": v.path,
+    "runs": v.runs_glob,
+    "observer": v.choice(*OBSERVERS),
+    "keras_template": v.keras_template,
+}
+BEST_KEYS: Schema = {"metric": v.string, "mode": v.choice("min", "max")}
+EVALUATE_KEYS: Schema = {
+    "evaluator": v.choice(*EVALUATORS),
+    "every": v.duration("1s", "30d"),
+    "timeout": v.duration("1s", "7d"),
+    "on_new": v.boolean,
+    "order": v.choice("oldest", "newest"),
+    "max_attempts": v.whole(1, 100),
+    "retry_backoff": v.duration("0s", "1d"),
+    "data": v.path,
+    "feed": v.str_map,
+    "fetch": v.str_map,
+    "use_ema": v.boolean,
+    "function": v.entry_point,
+    "command": v.argv,
+    "batch_size": v.whole(1, 2**31 - 1),
+}
+FREEZE_KEYS: Schema = {
+    "export_dir": v.path,
+    "format": v.export_formats,
+    "every": v.duration("1s", "30d"),
+    "cron": v.crontab,
+    "keep": v.whole(1, 1000),
+    "inputs": v.str_map,
+    "outputs": v.str_map,
+    "builder": v.entry_point,
+    "timeout": v.duration("1s", "7d"),
+    "tolerance": v.tolerance,
+}
+RETAIN_KEYS: Schema = {
+    "keep_last": v.whole(0, 1_000_000),
+    "keep_best": v.whole(0, 1_000_000),
+    "keep_every": v.duration("1s", "365d"),
+    "keep_every_steps": v.whole(1, INT64_MAX),
+    "min_age": v.duration("0s", "365d"),
+    "every": v.duration("1s", "30d"),
+    "dry_run": v.boolean,
+}
