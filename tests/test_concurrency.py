@@ -20,12 +20,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from ckptd.core.model import COMPLETE, utcnow
 from ckptd.store import claims, evaluations, migrate, queries
 from ckptd.store.handle import Store
-from ckptd.store.tables import CheckpointRow, EvaluationRow, MetricRow, RunRow
+from ckptd.store.tables import CheckpointRow, EvaluationRow, ExportRow, MetricRow, RunRow
 from tests.conftest import Corpus, ckptd, query, wait_for, write_config
 
 WATCH = "/w"
@@ -168,6 +168,171 @@ def test_claims_are_narrowed_to_the_runs_asked_for(two: tuple[Store, Store, list
     )
     assert evaluations.pending_count(a, run_ids=[r0]) == 20
     assert evaluations.candidates(a, ["/elsewhere"]) == []
+
+
+def test_an_export_another_process_holds_is_skipped_with_a_clear_message(
+    two: tuple[Store, Store, list[int]], tmp_path: Path
+) -> None:
+    from ckptd.api.freeze import Freezer
+    from ckptd.config import parse_config
+    from ckptd.worker.client import WorkerClient
+
+    a, b, (run_id, _) = two
+    cfg = parse_config(
+        {
+            "daemon": {"database": "sqlite:///unused.db"},
+            "watch": [
+                {
+                    "path": WATCH,
+                    "runs": "*",
+                    "best": {"metric": "eval/score"},
+                    "freeze": {"export_dir": str(tmp_path / "export")},
+                }
+            ],
+        }
+    )
+    with a.session() as s:
+        run = next(r for r in queries.runs(s) if r.id == run_id)
+    assert claims.claim(b, run_id, claims.FREEZE)  # b (the daemon, say) is exporting the run
+    freezer = Freezer(a, WorkerClient())
+    try:
+        outcome = freezer.freeze_run(run, cfg.watches[0], force=True)
+    finally:
+        freezer.close()
+    assert outcome.status == "skipped" and freezer.client.started == 0
+    assert b.holder in outcome.message and "try again when it has finished" in outcome.message
+    with a.session() as s:
+        assert s.scalar(select(func.count()).select_from(ExportRow)) == 0
+    claims.release(b, run_id, claims.FREEZE)
+    assert claims.holder_of(a, run_id, claims.FREEZE) is None
+
+
+def test_recovery_leaves_an_export_in_progress_in_a_live_process_alone(
+    two: tuple[Store, Store, list[int]], tmp_path: Path
+) -> None:
+    """A daemon starting while `ckptd freeze` exports: the CLI's intent row and temp dir are
+    in use, not debris of a crash."""
+    from ckptd.api.freeze import TMP_PREFIX, Freezer
+    from ckptd.config import parse_config
+    from ckptd.worker.client import WorkerClient
+
+    a, b, (run_id, _) = two
+    export = tmp_path / "export"
+    cfg = parse_config(
+        {
+            "daemon": {"database": "sqlite:///unused.db"},
+            "watch": [
+                {
+                    "path": WATCH,
+                    "runs": "*",
+                    "best": {"metric": "eval/score"},
+                    "freeze": {"export_dir": str(export)},
+                }
+            ],
+        }
+    )
+    temp = export / "r0" / f"{TMP_PREFIX}19-0123abcd"
+    temp.mkdir(parents=True)
+    with b.session() as s:
+        cid = s.scalar(select(CheckpointRow.id).where(CheckpointRow.run_id == run_id).limit(1))
+        s.execute(
+            insert(ExportRow).values(
+                checkpoint_id=cid,
+                format="saved_model",
+                version=19,
+                path=str(export / "r0" / "19"),
+                status="exporting",
+                created_at=utcnow(),
+            )
+        )
+    assert claims.claim(b, run_id, claims.FREEZE)  # b is `ckptd freeze r0`, still running
+    freezer = Freezer(a, WorkerClient())
+    try:
+        assert freezer.recover(cfg.watches) == 0
+        assert temp.is_dir()
+        assert query(tmp_path / "c.db", "select status from exports") == [("exporting",)]
+        claims.release(b, run_id, claims.FREEZE)  # b was killed before it could finish
+        assert freezer.recover(cfg.watches) == 1
+    finally:
+        freezer.close()
+    assert not temp.exists()
+    ((status, error),) = query(tmp_path / "c.db", "select status, error from exports")
+    assert status == "failed" and "interrupted" in error
+
+
+def test_a_long_evaluation_renews_its_claim_so_nobody_takes_it_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptd.api import evaluate as api_evaluate
+    from ckptd.config import parse_config
+
+    ttl = timedelta(milliseconds=600)
+    monkeypatch.setattr(api_evaluate, "CLAIM_TTL", ttl)
+    watch = tmp_path / "runs"
+    (watch / "r").mkdir(parents=True)
+    prefix = watch / "r" / "ckpt-1"
+    Path(f"{prefix}.index").touch()  # a command evaluator does not read it
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    a, b = Store.open(url), Store.open(url)
+    migrate.ensure_schema(a.engine)
+    with a.session() as s:
+        run_id = s.execute(
+            insert(RunRow).values(
+                name="r", path=str(watch / "r"), watch_path=str(watch), created_at=utcnow()
+            )
+        ).inserted_primary_key[0]
+        s.execute(
+            insert(CheckpointRow).values(
+                run_id=run_id,
+                prefix=str(prefix),
+                step=1,
+                format="tf2",
+                state=COMPLETE,
+                files=[],
+                signature=[],
+                recorded_at=utcnow(),
+            )
+        )
+    slow = "import json, time; time.sleep(2.5); print(json.dumps({{'eval/score': 1}}))"
+    cfg = parse_config(
+        {
+            "daemon": {"database": url},
+            "watch": [
+                {
+                    "path": str(watch),
+                    "runs": "*",
+                    "evaluate": {"evaluator": "command", "command": [sys.executable, "-c", slow]},
+                }
+            ],
+        }
+    )
+    evaluator = api_evaluate.Evaluator(a, cfg)
+    assert evaluator.enqueue() == 1
+    outcomes: list[api_evaluate.EvalOutcome] = []
+    worker = threading.Thread(
+        target=lambda: outcomes.extend(evaluator.run_pending()), name="ckptd-test-evaluate"
+    )
+    worker.start()
+    try:
+        wait_for(lambda: evaluations.pending_count(a) == 0, timeout=10)
+        renewers = [t.name for t in threading.enumerate() if t.name.startswith("ckptd-renew")]
+        assert renewers == ["ckptd-renew-evaluation"]
+        taken = []
+        while worker.is_alive():  # another process tries all along, well past the TTL
+            with b.session() as s:
+                (eid,) = s.scalars(select(EvaluationRow.id)).all()
+            job = evaluations.claim(b, eid, ttl=LONG)
+            if job is not None:
+                taken.append(job)
+                break
+            time.sleep(0.1)
+    finally:
+        worker.join(timeout=30)
+        evaluator.close()
+        a.close()
+        b.close()
+    assert not taken, "the claim expired while its evaluation ran"
+    assert [(o.status, o.metrics) for o in outcomes] == [("done", {"eval/score": 1.0})]
 
 
 # ------------------------------------------------------------------ with real checkpoints
