@@ -27,13 +27,11 @@ from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import Config, EvaluateConfig, WatchConfig
 from ckptd.core.model import Checkpoint, utcnow
 from ckptd.store import evaluations
-from ckptd.store.evaluations import DONE, FAILED, PENDING, RUNNING, Candidate, Job
+from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient, WorkerError, terminate_group, worker_env
 
 log = logging.getLogger(__name__)
-
-__all__ = ["DONE", "FAILED", "PENDING", "RUNNING", "EvalOutcome", "Evaluator", "evaluate"]
 
 # A claim outlives its holder by at most this long; it is renewed every third of it.
 CLAIM_TTL = timedelta(seconds=60)
@@ -180,10 +178,8 @@ class Evaluator:
                 ready.append(cand)
             if not ready:
                 return None
-            newest_first = any(
-                watches[c.watch_path].evaluate.order == "newest"  # type: ignore[union-attr]
-                for c in ready
-            )
+            newest = {p for p, w in watches.items() if w.evaluate and w.evaluate.order == "newest"}
+            newest_first = any(c.watch_path in newest for c in ready)
             for cand in reversed(ready) if newest_first else ready:
                 job = evaluations.claim(self.store, cand.evaluation_id, ttl=CLAIM_TTL)
                 if job is not None:

@@ -16,7 +16,7 @@ from ckptd.core.model import Checkpoint, Run, utcnow
 from ckptd.store import audit, queries
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
-from ckptd.store.tables import CheckpointRow, ExportRow, RunRow, table_of
+from ckptd.store.tables import CheckpointRow, ExportRow, table_of
 
 EXPORTING, PUBLISHED, FAILED, REMOVED = "exporting", "published", "failed", "removed"
 
@@ -36,12 +36,6 @@ def runs(store: Store, watch_path: str) -> list[Run]:
     """The present runs of a watch."""
     with store.session() as s:
         return [r for r in queries.runs(s) if r.watch_path == watch_path and r.present]
-
-
-def run_by_id(store: Store, run_id: int) -> Run | None:
-    with store.session() as s:
-        row = s.get(RunRow, run_id)
-        return queries.to_run(row) if row is not None else None
 
 
 def history(store: Store, run_id: int) -> tuple[list[Checkpoint], dict[int, str]]:
