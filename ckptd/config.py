@@ -190,7 +190,9 @@ def _argv(value: object) -> tuple[str, ...]:
             f'expected a list of strings such as ["eval.sh", "{{checkpoint}}"], got {_show(value)}'
         )
     argv = tuple(_str(v) for v in value)
-    for arg in argv:  # formatted as the evaluator does (api/evaluate.py), so it cannot fail there
+    for (
+        arg
+    ) in argv:  # formatted as the evaluator does (daemon/evaluate.py), so it cannot fail there
         try:
             arg.format(checkpoint="/x/model.ckpt-1", step="1", run="r")
         except (ValueError, KeyError, IndexError, AttributeError) as exc:
