@@ -52,7 +52,8 @@ from _common import (
 )
 from _inproc import RecordingClient, open_store, prepare_process
 
-from ckptd.daemon.evaluate import Evaluator
+from ckptd.api.evaluate import Evaluator
+from ckptd.store.handle import Store
 
 CHECKPOINTS = 50
 ANCHOR_QUICK = 10
@@ -122,7 +123,7 @@ def run_ckptd(work: Path, root: Path, npz: Path, saves: list[dict[str, Any]]) ->
         fh.write(EVALUATE.format(data=npz))
     cfg, engine = open_store(config)
     client = RecordingClient()
-    evaluator = Evaluator(engine, cfg, client)
+    evaluator = Evaluator(Store(engine), cfg, client)
     per_call: list[float] = []
     outcomes = []
     try:

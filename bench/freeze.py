@@ -5,7 +5,7 @@ Corpus: ONE real TF1 checkpoint (``python -m ckptd.worker.train tf1 --steps 20 -
 ``model.ckpt-20`` with its ``.meta``, and ``heldout.npz``), recorded in a fresh database by
 ``ckptd run --once``.
 
-ckptd, in this process: ``Freezer(engine, WorkerClient()).freeze_run(run, watch, checkpoint,
+ckptd, in this process: ``Freezer(Store(engine), WorkerClient()).freeze_run(run, watch, checkpoint,
 force=True)`` — the export-intent row, the worker's ``export`` request(s) into a hidden temp dir
 (fsync'd), its ``verify`` request (the export loaded and run on the first rows of heldout.npz,
 compared with the checkpoint's own outputs), the rename to ``export_dir/<run>/20/``, and the
@@ -59,9 +59,10 @@ from _common import (
 )
 from _inproc import RecordingClient, open_store, prepare_process, runs, watch_for
 
-from ckptd.daemon.freeze import Freezer
+from ckptd.api.freeze import Freezer
 from ckptd.store import queries
 from ckptd.store.db import session_scope
+from ckptd.store.handle import Store
 
 STEP = 20
 TARGET_VS_ANCHOR = 1.2  # ckptd / plain script, verification included
@@ -164,7 +165,7 @@ def freezer_case(
         (checkpoint,) = queries.checkpoints(s, run_id=run.id)
 
     def export(client: RecordingClient) -> tuple[float, Any]:
-        freezer = Freezer(engine, client)
+        freezer = Freezer(Store(engine), client)
         t0 = time.perf_counter()
         outcome = freezer.freeze_run(run, watch, checkpoint, force=True)
         wall = time.perf_counter() - t0

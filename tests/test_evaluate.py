@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.api.evaluate import Evaluator
 from ckptd.config import parse_config
-from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import discover
 from ckptd.store import migrate, queries
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient
 from tests.conftest import REPO, Corpus
 
@@ -47,7 +48,7 @@ def _setup(
     migrate.upgrade(engine)
     Reconciler(engine).reconcile_many(discover(0, cfg.watches[0]))
     os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    return Evaluator(engine, cfg, WorkerClient()), engine, root
+    return Evaluator(Store(engine), cfg, WorkerClient()), engine, root
 
 
 def _evaluations(engine: object) -> dict[int, tuple[str, int, str | None]]:
@@ -256,7 +257,7 @@ def test_meta_graph_evaluation_waits_for_the_meta_file(tmp_path: Path, corpus: C
     migrate.upgrade(engine)
     rec = Reconciler(engine)
     rec.reconcile_many(discover(0, cfg.watches[0]))
-    ev = Evaluator(engine, cfg, WorkerClient())
+    ev = Evaluator(Store(engine), cfg, WorkerClient())
     try:
         assert ev.enqueue() == 1
         assert ev.run_pending() == []  # no .meta yet: it waits (and starts no worker)

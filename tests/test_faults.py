@@ -54,7 +54,7 @@ ROUNDS = int(os.environ.get("CKPTD_FAULT_ROUNDS", "5"))
 SEED = int(os.environ.get("CKPTD_FAULT_SEED", "20261122"))
 RSS_LIMIT = 250 * 1024 * 1024  # the daemon process alone, never its TensorFlow workers
 SAVE_EVERY = 5
-TMP_PREFIX = ".ckptd-tmp-"  # ckptd.daemon.freeze.TMP_PREFIX, spelled out: the tests are the spec
+TMP_PREFIX = ".ckptd-tmp-"  # ckptd.api.freeze.TMP_PREFIX, spelled out: the tests are the spec
 SAVED_MODEL_FILES = (
     "saved_model.pb",
     "variables/variables.index",

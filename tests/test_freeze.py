@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.api.freeze import TMP_PREFIX, Freezer
 from ckptd.config import parse_config
-from ckptd.daemon.freeze import TMP_PREFIX, Freezer
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import discover
 from ckptd.store import migrate, queries
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.handle import Store
 from tests.conftest import Corpus, ckptd, query, wait_for, write_config
 
 pytestmark = pytest.mark.tf
@@ -62,7 +63,7 @@ def test_freeze_best_publishes_verified_export_once(tmp_path: Path, corpus: Corp
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
     Reconciler(engine).reconcile_many(discover(0, cfg.watches[0]))
-    freezer = Freezer(engine)
+    freezer = Freezer(Store(engine))
     try:
         with session_scope(engine) as s:
             run = queries.resolve_run(s, "mnist")

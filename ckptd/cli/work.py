@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,24 +16,26 @@ from ckptd.cli.output import (
     table,
 )
 
+if TYPE_CHECKING:  # imported by the commands, not by --help
+    from ckptd.api.targets import Target
+    from ckptd.store.handle import Store
 
-def _targets(ctx: CliContext, target: str) -> tuple[Any, Any, Any]:
-    """(run, watch, checkpoint or None) for a RUN or CHECKPOINT argument."""
-    from ckptd.store import queries
 
-    with ctx.session() as s:
-        try:
-            run = queries.resolve_run(s, target)
-            checkpoint = None
-        except queries.NotFound:
-            checkpoint = queries.resolve_checkpoint(s, target)
-            run = next(r for r in queries.runs(s) if r.id == checkpoint.run_id)
-    watch = ctx.watch_for(run.watch_path)
-    if watch is None:
-        raise click.ClickException(
-            f"run {run.name} is not under any watch in {ctx.config().source}"
-        )
-    return run, watch, checkpoint
+def _store(ctx: CliContext) -> Store:
+    """The database, for writing (evaluations and exports record their results)."""
+    from ckptd.store.handle import Store
+
+    return Store(ctx.engine(readonly=False))
+
+
+def _target(ctx: CliContext, text: str) -> Target:
+    """What RUN or CHECKPOINT names (read-only: a missing database is an error, not created)."""
+    from ckptd.api.targets import resolve
+    from ckptd.store.handle import Store
+
+    target = resolve(Store(ctx.engine(readonly=True)), ctx.config(), text)
+    ctx.config(required=True)
+    return target
 
 
 @click.command()
@@ -53,44 +55,24 @@ def evaluate(ctx: CliContext, target: str, again: bool, as_json: bool) -> None:
       ckptd evaluate mnist            # the whole backlog, with progress
       ckptd evaluate mnist --again --json
     """
-    from sqlalchemy import delete, select
-
-    from ckptd.daemon.evaluate import Evaluator
-    from ckptd.store.tables import CheckpointRow, EvaluationRow
-
-    run, watch, checkpoint = _targets(ctx, target)
-    if watch.evaluate is None or watch.evaluate.evaluator == "tfevents":
-        raise click.ClickException(
-            f"run {run.name} has no evaluator: add [watch.evaluate] with evaluator = "
-            '"meta_graph", "keras", "python" or "command" to the config'
-        )
-    cfg = ctx.config(required=True)
-    engine = ctx.engine(readonly=False)
-    evaluator = Evaluator(engine, cfg)
-    with ctx.session(readonly=False) as s:
-        ids = (
-            [checkpoint.id]
-            if checkpoint
-            else list(s.scalars(select(CheckpointRow.id).where(CheckpointRow.run_id == run.id)))
-        )
-        if again or checkpoint:
-            s.execute(delete(EvaluationRow).where(EvaluationRow.checkpoint_id.in_(ids)))
-    evaluator.enqueue(ids)
-    total = evaluator.pending_count()
     from rich.markup import escape  # a run name is text, not markup
     from rich.progress import Progress
 
+    from ckptd.api import evaluate as api_evaluate
+    from ckptd.api.targets import NotConfigured
     from ckptd.cli.output import console
 
-    outcomes = []
     try:
-        with Progress(console=console(), transient=True, disable=as_json) as progress:
-            task = progress.add_task(f"evaluating {escape(run.name)}", total=total)
-            while batch := evaluator.run_pending(limit=1):
-                outcomes += batch
-                progress.advance(task)
-    finally:
-        evaluator.close()
+        target_ = _target(ctx, target)
+        total, results = api_evaluate.evaluate(_store(ctx), ctx.config(), target_, again=again)
+    except NotConfigured as exc:
+        raise click.ClickException(str(exc)) from None
+    outcomes = []
+    with Progress(console=console(), transient=True, disable=as_json) as progress:
+        task = progress.add_task(f"evaluating {escape(target_.run.name)}", total=total)
+        for outcome in results:
+            outcomes.append(outcome)
+            progress.advance(task)
     rows = [
         {
             "checkpoint": o.checkpoint,
@@ -140,20 +122,13 @@ def freeze(ctx: CliContext, target: str, force: bool, as_json: bool) -> None:
       ckptd freeze mnist              # the current best, if not exported yet
       ckptd freeze mnist@1200 --force
     """
-    from ckptd.daemon.freeze import Freezer
+    from ckptd.api import freeze as api_freeze
+    from ckptd.api.targets import NotConfigured
 
-    run, watch, checkpoint = _targets(ctx, target)
-    if watch.freeze is None:
-        raise click.ClickException(
-            f"run {run.name} has no [watch.freeze] section: "
-            "add one with export_dir and format to the config"
-        )
-    ctx.config(required=True)
-    freezer = Freezer(ctx.engine(readonly=False))
     try:
-        outcome = freezer.freeze_run(run, watch, checkpoint, force=force)
-    finally:
-        freezer.close()
+        outcome = api_freeze.freeze(_store(ctx), _target(ctx, target), force=force)
+    except NotConfigured as exc:
+        raise click.ClickException(str(exc)) from None
     data = outcome.__dict__
     if as_json:
         print_json(data)

@@ -25,13 +25,14 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 
 from ckptd import __version__
+from ckptd.api.evaluate import Evaluator
+from ckptd.api.freeze import Freezer
 from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
 from ckptd.core.errors import StoreError
 from ckptd.core.model import utcnow
 from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
-from ckptd.daemon.evaluate import Evaluator
-from ckptd.daemon.freeze import Freezer
+from ckptd.daemon.evaluate import EvaluationLoop
 from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
 from ckptd.daemon.prune import Pruner
@@ -48,6 +49,7 @@ from ckptd.io.observe import (
 )
 from ckptd.store import daemons, migrate
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
+from ckptd.store.handle import Store
 from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
 from ckptd.worker.client import WorkerClient
 
@@ -120,8 +122,10 @@ class Daemon:
         self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
-        self.evaluator = Evaluator(self.engine, config, self.worker)
-        self.freezer = Freezer(self.engine, self.worker)
+        store = Store(self.engine)  # one claim holder for this daemon's evaluations and exports
+        self.evaluator = Evaluator(store, config, self.worker)
+        self.eval_loop = EvaluationLoop(self.evaluator)
+        self.freezer = Freezer(store, self.worker)
         self._eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self._on_path)
         self.scheduler = Scheduler(self.progress)
@@ -175,7 +179,7 @@ class Daemon:
             log.info("finished %d deletion(s) interrupted by the last stop", resumed)
         with self.progress.busy("recovering interrupted evaluations and exports"):
             if self.evaluator.recover():
-                log.info("re-queued evaluations interrupted by the last stop")
+                log.info("re-queued evaluations of processes that have exited")
             if self.freezer.recover(self.config.watches):
                 log.info("exports interrupted by the last stop will be redone")
 
@@ -424,11 +428,11 @@ class Daemon:
                 )
 
     def _on_recorded(self, ids: list[int]) -> None:
-        self.evaluator.enqueue(ids, new=True)
+        self.eval_loop.enqueue(ids, new=True)
 
     def evaluate_backlog(self) -> None:
-        self.evaluator.enqueue()
-        self.evaluator.wake()
+        self.eval_loop.enqueue()
+        self.eval_loop.wake()
 
     def freeze(self, watch: WatchConfig) -> None:
         """Export the best checkpoint of each run of ``watch`` if it changed."""
@@ -446,6 +450,8 @@ class Daemon:
         for run in runs:
             with self.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
                 outcome = self.freezer.freeze_run(run, watch)
+            if outcome.status in ("published", "failed"):
+                metrics.export(outcome.status, outcome.seconds)
             if outcome.status == "failed":
                 log.error("export of %s failed: %s", run.name, outcome.message)
 
@@ -576,7 +582,7 @@ class Daemon:
         self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
         self._thread.start()
         self._eval_thread = threading.Thread(
-            target=self.evaluator.serve, args=(self.stop_event,), name="evaluate", daemon=True
+            target=self.eval_loop.serve, args=(self.stop_event,), name="ckptd-evaluate", daemon=True
         )
         self._eval_thread.start()
         for job in self.daemon_jobs(self.config):
@@ -730,7 +736,7 @@ class Daemon:
         daemon stopped and close the database. False when some thread is still busy (stuck):
         the caller then exits without waiting for it."""
         self.stop_event.set()
-        self.evaluator.wake()
+        self.eval_loop.wake()
         self.worker.terminate()  # a running evaluation/export is redone at the next start
         self.scheduler.shutdown()
         self.watcher.stop()

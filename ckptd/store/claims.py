@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, or_, update
+from sqlalchemy import and_, delete, or_, select, update
 
 from ckptd.core.model import utcnow
-from ckptd.store.handle import Store
+from ckptd.store.handle import Store, holder_gone
 from ckptd.store.tables import RunClaimRow, table_of
 from ckptd.store.upsert import _dialect_insert
 
@@ -66,6 +66,19 @@ def release(store: Store, run_id: int, job: str) -> None:
     )
     with store.session() as session:
         session.execute(stmt)
+
+
+def release_gone(store: Store, job: str) -> int:
+    """Drop the claims on ``job`` whose holder process has exited (a daemon killed mid-export
+    restarts without waiting for its old claim to expire); returns how many."""
+    t = table_of(RunClaimRow)
+    with store.session() as session:
+        holders = session.scalars(select(t.c.claimed_by).where(t.c.job == job).distinct()).all()
+        gone = [h for h in holders if holder_gone(h)]
+        if not gone:
+            return 0
+        stmt = delete(t).where(and_(t.c.job == job, t.c.claimed_by.in_(gone)))
+        return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
 def holder_of(store: Store, run_id: int, job: str) -> tuple[str, datetime] | None:

@@ -57,3 +57,27 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def holder_gone(holder: str) -> bool:
+    """Whether a claim's holder (see :func:`process_name`) is a process on this host that has
+    exited: only then is its claim dead before its expiry. A holder on another host, or whose
+    pid is alive (whatever it runs now), keeps its claim until ``claimed_until``."""
+    host, _, rest = holder.partition(":")
+    pid_text, _, _nonce = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():  # another Store of this process, or a dead one that had our pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, under another user
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie has exited
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False

@@ -5,6 +5,8 @@ step. The worker writes into a hidden ``.ckptd-tmp-*`` directory and fsyncs it; 
 verified there (loaded and run against the checkpoint's own outputs) and only then renamed to its
 numeric name, so TF Serving never sees a partial or unverified model (serving#1086). An
 ``exporting`` row is the intent: after a crash the temp dir is removed and the export redone.
+An export of a run holds the run's ``FREEZE`` claim, so the daemon and ``ckptd freeze`` never
+export one run at the same time (the second one skips it and says why).
 """
 
 from __future__ import annotations
@@ -17,21 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
-
+from ckptd.api.renewal import Renewal
+from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import WatchConfig
-from ckptd.core.model import Checkpoint, Run, utcnow
+from ckptd.core.model import Checkpoint, Run
 from ckptd.core.policy import select_best
-from ckptd.daemon import metrics
 from ckptd.io import fsops
-from ckptd.store import queries
-from ckptd.store.db import insert_id, rowcount, session_scope
-from ckptd.store.tables import ActionRow, ExportRow
+from ckptd.store import claims, exports
+from ckptd.store.claims import FREEZE
+from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".ckptd-tmp-"
+INTERRUPTED = "interrupted (daemon stopped during the export); will be redone"
+
+
+class ClaimLost(Exception):
+    """This process's claim on the run expired during the export and another one took it."""
 
 
 @dataclass
@@ -58,61 +64,77 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _busy_message(store: Store, run: Run) -> str:
+    held = claims.holder_of(store, run.id, FREEZE)
+    who = f"{held[0]} (claim until {held[1]:%Y-%m-%d %H:%M:%S} UTC)" if held else "another process"
+    return f"an export of this run is in progress in {who}; try again when it has finished"
+
+
 class Freezer:
-    def __init__(self, engine: Engine, client: WorkerClient | None = None) -> None:
-        self.engine = engine
+    def __init__(self, store: Store, client: WorkerClient | None = None) -> None:
+        self.store = store
         self.client = client or WorkerClient()
 
+    # ------------------------------------------------------------ recovery
+
     def recover(self, watches: tuple[WatchConfig, ...]) -> int:
-        """After a crash: drop half-written temp dirs, mark interrupted exports failed (redone)."""
-        with session_scope(self.engine) as s:
-            # The rename to the numeric name happens only after verification: an "exporting" row
-            # whose directory exists was published and verified; only its commit was lost.
-            for eid, path in s.execute(
-                select(ExportRow.id, ExportRow.path).where(ExportRow.status == "exporting")
-            ).all():
-                if Path(path).is_dir():
-                    s.execute(
-                        update(ExportRow)
-                        .where(ExportRow.id == eid)
-                        .values(status="published", verified=True)
-                    )
-            # And a retired export whose removal was not committed: its directory is gone.
-            for eid, path in s.execute(
-                select(ExportRow.id, ExportRow.path).where(ExportRow.status == "published")
-            ).all():
-                if not Path(path).exists():
-                    s.execute(
-                        update(ExportRow)
-                        .where(ExportRow.id == eid)
-                        .values(status="removed", removed_at=utcnow())
-                    )
-            n = rowcount(
-                s,
-                update(ExportRow)
-                .where(ExportRow.status == "exporting")
-                .values(
-                    status="failed",
-                    error="interrupted (daemon stopped during the export); will be redone",
-                ),
-            )
+        """After a crash: settle interrupted exports (redone later) and drop half-written temp
+        dirs, for every run no live process is exporting right now."""
+        claims.release_gone(self.store, FREEZE)
+        vanished = [
+            e.id for e in exports.listed(self.store, "published") if not Path(e.path).exists()
+        ]
+        interrupted: dict[int | None, list[exports.Export]] = {}
+        for e in exports.listed(self.store, "exporting"):
+            interrupted.setdefault(e.run_id, []).append(e)
+        temps: dict[int | None, list[tuple[Path, str]]] = {}
+        for root, run_id in self._export_roots(watches).items():
+            for p in root.iterdir() if root.is_dir() else ():
+                if p.name.startswith(TMP_PREFIX):
+                    temps.setdefault(run_id, []).append((root, p.name))
+        failed: list[int] = []
+        published: list[int] = []
+        for run_id in set(interrupted) | set(temps):
+            if run_id is not None and not claims.claim(self.store, run_id, FREEZE):
+                continue  # a live process is exporting it: its rows and temp dir are in use
+            try:
+                # The rename to the numeric name happens only after verification: an interrupted
+                # export whose directory exists was published and verified; only its commit
+                # was lost.
+                for e in interrupted.get(run_id, []):
+                    (published if Path(e.path).is_dir() else failed).append(e.id)
+                for root, name in temps.get(run_id, []):
+                    try:
+                        fsops.remove_tree(root, name)
+                        log.info("removed interrupted export %s", root / name)
+                    except (OSError, fsops.UnsafePath) as exc:
+                        log.warning("could not remove %s: %s", root / name, exc)
+            finally:
+                if run_id is not None:
+                    claims.release(self.store, run_id, FREEZE)
+        exports.recovered(
+            self.store, published=published, failed=failed, removed=vanished, error=INTERRUPTED
+        )
+        return len(failed)
+
+    def _export_roots(self, watches: tuple[WatchConfig, ...]) -> dict[Path, int | None]:
+        """Every export root of ``watches``, with the id of the run it belongs to (None for a
+        directory of no recorded run)."""
+        roots: dict[Path, int | None] = {}
         for w in watches:
             if w.freeze is None or not w.freeze.export_dir.is_dir():
                 continue
-            roots = [w.freeze.export_dir]
+            for run in exports.runs(self.store, str(w.path)):
+                roots[export_root(w, run)] = run.id
             if w.runs:
-                roots += [
-                    p for p in w.freeze.export_dir.iterdir() if p.is_dir() and not p.is_symlink()
-                ]
-            for root in roots:
-                for p in root.iterdir():
-                    if p.name.startswith(TMP_PREFIX):
-                        try:
-                            fsops.remove_tree(root, p.name)
-                            log.info("removed interrupted export %s", p)
-                        except (OSError, fsops.UnsafePath) as exc:
-                            log.warning("could not remove %s: %s", p, exc)
-        return int(n)
+                for p in w.freeze.export_dir.iterdir():
+                    if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX):
+                        roots.setdefault(p, None)
+            else:
+                roots.setdefault(w.freeze.export_dir, None)
+        return roots
+
+    # ------------------------------------------------------------ export
 
     def freeze_run(
         self,
@@ -122,19 +144,36 @@ class Freezer:
         *,
         force: bool = False,
     ) -> ExportOutcome:
-        """Export ``checkpoint``, or the run's current best if it is not exported yet."""
+        """Export ``checkpoint``, or the run's current best if it is not exported yet; skipped
+        while another process exports the run."""
+        if not claims.claim(self.store, run.id, FREEZE) and not (
+            claims.release_gone(self.store, FREEZE) and claims.claim(self.store, run.id, FREEZE)
+        ):
+            message = _busy_message(self.store, run)
+            log.info("not exporting %s now: %s", run.name, message)
+            return ExportOutcome(run.name, None, "skipped", message=message)
+        try:
+            renewal = Renewal(
+                lambda: claims.renew(self.store, run.id, FREEZE),
+                claims.DEFAULT_TTL,
+                "ckptd-renew-export",
+            )
+            with renewal:
+                return self._freeze(run, watch, checkpoint, force, renewal)
+        finally:
+            claims.release(self.store, run.id, FREEZE)
+
+    def _freeze(
+        self,
+        run: Run,
+        watch: WatchConfig,
+        checkpoint: Checkpoint | None,
+        force: bool,
+        renewal: Renewal,
+    ) -> ExportOutcome:
         fr = watch.freeze
         assert fr is not None
-        with session_scope(self.engine) as s:
-            history = queries.checkpoints(s, run_id=run.id)
-            published = {
-                cid: path
-                for cid, path in s.execute(
-                    select(ExportRow.checkpoint_id, ExportRow.path).where(
-                        ExportRow.status == "published"
-                    )
-                )
-            }
+        history, published = exports.history(self.store, run.id)
         target = checkpoint
         if target is None:
             if not watch.best.metric:
@@ -167,59 +206,40 @@ class Freezer:
         final = root / str(version)
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
-        formats = "+".join(fr.format)
-        with session_scope(self.engine) as s:  # the intent
-            export_id = insert_id(
-                s,
-                insert(ExportRow).values(
-                    checkpoint_id=target.id,
-                    format=formats,
-                    version=version,
-                    path=str(final),
-                    status="exporting",
-                    verified=False,
-                    created_at=utcnow(),
-                ),
-            )
+        export_id = exports.begin(
+            self.store, target, formats="+".join(fr.format), version=version, path=str(final)
+        )
         t0 = time.perf_counter()
         try:
             verify = self._write_and_verify(target, watch, tmp)
+            if renewal.lost:  # another process may be exporting this run now: do not publish
+                raise ClaimLost("this export's claim on the run expired and was taken over")
             if final.exists():
                 # Same version already published by an earlier run (e.g. forced re-export).
                 fsops.remove_tree(root, final.name)
             os.rename(tmp, final)  # atomic publish: the numeric name appears complete
             _fsync_dir(root)
-        except (WorkerError, OSError, fsops.UnsafePath) as exc:
+        except (WorkerError, ClaimLost, OSError, fsops.UnsafePath) as exc:
             try:
                 fsops.remove_tree(root, tmp.name)
             except (OSError, fsops.UnsafePath):
                 log.warning("could not remove %s", tmp)
             return self._failed(export_id, target, run, str(exc), time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
-        now = utcnow()
-        with session_scope(self.engine) as s:
-            s.execute(
-                update(ExportRow)
-                .where(ExportRow.id == export_id)
-                .values(status="published", verified=bool(verify.get("verified")))
-            )
-            s.execute(
-                insert(ActionRow).values(
-                    at=now,
-                    kind="exported",
-                    run_id=target.run_id,
-                    checkpoint_id=target.id,
-                    subject=str(final),
-                    reason=f"best by {watch.best.metric}" if checkpoint is None else "requested",
-                    detail={
-                        "step": target.step,
-                        "formats": list(fr.format),
-                        "verified": verify.get("verified"),
-                        "max_abs_diff": verify.get("max_abs_diff"),
-                        "seconds": round(seconds, 3),
-                    },
-                )
-            )
+        exports.published(
+            self.store,
+            export_id,
+            target,
+            verified=bool(verify.get("verified")),
+            reason=f"best by {watch.best.metric}" if checkpoint is None else "requested",
+            detail={
+                "step": target.step,
+                "formats": list(fr.format),
+                "verified": verify.get("verified"),
+                "max_abs_diff": verify.get("max_abs_diff"),
+                "seconds": round(seconds, 3),
+            },
+        )
         log.info(
             "exported %s to %s (verified, max diff %s) in %.2f s",
             target.label,
@@ -228,7 +248,6 @@ class Freezer:
             seconds,
         )
         self._retire(run, watch, history)
-        metrics.export("published", seconds)
         return ExportOutcome(run.name, target.label, "published", str(final), True, "", seconds)
 
     def _write_and_verify(self, c: Checkpoint, watch: WatchConfig, tmp: Path) -> dict[str, Any]:
@@ -279,25 +298,8 @@ class Freezer:
     def _failed(
         self, export_id: int, c: Checkpoint, run: Run, error: str, seconds: float
     ) -> ExportOutcome:
-        with session_scope(self.engine) as s:
-            s.execute(
-                update(ExportRow)
-                .where(ExportRow.id == export_id)
-                .values(status="failed", error=error)
-            )
-            s.execute(
-                insert(ActionRow).values(
-                    at=utcnow(),
-                    kind="export_failed",
-                    run_id=c.run_id,
-                    checkpoint_id=c.id,
-                    subject=c.prefix,
-                    reason=error,
-                    detail={"step": c.step},
-                )
-            )
+        exports.failed(self.store, export_id, c, error)
         log.error("exporting %s failed: %s", c.label, error)
-        metrics.export("failed", seconds)
         return ExportOutcome(run.name, c.label, "failed", None, False, error, seconds)
 
     def _retire(self, run: Run, watch: WatchConfig, history: list[Checkpoint]) -> None:
@@ -307,39 +309,32 @@ class Freezer:
         best = (
             select_best(history, watch.best.metric, watch.best.mode) if watch.best.metric else None
         )
-        with session_scope(self.engine) as s:
-            rows = s.execute(
-                select(ExportRow.id, ExportRow.checkpoint_id, ExportRow.path)
-                .where(
-                    ExportRow.status == "published",
-                    ExportRow.path.like(f"{export_root(watch, run)}/%"),
-                )
-                .order_by(ExportRow.created_at.desc(), ExportRow.id.desc())
-            ).all()
-        kept = {r[0] for r in rows[: fr.keep]} | {r[0] for r in rows if best and r[1] == best.id}
-        for eid, _cid, path in (r for r in rows if r[0] not in kept):
-            p = Path(path)
+        rows = exports.published_under(self.store, str(export_root(watch, run)))
+        kept = {e.id for e in rows[: fr.keep]} | {
+            e.id for e in rows if best and e.checkpoint_id == best.id
+        }
+        for e in (e for e in rows if e.id not in kept):
+            p = Path(e.path)
             try:
                 fsops.remove_tree(p.parent, p.name)
             except (OSError, fsops.UnsafePath) as exc:
                 log.warning("could not remove old export %s: %s", p, exc)
                 continue
-            with session_scope(self.engine) as s:
-                s.execute(
-                    update(ExportRow)
-                    .where(ExportRow.id == eid)
-                    .values(status="removed", removed_at=utcnow())
-                )
-                s.execute(
-                    insert(ActionRow).values(
-                        at=utcnow(),
-                        kind="export_removed",
-                        run_id=run.id,
-                        subject=path,
-                        reason=f"beyond keep = {fr.keep}",
-                        detail={},
-                    )
-                )
+            exports.removed(self.store, e, reason=f"beyond keep = {fr.keep}")
 
     def close(self) -> None:
         self.client.close()
+
+
+def freeze(store: Store, target: Target, *, force: bool = False) -> ExportOutcome:
+    """``ckptd freeze``: export the target checkpoint, or the run's best if it changed."""
+    if target.watch.freeze is None:
+        raise NotConfigured(
+            f"run {target.run.name} has no [watch.freeze] section: "
+            "add one with export_dir and format to the config"
+        )
+    freezer = Freezer(store)
+    try:
+        return freezer.freeze_run(target.run, target.watch, target.checkpoint, force=force)
+    finally:
+        freezer.close()

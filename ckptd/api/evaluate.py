@@ -1,0 +1,298 @@
+"""Evaluate every complete checkpoint exactly once, in a warm TensorFlow worker.
+
+Unlike ``tf.train.checkpoints_iterator``, nothing is skipped: each complete checkpoint of a watch
+with ``[watch.evaluate]`` gets an ``evaluations`` row (``pending``), and jobs are worked oldest-
+or newest-first. Each job is claimed first (``store/evaluations``), by the daemon and by
+``ckptd evaluate`` alike, so no checkpoint is evaluated twice however many processes work the
+queue. A failure is retried with exponential backoff up to ``max_attempts``, then stays
+``failed`` with its error, visible in ``ls`` and ``events``. A ``meta_graph`` evaluation waits
+for the ``.meta`` that TF1's Saver writes after the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ckptd.api.renewal import Renewal
+from ckptd.api.targets import NotConfigured, Target
+from ckptd.config import Config, EvaluateConfig, WatchConfig
+from ckptd.core.model import Checkpoint, utcnow
+from ckptd.store import evaluations
+from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job
+from ckptd.store.handle import Store
+from ckptd.worker.client import WorkerClient, WorkerError, terminate_group, worker_env
+
+log = logging.getLogger(__name__)
+
+# A claim outlives its holder by at most this long; it is renewed every third of it.
+CLAIM_TTL = timedelta(seconds=60)
+LOST = "lost"  # the claim expired mid-evaluation and another process took the job over
+
+
+@dataclass
+class EvalOutcome:
+    checkpoint: str
+    status: str
+    metrics: dict[str, float]
+    error: str | None
+    seconds: float
+
+
+def build_request(ev: EvaluateConfig, c: Checkpoint, run_path: str) -> dict[str, Any]:
+    """The worker request for one checkpoint (also used by benchmarks)."""
+    request: dict[str, Any] = {
+        "op": "evaluate",
+        "evaluator": ev.evaluator,
+        "checkpoint": c.prefix,
+        "run": run_path,
+        "step": c.step,
+    }
+    if ev.evaluator in ("meta_graph", "keras"):
+        request.update(data=str(ev.data), feed=dict(ev.feed) or None, batch_size=ev.batch_size)
+    if ev.evaluator == "meta_graph":
+        request.update(fetch=dict(ev.fetch), use_ema=ev.use_ema)
+    if ev.evaluator == "python":
+        request["function"] = ev.function
+    return request
+
+
+def run_command(ev: EvaluateConfig, c: Checkpoint, run_name: str) -> dict[str, float]:
+    """The ``command`` evaluator: an argv template, JSON object of numbers on stdout."""
+    values = {
+        "checkpoint": c.prefix,
+        "step": "" if c.step is None else str(c.step),
+        "run": run_name,
+    }
+    argv = [arg.format(**values) for arg in ev.command]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=worker_env(),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=ev.timeout.total_seconds())
+    except subprocess.TimeoutExpired:
+        terminate_group(proc)  # type: ignore[arg-type]
+        raise WorkerError(
+            "timeout", f"{argv[0]} did not finish within {ev.timeout}; killed it"
+        ) from None
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise WorkerError("tf_error", f"{argv[0]} exited with status {proc.returncode}: {tail[0]}")
+    try:
+        data = json.loads(out)
+        return {str(k): float(v) for k, v in data.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise WorkerError(
+            "bad_request", f"{argv[0]} must print one JSON object of numbers, got {out[:200]!r}"
+        ) from None
+
+
+class Evaluator:
+    """Works the evaluation queue of the watches ``config`` evaluates, in one warm worker.
+
+    ``run_ids``/``checkpoint_ids`` narrow every step (enqueue, claim, count) to some runs or
+    checkpoints: ``ckptd evaluate RUN`` touches only RUN's.
+    """
+
+    def __init__(self, store: Store, config: Config, client: WorkerClient | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.client = client or WorkerClient()
+        self._lock = threading.Lock()  # one evaluation at a time per worker
+
+    def _evaluated(self, *, new: bool = False) -> dict[str, WatchConfig]:
+        """The watches with an evaluator, by path (``new``: those that take new checkpoints)."""
+        return {
+            str(w.path): w
+            for w in self.config.watches
+            if w.evaluate is not None
+            and w.evaluate.evaluator != "tfevents"
+            and (not new or w.evaluate.on_new)
+        }
+
+    def enqueue(
+        self,
+        checkpoint_ids: Collection[int] | None = None,
+        *,
+        new: bool = False,
+        run_ids: Collection[int] | None = None,
+    ) -> int:
+        """Give complete checkpoints without an evaluation a ``pending`` one (all when None).
+
+        ``new``: called as checkpoints are recorded; only watches with ``on_new`` take them.
+        """
+        return evaluations.enqueue(
+            self.store,
+            list(self._evaluated(new=new)),
+            run_ids=run_ids,
+            checkpoint_ids=checkpoint_ids,
+        )
+
+    def requeue(
+        self,
+        checkpoint_ids: Collection[int] | None = None,
+        *,
+        run_ids: Collection[int] | None = None,
+    ) -> int:
+        """Evaluate these again (``--again``); one being evaluated right now is left to it."""
+        return evaluations.requeue(self.store, run_ids=run_ids, checkpoint_ids=checkpoint_ids)
+
+    def recover(self) -> int:
+        """Jobs left ``running`` by a process that has exited go back to the queue."""
+        return evaluations.release_gone(self.store)
+
+    def pending_count(
+        self,
+        checkpoint_ids: Collection[int] | None = None,
+        *,
+        run_ids: Collection[int] | None = None,
+    ) -> int:
+        return evaluations.pending_count(self.store, run_ids=run_ids, checkpoint_ids=checkpoint_ids)
+
+    def _next(
+        self, run_ids: Collection[int] | None, checkpoint_ids: Collection[int] | None
+    ) -> tuple[Job, WatchConfig] | None:
+        """Claim the next job; a job another process claims first is skipped for the next."""
+        while True:
+            watches = self._evaluated()
+            ready: list[Candidate] = []
+            for cand in evaluations.candidates(
+                self.store, list(watches), run_ids=run_ids, checkpoint_ids=checkpoint_ids
+            ):
+                ev = watches[cand.watch_path].evaluate
+                assert ev is not None
+                if ev.evaluator == "meta_graph" and not cand.has_meta:
+                    continue  # TF1 writes .meta after the state file: wait for it
+                ready.append(cand)
+            if not ready:
+                return None
+            newest = {p for p, w in watches.items() if w.evaluate and w.evaluate.order == "newest"}
+            newest_first = any(c.watch_path in newest for c in ready)
+            for cand in reversed(ready) if newest_first else ready:
+                job = evaluations.claim(self.store, cand.evaluation_id, ttl=CLAIM_TTL)
+                if job is not None:
+                    return job, watches[cand.watch_path]
+            # Every one was claimed by another process meanwhile: look again.
+
+    def run_pending(
+        self,
+        stop: threading.Event | None = None,
+        limit: int | None = None,
+        *,
+        run_ids: Collection[int] | None = None,
+        checkpoint_ids: Collection[int] | None = None,
+    ) -> list[EvalOutcome]:
+        """Evaluate queued checkpoints until none is left to claim (or ``stop``/``limit``)."""
+        done: list[EvalOutcome] = []
+        with self._lock:
+            while (stop is None or not stop.is_set()) and (limit is None or len(done) < limit):
+                item = self._next(run_ids, checkpoint_ids)
+                if item is None:
+                    break
+                done.append(self._evaluate(*item))
+        return done
+
+    def _evaluate(self, job: Job, watch: WatchConfig) -> EvalOutcome:
+        ev, c = watch.evaluate, job.checkpoint
+        assert ev is not None
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        error: str | None = None
+        kind = ""
+        renewal = Renewal(
+            lambda: evaluations.renew(self.store, job, ttl=CLAIM_TTL),
+            CLAIM_TTL,
+            "ckptd-renew-evaluation",
+        )
+        with renewal:
+            try:
+                if not Path(c.prefix + ".index").exists() and not Path(c.prefix).exists():
+                    raise WorkerError(
+                        "not_found", f"{c.prefix} no longer exists (pruned or deleted)"
+                    )
+                if ev.evaluator == "command":
+                    metrics = run_command(ev, c, c.run)
+                else:
+                    result = self.client.call(
+                        build_request(ev, c, job.run_path), timeout=ev.timeout.total_seconds()
+                    )
+                    metrics = {str(k): float(v) for k, v in dict(result.get("metrics", {})).items()}
+            except WorkerError as exc:
+                error, kind = str(exc), exc.kind
+        seconds = time.perf_counter() - t0
+        if kind == "stopping":  # this process is stopping: the job goes back to the queue
+            evaluations.release(self.store, job)
+            return EvalOutcome(c.label, PENDING, {}, error, seconds)
+        if error is None:
+            status = DONE
+            recorded = evaluations.finish_done(self.store, job, metrics, seconds)
+        else:
+            final = kind == "not_found" or job.attempt >= ev.max_attempts
+            status = FAILED if final else PENDING
+            retry_at = None if final else utcnow() + ev.retry_backoff * (2 ** (job.attempt - 1))
+            recorded = evaluations.finish_failed(
+                self.store, job, error=error, kind=kind, seconds=seconds, retry_at=retry_at
+            )
+            if recorded:
+                log.warning(
+                    "evaluating %s failed (attempt %d%s): %s",
+                    c.label,
+                    job.attempt,
+                    ", giving up" if final else f", retry at {retry_at}",
+                    error,
+                )
+        if not recorded:
+            log.warning(
+                "evaluation of %s was taken over by another process (this one's claim "
+                "expired); its result here is dropped",
+                c.label,
+            )
+            return EvalOutcome(c.label, LOST, {}, "taken over by another process", seconds)
+        return EvalOutcome(c.label, status, metrics, error, seconds)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def evaluate(
+    store: Store, config: Config, target: Target, *, again: bool = False
+) -> tuple[int, Iterator[EvalOutcome]]:
+    """``ckptd evaluate``: the target checkpoint, or the run's not-yet-evaluated ones (all of
+    them with ``again``), and nothing of any other run. Returns how many are queued and the
+    outcomes as they come (the worker is closed when they end)."""
+    ev = target.watch.evaluate
+    if ev is None or ev.evaluator == "tfevents":
+        raise NotConfigured(
+            f"run {target.run.name} has no evaluator: add [watch.evaluate] with evaluator = "
+            '"meta_graph", "keras", "python" or "command" to the config'
+        )
+    scope: dict[str, Any] = (
+        {"checkpoint_ids": [target.checkpoint.id]}
+        if target.checkpoint
+        else {"run_ids": [target.run.id]}
+    )
+    evaluator = Evaluator(store, config)
+    if again or target.checkpoint:
+        evaluator.requeue(**scope)
+    evaluator.enqueue(**scope)
+
+    def outcomes() -> Iterator[EvalOutcome]:
+        try:
+            while batch := evaluator.run_pending(limit=1, **scope):
+                yield from batch
+        finally:
+            evaluator.close()
+
+    return evaluator.pending_count(**scope), outcomes()

@@ -1,0 +1,19 @@
+"""What a ``RUN`` or ``CHECKPOINT`` argument names (``mnist``, ``mnist@1200``, a prefix path)."""
+
+from __future__ import annotations
+
+from ckptd.core.errors import NotFound
+from ckptd.core.model import Checkpoint, Run
+from ckptd.store import queries
+from ckptd.store.handle import Store
+from ckptd.store.tables import RunRow
+
+
+def resolve(store: Store, text: str) -> tuple[Run, Checkpoint | None]:
+    """(the run, None) for a run; (its run, the checkpoint) for a checkpoint; else NotFound."""
+    with store.session() as s:
+        try:
+            return queries.resolve_run(s, text), None
+        except NotFound:
+            checkpoint = queries.resolve_checkpoint(s, text)
+            return queries.to_run(s.get_one(RunRow, checkpoint.run_id)), checkpoint
