@@ -167,7 +167,7 @@ def argv(value: object) -> tuple[str, ...]:
             f'expected a list of strings such as ["eval.sh", "{{checkpoint}}"], got {show(value)}'
         )
     args = tuple(string(v) for v in value)
-    # Formatted as the evaluator does (daemon/evaluate.py), so it cannot fail there.
+    # Formatted as the evaluator does (api/evaluate.py), so it cannot fail there.
     for arg in args:
         try:
             arg.format(checkpoint="/x/model.ckpt-1", step="1", run="r")
