@@ -55,8 +55,8 @@ from _common import (
     write_config,
 )
 from _inproc import open_store, prepare_process, runs, watch_for
-
 from ckptd.daemon.prune import Pruner
+
 from ckptd.io import statefile
 from ckptd.store import queries
 from ckptd.store.db import make_engine, session_scope

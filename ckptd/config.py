@@ -19,6 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd.core import retention
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = Path("/etc/ckptd/ckptd.toml")
@@ -394,6 +396,10 @@ class RetainConfig:
     min_age: timedelta = timedelta(minutes=10)
     every: timedelta = timedelta(minutes=10)
     dry_run: bool = False
+
+    def rules(self, best: BestConfig) -> tuple[retention.Rule, ...]:
+        """The retention rules of this section; a prune keeps the union of what they keep."""
+        return retention.rules_from(self, best.metric, best.mode)
 
 
 @dataclass(frozen=True)

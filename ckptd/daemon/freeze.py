@@ -20,8 +20,9 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 
 from ckptd.config import WatchConfig
+from ckptd.core import retention
 from ckptd.core.model import Checkpoint, Run, utcnow
-from ckptd.core.policy import select_best
+from ckptd.core.ranking import select_best
 from ckptd.daemon import metrics
 from ckptd.io import fsops
 from ckptd.store import queries
@@ -316,8 +317,12 @@ class Freezer:
                 )
                 .order_by(ExportRow.created_at.desc(), ExportRow.id.desc())
             ).all()
-        kept = {r[0] for r in rows[: fr.keep]} | {r[0] for r in rows if best and r[1] == best.id}
-        for eid, _cid, path in (r for r in rows if r[0] not in kept):
+        published = [retention.Published(*r) for r in reversed(rows)]  # oldest first
+        retired = retention.exports_to_retire(
+            published, fr.keep, best.id if best else None, utcnow()
+        )
+        for export in reversed(retired):  # newest first
+            eid, path = export.id, export.path
             p = Path(path)
             try:
                 fsops.remove_tree(p.parent, p.name)

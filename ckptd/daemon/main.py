@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 
 from ckptd import __version__
+from ckptd.api import prune as api_prune
 from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
 from ckptd.core.errors import StoreError
 from ckptd.core.model import utcnow
@@ -34,7 +35,6 @@ from ckptd.daemon.evaluate import Evaluator
 from ckptd.daemon.freeze import Freezer
 from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
-from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
@@ -48,6 +48,7 @@ from ckptd.io.observe import (
 )
 from ckptd.store import daemons, migrate
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
+from ckptd.store.handle import Store
 from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
 from ckptd.worker.client import WorkerClient
 
@@ -120,7 +121,7 @@ class Daemon:
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
         self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
-        self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
+        self.store = Store(self.engine)  # the handle the api takes; names this process in claims
         # One warm TensorFlow worker, shared by evaluation and export (2 cores, ~500 MB each).
         self.worker = WorkerClient()
         self.evaluator = Evaluator(self.engine, config, self.worker)
@@ -173,7 +174,7 @@ class Daemon:
                 raise SystemExit(f"ckptd: cannot register this daemon: {exc}") from None
 
         with self.progress.busy("finishing interrupted deletions"):
-            resumed = self.pruner.resume()
+            resumed = api_prune.resume(self.store)
         if resumed:
             log.info("finished %d deletion(s) interrupted by the last stop", resumed)
         with self.progress.busy("recovering interrupted evaluations and exports"):
@@ -402,12 +403,11 @@ class Daemon:
 
     def prune(self, watch: WatchConfig) -> None:
         """Apply ``watch``'s retention policy to each of its runs."""
-        from ckptd.store import queries
-
-        with session_scope(self.engine) as s:
-            runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
-        # The pruner honours [watch.retain] dry_run = true: then this only logs the plan.
-        for result in self.pruner.prune_runs([(run, watch) for run in runs]):
+        runs = api_prune.runs(self.store, watch_path=str(watch.path))
+        # The prune honours [watch.retain] dry_run = true: then this only logs the plan.
+        results = api_prune.prune(self.store, [(run, watch) for run in runs])
+        metrics.pruned(sum(len(r.pruned) for r in results), sum(r.bytes_freed for r in results))
+        for result in results:
             self.progress.tick()  # one run done
             if result.pruned or result.failed:
                 log.info(
