@@ -158,7 +158,7 @@ def _prune(
             size += n
         if group:
             _prune_group(store, group)
-        _remove_leftovers(store, todo)
+        _remove_leftovers(store, [p for p in todo if p.result.skipped is None])
     finally:
         if held:
             claims.release_many(store, held, claims.PRUNE)

@@ -153,10 +153,11 @@ def claim_many(
                 where=or_(t.c.claimed_by == store.holder, t.c.claimed_until < now),
             ).returning(t.c.run_id)
             held.update(session.execute(stmt).scalars())
+            refused = [rid for rid in chunk if rid not in held]
+            if not refused:
+                continue
             others = session.execute(
-                select(t.c.run_id, t.c.claimed_by).where(
-                    t.c.run_id.in_([rid for rid in chunk if rid not in held]), t.c.job == job
-                )
+                select(t.c.run_id, t.c.claimed_by).where(t.c.run_id.in_(refused), t.c.job == job)
             ).all()
             for holder in {h for _, h in others if dead_here(h)}:
                 ids = [rid for rid, h in others if h == holder]
