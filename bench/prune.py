@@ -12,7 +12,7 @@ ckptd, with ``[watch.retain] keep_last = 1, min_age = "0s"``:
     the two-phase commits (``pruning`` intent, unlink, ``pruned`` and one audit row per run that
     lists its deletions), 100 atomic state-file rewrites (fsync'd), and its printed table of
     every run's plan;
-  * in this process, ``Pruner.prune_runs`` over every run, as the CLI calls it (engine, plans,
+  * in this process, ``api.prune.prune`` over every run, as the CLI calls it (engine, plans,
     commits, unlinks, state files), excluding interpreter start and imports.
 Afterwards each tree is checked: exactly 9,900 checkpoints ``pruned``, 100 ``complete`` (step 100),
 their files gone, every state file listing only ``ckpt-100``.
@@ -56,10 +56,11 @@ from _common import (
 )
 from _inproc import open_store, prepare_process, runs, watch_for
 
-from ckptd.daemon.prune import Pruner
+from ckptd.api import prune
 from ckptd.io import statefile
 from ckptd.store import queries
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.handle import Store
 
 PER_RUN = 100
 TARGET_VS_RM = 3.0  # ckptd wall / rm wall
@@ -166,10 +167,10 @@ def verify(root: Path, db: Path, n_runs: int, files: list[Path]) -> dict[str, An
 def prune_in_process(config: Path) -> tuple[float, int, int]:
     t0 = time.perf_counter()
     cfg, engine = open_store(config)
-    pruner = Pruner(engine)
+    store = Store(engine)
     pruned = failed = 0
     # As `ckptd prune` does: every run in one call, each phase batched across the runs.
-    for result in pruner.prune_runs([(run, watch_for(cfg, run)) for run in runs(engine)]):
+    for result in prune.prune(store, [(run, watch_for(cfg, run)) for run in runs(engine)]):
         pruned += len(result.pruned)
         failed += len(result.failed)
     wall = time.perf_counter() - t0
@@ -236,7 +237,7 @@ def main() -> int:
             os.unlink(p)
         unlink_wall = time.perf_counter() - t0
 
-        print("ckptd Pruner.prune_runs over all runs, in this process …", flush=True)
+        print("ckptd api.prune.prune over all runs, in this process …", flush=True)
         in_wall, in_pruned, in_failed = prune_in_process(conf_in)
         in_check = verify(trees["inproc"], db_in, n_runs, files)
 
@@ -292,7 +293,7 @@ def main() -> int:
             ],
             ["  files deleted/s", fmt(n_files / cli_wall, 0), fmt(n_files / rm_wall, 0), ""],
             [
-                "in-process: Pruner.prune_runs vs os.unlink loop (s)",
+                "in-process: api.prune.prune vs os.unlink loop (s)",
                 fmt(in_wall, 3),
                 fmt(unlink_wall, 3),
                 fmt_ratio(r_in),

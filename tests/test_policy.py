@@ -13,18 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptd.core.model import Checkpoint
-from ckptd.core.policy import (
-    BEST,
-    EXPORTED,
-    IN_USE,
-    NEWEST,
-    PINNED,
-    TOO_YOUNG,
-    Rules,
-    plan_prune,
-    select_best,
-)
+from ckptd.core.ranking import select_best
+from ckptd.core.retention import BEST, EXPORTED, IN_USE, NEWEST, PINNED, TOO_YOUNG
 from tests.conftest import ENV, PY
+from tests.retention_rules import Rules, plan_prune
 
 T0 = datetime(2026, 1, 1)
 METRIC = "eval/accuracy"

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from ckptd.api import prune
 from ckptd.config import load_config
-from ckptd.daemon import prune
 from ckptd.io import fsops, safeio, statefile
-from ckptd.store import queries
+from ckptd.store import pruning, queries
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.handle import Store
 from tests.conftest import ENV, PY, Corpus, ckptd, query, write_config
 
 RETAIN = """
@@ -366,18 +367,32 @@ def test_prune_runs_batches_every_phase_across_runs(
     tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
     root, db, cfg, engine = _recorded_runs(tmp_path, corpus, n_runs=4, per_run=12, keep_last=2)
-    monkeypatch.setattr(prune, "CHUNK", 5)  # several IN (...) chunks per phase
-    monkeypatch.setattr(prune, "BATCH", batch)  # 25: pruned as two groups of two runs
-    seen: list[dict[str, str]] = []
-    pruner = prune.Pruner(engine, on_states=seen.append)
+    monkeypatch.setattr(pruning, "CHUNK", 5)  # several IN (...) chunks per phase
+    monkeypatch.setattr(pruning, "BATCH", batch)  # 25: pruned as two groups of two runs
+    # The state each phase commits, as the store is asked to: the intent, then the results.
+    seen: list[dict[int, str]] = []
+    mark_pruning, record_results = pruning.mark_pruning, pruning.record_results
+
+    def intent(store: Store, wanted: dict[str, list[int]]) -> set[int]:
+        marked = mark_pruning(store, wanted)
+        seen.append(dict.fromkeys(marked, "pruning"))
+        return marked
+
+    def results(store: Store, done: dict[str, list[int]], *args: Any) -> None:
+        seen.append({cid: "pruned" for ids in done.values() for cid in ids})
+        record_results(store, done, *args)
+
+    monkeypatch.setattr(pruning, "mark_pruning", intent)
+    monkeypatch.setattr(pruning, "record_results", results)
+    store = Store(engine)
     items = _runs_and_watches(engine, cfg)
-    dry = pruner.prune_runs(items, dry_run=True)
+    dry = prune.prune(store, items, dry_run=True)
     assert [len(r.plan.delete) for r in dry] == [10] * 4 and all(r.dry_run for r in dry)
     assert set(_states(db).values()) == {"complete"} and not seen  # a dry run deletes nothing
-    results = pruner.prune_runs([*items, items[0]])  # a run listed twice is pruned once
-    assert [len(r.pruned) for r in results[:4]] == [10] * 4 and results[4] is results[0]
+    done = prune.prune(store, [*items, items[0]])  # a run listed twice is pruned once
+    assert [len(r.pruned) for r in done[:4]] == [10] * 4 and done[4] is done[0]
     # Every file here is a hard link of one source checkpoint: unlinking them frees no space.
-    assert all(not r.failed and r.bytes_freed == 0 for r in results)
+    assert all(not r.failed and r.bytes_freed == 0 for r in done)
     rows = query(db, "select prefix, step, state, reason from checkpoints")
     assert len(rows) == 48
     for prefix, step, state, reason in rows:
@@ -408,7 +423,7 @@ def test_prune_runs_batches_every_phase_across_runs(
         assert state is not None and state.all_model_checkpoint_paths == ["ckpt-11", "ckpt-12"]
         assert len(state.all_model_checkpoint_timestamps) == 2
         assert state.model_checkpoint_path == "ckpt-12"
-    again = pruner.prune_runs(items)  # nothing left to delete: no rows, no writes
+    again = prune.prune(store, items)  # nothing left to delete: no rows, no writes
     assert all(not r.pruned and not r.plan.delete for r in again)
     with session_scope(engine) as s:
         assert len(queries.actions(s, limit=1000, kinds=["pruned"])) == 40
@@ -433,7 +448,7 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
 
     monkeypatch.setattr(fsops, "remove_groups", crash_on_second_run)
     with pytest.raises(Crash):
-        prune.Pruner(engine).prune_runs(_runs_and_watches(engine, cfg))
+        prune.prune(Store(engine), _runs_and_watches(engine, cfg))
     # Intent was committed for every run before any file went; no result was committed.
     states = query(db, "select step, state from checkpoints")
     assert sorted(st for step, st in states if step < 6) == ["pruning"] * 15
@@ -441,7 +456,7 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
     assert not list((root / "run-0").glob("ckpt-1.*"))  # the first run's files are gone
     assert list((root / "run-2").glob("ckpt-1.*"))  # a later run's are not, yet
     monkeypatch.setattr(fsops, "remove_groups", real)
-    assert prune.Pruner(engine).resume() == 15
+    assert prune.resume(Store(engine)) == 15
     assert sorted(st for _, st in query(db, "select step, state from checkpoints")) == (
         ["complete"] * 3 + ["pruned"] * 15
     )
@@ -454,7 +469,9 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
     engine.dispose()
 
 
-def test_state_file_filter_matches_statefile_without(tmp_path: Path) -> None:
+def test_gone_filter_drops_exactly_the_vanished_entries(tmp_path: Path) -> None:
+    """`without` with `gone_at` (the state-file rewrite of a prune) drops what `without` of the
+    removed and the vanished prefixes drops: entries in the run directory looked up by dir fd."""
     run = tmp_path / "run"
     (run / "sub").mkdir(parents=True)
     for name in ("a-1", "a-2", "a-4", "sub/a-5", "a-7"):
@@ -487,7 +504,7 @@ def test_state_file_filter_matches_statefile_without(tmp_path: Path) -> None:
             }
             expected = statefile.without(state, run, {Path(p) for p in removed} | vanished)
             with safeio.open_dir_under(run, run) as dfd:
-                got = prune._without(state, str(run), removed, dfd)
+                got = statefile.without(state, str(run), removed, statefile.gone_at(dfd, run))
             assert got == expected, (current, with_stamps)
 
 
@@ -590,11 +607,11 @@ def test_resume_after_a_crash_between_phases(
         if crash == "after_intent":  # before any file is removed
             m.setattr(fsops, "remove_groups", boom)
         elif crash == "after_unlink":  # files removed, "pruned" not committed
-            m.setattr(prune.Pruner, "_commit_results", boom)
+            m.setattr(pruning, "record_results", boom)
         else:  # "pruned" committed, state files not rewritten
             m.setattr(statefile, "write_at", boom)
         with pytest.raises(_Crash):
-            prune.Pruner(engine).prune_runs(_runs_and_watches(engine, cfg))
+            prune.prune(Store(engine), _runs_and_watches(engine, cfg))
     states = _states(db)
     left = {p for p in doomed if list(Path(p).parent.glob(Path(p).name + ".*"))}
     if crash == "after_result":
@@ -613,7 +630,7 @@ def test_resume_after_a_crash_between_phases(
         state = statefile.read(root / f"run-{r}")
         assert state is not None and len(state.all_model_checkpoint_paths) == 4
 
-    resumed = prune.Pruner(engine).resume()
+    resumed = prune.resume(Store(engine))
     assert resumed == (0 if crash == "after_result" else 6)
     rows = query(db, "select prefix, state, reason from checkpoints")
     assert sorted(st for _, st, _ in rows) == ["complete"] * 2 + ["pruned"] * 6

@@ -22,8 +22,9 @@ from typing import Any
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import WatchConfig
-from ckptd.core.model import Checkpoint, Run
-from ckptd.core.policy import select_best
+from ckptd.core import retention
+from ckptd.core.model import Checkpoint, Run, utcnow
+from ckptd.core.ranking import select_best
 from ckptd.io import fsops
 from ckptd.store import claims, exports
 from ckptd.store.claims import FREEZE
@@ -310,10 +311,12 @@ class Freezer:
             select_best(history, watch.best.metric, watch.best.mode) if watch.best.metric else None
         )
         rows = exports.published_under(self.store, str(export_root(watch, run)))
-        kept = {e.id for e in rows[: fr.keep]} | {
-            e.id for e in rows if best and e.checkpoint_id == best.id
-        }
-        for e in (e for e in rows if e.id not in kept):
+        by_id = {e.id: e for e in rows}
+        published = [retention.Published(e.id, e.checkpoint_id, e.path) for e in reversed(rows)]
+        retired = retention.exports_to_retire(
+            published, fr.keep, best.id if best else None, utcnow()
+        )
+        for e in (by_id[r.id] for r in reversed(retired)):  # newest first
             p = Path(e.path)
             try:
                 fsops.remove_tree(p.parent, p.name)

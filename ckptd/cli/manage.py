@@ -66,16 +66,13 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
       ckptd prune mnist --dry-run --json
       ckptd prune mnist                  # do it now
     """
-    from ckptd.daemon.prune import Pruner
-    from ckptd.store import queries
+    from ckptd.api import prune as pruning
+    from ckptd.store.handle import Store
 
     cfg = ctx.config(required=True)
-    engine = ctx.engine(readonly=dry_run)
-    with ctx.session(readonly=dry_run) as s:
-        runs = [queries.resolve_run(s, run)] if run else queries.runs(s)
-    pruner = Pruner(engine)
+    store = Store(ctx.engine(readonly=dry_run))  # a dry run only reads: it takes no claim
     todo: list[tuple[Any, Any]] = []
-    for r in runs:
+    for r in pruning.runs(store, run):
         watch = ctx.watch_for(r.watch_path)
         if watch is None:
             if run:
@@ -90,7 +87,7 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
             continue
         todo.append((r, watch))
     # All the runs at once: each phase (intent, deletion, result) is batched across them.
-    done = pruner.prune_runs(todo, dry_run=dry_run)
+    done = pruning.prune(store, todo, dry_run=dry_run)
     results = [(res, watch.best.metric) for res, (_, watch) in zip(done, todo, strict=True)]
     if as_json:
         print_json(
@@ -108,6 +105,7 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
                     "pruned": res.pruned,
                     "failed": res.failed,
                     "bytes_freed": res.bytes_freed,
+                    "skipped": res.skipped,
                 }
                 for res, metric in results
             ]
@@ -121,6 +119,9 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
             "plan and nothing is deleted (set dry_run = false to prune)"
         )
     for res, metric in results:
+        if res.skipped:
+            click.echo(f"{res.run}: skipped: {res.skipped}; try again when it is done", err=True)
+            continue
         rows = _plan_rows(res, metric, times=False)
         deleting = [r for r in rows if r["action"] == "delete"]
         if len(deleting) > MAX_DELETE_ROWS:

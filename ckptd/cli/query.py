@@ -25,7 +25,7 @@ from ckptd.core.model import Checkpoint, iso, utcnow
 
 def _best_ids(ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]) -> set[int]:
     """The best checkpoint of each run among ``checkpoints``, by its watch's configured metric."""
-    from ckptd.core.policy import select_best
+    from ckptd.core.ranking import select_best
     from ckptd.store import queries
 
     by_run: dict[int, list[Checkpoint]] = {}
@@ -47,9 +47,9 @@ def _retention_reasons(
     ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]
 ) -> dict[int, list[str]]:
     """Why each checkpoint survives its run's [watch.retain] policy (runs with one only)."""
+    from ckptd.api.prune import rules_for
     from ckptd.core.model import utcnow
-    from ckptd.core.policy import plan_prune
-    from ckptd.daemon.prune import rules_for
+    from ckptd.core.retention import plan as plan_prune
     from ckptd.store import queries
 
     runs = {r.id: r for r in queries.runs(session)}
@@ -375,7 +375,7 @@ def best(
       ckptd best mnist
       ckptd best mnist --metric eval/loss --mode min --top 3 --json
     """
-    from ckptd.core.policy import ranked
+    from ckptd.core.ranking import ranked
     from ckptd.store import queries
 
     with ctx.session() as s:

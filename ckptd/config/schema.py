@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.config import values as v
+from ckptd.core import retention
 
 EVALUATORS = ("tfevents", "meta_graph", "keras", "python", "command")
 EXPORT_FORMATS = v.EXPORT_FORMATS
@@ -98,6 +99,10 @@ class RetainConfig:
     min_age: timedelta = timedelta(minutes=10)
     every: timedelta = timedelta(minutes=10)
     dry_run: bool = False
+
+    def rules(self, best: BestConfig) -> tuple[retention.Rule, ...]:
+        """The retention rules of this section; a prune keeps the union of what they keep."""
+        return retention.rules_from(self, best.metric, best.mode)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 
 from ckptd import __version__
+from ckptd.api import prune as api_prune
 from ckptd.api.evaluate import Evaluator
 from ckptd.api.freeze import Freezer
 from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
@@ -35,7 +36,6 @@ from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import EvaluationLoop
 from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
-from ckptd.daemon.prune import Pruner
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
@@ -119,13 +119,12 @@ class Daemon:
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
         self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
-        self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
+        self.store = Store(self.engine)  # the handle the api takes; names this process in claims
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
-        store = Store(self.engine)  # one claim holder for this daemon's evaluations and exports
-        self.evaluator = Evaluator(store, config, self.worker)
+        self.evaluator = Evaluator(self.store, config, self.worker)
         self.eval_loop = EvaluationLoop(self.evaluator)
-        self.freezer = Freezer(store, self.worker)
+        self.freezer = Freezer(self.store, self.worker)
         self._eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self._on_path)
         self.scheduler = Scheduler(self.progress)
@@ -174,7 +173,7 @@ class Daemon:
                 raise SystemExit(f"ckptd: cannot register this daemon: {exc}") from None
 
         with self.progress.busy("finishing interrupted deletions"):
-            resumed = self.pruner.resume()
+            resumed = api_prune.resume(self.store)
         if resumed:
             log.info("finished %d deletion(s) interrupted by the last stop", resumed)
         with self.progress.busy("recovering interrupted evaluations and exports"):
@@ -403,12 +402,11 @@ class Daemon:
 
     def prune(self, watch: WatchConfig) -> None:
         """Apply ``watch``'s retention policy to each of its runs."""
-        from ckptd.store import queries
-
-        with session_scope(self.engine) as s:
-            runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
-        # The pruner honours [watch.retain] dry_run = true: then this only logs the plan.
-        for result in self.pruner.prune_runs([(run, watch) for run in runs]):
+        runs = api_prune.runs(self.store, watch_path=str(watch.path))
+        # The prune honours [watch.retain] dry_run = true: then this only logs the plan.
+        results = api_prune.prune(self.store, [(run, watch) for run in runs])
+        metrics.pruned(sum(len(r.pruned) for r in results), sum(r.bytes_freed for r in results))
+        for result in results:
             self.progress.tick()  # one run done
             if result.pruned or result.failed:
                 log.info(

@@ -13,11 +13,14 @@ following a symlink below it, a state file that is a FIFO, a device or a symlink
 from __future__ import annotations
 
 import logging
+import os
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.io import safeio
+from ckptd.io.safeio import StrPath
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +159,129 @@ def write_atomic(run_dir: Path, state: CheckpointState, root: Path | None = None
         write_at(dfd, state)
 
 
-def without(state: CheckpointState, run_dir: Path, removed: set[Path]) -> CheckpointState:
+def _resolve(run_dir: str, entry: str) -> str:
+    """``str(CheckpointState().resolve(Path(run_dir), entry))`` without building paths for plain
+    base names (TF2 writes those); ``run_dir`` must already be normalized (``str(Path(...))``)."""
+    if entry and "/" not in entry and entry not in (".", ".."):
+        return f"{run_dir}/{entry}" if run_dir != "/" else f"/{entry}"
+    return str(CheckpointState().resolve(Path(run_dir), entry))
+
+
+def without(
+    state: CheckpointState,
+    run_dir: StrPath,
+    removed: Collection[StrPath],
+    gone: Callable[[str], bool] | None = None,
+) -> CheckpointState:
     """The state with ``removed`` prefixes dropped, keeping paths' style and their timestamps.
 
-    ``model_checkpoint_path`` stays the newest remaining entry, as TF would have it.
+    With ``gone``, every other entry whose checkpoint ``gone(absolute prefix)`` says no longer
+    exists is dropped too. ``model_checkpoint_path`` stays unless dropped; then it becomes the
+    newest remaining entry, as TF would have it.
     """
-    paths, stamps = [], []
-    has_stamps = len(state.all_model_checkpoint_timestamps) == len(state.all_model_checkpoint_paths)
-    for i, p in enumerate(state.all_model_checkpoint_paths):
-        if state.resolve(run_dir, p) in removed:
+    base = str(Path(run_dir))
+    drop = {str(p) for p in removed}
+    paths: list[str] = []
+    stamps: list[float] = []
+    dropped: set[str] = set()
+    old_stamps = state.all_model_checkpoint_timestamps
+    has_stamps = len(old_stamps) == len(state.all_model_checkpoint_paths)
+    for i, entry in enumerate(state.all_model_checkpoint_paths):
+        path = _resolve(base, entry)
+        if path in drop or (gone is not None and gone(path)):
+            dropped.add(path)
             continue
-        paths.append(p)
+        paths.append(entry)
         if has_stamps:
-            stamps.append(state.all_model_checkpoint_timestamps[i])
+            stamps.append(old_stamps[i])
     current = state.model_checkpoint_path
-    if current and state.resolve(run_dir, current) in removed:
-        current = paths[-1] if paths else ""
+    if current:
+        path = _resolve(base, current)
+        if path in drop or path in dropped:
+            current = paths[-1] if paths else ""
     return CheckpointState(current, paths, stamps, state.last_preserved_timestamp)
+
+
+def gone_at(dir_fd: int, run_dir: StrPath) -> Callable[[str], bool]:
+    """For :func:`without`: whether a checkpoint prefix no longer exists (neither its .index nor
+    a file of that name). Entries in the run directory are looked up in ``dir_fd``, never through
+    a symlink; one naming another directory (TF1 writes absolute paths, maybe through another
+    mount) only by a stat of its path: nothing there is ever opened."""
+    base = str(Path(run_dir))
+    real: list[str] = []
+
+    def gone(path: str) -> bool:
+        directory, name = os.path.split(path)
+        in_run = directory == base
+        if not in_run:  # TF1 writes absolute paths as the trainer spelt them: maybe the real one
+            if not real:
+                real.append(os.path.realpath(base))
+            in_run = directory == real[0]
+        if in_run:
+            return not _exists_at(dir_fd, name)
+        return not (os.path.exists(path + ".index") or os.path.exists(path))
+
+    return gone
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    for candidate in (name + ".index", name):
+        try:
+            os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True  # cannot tell: keep the entry
+    return False
+
+
+def drop_entries(
+    run_dir: StrPath, root: StrPath, removed: Collection[str], newest: Callable[[], str | None]
+) -> None:
+    """Rewrite the run's state file without the ``removed`` prefixes (deleted by a prune: dropped
+    without a look at the disk) and without every entry whose files are gone.
+
+    The run directory is reached from the watch ``root`` through :mod:`ckptd.io.safeio`: a run
+    that is gone, or whose directory (or anything on the way below the root) is now a symlink,
+    is left alone, and a state file that is a symlink, a FIFO or too big is never read. When no
+    entry is left, the file points at ``newest()`` (TF refuses a state file without a latest
+    checkpoint), or is left as it is when that is None.
+    """
+    try:
+        with safeio.open_dir_under(root, run_dir) as dfd:
+            _drop_entries_at(dfd, str(Path(run_dir)), removed, newest)
+    except FileNotFoundError:
+        return  # the run directory is gone: nothing to repair
+    except OSError as exc:  # a symlink below the root, permissions …: left alone
+        log.warning("%s/%s: not rewritten: %s", run_dir, STATE_FILE, exc.strerror or exc)
+
+
+def _drop_entries_at(
+    dfd: int, run_dir: str, removed: Collection[str], newest: Callable[[], str | None]
+) -> None:
+    try:
+        state = read_at(dfd)
+    except OSError as exc:
+        log.warning(
+            "%s/%s: %s; not read or rewritten (ckptd uses only a regular state file: "
+            "replace or remove it)",
+            run_dir,
+            STATE_FILE,
+            exc.strerror or exc,
+        )
+        return
+    if state is None:
+        return
+    new = without(state, run_dir, removed, gone_at(dfd, run_dir))
+    if not new.all_model_checkpoint_paths:
+        prefix = newest()
+        if prefix is None:
+            return
+        name = os.path.basename(prefix)
+        new = CheckpointState(name, [name], [], state.last_preserved_timestamp)
+    if new != state:
+        try:
+            write_at(dfd, new)
+        except OSError as exc:
+            log.error("could not rewrite %s/checkpoint: %s", run_dir, exc)

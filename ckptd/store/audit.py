@@ -1,17 +1,31 @@
-"""The audit log (``actions``): what ckptd did, to what, why, when — one way to write a row."""
+"""The audit log (``actions``): the one way any part of ckptd records what it did and why."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import utcnow
 from ckptd.store.tables import ActionRow, table_of
+from ckptd.store.upsert import insert_many
 
-_actions = table_of(ActionRow)
+
+class Entry(NamedTuple):
+    """One audit row, in the table's column order (:func:`record_many` writes them as they are)."""
+
+    at: datetime
+    kind: str
+    run_id: int | None = None
+    checkpoint_id: int | None = None
+    subject: str | None = None
+    reason: str | None = None
+    detail: Mapping[str, Any] | None = None
+
+
+COLUMNS = Entry._fields
 
 
 def record(
@@ -22,18 +36,17 @@ def record(
     checkpoint_id: int | None = None,
     subject: str | None = None,
     reason: str | None = None,
-    detail: dict[str, Any] | None = None,
+    detail: Mapping[str, Any] | None = None,
     at: datetime | None = None,
 ) -> None:
-    """Add one audit row inside the caller's transaction (so it commits with the change)."""
-    session.execute(
-        insert(_actions).values(
-            at=at or utcnow(),
-            kind=kind,
-            run_id=run_id,
-            checkpoint_id=checkpoint_id,
-            subject=subject,
-            reason=reason,
-            detail=detail or {},
-        )
+    """One audit row, in the caller's transaction."""
+    record_many(
+        session, [Entry(at or utcnow(), kind, run_id, checkpoint_id, subject, reason, detail)]
     )
+
+
+def record_many(session: Session, entries: Iterable[Entry]) -> None:
+    """Many audit rows in one compiled INSERT (executemany by the driver, no per-row ORM work)."""
+    rows = [e if e.detail is not None else e._replace(detail={}) for e in entries]
+    if rows:
+        insert_many(session.connection(), table_of(ActionRow), COLUMNS, rows)

@@ -8,7 +8,9 @@ the job returns to whoever asks next. Evaluations carry their claim on their own
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import socket
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
@@ -104,3 +106,125 @@ def claimed(store: Store, run_id: int, job: str, *, ttl: timedelta = DEFAULT_TTL
         yield
     finally:
         release(store, run_id, job)
+
+
+# ------------------------------------------------------------------ many runs at once
+
+_CHUNK = 500  # run ids per statement
+
+
+def _chunks(ids: Iterable[int]) -> Iterator[list[int]]:
+    ordered = sorted(set(ids))
+    for i in range(0, len(ordered), _CHUNK):
+        yield ordered[i : i + _CHUNK]
+
+
+def dead_here(holder: str) -> bool:
+    """Whether ``holder`` (see ``handle.process_name``) is a process of this host that is gone:
+    its claims cannot be renewed any more, so they need not wait for their expiry."""
+    parts = holder.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, someone else's
+    return False
+
+
+def claim_many(
+    store: Store, run_ids: Iterable[int], job: str, *, ttl: timedelta = DEFAULT_TTL
+) -> set[int]:
+    """:func:`claim` for many runs in one transaction; the ids this process now holds.
+
+    A claim whose holder is a process of this host that has died (:func:`dead_here`) is taken
+    over at once instead of after its expiry.
+    """
+    now = utcnow()
+    until = now + ttl
+    t = table_of(RunClaimRow)
+    held: set[int] = set()
+    with store.session() as session:
+        for chunk in _chunks(run_ids):
+            stmt = _dialect_insert(store.dialect)(t).values(
+                [
+                    {"run_id": rid, "job": job, "claimed_by": store.holder, "claimed_until": until}
+                    for rid in chunk
+                ]
+            )
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["run_id", "job"],
+                set_={
+                    "claimed_by": stmt.excluded.claimed_by,
+                    "claimed_until": stmt.excluded.claimed_until,
+                },
+                where=or_(t.c.claimed_by == store.holder, t.c.claimed_until < now),
+            ).returning(t.c.run_id)
+            held.update(session.execute(stmt).scalars())
+            refused = [rid for rid in chunk if rid not in held]
+            if not refused:
+                continue
+            others = session.execute(
+                select(t.c.run_id, t.c.claimed_by).where(t.c.run_id.in_(refused), t.c.job == job)
+            ).all()
+            for holder in {h for _, h in others if dead_here(h)}:
+                ids = [rid for rid, h in others if h == holder]
+                held.update(
+                    session.execute(
+                        update(t)
+                        .where(t.c.run_id.in_(ids), t.c.job == job, t.c.claimed_by == holder)
+                        .values(claimed_by=store.holder, claimed_until=until)
+                        .returning(t.c.run_id)
+                    ).scalars()
+                )
+    return held
+
+
+def renew_many(
+    store: Store, run_ids: Iterable[int], job: str, *, ttl: timedelta = DEFAULT_TTL
+) -> set[int]:
+    """:func:`renew` for many runs; the ids whose claim this process still holds."""
+    t = table_of(RunClaimRow)
+    held: set[int] = set()
+    with store.session() as session:
+        for chunk in _chunks(run_ids):
+            held.update(
+                session.execute(
+                    update(t)
+                    .where(t.c.run_id.in_(chunk), t.c.job == job, t.c.claimed_by == store.holder)
+                    .values(claimed_until=utcnow() + ttl)
+                    .returning(t.c.run_id)
+                ).scalars()
+            )
+    return held
+
+
+def release_many(store: Store, run_ids: Iterable[int], job: str) -> None:
+    t = table_of(RunClaimRow)
+    with store.session() as session:
+        for chunk in _chunks(run_ids):
+            session.execute(
+                delete(t).where(
+                    t.c.run_id.in_(chunk), t.c.job == job, t.c.claimed_by == store.holder
+                )
+            )
+
+
+def holders(store: Store, run_ids: Iterable[int], job: str) -> dict[int, tuple[str, datetime]]:
+    """The live claims on ``job`` of these runs: run id -> (holder, until), for messages."""
+    t = table_of(RunClaimRow)
+    out: dict[int, tuple[str, datetime]] = {}
+    with store.session() as session:
+        for chunk in _chunks(run_ids):
+            rows = session.execute(
+                select(t.c.run_id, t.c.claimed_by, t.c.claimed_until).where(
+                    t.c.run_id.in_(chunk), t.c.job == job, t.c.claimed_until >= utcnow()
+                )
+            )
+            out.update({rid: (holder, until) for rid, holder, until in rows})
+    return out
