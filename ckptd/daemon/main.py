@@ -28,6 +28,7 @@ from ckptd import __version__
 from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
 from ckptd.core.errors import StoreError
 from ckptd.core.model import utcnow
+from ckptd.core.recording import Observation
 from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import Evaluator
@@ -35,19 +36,14 @@ from ckptd.daemon.freeze import Freezer
 from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
 from ckptd.daemon.prune import Pruner
-from ckptd.daemon.reconcile import Reconciler
+from ckptd.daemon.reconcile import Outcome, Reconciler
 from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
 from ckptd.daemon.watch import Watcher
-from ckptd.io.observe import (
-    PARALLEL_MIN_RUNS,
-    Observation,
-    ObservePool,
-    default_workers,
-    stop_fork_server,
-)
+from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, stop_fork_server
 from ckptd.store import daemons, migrate
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
+from ckptd.store.handle import Store
 from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
 from ckptd.worker.client import WorkerClient
 
@@ -119,8 +115,8 @@ class Daemon:
         self.dirty = DirtyRuns()
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
-        self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
-        self.pruner = Pruner(self.engine, on_states=self.reconciler.note_states)
+        self.reconciler = Reconciler(Store(self.engine))
+        self.pruner = Pruner(self.engine)
         # One warm TensorFlow worker, shared by evaluation and export (2 cores, ~500 MB each).
         self.worker = WorkerClient()
         self.evaluator = Evaluator(self.engine, config, self.worker)
@@ -212,7 +208,6 @@ class Daemon:
 
     def backfill(self) -> int:
         """The start-up scan: what the database knows first, then every run, in parallel."""
-        self.reconciler.preload()
         prefetched, self._prefetched = self._prefetched, None
         try:
             with self._checkpointing_wal(every=BACKFILL_WAL_CHECKPOINT_EVERY):
@@ -272,7 +267,7 @@ class Daemon:
                 i, w = watches[watch_path]
                 specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
         if quick:
-            specs = [s for s in specs if not self.reconciler.unchanged(s)]
+            specs = self.reconciler.changed(specs)
         self._report_unsupported_runs()
         observations: Iterable[Observation | None] = itertools.repeat(None)
         if workers > 1 and len(specs) >= PARALLEL_MIN_RUNS:
@@ -311,19 +306,22 @@ class Daemon:
                 )
         self._reported_runs |= set(new)
 
-    def _reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Any:
+    def _reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Outcome:
         try:
             outcome = self.reconciler.reconcile(spec, observation)
             self.health.last_reconcile = time.time()
             self.health.db_ok = True
-            return outcome
         except Exception as exc:
             self.health.reconcile_errors += 1
             self.health.db_ok = "database" not in str(exc)
             log.exception("reconciling %s failed; the next rescan retries", spec.path)
-            from ckptd.daemon.reconcile import Outcome
-
             return Outcome(spec.name)
+        if outcome.new_complete_ids:
+            try:
+                self.evaluator.enqueue(outcome.new_complete_ids, new=True)
+            except Exception:  # evaluation is queued again by its own job; never breaks recording
+                log.exception("queueing evaluations of %s failed", spec.path)
+        return outcome
 
     # ------------------------------------------------------------ events
 
@@ -425,9 +423,6 @@ class Daemon:
                     ),
                     result.run,
                 )
-
-    def _on_recorded(self, ids: list[int]) -> None:
-        self.evaluator.enqueue(ids, new=True)
 
     def evaluate_backlog(self) -> None:
         self.evaluator.enqueue()

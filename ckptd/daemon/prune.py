@@ -13,7 +13,7 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -202,13 +202,10 @@ class _Batch:
 
 
 class Pruner:
-    """Deletes what a plan says, and nothing else. ``on_states`` keeps a reconciler's cache true."""
+    """Deletes what a plan says, and nothing else."""
 
-    def __init__(
-        self, engine: Engine, on_states: Callable[[dict[str, str]], None] | None = None
-    ) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.on_states = on_states
 
     def plan(
         self, run: Run, watch: WatchConfig, rules: Rules | None = None
@@ -362,7 +359,6 @@ class Pruner:
                 # every save, putting back entries ckptd pruned: repair it on every pass
                 # (cheap: a read and a compare; it writes only on change).
                 untouched.append((run.path, run.watch_path))
-        self._notify({c.prefix: PRUNING for b in batches for c in b.ckpts})
         self._finish(batches, repair=untouched)
 
     def resume(self) -> int:
@@ -575,20 +571,16 @@ class Pruner:
                             detail={"removed": r.removed},
                         )
                     )
-        states: dict[str, str] = {}
         total, freed = 0, 0
         for b, pairs in outcomes:
             done = [(c, r) for c, r in pairs if r.ok]
             bad = [(c, r) for c, r in pairs if not r.ok]
-            states.update({c.prefix: PRUNED for c, _ in done})
-            states.update({c.prefix: COMPLETE for c, _ in bad})
             b.result.pruned += [c.label for c, _ in done]
             b.result.failed += [f"{c.label}: {'; '.join(r.errors)}" for c, r in bad]
             run_freed = sum(r.bytes_freed for _, r in done)
             b.result.bytes_freed += run_freed
             total += len(done)
             freed += run_freed
-        self._notify(states)
         metrics.pruned(total, freed)
 
     def _tidy_run(self, run_dir: str, root: str, removed: set[str], rewrite: bool) -> None:
@@ -657,10 +649,6 @@ class Pruner:
                 statefile.write_at(dfd, new)
             except OSError as exc:
                 log.error("could not rewrite %s/checkpoint: %s", run_path, exc)
-
-    def _notify(self, states: dict[str, str]) -> None:
-        if self.on_states and states:
-            self.on_states(states)
 
 
 def _resolve(run_dir: str, entry: str) -> str:

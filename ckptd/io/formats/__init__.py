@@ -22,6 +22,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptd.core.recording import Found  # what a scan reports: the recording diff's input
 from ckptd.io import safeio
 from ckptd.io.formats.tensorbundle import BundleError, read_header
 from ckptd.io.kerasname import KerasTemplate  # a light module of its own: the config uses it
@@ -42,23 +43,6 @@ INDEX_MAX_BYTES = 64 << 20
 def is_temp_name(name: str) -> bool:
     """Names TensorFlow and Keras use while writing: never checkpoints, never deleted by us."""
     return bool(_TEMP.search(name))
-
-
-@dataclass(frozen=True)
-class Found:
-    """One checkpoint as seen on disk at scan time."""
-
-    prefix: str  # absolute prefix path (Keras: the file path)
-    format: str  # tf1 | tf2 | keras | keras_weights
-    step: int | None
-    state: str  # complete | incomplete | corrupt
-    reason: str | None
-    files: tuple[str, ...]  # base names in the run directory
-    size: int
-    has_meta: bool
-    mtime: float
-    signature: tuple[int, ...]  # (size, mtime_ns) of the file whose change means "look again"
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
