@@ -72,10 +72,12 @@ class Recorder:
         self._retrying: set[str] = set()  # event files reported unreadable
 
     def prepare(self, runs: Sequence[RunDir]) -> int:
-        """Load (or create) every run's state in one transaction, for the observations of a
-        backfill; returns how many runs were new."""
+        """Load (or create) the states of the runs a scan is about to record, in one
+        transaction (a few queries whatever their number); returns how many runs were new.
+        Each state is used once, by the next ``record`` of its run (its apply is conditional
+        on the version, as always)."""
         with self._lock:
-            states = recording.load_states(self.store, runs)
+            states = recording.load_states(self.store, runs) if runs else {}
             self._prepared = states
         return sum(not s.scanned and s.empty for s in states.values())
 

@@ -270,8 +270,8 @@ class Daemon:
             specs = self.reconciler.changed(specs)
         self._report_unsupported_runs()
         observations: Iterable[Observation | None] = itertools.repeat(None)
+        self.reconciler.register(specs)  # every run's state in a few queries, not a few each
         if workers > 1 and len(specs) >= PARALLEL_MIN_RUNS:
-            self.reconciler.register(specs)
             observations = self.reconciler.observe_all(specs, workers, prefetched=prefetched)
         count = 0
         try:

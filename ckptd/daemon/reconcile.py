@@ -36,7 +36,7 @@ class Reconciler:
         self.recorder = Recorder(store, stale_after=stale_after)
 
     def register(self, specs: list[RunSpec]) -> int:
-        """Load (or create) every run at once before a parallel backfill; how many were new."""
+        """Load (or create) every run's state at once before a scan of them; how many were new."""
         return self.recorder.prepare([run_dir(s) for s in specs])
 
     def unchanged(self, spec: RunSpec) -> bool:
@@ -74,9 +74,9 @@ class Reconciler:
     def reconcile_many(self, specs: Iterable[RunSpec], workers: int = 1) -> list[Outcome]:
         """Reconcile ``specs``; with ``workers`` > 1, observed in that many processes."""
         specs = list(specs)
+        self.register(specs)
         if workers <= 1:
             return [self.reconcile(s) for s in specs]
-        self.register(specs)
         return [
             self.reconcile(s, o)
             for s, o in zip(specs, self.observe_all(specs, workers), strict=True)

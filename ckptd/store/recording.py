@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from json import loads
 from typing import Any
 
-from sqlalchemy import DateTime, String, bindparam, insert, literal, select, update
+from sqlalchemy import DateTime, String, bindparam, insert, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, utcnow
@@ -89,7 +90,7 @@ def _load(session: Session, runs: Sequence[RunDir]) -> dict[str, RunState]:
                 found[path] = (rid, version, bool(present), bool(scanned))
                 checkpoints[rid] = {}
             if cid is not None:
-                checkpoints[rid][prefix] = Known(cid, state, step, tuple(sig or ()))
+                checkpoints[rid][prefix] = Known(cid, state, step, tuple(loads(sig) if sig else ()))
     files: dict[int, dict[str, EventFile]] = {rid: {} for rid in checkpoints}
     ids = list(files)
     for i in range(0, len(ids), _CHUNK):
@@ -334,7 +335,7 @@ _LOAD_RUNS = (
         _ckpts.c.prefix,
         _ckpts.c.state,
         _ckpts.c.step,
-        _ckpts.c.signature,
+        type_coerce(_ckpts.c.signature, String),  # raw JSON: decoded here, without a wrapper
     )
     .select_from(_runs.outerjoin(_ckpts, _ckpts.c.run_id == _runs.c.id))
     .where(_runs.c.path.in_(bindparam("paths", expanding=True)))
