@@ -204,7 +204,7 @@ class Changes:
     event_files: tuple[EventFileWrite, ...] = ()
     event_reads: tuple[tuple[str, EventRead], ...] = ()  # the reads used (for their warnings)
     scalars: tuple[ScalarValue, ...] = ()
-    metrics: tuple[Metric, ...] = ()  # values for checkpoints already known
+    metrics: tuple[Metric, ...] = ()  # tfevents values of known ones, file-name values of new
     audit: tuple[Audit, ...] = ()
     reported: tuple[str, ...] = ()  # non-UTF-8 names reported now
     touch: bool = False  # the run row changes (present, first scan) even if nothing else does
