@@ -187,6 +187,7 @@ def test_restart_preloads_and_rereads_nothing(
     monkeypatch.setattr("ckptd.io.formats.read_header", no_reads)
     monkeypatch.setattr("ckptd.io.observe.read_scalars", no_reads)
     restarted = Reconciler(engine)  # a new daemon: same database
+    assert restarted.register(specs) == 0  # both runs' states loaded at once, none new
     assert all(o.recorded == [] for o in restarted.reconcile_many(specs, workers=1))
     assert _db_rows(engine) == before
     with session_scope(engine) as s:  # nothing changed: no transaction, not even scanned_at
