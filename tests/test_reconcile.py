@@ -156,6 +156,7 @@ def test_observation_made_before_a_write_is_redone(tmp_path: Path, corpus: Corpu
     for f in newest:
         f.rename(hidden / f.name)
     rec.reconcile_many(specs)
+    rec.register(specs)
     (old,) = list(rec.observe_all(specs))  # sees steps 10 and 20 …
     for f in newest:
         (hidden / f.name).rename(run / f.name)
@@ -186,7 +187,7 @@ def test_restart_preloads_and_rereads_nothing(
     monkeypatch.setattr("ckptd.io.formats.tf.read_header", no_reads)
     monkeypatch.setattr("ckptd.io.observe.read_scalars", no_reads)
     restarted = Reconciler(engine)  # a new daemon: same database
-    assert restarted.preload() == 2
+    assert restarted.register(specs) == 0  # both runs' states loaded at once, none new
     assert all(o.recorded == [] for o in restarted.reconcile_many(specs, workers=1))
     assert _db_rows(engine) == before
     with session_scope(engine) as s:  # nothing changed: no transaction, not even scanned_at
@@ -719,11 +720,12 @@ def test_prefetch_is_dropped_when_the_database_knows_the_runs(
         used.append(pool)
         return real(requests, workers, pool=pool)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("ckptd.daemon.reconcile.observe_many", spy)
+    monkeypatch.setattr("ckptd.api.record.observe_many", spy)
     stale = Stale()
+    rec.register(specs)
     observations = list(rec.observe_all(specs, 1, prefetched=stale))  # type: ignore[arg-type]
     assert stale.closed and used == [None]
-    assert all(o is not None and o.basis != -1 for o in observations)
+    assert all(o is not None and o.basis is not None for o in observations)
     for s, o in zip(specs, observations, strict=True):
         assert not rec.reconcile(s, o).recorded
     assert _db_rows(engine) == before

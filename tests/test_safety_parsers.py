@@ -26,13 +26,14 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from ckptd.config import parse_config
-from ckptd.daemon.reconcile import Reconciler, _from_ts
+from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import discover
 from ckptd.io.eventfiles import MAX_RECORD, masked_crc32c, read_scalars
 from ckptd.io.formats import CORRUPT, event_files, scan_run
 from ckptd.io.formats import tensorbundle as tb
 from ckptd.store import migrate, queries
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.recording import _from_ts
 from tests.conftest import Corpus, query, wait_for, write_config
 
 MiB = 1 << 20
@@ -562,7 +563,6 @@ def test_unreadable_event_file_is_read_after_a_restart(corpus: Corpus, tmp_path:
     with denied(eval_file.name):
         rec.reconcile_many([spec])
     restarted = Reconciler(engine)
-    restarted.preload()
     restarted.reconcile(spec)
     assert None not in _eval_metrics(engine).values()
 
@@ -580,7 +580,6 @@ def test_unreadable_error_stored_by_0_1_0_is_retried(corpus: Corpus, tmp_path: P
         conn.exec_driver_sql("DELETE FROM metrics")
         conn.exec_driver_sql("DELETE FROM scalars")
     restarted = Reconciler(engine)
-    restarted.preload()
     restarted.reconcile(spec)
     assert None not in _eval_metrics(engine).values()
 

@@ -31,22 +31,17 @@ from ckptd.api.freeze import Freezer
 from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
 from ckptd.core.errors import StoreError
 from ckptd.core.model import utcnow
+from ckptd.core.recording import Observation
 from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.evaluate import EvaluationLoop
 from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
-from ckptd.daemon.reconcile import Reconciler
+from ckptd.daemon.reconcile import Outcome, Reconciler
 from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
 from ckptd.daemon.watch import Watcher
-from ckptd.io.observe import (
-    PARALLEL_MIN_RUNS,
-    Observation,
-    ObservePool,
-    default_workers,
-    stop_fork_server,
-)
+from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, stop_fork_server
 from ckptd.store import daemons, migrate
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
 from ckptd.store.handle import Store
@@ -118,8 +113,8 @@ class Daemon:
         self.dirty = DirtyRuns()
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
-        self.reconciler = Reconciler(self.engine, on_recorded=self._on_recorded)
         self.store = Store(self.engine)  # the handle the api takes; names this process in claims
+        self.reconciler = Reconciler(self.store)
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
         self.evaluator = Evaluator(self.store, config, self.worker)
@@ -212,7 +207,6 @@ class Daemon:
 
     def backfill(self) -> int:
         """The start-up scan: what the database knows first, then every run, in parallel."""
-        self.reconciler.preload()
         prefetched, self._prefetched = self._prefetched, None
         try:
             with self._checkpointing_wal(every=BACKFILL_WAL_CHECKPOINT_EVERY):
@@ -272,11 +266,11 @@ class Daemon:
                 i, w = watches[watch_path]
                 specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
         if quick:
-            specs = [s for s in specs if not self.reconciler.unchanged(s)]
+            specs = self.reconciler.changed(specs)
         self._report_unsupported_runs()
         observations: Iterable[Observation | None] = itertools.repeat(None)
+        self.reconciler.register(specs)  # every run's state in a few queries, not a few each
         if workers > 1 and len(specs) >= PARALLEL_MIN_RUNS:
-            self.reconciler.register(specs)
             observations = self.reconciler.observe_all(specs, workers, prefetched=prefetched)
         count = 0
         try:
@@ -311,19 +305,22 @@ class Daemon:
                 )
         self._reported_runs |= set(new)
 
-    def _reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Any:
+    def _reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Outcome:
         try:
             outcome = self.reconciler.reconcile(spec, observation)
             self.health.last_reconcile = time.time()
             self.health.db_ok = True
-            return outcome
         except Exception as exc:
             self.health.reconcile_errors += 1
             self.health.db_ok = "database" not in str(exc)
             log.exception("reconciling %s failed; the next rescan retries", spec.path)
-            from ckptd.daemon.reconcile import Outcome
-
             return Outcome(spec.name)
+        if outcome.new_complete_ids:
+            try:
+                self.eval_loop.enqueue(outcome.new_complete_ids, new=True)
+            except Exception:  # evaluation is queued again by its own job; never breaks recording
+                log.exception("queueing evaluations of %s failed", spec.path)
+        return outcome
 
     # ------------------------------------------------------------ events
 
@@ -424,9 +421,6 @@ class Daemon:
                     ),
                     result.run,
                 )
-
-    def _on_recorded(self, ids: list[int]) -> None:
-        self.eval_loop.enqueue(ids, new=True)
 
     def evaluate_backlog(self) -> None:
         self.eval_loop.enqueue()

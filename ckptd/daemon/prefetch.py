@@ -4,8 +4,9 @@ On a database that has recorded no run yet, observing a run needs nothing from t
 request is a first look), so ``ckptd run`` starts those observations in worker processes first
 thing, and they proceed while this process imports SQLAlchemy and the daemon. The
 backfill takes them over only if it asks for exactly these runs and the database, once read,
-knows none of them (``Reconciler.observe_all``); otherwise they are dropped and the runs observed
-as usual. Standard library only here: importing SQLAlchemy is what this overlaps.
+holds nothing for any of them (``api.record.Recorder.observe_all``); otherwise they are dropped
+and the runs observed as usual. Standard library only here: importing SQLAlchemy is what this
+overlaps.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Observe: what one run directory holds now — the filesystem half of a reconcile.
 
 Pure reads (listing, .index headers, event-file tails), no database, picklable results, so a
-backfill can observe many runs in worker processes while the daemon writes what they saw. The
-reconciler (``reconcile.py``) decides what an observation means for the database.
+backfill can observe many runs in worker processes while the daemon writes what they saw.
+``core.recording.diff`` decides what an observation means for the database.
 """
 
 from __future__ import annotations
@@ -14,51 +14,21 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd.core.recording import (
+    EventRead,
+    EventTail,
+    Fingerprint,
+    Observation,
+    RunDir,
+    RunState,
+)
 from ckptd.io import formats, safeio
 from ckptd.io.eventfiles import ReadResult, metric_prefix, read_scalars
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EventTail:
-    """One event file: its size now and, when it grew, the records read from ``start``."""
-
-    size: int
-    start: int
-    read: ReadResult | None  # None: unchanged since the offset the database holds
-
-
-@dataclass
-class Observation:
-    present: bool  # False: the run directory does not exist (or is no longer a real directory)
-    found: list[formats.Found] = field(default_factory=list)
-    unsupported: list[str] = field(default_factory=list)
-    events: dict[str, EventTail] = field(default_factory=dict)
-    basis: int = -1  # the reconciler cache generation this was observed against
-    # What a quick rescan compares to skip this run while nothing changed (see fingerprint_holds);
-    # None when the directory may still change without its mtime showing it.
-    fingerprint: Fingerprint | None = None
-    # Why the run directory could not be read (EACCES, EIO …): nothing was seen, so nothing is
-    # concluded about its checkpoints; the next scan tries again.
-    unreadable: str | None = None
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """mtimes of the run directory and its event subdirectories, sizes of its event files
-    (these two by their paths relative to the run directory).
-
-    Any file created, renamed or deleted in the run directory changes its mtime; a growing event
-    file changes its size. Taken before the listing, so a change during it is never absorbed.
-    """
-
-    run_mtime_ns: int
-    dirs: tuple[tuple[str, int], ...]
-    event_sizes: tuple[tuple[str, int], ...]
 
 
 # An mtime this close to now can still be followed by a change in the same timestamp tick
@@ -101,7 +71,7 @@ class Request:
     event_offsets: dict[str, int]  # event file -> offset already read (absent: new file)
     skip_events: frozenset[str]  # event files reported corrupt: never re-read
     stale_after: float
-    basis: int
+    basis: int | None  # the run version the rest was taken from; None: a first look
     # The watch root the run directory is reached from (its path is the user's choice and may
     # be a symlink; nothing below it is followed). None: the run directory is its own root.
     root: Path | None = None
@@ -115,7 +85,22 @@ class Request:
         root: Path | None = None,
     ) -> Request:
         """A run the database knows nothing about (yet): everything in it is new."""
-        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, -1, root)
+        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, None, root)
+
+    @classmethod
+    def for_state(cls, run: RunDir, state: RunState, stale_after: float) -> Request:
+        """Observing ``run`` knowing what the store holds for it (unchanged files not re-read)."""
+        files = state.event_files
+        return cls(
+            run.path,
+            run.keras_template,
+            {p: k.signature for p, k in state.checkpoints.items() if k.state == formats.COMPLETE},
+            {p: f.offset for p, f in files.items()},
+            frozenset(p for p, f in files.items() if f.error),
+            stale_after,
+            state.version,
+            run.root,
+        )
 
 
 STALE_AFTER = 120.0  # seconds a partial write may stay unchanged before it is called corrupt
@@ -135,24 +120,25 @@ def observe(req: Request) -> Observation:
         with safeio.open_dir_under(root, req.run_dir) as dfd:
             return _observe(req, dfd)
     except (FileNotFoundError, NotADirectoryError, safeio.UnsafePath):
-        return Observation(False, basis=req.basis)
+        return Observation(str(req.run_dir), False, basis=req.basis)
     except OSError as exc:
         why = f"{req.run_dir}: cannot read the run directory: {exc.strerror or exc}"
-        return Observation(True, basis=req.basis, unreadable=why)
+        return Observation(str(req.run_dir), True, basis=req.basis, unreadable=why)
 
 
 def _observe(req: Request, dfd: int) -> Observation:
     run_dir = req.run_dir
     run_mtime = os.fstat(dfd).st_mtime_ns
-    obs = Observation(True, basis=req.basis)
-    obs.found = formats.scan_run(
+    unsupported: list[str] = []
+    found = formats.scan_run(
         run_dir,
         req.keras_template,
         req.known,
         dir_fd=dfd,
         stale_after=req.stale_after,
-        unsupported=obs.unsupported,
+        unsupported=unsupported,
     )
+    events: dict[str, EventTail] = {}
     dir_mtimes: dict[str, int] = {}
     for path in formats.event_files(run_dir, dir_mtimes=dir_mtimes, dir_fd=dfd):
         key = str(path)
@@ -164,29 +150,42 @@ def _observe(req: Request, dfd: int) -> Observation:
             continue
         offset = req.event_offsets.get(key)
         if offset is not None and size == offset:
-            obs.events[key] = EventTail(size, offset, None)
+            events[key] = EventTail(size, offset, None)
             continue
         start = offset if offset is not None and size > offset else 0  # shrank: replaced
         read = read_scalars(path, start, metric_prefix(run_dir, path), root=req.root or run_dir)
-        obs.events[key] = EventTail(size, start, read)
+        events[key] = EventTail(size, start, _event_read(read))
     racy = time.time_ns() - _RACY_NS
     # A partial write turns corrupt after stale_after with no change on disk: not settled. Nor
     # is an event file that could not be read: regaining access changes no mtime or size.
-    settled = all(f.state != formats.INCOMPLETE for f in obs.found) and not any(
-        t.read is not None and t.read.retry for t in obs.events.values()
+    settled = all(f.state != formats.INCOMPLETE for f in found) and not any(
+        t.read is not None and t.read.retry for t in events.values()
     )
+    fingerprint = None
     if settled and run_mtime < racy and all(m < racy for m in dir_mtimes.values()):
         base = len(str(run_dir)) + 1  # paths relative to the run directory
-        obs.fingerprint = Fingerprint(
+        fingerprint = Fingerprint(
             run_mtime,
             tuple(sorted((d[base:], m) for d, m in dir_mtimes.items())),
-            tuple(sorted((k[base:], t.size) for k, t in obs.events.items())),
+            tuple(sorted((k[base:], t.size) for k, t in events.items())),
         )
-    return obs
+    return Observation(
+        str(run_dir),
+        True,
+        tuple(found),
+        tuple(unsupported),
+        events,
+        req.basis,
+        fingerprint,
+    )
+
+
+def _event_read(r: ReadResult) -> EventRead:
+    return EventRead(r.offset, tuple(r.scalars), r.error, r.retry, r.skipped, r.skip_reason)
 
 
 def _observe_or_none(req: Request) -> Observation | None:
-    """None when observing fails unexpectedly: the reconciler then observes that run again
+    """None when observing fails unexpectedly: the recorder then observes that run again
     inside its own error handling, so one bad run is logged and skipped, not the backfill."""
     try:
         return observe(req)

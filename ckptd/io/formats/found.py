@@ -6,26 +6,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ckptd.core.recording import Found  # what a scan reports: the recording diff's input
+
 COMPLETE, INCOMPLETE, CORRUPT = "complete", "incomplete", "corrupt"
 
 _STEP = re.compile(r"-(\d+)$")
-
-
-@dataclass(frozen=True)
-class Found:
-    """One checkpoint as seen on disk at scan time."""
-
-    prefix: str  # absolute prefix path (Keras: the file path)
-    format: str  # tf1 | tf2 | keras | keras_weights
-    step: int | None
-    state: str  # complete | incomplete | corrupt
-    reason: str | None
-    files: tuple[str, ...]  # base names in the run directory
-    size: int
-    has_meta: bool
-    mtime: float
-    signature: tuple[int, ...]  # (size, mtime_ns) of the file whose change means "look again"
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

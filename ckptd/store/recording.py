@@ -1,0 +1,394 @@
+"""Recording's SQL: load what the store holds for runs, apply a diff conditional on the version.
+
+:func:`apply` is one transaction that first bumps the run's version from the one its state was
+loaded at; if another writer (a prune, a second daemon, ``ckptd`` from the CLI) bumped it
+meanwhile, nothing is written and the caller loads the state again. Bulk paths stay bulk: one
+executemany per table, new ids read back by prefix, a new checkpoint's event-file values copied by
+one INSERT … SELECT inside the database.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from json import loads
+from typing import Any
+
+from sqlalchemy import DateTime, String, bindparam, insert, literal, select, type_coerce, update
+from sqlalchemy.orm import Session
+
+from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, utcnow
+from ckptd.core.recording import Changes, EventFile, Found, Known, RunDir, RunState
+from ckptd.store import audit
+from ckptd.store.db import insert_id
+from ckptd.store.handle import Store
+from ckptd.store.tables import (
+    CheckpointRow,
+    EventFileRow,
+    MetricRow,
+    RunRow,
+    ScalarRow,
+    table_of,
+)
+from ckptd.store.upsert import insert_many
+
+_CHUNK = 500  # ids or paths per IN (...): SQLite is slow with long lists
+# Event-file errors starting so were transient (EACCES, EIO…): ckptd 0.1.0 stored them as if
+# the file were corrupt; they are read again.
+_UNREADABLE = "unreadable: "
+# mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
+_MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+_MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
+class _Stale(Exception):
+    """The run changed since its state was loaded (raised to roll the transaction back)."""
+
+
+def load_states(store: Store, runs: Sequence[RunDir]) -> dict[str, RunState]:
+    """What the store holds for ``runs``, by path: two SELECTs per 500 runs, whatever their
+    size. Runs it does not know are created (each with its ``run_discovered`` entry) and start
+    empty, with no further query."""
+    with store.session() as session:
+        return _load(session, runs)
+
+
+def load_state(store: Store, run: RunDir) -> RunState:
+    return load_states(store, [run])[str(run.path)]
+
+
+def run_versions(store: Store) -> dict[int, int]:
+    """Every run's version (one SELECT): a quick rescan trusts what it saw at that version."""
+    with store.session() as session:
+        return dict(session.connection().execute(select(_runs.c.id, _runs.c.version)).all())
+
+
+def apply(store: Store, state: RunState, changes: Changes) -> dict[str, int] | None:
+    """Write ``changes`` in one transaction if the run is still at ``state.version``. Returns
+    the ids of the new checkpoints by prefix, or None (nothing written) if the run changed."""
+    try:
+        with store.session() as session:
+            return _apply(session, state, changes)
+    except _Stale:
+        return None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _load(session: Session, runs: Sequence[RunDir]) -> dict[str, RunState]:
+    conn = session.connection()
+    wanted = {str(r.path): r for r in runs}
+    paths = list(wanted)
+    found: dict[str, tuple[int, int, bool, bool]] = {}
+    checkpoints: dict[int, dict[str, Known]] = {}
+    for i in range(0, len(paths), _CHUNK):
+        rows = conn.execute(_LOAD_RUNS, {"paths": paths[i : i + _CHUNK]})
+        for path, rid, version, present, scanned, cid, prefix, state, step, sig in rows:
+            if path not in found:
+                found[path] = (rid, version, bool(present), bool(scanned))
+                checkpoints[rid] = {}
+            if cid is not None:
+                checkpoints[rid][prefix] = Known(cid, state, step, tuple(loads(sig) if sig else ()))
+    files: dict[int, dict[str, EventFile]] = {rid: {} for rid in checkpoints}
+    ids = list(files)
+    for i in range(0, len(ids), _CHUNK):
+        for rid, fpath, offset, error in conn.execute(_LOAD_FILES, {"ids": ids[i : i + _CHUNK]}):
+            if error and error.startswith(_UNREADABLE):
+                error = None
+            files[rid][fpath] = EventFile(offset, error)
+    out = {
+        path: RunState(rid, version, present, scanned, checkpoints[rid], files[rid])
+        for path, (rid, version, present, scanned) in found.items()
+    }
+    missing = [wanted[p] for p in paths if p not in found]
+    if missing:
+        out.update(_create(session, missing))
+    return out
+
+
+def _create(session: Session, runs: list[RunDir]) -> dict[str, RunState]:
+    conn = session.connection()
+    now = utcnow()
+    insert_many(
+        conn,
+        _runs,
+        ("name", "path", "watch_path", "present", "created_at"),
+        [(r.name, str(r.path), str(r.root), True, now) for r in runs],
+        conflict_keys=("path",),
+    )
+    created: dict[str, tuple[int, int]] = {}
+    paths = [str(r.path) for r in runs]
+    for i in range(0, len(paths), _CHUNK):
+        q = select(_runs.c.path, _runs.c.id, _runs.c.version)
+        for path, rid, version in conn.execute(q.where(_runs.c.path.in_(paths[i : i + _CHUNK]))):
+            created[path] = (rid, version)
+    audit.record_many(
+        session,
+        [
+            audit.Entry(
+                now, "run_discovered", created[str(r.path)][0], None, r.name, None, {"path": p}
+            )
+            for r, p in zip(runs, paths, strict=True)
+        ],
+    )
+    return {p: RunState(rid, version) for p, (rid, version) in created.items()}
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int]:
+    conn = session.connection()
+    now = utcnow()
+    run = state.run_id
+    bumped = conn.execute(
+        _BUMP, {"run": run, "expected": state.version, "at": now, "is_present": changes.present}
+    )
+    if not bumped.rowcount:
+        raise _Stale
+
+    # Event files and scalars first: new checkpoints then take every value logged at their step.
+    new_files = [w for w in changes.event_files if w.new]
+    insert_many(
+        conn,
+        _files,
+        ("run_id", "path", "offset", "error", "updated_at"),
+        [(run, w.path, w.offset, w.error, now) for w in new_files],
+    )
+    old_files = [
+        {"p": w.path, "o": w.offset, "e": w.error, "at": now}
+        for w in changes.event_files
+        if not w.new
+    ]
+    if old_files:
+        conn.execute(_UPDATE_FILE, old_files)
+    insert_many(
+        conn,
+        _scalars,
+        ("run_id", "name", "step", "value", "wall_time"),
+        [(run, n, step, _num(v), w) for n, step, v, w in changes.scalars],
+        conflict_keys=("run_id", "name", "step"),
+        update=("value", "wall_time"),
+    )
+
+    for u in changes.updated:
+        # Guarded by state as well: a writer that changed the row without bumping the version.
+        if not conn.execute(_update_checkpoint(u.id, u.found, now, u.completed)).rowcount:
+            raise _Stale
+    gone = [g.id for g in changes.gone]
+    for i in range(0, len(gone), _CHUNK):
+        chunk = gone[i : i + _CHUNK]
+        values = {"ids": chunk, "at": now, "why": changes.gone_reason}
+        if conn.execute(_GONE, values).rowcount != len(chunk):
+            raise _Stale
+
+    new_ids = _insert_checkpoints(session, run, changes.new, now)
+
+    def id_of(prefix: str) -> int:
+        return new_ids[prefix] if prefix in new_ids else state.checkpoints[prefix].id
+
+    for new in (False, True):
+        insert_many(
+            conn,
+            _metrics,
+            _METRIC_COLUMNS,
+            [
+                (id_of(m.prefix), m.name, _num(m.value), m.step, m.source, now)
+                for m in changes.metrics
+                if (m.prefix in new_ids) == new
+            ],
+            conflict_keys=() if new else ("checkpoint_id", "name", "source"),
+            update=() if new else ("value", "step", "recorded_at"),
+        )
+    _attach_scalars(conn, run, [new_ids[f.prefix] for f in changes.new if f.step is not None], now)
+    audit.record_many(
+        session,
+        [
+            audit.Entry(
+                now,
+                a.kind,
+                run,
+                id_of(a.prefix) if a.prefix is not None else None,
+                a.subject,
+                a.reason,
+                a.detail,
+            )
+            for a in changes.audit
+        ],
+    )
+    return new_ids
+
+
+def _update_checkpoint(cid: int, f: Found, now: datetime, completed: bool) -> Any:
+    values: dict[str, Any] = dict(
+        step=f.step,
+        format=f.format,
+        state=f.state,
+        reason=f.reason,
+        size_bytes=f.size,
+        files=list(f.files),
+        has_meta=f.has_meta,
+        signature=list(f.signature),
+        created_at=_from_ts(f.mtime),
+    )
+    if completed:
+        values.update(completed_at=now, gone_at=None)
+    return (
+        update(_ckpts)
+        .where(_ckpts.c.id == cid, _ckpts.c.state.in_((COMPLETE, CORRUPT, GONE, PRUNED)))
+        .values(**values)
+    )
+
+
+def _insert_checkpoints(
+    session: Session, run: int, new: Sequence[Found], now: datetime
+) -> dict[str, int]:
+    """Insert ``new``; their ids by prefix. One executemany, then the ids by prefix (unique):
+    cheaper than INSERT … RETURNING through the ORM, which re-processes every row."""
+    rows = [
+        (
+            run,
+            f.prefix,
+            f.step,
+            f.format,
+            f.state,
+            f.reason,
+            f.size,
+            list(f.files),
+            f.has_meta,
+            list(f.signature),
+            _from_ts(f.mtime),
+            now,
+            now if f.state == COMPLETE else None,
+        )
+        for f in new
+    ]
+    if len(rows) == 1:
+        values = dict(zip(_CHECKPOINT_COLUMNS, rows[0], strict=True))
+        return {new[0].prefix: insert_id(session, insert(_ckpts).values(**values))}
+    conn = session.connection()
+    insert_many(conn, _ckpts, _CHECKPOINT_COLUMNS, rows)
+    ids: dict[str, int] = {}
+    prefixes = [f.prefix for f in new]
+    for i in range(0, len(prefixes), _CHUNK):
+        chunk = prefixes[i : i + _CHUNK]
+        ids.update((p, cid) for p, cid in conn.execute(_IDS_BY_PREFIX, {"prefixes": chunk}))
+    return ids
+
+
+def _attach_scalars(conn: Any, run: int, ids: list[int], now: datetime) -> None:
+    """Give newly recorded checkpoints the event-file values logged at their step: one INSERT …
+    SELECT per chunk, the join runs inside the database."""
+    if not ids:
+        return
+    ids.sort()
+    # New rows get ids above every existing one (rowid = max + 1 under our write lock), so a
+    # contiguous range is one cheap range condition.
+    if ids[-1] - ids[0] + 1 == len(ids):
+        conn.execute(_ATTACH_RANGE, {"run": run, "at": now, "lo": ids[0], "hi": ids[-1]})
+        return
+    for i in range(0, len(ids), _CHUNK):
+        conn.execute(_ATTACH_IDS, {"run": run, "at": now, "ids": ids[i : i + _CHUNK]})
+
+
+def _num(value: float | None) -> float | None:
+    """SQLite stores NaN as NULL; NULL ranks worst, exactly as NaN must."""
+    return None if value is None or math.isnan(value) else value
+
+
+def _from_ts(ts: float) -> datetime | None:
+    """A file time as a naive UTC datetime, clamped to the range a datetime can represent."""
+    if not ts:
+        return None
+    return datetime.fromtimestamp(min(max(ts, _MIN_TS), _MAX_TS), UTC).replace(tzinfo=None)
+
+
+# Statements built once (building one costs more than running it, and a backfill runs a few
+# per run).
+_runs, _ckpts, _files = table_of(RunRow), table_of(CheckpointRow), table_of(EventFileRow)
+_scalars, _metrics = table_of(ScalarRow), table_of(MetricRow)
+_METRIC_COLUMNS = ("checkpoint_id", "name", "value", "step", "source", "recorded_at")
+_CHECKPOINT_COLUMNS = (
+    "run_id",
+    "prefix",
+    "step",
+    "format",
+    "state",
+    "reason",
+    "size_bytes",
+    "files",
+    "has_meta",
+    "signature",
+    "created_at",
+    "recorded_at",
+    "completed_at",
+)
+_LOAD_RUNS = (
+    select(
+        _runs.c.path,
+        _runs.c.id,
+        _runs.c.version,
+        _runs.c.present,
+        _runs.c.scanned_at.is_not(None),
+        _ckpts.c.id,
+        _ckpts.c.prefix,
+        _ckpts.c.state,
+        _ckpts.c.step,
+        type_coerce(_ckpts.c.signature, String),  # raw JSON: decoded here, without a wrapper
+    )
+    .select_from(_runs.outerjoin(_ckpts, _ckpts.c.run_id == _runs.c.id))
+    .where(_runs.c.path.in_(bindparam("paths", expanding=True)))
+)
+_LOAD_FILES = select(_files.c.run_id, _files.c.path, _files.c.offset, _files.c.error).where(
+    _files.c.run_id.in_(bindparam("ids", expanding=True))
+)
+_BUMP = (
+    update(_runs)
+    .where(_runs.c.id == bindparam("run"), _runs.c.version == bindparam("expected"))
+    .values(
+        version=_runs.c.version + 1,
+        scanned_at=bindparam("at"),
+        present=bindparam("is_present"),
+    )
+)
+_UPDATE_FILE = (
+    update(_files)
+    .where(_files.c.path == bindparam("p"))
+    .values(offset=bindparam("o"), error=bindparam("e"), updated_at=bindparam("at"))
+)
+_GONE = (
+    update(_ckpts)
+    .where(_ckpts.c.id.in_(bindparam("ids", expanding=True)))
+    .where(_ckpts.c.state.in_((COMPLETE, CORRUPT)))
+    .values(state=GONE, gone_at=bindparam("at"), reason=bindparam("why"))
+)
+_IDS_BY_PREFIX = select(_ckpts.c.prefix, _ckpts.c.id).where(
+    _ckpts.c.prefix.in_(bindparam("prefixes", expanding=True))
+)
+
+
+def _attach_statement(which: Any) -> Any:
+    """INSERT … SELECT of the event-file values at the steps of the checkpoints ``which`` picks."""
+    rows = (
+        select(
+            _ckpts.c.id,
+            _scalars.c.name,
+            _scalars.c.value,
+            _scalars.c.step,
+            literal("tfevents", String),
+            bindparam("at", type_=DateTime),
+        )
+        .select_from(_ckpts)
+        .join(
+            _scalars,
+            (_scalars.c.run_id == _ckpts.c.run_id) & (_scalars.c.step == _ckpts.c.step),
+        )
+        .where(_ckpts.c.run_id == bindparam("run"), which)
+    )
+    return insert(_metrics).from_select(_METRIC_COLUMNS, rows)
+
+
+_ATTACH_RANGE = _attach_statement(_ckpts.c.id.between(bindparam("lo"), bindparam("hi")))
+_ATTACH_IDS = _attach_statement(_ckpts.c.id.in_(bindparam("ids", expanding=True)))
