@@ -44,7 +44,7 @@ class RunRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     scanned_at: Mapped[datetime | None] = mapped_column(DateTime)
     # Bumped by every writer of the run's rows: writes conditional on it never apply a stale view.
-    version: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    version: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
 
 class CheckpointRow(Base):
