@@ -70,10 +70,10 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
     from ckptd.store import queries
 
     cfg = ctx.config(required=True)
-    engine = ctx.engine(readonly=dry_run)
-    with ctx.session(readonly=dry_run) as s:
+    store = ctx.store(readonly=dry_run)
+    with store.session() as s:
         runs = [queries.resolve_run(s, run)] if run else queries.runs(s)
-    pruner = Pruner(engine)
+    pruner = Pruner(store.engine)
     todo: list[tuple[Any, Any]] = []
     for r in runs:
         watch = ctx.watch_for(r.watch_path)
@@ -199,33 +199,15 @@ def unpin(ctx: CliContext, checkpoint: str) -> None:
 
 
 def _set_pin(ctx: CliContext, checkpoint: str, on: bool, reason: str | None) -> None:
-    from sqlalchemy import delete, insert
+    from ckptd.api import pins
 
-    from ckptd.core.model import utcnow
-    from ckptd.store import queries
-    from ckptd.store.tables import ActionRow, PinRow
-
-    with ctx.session(readonly=False) as s:
-        c = queries.resolve_checkpoint(s, checkpoint)
-        if on and not c.pinned:
-            s.execute(insert(PinRow).values(checkpoint_id=c.id, reason=reason, created_at=utcnow()))
-        elif not on and c.pinned:
-            s.execute(delete(PinRow).where(PinRow.checkpoint_id == c.id))
-        else:
-            click.echo(f"{c.label} is already {'pinned' if on else 'not pinned'}")
-            return
-        s.execute(
-            insert(ActionRow).values(
-                at=utcnow(),
-                kind="pinned" if on else "unpinned",
-                run_id=c.run_id,
-                checkpoint_id=c.id,
-                subject=c.prefix,
-                reason=reason,
-                detail={"step": c.step},
-            )
-        )
-    click.echo(f"{'pinned' if on else 'unpinned'} {c.label}")
+    store = ctx.store(readonly=False)
+    change = pins.pin(store, checkpoint, reason) if on else pins.unpin(store, checkpoint)
+    label = change.checkpoint.label
+    if not change.changed:
+        click.echo(f"{label} is already {'pinned' if on else 'not pinned'}")
+        return
+    click.echo(f"{'pinned' if on else 'unpinned'} {label}")
 
 
 COMMANDS = [prune, pin, unpin]

@@ -8,8 +8,7 @@ import gc
 import json
 import sys
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +16,8 @@ import click
 
 from ckptd.config import Config, WatchConfig, load_config
 
-if TYPE_CHECKING:  # SQLAlchemy is imported by the commands that use the database, not by --help
-    from sqlalchemy import Engine
-    from sqlalchemy.orm import Session
+if TYPE_CHECKING:  # the store (and SQLAlchemy) load with the commands that use it, not for --help
+    from ckptd.store.handle import Store
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -28,34 +26,27 @@ EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 class CliContext:
     config_arg: str | None
     _config: Config | None = None
-    _engines: dict[bool, Engine] = field(default_factory=dict)
+    _stores: dict[bool, Store] = field(default_factory=dict)
 
     def config(self, required: bool = False) -> Config:
         if self._config is None:
             self._config = load_config(self.config_arg, required=required)
         return self._config
 
-    def engine(self, *, readonly: bool = True) -> Engine:
-        if readonly not in self._engines:
-            from ckptd.store.db import make_engine
+    def store(self, *, readonly: bool = True) -> Store:
+        """The configured database, opened once per mode (read-only unless asked)."""
+        if readonly not in self._stores:
+            from ckptd.store.handle import Store
 
             if readonly:
                 _freeze_gc_at_exit()
-            self._engines[readonly] = make_engine(self.config().daemon.database, readonly=readonly)
-        return self._engines[readonly]
-
-    @contextmanager
-    def session(self, *, readonly: bool = True) -> Iterator[Session]:
-        from ckptd.store.db import session_scope
-
-        with session_scope(self.engine(readonly=readonly)) as s:
-            yield s
+            self._stores[readonly] = Store.open(self.config().daemon.database, readonly=readonly)
+        return self._stores[readonly]
 
     def watch_for(self, watch_path: str) -> WatchConfig | None:
-        for w in self.config().watches:
-            if str(w.path) == watch_path:
-                return w
-        return None
+        from ckptd.api.listing import watch_of
+
+        return watch_of(self.config(), watch_path)
 
 
 pass_ctx = click.make_pass_decorator(CliContext)
@@ -86,8 +77,8 @@ _gc_frozen_at_exit = False
 def _freeze_gc_at_exit() -> None:
     """A read command's process is about to end: skip the cyclic GC's last pass at exit.
 
-    Collecting SQLAlchemy's object graph at interpreter shutdown took ~70 ms of each `ckptd
-    status`; the OS frees the memory anyway. Refcounting and atexit handlers still run, and a
+    Collecting SQLAlchemy's object graph at interpreter shutdown is a large part of a short
+    command's time; the OS frees the memory anyway. Refcounting and atexit handlers still run, and a
     read-only connection has nothing to write back when it is not closed by a collection.
     """
     global _gc_frozen_at_exit
@@ -122,7 +113,7 @@ def print_json(data: Any) -> None:
     """One ``json.dumps`` and one write: ``json.dump`` would write each token separately.
 
     Indented on a terminal (for people); one line otherwise (for scripts): ``indent`` makes the
-    json module fall back from its C encoder to pure Python, ~0.1 s for 10,000 objects."""
+    json module fall back from its C encoder to pure Python, slow for long lists."""
     indent = 2 if sys.stdout.isatty() else None
     sys.stdout.write(json.dumps(_clean(data), indent=indent, default=str, allow_nan=False) + "\n")
 
@@ -184,7 +175,7 @@ def table(
     rows: Sequence[Sequence[Any]],
     empty: str = "nothing to show",
 ) -> None:
-    """Aligned columns, written at once (rich's Table took ~0.1 s for 100 rows).
+    """Aligned columns, written at once (rich's Table is slow to import and to lay out).
 
     On a terminal the title and header are bold and long cells fold to fit its width; into a
     pipe or file nothing is folded, so each row stays on one line for grep and awk.

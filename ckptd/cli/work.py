@@ -21,7 +21,7 @@ def _targets(ctx: CliContext, target: str) -> tuple[Any, Any, Any]:
     """(run, watch, checkpoint or None) for a RUN or CHECKPOINT argument."""
     from ckptd.store import queries
 
-    with ctx.session() as s:
+    with ctx.store().session() as s:
         try:
             run = queries.resolve_run(s, target)
             checkpoint = None
@@ -65,9 +65,9 @@ def evaluate(ctx: CliContext, target: str, again: bool, as_json: bool) -> None:
             '"meta_graph", "keras", "python" or "command" to the config'
         )
     cfg = ctx.config(required=True)
-    engine = ctx.engine(readonly=False)
+    engine = ctx.store(readonly=False).engine
     evaluator = Evaluator(engine, cfg)
-    with ctx.session(readonly=False) as s:
+    with ctx.store(readonly=False).session() as s:
         ids = (
             [checkpoint.id]
             if checkpoint
@@ -149,7 +149,7 @@ def freeze(ctx: CliContext, target: str, force: bool, as_json: bool) -> None:
             "add one with export_dir and format to the config"
         )
     ctx.config(required=True)
-    freezer = Freezer(ctx.engine(readonly=False))
+    freezer = Freezer(ctx.store(readonly=False).engine)
     try:
         outcome = freezer.freeze_run(run, watch, checkpoint, force=force)
     finally:

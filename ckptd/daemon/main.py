@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert
 
 from ckptd import __version__
 from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
@@ -46,9 +46,10 @@ from ckptd.io.observe import (
     default_workers,
     stop_fork_server,
 )
-from ckptd.store import daemons, migrate
+from ckptd.store import daemons, migrate, reads
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
-from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
+from ckptd.store.handle import Store
+from ckptd.store.tables import ActionRow
 from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Daemon:
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
         self.engine = make_engine(config.daemon.database, wal_autocheckpoint=False, recreate=False)
+        self.store = Store(self.engine)
         self.dirty = DirtyRuns()
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
@@ -158,7 +160,7 @@ class Daemon:
         with self.progress.busy("claiming the database"):
             try:
                 self.daemon_id = daemons.claim(
-                    self.engine,
+                    self.store,
                     version=__version__,
                     config=self.config.source,
                     status={
@@ -352,11 +354,7 @@ class Daemon:
     # ------------------------------------------------------------ periodic jobs
 
     def counts(self) -> dict[str, int]:
-        with session_scope(self.engine) as s:
-            rows = s.execute(
-                select(CheckpointRow.state, func.count()).group_by(CheckpointRow.state)
-            )
-            return {state: n for state, n in rows}
+        return reads.count_states(self.store)
 
     def checkpoint_wal(self) -> None:
         """Fold the WAL into the database here, off the recording path (see make_engine)."""
@@ -381,12 +379,7 @@ class Daemon:
             "stall_bound": self.progress.bound,
             "reload_error": self.reload_error,
         }
-        with session_scope(self.engine) as s:
-            s.execute(
-                update(DaemonRow)
-                .where(DaemonRow.id == self.daemon_id)
-                .values(heartbeat_at=utcnow(), status=status)
-            )
+        daemons.heartbeat(self.store, self.daemon_id, status)
         text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
         notify(self._status_line(stuck, text))
 
@@ -769,9 +762,4 @@ class Daemon:
     def _mark_stopped(self) -> None:
         if self.daemon_id is None:
             return
-        with session_scope(self.engine) as s:
-            s.execute(
-                update(DaemonRow)
-                .where(DaemonRow.id == self.daemon_id)
-                .values(stopped_at=utcnow(), heartbeat_at=utcnow())
-            )
+        daemons.mark_stopped(self.store, self.daemon_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,8 +33,8 @@ def make_engine(
     Writers start transactions with ``BEGIN IMMEDIATE`` so a lock conflict waits at BEGIN (under
     the busy timeout) instead of failing half-way through a transaction.
     ``wal_autocheckpoint=False``: commits never checkpoint the WAL (SQLite's default makes the
-    commit that crosses 1,000 pages copy them into the database and fsync it: ~6 ms here, more
-    when a trainer is writing to the same disk); the owner then calls :func:`checkpoint_wal`
+    commit that crosses 1,000 pages copy them into the database and fsync it, longer when a
+    trainer is writing to the same disk); the owner then calls :func:`checkpoint_wal`
     from a thread of its own (the daemon: every second, and every 0.1 s during its backfill).
     ``recreate=False``: a missing file is created now, once; a connection opened after it was
     deleted then fails instead of silently creating an empty database at the path (the daemon
@@ -44,14 +45,15 @@ def make_engine(
             url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint, recreate=recreate
         )
     except (SQLAlchemyError, ImportError) as exc:  # a bad URL, an unknown dialect or driver
-        raise StoreError(f"cannot use database {_safe(url)}: {exc}") from None
+        raise StoreError(f"cannot use database {display_url(url)}: {exc}") from None
     except OSError as exc:  # the directory of the SQLite file cannot be created
         raise StoreError(
-            f"cannot create the database directory for {_safe(url)}: {exc.strerror or exc}"
+            f"cannot create the database directory for {display_url(url)}: {exc.strerror or exc}"
         ) from None
 
 
-def _safe(url: str) -> str:
+def display_url(url: str) -> str:
+    """A database URL as it may be shown: without its password."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except SQLAlchemyError:
@@ -109,20 +111,23 @@ def checkpoint_wal(engine: Engine) -> tuple[int, int, int] | None:
     database is not SQLite. Runs outside any transaction, on a connection of its own."""
     if engine.dialect.name != "sqlite":
         return None
-    raw = engine.raw_connection()
     try:
-        cur = raw.cursor()
-        busy, log_pages, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        cur.close()
-        return int(busy), int(log_pages), int(done)
-    finally:
-        raw.close()
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            busy, log_pages, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            cur.close()
+            return int(busy), int(log_pages), int(done)
+        finally:
+            raw.close()
+    except (SQLAlchemyError, sqlite3.Error) as exc:  # the driver's own, on a raw connection
+        raise store_error(exc) from exc
 
 
 def insert_id(session: Session, stmt: Any) -> int:
     """Execute an INSERT of one row and return its new ``id``."""
     # Core execution on the session's connection (same transaction): the ORM's bulk-insert path
-    # costs ~1 ms a statement for nothing here, as no ORM objects are involved.
+    # costs time for nothing here, as no ORM objects are involved.
     return int(session.connection().execute(stmt.returning(stmt.table.c.id)).scalar_one())
 
 
@@ -131,10 +136,11 @@ def rowcount(session: Session, stmt: Any) -> int:
     return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
-def store_error(exc: SQLAlchemyError) -> StoreError:
+def store_error(exc: SQLAlchemyError | sqlite3.Error) -> StoreError:
     """A driver error as one line a user can act on (the CLI prints it, exit status 1)."""
-    msg = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    if isinstance(exc, OperationalError) and ("locked" in msg or "busy" in msg):
+    msg = (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
+    operational = isinstance(exc, OperationalError | sqlite3.OperationalError)
+    if operational and ("locked" in msg or "busy" in msg):
         return StoreError(
             f"database is locked by another process ({msg}); retry, or check "
             "for a long-running reader"
