@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import gc
 import json
@@ -15,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ckptd.config import Config, WatchConfig, load_config
+from ckptd.core.model import Action, Checkpoint, iso
 
 if TYPE_CHECKING:  # the store (and SQLAlchemy) load with the commands that use it, not for --help
+    from ckptd.api.status import DaemonStatus
     from ckptd.store.handle import Store
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
@@ -116,6 +119,54 @@ def print_json(data: Any) -> None:
     json module fall back from its C encoder to pure Python, slow for long lists."""
     indent = 2 if sys.stdout.isatty() else None
     sys.stdout.write(json.dumps(_clean(data), indent=indent, default=str, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------- the --json contracts
+
+
+def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
+    """The ``ls --json`` contract: run, step, path, state, metrics, best, exported, recorded_at."""
+    return {
+        "run": c.run,
+        "step": c.step,
+        "path": c.prefix,
+        "state": c.state,
+        "metrics": c.metrics,
+        "best": best,
+        "exported": c.exported,
+        "recorded_at": iso(c.recorded_at),
+        "format": c.format,
+        "size": c.size,
+        "files": list(c.files),
+        "has_meta": c.has_meta,
+        "reason": c.reason,
+        "pinned": c.pinned,
+        "evaluation": c.evaluation,
+        "created_at": iso(c.created_at),
+    }
+
+
+def event_json(a: Action) -> dict[str, Any]:
+    """The ``events --json`` contract."""
+    return {
+        "id": a.id,
+        "at": iso(a.at),
+        "kind": a.kind,
+        "run": a.run,
+        "subject": a.subject,
+        "reason": a.reason,
+        "detail": a.detail,
+    }
+
+
+def daemon_json(d: DaemonStatus | None) -> dict[str, Any]:
+    """The ``status --json`` contract's ``daemon`` object."""
+    if d is None:
+        return {"alive": False}
+    data = dataclasses.asdict(d)
+    for key in ("started_at", "heartbeat_at", "stopped_at"):
+        data[key] = iso(data[key])
+    return data
 
 
 def console() -> Any:

@@ -12,6 +12,9 @@ from ckptd.cli.output import (
     CHECKPOINT,
     COUNT,
     CliContext,
+    checkpoint_json,
+    daemon_json,
+    event_json,
     fmt_size,
     fmt_value,
     output_options,
@@ -19,35 +22,13 @@ from ckptd.cli.output import (
     print_json,
     table,
 )
-from ckptd.core.model import Action, Checkpoint, iso
+from ckptd.core.model import iso
 
 if TYPE_CHECKING:
     from ckptd.api.status import DaemonStatus
 
 RUN_STATES = ("complete", "corrupt", "gone", "pruned")  # the counts `status` shows per run
 LS_TAIL = ("eval", "", "kept because", "recorded (UTC)")  # `ls` columns after the metrics
-
-
-def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
-    """The ``ls --json`` contract: run, step, path, state, metrics, best, exported, recorded_at."""
-    return {
-        "run": c.run,
-        "step": c.step,
-        "path": c.prefix,
-        "state": c.state,
-        "metrics": c.metrics,
-        "best": best,
-        "exported": c.exported,
-        "recorded_at": iso(c.recorded_at),
-        "format": c.format,
-        "size": c.size,
-        "files": list(c.files),
-        "has_meta": c.has_meta,
-        "reason": c.reason,
-        "pinned": c.pinned,
-        "evaluation": c.evaluation,
-        "created_at": iso(c.created_at),
-    }
 
 
 @click.command()
@@ -122,29 +103,6 @@ def status(ctx: CliContext, as_json: bool) -> None:
             ["at", "kind", "subject", "reason"],
             [[iso(a.at), a.kind, a.subject, a.reason] for a in st.problems],
         )
-
-
-def event_json(a: Action) -> dict[str, Any]:
-    """The ``events --json`` contract."""
-    return {
-        "id": a.id,
-        "at": iso(a.at),
-        "kind": a.kind,
-        "run": a.run,
-        "subject": a.subject,
-        "reason": a.reason,
-        "detail": a.detail,
-    }
-
-
-def daemon_json(d: DaemonStatus | None) -> dict[str, Any]:
-    """The ``status --json`` contract's ``daemon`` object."""
-    if d is None:
-        return {"alive": False}
-    data = dataclasses.asdict(d)
-    for key in ("started_at", "heartbeat_at", "stopped_at"):
-        data[key] = iso(data[key])
-    return data
 
 
 def _echo_daemon(d: DaemonStatus | None) -> None:

@@ -10,7 +10,6 @@ next start. Then the run's ``checkpoint`` state file is rewritten so that
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BindParameter, Engine, Text, bindparam, cast, insert, select, update
+from sqlalchemy import BindParameter, Engine, bindparam, insert, select, update
 
 from ckptd.config import WatchConfig
 from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
@@ -29,6 +28,7 @@ from ckptd.daemon import metrics
 from ckptd.io import fsops, safeio, statefile
 from ckptd.store import queries
 from ckptd.store.db import session_scope
+from ckptd.store.reads import CHECKPOINT_COLUMNS, Extras, to_checkpoints
 from ckptd.store.tables import (
     ActionRow,
     CheckpointRow,
@@ -130,22 +130,8 @@ _MARK_PRUNED = (
     .values(state=PRUNED, gone_at=bindparam("at", type_=_c.gone_at.type), reason=bindparam("why"))
 )
 _PRUNING_OF = select(_c.id).where(_c.id.in_(_IDS), _c.state == PRUNING)
-# What planning reads: a run's checkpoints, ``files`` as its JSON text (decoded in one go).
-_PLAN_COLUMNS = select(
-    _c.id,
-    _c.run_id,
-    _c.prefix,
-    _c.step,
-    _c.format,
-    _c.state,
-    _c.reason,
-    _c.size_bytes,
-    cast(_c.files, Text),
-    _c.has_meta,
-    _c.created_at,
-    _c.completed_at,
-    _c.recorded_at,
-).where(_c.run_id.in_(_RUN_IDS))
+# What planning reads: a run's checkpoints (the columns of every Checkpoint).
+_PLAN_COLUMNS = select(*CHECKPOINT_COLUMNS).where(_c.run_id.in_(_RUN_IDS))
 _OF_RUNS = select(_c.id).where(_c.run_id.in_(_RUN_IDS))
 _PLAN_METRICS = select(_m.checkpoint_id, _m.name, _m.value, _m.source).where(
     _m.checkpoint_id.in_(_OF_RUNS), _m.name.in_(bindparam("names", expanding=True))
@@ -450,42 +436,19 @@ class Pruner:
         if not rows:
             return 0
         params = {"run_ids": run_ids}
-        best: dict[int, dict[str, float]] = {}
-        if metrics_wanted:
-            best = queries.best_sources(
-                conn.execute(_PLAN_METRICS, {**params, "names": metrics_wanted})
-            )
-        pinned = set(conn.execute(_PLAN_PINS, params).scalars())
-        evaluations = dict(conn.execute(_PLAN_EVALS, params).all())
-        exports = conn.execute(_PLAN_EXPORTS, params).all()
-        exported = {cid for cid, st in exports if st == "published"}
-        exporting = {cid for cid, st in exports if st == "exporting"}
-        # Every row's file list in one json.loads (a fifth of the time of one call per row).
-        files = json.loads("[" + ",".join(row[8] or "null" for row in rows) + "]")
-        for row, names_of in zip(rows, files, strict=True):
-            cid = row[0]
-            out[row[1]].append(
-                Checkpoint(
-                    id=cid,
-                    run=names[row[1]],
-                    run_id=row[1],
-                    prefix=row[2],
-                    step=row[3],
-                    format=row[4],
-                    state=row[5],
-                    reason=row[6],
-                    size=row[7],
-                    files=tuple(names_of or ()),
-                    has_meta=row[9],
-                    created_at=row[10],
-                    recorded_at=row[11] or row[12],
-                    metrics=best.get(cid, {}),
-                    pinned=cid in pinned,
-                    evaluation=evaluations.get(cid),
-                    exported=cid in exported,
-                    exporting=cid in exporting,
-                )
-            )
+        metrics = (
+            conn.execute(_PLAN_METRICS, {**params, "names": metrics_wanted})
+            if metrics_wanted
+            else ()
+        )
+        extras = Extras.of(
+            metrics,
+            conn.execute(_PLAN_PINS, params).scalars(),
+            conn.execute(_PLAN_EVALS, params).all(),
+            conn.execute(_PLAN_EXPORTS, params).all(),
+        )
+        for c in to_checkpoints(rows, names, extras):
+            out[c.run_id].append(c)
         return len(rows)
 
     def _finish(self, batches: list[_Batch], repair: Sequence[tuple[str, str]] = ()) -> None:
