@@ -72,7 +72,7 @@ class Extras:
         cls,
         metric_rows: Iterable[Any],
         pinned: Iterable[int],
-        evaluation_rows: Iterable[Any],
+        evaluation_rows: Iterable[tuple[int, str]],
         export_rows: Iterable[Any],
     ) -> Extras:
         """From rows of (checkpoint id, name, value, source), pinned ids, (checkpoint id,
@@ -81,7 +81,7 @@ class Extras:
         return cls(
             best_sources(metric_rows),
             set(pinned),
-            dict(evaluation_rows),  # type: ignore[arg-type]
+            {cid: status for cid, status in evaluation_rows},
             {cid for cid, status in exports if status == "published"},
             {cid for cid, status in exports if status == "exporting"},
         )
@@ -216,6 +216,7 @@ def resolve_checkpoint(session: Session, text: str) -> Checkpoint:
 
 
 def state_counts(session: Session, run_id: int | None = None) -> dict[str, int]:
+    """How many checkpoints (of ``run_id``, or of every run) are in each state."""
     stmt = select(_c.state, func.count()).group_by(_c.state)
     if run_id is not None:
         stmt = stmt.where(_c.run_id == run_id)
@@ -224,11 +225,14 @@ def state_counts(session: Session, run_id: int | None = None) -> dict[str, int]:
 
 def work_counts(session: Session) -> dict[str, dict[str, int]]:
     """Evaluations and exports by status."""
-    evaluations = session.execute(
-        select(_evaluations.status, func.count()).group_by(_evaluations.status)
-    )
-    exports = session.execute(select(_exports.status, func.count()).group_by(_exports.status))
-    return {"evaluations": dict(evaluations.all()), "exports": dict(exports.all())}  # type: ignore[arg-type]
+    return {
+        "evaluations": _by_status(session, _evaluations.status),
+        "exports": _by_status(session, _exports.status),
+    }
+
+
+def _by_status(session: Session, column: Any) -> dict[str, int]:
+    return {s: n for s, n in session.execute(select(column, func.count()).group_by(column))}
 
 
 # ---------------------------------------------------------------- for the layers above
