@@ -67,12 +67,11 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
       ckptd prune mnist                  # do it now
     """
     from ckptd.daemon.prune import Pruner
-    from ckptd.store import queries
+    from ckptd.store.runs import all_runs, find_run
 
     cfg = ctx.config(required=True)
     store = ctx.store(readonly=dry_run)
-    with store.session() as s:
-        runs = [queries.resolve_run(s, run)] if run else queries.runs(s)
+    runs = [find_run(store, run)] if run else all_runs(store)
     pruner = Pruner(store.engine)
     todo: list[tuple[Any, Any]] = []
     for r in runs:
