@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ckptd.store import migrate
-from ckptd.store.db import display_url
+from ckptd.store.db import _safe as redacted  # on main: ckptd.store.urls.redacted
 from ckptd.store.handle import Store
 
 
@@ -30,10 +30,10 @@ class Upgrade:
 def current(store: Store, url: str) -> Revision:
     """The schema revision of the database at ``url`` (opened as ``store``)."""
     now, head = migrate.schema_revisions(store)
-    return Revision(display_url(url), now, head)
+    return Revision(redacted(url), now, head)
 
 
 def upgrade(store: Store, url: str) -> Upgrade:
     """Create or upgrade the schema of the database at ``url`` (opened as ``store``)."""
     before, after = migrate.upgrade_schema(store)
-    return Upgrade(display_url(url), before, after)
+    return Upgrade(redacted(url), before, after)

@@ -80,8 +80,8 @@ _gc_frozen_at_exit = False
 def _freeze_gc_at_exit() -> None:
     """A read command's process is about to end: skip the cyclic GC's last pass at exit.
 
-    Collecting SQLAlchemy's object graph at interpreter shutdown is a large part of a short
-    command's time; the OS frees the memory anyway. Refcounting and atexit handlers still run, and a
+    Collecting SQLAlchemy's object graph at interpreter shutdown was a large part of each
+    `ckptd status`; the OS frees the memory anyway. Refcounting and atexit handlers still run, and a
     read-only connection has nothing to write back when it is not closed by a collection.
     """
     global _gc_frozen_at_exit
@@ -116,7 +116,7 @@ def print_json(data: Any) -> None:
     """One ``json.dumps`` and one write: ``json.dump`` would write each token separately.
 
     Indented on a terminal (for people); one line otherwise (for scripts): ``indent`` makes the
-    json module fall back from its C encoder to pure Python, slow for long lists."""
+    json module fall back from its C encoder to pure Python, slow for long listings."""
     indent = 2 if sys.stdout.isatty() else None
     sys.stdout.write(json.dumps(_clean(data), indent=indent, default=str, allow_nan=False) + "\n")
 
@@ -226,7 +226,7 @@ def table(
     rows: Sequence[Sequence[Any]],
     empty: str = "nothing to show",
 ) -> None:
-    """Aligned columns, written at once (rich's Table is slow to import and to lay out).
+    """Aligned columns, written at once (rich's Table was slow for long tables).
 
     On a terminal the title and header are bold and long cells fold to fit its width; into a
     pipe or file nothing is folded, so each row stays on one line for grep and awk.

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 # The newest migration in migrations/versions. A test checks it equals Alembic's head, so the
-# daemon can tell "schema is current" with one SELECT instead of importing Alembic (slow to import).
+# daemon can tell "schema is current" with one SELECT instead of importing Alembic (~0.1 s).
 SCHEMA_HEAD = "0003"
 
 _version_table = Table(

@@ -32,8 +32,8 @@ class RunSummary:
 
 
 def to_run(row: Any) -> Run:
-    """A row of (id, name, path, watch_path, present) as a domain record."""
-    return Run(row[0], row[1], row[2], row[3], bool(row[4]))
+    """A ``runs`` row (a RunRow, or a row of its columns) as a domain record."""
+    return Run(row.id, row.name, row.path, row.watch_path, bool(row.present))
 
 
 def runs(session: Session) -> list[Run]:
