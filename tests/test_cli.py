@@ -232,3 +232,86 @@ def test_json_is_one_line_for_scripts_and_indented_on_a_terminal(
     print_json(data)
     out = capsys.readouterr().out
     assert '\n  {\n    "step": 1,' in "\n" + out and json.loads(out)[0]["step"] == 1
+
+
+def test_the_cli_prints_what_the_api_returns(recorded: Path, corpus: Corpus) -> None:
+    """The read commands render `ckptd.api` data: the JSON each prints is what the api returns
+    for the same database (retention reasons, best marks, pins and their audit rows included)."""
+    from ckptd.api import database, events, listing, pins, status
+    from ckptd.config import load_config
+    from ckptd.store.handle import Store
+
+    # The same database under a retention policy, so that `ls` explains what it keeps.
+    retained = recorded.with_name("retained.toml")
+    retained.write_text(recorded.read_text() + "\n[watch.retain]\nkeep_last = 1\n")
+    config = load_config(retained)
+    store = Store.open(config.daemon.database)
+    try:
+        change = pins.pin(store, "mnist@10", "paper")
+        assert change.changed and change.checkpoint.step == 10 and not change.checkpoint.pinned
+        assert not pins.pin(store, "mnist@10").changed  # already pinned: nothing written
+        again = ckptd("pin", "mnist@10", config=retained)
+        assert again.returncode == 0 and again.stdout.strip() == "mnist@10 is already pinned"
+
+        found = listing.listing(store, config)
+        printed = json.loads(ckptd("ls", "--json", config=retained).stdout)
+        assert [(i["step"], i["best"], i["pinned"], i["kept_because"]) for i in printed] == [
+            (c.step, c.id in found.best, c.pinned, found.kept_because[c.id])
+            for c in found.checkpoints
+        ]
+        best_step = max(
+            corpus.saves["tf1"], key=lambda s: (s["metrics"]["eval/accuracy"], s["step"])
+        )["step"]
+        kept = {i["step"]: i["kept_because"] for i in printed}
+        assert "pinned" in kept[10] and "newest" in kept[30] and "best" in kept[best_step]
+
+        ranking = listing.best(store, config, "mnist", top=3)
+        printed_best = json.loads(
+            ckptd("best", "mnist", "--top", "3", "--json", config=retained).stdout
+        )
+        assert [c["step"] for c in printed_best["best"]] == [c.step for c in ranking.best]
+        no_metric = write_config(
+            recorded.with_name("plain.toml"),
+            recorded.parent / "runs",
+            db=recorded.parent / "ckptd.db",
+            best=False,
+        )
+        with pytest.raises(listing.NoMetric):
+            listing.best(store, load_config(no_metric), "mnist")
+
+        audit = events.events(store, kinds=["pinned"])
+        printed_events = json.loads(
+            ckptd("events", "--kind", "pinned", "--json", config=retained).stdout
+        )
+        assert (
+            [(e["kind"], e["subject"], e["reason"]) for e in printed_events]
+            == [(a.kind, a.subject, a.reason) for a in audit]
+            == [("pinned", str(recorded.parent / "runs" / "mnist" / "model.ckpt-10"), "paper")]
+        )
+
+        st = status.status(store)
+        printed_status = json.loads(ckptd("status", "--json", config=retained).stdout)
+        assert printed_status["counts"] == st.counts == {"complete": 3}
+        assert [r["run"] for r in printed_status["runs"]] == [r.run for r in st.runs]
+        assert [r["newest_step"] for r in printed_status["runs"]] == [
+            r.newest_step for r in st.runs
+        ]
+        assert st.runs[0].run == "mnist" and st.runs[0].newest_step == 30
+        assert st.daemon is not None and not st.daemon.alive
+        assert printed_status["daemon"]["pid"] == st.daemon.pid
+
+        revision = database.current(store, config.daemon.database)
+        printed_db = json.loads(ckptd("db", "current", "--json", config=retained).stdout)
+        assert printed_db == {
+            "database": revision.database,
+            "current": revision.current,
+            "head": revision.head,
+            "up_to_date": True,
+        }
+
+        assert pins.unpin(store, "mnist@10").changed
+        assert ckptd("unpin", "mnist@10", config=retained).stdout.strip() == (
+            "mnist@10 is already not pinned"
+        )
+    finally:
+        store.close()

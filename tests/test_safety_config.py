@@ -289,9 +289,9 @@ def test_paths_that_can_never_exist_are_refused(path: str) -> None:
 def test_an_unexpected_error_is_one_line_unless_debugging(database: Path) -> None:
     """A bug is still one line (exit 1) for the CLI; CKPTD_DEBUG=1 shows the traceback."""
     script = (
-        "import sys, ckptd.cli, ckptd.store.queries as q\n"
+        "import sys, ckptd.cli, ckptd.store.daemons as d\n"
         "def boom(*a, **k): raise KeyError('x')\n"
-        "q.latest_daemon = boom\n"
+        "d.latest = boom\n"
         f"sys.exit(ckptd.cli.main(['--config', {str(database)!r}, 'status']))\n"
     )
     for debug, lines in (("", 1), ("1", None)):

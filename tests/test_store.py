@@ -174,6 +174,27 @@ def test_migrations_run_from_the_installed_wheel(tmp_path: Path) -> None:
     assert os.path.getsize(db) > 0
 
 
+def test_driver_errors_leave_the_store_as_store_errors(tmp_path: Path) -> None:
+    """Above the store nothing catches SQLAlchemy's or the driver's exceptions: every store
+    entry point raises StoreError, phrased for the user (here a damaged database file)."""
+    from ckptd.store import daemons, reads
+    from ckptd.store.db import checkpoint_wal
+    from ckptd.store.handle import Store
+
+    damaged = tmp_path / "d.db"
+    damaged.write_bytes(b"not a database, but long enough to look like one" * 100)
+    store = Store.open(f"sqlite:///{damaged}")
+    for call in (
+        lambda: checkpoint_wal(store.engine),  # a raw connection, outside any session
+        lambda: reads.count_states(store),
+        lambda: daemons.mark_stopped(store, 1),
+        lambda: migrate.schema_revisions(store),
+    ):
+        with pytest.raises(StoreError, match="file is not a database"):
+            call()
+    store.close()
+
+
 def test_wal_checkpoints_can_be_taken_off_the_commit_path(tmp_path: Path) -> None:
     """The daemon's engine never checkpoints in a commit; checkpoint_wal does it on demand."""
     from ckptd.store.db import checkpoint_wal

@@ -138,9 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the exit's flush cannot fail
         return EX_FAIL
     except Exception as exc:
-        if _database_error(exc) is not None:
-            click.echo(f"ckptd: {_database_error(exc)}", err=True)
-            return EX_FAIL
         if isinstance(exc, OSError):
             what = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"ckptd: {what}{exc.strerror or exc}", err=True)
@@ -160,17 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
-
-
-def _database_error(exc: Exception) -> str | None:
-    """A SQLAlchemy error that escaped a session scope, phrased like the ones it maps."""
-    if "sqlalchemy" not in sys.modules:
-        return None
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from ckptd.store.db import store_error
-
-    return str(store_error(exc)) if isinstance(exc, SQLAlchemyError) else None
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def run(ctx: CliContext, once: bool) -> None:
         t0 = time.monotonic()
         n = daemon.run_once()
         click.echo(f"recorded {n} new checkpoint(s) in {time.monotonic() - t0:.2f} s", err=True)
-        daemon.engine.dispose()  # connections closed (WAL checkpointed) before the exit below
+        daemon.store.close()  # connections closed (WAL checkpointed) before the exit below
         _freeze_gc_at_exit()
         return
     sys.exit(daemon.run())
@@ -126,15 +126,14 @@ def db_upgrade(ctx: CliContext) -> None:
     Example:
       ckptd -c /etc/ckptd/ckptd.toml db upgrade
     """
-    from ckptd.store import migrate
+    from ckptd.api import database
 
-    engine = ctx.engine(readonly=False)
-    before, after = migrate.upgrade(engine)
-    url = engine.url.render_as_string(hide_password=True)
-    if before == after:
-        click.echo(f"{url}: already at revision {after}")
+    url = ctx.config().daemon.database
+    done = database.upgrade(ctx.store(readonly=False), url)
+    if done.before == done.after:
+        click.echo(f"{done.database}: already at revision {done.after}")
     else:
-        click.echo(f"{url}: upgraded {before or 'empty database'} → {after}")
+        click.echo(f"{done.database}: upgraded {done.before or 'empty database'} → {done.after}")
 
 
 @db.command("current")
@@ -147,24 +146,21 @@ def db_current(ctx: CliContext, as_json: bool) -> None:
     Example:
       ckptd db current --json
     """
-    from sqlalchemy.engine import make_url
+    from ckptd.api import database
 
-    from ckptd.store import migrate
-
-    engine = ctx.engine(readonly=True)
-    current, head = migrate.current_revision(engine), migrate.head_revision(engine)
-    data = {
-        # the configured URL (the engine's is its read-only rewrite), without a password
-        "database": make_url(ctx.config().daemon.database).render_as_string(hide_password=True),
-        "current": current,
-        "head": head,
-        "up_to_date": current == head,
-    }
+    rev = database.current(ctx.store(readonly=True), ctx.config().daemon.database)
     if as_json:
-        print_json(data)
+        print_json(
+            {
+                "database": rev.database,
+                "current": rev.current,
+                "head": rev.head,
+                "up_to_date": rev.up_to_date,
+            }
+        )
     else:
-        state = "up to date" if current == head else "needs `ckptd db upgrade`"
-        click.echo(f"{data['database']}: revision {current or 'none'} (head {head}) — {state}")
+        state = "up to date" if rev.up_to_date else "needs `ckptd db upgrade`"
+        click.echo(f"{rev.database}: revision {rev.current or 'none'} (head {rev.head}) — {state}")
 
 
 COMMANDS = [run, config, db]

@@ -67,10 +67,9 @@ def prune(ctx: CliContext, run: str | None, dry_run: bool, as_json: bool) -> Non
       ckptd prune mnist                  # do it now
     """
     from ckptd.api import prune as pruning
-    from ckptd.store.handle import Store
 
     cfg = ctx.config(required=True)
-    store = Store(ctx.engine(readonly=dry_run))  # a dry run only reads: it takes no claim
+    store = ctx.store(readonly=dry_run)  # a dry run only reads: it takes no claim
     todo: list[tuple[Any, Any]] = []
     for r in pruning.runs(store, run):
         watch = ctx.watch_for(r.watch_path)
@@ -200,33 +199,15 @@ def unpin(ctx: CliContext, checkpoint: str) -> None:
 
 
 def _set_pin(ctx: CliContext, checkpoint: str, on: bool, reason: str | None) -> None:
-    from sqlalchemy import delete, insert
+    from ckptd.api import pins
 
-    from ckptd.core.model import utcnow
-    from ckptd.store import queries
-    from ckptd.store.tables import ActionRow, PinRow
-
-    with ctx.session(readonly=False) as s:
-        c = queries.resolve_checkpoint(s, checkpoint)
-        if on and not c.pinned:
-            s.execute(insert(PinRow).values(checkpoint_id=c.id, reason=reason, created_at=utcnow()))
-        elif not on and c.pinned:
-            s.execute(delete(PinRow).where(PinRow.checkpoint_id == c.id))
-        else:
-            click.echo(f"{c.label} is already {'pinned' if on else 'not pinned'}")
-            return
-        s.execute(
-            insert(ActionRow).values(
-                at=utcnow(),
-                kind="pinned" if on else "unpinned",
-                run_id=c.run_id,
-                checkpoint_id=c.id,
-                subject=c.prefix,
-                reason=reason,
-                detail={"step": c.step},
-            )
-        )
-    click.echo(f"{'pinned' if on else 'unpinned'} {c.label}")
+    store = ctx.store(readonly=False)
+    change = pins.pin(store, checkpoint, reason) if on else pins.unpin(store, checkpoint)
+    label = change.checkpoint.label
+    if not change.changed:
+        click.echo(f"{label} is already {'pinned' if on else 'not pinned'}")
+        return
+    click.echo(f"{'pinned' if on else 'unpinned'} {label}")
 
 
 COMMANDS = [prune, pin, unpin]

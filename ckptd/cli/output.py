@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import gc
 import json
 import sys
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from ckptd.config import Config, WatchConfig, load_config
+from ckptd.core.model import Action, Checkpoint, iso
 
-if TYPE_CHECKING:  # SQLAlchemy is imported by the commands that use the database, not by --help
-    from sqlalchemy import Engine
-    from sqlalchemy.orm import Session
+if TYPE_CHECKING:  # the store (and SQLAlchemy) load with the commands that use it, not for --help
+    from ckptd.api.status import DaemonStatus
+    from ckptd.store.handle import Store
 
 EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 
@@ -28,34 +29,27 @@ EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
 class CliContext:
     config_arg: str | None
     _config: Config | None = None
-    _engines: dict[bool, Engine] = field(default_factory=dict)
+    _stores: dict[bool, Store] = field(default_factory=dict)
 
     def config(self, required: bool = False) -> Config:
         if self._config is None:
             self._config = load_config(self.config_arg, required=required)
         return self._config
 
-    def engine(self, *, readonly: bool = True) -> Engine:
-        if readonly not in self._engines:
-            from ckptd.store.db import make_engine
+    def store(self, *, readonly: bool = True) -> Store:
+        """The configured database, opened once per mode (read-only unless asked)."""
+        if readonly not in self._stores:
+            from ckptd.store.handle import Store
 
             if readonly:
                 _freeze_gc_at_exit()
-            self._engines[readonly] = make_engine(self.config().daemon.database, readonly=readonly)
-        return self._engines[readonly]
-
-    @contextmanager
-    def session(self, *, readonly: bool = True) -> Iterator[Session]:
-        from ckptd.store.db import session_scope
-
-        with session_scope(self.engine(readonly=readonly)) as s:
-            yield s
+            self._stores[readonly] = Store.open(self.config().daemon.database, readonly=readonly)
+        return self._stores[readonly]
 
     def watch_for(self, watch_path: str) -> WatchConfig | None:
-        for w in self.config().watches:
-            if str(w.path) == watch_path:
-                return w
-        return None
+        from ckptd.api.listing import watch_of
+
+        return watch_of(self.config(), watch_path)
 
 
 pass_ctx = click.make_pass_decorator(CliContext)
@@ -125,6 +119,54 @@ def print_json(data: Any) -> None:
     json module fall back from its C encoder to pure Python, slow for long listings."""
     indent = 2 if sys.stdout.isatty() else None
     sys.stdout.write(json.dumps(_clean(data), indent=indent, default=str, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------- the --json contracts
+
+
+def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
+    """The ``ls --json`` contract: run, step, path, state, metrics, best, exported, recorded_at."""
+    return {
+        "run": c.run,
+        "step": c.step,
+        "path": c.prefix,
+        "state": c.state,
+        "metrics": c.metrics,
+        "best": best,
+        "exported": c.exported,
+        "recorded_at": iso(c.recorded_at),
+        "format": c.format,
+        "size": c.size,
+        "files": list(c.files),
+        "has_meta": c.has_meta,
+        "reason": c.reason,
+        "pinned": c.pinned,
+        "evaluation": c.evaluation,
+        "created_at": iso(c.created_at),
+    }
+
+
+def event_json(a: Action) -> dict[str, Any]:
+    """The ``events --json`` contract."""
+    return {
+        "id": a.id,
+        "at": iso(a.at),
+        "kind": a.kind,
+        "run": a.run,
+        "subject": a.subject,
+        "reason": a.reason,
+        "detail": a.detail,
+    }
+
+
+def daemon_json(d: DaemonStatus | None) -> dict[str, Any]:
+    """The ``status --json`` contract's ``daemon`` object."""
+    if d is None:
+        return {"alive": False}
+    data = dataclasses.asdict(d)
+    for key in ("started_at", "heartbeat_at", "stopped_at"):
+        data[key] = iso(data[key])
+    return data
 
 
 def console() -> Any:

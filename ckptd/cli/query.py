@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +12,9 @@ from ckptd.cli.output import (
     CHECKPOINT,
     COUNT,
     CliContext,
+    checkpoint_json,
+    daemon_json,
+    event_json,
     fmt_size,
     fmt_value,
     output_options,
@@ -20,71 +22,13 @@ from ckptd.cli.output import (
     print_json,
     table,
 )
-from ckptd.core.model import Checkpoint, iso, utcnow
+from ckptd.core.model import iso
 
+if TYPE_CHECKING:
+    from ckptd.api.status import DaemonStatus
 
-def _best_ids(ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]) -> set[int]:
-    """The best checkpoint of each run among ``checkpoints``, by its watch's configured metric."""
-    from ckptd.core.ranking import select_best
-    from ckptd.store import queries
-
-    by_run: dict[int, list[Checkpoint]] = {}
-    for c in checkpoints:
-        by_run.setdefault(c.run_id, []).append(c)
-    best = set()
-    runs = {r.id: r for r in queries.runs(session)}
-    for run_id, items in by_run.items():
-        watch = ctx.watch_for(runs[run_id].watch_path) if run_id in runs else None
-        if watch is None or not watch.best.metric:
-            continue
-        b = select_best(items, watch.best.metric, watch.best.mode)
-        if b is not None:
-            best.add(b.id)
-    return best
-
-
-def _retention_reasons(
-    ctx: CliContext, session: Any, checkpoints: Sequence[Checkpoint]
-) -> dict[int, list[str]]:
-    """Why each checkpoint survives its run's [watch.retain] policy (runs with one only)."""
-    from ckptd.api.prune import rules_for
-    from ckptd.core.model import utcnow
-    from ckptd.core.retention import plan as plan_prune
-    from ckptd.store import queries
-
-    runs = {r.id: r for r in queries.runs(session)}
-    out: dict[int, list[str]] = {}
-    for run_id in {c.run_id for c in checkpoints}:
-        watch = ctx.watch_for(runs[run_id].watch_path) if run_id in runs else None
-        rules = rules_for(watch) if watch else None
-        if rules is None:
-            continue
-        plan = plan_prune(queries.checkpoints(session, run_id=run_id), rules, utcnow())
-        out.update({c.id: [] for c in plan.delete})  # the next prune deletes these
-        out.update({cid: list(reasons) for cid, reasons in plan.keep.items()})
-    return out
-
-
-def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
-    """The ``ls --json`` contract: run, step, path, state, metrics, best, exported, recorded_at."""
-    return {
-        "run": c.run,
-        "step": c.step,
-        "path": c.prefix,
-        "state": c.state,
-        "metrics": c.metrics,
-        "best": best,
-        "exported": c.exported,
-        "recorded_at": iso(c.recorded_at),
-        "format": c.format,
-        "size": c.size,
-        "files": list(c.files),
-        "has_meta": c.has_meta,
-        "reason": c.reason,
-        "pinned": c.pinned,
-        "evaluation": c.evaluation,
-        "created_at": iso(c.created_at),
-    }
+RUN_STATES = ("complete", "corrupt", "gone", "pruned")  # the counts `status` shows per run
+LS_TAIL = ("eval", "", "kept because", "recorded (UTC)")  # `ls` columns after the metrics
 
 
 @click.command()
@@ -98,70 +42,17 @@ def status(ctx: CliContext, as_json: bool) -> None:
       ckptd status
       ckptd status --json | jq .daemon.alive
     """
-    import socket
+    from ckptd.api.status import status as read_status
 
-    from ckptd.core.model import heartbeat_grace
-    from ckptd.store import queries
-    from ckptd.store.daemons import ckptd_alive
-
-    with ctx.session() as s:
-        d = queries.latest_daemon(s)
-        runs = queries.run_summaries(s)
-        newest = queries.checkpoints(s, states=["complete"], limit=5, newest_first=True)
-        work = queries.work_counts(s)
-        recent = queries.actions(
-            s,
-            limit=5,
-            kinds=[
-                "corrupt",
-                "gone",
-                "event_file_corrupt",
-                "pruned",
-                "exported",
-                "evaluation_failed",
-            ],
-        )
-    # The totals by state are the per-run counts summed (every checkpoint belongs to a run): one
-    # pass over the checkpoints index instead of two.
-    counts: dict[str, int] = {}
-    for r in runs:
-        for state, n in r["counts"].items():
-            counts[state] = counts.get(state, 0) + n
-    counts = dict(sorted(counts.items()))  # as GROUP BY state ordered them
-    daemon: dict[str, Any] = {"alive": False}
-    if d is not None:
-        interval = timedelta(seconds=float(str((d.status or {}).get("heartbeat_interval", 10))))
-        alive = d.stopped_at is None and utcnow() - d.heartbeat_at <= heartbeat_grace(interval)
-        # A stale heartbeat from a process that still runs here: stuck (e.g. on a lock), not gone.
-        unresponsive = (
-            not alive
-            and d.stopped_at is None
-            and d.host == socket.gethostname()
-            and ckptd_alive(d.pid)
-        )
-        daemon = {
-            "alive": alive,
-            "unresponsive": unresponsive,
-            "host": d.host,
-            "pid": d.pid,
-            "version": d.version,
-            "config": d.config,
-            "started_at": iso(d.started_at),
-            "heartbeat_at": iso(d.heartbeat_at),
-            "stopped_at": iso(d.stopped_at),
-            "watches": (d.status or {}).get("watches", []),
-            "jobs": (d.status or {}).get("jobs", {}),
-            "healthy": alive and bool((d.status or {}).get("healthy")),
-            "stuck": (d.status or {}).get("stuck", []),
-            "reload_error": (d.status or {}).get("reload_error"),
-        }
+    st = read_status(ctx.store())
+    d = st.daemon
     data = {
-        "daemon": daemon,
-        "counts": counts,
-        "evaluations": work["evaluations"],
-        "exports": work["exports"],
-        "runs": runs,
-        "newest": [checkpoint_json(c, False) for c in newest],
+        "daemon": daemon_json(d),
+        "counts": st.counts,
+        "evaluations": st.evaluations,
+        "exports": st.exports,
+        "runs": [dataclasses.asdict(r) for r in st.runs],
+        "newest": [checkpoint_json(c, False) for c in st.newest],
         "problems": [
             {
                 "at": iso(a.at),
@@ -170,25 +61,78 @@ def status(ctx: CliContext, as_json: bool) -> None:
                 "subject": a.subject,
                 "reason": a.reason,
             }
-            for a in recent
+            for a in st.problems
         ],
     }
     if as_json:
         print_json(data)
         return
     # click, not rich: plain text into a pipe, colours on a terminal, and nothing to import.
+    echo = click.echo
+    _echo_daemon(d)
+    total = sum(st.counts.values())
+    echo(
+        f"checkpoints: {total} — "
+        + (", ".join(f"{n} {k}" for k, n in sorted(st.counts.items())) or "none yet")
+    )
+    if st.evaluations or st.exports:
+        echo(
+            "evaluations: "
+            + (", ".join(f"{n} {k}" for k, n in sorted(st.evaluations.items())) or "none")
+            + " — exports: "
+            + (", ".join(f"{n} {k}" for k, n in sorted(st.exports.items())) or "none")
+        )
+    table(
+        "runs",
+        ["run", *RUN_STATES, "newest step", "path"],
+        [
+            [r.run, *(r.counts.get(k, 0) for k in RUN_STATES), r.newest_step, r.path]
+            for r in st.runs
+        ],
+        empty="no runs recorded yet",
+    )
+    if st.newest:
+        table(
+            "newest",
+            ["checkpoint", "recorded", "metrics"],
+            [[c.label, iso(c.recorded_at), _metrics_text(c.metrics)] for c in st.newest],
+        )
+    if st.problems:
+        table(
+            "recent problems and actions",
+            ["at", "kind", "subject", "reason"],
+            [[iso(a.at), a.kind, a.subject, a.reason] for a in st.problems],
+        )
+
+
+def _echo_daemon(d: DaemonStatus | None) -> None:
     echo, style = click.echo, click.style
     if d is None:
         echo(
             f"daemon: {style('never started', fg='yellow')} on this database "
             "(start it with `ckptd run`)"
         )
-    elif daemon["alive"]:
+        return
+    if d.alive:
         echo(
             f"daemon: {style('alive', fg='green')} — pid {d.pid} on {d.host}, since "
             f"{iso(d.started_at)}, last heartbeat {iso(d.heartbeat_at)}"
         )
-    elif daemon["unresponsive"]:
+        health = style("healthy", fg="green") if d.healthy else style("unhealthy", fg="red")
+        now = time.time()
+        ago = ", ".join(f"{k} {now - float(v):.0f}s ago" for k, v in sorted((d.jobs or {}).items()))
+        echo(
+            f"  {health} (observers, scheduler, database, progress); last runs: {ago or 'none yet'}"
+        )
+        for item in d.stuck or []:
+            busy = f"{item.get('what')} for {item.get('seconds', 0):.0f} s"
+            echo(f"  {style('stuck:', fg='red')} {busy}")
+        if d.reload_error:
+            echo(
+                f"  {style('last reload failed, running the previous config:', fg='yellow')} "
+                f"{d.reload_error}"
+            )
+    elif d.unresponsive:
         echo(
             f"daemon: {style('unhealthy', fg='red')} — pid {d.pid} on {d.host} runs but wrote "
             f"no heartbeat since {iso(d.heartbeat_at)} (stuck; its log and `systemctl status "
@@ -197,70 +141,11 @@ def status(ctx: CliContext, as_json: bool) -> None:
     else:
         why = "stopped" if d.stopped_at else "no heartbeat"
         echo(f"daemon: {style('not running', fg='red')} ({why}; last seen {iso(d.heartbeat_at)})")
-    if daemon.get("alive"):
-        health = (
-            style("healthy", fg="green") if daemon.get("healthy") else style("unhealthy", fg="red")
-        )
-        jobs = daemon.get("jobs") or {}
-        now = time.time()
-        ago = ", ".join(f"{k} {now - float(v):.0f}s ago" for k, v in sorted(jobs.items()))
-        echo(
-            f"  {health} (observers, scheduler, database, progress); last runs: {ago or 'none yet'}"
-        )
-        for item in daemon.get("stuck") or []:
-            busy = f"{item.get('what')} for {item.get('seconds', 0):.0f} s"
-            echo(f"  {style('stuck:', fg='red')} {busy}")
-        if daemon.get("reload_error"):
-            echo(
-                f"  {style('last reload failed, running the previous config:', fg='yellow')} "
-                f"{daemon['reload_error']}"
-            )
-    for w in daemon.get("watches", []):
+    for w in d.watches:
         if isinstance(w, dict):
             echo(f"  watching {w.get('path')} ({w.get('observer')})")
         else:
             echo(f"  watching {w}")
-    total = sum(counts.values())
-    echo(
-        f"checkpoints: {total} — "
-        + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none yet")
-    )
-    if work["evaluations"] or work["exports"]:
-        echo(
-            "evaluations: "
-            + (", ".join(f"{n} {k}" for k, n in sorted(work["evaluations"].items())) or "none")
-            + " — exports: "
-            + (", ".join(f"{n} {k}" for k, n in sorted(work["exports"].items())) or "none")
-        )
-    table(
-        "runs",
-        ["run", "complete", "corrupt", "gone", "pruned", "newest step", "path"],
-        [
-            [
-                r["run"],
-                r["counts"].get("complete", 0),
-                r["counts"].get("corrupt", 0),
-                r["counts"].get("gone", 0),
-                r["counts"].get("pruned", 0),
-                r["newest_step"],
-                r["path"],
-            ]
-            for r in runs
-        ],
-        empty="no runs recorded yet",
-    )
-    if newest:
-        table(
-            "newest",
-            ["checkpoint", "recorded", "metrics"],
-            [[c.label, iso(c.recorded_at), _metrics_text(c.metrics)] for c in newest],
-        )
-    if recent:
-        table(
-            "recent problems and actions",
-            ["at", "kind", "subject", "reason"],
-            [[iso(a.at), a.kind, a.subject, a.reason] for a in recent],
-        )
 
 
 def _short_time(dt: Any) -> str:
@@ -299,14 +184,11 @@ def ls(
       ckptd ls mnist --json | jq '.[] | select(.best)'
       ckptd ls --state corrupt      # what is wrong, and why
     """
-    from ckptd.store import queries
+    from ckptd.api.listing import LISTED_STATES, listing
 
-    with ctx.session() as s:
-        run_id = queries.resolve_run(s, run).id if run else None
-        wanted = list(states) or (None if show_all else ["complete", "corrupt", "pruning"])
-        items = queries.checkpoints(s, run_id=run_id, states=wanted)
-        best = _best_ids(ctx, s, items)
-        kept = _retention_reasons(ctx, s, items)
+    wanted = list(states) or (None if show_all else LISTED_STATES)
+    found = listing(ctx.store(), ctx.config(), run, wanted)
+    items, best, kept = found.checkpoints, found.best, found.kept_because
     if as_json:
         print_json(
             [{**checkpoint_json(c, c.id in best), "kept_because": kept.get(c.id)} for c in items]
@@ -337,18 +219,7 @@ def ls(
         )
     table(
         None,
-        [
-            "run",
-            "step",
-            "format",
-            "state",
-            "size",
-            *names,
-            "eval",
-            "",
-            "kept because",
-            "recorded (UTC)",
-        ],
+        ["run", "step", "format", "state", "size", *names, *LS_TAIL],
         rows,
         empty="no checkpoints recorded"
         + (f" for {run}" if run else "")
@@ -375,21 +246,14 @@ def best(
       ckptd best mnist
       ckptd best mnist --metric eval/loss --mode min --top 3 --json
     """
-    from ckptd.core.ranking import ranked
-    from ckptd.store import queries
+    from ckptd.api.listing import NoMetric
+    from ckptd.api.listing import best as rank
 
-    with ctx.session() as s:
-        r = queries.resolve_run(s, run)
-        watch = ctx.watch_for(r.watch_path)
-        metric = metric or (watch.best.metric if watch else None)
-        mode = mode or (watch.best.mode if watch else "max")
-        if not metric:
-            raise click.UsageError(
-                f"no metric configured for run {r.name!r}: set [watch.best] metric in the config "
-                "or pass --metric NAME"
-            )
-        items = queries.checkpoints(s, run_id=r.id, states=["complete"])
-    top_items = ranked(items, metric, mode)[:top]
+    try:
+        ranking = rank(ctx.store(), ctx.config(), run, metric, mode, top)
+    except NoMetric as exc:
+        raise click.UsageError(str(exc)) from None
+    r, metric, mode, top_items = ranking.run, ranking.metric, ranking.mode, ranking.best
     if as_json:
         print_json(
             {
@@ -401,7 +265,7 @@ def best(
         )
         return
     if not top_items:
-        known = sorted({k for c in items for k in c.metrics})
+        known = sorted({k for c in ranking.complete for k in c.metrics})
         click.echo(
             f"no checkpoint of {r.name} has a value for {metric!r} yet"
             + (f"; metrics seen: {', '.join(known)}" if known else "")
@@ -432,43 +296,14 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
       ckptd show mnist@1000
       ckptd show /data/runs/mnist/model.ckpt-1000 --json
     """
-    import os
+    from ckptd.api.listing import Unreadable
+    from ckptd.api.listing import show as variables
 
-    from ckptd.io import safeio
-    from ckptd.io.formats import INDEX_MAX_BYTES
-    from ckptd.io.formats.tensorbundle import BundleError, list_tensors
-
-    prefix = checkpoint
-    # A path the user typed is read where it is; a recorded checkpoint is reached from its
-    # watch root, never through a symlink below it.
-    root = os.path.dirname(os.path.abspath(checkpoint + ".index"))
-    if not os.path.exists(checkpoint + ".index"):
-        from sqlalchemy import select
-
-        from ckptd.store import queries
-        from ckptd.store.tables import RunRow
-
-        with ctx.session() as s:
-            record = queries.resolve_checkpoint(s, checkpoint)
-            root = s.scalar(select(RunRow.watch_path).where(RunRow.id == record.run_id)) or root
-        prefix = record.prefix
     try:
-        tensors = list_tensors(safeio.read_under(root, prefix + ".index", INDEX_MAX_BYTES))
-    except FileNotFoundError:
-        raise click.ClickException(
-            f"{prefix}.index does not exist (was it pruned or deleted? see `ckptd events`)"
-        ) from None
-    except safeio.TooLarge:
-        raise click.ClickException(
-            f"{prefix}.index is larger than {INDEX_MAX_BYTES >> 20} MiB, which no real "
-            "checkpoint index is; not read"
-        ) from None
-    except OSError as exc:  # a FIFO or a symlink, a symlinked directory, permissions …
-        raise click.ClickException(
-            f"{prefix}.index cannot be read: {exc.strerror or exc}"
-        ) from None
-    except BundleError as exc:
-        raise click.ClickException(f"{prefix}.index cannot be read: {exc}") from None
+        shown = variables(checkpoint, ctx.store)
+    except Unreadable as exc:
+        raise click.ClickException(str(exc)) from None
+    prefix, tensors = shown.prefix, shown.tensors
     if as_json:
         print_json(
             {
@@ -514,26 +349,11 @@ def events(
       ckptd events --limit 20
       ckptd events --run mnist --kind gone --kind corrupt --json
     """
-    from ckptd.store import queries
+    from ckptd.api.events import events as read_events
 
-    with ctx.session() as s:
-        run_id = queries.resolve_run(s, run).id if run else None
-        items = queries.actions(s, limit=limit, run_id=run_id, kinds=kinds or None)
+    items = read_events(ctx.store(), run=run, kinds=kinds, limit=limit)
     if as_json:
-        print_json(
-            [
-                {
-                    "id": a.id,
-                    "at": iso(a.at),
-                    "kind": a.kind,
-                    "run": a.run,
-                    "subject": a.subject,
-                    "reason": a.reason,
-                    "detail": a.detail,
-                }
-                for a in items
-            ]
-        )
+        print_json([event_json(a) for a in items])
         return
     table(
         None,

@@ -23,17 +23,14 @@ if TYPE_CHECKING:  # imported by the commands, not by --help
 
 def _store(ctx: CliContext) -> Store:
     """The database, for writing (evaluations and exports record their results)."""
-    from ckptd.store.handle import Store
-
-    return Store(ctx.engine(readonly=False))
+    return ctx.store(readonly=False)
 
 
 def _target(ctx: CliContext, text: str) -> Target:
     """What RUN or CHECKPOINT names (read-only: a missing database is an error, not created)."""
     from ckptd.api.targets import resolve
-    from ckptd.store.handle import Store
 
-    target = resolve(Store(ctx.engine(readonly=True)), ctx.config(), text)
+    target = resolve(ctx.store(readonly=True), ctx.config(), text)
     ctx.config(required=True)
     return target
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert
 
 from ckptd import __version__
 from ckptd.api import prune as api_prune
@@ -42,10 +42,10 @@ from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
 from ckptd.daemon.watch import Watcher
 from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, stop_fork_server
-from ckptd.store import daemons, migrate
+from ckptd.store import daemons, migrate, reads
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
 from ckptd.store.handle import Store
-from ckptd.store.tables import ActionRow, CheckpointRow, DaemonRow
+from ckptd.store.tables import ActionRow
 from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class Daemon:
         with self.progress.busy("claiming the database"):
             try:
                 self.daemon_id = daemons.claim(
-                    self.engine,
+                    self.store,
                     version=__version__,
                     config=self.config.source,
                     status={
@@ -349,11 +349,7 @@ class Daemon:
     # ------------------------------------------------------------ periodic jobs
 
     def counts(self) -> dict[str, int]:
-        with session_scope(self.engine) as s:
-            rows = s.execute(
-                select(CheckpointRow.state, func.count()).group_by(CheckpointRow.state)
-            )
-            return {state: n for state, n in rows}
+        return reads.count_states(self.store)
 
     def checkpoint_wal(self) -> None:
         """Fold the WAL into the database here, off the recording path (see make_engine)."""
@@ -378,12 +374,7 @@ class Daemon:
             "stall_bound": self.progress.bound,
             "reload_error": self.reload_error,
         }
-        with session_scope(self.engine) as s:
-            s.execute(
-                update(DaemonRow)
-                .where(DaemonRow.id == self.daemon_id)
-                .values(heartbeat_at=utcnow(), status=status)
-            )
+        daemons.heartbeat(self.store, self.daemon_id, status)
         text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
         notify(self._status_line(stuck, text))
 
@@ -764,9 +755,4 @@ class Daemon:
     def _mark_stopped(self) -> None:
         if self.daemon_id is None:
             return
-        with session_scope(self.engine) as s:
-            s.execute(
-                update(DaemonRow)
-                .where(DaemonRow.id == self.daemon_id)
-                .values(stopped_at=utcnow(), heartbeat_at=utcnow())
-            )
+        daemons.mark_stopped(self.store, self.daemon_id)

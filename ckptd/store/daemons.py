@@ -11,18 +11,38 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, text, update
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.orm import Session
 
 from ckptd.core.model import heartbeat_grace, iso, utcnow
-from ckptd.store.db import insert_id, session_scope
-from ckptd.store.tables import DaemonRow
+from ckptd.store.db import insert_id
+from ckptd.store.handle import Store
+from ckptd.store.tables import DaemonRow, table_of
+
+_daemons = table_of(DaemonRow)
 
 
 class AlreadyRunning(Exception):
     """Another live daemon holds the database; the message names it."""
+
+
+@dataclass(frozen=True)
+class DaemonRecord:
+    """A daemon's row: who it is, since when, and the status its last heartbeat wrote."""
+
+    id: int
+    host: str
+    pid: int
+    version: str
+    config: str
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    status: dict[str, Any] = field(default_factory=dict)
 
 
 def ckptd_alive(pid: int) -> bool:
@@ -50,15 +70,15 @@ def _alive(row: Any, now: datetime, host: str) -> bool:
     return bool(now - row.heartbeat_at <= heartbeat_grace(timedelta(seconds=interval)))
 
 
-def claim(engine: Engine, *, version: str, config: str, status: dict[str, object]) -> int:
+def claim(store: Store, *, version: str, config: str, status: dict[str, object]) -> int:
     """Register this process as the database's daemon and return its row id; raise
     :class:`AlreadyRunning` when another live daemon holds it. Rows of dead daemons (kill -9,
     power loss) are marked stopped, so they never block a restart."""
     host, now = socket.gethostname(), utcnow()
-    with session_scope(engine) as s:
-        if engine.dialect.name == "postgresql":
+    with store.session() as s:
+        if store.dialect == "postgresql":
             s.execute(text("LOCK TABLE daemons IN SHARE ROW EXCLUSIVE MODE"))
-        rows = s.execute(select(DaemonRow.__table__).where(DaemonRow.stopped_at.is_(None))).all()
+        rows = s.execute(select(_daemons).where(_daemons.c.stopped_at.is_(None))).all()
         for row in rows:
             if _alive(row, now, host):
                 raise AlreadyRunning(
@@ -67,11 +87,11 @@ def claim(engine: Engine, *, version: str, config: str, status: dict[str, object
                     f"{iso(row.heartbeat_at)}); stop it first, or give this one another database"
                 )
             s.execute(
-                update(DaemonRow).where(DaemonRow.id == row.id).values(stopped_at=row.heartbeat_at)
+                update(_daemons).where(_daemons.c.id == row.id).values(stopped_at=row.heartbeat_at)
             )
         return insert_id(
             s,
-            insert(DaemonRow).values(
+            insert(_daemons).values(
                 host=host,
                 pid=os.getpid(),
                 version=version,
@@ -81,3 +101,42 @@ def claim(engine: Engine, *, version: str, config: str, status: dict[str, object
                 status=status,
             ),
         )
+
+
+def heartbeat(store: Store, daemon_id: int | None, status: dict[str, object]) -> None:
+    """Record that the daemon is alive now, with its status (what `ckptd status` shows)."""
+    with store.session() as s:
+        s.execute(
+            update(_daemons)
+            .where(_daemons.c.id == daemon_id)
+            .values(heartbeat_at=utcnow(), status=status)
+        )
+
+
+def mark_stopped(store: Store, daemon_id: int) -> None:
+    """The daemon stops: its row no longer holds the database."""
+    now = utcnow()
+    with store.session() as s:
+        s.execute(
+            update(_daemons)
+            .where(_daemons.c.id == daemon_id)
+            .values(stopped_at=now, heartbeat_at=now)
+        )
+
+
+def latest(session: Session) -> DaemonRecord | None:
+    """The newest daemon's row (inside the caller's transaction)."""
+    row = session.execute(select(_daemons).order_by(_daemons.c.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    return DaemonRecord(
+        row.id,
+        row.host,
+        row.pid,
+        row.version,
+        row.config,
+        row.started_at,
+        row.heartbeat_at,
+        row.stopped_at,
+        dict(row.status or {}),
+    )

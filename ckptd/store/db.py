@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,14 +95,17 @@ def checkpoint_wal(engine: Engine) -> tuple[int, int, int] | None:
     database is not SQLite. Runs outside any transaction, on a connection of its own."""
     if engine.dialect.name != "sqlite":
         return None
-    raw = engine.raw_connection()
     try:
-        cur = raw.cursor()
-        busy, log_pages, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        cur.close()
-        return int(busy), int(log_pages), int(done)
-    finally:
-        raw.close()
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            busy, log_pages, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            cur.close()
+            return int(busy), int(log_pages), int(done)
+        finally:
+            raw.close()
+    except (SQLAlchemyError, sqlite3.Error) as exc:  # the driver's own, on a raw connection
+        raise store_error(exc) from exc
 
 
 def insert_id(session: Session, stmt: Any) -> int:
@@ -116,10 +120,11 @@ def rowcount(session: Session, stmt: Any) -> int:
     return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
-def store_error(exc: SQLAlchemyError) -> StoreError:
+def store_error(exc: SQLAlchemyError | sqlite3.Error) -> StoreError:
     """A driver error as one line a user can act on (the CLI prints it, exit status 1)."""
-    msg = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    if isinstance(exc, OperationalError) and ("locked" in msg or "busy" in msg):
+    msg = (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
+    operational = isinstance(exc, OperationalError | sqlite3.OperationalError)
+    if operational and ("locked" in msg or "busy" in msg):
         return StoreError(
             f"database is locked by another process ({msg}); retry, or check "
             "for a long-running reader"

@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ckptd.core.errors import StoreError
 from ckptd.store.db import store_error
+from ckptd.store.handle import Store
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -142,3 +143,13 @@ def ensure_schema(engine: Engine) -> tuple[str | None, str | None]:
             conn.execute(_version_table.insert().values(version_num=SCHEMA_HEAD))
             return None, SCHEMA_HEAD
     return upgrade(engine)
+
+
+def schema_revisions(store: Store) -> tuple[str | None, str | None]:
+    """The database's schema revision and the newest this ckptd knows: (current, head)."""
+    return current_revision(store.engine), head_revision(store.engine)
+
+
+def upgrade_schema(store: Store) -> tuple[str | None, str | None]:
+    """Create or upgrade the schema to head; returns (before, after)."""
+    return upgrade(store.engine)

@@ -1,0 +1,174 @@
+"""What `ckptd ls`, `best` and `show` show: checkpoints with their best mark and why retention
+keeps them, a run's ranking by a metric, and the variables saved in a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ckptd.config import Config, WatchConfig
+from ckptd.core.model import COMPLETE, CORRUPT, PRUNING, Checkpoint, Run, utcnow
+from ckptd.core.ranking import ranked, select_best
+from ckptd.core.retention import plan as plan_prune
+from ckptd.store import reads, runs
+from ckptd.store.handle import Store
+
+if TYPE_CHECKING:
+    from ckptd.io.formats.tensorbundle import TensorInfo
+
+# What `ckptd ls` lists unless asked for states (gone and pruned ones are history).
+LISTED_STATES = (COMPLETE, CORRUPT, PRUNING)
+
+
+class NoMetric(ValueError):
+    """Ranking was asked for, but neither the config nor the caller names a metric."""
+
+
+class Unreadable(Exception):
+    """A checkpoint's index cannot be read; the message says why and what to check."""
+
+
+def watch_of(config: Config, watch_path: str) -> WatchConfig | None:
+    """The configured watch a run belongs to (by the watch path recorded with the run)."""
+    for w in config.watches:
+        if str(w.path) == watch_path:
+            return w
+    return None
+
+
+@dataclass(frozen=True)
+class Listing:
+    checkpoints: list[Checkpoint]
+    best: frozenset[int] = frozenset()  # ids: the best of each run by its watch's metric
+    # ids -> why [watch.retain] keeps it ([]: the next prune deletes it); only runs with a policy
+    kept_because: dict[int, list[str]] = field(default_factory=dict)
+
+
+def listing(
+    store: Store,
+    config: Config,
+    run: str | None = None,
+    states: Sequence[str] | None = LISTED_STATES,
+) -> Listing:
+    """The checkpoints of ``run`` (a name or an absolute path; every run if None) in ``states``
+    (None: all), by run and step."""
+    run_id = runs.find_run(store, run).id if run else None
+    items = reads.load_checkpoints(store, run_id=run_id, states=states)
+    if not items:
+        return Listing([])
+    watches = {
+        r.id: w for r in runs.all_runs(store) if (w := watch_of(config, r.watch_path)) is not None
+    }
+    listed = {c.run_id for c in items}
+    return Listing(
+        items,
+        _best_ids(items, watches),
+        _retention_reasons(store, {i: w for i, w in watches.items() if i in listed}),
+    )
+
+
+def _best_ids(items: Sequence[Checkpoint], watches: dict[int, WatchConfig]) -> frozenset[int]:
+    by_run: dict[int, list[Checkpoint]] = {}
+    for c in items:
+        by_run.setdefault(c.run_id, []).append(c)
+    best = set()
+    for run_id, of_run in by_run.items():
+        watch = watches.get(run_id)
+        if watch is None or not watch.best.metric:
+            continue
+        b = select_best(of_run, watch.best.metric, watch.best.mode)
+        if b is not None:
+            best.add(b.id)
+    return frozenset(best)
+
+
+def _retention_reasons(store: Store, watches: dict[int, WatchConfig]) -> dict[int, list[str]]:
+    """Why each checkpoint of these runs survives its [watch.retain] policy; the whole history
+    of every run with one, in one read."""
+    from ckptd.api.prune import rules_for
+
+    rules = {run_id: r for run_id, w in watches.items() if (r := rules_for(w)) is not None}
+    if not rules:
+        return {}
+    histories: dict[int, list[Checkpoint]] = {run_id: [] for run_id in rules}
+    for c in reads.load_checkpoints(store, run_ids=list(rules)):
+        histories[c.run_id].append(c)
+    out: dict[int, list[str]] = {}
+    now = utcnow()
+    for run_id, history in histories.items():
+        plan = plan_prune(history, rules[run_id], now)
+        out.update({c.id: [] for c in plan.delete})  # the next prune deletes these
+        out.update({cid: list(reasons) for cid, reasons in plan.keep.items()})
+    return out
+
+
+@dataclass(frozen=True)
+class Ranking:
+    run: Run
+    metric: str
+    mode: str
+    best: list[Checkpoint]  # the best first, at most ``top``
+    complete: list[Checkpoint]  # every complete checkpoint of the run (what was ranked)
+
+
+def best(
+    store: Store,
+    config: Config,
+    run: str,
+    metric: str | None = None,
+    mode: str | None = None,
+    top: int = 1,
+) -> Ranking:
+    """The ``top`` best complete checkpoints of ``run`` by ``metric`` (default: its watch's),
+    ties to the newer step; NaN and missing values never rank."""
+    r = runs.find_run(store, run)
+    watch = watch_of(config, r.watch_path)
+    metric = metric or (watch.best.metric if watch else None)
+    mode = mode or (watch.best.mode if watch else "max")
+    if not metric:
+        raise NoMetric(
+            f"no metric configured for run {r.name!r}: set [watch.best] metric in the config "
+            "or pass --metric NAME"
+        )
+    items = reads.load_checkpoints(store, run_id=r.id, states=[COMPLETE])
+    return Ranking(r, metric, mode, ranked(items, metric, mode)[:top], items)
+
+
+@dataclass(frozen=True)
+class Variables:
+    prefix: str
+    tensors: list[TensorInfo]
+
+
+def show(checkpoint: str, open_store: Callable[[], Store]) -> Variables:
+    """The variables saved in ``checkpoint``: a prefix path read where it is, or a recorded
+    checkpoint (prefix or ``RUN@STEP``) read from its watch root, never through a symlink below
+    it. Read from the .index file; the database is opened only for a recorded one."""
+    from ckptd.io import safeio
+    from ckptd.io.formats import INDEX_MAX_BYTES
+    from ckptd.io.formats.tensorbundle import BundleError, list_tensors
+
+    prefix = checkpoint
+    root = os.path.dirname(os.path.abspath(checkpoint + ".index"))
+    if not os.path.exists(checkpoint + ".index"):
+        record, watch_root = reads.locate_checkpoint(open_store(), checkpoint)
+        prefix, root = record.prefix, watch_root or root
+    try:
+        return Variables(
+            prefix, list_tensors(safeio.read_under(root, prefix + ".index", INDEX_MAX_BYTES))
+        )
+    except FileNotFoundError:
+        raise Unreadable(
+            f"{prefix}.index does not exist (was it pruned or deleted? see `ckptd events`)"
+        ) from None
+    except safeio.TooLarge:
+        raise Unreadable(
+            f"{prefix}.index is larger than {INDEX_MAX_BYTES >> 20} MiB, which no real "
+            "checkpoint index is; not read"
+        ) from None
+    except OSError as exc:  # a FIFO or a symlink, a symlinked directory, permissions …
+        raise Unreadable(f"{prefix}.index cannot be read: {exc.strerror or exc}") from None
+    except BundleError as exc:
+        raise Unreadable(f"{prefix}.index cannot be read: {exc}") from None

@@ -1,0 +1,292 @@
+"""Checkpoint reads: the one row → :class:`Checkpoint` mapper and the queries built on it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Text, and_, cast, func, select
+from sqlalchemy.orm import Session
+
+from ckptd.core.errors import NotFound
+from ckptd.core.model import Action, Checkpoint
+from ckptd.store import daemons
+from ckptd.store.audit_reads import actions
+from ckptd.store.handle import Store
+from ckptd.store.runs import RunSummary, resolve_run, run_summaries, runs_table
+from ckptd.store.tables import (
+    CheckpointRow,
+    EvaluationRow,
+    ExportRow,
+    MetricRow,
+    PinRow,
+    table_of,
+)
+
+# When the same metric comes from several sources, an evaluation beats the run's own summaries,
+# which beat a value parsed from a file name (rounded by the template).
+SOURCE_RANK = {"evaluator": 0, "tfevents": 1, "filename": 2}
+
+# Column reads use the Core tables: a Core SELECT skips the ORM's per-statement compile state and
+# mapper configuration, and loads no entities into an identity map.
+_c = table_of(CheckpointRow).c
+_metrics = table_of(MetricRow).c
+_pins = table_of(PinRow).c
+_evaluations = table_of(EvaluationRow).c
+_exports = table_of(ExportRow).c
+
+# What every Checkpoint is built from, in :func:`to_checkpoints`' order; ``files`` as its JSON
+# text, so that all rows' lists decode in one ``json.loads``.
+CHECKPOINT_COLUMNS = (
+    _c.id,
+    _c.run_id,
+    _c.prefix,
+    _c.step,
+    _c.format,
+    _c.state,
+    _c.reason,
+    _c.size_bytes,
+    cast(_c.files, Text),
+    _c.has_meta,
+    _c.created_at,
+    _c.completed_at,
+    _c.recorded_at,
+)
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What the other tables say about checkpoints, by checkpoint id."""
+
+    metrics: Mapping[int, dict[str, float]]
+    pinned: set[int]
+    evaluations: Mapping[int, str]
+    exported: set[int]  # behind a published export
+    exporting: set[int]  # an export of it is being written
+
+    @classmethod
+    def of(
+        cls,
+        metric_rows: Iterable[Any],
+        pinned: Iterable[int],
+        evaluation_rows: Iterable[tuple[int, str]],
+        export_rows: Iterable[Any],
+    ) -> Extras:
+        """From rows of (checkpoint id, name, value, source), pinned ids, (checkpoint id,
+        evaluation status) and (checkpoint id, export status)."""
+        exports = list(export_rows)
+        return cls(
+            best_sources(metric_rows),
+            set(pinned),
+            {cid: status for cid, status in evaluation_rows},
+            {cid for cid, status in exports if status == "published"},
+            {cid for cid, status in exports if status == "exporting"},
+        )
+
+
+def to_checkpoints(
+    rows: Sequence[Any], run_names: Mapping[int, str], extras: Extras
+) -> list[Checkpoint]:
+    """Rows of :data:`CHECKPOINT_COLUMNS` as domain records: the one mapper."""
+    files = json.loads("[" + ",".join(row[8] or "null" for row in rows) + "]")
+    return [
+        Checkpoint(
+            id=row[0],
+            run=run_names[row[1]],
+            run_id=row[1],
+            prefix=row[2],
+            step=row[3],
+            format=row[4],
+            state=row[5],
+            reason=row[6],
+            size=row[7],
+            files=tuple(names or ()),
+            has_meta=row[9],
+            created_at=row[10],
+            recorded_at=row[11] or row[12],
+            metrics=extras.metrics.get(row[0], {}),
+            pinned=row[0] in extras.pinned,
+            evaluation=extras.evaluations.get(row[0]),
+            exported=row[0] in extras.exported,
+            exporting=row[0] in extras.exporting,
+        )
+        for row, names in zip(rows, files, strict=True)
+    ]
+
+
+def best_sources(rows: Iterable[Any]) -> dict[int, dict[str, float]]:
+    """Per checkpoint, each metric's value from its best source (SOURCE_RANK), names sorted;
+    rows are (checkpoint id, name, value, source). NULL (stored NaN) becomes NaN."""
+    slots: dict[int, dict[str, tuple[int, float]]] = {}
+    for cid, name, value, source in rows:
+        rank = SOURCE_RANK.get(source, 9)
+        slot = slots.setdefault(cid, {})
+        if name not in slot or rank < slot[name][0]:
+            slot[name] = (rank, float("nan") if value is None else value)
+    return {cid: {k: v for k, (_r, v) in sorted(slot.items())} for cid, slot in slots.items()}
+
+
+def checkpoints(
+    session: Session,
+    *,
+    run_id: int | None = None,
+    run_ids: Sequence[int] | None = None,
+    ids: Sequence[int] | None = None,
+    states: Sequence[str] | None = None,
+    limit: int | None = None,
+    newest_first: bool = False,
+) -> list[Checkpoint]:
+    """Checkpoints with their metrics, pin, evaluation and export flags, by run name and step
+    (``newest_first``: newest recorded first). Inside the caller's transaction.
+
+    ``run_ids``: the histories of many runs in one go.
+    """
+    r = runs_table.c
+    stmt = select(*CHECKPOINT_COLUMNS, r.name).join(runs_table, r.id == _c.run_id)
+    if run_id is not None:
+        stmt = stmt.where(_c.run_id == run_id)
+    if run_ids is not None:
+        stmt = stmt.where(_c.run_id.in_(list(run_ids)))
+    if ids is not None:
+        stmt = stmt.where(_c.id.in_(list(ids)))
+    if states:
+        stmt = stmt.where(_c.state.in_(list(states)))
+    stmt = stmt.order_by(*((_c.id.desc(),) if newest_first else (r.name, _c.step, _c.id)))
+    if limit:
+        stmt = stmt.limit(limit)
+    rows = session.execute(stmt).all()
+    if not rows:
+        return []
+    whole_runs = ids is None and not limit
+    # The other tables are read for whole runs by a subquery when the rows are whole runs, by
+    # the ids otherwise (or unfiltered past the size of an IN list worth sending).
+    of: Any
+    if whole_runs and run_id is not None:
+        of = select(_c.id).where(_c.run_id == run_id)
+    elif whole_runs and run_ids is not None:
+        of = select(_c.id).where(_c.run_id.in_(list(run_ids)))
+    else:
+        of = [row[0] for row in rows] if len(rows) <= 30000 else None
+    extras = _extras(session, of)
+    return to_checkpoints(rows, {row[1]: row[-1] for row in rows}, extras)
+
+
+def _extras(session: Session, of: Any) -> Extras:
+    """Metrics, pins, evaluations and exports of the checkpoints ``of`` (ids, a subquery of
+    ids, or None for all) in four queries."""
+
+    def where(column: Any) -> Any:
+        return True if of is None else column.in_(of)
+
+    m = _metrics
+    return Extras.of(
+        session.execute(
+            select(m.checkpoint_id, m.name, m.value, m.source).where(where(m.checkpoint_id))
+        ),
+        session.scalars(select(_pins.checkpoint_id).where(where(_pins.checkpoint_id))),
+        session.execute(
+            select(_evaluations.checkpoint_id, _evaluations.status).where(
+                where(_evaluations.checkpoint_id)
+            )
+        ).all(),
+        session.execute(
+            select(_exports.checkpoint_id, _exports.status).where(
+                and_(where(_exports.checkpoint_id), _exports.status.in_(["published", "exporting"]))
+            )
+        ).all(),
+    )
+
+
+def resolve_checkpoint(session: Session, text: str) -> Checkpoint:
+    """A checkpoint by prefix path or ``RUN@STEP``."""
+    run_text, sep, step_text = text.rpartition("@")
+    if sep and step_text.isdigit():
+        run = resolve_run(session, run_text)
+        where = and_(_c.run_id == run.id, _c.step == int(step_text))
+    else:
+        path = os.path.abspath(text)
+        where = _c.prefix.in_([path, path.removesuffix(".index")])
+    found = session.scalar(select(_c.id).where(where).order_by(_c.id.desc()).limit(1))
+    if found is None:
+        raise NotFound(f"no checkpoint {text!r}; list them with `ckptd ls`")
+    return checkpoints(session, ids=[found])[0]
+
+
+def state_counts(session: Session, run_id: int | None = None) -> dict[str, int]:
+    """How many checkpoints (of ``run_id``, or of every run) are in each state."""
+    stmt = select(_c.state, func.count()).group_by(_c.state)
+    if run_id is not None:
+        stmt = stmt.where(_c.run_id == run_id)
+    return {s: n for s, n in session.execute(stmt)}
+
+
+def work_counts(session: Session) -> dict[str, dict[str, int]]:
+    """Evaluations and exports by status."""
+    return {
+        "evaluations": _by_status(session, _evaluations.status),
+        "exports": _by_status(session, _exports.status),
+    }
+
+
+def _by_status(session: Session, column: Any) -> dict[str, int]:
+    return {s: n for s, n in session.execute(select(column, func.count()).group_by(column))}
+
+
+# ---------------------------------------------------------------- for the layers above
+
+
+def load_checkpoints(
+    store: Store,
+    *,
+    run_id: int | None = None,
+    run_ids: Sequence[int] | None = None,
+    states: Sequence[str] | None = None,
+) -> list[Checkpoint]:
+    """:func:`checkpoints` in a transaction of its own."""
+    with store.session() as session:
+        return checkpoints(session, run_id=run_id, run_ids=run_ids, states=states)
+
+
+def count_states(store: Store) -> dict[str, int]:
+    """How many checkpoints are in each state (the daemon's heartbeat and metrics)."""
+    with store.session() as session:
+        return state_counts(session)
+
+
+def locate_checkpoint(store: Store, text: str) -> tuple[Checkpoint, str | None]:
+    """A checkpoint by prefix path or ``RUN@STEP``, and its watch root (where its files are
+    reached from)."""
+    with store.session() as session:
+        checkpoint = resolve_checkpoint(session, text)
+        root = session.scalar(
+            select(runs_table.c.watch_path).where(runs_table.c.id == checkpoint.run_id)
+        )
+    return checkpoint, root
+
+
+@dataclass(frozen=True)
+class StatusRows:
+    """What `ckptd status` reads, from one transaction (one consistent snapshot)."""
+
+    daemon: daemons.DaemonRecord | None
+    runs: list[RunSummary]
+    newest: list[Checkpoint]
+    work: dict[str, dict[str, int]]
+    problems: list[Action]
+
+
+def status_rows(store: Store, *, newest: int, problems: int, kinds: Sequence[str]) -> StatusRows:
+    """The newest daemon, every run's summary, the ``newest`` complete checkpoints, work counts
+    and the ``problems`` newest events of ``kinds``. Set-based: a handful of statements however
+    many checkpoints there are."""
+    with store.session() as session:
+        return StatusRows(
+            daemons.latest(session),
+            run_summaries(session),
+            checkpoints(session, states=["complete"], limit=newest, newest_first=True),
+            work_counts(session),
+            actions(session, limit=problems, kinds=kinds),
+        )
