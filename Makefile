@@ -31,6 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check ckptd migrations tests bench
 	$(BIN)/ruff format --check ckptd migrations tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache  # the layers of DESIGN.md v2 (contracts in pyproject.toml)
 
 test: lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

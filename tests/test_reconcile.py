@@ -329,10 +329,10 @@ def test_daemon_rescan_catches_what_events_missed(tmp_path: Path, corpus: Corpus
     assert daemon.full_reconcile() == 0
     corpus.copy("tf2", root / "late")
     daemon.rescan()
-    assert [c.step for c in _ls(daemon.engine, "late")] == [10, 20, 30]
+    assert [c.step for c in _ls(daemon.store.engine, "late")] == [10, 20, 30]
     shutil.rmtree(root / "late")
     daemon.rescan()
-    assert {c.state for c in _ls(daemon.engine, "late")} == {"gone"}
+    assert {c.state for c in _ls(daemon.store.engine, "late")} == {"gone"}
     daemon.shutdown()
 
 
@@ -446,7 +446,7 @@ def test_daemon_deep_rescan_catches_an_in_place_rewrite(tmp_path: Path, corpus: 
     daemon = Daemon(cfg)
     daemon.prepare()
     daemon.full_reconcile()
-    assert {c.step: c.state for c in _ls(daemon.engine)} == {s: "complete" for s in (10, 20, 30)}
+    assert {c.step: c.state for c in _ls(daemon.store.engine)} == {s: "complete" for s in (10, 20, 30)}
     index = run / "model.ckpt-20.index"
     data = bytearray(index.read_bytes())
     data[len(data) // 3] ^= 0xFF  # same name, same size: only the file's mtime changes
@@ -455,7 +455,7 @@ def test_daemon_deep_rescan_catches_an_in_place_rewrite(tmp_path: Path, corpus: 
     seen = []
     for _ in range(daemon_main.DEEP_RESCAN_EVERY):
         daemon.rescan()
-        seen.append({c.step: c.state for c in _ls(daemon.engine)}[20])
+        seen.append({c.step: c.state for c in _ls(daemon.store.engine)}[20])
     assert seen[:-1] == ["complete"] * (daemon_main.DEEP_RESCAN_EVERY - 1), "quick passes skip"
     assert seen[-1] == "corrupt"
     daemon.shutdown()
@@ -636,7 +636,7 @@ def test_backfill_survives_a_run_whose_observation_fails(
     monkeypatch.setattr(observe_mod, "ObservePool", NeverUp)
     assert daemon.full_reconcile(workers=2) == 3 * (n - 1)
     assert daemon.health.reconcile_errors == 1
-    assert {c.run for c in _ls(daemon.engine)} == {f"r{i:02d}" for i in range(n)} - {"r03"}
+    assert {c.run for c in _ls(daemon.store.engine)} == {f"r{i:02d}" for i in range(n)} - {"r03"}
     monkeypatch.setattr(formats, "scan_run", real_scan)
     assert daemon.full_reconcile() == 3
     daemon.shutdown()

@@ -248,4 +248,4 @@ def test_backfill_checkpoints_the_wal_while_it_writes(tmp_path: Path) -> None:
     assert n >= 2
     time.sleep(0.1)
     assert len(calls) == n  # stopped with the body
-    daemon.engine.dispose()
+    daemon.store.engine.dispose()

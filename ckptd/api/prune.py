@@ -26,7 +26,7 @@ from ckptd.core import retention
 from ckptd.core.model import Checkpoint, Run, iso, utcnow
 from ckptd.core.retention import Plan
 from ckptd.io import fsops, statefile
-from ckptd.store import claims, pruning
+from ckptd.store import audit, claims, pruning
 from ckptd.store.audit import Entry
 from ckptd.store.handle import Store
 
@@ -235,7 +235,7 @@ def _remove_leftovers(store: Store, todo: list[_Planned]) -> None:
             entries.append(
                 Entry(now, "removed_temp", run.id, None, run.path, LEFTOVERS_WHY, detail)
             )
-    pruning.write_audit(store, entries)
+    audit.write(store, entries)
 
 
 def _prune_group(store: Store, group: list[_Planned]) -> None:

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert
-
 from ckptd import __version__
 from ckptd.api import prune as api_prune
 from ckptd.api.evaluate import Evaluator
@@ -42,10 +40,9 @@ from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
 from ckptd.daemon.watch import Watcher
 from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, stop_fork_server
-from ckptd.store import daemons, migrate, reads
-from ckptd.store.db import checkpoint_wal, make_engine, session_scope, sqlite_path
+from ckptd.store import audit, daemons, migrate, reads
 from ckptd.store.handle import Store
-from ckptd.store.tables import ActionRow
+from ckptd.store.urls import sqlite_path
 from ckptd.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
@@ -109,11 +106,10 @@ class Daemon:
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
-        self.engine = make_engine(config.daemon.database, wal_autocheckpoint=False, recreate=False)
+        self.store = Store.open(config.daemon.database, wal_autocheckpoint=False, recreate=False)
         self.dirty = DirtyRuns()
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
-        self.store = Store(self.engine)  # the handle the api takes; names this process in claims
         self.reconciler = Reconciler(self.store)
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
@@ -141,7 +137,7 @@ class Daemon:
         """Upgrade the schema (or refuse with a message) and claim the database for this daemon."""
         with self.progress.busy("migrating the database"):
             try:
-                before, after = migrate.ensure_schema(self.engine)
+                before, after = migrate.ensure_store_schema(self.store)
             except Exception as exc:
                 raise SystemExit(
                     f"ckptd: cannot migrate the database {self.config.daemon.database}: "
@@ -291,18 +287,14 @@ class Daemon:
         new = sorted(runs_mod.UNSUPPORTED - self._reported_runs)
         if not new:
             return
-        with session_scope(self.engine) as s:
-            for shown in new:
-                s.execute(
-                    insert(ActionRow).values(
-                        at=utcnow(),
-                        kind="unsupported_name",
-                        subject=shown,
-                        reason="directory name is not valid UTF-8; ckptd does not watch it as a "
-                        "run (rename it to have its checkpoints recorded)",
-                        detail={},
-                    )
-                )
+        why = (
+            "directory name is not valid UTF-8; ckptd does not watch it as a run (rename it to "
+            "have its checkpoints recorded)"
+        )
+        now = utcnow()
+        audit.write(
+            self.store, [audit.Entry(now, "unsupported_name", subject=s, reason=why) for s in new]
+        )
         self._reported_runs |= set(new)
 
     def _reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Outcome:
@@ -353,7 +345,7 @@ class Daemon:
 
     def checkpoint_wal(self) -> None:
         """Fold the WAL into the database here, off the recording path (see make_engine)."""
-        result = checkpoint_wal(self.engine)
+        result = self.store.checkpoint_wal()
         if result is not None and result[0]:
             _busy, pages, done = result
             log.debug("WAL checkpoint held back by a reader: %d of %d pages copied", done, pages)
@@ -419,8 +411,6 @@ class Daemon:
 
     def freeze(self, watch: WatchConfig) -> None:
         """Export the best checkpoint of each run of ``watch`` if it changed."""
-        from ckptd.store import queries
-
         assert watch.freeze is not None
         # An export may wait for the shared worker to finish an evaluation, then runs under its
         # own timeout: only past both is it stuck.
@@ -428,9 +418,7 @@ class Daemon:
             (w.evaluate.timeout for w in self.config.watches if w.evaluate is not None),
             default=timedelta(0),
         )
-        with session_scope(self.engine) as s:
-            runs = [r for r in queries.runs(s) if r.watch_path == str(watch.path) and r.present]
-        for run in runs:
+        for run in api_prune.runs(self.store, watch_path=str(watch.path)):
             with self.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
                 outcome = self.freezer.freeze_run(run, watch)
             if outcome.status in ("published", "failed"):
@@ -734,7 +722,7 @@ class Daemon:
             self._mark_stopped()
         except StoreError as exc:
             log.error("could not mark this daemon stopped: %s", exc)
-        self.engine.dispose()
+        self.store.close()
         if busy:
             return False
         log.info("stopped")

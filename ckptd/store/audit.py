@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import utcnow
 from ckptd.store.tables import ActionRow, table_of
 from ckptd.store.upsert import insert_many
+
+if TYPE_CHECKING:
+    from ckptd.store.handle import Store
 
 
 class Entry(NamedTuple):
@@ -50,3 +53,11 @@ def record_many(session: Session, entries: Iterable[Entry]) -> None:
     rows = [e if e.detail is not None else e._replace(detail={}) for e in entries]
     if rows:
         insert_many(session.connection(), table_of(ActionRow), COLUMNS, rows)
+
+
+def write(store: Store, entries: Iterable[Entry]) -> None:
+    """Audit rows in a transaction of their own (for work that changes no other row)."""
+    rows = list(entries)
+    if rows:
+        with store.session() as session:
+            record_many(session, rows)

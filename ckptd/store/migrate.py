@@ -153,3 +153,8 @@ def schema_revisions(store: Store) -> tuple[str | None, str | None]:
 def upgrade_schema(store: Store) -> tuple[str | None, str | None]:
     """Create or upgrade the schema to head; returns (before, after)."""
     return upgrade(store.engine)
+
+
+def ensure_store_schema(store: Store) -> tuple[str | None, str | None]:
+    """The daemon's start: :func:`ensure_schema` on the store's database."""
+    return ensure_schema(store.engine)

@@ -251,12 +251,6 @@ def record_results(
         versions.bump(s, run_ids)
 
 
-def write_audit(store: Store, entries: Sequence[audit.Entry]) -> None:
-    if entries:
-        with store.session() as s:
-            audit.record_many(s, entries)
-
-
 class Interrupted(NamedTuple):
     """A run's checkpoints left in ``pruning`` (each with the reason its intent recorded)."""
 
