@@ -14,7 +14,7 @@ from _common import ENV, RUN_CWD
 
 from ckptd.config import Config, WatchConfig, load_config
 from ckptd.core.model import Run
-from ckptd.store import queries
+from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
 from ckptd.worker.client import WorkerClient
 
@@ -43,7 +43,7 @@ def watch_for(cfg: Config, run: Run) -> WatchConfig:
 
 def runs(engine: Any) -> list[Run]:
     with session_scope(engine) as s:
-        return queries.runs(s)
+        return store_runs.runs(s)
 
 
 class RecordingClient(WorkerClient):

@@ -60,7 +60,7 @@ from _common import (
 from _inproc import RecordingClient, open_store, prepare_process, runs, watch_for
 
 from ckptd.api.freeze import Freezer
-from ckptd.store import queries
+from ckptd.store import reads
 from ckptd.store.db import session_scope
 from ckptd.store.handle import Store
 
@@ -162,7 +162,7 @@ def freezer_case(
     (run,) = runs(engine)
     watch = watch_for(cfg, run)
     with session_scope(engine) as s:
-        (checkpoint,) = queries.checkpoints(s, run_id=run.id)
+        (checkpoint,) = reads.checkpoints(s, run_id=run.id)
 
     def export(client: RecordingClient) -> tuple[float, Any]:
         freezer = Freezer(Store(engine), client)

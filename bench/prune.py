@@ -58,7 +58,7 @@ from _inproc import open_store, prepare_process, runs, watch_for
 
 from ckptd.api import prune
 from ckptd.io import statefile
-from ckptd.store import queries
+from ckptd.store import audit_reads
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.handle import Store
 
@@ -125,7 +125,7 @@ def verify(root: Path, db: Path, n_runs: int, files: list[Path]) -> dict[str, An
     engine = make_engine(f"sqlite:///{db}", readonly=True)
     try:
         with session_scope(engine) as s:
-            events = queries.actions(s, limit=n_runs * PER_RUN * 2, kinds=["pruned"])
+            events = audit_reads.actions(s, limit=n_runs * PER_RUN * 2, kinds=["pruned"])
     finally:
         engine.dispose()
     actions = len({e.subject for e in events})

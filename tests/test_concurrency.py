@@ -23,7 +23,8 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from ckptd.core.model import COMPLETE, utcnow
-from ckptd.store import claims, evaluations, migrate, queries
+from ckptd.store import audit_reads, claims, evaluations, migrate
+from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
 from ckptd.store.tables import CheckpointRow, EvaluationRow, ExportRow, MetricRow, RunRow
 from tests.conftest import Corpus, ckptd, query, wait_for, write_config
@@ -130,7 +131,7 @@ def test_an_expired_claim_is_claimable_and_a_live_one_is_not(
                 EvaluationRow.id == first.evaluation_id
             )
         ).one()
-        (evaluated,) = queries.actions(s, kinds=["evaluated"])
+        (evaluated,) = audit_reads.actions(s, kinds=["evaluated"])
     assert (status, claimed_by) == ("done", None)
     assert evaluated.detail["metrics"] == {"eval/score": 0.25}
 
@@ -192,7 +193,7 @@ def test_an_export_another_process_holds_is_skipped_with_a_clear_message(
         }
     )
     with a.session() as s:
-        run = next(r for r in queries.runs(s) if r.id == run_id)
+        run = next(r for r in store_runs.runs(s) if r.id == run_id)
     assert claims.claim(b, run_id, claims.FREEZE)  # b (the daemon, say) is exporting the run
     freezer = Freezer(a, WorkerClient())
     try:
@@ -389,7 +390,7 @@ def test_evaluate_run_leaves_other_runs_pending(tmp_path: Path, corpus: Corpus) 
     store = Store.open(f"sqlite:///{db}")
     try:
         with store.session() as s:
-            b_id = queries.resolve_run(s, "b").id
+            b_id = store_runs.resolve_run(s, "b").id
         assert Evaluator(store, load_config(conf)).enqueue(run_ids=[b_id]) == 3
     finally:
         store.close()
@@ -487,7 +488,7 @@ def test_daemon_and_cli_evaluate_and_prune_the_same_runs_at_once(
     store = Store.open(f"sqlite:///{db}", readonly=True)
     try:
         with store.session() as s:
-            pruned = [a.subject for a in queries.actions(s, kinds=["pruned"], limit=10_000)]
+            pruned = [a.subject for a in audit_reads.actions(s, kinds=["pruned"], limit=10_000)]
     finally:
         store.close()
     assert len(pruned) == len(set(pruned)), Counter(pruned)

@@ -15,7 +15,8 @@ from ckptd.api.evaluate import Evaluator
 from ckptd.config import parse_config
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import discover
-from ckptd.store import migrate, queries
+from ckptd.store import audit_reads, migrate, reads
+from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient
@@ -96,7 +97,7 @@ def test_every_checkpoint_evaluated_exactly_once_in_one_warm_worker(
         30: "done",
     }
     with session_scope(engine) as s:  # type: ignore[arg-type]
-        items = queries.checkpoints(s, run_id=queries.resolve_run(s, "tf2").id)
+        items = reads.checkpoints(s, run_id=store_runs.resolve_run(s, "tf2").id)
     assert {c.step: c.metrics["eval/score"] for c in items} == {10: 0.01, 20: 0.02, 30: 0.03}
     assert all(c.evaluation == "done" for c in items)
 
@@ -182,7 +183,7 @@ def test_errors_are_recorded_retried_with_backoff_then_failed(
     }
     assert "boom at step 10" in (evaluations[10][2] or "")
     with session_scope(engine) as s:  # type: ignore[arg-type]
-        failures = queries.actions(s, kinds=["evaluation_failed"])
+        failures = audit_reads.actions(s, kinds=["evaluation_failed"])
     assert len(failures) == 6 and sum(bool(a.detail["final"]) for a in failures) == 3
 
 

@@ -13,7 +13,8 @@ from ckptd.api.freeze import TMP_PREFIX, Freezer
 from ckptd.config import parse_config
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import discover
-from ckptd.store import migrate, queries
+from ckptd.store import audit_reads, migrate, reads
+from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.handle import Store
 from tests.conftest import Corpus, ckptd, query, wait_for, write_config
@@ -66,7 +67,7 @@ def test_freeze_best_publishes_verified_export_once(tmp_path: Path, corpus: Corp
     freezer = Freezer(Store(engine))
     try:
         with session_scope(engine) as s:
-            run = queries.resolve_run(s, "mnist")
+            run = store_runs.resolve_run(s, "mnist")
         outcome = freezer.freeze_run(run, cfg.watches[0])
         best = _best_step(corpus)
         assert outcome.status == "published", outcome.message
@@ -80,13 +81,13 @@ def test_freeze_best_publishes_verified_export_once(tmp_path: Path, corpus: Corp
         # Two more on demand with keep = 1: the newest stays, the best's is never removed,
         # the one in between goes.
         with session_scope(engine) as s:
-            others = [c for c in queries.checkpoints(s, run_id=run.id) if c.step != best]
+            others = [c for c in reads.checkpoints(s, run_id=run.id) if c.step != best]
         for other in others:
             assert freezer.freeze_run(run, cfg.watches[0], other).status == "published"
     finally:
         freezer.close()
     with session_scope(engine) as s:
-        kinds = [a.kind for a in queries.actions(s)]
+        kinds = [a.kind for a in audit_reads.actions(s)]
     assert kinds.count("exported") == 3 and kinds.count("export_removed") == 1
     assert sorted(p.name for p in (export / "mnist").iterdir()) == sorted(
         [str(best), str(others[-1].step)]

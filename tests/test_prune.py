@@ -18,7 +18,8 @@ import pytest
 from ckptd.api import prune
 from ckptd.config import load_config
 from ckptd.io import fsops, safeio, statefile
-from ckptd.store import pruning, queries
+from ckptd.store import audit_reads, pruning
+from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.handle import Store
 from tests.conftest import ENV, PY, Corpus, ckptd, query, write_config
@@ -358,7 +359,7 @@ def _recorded_runs(
 
 def _runs_and_watches(engine: Any, cfg: Any) -> list[tuple[Any, Any]]:
     with session_scope(engine) as s:
-        runs = queries.runs(s)
+        runs = store_runs.runs(s)
     return [(r, cfg.watches[0]) for r in runs]
 
 
@@ -403,7 +404,9 @@ def test_prune_runs_batches_every_phase_across_runs(
     # One audit row per run, listing its deletions; events show each deletion.
     assert query(db, "select count(*) from actions where kind = 'pruned'") == [(4,)]
     with session_scope(engine) as s:
-        audit = [(e.subject, e.detail) for e in queries.actions(s, limit=1000, kinds=["pruned"])]
+        audit = [
+            (e.subject, e.detail) for e in audit_reads.actions(s, limit=1000, kinds=["pruned"])
+        ]
     assert sorted(s for s, _ in audit) == sorted(p for p, _, st, _ in rows if st == "pruned")
     for subject, d in audit:
         assert isinstance(subject, str) and isinstance(d["files"], list)
@@ -426,7 +429,7 @@ def test_prune_runs_batches_every_phase_across_runs(
     again = prune.prune(store, items)  # nothing left to delete: no rows, no writes
     assert all(not r.pruned and not r.plan.delete for r in again)
     with session_scope(engine) as s:
-        assert len(queries.actions(s, limit=1000, kinds=["pruned"])) == 40
+        assert len(audit_reads.actions(s, limit=1000, kinds=["pruned"])) == 40
     engine.dispose()
 
 
@@ -461,7 +464,7 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
         ["complete"] * 3 + ["pruned"] * 15
     )
     with session_scope(engine) as s:
-        resumed = [(e.reason, e.detail) for e in queries.actions(s, kinds=["pruned"])]
+        resumed = [(e.reason, e.detail) for e in audit_reads.actions(s, kinds=["pruned"])]
     assert len(resumed) == 15 and all("resumed after restart" in (r or "") for r, _ in resumed)
     assert sum(1 for _, d in resumed if d["already_missing"]) == 5  # run-0's
     for r in range(3):
@@ -637,7 +640,7 @@ def test_resume_after_a_crash_between_phases(
     for r in range(2):
         _assert_only(root / f"run-{r}", "ckpt-4")
     with session_scope(engine) as s:
-        events = queries.actions(s, kinds=["pruned"])
+        events = audit_reads.actions(s, kinds=["pruned"])
     assert sorted(e.subject or "" for e in events) == sorted(doomed)  # each deletion, once
     reasons = {e.subject: e.reason for e in events}
     stored = {p: reason for p, _, reason in rows}

@@ -14,7 +14,8 @@ from ckptd.config import parse_config
 from ckptd.daemon.main import Daemon
 from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import RunSpec, discover, run_of
-from ckptd.store import migrate, queries
+from ckptd.store import audit_reads, migrate, reads
+from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
 from tests.conftest import Corpus, wait_for
 
@@ -45,8 +46,8 @@ def _setup(
 
 def _ls(engine: object, run: str | None = None) -> list:
     with session_scope(engine) as s:  # type: ignore[arg-type]
-        run_id = queries.resolve_run(s, run).id if run else None
-        return queries.checkpoints(s, run_id=run_id)
+        run_id = store_runs.resolve_run(s, run).id if run else None
+        return reads.checkpoints(s, run_id=run_id)
 
 
 def test_backfill_every_format_with_metrics(tmp_path: Path, corpus: Corpus) -> None:
@@ -111,7 +112,7 @@ def _db_rows(engine: object) -> list[tuple]:
                 c.created_at,
                 sorted(c.metrics.items()),
             )
-            for c in queries.checkpoints(s)
+            for c in reads.checkpoints(s)
         )
 
 
@@ -139,7 +140,7 @@ def test_parallel_backfill_records_what_the_sequential_one_does(
         assert sum(len(o.recorded) for o in outcomes) > 0
         results.append(_db_rows(engine))
         with session_scope(engine) as s:
-            runs = {r.name: r for r in queries.runs(s)}
+            runs = {r.name: r for r in store_runs.runs(s)}
         assert set(runs) == {"tf1", "tf2", "sharded", "keras", "empty"}
     assert results[0] == results[1]
     assert len(results[0]) >= 12
@@ -209,7 +210,7 @@ def test_changes_while_down_are_caught_up(tmp_path: Path, corpus: Corpus) -> Non
     assert states[("a", 20)] == "complete"
     assert [k for k in states if k[0] == "b"] == [("b", 10), ("b", 20), ("b", 30)]
     with session_scope(engine) as s:
-        gone = queries.actions(s, kinds=["gone"])
+        gone = audit_reads.actions(s, kinds=["gone"])
     assert [a.subject for a in gone] == [str(run / "model.ckpt-10")]
     assert gone[0].reason == "deleted outside ckptd"
 
@@ -262,7 +263,7 @@ def test_corrupt_checkpoint_is_recorded_with_reason(tmp_path: Path, corpus: Corp
     (c,) = _ls(engine)
     assert c.state == "corrupt" and "00002" in (c.reason or "")
     with session_scope(engine) as s:
-        assert [a.kind for a in queries.actions(s)] == ["run_discovered", "corrupt"]
+        assert [a.kind for a in audit_reads.actions(s)] == ["run_discovered", "corrupt"]
 
 
 def test_corrupt_event_file_is_reported_and_skipped(tmp_path: Path, corpus: Corpus) -> None:
@@ -277,11 +278,11 @@ def test_corrupt_event_file_is_reported_and_skipped(tmp_path: Path, corpus: Corp
     rec.reconcile(spec)
     assert len(_ls(engine)) == 3  # the checkpoints are fine
     with session_scope(engine) as s:
-        problems = queries.actions(s, kinds=["event_file_corrupt"])
+        problems = audit_reads.actions(s, kinds=["event_file_corrupt"])
     assert len(problems) == 1 and "corrupt record" in (problems[0].reason or "")
     rec.reconcile(spec)  # reported once, not every scan
     with session_scope(engine) as s:
-        assert len(queries.actions(s, kinds=["event_file_corrupt"])) == 1
+        assert len(audit_reads.actions(s, kinds=["event_file_corrupt"])) == 1
 
 
 def test_incremental_event_reads_attach_late_metrics(tmp_path: Path, corpus: Corpus) -> None:
@@ -362,7 +363,7 @@ def test_non_utf8_names_are_reported_not_recorded(tmp_path: Path, corpus: Corpus
     assert rec.reconcile(spec).recorded == ["runs@10"]
     rec.reconcile(spec)  # reported once, not on every scan
     with session_scope(engine) as s:
-        reported = queries.actions(s, kinds=["unsupported_name"])
+        reported = audit_reads.actions(s, kinds=["unsupported_name"])
     assert [a.subject for a in reported] == ["ckpt-\\xff.index"]
     assert "not valid UTF-8" in (reported[0].reason or "")
     assert os.path.exists(bad)
@@ -446,7 +447,9 @@ def test_daemon_deep_rescan_catches_an_in_place_rewrite(tmp_path: Path, corpus: 
     daemon = Daemon(cfg)
     daemon.prepare()
     daemon.full_reconcile()
-    assert {c.step: c.state for c in _ls(daemon.store.engine)} == {s: "complete" for s in (10, 20, 30)}
+    assert {c.step: c.state for c in _ls(daemon.store.engine)} == {
+        s: "complete" for s in (10, 20, 30)
+    }
     index = run / "model.ckpt-20.index"
     data = bytearray(index.read_bytes())
     data[len(data) // 3] ^= 0xFF  # same name, same size: only the file's mtime changes

@@ -28,7 +28,8 @@ from ckptd.daemon.runs import discover
 from ckptd.io import formats, observe, safeio, statefile
 from ckptd.io.formats import CORRUPT, INDEX_MAX_BYTES, scan_run
 from ckptd.io.statefile import STATE_FILE_MAX_BYTES, CheckpointState
-from ckptd.store import migrate, queries
+from ckptd.store import migrate, reads
+from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
 from tests.conftest import (
     ENV,
@@ -316,13 +317,13 @@ def test_an_unreadable_run_directory_leaves_its_checkpoints_as_recorded(
         assert outcome.gone == [] and outcome.recorded == []
         assert not rec.unchanged(spec)
     with session_scope(engine) as s:
-        assert {c.state for c in queries.checkpoints(s)} == {"complete"}
-        assert queries.resolve_run(s, "a").present
+        assert {c.state for c in reads.checkpoints(s)} == {"complete"}
+        assert store_runs.resolve_run(s, "a").present
     failing_listing.clear()
     outcome = rec.reconcile(spec)
     assert outcome.gone == [] and outcome.recorded == []
     with session_scope(engine) as s:
-        assert [c.state for c in queries.checkpoints(s)] == ["complete"] * 3
+        assert [c.state for c in reads.checkpoints(s)] == ["complete"] * 3
     engine.dispose()
 
 

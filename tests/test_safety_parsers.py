@@ -31,7 +31,7 @@ from ckptd.daemon.runs import discover
 from ckptd.io.eventfiles import MAX_RECORD, masked_crc32c, read_scalars
 from ckptd.io.formats import CORRUPT, event_files, scan_run
 from ckptd.io.formats import tensorbundle as tb
-from ckptd.store import migrate, queries
+from ckptd.store import migrate, reads
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.recording import _from_ts
 from tests.conftest import Corpus, query, wait_for, write_config
@@ -528,7 +528,7 @@ def _reconciler(tmp_path: Path) -> tuple[Reconciler, Any, Any]:
 
 def _eval_metrics(engine: Any) -> dict[int, float | None]:
     with session_scope(engine) as s:
-        return {c.step: c.metrics.get("eval/accuracy") for c in queries.checkpoints(s)}
+        return {c.step: c.metrics.get("eval/accuracy") for c in reads.checkpoints(s)}
 
 
 @pytest.mark.parametrize("errno_", [13, 5, 2], ids=["EACCES", "EIO", "ENOENT"])
@@ -600,7 +600,7 @@ def test_step_too_big_for_the_database_does_not_block_the_run(
     (spec,) = discover(0, watch)
     rec.reconcile(spec)
     with session_scope(engine) as s:
-        got = {Path(c.prefix).name: (c.step, c.state) for c in queries.checkpoints(s)}
+        got = {Path(c.prefix).name: (c.step, c.state) for c in reads.checkpoints(s)}
     assert got[f"ckpt-{huge}"] == (None, "complete")
     assert got[f"model.{huge}-0.50.keras"][0] is None
     later = [Path(s["prefix"]).name for s in corpus.saves["tf2"][1:]]

@@ -350,7 +350,7 @@ def _commit_results(
     store: Store, outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]]
 ) -> None:
     """Phase 3: ``pruned`` for each removed checkpoint, and one audit row per run listing them
-    all (``ckptd events`` shows one event per checkpoint, see ``store.queries.actions``)."""
+    all (``ckptd events`` shows one event per checkpoint, see ``store.audit_reads.actions``)."""
     now = utcnow()
     done_ids: dict[str, list[int]] = {}
     entries: list[Entry] = []  # one "pruned" row per run, then one per failed checkpoint

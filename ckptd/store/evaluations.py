@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Select, and_, func, literal, or_, select, 
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import COMPLETE, Checkpoint, utcnow
-from ckptd.store import audit, queries, versions
+from ckptd.store import audit, reads, versions
 from ckptd.store.handle import Store, holder_gone
 from ckptd.store.tables import CheckpointRow, EvaluationRow, MetricRow, RunRow, table_of
 from ckptd.store.upsert import _dialect_insert, upsert
@@ -188,7 +188,7 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
             .join(_r, _r.c.id == _c.c.run_id)
             .where(_e.c.id == evaluation_id)
         ).one()
-        (checkpoint,) = queries.checkpoints(s, ids=[cid])
+        (checkpoint,) = reads.checkpoints(s, ids=[cid])
     return Job(evaluation_id, checkpoint, run_path, int(attempt))
 
 

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from ckptd.core.model import Checkpoint, Run, utcnow
-from ckptd.store import audit, queries
+from ckptd.store import audit, reads
+from ckptd.store import runs as store_runs
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
 from ckptd.store.tables import CheckpointRow, ExportRow, table_of
@@ -35,13 +36,13 @@ class Export:
 def runs(store: Store, watch_path: str) -> list[Run]:
     """The present runs of a watch."""
     with store.session() as s:
-        return [r for r in queries.runs(s) if r.watch_path == watch_path and r.present]
+        return [r for r in store_runs.runs(s) if r.watch_path == watch_path and r.present]
 
 
 def history(store: Store, run_id: int) -> tuple[list[Checkpoint], dict[int, str]]:
     """A run's checkpoints, and the path of each published export of one (by checkpoint id)."""
     with store.session() as s:
-        checkpoints = queries.checkpoints(s, run_id=run_id)
+        checkpoints = reads.checkpoints(s, run_id=run_id)
         published = dict(
             s.execute(
                 select(_x.c.checkpoint_id, _x.c.path)

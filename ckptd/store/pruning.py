@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 from sqlalchemy import BindParameter, Text, bindparam, cast, select, update
 
 from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run
-from ckptd.store import audit, queries, versions
+from ckptd.store import audit, reads, versions
+from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
 from ckptd.store.tables import (
     CheckpointRow,
@@ -109,8 +110,8 @@ def runs(store: Store, name: str | None = None, watch_path: str | None = None) -
     or every run."""
     with store.session() as s:
         if name is not None:
-            return [queries.resolve_run(s, name)]
-        found = queries.runs(s)
+            return [store_runs.resolve_run(s, name)]
+        found = store_runs.runs(s)
     if watch_path is not None:
         return [r for r in found if r.watch_path == watch_path and r.present]
     return found
@@ -155,9 +156,7 @@ def _read_histories(conn: Any, chunk: list[Wanted], out: dict[int, list[Checkpoi
     params = {"run_ids": run_ids}
     best: dict[int, dict[str, float]] = {}
     if metrics_wanted:
-        best = queries.best_sources(
-            conn.execute(_PLAN_METRICS, {**params, "names": metrics_wanted})
-        )
+        best = reads.best_sources(conn.execute(_PLAN_METRICS, {**params, "names": metrics_wanted}))
     pinned = set(conn.execute(_PLAN_PINS, params).scalars())
     evaluations = dict(conn.execute(_PLAN_EVALS, params).all())
     exports = conn.execute(_PLAN_EXPORTS, params).all()
@@ -276,7 +275,7 @@ def interrupted(store: Store, run_ids: Collection[int] | None = None) -> list[In
         by_run: dict[tuple[int, str, str], list[int]] = {}
         for cid, run_id, path, watch_path in s.execute(stmt):
             by_run.setdefault((run_id, path, watch_path), []).append(cid)
-        return [Interrupted(*key, queries.checkpoints(s, ids=ids)) for key, ids in by_run.items()]
+        return [Interrupted(*key, reads.checkpoints(s, ids=ids)) for key, ids in by_run.items()]
 
 
 def runs_with_pruned(store: Store) -> list[tuple[int, str, str]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ckptd.core.errors import NotFound
 from ckptd.core.model import Checkpoint, Run
-from ckptd.store import queries
+from ckptd.store import reads
+from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
 from ckptd.store.tables import RunRow
 
@@ -13,7 +14,7 @@ def resolve(store: Store, text: str) -> tuple[Run, Checkpoint | None]:
     """(the run, None) for a run; (its run, the checkpoint) for a checkpoint; else NotFound."""
     with store.session() as s:
         try:
-            return queries.resolve_run(s, text), None
+            return store_runs.resolve_run(s, text), None
         except NotFound:
-            checkpoint = queries.resolve_checkpoint(s, text)
-            return queries.to_run(s.get_one(RunRow, checkpoint.run_id)), checkpoint
+            checkpoint = reads.resolve_checkpoint(s, text)
+            return store_runs.to_run(s.get_one(RunRow, checkpoint.run_id)), checkpoint
