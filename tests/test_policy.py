@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -198,6 +199,7 @@ ORACLE = textwrap.dedent(
 )
 
 
+@pytest.mark.tf
 def test_keep_last_plus_keep_every_matches_tensorflow_checkpoint_manager() -> None:
     """TensorFlow as the oracle: same saves, same timestamps, same survivors."""
     import random
