@@ -284,17 +284,22 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
             d.proc.wait()
 
 
+def leaked_threads(before: set[threading.Thread], wait: float = 5) -> list[threading.Thread]:
+    """Threads started since ``before`` that are still alive, daemon threads included, after up
+    to ``wait`` seconds for those being stopped to finish."""
+    deadline = time.monotonic() + wait
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            return leaked
+        time.sleep(0.05)
+
+
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """Background threads started by a test must be stopped by it (as in watchdog's suite)."""
+    """Every thread a test starts must be stopped by it: ckptd's own (named ``ckptd-…``, all
+    daemon threads) and those its libraries start for it (observers, schedulers, pools)."""
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        leaked = [
-            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
-        ]
-        if not leaked:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"threads leaked: {leaked}")
+    leaked = leaked_threads(before)
+    assert not leaked, f"threads leaked: {leaked}"
