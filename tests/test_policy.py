@@ -110,6 +110,7 @@ def histories(draw: st.DrawFn) -> tuple[list[Checkpoint], Rules, datetime]:
 
 @settings(max_examples=400, deadline=None)
 @given(histories())
+@pytest.mark.slow
 def test_plan_never_deletes_what_matters(case: tuple[list[Checkpoint], Rules, datetime]) -> None:
     items, rules, now = case
     plan = plan_prune(items, rules, now)
@@ -143,6 +144,7 @@ def test_plan_never_deletes_what_matters(case: tuple[list[Checkpoint], Rules, da
 
 @settings(max_examples=300, deadline=None)
 @given(histories())
+@pytest.mark.slow
 def test_plan_is_idempotent(case: tuple[list[Checkpoint], Rules, datetime]) -> None:
     items, rules, now = case
     plan = plan_prune(items, rules, now)
@@ -155,6 +157,7 @@ def test_plan_is_idempotent(case: tuple[list[Checkpoint], Rules, datetime]) -> N
 
 @settings(max_examples=200, deadline=None)
 @given(histories())
+@pytest.mark.slow
 def test_plan_keeps_exactly_the_union_of_its_rules(
     case: tuple[list[Checkpoint], Rules, datetime],
 ) -> None:
