@@ -1,12 +1,13 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   — virtualenv + install (with TensorFlow for the worker) + `ckptd demo`
 #   make test   — virtualenv + test extras + lint, types and the whole suite
+#   make test-fast — under a minute: no TensorFlow (golden files instead), no slow tests
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean bytecode fuzz
+.PHONY: demo test test-fast lint bench bench-quick clean bytecode fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# Also runs without TensorFlow installed: tests/golden holds files it wrote (regenerate.py).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not tf and not slow" $(PYTEST_ARGS)
 
 # The parser fuzz tests with many more examples than the suite's time-boxed profile (no
 # per-test timeout: a target runs for minutes; each example still has its deadline).

@@ -1,4 +1,4 @@
-"""Shared fixtures: real TensorFlow checkpoints made once per session, copied per test."""
+"""Shared fixtures: real TensorFlow checkpoints (checked in, or trained once a session)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ CORPUS = {
     "sharded": ["--steps", "20", "--save-every", "10"],
     "keras": ["--steps", "3"],
 }
+# The same runs written once by real TensorFlow and checked in (see golden/README.md).
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 # Lists every checkpoint's variables with TensorFlow itself: the oracle for our index reader.
 LIST_VARIABLES = textwrap.dedent(
@@ -52,12 +54,15 @@ LIST_VARIABLES = textwrap.dedent(
     """
 )
 
+Saves = dict[str, list[dict[str, Any]]]  # kind -> the trainer's "saved" lines
+Variables = dict[str, dict[str, Any]]  # prefix -> TF's list_variables / dtypes
+
 
 @dataclass
 class Corpus:
     root: Path
-    saves: dict[str, list[dict[str, Any]]]  # kind -> the trainer's "saved" lines
-    variables: dict[str, dict[str, Any]]  # prefix -> TF's list_variables / dtypes
+    saves: Saves
+    variables: Variables
 
     def run_dir(self, kind: str) -> Path:
         return self.root / kind
@@ -90,19 +95,75 @@ def train(kind: str, out: Path, *args: str, timeout: float = 300) -> list[dict[s
     return [rec for rec in lines if rec.get("event") == "saved"]
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    root = tmp_path_factory.mktemp("corpus")
+def train_corpus(root: Path, *extra: str) -> tuple[Saves, Variables]:
+    """Every CORPUS run trained under ``root``, and TF's own listing of each checkpoint."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {
-            kind: pool.submit(train, kind, root / kind, *args) for kind, args in CORPUS.items()
+            kind: pool.submit(train, kind, root / kind, *args, *extra)
+            for kind, args in CORPUS.items()
         }
         saves = {kind: f.result() for kind, f in futures.items()}
     prefixes = [rec["prefix"] for kind in ("tf1", "tf2", "sharded") for rec in saves[kind]]
     proc = subprocess.run(
         [PY, "-c", LIST_VARIABLES, *prefixes], capture_output=True, text=True, env=ENV, check=True
     )
-    return Corpus(root, saves, json.loads(proc.stdout))
+    return saves, json.loads(proc.stdout)
+
+
+def load_golden(dest: Path) -> Corpus:
+    """The checked-in runs copied to ``dest``, each file with the mtime TensorFlow gave it (the
+    write order, matching the times inside state and event files).
+
+    Paths the trainer reported (and TF1 state files) name the directory it wrote to, recorded
+    in the manifest; they are moved to ``dest``.
+    """
+    manifest = json.loads((GOLDEN / "manifest.json").read_text())
+    old = manifest["root"]
+
+    def moved(path: str) -> str:
+        assert path.startswith(old + "/"), path
+        return str(dest) + path[len(old) :]
+
+    for kind in manifest["saves"]:
+        shutil.copytree(GOLDEN / kind, dest / kind)
+        state = dest / kind / "checkpoint"
+        if state.exists():
+            state.write_text(state.read_text().replace(old + "/", f"{dest}/"))
+    for rel, mtime in sorted(manifest["mtimes"].items(), key=lambda item: -item[0].count("/")):
+        os.utime(dest / rel, ns=(mtime, mtime))  # files before the directories holding them
+    saves = {
+        kind: [
+            {
+                **rec,
+                "prefix": moved(rec["prefix"]),
+                **({"files": [moved(f) for f in rec["files"]]} if "files" in rec else {}),
+            }
+            for rec in records
+        ]
+        for kind, records in manifest["saves"].items()
+    }
+    variables = {moved(prefix): v for prefix, v in manifest["variables"].items()}
+    return Corpus(dest, saves, variables)
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """Checkpoints and event files real TensorFlow wrote, checked in: no TensorFlow needed."""
+    return load_golden(tmp_path_factory.mktemp("golden"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """The same runs trained now by this environment's TensorFlow (~30 s, once a session)."""
+    root = tmp_path_factory.mktemp("corpus")
+    return Corpus(root, *train_corpus(root))
+
+
+@pytest.fixture
+def corpus(request: pytest.FixtureRequest) -> Corpus:
+    """The golden runs; a test marked ``tf`` (it runs TensorFlow anyway) gets freshly trained
+    ones, with the held-out data (``heldout.npz``) that evaluation reads."""
+    return request.getfixturevalue("trained" if request.node.get_closest_marker("tf") else "golden")
 
 
 # ------------------------------------------------------------------ config / daemon helpers
@@ -223,17 +284,22 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
             d.proc.wait()
 
 
+def leaked_threads(before: set[threading.Thread], wait: float = 5) -> list[threading.Thread]:
+    """Threads started since ``before`` that are still alive, daemon threads included, after up
+    to ``wait`` seconds for those being stopped to finish."""
+    deadline = time.monotonic() + wait
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not leaked or time.monotonic() > deadline:
+            return leaked
+        time.sleep(0.05)
+
+
 @pytest.fixture(autouse=True)
 def _no_thread_leaks() -> Iterator[None]:
-    """Background threads started by a test must be stopped by it (as in watchdog's suite)."""
+    """Every thread a test starts must be stopped by it: ckptd's own (named ``ckptd-…``, all
+    daemon threads) and those its libraries start for it (observers, schedulers, pools)."""
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        leaked = [
-            t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon
-        ]
-        if not leaked:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"threads leaked: {leaked}")
+    leaked = leaked_threads(before)
+    assert not leaked, f"threads leaked: {leaked}"

@@ -89,6 +89,7 @@ def recorded(tmp_path: Path, corpus: Corpus) -> Path:
     return conf
 
 
+@pytest.mark.slow
 def test_ls_json_contract(recorded: Path, corpus: Corpus) -> None:
     result = ckptd("ls", "--json", config=recorded)
     assert result.returncode == 0, result.stderr
@@ -120,6 +121,7 @@ def test_ls_json_contract(recorded: Path, corpus: Corpus) -> None:
     assert by_path == items
 
 
+@pytest.mark.slow
 def test_best_and_events_and_status(recorded: Path, corpus: Corpus) -> None:
     best = json.loads(ckptd("best", "mnist", "--json", config=recorded).stdout)
     expected = max(corpus.saves["tf1"], key=lambda s: (s["metrics"]["eval/accuracy"], s["step"]))
@@ -152,6 +154,7 @@ def test_show_matches_tensorflow(recorded: Path, corpus: Corpus) -> None:
     assert {v["name"]: v["dtype"] for v in data["variables"]} == oracle["dtypes"]
 
 
+@pytest.mark.slow
 def test_errors_and_exit_codes(recorded: Path, tmp_path: Path) -> None:
     missing = ckptd("ls", "nosuchrun", config=recorded)
     assert missing.returncode == 1 and "no run 'nosuchrun'; known runs: mnist" in missing.stderr
@@ -189,6 +192,7 @@ def test_only_the_worker_imports_tensorflow() -> None:
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_evaluate_progress_shows_a_run_name_with_brackets_as_text(
     tmp_path: Path, corpus: Corpus
 ) -> None:

@@ -59,7 +59,8 @@ class Seeds:
 
 
 @pytest.fixture(scope="module")
-def seeds(corpus: Corpus) -> Seeds:
+def seeds(golden: Corpus) -> Seeds:
+    corpus = golden  # read only: the module-scoped seeds cannot use the per-test `corpus`
     indexes = [
         Path(corpus.saves[kind][0]["prefix"] + ".index").read_bytes()
         for kind in ("tf1", "tf2", "sharded")

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -193,6 +194,7 @@ def daemon_can_use(config: cfg.Config) -> None:
 
 @FUZZ
 @given(doc=_documents)
+@pytest.mark.slow
 def test_structured_configs(tmp_path_factory: Any, doc: dict[str, Any]) -> None:
     path = tmp_path_factory.mktemp("s") / "c.toml"
     path.write_text(toml_document(doc), encoding="utf-8", errors="surrogatepass")
@@ -255,6 +257,7 @@ def test_raw_bytes(tmp_path_factory: Any, data: bytes) -> None:
         st.lists(_mutation, min_size=1, max_size=3).map(lambda m: mutate(EXAMPLE, m)),
     )
 )
+@pytest.mark.slow
 def test_config_check_exits_0_or_78_with_one_line_per_problem(
     tmp_path_factory: Any, text: str
 ) -> None:

@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,6 +102,7 @@ def histories(draw: st.DrawFn) -> tuple[list[Checkpoint], Rules, datetime]:
 
 @settings(max_examples=400, deadline=None)
 @given(histories())
+@pytest.mark.slow
 def test_plan_never_deletes_what_matters(case: tuple[list[Checkpoint], Rules, datetime]) -> None:
     items, rules, now = case
     plan = plan_prune(items, rules, now)
@@ -134,6 +136,7 @@ def test_plan_never_deletes_what_matters(case: tuple[list[Checkpoint], Rules, da
 
 @settings(max_examples=300, deadline=None)
 @given(histories())
+@pytest.mark.slow
 def test_plan_is_idempotent(case: tuple[list[Checkpoint], Rules, datetime]) -> None:
     items, rules, now = case
     plan = plan_prune(items, rules, now)
@@ -146,6 +149,7 @@ def test_plan_is_idempotent(case: tuple[list[Checkpoint], Rules, datetime]) -> N
 
 @settings(max_examples=200, deadline=None)
 @given(histories())
+@pytest.mark.slow
 def test_plan_keeps_exactly_the_union_of_its_rules(
     case: tuple[list[Checkpoint], Rules, datetime],
 ) -> None:
@@ -190,6 +194,7 @@ ORACLE = textwrap.dedent(
 )
 
 
+@pytest.mark.tf
 def test_keep_last_plus_keep_every_matches_tensorflow_checkpoint_manager() -> None:
     """TensorFlow as the oracle: same saves, same timestamps, same survivors."""
     import random

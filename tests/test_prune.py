@@ -119,6 +119,7 @@ def test_prune_keeps_tensorflow_working(tmp_path: Path, corpus: Corpus) -> None:
     assert len(events) == 4 and all(e["reason"] == "not kept by keep_last=1" for e in events)
 
 
+@pytest.mark.slow
 def test_dry_run_plans_with_reasons_and_deletes_nothing(tmp_path: Path, corpus: Corpus) -> None:
     root, db, conf = _setup(tmp_path, corpus, ("tf2",), keep_last=1, best=True)
     conf.write_text(conf.read_text().replace('every = "1h"', 'every = "1h"\ndry_run = true'))
@@ -143,6 +144,7 @@ def test_dry_run_plans_with_reasons_and_deletes_nothing(tmp_path: Path, corpus: 
     )
 
 
+@pytest.mark.slow
 def test_pin_protects_and_unpin_releases(tmp_path: Path, corpus: Corpus) -> None:
     root, db, conf = _setup(tmp_path, corpus, ("tf2",), best=True)
     _record_then_allow_pruning(conf)
@@ -162,6 +164,7 @@ def test_pin_protects_and_unpin_releases(tmp_path: Path, corpus: Corpus) -> None
     assert kinds.count("pinned") == 1 and kinds.count("unpinned") == 1
 
 
+@pytest.mark.slow
 def test_symlink_never_followed_and_unrecorded_files_survive(
     tmp_path: Path, corpus: Corpus
 ) -> None:
@@ -232,6 +235,7 @@ def _many_checkpoints(src: Path, run: Path, n: int) -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_sigkill_during_prune_then_restart_loses_nothing(tmp_path: Path, corpus: Corpus) -> None:
     root = tmp_path / "runs"
     db = tmp_path / "ckptd.db"
@@ -544,6 +548,7 @@ def test_bytes_freed_counts_only_data_the_unlink_frees(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ audit rows and events
 
 
+@pytest.mark.slow
 def test_events_list_each_deletion_of_a_batched_audit_row(tmp_path: Path, corpus: Corpus) -> None:
     root, db, _cfg, engine = _recorded_runs(tmp_path, corpus, n_runs=2, per_run=5, keep_last=1)
     engine.dispose()

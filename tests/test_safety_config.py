@@ -162,6 +162,7 @@ def test_overlapping_watches_are_refused(tmp_path: Path, second: str, runs: str,
     assert "watch[1].path: " in line and ("run of watch[0]" in line or "already watched" in line)
 
 
+@pytest.mark.slow
 def test_sighup_with_a_bad_value_keeps_the_running_config(tmp_path: Path, daemon_factory) -> None:
     conf = _config(tmp_path)
     good = tmp_path / "good.toml"  # `ckptd status` itself refuses the edited (invalid) file
@@ -232,6 +233,7 @@ def test_a_damaged_database_is_one_line_exit_1(tmp_path: Path, args: list[str]) 
     assert line.startswith("ckptd: database error: file is not a database: the database file is")
 
 
+@pytest.mark.slow
 def test_missing_names_and_unusable_databases_are_one_line_exit_1(
     tmp_path: Path, database: Path
 ) -> None:

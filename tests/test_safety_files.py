@@ -76,6 +76,7 @@ def _snapshot(path: Path) -> tuple[bytes, int, int, int]:
 # ------------------------------------------------------------------ item 1: symlinked run dir
 
 
+@pytest.mark.slow
 def test_a_symlinked_run_directory_never_leads_prune_or_show_outside_the_root(
     tmp_path: Path, corpus: Corpus, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
@@ -147,6 +148,7 @@ def test_state_file_helpers_refuse_a_symlinked_run_directory(tmp_path: Path) -> 
 # ------------------------------------------------------------------ item 2: FIFOs
 
 
+@pytest.mark.slow
 def test_fifos_named_like_checkpoints_are_corrupt_and_the_daemon_goes_on(
     tmp_path: Path, corpus: Corpus, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
@@ -180,6 +182,7 @@ def test_fifos_named_like_checkpoints_are_corrupt_and_the_daemon_goes_on(
     assert "Traceback" not in d.log() + d2.log()
 
 
+@pytest.mark.slow
 def test_a_fifo_or_dev_zero_state_file_never_hangs_prune_or_daemon_start(
     tmp_path: Path, corpus: Corpus, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
@@ -328,6 +331,7 @@ def test_an_unreadable_run_directory_leaves_its_checkpoints_as_recorded(
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.slow
 def test_a_run_directory_chmod_000_under_a_live_daemon_turns_nothing_gone(
     tmp_path: Path, corpus: Corpus, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
@@ -366,6 +370,7 @@ def _last_rescan(db: Path) -> float:
 # ------------------------------------------------------------------ item 16: symlinked root
 
 
+@pytest.mark.slow
 def test_a_single_run_watch_whose_path_is_a_symlink_is_followed(
     tmp_path: Path, corpus: Corpus, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:

@@ -15,6 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 from ckptd.io import fsops
 from tests.conftest import Corpus, ckptd, query, write_config
 
@@ -74,6 +76,7 @@ def _tf2_temp_dir(run: Path, prefix: str, *extra: str) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_prune_removes_only_tensorflow_leftovers_of_recorded_checkpoints(
     tmp_path: Path, corpus: Corpus
 ) -> None:
@@ -207,6 +210,7 @@ def test_leftover_changed_after_planning_is_left_alone(tmp_path: Path) -> None:
     assert fsops.find_leftovers(root, run / "ckpt-2_temp") == []
 
 
+@pytest.mark.slow
 def test_dry_run_config_holds_for_cli_prune(tmp_path: Path, corpus: Corpus) -> None:
     root, db, conf = _setup(tmp_path, corpus, dry_run=True)
     assert ckptd("run", "--once", config=conf).returncode == 0

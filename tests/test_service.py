@@ -61,6 +61,7 @@ def _start(conf: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.parametrize("abstract", [False, True])
+@pytest.mark.slow
 def test_sd_notify_ready_status_watchdog_reload_stopping(
     tmp_path: Path, corpus: Corpus, abstract: bool
 ) -> None:
@@ -106,6 +107,7 @@ def test_sd_notify_ready_status_watchdog_reload_stopping(
     assert "reload failed, keeping the running config" in log
 
 
+@pytest.mark.slow
 def test_reload_applies_added_watch_without_restart(tmp_path: Path, corpus: Corpus) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
@@ -164,6 +166,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_prometheus_metrics_endpoint(tmp_path: Path, corpus: Corpus) -> None:
     root = tmp_path / "runs"
     root.mkdir()

@@ -99,6 +99,7 @@ def test_readonly_on_missing_database_says_what_to_do(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_migrations_run_from_the_installed_wheel(tmp_path: Path) -> None:
     """Build the wheel, install it alone into a target dir, and migrate with it (not the source)."""
     dist = tmp_path / "dist"

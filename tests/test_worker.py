@@ -381,10 +381,10 @@ def test_python_evaluator(worker: Worker, corpus: Corpus) -> None:
 
 @pytest.fixture(scope="module")
 def tf1_export(
-    worker: Worker, corpus: Corpus, tmp_path_factory: pytest.TempPathFactory
+    worker: Worker, trained: Corpus, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, Path, dict[str, Any]]:
     """SavedModel then frozen graph of the last tf1 checkpoint, into ONE directory."""
-    prefix = Path(corpus.saves["tf1"][-1]["prefix"])
+    prefix = Path(trained.saves["tf1"][-1]["prefix"])
     out = tmp_path_factory.mktemp("exports") / ".tmp-30"
     base = {"op": "export", "checkpoint": str(prefix), "kind": "tf1", "out_dir": str(out)}
     io = {"inputs": {"x": "x:0"}, "outputs": {"y": "y:0"}}

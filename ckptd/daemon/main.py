@@ -227,7 +227,7 @@ class Daemon:
                 except Exception:  # a failed checkpoint is retried next time; never fatal
                     log.debug("WAL checkpoint failed", exc_info=True)
 
-        thread = threading.Thread(target=loop, name="wal-checkpoint", daemon=True)
+        thread = threading.Thread(target=loop, name="ckptd-wal-checkpoint", daemon=True)
         thread.start()
         try:
             yield
@@ -550,7 +550,9 @@ class Daemon:
         log.info(
             "startup scan recorded %d checkpoint(s) in %.2f s", recorded, time.monotonic() - t0
         )
-        self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
+        self._thread = threading.Thread(
+            target=self._reconcile_loop, name="ckptd-reconcile", daemon=True
+        )
         self._thread.start()
         self._eval_thread = threading.Thread(
             target=self.eval_loop.serve, args=(self.stop_event,), name="ckptd-evaluate", daemon=True
@@ -575,7 +577,7 @@ class Daemon:
             except BaseException as exc:  # re-raised in the main thread
                 failure.append(exc)
 
-        thread = threading.Thread(target=body, name="start-up", daemon=True)
+        thread = threading.Thread(target=body, name="ckptd-start-up", daemon=True)
         thread.start()
         timeout = start_timeout()
         deadline = time.monotonic() + timeout if timeout is not None else None

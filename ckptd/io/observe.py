@@ -260,7 +260,7 @@ class ObservePool:
         self._executor: ProcessPoolExecutor | None = None
         self._closed = False
         self._thread = threading.Thread(
-            target=self._start, args=(workers,), name="observe-pool", daemon=True
+            target=self._start, args=(workers,), name="ckptd-observe-pool", daemon=True
         )
         self._thread.start()
 
@@ -338,7 +338,9 @@ def stop_fork_server(*, wait: bool = True) -> None:
     ``wait=False``: in a background thread (the server takes a moment to exit, and nothing needs
     to wait for that)."""
     if not wait:
-        threading.Thread(target=stop_fork_server, name="stop-fork-server", daemon=True).start()
+        threading.Thread(
+            target=stop_fork_server, name="ckptd-stop-fork-server", daemon=True
+        ).start()
         return
     from multiprocessing import forkserver
 

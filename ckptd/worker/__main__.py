@@ -91,7 +91,7 @@ def _exit_with_parent() -> None:
                     pass
                 os._exit(3)
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="ckptd-parent-watch", daemon=True).start()
 
 
 def serve(out: TextIO) -> int:

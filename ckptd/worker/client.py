@@ -91,7 +91,7 @@ class WorkerClient:
         self._buffer = b""
         self._stderr_tail.clear()
         threading.Thread(
-            target=self._drain_stderr, args=(proc,), daemon=True, name="worker-stderr"
+            target=self._drain_stderr, args=(proc,), daemon=True, name="ckptd-worker-stderr"
         ).start()
         log.debug("started TensorFlow worker pid %d", proc.pid)
         return proc
