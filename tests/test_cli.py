@@ -238,6 +238,7 @@ def test_json_is_one_line_for_scripts_and_indented_on_a_terminal(
     assert '\n  {\n    "step": 1,' in "\n" + out and json.loads(out)[0]["step"] == 1
 
 
+@pytest.mark.slow
 def test_the_cli_prints_what_the_api_returns(recorded: Path, corpus: Corpus) -> None:
     """The read commands render `ckptd.api` data: the JSON each prints is what the api returns
     for the same database (retention reasons, best marks, pins and their audit rows included)."""

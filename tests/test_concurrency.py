@@ -261,6 +261,7 @@ def test_recovery_leaves_an_export_in_progress_in_a_live_process_alone(
     assert status == "failed" and "interrupted" in error
 
 
+@pytest.mark.slow
 def test_a_long_evaluation_renews_its_claim_so_nobody_takes_it_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -332,6 +332,7 @@ _events = st.builds(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(_events, min_size=1, max_size=8))
 def test_fuzz_event_fields(event_dir: Path, events: list[bytes]) -> None:

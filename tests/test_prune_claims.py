@@ -29,6 +29,7 @@ def _pruned_once(db: Path) -> list[str]:
     return subjects
 
 
+@pytest.mark.slow
 def test_a_second_prune_of_a_claimed_run_is_skipped_and_says_by_whom(
     tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -175,6 +175,7 @@ def _ids(changes: Any, start: int = 100) -> dict[str, int]:
     return {f.prefix: start + i for i, f in enumerate(changes.new)}
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(observations(), states())
 def test_applying_the_diff_makes_the_state_what_the_observation_shows(
@@ -189,6 +190,7 @@ def test_applying_the_diff_makes_the_state_what_the_observation_shows(
     assert apply_to(after, again, {}) == after
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(observations(), states())
 def test_the_diff_never_touches_what_the_pruner_owns(obs: Observation, state: RunState) -> None:

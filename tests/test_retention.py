@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 
 from ckptd.config import BestConfig, RetainConfig
@@ -76,6 +77,7 @@ def test_plan_keeps_the_union_with_every_reason_in_rule_order() -> None:
     assert retention.plan([], rules, NOW) == retention.Plan({}, ())
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(histories())
 def test_a_plan_is_the_union_of_its_rules_each_alone(
