@@ -446,7 +446,9 @@ def test_daemon_deep_rescan_catches_an_in_place_rewrite(tmp_path: Path, corpus: 
     daemon = Daemon(cfg)
     daemon.prepare()
     daemon.full_reconcile()
-    assert {c.step: c.state for c in _ls(daemon.store.engine)} == {s: "complete" for s in (10, 20, 30)}
+    assert {c.step: c.state for c in _ls(daemon.store.engine)} == {
+        s: "complete" for s in (10, 20, 30)
+    }
     index = run / "model.ckpt-20.index"
     data = bytearray(index.read_bytes())
     data[len(data) // 3] ^= 0xFF  # same name, same size: only the file's mtime changes
