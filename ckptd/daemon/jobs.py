@@ -20,7 +20,7 @@ from ckptd.store import daemons, reads
 if TYPE_CHECKING:
     from ckptd.daemon.main import Daemon
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ckptd.daemon.main")  # the name the journal has always shown
 
 WAL_CHECKPOINT_EVERY = timedelta(seconds=1)
 

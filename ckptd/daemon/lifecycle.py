@@ -23,7 +23,7 @@ from ckptd.io.observe import stop_fork_server
 if TYPE_CHECKING:
     from ckptd.daemon.main import Daemon
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ckptd.daemon.main")  # the name the journal has always shown
 
 # How long a stop waits for threads to finish their current item (a stuck one never does; what
 # it was doing is redone at the next start). With the last DB write under the busy timeout, the
