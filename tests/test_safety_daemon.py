@@ -225,7 +225,7 @@ def test_heartbeat_reports_what_is_stuck(tmp_path: Path, corpus: Corpus) -> None
     thread.start()
     try:
         wait_for(lambda: daemon.progress.stuck(), timeout=10)
-        daemon.heartbeat()
+        daemon.jobs.heartbeat()
         data = status(conf)
         assert data is not None
         assert data["daemon"]["healthy"] is False

@@ -1,96 +1,55 @@
-"""The daemon's lifecycle: migrate, backfill, watch, schedule, report health, stop cleanly.
+"""The daemon: its parts and the wiring between them, and the recording side it runs itself
+(migrate and claim the database, backfill, reconcile dirty runs, rescan).
 
-Threads: watchdog observers (enqueue dirty runs), one reconcile thread (the single DB writer for
-discovery), APScheduler's pool (rescan, heartbeat, later evaluate/freeze/prune), and a start-up
-thread for the migration and backfill. The main thread never touches the database or a run: it
-handles signals, sd_notify and the watchdog, so it can always tell what is stuck and stop within
-a bound (``health.py``).
+Threads: watchdog observers (enqueue dirty runs, ``dirty.py``), one reconcile thread (the single
+DB writer for discovery), APScheduler's pool (rescan, heartbeat, evaluate/freeze/prune:
+``jobs.py``), and a start-up thread for the migration and backfill. The main thread never touches
+the database or a run: it handles signals, sd_notify and the watchdog (``lifecycle.py``), so it
+can always tell what is stuck and stop within a bound (``health.py``).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
 
 from ckptd import __version__
 from ckptd.api import prune as api_prune
 from ckptd.api.evaluate import Evaluator
 from ckptd.api.freeze import Freezer
-from ckptd.config import Config, WatchConfig, load_config, warn_missing_paths
+from ckptd.config import Config, WatchConfig
 from ckptd.core.errors import StoreError
 from ckptd.core.model import utcnow
 from ckptd.core.recording import Observation
-from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
+from ckptd.daemon.dirty import DirtyRuns, RunKey, run_key
 from ckptd.daemon.evaluate import EvaluationLoop
-from ckptd.daemon.health import Progress, Stuck, stall_bound, start_timeout
-from ckptd.daemon.notify import notify, watchdog_interval
+from ckptd.daemon.health import Progress, Stuck, stall_bound
+from ckptd.daemon.jobs import Jobs
+from ckptd.daemon.lifecycle import Supervisor
 from ckptd.daemon.reconcile import Outcome, Reconciler
 from ckptd.daemon.runs import RunSpec
-from ckptd.daemon.scheduler import Job, Scheduler, cron, interval
+from ckptd.daemon.scheduler import Scheduler
 from ckptd.daemon.watch import Watcher
 from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, stop_fork_server
-from ckptd.store import audit, daemons, migrate, reads
+from ckptd.store import audit, daemons, migrate
 from ckptd.store.handle import Store
 from ckptd.store.urls import sqlite_path
 from ckptd.worker.client import WorkerClient
 
+__all__ = ["DEEP_RESCAN_EVERY", "PARALLEL_MIN_RUNS", "Daemon", "Health"]
+
 log = logging.getLogger(__name__)
 
-WAL_CHECKPOINT_EVERY = timedelta(seconds=1)
 BACKFILL_WAL_CHECKPOINT_EVERY = 0.1  # seconds; while the start-up backfill writes
 # Every this many periodic rescans, one re-lists every run even if its fingerprint holds.
 DEEP_RESCAN_EVERY = 10
-# How long a stop waits for threads to finish their current item (a stuck one never does; what
-# it was doing is redone at the next start). With the last DB write under the busy timeout, the
-# stop stays well inside the unit's TimeoutStopSec=90.
-STOP_GRACE = 10.0
-
-RunKey = tuple[str, str]  # (watch path, run name): stable across reloads, unlike a watch's index
-
-
-def run_key(spec: RunSpec) -> RunKey:
-    return (str(spec.watch.path), spec.name)
-
-
-class DirtyRuns:
-    """A set of runs to rescan, with a short debounce so a burst of events costs one scan."""
-
-    def __init__(self) -> None:
-        self._pending: dict[RunKey, RunSpec] = {}
-        self._cond = threading.Condition()
-
-    def add(self, spec: RunSpec) -> None:
-        key = run_key(spec)
-        with self._cond:
-            if key not in self._pending:
-                self._pending[key] = spec
-                self._cond.notify()
-
-    def take(self, timeout: float, debounce: float) -> list[RunSpec]:
-        with self._cond:
-            if not self._pending and not self._cond.wait(timeout):
-                return []
-        if debounce > 0:
-            time.sleep(debounce)  # let the rest of a save's renames land in the same scan
-        with self._cond:
-            out = list(self._pending.values())
-            self._pending.clear()
-            return out
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._pending)
 
 
 @dataclass
@@ -102,6 +61,9 @@ class Health:
 
 
 class Daemon:
+    """One daemon's parts and shared state; its scheduled work is ``jobs``, its life in the main
+    thread is ``supervisor``."""
+
     def __init__(self, config: Config, *, prefetched: ObservePool | None = None) -> None:
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
@@ -116,20 +78,19 @@ class Daemon:
         self.evaluator = Evaluator(self.store, config, self.worker)
         self.eval_loop = EvaluationLoop(self.evaluator)
         self.freezer = Freezer(self.store, self.worker)
-        self._eval_thread: threading.Thread | None = None
-        self.watcher = Watcher(config.watches, self._on_path)
+        self.eval_thread: threading.Thread | None = None
+        self.watcher = Watcher(config.watches, self.on_path)
         self.scheduler = Scheduler(self.progress)
+        self.jobs = Jobs(self)
+        self.supervisor = Supervisor(self)
         self.stop_event = threading.Event()
-        self.reload_event = threading.Event()
         self.daemon_id: int | None = None
         self.reload_error: str | None = None
-        self.fatal: str | None = None  # why the daemon stops by itself (exit status 1)
-        self._thread: threading.Thread | None = None
+        self.reconcile_thread: threading.Thread | None = None
         self._known_runs: set[RunKey] = set()
         self._rescans = 0
         self._reported_runs: set[str] = set()
         self._db_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the SQLite file
-        self._reported_stuck: set[str] = set()
 
     # ------------------------------------------------------------ start-up
 
@@ -316,7 +277,7 @@ class Daemon:
 
     # ------------------------------------------------------------ events
 
-    def _on_path(self, watch: WatchConfig, path: str) -> None:
+    def on_path(self, watch: WatchConfig, path: str) -> None:
         # By identity: an event from an observer of the config before a reload is dropped.
         for i, w in enumerate(self.config.watches):
             if w is watch:
@@ -325,7 +286,7 @@ class Daemon:
                     self.dirty.add(spec)
                 return
 
-    def _reconcile_loop(self) -> None:
+    def reconcile_loop(self) -> None:
         debounce = self.config.daemon.debounce.total_seconds()
         while not self.stop_event.is_set():
             for spec in self.dirty.take(timeout=0.5, debounce=debounce):
@@ -340,139 +301,12 @@ class Daemon:
 
     # ------------------------------------------------------------ periodic jobs
 
-    def counts(self) -> dict[str, int]:
-        return reads.count_states(self.store)
-
     def checkpoint_wal(self) -> None:
         """Fold the WAL into the database here, off the recording path (see make_engine)."""
         result = self.store.checkpoint_wal()
         if result is not None and result[0]:
             _busy, pages, done = result
             log.debug("WAL checkpoint held back by a reader: %d of %d pages copied", done, pages)
-
-    def heartbeat(self) -> None:
-        counts = self.counts()
-        metrics.checkpoints(counts)
-        stuck = self.progress.stuck()
-        status = {
-            "state": "running",
-            "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
-            "watches": self.watcher.describe(),
-            "counts": counts,
-            "pending_rescans": len(self.dirty),
-            "jobs": {k: v for k, v in self.scheduler.last_success.items()},
-            "healthy": self.healthy(stuck),
-            "stuck": [{"what": s.what, "seconds": round(s.seconds, 1)} for s in stuck],
-            "stall_bound": self.progress.bound,
-            "reload_error": self.reload_error,
-        }
-        daemons.heartbeat(self.store, self.daemon_id, status)
-        text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
-        notify(self._status_line(stuck, text))
-
-    def _status_line(self, stuck: list[Stuck], counts: str = "") -> str:
-        text = f"STATUS=watching {len(self.config.watches)} path(s)"
-        if counts:
-            text += f"; {counts}"
-        if stuck:
-            text += "; unhealthy, stuck: " + ", ".join(str(s) for s in stuck)
-        if self.reload_error:
-            text += f"; reload failed, running the previous config: {self.reload_error}"
-        return text
-
-    def prune(self, watch: WatchConfig) -> None:
-        """Apply ``watch``'s retention policy to each of its runs."""
-        runs = api_prune.runs(self.store, watch_path=str(watch.path))
-        # The prune honours [watch.retain] dry_run = true: then this only logs the plan.
-        results = api_prune.prune(self.store, [(run, watch) for run in runs])
-        metrics.pruned(sum(len(r.pruned) for r in results), sum(r.bytes_freed for r in results))
-        for result in results:
-            self.progress.tick()  # one run done
-            if result.pruned or result.failed:
-                log.info(
-                    "pruned %d checkpoint(s) of %s (%d bytes freed)%s",
-                    len(result.pruned),
-                    result.run,
-                    result.bytes_freed,
-                    f"; {len(result.failed)} failed" if result.failed else "",
-                )
-            elif result.dry_run and (result.plan.delete or result.leftovers):
-                log.info(
-                    "dry_run = true in [watch.retain]: would prune %s of %s",
-                    ", ".join(
-                        [c.label for c in result.plan.delete] + [f.label for f in result.leftovers]
-                    ),
-                    result.run,
-                )
-
-    def evaluate_backlog(self) -> None:
-        self.eval_loop.enqueue()
-        self.eval_loop.wake()
-
-    def freeze(self, watch: WatchConfig) -> None:
-        """Export the best checkpoint of each run of ``watch`` if it changed."""
-        assert watch.freeze is not None
-        # An export may wait for the shared worker to finish an evaluation, then runs under its
-        # own timeout: only past both is it stuck.
-        waits = watch.freeze.timeout + max(
-            (w.evaluate.timeout for w in self.config.watches if w.evaluate is not None),
-            default=timedelta(0),
-        )
-        for run in api_prune.runs(self.store, watch_path=str(watch.path)):
-            with self.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
-                outcome = self.freezer.freeze_run(run, watch)
-            if outcome.status in ("published", "failed"):
-                metrics.export(outcome.status, outcome.seconds)
-            if outcome.status == "failed":
-                log.error("export of %s failed: %s", run.name, outcome.message)
-
-    def watch_jobs(self, config: Config) -> list[Job]:
-        """The per-watch jobs of ``config``, named by watch path (stable when another watch is
-        added or removed). Raises ValueError for a schedule APScheduler rejects."""
-        jobs = []
-        for w in config.watches:
-            if w.retain is not None:
-                jobs.append(
-                    interval(f"prune[{w.path}]", w.retain.every, functools.partial(self.prune, w))
-                )
-            if w.evaluate is not None and w.evaluate.evaluator != "tfevents":
-                jobs.append(
-                    interval(
-                        f"evaluate[{w.path}]", w.evaluate.every, self.evaluate_backlog, run_now=True
-                    )
-                )
-            if w.freeze is not None and w.freeze.cron:
-                jobs.append(
-                    cron(f"freeze[{w.path}]", w.freeze.cron, functools.partial(self.freeze, w))
-                )
-            elif w.freeze is not None:
-                jobs.append(
-                    interval(
-                        f"freeze[{w.path}]",
-                        w.freeze.every,
-                        functools.partial(self.freeze, w),
-                        run_now=True,
-                    )
-                )
-        return jobs
-
-    def daemon_jobs(self, config: Config, *, reload: bool = False) -> list[Job]:
-        d = config.daemon
-        return [
-            interval("rescan", d.rescan_interval, self.rescan, run_now=reload),
-            interval("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=not reload),
-            interval("wal-checkpoint", WAL_CHECKPOINT_EVERY, self.checkpoint_wal),
-            *self.watch_jobs(config),
-        ]
-
-    def _schedule(self, jobs: list[Job]) -> None:
-        """Make ``jobs`` the scheduled set: per-watch jobs not among them are removed."""
-        names = {j.name for j in jobs}
-        for name in self.scheduler.jobs():
-            if name not in names and name.startswith(("prune[", "evaluate[", "freeze[")):
-                self.scheduler.remove(name)
-        for job in jobs:
-            self.scheduler.add(job)
 
     def rescan(self) -> None:
         """The periodic safety net for missed events. Most passes are quick (unchanged runs are
@@ -487,7 +321,7 @@ class Daemon:
         """Threads alive *and making progress*: nothing stuck for longer than its bound."""
         if stuck is None:
             stuck = self.progress.stuck()
-        alive = self._thread is not None and self._thread.is_alive()
+        alive = self.reconcile_thread is not None and self.reconcile_thread.is_alive()
         return (
             alive
             and not stuck
@@ -506,243 +340,22 @@ class Daemon:
         self.evaluator.run_pending()
         for w in self.config.watches:
             if w.freeze is not None:
-                self.freeze(w)
+                self.jobs.freeze(w)
             if w.retain is not None:
-                self.prune(w)
+                self.jobs.prune(w)
         self.worker.close()
-        self._mark_stopped()
+        self.mark_stopped()
         return n
 
     def run(self) -> int:
-        # Handlers first: a SIGHUP that arrives during start-up must not kill the daemon (its
-        # default action), and a SIGTERM then must still stop it cleanly.
-        self._install_signals()
-        if self._start():
-            notify(
-                "READY=1",
-                f"STATUS=watching {len(self.config.watches)} path(s)",
-                f"MAINPID={os.getpid()}",
-            )
-            self._watch_over()
-        notify("STOPPING=1")
-        code = 1 if self.fatal else 0
-        if not self.shutdown():
-            self._exit_now(code)
-        return code
-
-    def _start_up(self) -> None:
-        """Everything before READY=1 (in the start-up thread)."""
-        self.prepare()
-        if self.config.daemon.metrics_address:
-            try:
-                metrics.serve(self.config.daemon.metrics_address)
-            except OSError as exc:
-                log.error(
-                    "cannot serve metrics on %s: %s; continuing without them",
-                    self.config.daemon.metrics_address,
-                    exc,
-                )
-        self.watcher.start()  # before the backfill, so nothing written during it is missed
-        t0 = time.monotonic()
-        recorded = self.backfill()
-        if self.stop_event.is_set():
-            return
-        log.info(
-            "startup scan recorded %d checkpoint(s) in %.2f s", recorded, time.monotonic() - t0
-        )
-        self._thread = threading.Thread(
-            target=self._reconcile_loop, name="ckptd-reconcile", daemon=True
-        )
-        self._thread.start()
-        self._eval_thread = threading.Thread(
-            target=self.eval_loop.serve, args=(self.stop_event,), name="ckptd-evaluate", daemon=True
-        )
-        self._eval_thread.start()
-        for job in self.daemon_jobs(self.config):
-            self.scheduler.add(job)
-        self.scheduler.start()
-
-    def _start(self) -> bool:
-        """Start up in a thread of its own while this one keeps handling signals: a SIGTERM
-        during a long backfill stops it between runs, and a start-up that does not finish by its
-        deadline (``$CKPTD_START_TIMEOUT``, see health.py) exits 1, so systemd counts a failed
-        start. An item stuck before that is logged and shown in STATUS; it is not fatal by
-        itself (a large run's first reconcile may legitimately be long). False when stopped
-        before it finished."""
-        failure: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                self._start_up()
-            except BaseException as exc:  # re-raised in the main thread
-                failure.append(exc)
-
-        thread = threading.Thread(target=body, name="ckptd-start-up", daemon=True)
-        thread.start()
-        timeout = start_timeout()
-        deadline = time.monotonic() + timeout if timeout is not None else None
-        while thread.is_alive():
-            thread.join(0.2)
-            if self.stop_event.is_set():
-                thread.join(STOP_GRACE)
-                break
-            stuck = self.progress.stuck()
-            self._report_stuck(stuck)
-            if deadline is not None and time.monotonic() > deadline:
-                doing = ", ".join(str(s) for s in stuck) or ", ".join(self.progress.busy_with())
-                self.fatal = (
-                    f"start-up did not finish within {timeout:g} s (busy with: "
-                    f"{doing or 'starting'}); exiting"
-                )
-                log.error("%s", self.fatal)
-                notify(f"STATUS={self.fatal}")
-                return False
-        if failure:
-            if isinstance(failure[0], StoreError):  # one line, not a traceback
-                raise SystemExit(f"ckptd: start-up failed: {failure[0]}")
-            raise failure[0]
-        return not self.stop_event.is_set()
-
-    def _watch_over(self) -> None:
-        """The main loop: reload on SIGHUP, check the database file, and ping the watchdog only
-        while every thread makes progress; returns when stopping."""
-        wd = watchdog_interval()
-        last_status = ""
-        # At least every second: a stall or a vanished database file is noticed promptly even
-        # with a long WatchdogSec (pinging more often than needed costs one datagram).
-        while not self.stop_event.wait(min(wd or 1.0, 1.0)):
-            if self.reload_event.is_set():
-                self.reload_event.clear()
-                self._reload()
-            problem = self.database_replaced()
-            if problem:
-                self.fatal = problem
-                self.daemon_id = None  # its row is not in the file now at that path
-                log.critical("%s", problem)
-                notify(f"STATUS={problem}")
-                return
-            stuck = self.progress.stuck()
-            self._report_stuck(stuck)
-            if stuck:
-                # The heartbeat may be the stuck one: say it from here, where nothing blocks.
-                line = self._status_line(stuck)
-                if line != last_status:
-                    notify(line)
-                last_status = line
-            else:
-                last_status = ""
-            if wd and self.healthy(stuck):
-                notify("WATCHDOG=1")
-
-    def _report_stuck(self, stuck: list[Stuck]) -> None:
-        whats = {s.what for s in stuck}
-        for s in stuck:
-            if s.what not in self._reported_stuck:
-                log.error(
-                    "stuck: %s, over the bound of %.0f s; not pinging the watchdog until it "
-                    "finishes",
-                    s,
-                    self.progress.bound,
-                )
-        for what in self._reported_stuck - whats:
-            log.info("no longer stuck: %s", what)
-        self._reported_stuck = whats
-
-    def _install_signals(self) -> None:
-        def stop(signum: int, _frame: Any) -> None:
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            self.stop_event.set()
-
-        def hup(_signum: int, _frame: Any) -> None:
-            self.reload_event.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, hup)
-
-    def _reload(self) -> None:
-        """SIGHUP: re-read the config and apply it, or keep the running one and say why.
-
-        Everything that can fail (reading and checking the file, building every job's schedule)
-        happens before anything running is touched; jobs and observers are then rebuilt from the
-        new config, keyed by watch path, so no index into the old list of watches survives."""
-        notify(
-            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-        )
-        old = self.config
-        try:
-            new = load_config(old.source)
-            jobs = self.daemon_jobs(new, reload=True)
-        except Exception as exc:  # whatever the cause, the running config stays
-            self._reload_failed(exc)
-            return
-        warn_missing_paths(new)
-        if new.daemon.database != old.daemon.database:
-            log.warning("the database setting changed; it takes effect at the next restart")
-        try:
-            self._apply(new, jobs)
-        except Exception as exc:
-            log.exception("applying the new config failed; going back to the running one")
-            self._apply(old, self.daemon_jobs(old, reload=True))
-            self._reload_failed(exc)
-            return
-        self.reload_error = None
-        log.info("configuration reloaded from %s", new.source)
-        notify("READY=1", "STATUS=configuration reloaded")
-
-    def _apply(self, config: Config, jobs: list[Job]) -> None:
-        self.watcher.stop()
-        self.config = config
-        self.evaluator.config = config
-        self.progress.bound = stall_bound(config.daemon.heartbeat_interval)
-        self.watcher = Watcher(config.watches, self._on_path)
-        self.watcher.start()
-        self._schedule(jobs)
-
-    def _reload_failed(self, exc: Exception) -> None:
-        self.reload_error = str(exc) or type(exc).__name__
-        log.error("reload failed, keeping the running config: %s", self.reload_error)
-        notify("READY=1", f"STATUS=reload failed, running the previous config: {self.reload_error}")
+        """Run until SIGTERM/SIGINT (reloading on SIGHUP); the exit status (``lifecycle.py``)."""
+        return self.supervisor.run()
 
     def shutdown(self) -> bool:
-        """Stop every thread, waiting at most STOP_GRACE for each to finish its item; mark this
-        daemon stopped and close the database. False when some thread is still busy (stuck):
-        the caller then exits without waiting for it."""
-        self.stop_event.set()
-        self.eval_loop.wake()
-        self.worker.terminate()  # a running evaluation/export is redone at the next start
-        self.scheduler.shutdown()
-        self.watcher.stop()
-        deadline = time.monotonic() + STOP_GRACE
-        for thread in (self._thread, self._eval_thread):
-            if thread is not None:
-                thread.join(timeout=max(deadline - time.monotonic(), 0))
-        while self.progress.busy_with() and time.monotonic() < deadline:
-            time.sleep(0.05)  # scheduled jobs finishing their item (APScheduler has no join)
-        busy = self.progress.busy_with()
-        try:
-            self._mark_stopped()
-        except StoreError as exc:
-            log.error("could not mark this daemon stopped: %s", exc)
-        self.store.close()
-        if busy:
-            return False
-        log.info("stopped")
-        return True
+        """Stop every thread and close the database; False when some thread is stuck."""
+        return self.supervisor.shutdown()
 
-    def _exit_now(self, code: int) -> None:
-        """Exit without waiting for threads stuck in a system call (they would hold the
-        interpreter's exit forever); what they were doing is redone at the next start."""
-        log.error(
-            "exiting now; still busy with: %s (redone at the next start)",
-            ", ".join(self.progress.busy_with()) or "nothing",
-        )
-        self.worker.terminate()
-        stop_fork_server(wait=False)
-        logging.shutdown()
-        os._exit(code)
-
-    def _mark_stopped(self) -> None:
+    def mark_stopped(self) -> None:
         if self.daemon_id is None:
             return
         daemons.mark_stopped(self.store, self.daemon_id)

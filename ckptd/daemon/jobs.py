@@ -1,0 +1,163 @@
+"""The daemon's scheduled work: each watch's prune, evaluate and freeze, and the daemon's own
+rescan, heartbeat (status row and sd_notify STATUS line) and WAL checkpoint; and the job lists
+that schedule them, rebuilt from the config at start and on each reload."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from ckptd.api import prune as api_prune
+from ckptd.config import Config, WatchConfig
+from ckptd.daemon import metrics
+from ckptd.daemon.health import Stuck
+from ckptd.daemon.notify import notify
+from ckptd.daemon.scheduler import Job, cron, interval
+from ckptd.store import daemons, reads
+
+if TYPE_CHECKING:
+    from ckptd.daemon.main import Daemon
+
+log = logging.getLogger("ckptd.daemon.main")  # the name the journal has always shown
+
+WAL_CHECKPOINT_EVERY = timedelta(seconds=1)
+
+
+class Jobs:
+    """The bodies of the scheduled jobs, run on the daemon's parts (its config as of now)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def counts(self) -> dict[str, int]:
+        return reads.count_states(self.daemon.store)
+
+    def heartbeat(self) -> None:
+        d = self.daemon
+        counts = self.counts()
+        metrics.checkpoints(counts)
+        stuck = d.progress.stuck()
+        status = {
+            "state": "running",
+            "heartbeat_interval": d.config.daemon.heartbeat_interval.total_seconds(),
+            "watches": d.watcher.describe(),
+            "counts": counts,
+            "pending_rescans": len(d.dirty),
+            "jobs": {k: v for k, v in d.scheduler.last_success.items()},
+            "healthy": d.healthy(stuck),
+            "stuck": [{"what": s.what, "seconds": round(s.seconds, 1)} for s in stuck],
+            "stall_bound": d.progress.bound,
+            "reload_error": d.reload_error,
+        }
+        daemons.heartbeat(d.store, d.daemon_id, status)
+        text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
+        notify(self.status_line(stuck, text))
+
+    def status_line(self, stuck: list[Stuck], counts: str = "") -> str:
+        text = f"STATUS=watching {len(self.daemon.config.watches)} path(s)"
+        if counts:
+            text += f"; {counts}"
+        if stuck:
+            text += "; unhealthy, stuck: " + ", ".join(str(s) for s in stuck)
+        if self.daemon.reload_error:
+            text += f"; reload failed, running the previous config: {self.daemon.reload_error}"
+        return text
+
+    def prune(self, watch: WatchConfig) -> None:
+        """Apply ``watch``'s retention policy to each of its runs."""
+        store = self.daemon.store
+        runs = api_prune.runs(store, watch_path=str(watch.path))
+        # The prune honours [watch.retain] dry_run = true: then this only logs the plan.
+        results = api_prune.prune(store, [(run, watch) for run in runs])
+        metrics.pruned(sum(len(r.pruned) for r in results), sum(r.bytes_freed for r in results))
+        for result in results:
+            self.daemon.progress.tick()  # one run done
+            if result.pruned or result.failed:
+                log.info(
+                    "pruned %d checkpoint(s) of %s (%d bytes freed)%s",
+                    len(result.pruned),
+                    result.run,
+                    result.bytes_freed,
+                    f"; {len(result.failed)} failed" if result.failed else "",
+                )
+            elif result.dry_run and (result.plan.delete or result.leftovers):
+                log.info(
+                    "dry_run = true in [watch.retain]: would prune %s of %s",
+                    ", ".join(
+                        [c.label for c in result.plan.delete] + [f.label for f in result.leftovers]
+                    ),
+                    result.run,
+                )
+
+    def evaluate_backlog(self) -> None:
+        self.daemon.eval_loop.enqueue()
+        self.daemon.eval_loop.wake()
+
+    def freeze(self, watch: WatchConfig) -> None:
+        """Export the best checkpoint of each run of ``watch`` if it changed."""
+        assert watch.freeze is not None
+        d = self.daemon
+        # An export may wait for the shared worker to finish an evaluation, then runs under its
+        # own timeout: only past both is it stuck.
+        waits = watch.freeze.timeout + max(
+            (w.evaluate.timeout for w in d.config.watches if w.evaluate is not None),
+            default=timedelta(0),
+        )
+        for run in api_prune.runs(d.store, watch_path=str(watch.path)):
+            with d.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
+                outcome = d.freezer.freeze_run(run, watch)
+            if outcome.status in ("published", "failed"):
+                metrics.export(outcome.status, outcome.seconds)
+            if outcome.status == "failed":
+                log.error("export of %s failed: %s", run.name, outcome.message)
+
+    def watch_jobs(self, config: Config) -> list[Job]:
+        """The per-watch jobs of ``config``, named by watch path (stable when another watch is
+        added or removed). Raises ValueError for a schedule APScheduler rejects."""
+        jobs = []
+        for w in config.watches:
+            if w.retain is not None:
+                jobs.append(
+                    interval(f"prune[{w.path}]", w.retain.every, functools.partial(self.prune, w))
+                )
+            if w.evaluate is not None and w.evaluate.evaluator != "tfevents":
+                jobs.append(
+                    interval(
+                        f"evaluate[{w.path}]", w.evaluate.every, self.evaluate_backlog, run_now=True
+                    )
+                )
+            if w.freeze is not None and w.freeze.cron:
+                jobs.append(
+                    cron(f"freeze[{w.path}]", w.freeze.cron, functools.partial(self.freeze, w))
+                )
+            elif w.freeze is not None:
+                jobs.append(
+                    interval(
+                        f"freeze[{w.path}]",
+                        w.freeze.every,
+                        functools.partial(self.freeze, w),
+                        run_now=True,
+                    )
+                )
+        return jobs
+
+    def daemon_jobs(self, config: Config, *, reload: bool = False) -> list[Job]:
+        d = config.daemon
+        return [
+            interval("rescan", d.rescan_interval, self.daemon.rescan, run_now=reload),
+            interval("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=not reload),
+            interval("wal-checkpoint", WAL_CHECKPOINT_EVERY, self.daemon.checkpoint_wal),
+            *self.watch_jobs(config),
+        ]
+
+    def schedule(self, jobs: list[Job]) -> None:
+        """Make ``jobs`` the scheduled set: per-watch jobs not among them are removed."""
+        scheduler = self.daemon.scheduler
+        names = {j.name for j in jobs}
+        for name in scheduler.jobs():
+            if name not in names and name.startswith(("prune[", "evaluate[", "freeze[")):
+                scheduler.remove(name)
+        for job in jobs:
+            scheduler.add(job)
