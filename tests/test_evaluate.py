@@ -47,7 +47,7 @@ def _setup(
     )
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
-    Reconciler(engine).reconcile_many(discover(0, cfg.watches[0]))
+    Reconciler(Store(engine)).reconcile_many(discover(0, cfg.watches[0]))
     os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return Evaluator(Store(engine), cfg, WorkerClient()), engine, root
 
@@ -256,7 +256,7 @@ def test_meta_graph_evaluation_waits_for_the_meta_file(tmp_path: Path, corpus: C
     )
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
-    rec = Reconciler(engine)
+    rec = Reconciler(Store(engine))
     rec.reconcile_many(discover(0, cfg.watches[0]))
     ev = Evaluator(Store(engine), cfg, WorkerClient())
     try:

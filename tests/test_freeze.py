@@ -63,7 +63,7 @@ def test_freeze_best_publishes_verified_export_once(tmp_path: Path, corpus: Corp
     )
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
-    Reconciler(engine).reconcile_many(discover(0, cfg.watches[0]))
+    Reconciler(Store(engine)).reconcile_many(discover(0, cfg.watches[0]))
     freezer = Freezer(Store(engine))
     try:
         with session_scope(engine) as s:

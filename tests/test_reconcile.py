@@ -17,6 +17,7 @@ from ckptd.daemon.runs import RunSpec, discover, run_of
 from ckptd.store import audit_reads, migrate, reads
 from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.handle import Store
 from tests.conftest import Corpus, wait_for
 
 
@@ -41,7 +42,7 @@ def _setup(
     )
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
-    return Reconciler(engine), cfg.watches, engine
+    return Reconciler(Store(engine)), cfg.watches, engine
 
 
 def _ls(engine: object, run: str | None = None) -> list:
@@ -91,7 +92,7 @@ def test_second_reconcile_and_restart_add_nothing(tmp_path: Path, corpus: Corpus
     first = rec.reconcile_many(specs)
     assert len(first[0].recorded) == 3
     assert rec.reconcile_many(specs)[0].recorded == []
-    restarted = Reconciler(engine)  # a new daemon: cold cache, same database
+    restarted = Reconciler(Store(engine))  # a new daemon: cold cache, same database
     assert restarted.reconcile_many(specs)[0].recorded == []
     assert len(_ls(engine)) == 3
 
@@ -187,7 +188,7 @@ def test_restart_preloads_and_rereads_nothing(
 
     monkeypatch.setattr("ckptd.io.formats.tf.read_header", no_reads)
     monkeypatch.setattr("ckptd.io.observe.read_scalars", no_reads)
-    restarted = Reconciler(engine)  # a new daemon: same database
+    restarted = Reconciler(Store(engine))  # a new daemon: same database
     assert restarted.register(specs) == 0  # both runs' states loaded at once, none new
     assert all(o.recorded == [] for o in restarted.reconcile_many(specs, workers=1))
     assert _db_rows(engine) == before
@@ -203,7 +204,7 @@ def test_changes_while_down_are_caught_up(tmp_path: Path, corpus: Corpus) -> Non
     for f in run.glob("model.ckpt-10.*"):
         f.unlink()
     corpus.copy("tf2", tmp_path / "runs" / "b")
-    rec2 = Reconciler(engine)
+    rec2 = Reconciler(Store(engine))
     rec2.reconcile_many(discover(0, watches[0]))
     states = {(c.run, c.step): c.state for c in _ls(engine)}
     assert states[("a", 10)] == "gone"

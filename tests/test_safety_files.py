@@ -31,6 +31,7 @@ from ckptd.io.statefile import STATE_FILE_MAX_BYTES, CheckpointState
 from ckptd.store import migrate, reads
 from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.handle import Store
 from tests.conftest import (
     ENV,
     PY,
@@ -286,7 +287,7 @@ def _reconciler(tmp_path: Path) -> tuple[Reconciler, Any, Any]:
     )
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
-    return Reconciler(engine), cfg.watches[0], engine
+    return Reconciler(Store(engine)), cfg.watches[0], engine
 
 
 @pytest.fixture

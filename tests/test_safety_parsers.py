@@ -33,6 +33,7 @@ from ckptd.io.formats import CORRUPT, event_files, scan_run
 from ckptd.io.formats import tensorbundle as tb
 from ckptd.store import migrate, reads
 from ckptd.store.db import make_engine, session_scope
+from ckptd.store.handle import Store
 from ckptd.store.recording import _from_ts
 from tests.conftest import Corpus, query, wait_for, write_config
 
@@ -523,7 +524,7 @@ def _reconciler(tmp_path: Path) -> tuple[Reconciler, Any, Any]:
     )
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
-    return Reconciler(engine), cfg.watches[0], engine
+    return Reconciler(Store(engine)), cfg.watches[0], engine
 
 
 def _eval_metrics(engine: Any) -> dict[int, float | None]:
@@ -562,7 +563,7 @@ def test_unreadable_event_file_is_read_after_a_restart(corpus: Corpus, tmp_path:
     (spec,) = discover(0, watch)
     with denied(eval_file.name):
         rec.reconcile_many([spec])
-    restarted = Reconciler(engine)
+    restarted = Reconciler(Store(engine))
     restarted.reconcile(spec)
     assert None not in _eval_metrics(engine).values()
 
@@ -579,7 +580,7 @@ def test_unreadable_error_stored_by_0_1_0_is_retried(corpus: Corpus, tmp_path: P
         )
         conn.exec_driver_sql("DELETE FROM metrics")
         conn.exec_driver_sql("DELETE FROM scalars")
-    restarted = Reconciler(engine)
+    restarted = Reconciler(Store(engine))
     restarted.reconcile(spec)
     assert None not in _eval_metrics(engine).values()
 

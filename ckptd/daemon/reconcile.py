@@ -31,8 +31,6 @@ class Reconciler:
     """Records runs through one :class:`Recorder` and logs what each reconcile changed."""
 
     def __init__(self, store: Store, *, stale_after: float = STALE_AFTER) -> None:
-        if not isinstance(store, Store):  # tests and benchmarks may hand over a bare engine
-            store = Store(store)
         self.recorder = Recorder(store, stale_after=stale_after)
 
     def register(self, specs: list[RunSpec]) -> int:
