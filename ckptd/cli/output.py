@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ckptd.config import Config, WatchConfig, load_config
-from ckptd.core.model import Action, Checkpoint, iso
+from ckptd.core.model import INT64_MAX, Action, Checkpoint, iso
 
 if TYPE_CHECKING:  # the store (and SQLAlchemy) load with the commands that use it, not for --help
     from ckptd.api.status import DaemonStatus
@@ -54,7 +54,6 @@ class CliContext:
 
 pass_ctx = click.make_pass_decorator(CliContext)
 
-INT64_MAX = 2**63 - 1  # SQLite's INTEGER: a larger step or limit cannot even be looked up
 COUNT = click.IntRange(1, INT64_MAX)
 
 

@@ -10,12 +10,12 @@ from typing import Any
 
 from ckptd.config import values as v
 from ckptd.core import retention
+from ckptd.core.model import INT64_MAX
 
 EVALUATORS = ("tfevents", "meta_graph", "keras", "python", "command")
 EXPORT_FORMATS = v.EXPORT_FORMATS
 OBSERVERS = ("auto", "inotify", "polling")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ from datetime import UTC, datetime, timedelta
 # Checkpoint states. ``incomplete`` is only ever seen in a scan, never stored as final.
 COMPLETE, CORRUPT, GONE, PRUNING, PRUNED = "complete", "corrupt", "gone", "pruning", "pruned"
 
+# SQLite's INTEGER (and TensorFlow's int64 step): a larger step or count cannot be stored or
+# looked up.
+INT64_MAX = 2**63 - 1
+
 
 def utcnow() -> datetime:
     """Naive UTC (what SQLite stores); convert with :func:`iso` at the edges."""
