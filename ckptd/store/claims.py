@@ -8,8 +8,6 @@ the job returns to whoever asks next. Evaluations carry their claim on their own
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -119,30 +117,12 @@ def _chunks(ids: Iterable[int]) -> Iterator[list[int]]:
         yield ordered[i : i + _CHUNK]
 
 
-def dead_here(holder: str) -> bool:
-    """Whether ``holder`` (see ``handle.process_name``) is a process of this host that is gone:
-    its claims cannot be renewed any more, so they need not wait for their expiry."""
-    parts = holder.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # alive, someone else's
-    return False
-
-
 def claim_many(
     store: Store, run_ids: Iterable[int], job: str, *, ttl: timedelta = DEFAULT_TTL
 ) -> set[int]:
     """:func:`claim` for many runs in one transaction; the ids this process now holds.
 
-    A claim whose holder is a process of this host that has died (:func:`dead_here`) is taken
+    A claim whose holder is a process of this host that has died (``handle.holder_gone``) is taken
     over at once instead of after its expiry.
     """
     now = utcnow()
@@ -172,7 +152,7 @@ def claim_many(
             others = session.execute(
                 select(t.c.run_id, t.c.claimed_by).where(t.c.run_id.in_(refused), t.c.job == job)
             ).all()
-            for holder in {h for _, h in others if dead_here(h)}:
+            for holder in {h for _, h in others if holder_gone(h)}:
                 ids = [rid for rid, h in others if h == holder]
                 held.update(
                     session.execute(
