@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import BindParameter, Text, bindparam, cast, select, update
+from sqlalchemy import BindParameter, bindparam, select, update
 
 from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run
 from ckptd.store import audit, reads, versions
@@ -60,22 +60,8 @@ _MARK_PRUNED = (
     .values(state=PRUNED, gone_at=bindparam("at", type_=_c.gone_at.type), reason=bindparam("why"))
 )
 _RESTORE = update(table_of(CheckpointRow)).where(_c.id.in_(_IDS)).values(state=COMPLETE)
-# What planning reads: a run's checkpoints, ``files`` as its JSON text (decoded in one go).
-_PLAN_COLUMNS = select(
-    _c.id,
-    _c.run_id,
-    _c.prefix,
-    _c.step,
-    _c.format,
-    _c.state,
-    _c.reason,
-    _c.size_bytes,
-    cast(_c.files, Text),
-    _c.has_meta,
-    _c.created_at,
-    _c.completed_at,
-    _c.recorded_at,
-).where(_c.run_id.in_(_RUN_IDS))
+# What planning reads: a run's checkpoints, with the columns every Checkpoint is built from.
+_PLAN_COLUMNS = select(*reads.CHECKPOINT_COLUMNS).where(_c.run_id.in_(_RUN_IDS))
 _OF_RUNS = select(_c.id).where(_c.run_id.in_(_RUN_IDS))
 _PLAN_METRICS = select(_m.checkpoint_id, _m.name, _m.value, _m.source).where(
     _m.checkpoint_id.in_(_OF_RUNS), _m.name.in_(bindparam("names", expanding=True))
