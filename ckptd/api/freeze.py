@@ -27,6 +27,7 @@ from ckptd.core.model import Checkpoint, Run, utcnow
 from ckptd.core.ranking import select_best
 from ckptd.io import fsops
 from ckptd.store import claims, exports
+from ckptd.store import runs as store_runs
 from ckptd.store.claims import FREEZE
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient, WorkerError
@@ -125,7 +126,7 @@ class Freezer:
         for w in watches:
             if w.freeze is None or not w.freeze.export_dir.is_dir():
                 continue
-            for run in exports.runs(self.store, str(w.path)):
+            for run in store_runs.present_runs(self.store, str(w.path)):
                 roots[export_root(w, run)] = run.id
             if w.runs:
                 for p in w.freeze.export_dir.iterdir():

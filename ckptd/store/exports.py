@@ -12,9 +12,8 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from ckptd.core.model import Checkpoint, Run, utcnow
+from ckptd.core.model import Checkpoint, utcnow
 from ckptd.store import audit, reads
-from ckptd.store import runs as store_runs
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
 from ckptd.store.tables import CheckpointRow, ExportRow, table_of
@@ -31,12 +30,6 @@ class Export:
     run_id: int
     checkpoint_id: int
     path: str
-
-
-def runs(store: Store, watch_path: str) -> list[Run]:
-    """The present runs of a watch."""
-    with store.session() as s:
-        return [r for r in store_runs.runs(s) if r.watch_path == watch_path and r.present]
 
 
 def history(store: Store, run_id: int) -> tuple[list[Checkpoint], dict[int, str]]:

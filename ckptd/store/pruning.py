@@ -94,13 +94,11 @@ class Wanted(NamedTuple):
 def runs(store: Store, name: str | None = None, watch_path: str | None = None) -> list[Run]:
     """The run named ``name`` (:class:`NotFound` if none), or those present under ``watch_path``,
     or every run."""
-    with store.session() as s:
-        if name is not None:
-            return [store_runs.resolve_run(s, name)]
-        found = store_runs.runs(s)
+    if name is not None:
+        return [store_runs.find_run(store, name)]
     if watch_path is not None:
-        return [r for r in found if r.watch_path == watch_path and r.present]
-    return found
+        return store_runs.present_runs(store, watch_path)
+    return store_runs.all_runs(store)
 
 
 def histories(store: Store, wanted: Sequence[Wanted]) -> dict[int, list[Checkpoint]]:

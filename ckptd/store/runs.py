@@ -98,3 +98,8 @@ def find_run(store: Store, text: str) -> Run:
 def all_runs(store: Store) -> list[Run]:
     with store.session() as session:
         return runs(session)
+
+
+def present_runs(store: Store, watch_path: str) -> list[Run]:
+    """The runs of the watch at ``watch_path`` that were present at their last scan."""
+    return [r for r in all_runs(store) if r.watch_path == watch_path and r.present]
