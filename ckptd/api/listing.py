@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ckptd.api.targets import watch_of
 from ckptd.config import Config, WatchConfig
 from ckptd.core.model import COMPLETE, CORRUPT, PRUNING, Checkpoint, Run, utcnow
 from ckptd.core.ranking import ranked, select_best
@@ -28,14 +29,6 @@ class NoMetric(ValueError):
 
 class Unreadable(Exception):
     """A checkpoint's index cannot be read; the message says why and what to check."""
-
-
-def watch_of(config: Config, watch_path: str) -> WatchConfig | None:
-    """The configured watch a run belongs to (by the watch path recorded with the run)."""
-    for w in config.watches:
-        if str(w.path) == watch_path:
-            return w
-    return None
 
 
 @dataclass(frozen=True)

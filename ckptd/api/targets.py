@@ -21,10 +21,18 @@ class Target:
     checkpoint: Checkpoint | None  # None: the whole run
 
 
+def watch_of(config: Config, watch_path: str) -> WatchConfig | None:
+    """The configured watch a run belongs to (by the watch path recorded with the run)."""
+    for w in config.watches:
+        if str(w.path) == watch_path:
+            return w
+    return None
+
+
 def resolve(store: Store, config: Config, text: str) -> Target:
     """A ``RUN`` or ``CHECKPOINT`` argument (NotFound when it names nothing)."""
     run, checkpoint = targets.resolve(store, text)
-    for watch in config.watches:
-        if str(watch.path) == run.watch_path:
-            return Target(run, watch, checkpoint)
+    watch = watch_of(config, run.watch_path)
+    if watch is not None:
+        return Target(run, watch, checkpoint)
     raise NotConfigured(f"run {run.name} is not under any watch in {config.source}")

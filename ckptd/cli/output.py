@@ -47,7 +47,7 @@ class CliContext:
         return self._stores[readonly]
 
     def watch_for(self, watch_path: str) -> WatchConfig | None:
-        from ckptd.api.listing import watch_of
+        from ckptd.api.targets import watch_of
 
         return watch_of(self.config(), watch_path)
 
