@@ -202,15 +202,38 @@ def write_config(
     return path
 
 
+# Commands a test runs in this process (through ``ckptd.cli.main``, the same error boundary as
+# the real command): a subprocess costs half a second of Python start and imports each. ``run``,
+# ``demo``, ``evaluate`` and ``freeze`` start daemons, signal handlers or TensorFlow workers, so
+# they always run as real processes, as does any call with ``real=True``.
+_SUBPROCESS_ONLY = {"run", "demo", "evaluate", "freeze"}
+
+
 def ckptd(
-    *args: str, config: Path | None = None, timeout: float = 60
+    *args: str, config: Path | None = None, timeout: float = 60, real: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [PY, "-m", "ckptd"]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    return subprocess.run(
-        cmd + list(args), capture_output=True, text=True, env=ENV, timeout=timeout
-    )
+    argv = (["--config", str(config)] if config is not None else []) + list(args)
+    if real or not args or args[0] in _SUBPROCESS_ONLY:
+        return subprocess.run(
+            [PY, "-m", "ckptd", *argv], capture_output=True, text=True, env=ENV, timeout=timeout
+        )
+    return _ckptd_in_process(argv)
+
+
+def _ckptd_in_process(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    from click.testing import CliRunner
+
+    from ckptd.cli import main
+
+    # The environment a real command would see (CKPTD_CONFIG etc. come from ENV, as there).
+    env = {k: v for k, v in ENV.items() if os.environ.get(k) != v}
+    env.update({k: None for k in os.environ if k not in ENV})
+    with CliRunner().isolation(env=env) as (out, err, _):
+        code = main(argv)
+        sys.stdout.flush()  # the isolation's text wrappers buffer what print/write gave them
+        sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return subprocess.CompletedProcess(["ckptd", *argv], code, stdout, stderr)
 
 
 def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
