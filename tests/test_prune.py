@@ -449,8 +449,8 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
 
     def crash_on_second_run(root_: Any, directory: Any, groups: list[list[str]]) -> Any:
         calls.append(str(directory))
-        if len(calls) == 2:
-            raise Crash  # as a SIGKILL would, after the first run's files went
+        if str(directory).endswith("run-1"):
+            raise Crash  # as a SIGKILL would, after other runs' files went
         return real(root_, directory, groups)
 
     monkeypatch.setattr(fsops, "remove_groups", crash_on_second_run)
@@ -460,8 +460,11 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
     states = query(db, "select step, state from checkpoints")
     assert sorted(st for step, st in states if step < 6) == ["pruning"] * 15
     assert not query(db, "select id from actions where kind = 'pruned'")
-    assert not list((root / "run-0").glob("ckpt-1.*"))  # the first run's files are gone
-    assert list((root / "run-2").glob("ckpt-1.*"))  # a later run's are not, yet
+    # Run directories are cleaned in parallel: the others' files went, run-1's did not.
+    assert len(calls) == 3
+    assert not list((root / "run-0").glob("ckpt-1.*"))
+    assert not list((root / "run-2").glob("ckpt-1.*"))
+    assert list((root / "run-1").glob("ckpt-1.*"))
     monkeypatch.setattr(fsops, "remove_groups", real)
     assert prune.resume(Store(engine)) == 15
     assert sorted(st for _, st in query(db, "select step, state from checkpoints")) == (
@@ -470,7 +473,7 @@ def test_prune_runs_interrupted_mid_batch_is_resumed(
     with session_scope(engine) as s:
         resumed = [(e.reason, e.detail) for e in audit_reads.actions(s, kinds=["pruned"])]
     assert len(resumed) == 15 and all("resumed after restart" in (r or "") for r, _ in resumed)
-    assert sum(1 for _, d in resumed if d["already_missing"]) == 5  # run-0's
+    assert sum(1 for _, d in resumed if d["already_missing"]) == 10  # run-0's and run-2's
     for r in range(3):
         _assert_only(root / f"run-{r}", "ckpt-6")
     engine.dispose()
@@ -601,7 +604,7 @@ class _Crash(BaseException):
     """As a SIGKILL would stop the prune: nothing after it runs, nothing catches it."""
 
 
-@pytest.mark.parametrize("crash", ["after_intent", "after_unlink", "after_result"])
+@pytest.mark.parametrize("crash", ["after_intent", "after_unlink", "after_state_file"])
 def test_resume_after_a_crash_between_phases(
     tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch, crash: str
 ) -> None:
@@ -614,19 +617,16 @@ def test_resume_after_a_crash_between_phases(
     with monkeypatch.context() as m:
         if crash == "after_intent":  # before any file is removed
             m.setattr(fsops, "remove_groups", boom)
-        elif crash == "after_unlink":  # files removed, "pruned" not committed
-            m.setattr(pruning, "record_results", boom)
-        else:  # "pruned" committed, state files not rewritten
+        elif crash == "after_unlink":  # files removed, state files not rewritten
             m.setattr(statefile, "write_at", boom)
+        else:  # state files rewritten, "pruned" not committed
+            m.setattr(pruning, "record_results", boom)
         with pytest.raises(_Crash):
             prune.prune(Store(engine), _runs_and_watches(engine, cfg))
     states = _states(db)
     left = {p for p in doomed if list(Path(p).parent.glob(Path(p).name + ".*"))}
-    if crash == "after_result":
-        assert {states[p] for p in doomed} == {"pruned"} and not left
-    else:
-        assert {states[p] for p in doomed} == {"pruning"}
-        assert left == (set(doomed) if crash == "after_intent" else set())
+    assert {states[p] for p in doomed} == {"pruning"}  # no result was committed
+    assert left == (set(doomed) if crash == "after_intent" else set())
     if crash == "after_intent":
         # Two intents with different reasons (two prunes under different configs): each
         # checkpoint keeps its own.
@@ -634,12 +634,13 @@ def test_resume_after_a_crash_between_phases(
         with con:
             con.execute("update checkpoints set reason = 'by hand' where prefix = ?", (doomed[0],))
         con.close()
-    for r in range(2):  # the state files still list every checkpoint
+    for r in range(2):  # the state files list every checkpoint until they are rewritten
         state = statefile.read(root / f"run-{r}")
-        assert state is not None and len(state.all_model_checkpoint_paths) == 4
+        assert state is not None
+        assert len(state.all_model_checkpoint_paths) == (1 if crash == "after_state_file" else 4)
 
     resumed = prune.resume(Store(engine))
-    assert resumed == (0 if crash == "after_result" else 6)
+    assert resumed == 6
     rows = query(db, "select prefix, state, reason from checkpoints")
     assert sorted(st for _, st, _ in rows) == ["complete"] * 2 + ["pruned"] * 6
     for r in range(2):
@@ -651,13 +652,11 @@ def test_resume_after_a_crash_between_phases(
     stored = {p: reason for p, _, reason in rows}
     for p in doomed:
         assert reasons[p] == stored[p]  # `ls` and `events` agree on why it went
-        if crash == "after_result":
-            assert reasons[p] == "not kept by keep_last=1"
-        elif p == doomed[0] and crash == "after_intent":
+        if p == doomed[0] and crash == "after_intent":
             assert reasons[p] == "by hand (resumed after restart)"
         else:
             assert reasons[p] == "not kept by keep_last=1 (resumed after restart)"
     for e in events:
-        files = e.detail["already_missing" if crash == "after_unlink" else "files"]
+        files = e.detail["files" if crash == "after_intent" else "already_missing"]
         assert isinstance(files, list) and len(files) == 2
     engine.dispose()

@@ -6,6 +6,7 @@ import json
 import socket
 import sqlite3
 import subprocess
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,18 @@ def test_a_second_prune_of_a_claimed_run_is_skipped_and_says_by_whom(
     versions = dict(query(db, "select id, version from runs"))
     real = fsops.remove_groups
     seen: dict[str, Any] = {}
+    once = threading.Lock()  # run directories are cleaned in parallel threads
 
     def meanwhile(root_: Any, directory: Any, groups: Any) -> Any:
         """While the first prune holds its claims (between its intent and its deletions):
         another process's prune, in this process and from the command line."""
-        if not seen:
-            seen["api"] = prune.prune(second, items)
-            seen["dry"] = prune.prune(second, items, dry_run=True)
-            seen["cli"] = ckptd("prune", "run-0", config=tmp_path / "c.toml")
-            seen["json"] = ckptd("prune", "--json", config=tmp_path / "c.toml")
+        with once:
+            if not seen:
+                seen["api"] = prune.prune(second, items)
+                seen["dry"] = prune.prune(second, items, dry_run=True)
+                conf = tmp_path / "c.toml"
+                seen["cli"] = ckptd("prune", "run-0", config=conf, real=True)
+                seen["json"] = ckptd("prune", "--json", config=conf, real=True)
         return real(root_, directory, groups)
 
     monkeypatch.setattr(fsops, "remove_groups", meanwhile)

@@ -32,9 +32,9 @@ from ckptd.store.handle import Store
 
 log = logging.getLogger(__name__)
 
-# Threads rewriting state files: each rewrite is two fsyncs (file, directory), which release the
-# GIL; done concurrently the filesystem commits them together instead of one journal commit each.
-STATE_FILE_THREADS = 8
+# Run directories cleaned at once (deletions, then the state file): unlink, lstat and the state
+# file's two fsyncs release the GIL, and concurrent fsyncs share the filesystem's journal commits.
+DIRECTORY_THREADS = 8
 RESUMED = " (resumed after restart)"
 LEFTOVERS_WHY = "TensorFlow's temporary files of recorded checkpoints, untouched for a day"
 
@@ -87,6 +87,9 @@ class _Batch:
 
     def reason_of(self, ckpt: Checkpoint) -> str:
         return self.reasons.get(ckpt.id, self.reason)
+
+
+_Outcome = tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]
 
 
 @dataclass
@@ -318,37 +321,40 @@ def resume(store: Store) -> int:
 
 
 def _finish(store: Store, batches: list[_Batch], repair: Sequence[tuple[str, str]] = ()) -> None:
-    """Phases 2 and 3 for checkpoints already in ``pruning``, then the runs' state files (and
-    those of the ``repair`` runs: (run dir, watch root))."""
-    outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]] = []
-    jobs: dict[str, tuple[str, set[str]]] = {}  # run dir -> (root, prefixes removed)
-    for b in batches:  # phase 2: one directory descriptor per run
-        removals = fsops.remove_groups(b.root, b.run_dir, [c.files for c in b.ckpts])
-        pairs = list(zip(b.ckpts, removals, strict=True))
-        outcomes.append((b, pairs))
-        _root, removed = jobs.setdefault(b.run_dir, (b.root, set()))
-        removed.update(c.prefix for c, r in pairs if r.ok)
-    _commit_results(store, outcomes)  # phase 3
-    # The state file is rewritten when something went (and always for a run to repair).
-    tidy = [(path, root, removed) for path, (root, removed) in jobs.items() if removed]
-    tidy += [(path, root, set()) for path, root in dict.fromkeys(repair) if path not in jobs]
+    """Phases 2 and 3 for checkpoints already in ``pruning``: each run directory's deletions and
+    then its state file, directories in parallel (unlink and fsync wait on the disk, not on
+    Python), then one commit of every result. The ``repair`` runs ((run dir, watch root)) get
+    their state files rewritten too."""
+    by_dir: dict[str, list[_Batch]] = {}
+    for b in batches:
+        by_dir.setdefault(b.run_dir, []).append(b)
+    jobs = [(path, group[0].root, group) for path, group in by_dir.items()]
+    jobs += [(path, root, []) for path, root in dict.fromkeys(repair) if path not in by_dir]
 
-    def rewrite(job: tuple[str, str, set[str]]) -> None:
-        path, root, removed = job
-        statefile.drop_entries(path, root, removed, lambda: pruning.newest_complete(store, path))
+    def clean(job: tuple[str, str, list[_Batch]]) -> list[_Outcome]:
+        path, root, group = job
+        outcomes: list[_Outcome] = []
+        removed: set[str] = set()
+        for b in group:  # one directory descriptor per batch
+            removals = fsops.remove_groups(root, path, [c.files for c in b.ckpts])
+            pairs = list(zip(b.ckpts, removals, strict=True))
+            outcomes.append((b, pairs))
+            removed.update(c.prefix for c, r in pairs if r.ok)
+        # The state file is rewritten when something went (and always for a run to repair).
+        if removed or not group:
+            newest = lambda: pruning.newest_complete(store, path)  # noqa: E731 - rarely called
+            statefile.drop_entries(path, root, removed, newest)
+        return outcomes
 
-    if len(tidy) <= 1:
-        for job in tidy:
-            rewrite(job)
-        return
-    with ThreadPoolExecutor(min(STATE_FILE_THREADS, len(tidy))) as pool:
-        for _ in pool.map(rewrite, tidy):
-            pass
+    if len(jobs) <= 1:
+        done = [clean(job) for job in jobs]
+    else:
+        with ThreadPoolExecutor(min(DIRECTORY_THREADS, len(jobs))) as pool:
+            done = list(pool.map(clean, jobs))
+    _commit_results(store, [o for outcomes in done for o in outcomes])  # phase 3
 
 
-def _commit_results(
-    store: Store, outcomes: list[tuple[_Batch, list[tuple[Checkpoint, fsops.Removal]]]]
-) -> None:
+def _commit_results(store: Store, outcomes: list[_Outcome]) -> None:
     """Phase 3: ``pruned`` for each removed checkpoint, and one audit row per run listing them
     all (``ckptd events`` shows one event per checkpoint, see ``store.audit_reads.actions``)."""
     now = utcnow()
