@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ckptd.core import retention
 from ckptd.core.model import Checkpoint
+from ckptd.core.ranking import select_best
 from ckptd.core.retention import CURRENT, LAST, NEWEST, KeepEvery, TrainerState
 from ckptd.io import statefile
 from ckptd.io.statefile import CheckpointState, current_prefix
 from tests.retention_rules import Rules
-from tests.test_policy import T0, ckpt
+from tests.test_policy import METRIC, T0, ckpt
 
 NOW = T0 + timedelta(hours=10)
 
@@ -116,3 +117,9 @@ def test_current_prefix_spells_it_as_ckptd_records_it(tmp_path: Path) -> None:
     assert current_prefix(via_link, run) == f"{run}/model.ckpt-3"
     assert current_prefix(CheckpointState("/elsewhere/ckpt-3"), run) == "/elsewhere/ckpt-3"
     assert current_prefix(CheckpointState(""), run) is None
+
+
+def test_a_tie_for_best_goes_to_the_one_saved_later() -> None:
+    old, new = ckpt(1, 41, minutes=0, value=0.9), ckpt(2, 11, minutes=5, value=0.9)
+    assert select_best([old, new], METRIC, "max") == new  # the restarted run's, not step 41
+    assert select_best([replace(new, created_at=None, recorded_at=None), old], METRIC, "max") == old

@@ -8,15 +8,21 @@ A trainer restarted from scratch in the same directory: pruning keeps what it re
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import textwrap
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ckptd.core import retention
 from ckptd.io import statefile
 from tests.conftest import ENV, PY, ckptd, query, write_config
+from tests.retention_rules import Rules
+from tests.test_policy import ckpt
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
@@ -161,3 +167,67 @@ def test_keep_every_keeps_what_tensorflow_keeps(tmp_path: Path) -> None:
     extra = RETAIN.format(extra='keep_every = "2s"')
     _run_once(write_config(tmp_path / "c.toml", root, db=db, best=False, extra=extra))
     assert _steps(everything) == kept_by_tf, saved_at
+
+
+# The same on many schedules, on TensorFlow's clock (``time.time`` faked, as test_policy does).
+ORACLE = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    from unittest import mock
+    import tensorflow as tf
+    out = []
+    for i, case in enumerate(json.loads(sys.argv[2])):
+        by_tf, everything = (os.path.join(sys.argv[1], f"{i}-{d}") for d in ("tf", "all"))
+        clock = [case["created"]]
+        with mock.patch("time.time", lambda: clock[0]):
+            ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
+            managers = [
+                tf.train.CheckpointManager(
+                    ckpt, by_tf, max_to_keep=case["n"], keep_checkpoint_every_n_hours=case["h"]
+                ),
+                tf.train.CheckpointManager(ckpt, everything, max_to_keep=None),
+            ]
+            for step, t in zip(case["steps"], case["times"]):
+                clock[0] = t
+                for manager in managers:
+                    manager.save(checkpoint_number=step)
+        names = os.listdir(by_tf)
+        out.append(sorted(int(f[5:-6]) for f in names if f.endswith(".index")))
+    print(json.dumps(out))
+    """
+)
+
+
+def test_keep_every_matches_tensorflow_on_many_schedules(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    cases = []
+    for _ in range(12):
+        hours = rng.choice([0.5, 1.0, 2.5])
+        t = created = 1_700_000_000.0 + rng.uniform(0, 1e6)
+        t += rng.uniform(0, 2 * hours * 3600)  # the gap between the manager and its first save
+        times = []
+        for _ in range(rng.randint(3, 30)):
+            times.append(t)
+            t += rng.uniform(60, 3 * 3600)
+        steps = [10 * (i + 1) for i in range(len(times))]
+        cases.append(
+            {"n": rng.randint(1, 4), "h": hours, "created": created, "times": times, "steps": steps}
+        )
+    tf_kept = json.loads(_tf(ORACLE, tmp_path, json.dumps(cases)).strip().splitlines()[-1])
+    assert any(10 in kept for kept in tf_kept)  # TF keeps some first saves: old ckptd never did
+    for i, (case, expected) in enumerate(zip(cases, tf_kept, strict=True)):
+        items = [
+            replace(ckpt(j + 1, s, minutes=0), created_at=_utc(t), recorded_at=_utc(t))
+            for j, (s, t) in enumerate(zip(case["steps"], case["times"], strict=True))
+        ]
+        trainer = statefile.trainer_state(tmp_path / f"{i}-all", tmp_path)
+        assert trainer.preserved_at == _utc(case["created"] - 1)  # TF: its creation - 1 s
+        rules = Rules(keep_last=case["n"], keep_every=timedelta(hours=case["h"]))
+        rule_set = retention.rules_from(rules, None)
+        plan = retention.plan(items, rule_set, _utc(case["times"][-1] + 1), trainer)
+        assert sorted(c.step for c in items if c.id in plan.keep) == expected, case
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC).replace(tzinfo=None)

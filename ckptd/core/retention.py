@@ -15,7 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ckptd.core.durations import format_duration
 from ckptd.core.model import COMPLETE, Checkpoint
-from ckptd.core.ranking import metric_value, ranked
+from ckptd.core.ranking import metric_value, ranked, save_order, saved_at
 
 # Reasons a checkpoint is kept, as shown by `ckptd prune --dry-run` and `ckptd ls`.
 NEWEST, CURRENT, LAST, BEST, PINNED, EXPORTED, IN_USE, TOO_YOUNG, PENDING = (
@@ -76,18 +76,6 @@ class Plan:
 
     def reasons(self, ckpt: Checkpoint) -> tuple[str, ...]:
         return self.keep.get(ckpt.id, ())
-
-
-def _time(c: Checkpoint) -> datetime:
-    t = c.created_at or c.recorded_at
-    return t if t is not None else datetime.min
-
-
-def save_order(c: Checkpoint) -> tuple[datetime, int, int]:
-    """When the trainer wrote it, not its step: a trainer restarted from scratch in the same
-    directory writes low steps again, and those are its newest. Checkpoints written in the same
-    clock tick (a copied run) go by step, then by record."""
-    return (_time(c), c.step if c.step is not None else -1, c.id)
 
 
 # ------------------------------------------------------------------ the rules
@@ -162,7 +150,7 @@ class KeepEvery:
         for c in history.items:
             if c.id in window:
                 continue
-            t = _time(c)
+            t = saved_at(c)
             if preserved is not None and t > preserved:
                 anchor, preserved = preserved, None  # the manager's own anchor from here on
             if anchor is None:
@@ -204,7 +192,7 @@ class TooYoung:
 
     def __call__(self, history: History[Checkpoint]) -> dict[int, str]:
         now = history.now
-        return {c.id: TOO_YOUNG for c in history.live if now - _time(c) < self.min_age}
+        return {c.id: TOO_YOUNG for c in history.live if now - saved_at(c) < self.min_age}
 
 
 # ------------------------------------------------------------------ composing

@@ -282,7 +282,7 @@ def runs_with_pruned(store: Store) -> list[tuple[int, str, str]]:
 
 def newest_complete(store: Store, run_dir: str) -> str | None:
     """The prefix of the run's newest complete TF checkpoint (what a state file may name): the
-    last saved, as retention orders them (``core.retention.save_order``)."""
+    last saved, as retention orders them (``core.ranking.save_order``)."""
     with store.session() as s:
         return s.scalar(
             select(_c.prefix)
