@@ -8,12 +8,15 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from ckptd.core import retention
 from ckptd.core.model import Checkpoint
 from ckptd.core.ranking import select_best
 from ckptd.core.retention import CURRENT, LAST, NEWEST, KeepEvery, TrainerState
 from ckptd.io import statefile
 from ckptd.io.statefile import CheckpointState, current_prefix
+from tests.conftest import Corpus, ckptd, write_config
 from tests.retention_rules import Rules
 from tests.test_policy import METRIC, T0, ckpt
 
@@ -123,3 +126,24 @@ def test_a_tie_for_best_goes_to_the_one_saved_later() -> None:
     old, new = ckpt(1, 41, minutes=0, value=0.9), ckpt(2, 11, minutes=5, value=0.9)
     assert select_best([old, new], METRIC, "max") == new  # the restarted run's, not step 41
     assert select_best([replace(new, created_at=None, recorded_at=None), old], METRIC, "max") == old
+
+
+@pytest.mark.slow
+def test_a_state_file_left_without_entries_points_at_the_last_saved(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    """The state file names only what no longer exists: after a prune it points at the newest
+    remaining checkpoint by save order (ckpt-10, written last), not by step (ckpt-30)."""
+    root = tmp_path / "runs"
+    run = corpus.copy("tf2", root / "run")
+    for step, seconds in ((20, 100), (30, 200), (10, 300)):
+        for f in run.glob(f"ckpt-{step}.*"):
+            os.utime(f, (1_700_000_000 + seconds, 1_700_000_000 + seconds))
+    statefile.write_atomic(run, CheckpointState("ckpt-99", ["ckpt-99"], [1.0]))
+    retain = '[watch.retain]\nkeep_last = 2\nmin_age = "0s"\n'
+    conf = write_config(tmp_path / "c.toml", root, db=tmp_path / "db", best=False, extra=retain)
+    proc = ckptd("run", "--once", config=conf)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in run.glob("*.index")) == ["ckpt-10.index", "ckpt-30.index"]
+    state = statefile.read(run)
+    assert state is not None and state.model_checkpoint_path == "ckpt-10"
