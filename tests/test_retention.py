@@ -103,6 +103,7 @@ def test_config_builds_the_rules_directly() -> None:
         KeepLast(3),
         KeepBest(METRIC, "min", 2),
         KeepEvery(timedelta(hours=1), 3),
+        retention.current,
         retention.pinned,
         retention.exported,
         retention.in_use,

@@ -197,7 +197,14 @@ def _plan(store: Store, todo: list[_Planned], rules: dict[int, tuple[retention.R
     for p in todo:
         history = histories.get(p.run.id, [])
         p.result.history = history
-        p.result.plan = retention.plan(history, rules[p.run.id], now)
+        # One read of the run's state file: what TF resumes from is never deleted, and its
+        # CheckpointManager's anchor for keep_every.
+        trainer = (
+            statefile.trainer_state(p.run.path, p.run.watch_path)
+            if history and p.run.present
+            else retention.NO_STATE
+        )
+        p.result.plan = retention.plan(history, rules[p.run.id], now, trainer)
 
 
 def _find_leftovers(store: Store, todo: list[_Planned]) -> None:

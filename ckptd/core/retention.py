@@ -15,11 +15,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ckptd.core.durations import format_duration
 from ckptd.core.model import COMPLETE, Checkpoint
-from ckptd.core.ranking import metric_value, ranked
+from ckptd.core.ranking import metric_value, ranked, save_order, saved_at
 
 # Reasons a checkpoint is kept, as shown by `ckptd prune --dry-run` and `ckptd ls`.
-NEWEST, LAST, BEST, PINNED, EXPORTED, IN_USE, TOO_YOUNG, PENDING = (
+NEWEST, CURRENT, LAST, BEST, PINNED, EXPORTED, IN_USE, TOO_YOUNG, PENDING = (
     "newest",
+    "current",
     "last",
     "best",
     "pinned",
@@ -39,14 +40,30 @@ T = TypeVar("T", bound=_Identified)
 
 
 @dataclass(frozen=True)
+class TrainerState:
+    """What the run's ``checkpoint`` state file says, as planning needs it: ``current``, the
+    prefix of the checkpoint it names (``model_checkpoint_path``: what
+    ``tf.train.latest_checkpoint`` and a restarted ``CheckpointManager`` resume from), and
+    ``preserved_at``, its ``last_preserved_timestamp`` (a ``CheckpointManager`` writes its
+    creation time there, then the time of each checkpoint it keeps every n hours)."""
+
+    current: str | None = None
+    preserved_at: datetime | None = None
+
+
+NO_STATE = TrainerState()
+
+
+@dataclass(frozen=True)
 class History(Generic[T]):
-    """What rules look at: ``items`` oldest first (a run's whole history, gone and pruned ones
+    """What rules look at: ``items`` in save order (a run's whole history, gone and pruned ones
     too: ``keep_every`` counts from the first save ever), ``live`` the ones a plan may delete
-    (oldest first), and the time of planning."""
+    (in save order), the time of planning, and what the run's state file says."""
 
     items: Sequence[T]
     live: Sequence[T]
     now: datetime
+    trainer: TrainerState = NO_STATE
 
 
 Rule = Callable[[History[Checkpoint]], Mapping[int, str]]
@@ -61,21 +78,21 @@ class Plan:
         return self.keep.get(ckpt.id, ())
 
 
-def _time(c: Checkpoint) -> datetime:
-    t = c.created_at or c.recorded_at
-    return t if t is not None else datetime.min
-
-
-def _order(c: Checkpoint) -> tuple[int, datetime, int]:
-    return (c.step if c.step is not None else -1, _time(c), c.id)
-
-
 # ------------------------------------------------------------------ the rules
 
 
 def newest(history: History[Checkpoint]) -> dict[int, str]:
-    """The newest live checkpoint, always: resuming training needs it (orbax#526)."""
+    """The newest live checkpoint (the last saved), always: resuming training needs it
+    (orbax#526)."""
     return {history.live[-1].id: NEWEST} if history.live else {}
+
+
+def current(history: History[Checkpoint]) -> dict[int, str]:
+    """The checkpoint the state file names (the last saved of that name), always: TensorFlow
+    resumes from it, whatever the save order says (a clock, a copy, a rewritten state file)."""
+    prefix = history.trainer.current
+    named = [c for c in history.live if c.prefix == prefix] if prefix else []
+    return {named[-1].id: CURRENT} if named else {}  # older ones of that name were overwritten
 
 
 @dataclass(frozen=True)
@@ -111,8 +128,14 @@ class KeepBest:
 class KeepEvery:
     """TensorFlow's ``keep_checkpoint_every_n_hours``: walking the saves in order, a checkpoint
     that leaves the ``keep_last`` window (``window``: the run's newest ``keep_last``) is kept
-    when it is at least ``interval`` newer than the last one kept. The first save is the
-    starting point, as a manager created just before it."""
+    when it is at least ``interval`` newer than the anchor, and becomes the anchor.
+
+    The anchor starts where the run's ``CheckpointManager`` put it: its creation, which it
+    writes to the state file as ``last_preserved_timestamp`` (so its first save may be kept, as
+    TF keeps it). Saves from before that time (an earlier trainer in the directory), or every
+    save without it (TF1, no state file), are walked from the first save, which is the anchor
+    and is not kept.
+    """
 
     interval: timedelta
     window: int | None = None
@@ -121,12 +144,15 @@ class KeepEvery:
         window = {c.id for c in history.live[-self.window :]} if self.window else set()
         live = {c.id for c in history.live}
         why = f"every {format_duration(self.interval)}"
+        preserved = history.trainer.preserved_at
         out: dict[int, str] = {}
         anchor: datetime | None = None
         for c in history.items:
             if c.id in window:
                 continue
-            t = _time(c)
+            t = saved_at(c)
+            if preserved is not None and t > preserved:
+                anchor, preserved = preserved, None  # the manager's own anchor from here on
             if anchor is None:
                 anchor = t
             elif t - self.interval >= anchor:
@@ -154,7 +180,7 @@ def exported(history: History[Checkpoint]) -> dict[int, str]:
 
 
 def in_use(history: History[Checkpoint]) -> dict[int, str]:
-    """Being evaluated or exported right now (the state file names the newest: see newest)."""
+    """Being evaluated or exported right now (what TF resumes from: see current)."""
     return {c.id: IN_USE for c in history.live if c.evaluation == "running" or c.exporting}
 
 
@@ -166,7 +192,7 @@ class TooYoung:
 
     def __call__(self, history: History[Checkpoint]) -> dict[int, str]:
         now = history.now
-        return {c.id: TOO_YOUNG for c in history.live if now - _time(c) < self.min_age}
+        return {c.id: TOO_YOUNG for c in history.live if now - saved_at(c) < self.min_age}
 
 
 # ------------------------------------------------------------------ composing
@@ -185,15 +211,21 @@ def keep_reasons(
     return reasons
 
 
-def plan(checkpoints: Sequence[Checkpoint], rules: Iterable[Rule], now: datetime) -> Plan:
+def plan(
+    checkpoints: Sequence[Checkpoint],
+    rules: Iterable[Rule],
+    now: datetime,
+    trainer: TrainerState = NO_STATE,
+) -> Plan:
     """Decide what to keep (with every reason) and what to delete, for one run.
 
-    ``checkpoints`` is the run's whole history (see :class:`History`). Only complete checkpoints
-    are ever deleted; corrupt ones are evidence and stay until a person decides.
+    ``checkpoints`` is the run's whole history (see :class:`History`), in any order; ``trainer``
+    what its state file says. Only complete checkpoints are ever deleted; corrupt ones are
+    evidence and stay until a person decides.
     """
-    items = sorted(checkpoints, key=_order)
+    items = sorted(checkpoints, key=save_order)
     live = [c for c in items if c.state == COMPLETE]
-    reasons = keep_reasons(History(items, live, now), rules)
+    reasons = keep_reasons(History(items, live, now, trainer), rules)
     keep = {c.id: tuple(reasons[c.id]) for c in live if c.id in reasons}
     return Plan(keep, tuple(c for c in live if c.id not in keep))
 
@@ -224,7 +256,7 @@ def rules_from(retain: RetainSettings, metric: str | None, mode: str = "max") ->
         rules.append(KeepEvery(retain.keep_every, retain.keep_last))
     if retain.keep_every_steps:
         rules.append(KeepEverySteps(retain.keep_every_steps))
-    return (*rules, pinned, exported, in_use, TooYoung(retain.min_age))
+    return (*rules, current, pinned, exported, in_use, TooYoung(retain.min_age))
 
 
 def describe(retain: RetainSettings) -> str:

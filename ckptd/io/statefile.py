@@ -17,8 +17,10 @@ import os
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
+from ckptd.core.retention import NO_STATE, TrainerState
 from ckptd.io import safeio
 from ckptd.io.safeio import StrPath
 
@@ -131,6 +133,39 @@ def read(run_dir: Path, root: Path | None = None) -> CheckpointState | None:
         return None
     except OSError as exc:
         log.warning("%s/%s: %s; ignored", run_dir, STATE_FILE, exc.strerror or exc)
+        return None
+
+
+def trainer_state(run_dir: StrPath, root: StrPath) -> TrainerState:
+    """What the run's state file tells retention (one read of it, reached from the watch
+    ``root``): the checkpoint TensorFlow resumes from, as a prefix spelt like ckptd records
+    them, and the manager's ``last_preserved_timestamp``. Nothing without a readable file."""
+    state = read(Path(run_dir), Path(root))
+    if state is None:
+        return NO_STATE
+    return TrainerState(current_prefix(state, run_dir), _utc(state.last_preserved_timestamp))
+
+
+def current_prefix(state: CheckpointState, run_dir: StrPath) -> str | None:
+    """``model_checkpoint_path`` as ckptd spells a checkpoint of ``run_dir`` (its path joined
+    with the name): TF1 writes the directory as the trainer spelt it, maybe through a symlink."""
+    if not state.model_checkpoint_path:
+        return None
+    base = str(Path(run_dir))
+    path = _resolve(base, state.model_checkpoint_path)
+    directory, name = os.path.split(path)
+    if directory != base and os.path.realpath(directory) == os.path.realpath(base):
+        return os.path.join(base, name)
+    return path
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    """A state file's POSIX timestamp as the naive UTC time the store keeps; None if absurd."""
+    if timestamp is None:
+        return None
+    try:
+        return datetime.fromtimestamp(timestamp, UTC).replace(tzinfo=None)
+    except (OverflowError, OSError, ValueError):  # inf, nan, beyond year 9999
         return None
 
 

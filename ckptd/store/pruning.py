@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import BindParameter, bindparam, select, update
+from sqlalchemy import BindParameter, bindparam, func, select, update
 
 from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run
 from ckptd.store import audit, reads, versions
@@ -59,6 +59,8 @@ _MARK_PRUNED = (
     .where(_c.id.in_(_IDS))
     .values(state=PRUNED, gone_at=bindparam("at", type_=_c.gone_at.type), reason=bindparam("why"))
 )
+# When the trainer wrote a checkpoint, as retention's save order reads it.
+_SAVED = func.coalesce(_c.created_at, _c.completed_at, _c.recorded_at)
 _RESTORE = update(table_of(CheckpointRow)).where(_c.id.in_(_IDS)).values(state=COMPLETE)
 # What planning reads: a run's checkpoints, with the columns every Checkpoint is built from.
 _PLAN_COLUMNS = select(*reads.CHECKPOINT_COLUMNS).where(_c.run_id.in_(_RUN_IDS))
@@ -279,12 +281,13 @@ def runs_with_pruned(store: Store) -> list[tuple[int, str, str]]:
 
 
 def newest_complete(store: Store, run_dir: str) -> str | None:
-    """The prefix of the run's newest complete TF checkpoint (what a state file may name)."""
+    """The prefix of the run's newest complete TF checkpoint (what a state file may name): the
+    last saved, as retention orders them (``core.ranking.save_order``)."""
     with store.session() as s:
         return s.scalar(
             select(_c.prefix)
             .join(table_of(RunRow), _r.id == _c.run_id)
             .where(_r.path == run_dir, _c.state == COMPLETE, _c.format.in_(("tf1", "tf2")))
-            .order_by(_c.step.desc(), _c.id.desc())
+            .order_by(_SAVED.desc(), _c.step.desc(), _c.id.desc())
             .limit(1)
         )
