@@ -63,6 +63,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
             }
             for a in st.problems
         ],
+        "warnings": [dataclasses.asdict(w) for w in st.warnings],
     }
     if as_json:
         print_json(data)
@@ -91,6 +92,8 @@ def status(ctx: CliContext, as_json: bool) -> None:
         ],
         empty="no runs recorded yet",
     )
+    for w in st.warnings:
+        echo(f"{click.style('warning:', fg='yellow')} run {w.run}: {w.message}")
     if st.newest:
         table(
             "newest",
