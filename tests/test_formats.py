@@ -58,21 +58,29 @@ def _data_files(prefix: Path) -> list[str]:
 
 class _OpenSpy:
     """Records every file ``ckptd.io.formats`` opens: all of them go through
-    ``safeio.open_regular`` (relative to a run directory's fd)."""
+    ``safeio.open_regular`` or ``safeio.read_checked`` (relative to a run directory's fd)."""
 
-    def __init__(self, open_regular: Any) -> None:
+    def __init__(self, open_regular: Any, read_checked: Any) -> None:
         self.paths: list[Path] = []
-        self._open_regular = open_regular
+        self._open_regular, self._read_checked = open_regular, read_checked
+
+    def _seen(self, name: str, dir_fd: int) -> None:
+        self.paths.append(Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / name)
 
     def open_regular(self, name: str, dir_fd: int) -> Any:
-        self.paths.append(Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / name)
+        self._seen(name, dir_fd)
         return self._open_regular(name, dir_fd)
+
+    def read_checked(self, name: str, dir_fd: int, offset: int, size: int) -> bytes:
+        self._seen(name, dir_fd)
+        return self._read_checked(name, dir_fd, offset, size)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
 def open_spy(monkeypatch: pytest.MonkeyPatch) -> _OpenSpy:
-    spy = _OpenSpy(safeio.open_regular)
+    spy = _OpenSpy(safeio.open_regular, safeio.read_checked)
     monkeypatch.setattr(safeio, "open_regular", spy.open_regular)
+    monkeypatch.setattr(safeio, "read_checked", spy.read_checked)
     return spy
 
 

@@ -10,8 +10,6 @@ the data shard. ``save_counter`` is the save count, never the step.
 
 from __future__ import annotations
 
-import os
-
 from ckptd.io import safeio
 from ckptd.io.formats.tensorbundle import TensorAt, masked_crc32c
 
@@ -53,11 +51,7 @@ def read_step(dir_fd: int, data_name: str, at: TensorAt) -> int | None:
     if width is None or at.size != width[0]:
         return None
     try:
-        fd, _st = safeio.open_regular(data_name, dir_fd)
-        try:
-            raw = os.pread(fd, at.size, at.offset)
-        finally:
-            os.close(fd)
+        raw = safeio.read_checked(data_name, dir_fd, at.offset, at.size)
     except OSError:
         return None
     if len(raw) != at.size or masked_crc32c(raw) != at.crc32c:
