@@ -145,7 +145,10 @@ def _echo_daemon(d: DaemonStatus | None) -> None:
         why = "stopped" if d.stopped_at else "no heartbeat"
         echo(f"daemon: {style('not running', fg='red')} ({why}; last seen {iso(d.heartbeat_at)})")
     for w in d.watches:
-        if isinstance(w, dict):
+        if isinstance(w, dict) and w.get("observer") == "waiting for path":
+            instead = f" (watching {w['watching']})" if w.get("watching") else ""
+            echo(f"  waiting for {w.get('path')}{instead}")
+        elif isinstance(w, dict):
             echo(f"  watching {w.get('path')} ({w.get('observer')})")
         else:
             echo(f"  watching {w}")

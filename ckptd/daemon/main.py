@@ -81,7 +81,7 @@ class Daemon:
         self.eval_loop = EvaluationLoop(self.evaluator)
         self.freezer = Freezer(self.store, self.worker)
         self.eval_thread: threading.Thread | None = None
-        self.watcher = Watcher(config.watches, self.on_path)
+        self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
         self.scheduler = Scheduler(self.progress)
         self.jobs = Jobs(self)
         self.supervisor = Supervisor(self)
@@ -294,6 +294,15 @@ class Daemon:
             if w is watch:
                 spec = runs_mod.run_of(i, w, path)
                 if spec is not None:
+                    self.dirty.add(spec)
+                return
+
+    def on_armed(self, watch: WatchConfig) -> None:
+        """A watch path observed again (it appeared, or was recreated): scan its runs now, as
+        anything written before its observer started was seen by no one."""
+        for i, w in enumerate(self.config.watches):
+            if w is watch:
+                for spec in runs_mod.discover(i, w):
                     self.dirty.add(spec)
                 return
 
