@@ -232,3 +232,16 @@ def test_step_keys_of_a_watch() -> None:
     assert step_keys("global_step") == (b"global_step", b"global_step/.ATTRIBUTES/VARIABLE_VALUE")
     full = "train/counter/.ATTRIBUTES/VARIABLE_VALUE"
     assert step_keys(full) == (full.encode(),)
+
+
+def test_checkpoints_validated_before_steps_were_read_are_not_read_again(golden: Corpus) -> None:
+    """A database from before keeps its rows: a 6-element signature (no step) still skips the
+    index, with the step it was recorded at (the name's), and the row does not change."""
+    run = golden.run_dir("tf2")
+    fresh = {f.prefix: f for f in scan_run(run, step_variable="save_counter")}
+    assert sorted(f.step for f in fresh.values()) == [1, 2, 3]  # read: these are not the names'
+    old = {p: f.signature[:6] for p, f in fresh.items()}
+    again = {f.prefix: f for f in scan_run(run, known=old, step_variable="save_counter")}
+    assert {p: (f.step, f.signature) for p, f in again.items()} == {
+        p: (int(p.rsplit("-", 1)[1]), sig) for p, sig in old.items()
+    }

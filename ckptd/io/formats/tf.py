@@ -99,12 +99,13 @@ def bundle(
     if odd:
         return seen.found(fmt, CORRUPT, f"{', '.join(sorted(odd))}: not a regular file", signature)
     before = known.get(prefix) if known is not None else None
-    if before is not None and len(before) == 7 and before[:5] == signature:
+    if before is not None and len(before) in (6, 7) and before[:5] == signature:
         # Unchanged since it was validated: skip re-reading the index (keeps rescans cheap).
         # The last elements remember what the index said: object graph = TF2 (the .meta alone
         # cannot tell, as a TF1 checkpoint has none until its meta graph arrives, or ever), and
-        # the step read from the data (-1: none, the name's).
-        if before[6] >= 0:
+        # the step read from the data (-1: none, the name's). Checkpoints validated before
+        # steps were read (6 elements) keep the step they were recorded with, the name's.
+        if len(before) == 7 and before[6] >= 0:
             seen.step = before[6]
         return seen.found("tf2" if before[5] else "tf1", COMPLETE, None, tuple(before))
     try:
