@@ -189,7 +189,7 @@ class Watcher:
             if self._stopping:
                 return
             try:
-                for msg in self.check():
+                for msg in self.check(retry_failed=False):
                     log.info(msg)
             except Exception:  # never let this thread die; the rescan calls check() too
                 log.exception("checking the watched paths failed")
@@ -277,15 +277,20 @@ class Watcher:
             return True
         return (st.st_dev, st.st_ino) != slot.identity
 
-    def check(self) -> list[str]:
+    def check(self, *, retry_failed: bool = True) -> list[str]:
         """Follow each watch path: stop observing a deleted one and wait for it, start observing
-        one that has appeared, restart dead observers; returns what it did."""
+        one that has appeared, restart dead observers; returns what it did. ``retry_failed``:
+        also try again to observe a path that exists but could not be (the periodic rescan
+        does; the watch thread, which may run every second, does not)."""
         done: list[str] = []
         armed: list[WatchConfig] = []
         with self._lock:
             if self._stopping:
                 return []
             for slot in self.slots:
+                failed = slot.observer is None and slot.ancestor is None
+                if failed and not retry_failed:
+                    continue
                 if slot.observer is not None and slot.observer.is_alive():
                     if not self._replaced(slot):
                         continue
