@@ -105,14 +105,22 @@ def build_tree(root: Path, files: list[Path], n_runs: int) -> list[str]:
     return doomed
 
 
+def by_name(config: Path) -> Path:
+    """``config`` with the step read from a variable no checkpoint has: the hard-linked copies
+    all hold ckpt-10's step, so each is recorded at the step its file name says."""
+    text = config.read_text()
+    config.write_text(text.replace("keras_template =", 'step_variable = "none"\nkeras_template ='))
+    return config
+
+
 def record(work: Path, name: str, root: Path) -> tuple[Path, Path, float]:
     """A fresh database with every checkpoint of ``root`` recorded; the prune config."""
     db = work / f"{name}.db"
     wall, proc = timed_run(
-        ckptd_cmd(write_config(work / f"{name}-record.toml", root, db=db), "run", "--once")
+        ckptd_cmd(by_name(write_config(work / f"{name}-record.toml", root, db=db)), "run", "--once")
     )
     check(proc, f"ckptd run --once ({name})")
-    config = write_config(work / f"{name}.toml", root, db=db)
+    config = by_name(write_config(work / f"{name}.toml", root, db=db))
     with config.open("a") as fh:
         fh.write(RETAIN)
     return db, config, wall

@@ -58,21 +58,29 @@ def _data_files(prefix: Path) -> list[str]:
 
 class _OpenSpy:
     """Records every file ``ckptd.io.formats`` opens: all of them go through
-    ``safeio.open_regular`` (relative to a run directory's fd)."""
+    ``safeio.open_regular`` or ``safeio.read_checked`` (relative to a run directory's fd)."""
 
-    def __init__(self, open_regular: Any) -> None:
+    def __init__(self, open_regular: Any, read_checked: Any) -> None:
         self.paths: list[Path] = []
-        self._open_regular = open_regular
+        self._open_regular, self._read_checked = open_regular, read_checked
+
+    def _seen(self, name: str, dir_fd: int) -> None:
+        self.paths.append(Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / name)
 
     def open_regular(self, name: str, dir_fd: int) -> Any:
-        self.paths.append(Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / name)
+        self._seen(name, dir_fd)
         return self._open_regular(name, dir_fd)
+
+    def read_checked(self, name: str, dir_fd: int, offset: int, size: int) -> bytes:
+        self._seen(name, dir_fd)
+        return self._read_checked(name, dir_fd, offset, size)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
 def open_spy(monkeypatch: pytest.MonkeyPatch) -> _OpenSpy:
-    spy = _OpenSpy(safeio.open_regular)
+    spy = _OpenSpy(safeio.open_regular, safeio.read_checked)
     monkeypatch.setattr(safeio, "open_regular", spy.open_regular)
+    monkeypatch.setattr(safeio, "read_checked", spy.read_checked)
     return spy
 
 
@@ -493,7 +501,10 @@ def test_known_signature_fast_path(corpus: Corpus, tmp_path: Path, open_spy: _Op
     assert len(first) == len(corpus.saves["tf1"]) + 2 * len(corpus.saves["keras"])
     assert all(f.state == COMPLETE for f in first)
     opened_first = set(open_spy.paths)
-    assert len(opened_first) == len(first)  # every index and Keras file was read once
+    # Every index and Keras file was read once, and the data shard holding each TF
+    # checkpoint's global_step (its step).
+    tf1 = [f for f in first if f.format == "tf1"]
+    assert len(open_spy.paths) == len(opened_first) == len(first) + len(tf1)
 
     known = {f.prefix: f.signature for f in first}
     open_spy.paths.clear()
@@ -507,7 +518,7 @@ def test_known_signature_fast_path(corpus: Corpus, tmp_path: Path, open_spy: _Op
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     open_spy.paths.clear()
     third = _by_prefix(scan_run(run, TEMPLATE, known))
-    assert open_spy.paths == [target]
+    assert open_spy.paths == [target, run / _data_files(target.with_suffix(""))[0]]
     assert third[str(target)[: -len(".index")]].state == COMPLETE
 
 

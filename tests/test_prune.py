@@ -221,7 +221,8 @@ def test_fsops_refuses_paths_through_symlinks(tmp_path: Path) -> None:
 
 
 def _many_checkpoints(src: Path, run: Path, n: int) -> None:
-    """n real checkpoints, hard-linked from one real TF2 checkpoint, with a TF2 state file."""
+    """n real checkpoints, hard-linked from one real TF2 checkpoint, with a TF2 state file.
+    They all hold that checkpoint's step: record them with a config through :func:`_by_name`."""
     run.mkdir(parents=True)
     files = [f for f in src.iterdir() if f.name.startswith("ckpt-10.")]
     base = time.time() - 3600
@@ -234,6 +235,16 @@ def _many_checkpoints(src: Path, run: Path, n: int) -> None:
     statefile.write_atomic(run, state)
 
 
+def _by_name(conf: Path) -> Path:
+    """``conf`` with the watch's step read from a variable no checkpoint has: each of the
+    copies of :func:`_many_checkpoints` is then at the step its file name says."""
+    text = conf.read_text()
+    conf.write_text(
+        text.replace("keras_template =", 'step_variable = "no_such_step"\nkeras_template =')
+    )
+    return conf
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_sigkill_during_prune_then_restart_loses_nothing(tmp_path: Path, corpus: Corpus) -> None:
@@ -243,7 +254,7 @@ def test_sigkill_during_prune_then_restart_loses_nothing(tmp_path: Path, corpus:
 
     def config(keep_last: int, dry_run: bool) -> Path:
         extra = RETAIN.format(keep_last=keep_last) + ("dry_run = true\n" if dry_run else "")
-        return write_config(tmp_path / "c.toml", root, db=db, extra=extra, best=False)
+        return _by_name(write_config(tmp_path / "c.toml", root, db=db, extra=extra, best=False))
 
     conf = config(500, dry_run=True)
     assert ckptd("run", "--once", config=conf).returncode == 0
@@ -355,7 +366,7 @@ def _recorded_runs(
         extra=RETAIN.format(keep_last=keep_last) + "dry_run = true\n",
         best=False,
     )
-    assert ckptd("run", "--once", config=conf).returncode == 0
+    assert ckptd("run", "--once", config=_by_name(conf)).returncode == 0
     conf.write_text(conf.read_text().replace("dry_run = true", "dry_run = false"))
     cfg = load_config(conf)
     return root, db, cfg, make_engine(cfg.daemon.database)

@@ -106,7 +106,9 @@ class Recorder:
             requests = [
                 Request.for_state(r, s, self.stale_after)
                 if s is not None
-                else Request.first_look(r.path, r.keras_template, self.stale_after, r.root)
+                else Request.first_look(
+                    r.path, r.keras_template, self.stale_after, r.root, r.step_variable
+                )
                 for r, s in zip(runs, states, strict=True)
             ]
         if prefetched is not None:
@@ -194,7 +196,7 @@ def _current(obs: Observation, state: RunState) -> bool:
 
 def _looked_at(r: Request) -> tuple[object, ...]:
     """What makes two first looks at a run the same observation."""
-    return (r.run_dir, r.keras_template, r.stale_after, r.root)
+    return (r.run_dir, r.keras_template, r.stale_after, r.root, r.step_variable)
 
 
 def _label(run: RunDir, f: Found) -> str:

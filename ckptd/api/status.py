@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from ckptd.api import steps
 from ckptd.core.model import Action, Checkpoint, heartbeat_grace, utcnow
 from ckptd.store import daemons, reads
 from ckptd.store.handle import Store
@@ -38,6 +39,15 @@ class DaemonStatus:
 
 
 @dataclass(frozen=True)
+class RunWarning:
+    """Something about a run that keeps ckptd from doing what the user likely expects."""
+
+    run: str
+    kind: str  # steps_unmatched
+    message: str
+
+
+@dataclass(frozen=True)
 class Status:
     daemon: DaemonStatus | None  # None: no daemon ever ran on this database
     counts: dict[str, int]  # checkpoints by state
@@ -46,6 +56,7 @@ class Status:
     runs: list[RunSummary]
     newest: list[Checkpoint]
     problems: list[Action]
+    warnings: list[RunWarning]
 
 
 def status(store: Store) -> Status:
@@ -64,6 +75,7 @@ def status(store: Store) -> Status:
         runs=rows.runs,
         newest=rows.newest,
         problems=rows.problems,
+        warnings=[RunWarning(m.run, steps.KIND, m.message) for m in steps.mismatches(store)],
     )
 
 

@@ -63,6 +63,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
             }
             for a in st.problems
         ],
+        "warnings": [dataclasses.asdict(w) for w in st.warnings],
     }
     if as_json:
         print_json(data)
@@ -91,6 +92,8 @@ def status(ctx: CliContext, as_json: bool) -> None:
         ],
         empty="no runs recorded yet",
     )
+    for w in st.warnings:
+        echo(f"{click.style('warning:', fg='yellow')} run {w.run}: {w.message}")
     if st.newest:
         table(
             "newest",
@@ -142,7 +145,10 @@ def _echo_daemon(d: DaemonStatus | None) -> None:
         why = "stopped" if d.stopped_at else "no heartbeat"
         echo(f"daemon: {style('not running', fg='red')} ({why}; last seen {iso(d.heartbeat_at)})")
     for w in d.watches:
-        if isinstance(w, dict):
+        if isinstance(w, dict) and w.get("observer") == "waiting for path":
+            instead = f" (watching {w['watching']})" if w.get("watching") else ""
+            echo(f"  waiting for {w.get('path')}{instead}")
+        elif isinstance(w, dict):
             echo(f"  watching {w.get('path')} ({w.get('observer')})")
         else:
             echo(f"  watching {w}")

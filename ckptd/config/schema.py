@@ -111,6 +111,7 @@ class WatchConfig:
     runs: str | None = None
     observer: str = "auto"
     keras_template: str | None = None
+    step_variable: str | None = None
     best: BestConfig = field(default_factory=BestConfig)
     evaluate: EvaluateConfig | None = None
     freeze: FreezeConfig | None = None
@@ -153,6 +154,7 @@ WATCH_KEYS: Schema = {
     "runs": v.runs_glob,
     "observer": v.choice(*OBSERVERS),
     "keras_template": v.keras_template,
+    "step_variable": v.step_variable,
 }
 BEST_KEYS: Schema = {"metric": v.string, "mode": v.choice("min", "max")}
 EVALUATE_KEYS: Schema = {

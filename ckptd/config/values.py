@@ -253,6 +253,19 @@ def runs_glob(value: object) -> str:
     return Path(text).as_posix()
 
 
+def step_variable(value: object) -> str:
+    """A checkpoint tensor key: ``"global_step"``, ``"train/step"`` or a key as
+    ``tf.train.list_variables`` prints it (``"train/step/.ATTRIBUTES/VARIABLE_VALUE"``)."""
+    text = string(value).strip()
+    if not text or text.startswith("/") or "//" in text:
+        raise ValueError(
+            "expected the name of the checkpoint variable holding the training step, as "
+            'tf.train.list_variables prints it, e.g. "global_step" or "train/step", '
+            f"got {show(value)}"
+        )
+    return text
+
+
 def keras_template(value: object) -> str:
     """A ModelCheckpoint file name template ckptd can parse: formatted and parsed back here."""
     from string import Formatter

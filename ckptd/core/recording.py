@@ -30,6 +30,7 @@ class RunDir:
     path: Path
     root: Path
     keras_template: str | None = None
+    step_variable: str | None = None  # the tensor a TF checkpoint's step is read from
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,7 @@ class Supervisor:
         d.config = config
         d.evaluator.config = config
         d.progress.bound = stall_bound(config.daemon.heartbeat_interval)
-        d.watcher = Watcher(config.watches, d.on_path)
+        d.watcher = Watcher(config.watches, d.on_path, on_armed=d.on_armed)
         d.watcher.start()
         d.jobs.schedule(jobs)
 

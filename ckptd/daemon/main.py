@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from ckptd import __version__
 from ckptd.api import prune as api_prune
+from ckptd.api import steps
 from ckptd.api.evaluate import Evaluator
 from ckptd.api.freeze import Freezer
 from ckptd.config import Config, WatchConfig
@@ -73,13 +74,14 @@ class Daemon:
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
         self.reconciler = Reconciler(self.store)
+        self.step_mismatches = steps.Reporter(self.store)
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
         self.evaluator = Evaluator(self.store, config, self.worker)
         self.eval_loop = EvaluationLoop(self.evaluator)
         self.freezer = Freezer(self.store, self.worker)
         self.eval_thread: threading.Thread | None = None
-        self.watcher = Watcher(config.watches, self.on_path)
+        self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
         self.scheduler = Scheduler(self.progress)
         self.jobs = Jobs(self)
         self.supervisor = Supervisor(self)
@@ -241,7 +243,16 @@ class Daemon:
             if close is not None:
                 close()  # ends the backfill's worker pool when the loop stopped early
         self._known_runs = current
+        self._report_step_mismatches()
         return count
+
+    def _report_step_mismatches(self) -> None:
+        """Runs whose logged steps match no checkpoint: one event and one warning each."""
+        try:
+            for m in self.step_mismatches.report():
+                log.warning("run %s: %s", m.run, m.message)
+        except Exception:  # a report is retried after the next scan; never breaks recording
+            log.exception("checking the runs' steps failed")
 
     def _report_unsupported_runs(self) -> None:
         """Run directories whose names are not UTF-8: one audit entry each, then silence."""
@@ -283,6 +294,15 @@ class Daemon:
             if w is watch:
                 spec = runs_mod.run_of(i, w, path)
                 if spec is not None:
+                    self.dirty.add(spec)
+                return
+
+    def on_armed(self, watch: WatchConfig) -> None:
+        """A watch path observed again (it appeared, or was recreated): scan its runs now, as
+        anything written before its observer started was seen by no one."""
+        for i, w in enumerate(self.config.watches):
+            if w is watch:
+                for spec in runs_mod.discover(i, w):
                     self.dirty.add(spec)
                 return
 

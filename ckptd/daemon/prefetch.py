@@ -53,7 +53,7 @@ def start(config: Config, workers: int) -> observe.ObservePool | None:
         return None
     requests = [
         observe.Request.first_look(
-            s.path, s.watch.keras_template, observe.STALE_AFTER, s.watch.path
+            s.path, s.watch.keras_template, observe.STALE_AFTER, s.watch.path, s.watch.step_variable
         )
         for s in specs
     ]

@@ -24,7 +24,8 @@ __all__ = ["Outcome", "Reconciler", "run_dir"]
 
 
 def run_dir(spec: RunSpec) -> RunDir:
-    return RunDir(spec.name, spec.path, spec.watch.path, spec.watch.keras_template)
+    w = spec.watch
+    return RunDir(spec.name, spec.path, w.path, w.keras_template, w.step_variable)
 
 
 class Reconciler:

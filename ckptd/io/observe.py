@@ -75,6 +75,7 @@ class Request:
     # The watch root the run directory is reached from (its path is the user's choice and may
     # be a symlink; nothing below it is followed). None: the run directory is its own root.
     root: Path | None = None
+    step_variable: str | None = None  # the tensor a TF checkpoint's step is read from
 
     @classmethod
     def first_look(
@@ -83,9 +84,12 @@ class Request:
         keras_template: str | None,
         stale_after: float,
         root: Path | None = None,
+        step_variable: str | None = None,
     ) -> Request:
         """A run the database knows nothing about (yet): everything in it is new."""
-        return cls(run_dir, keras_template, None, {}, frozenset(), stale_after, None, root)
+        return cls(
+            run_dir, keras_template, None, {}, frozenset(), stale_after, None, root, step_variable
+        )
 
     @classmethod
     def for_state(cls, run: RunDir, state: RunState, stale_after: float) -> Request:
@@ -100,6 +104,7 @@ class Request:
             stale_after,
             state.version,
             run.root,
+            run.step_variable,
         )
 
 
@@ -137,6 +142,7 @@ def _observe(req: Request, dfd: int) -> Observation:
         dir_fd=dfd,
         stale_after=req.stale_after,
         unsupported=unsupported,
+        step_variable=req.step_variable,
     )
     events: dict[str, EventTail] = {}
     dir_mtimes: dict[str, int] = {}

@@ -160,6 +160,21 @@ def read_file(name: str, dir_fd: int, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+def read_checked(name: str, dir_fd: int, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of ``name`` in ``dir_fd``, for bytes the caller checks
+    against a checksum it holds (a checkpoint's step: one per checkpoint at backfill, so no
+    fstat). A symlink is refused (``O_NOFOLLOW``), a FIFO neither blocks (``O_NONBLOCK``) nor
+    reads (``pread`` fails); any other file that is not the one expected gives bytes that fail
+    the caller's checksum."""
+    if not name or "/" in name or name in (".", ".."):
+        raise UnsafePath(errno.EINVAL, f"{name!r}: not a plain file name")
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 def read_under(root: StrPath, path: StrPath, max_bytes: int) -> bytes:
     """The regular file ``path`` (under ``root``), reached safely and capped at ``max_bytes``."""
     directory, name = os.path.split(os.path.abspath(path))

@@ -10,6 +10,7 @@ from pathlib import Path
 from ckptd.io import safeio
 from ckptd.io.formats.found import Found
 from ckptd.io.formats.keras import keras
+from ckptd.io.formats.step import step_keys
 from ckptd.io.formats.tf import Group, bundle
 from ckptd.io.kerasname import KerasTemplate
 
@@ -46,6 +47,7 @@ def scan_run(
     now: float | None = None,
     stale_after: float = 120.0,
     unsupported: list[str] | None = None,
+    step_variable: str | None = None,
 ) -> list[Found]:
     """Every checkpoint in ``run_dir`` (not recursive), each with its completeness.
 
@@ -55,6 +57,7 @@ def scan_run(
     what that means, as an empty result would say every checkpoint is gone.
     ``known`` maps prefixes already validated to their signature; unchanged ones are not re-read.
     A partial write that has not changed for ``stale_after`` seconds is reported corrupt.
+    ``step_variable``: the tensor a TF checkpoint's step is read from (``step.py``).
     """
     if dir_fd is None:
         with safeio.open_dir_under(root if root is not None else run_dir, run_dir) as fd:
@@ -66,6 +69,7 @@ def scan_run(
                 now=now,
                 stale_after=stale_after,
                 unsupported=unsupported,
+                step_variable=step_variable,
             )
     now = time.time() if now is None else now
     groups: dict[str, Group] = {}
@@ -97,10 +101,11 @@ def scan_run(
             ):
                 keras_entries.append(entry)
     found = []
+    keys = step_keys(step_variable)
     for name, g in groups.items():
         if g.index is None and not g.data:
             continue  # a lone .meta (e.g. a graph export) is not a checkpoint
-        f = bundle(dir_fd, run_dir, name, g, known, now, stale_after)
+        f = bundle(dir_fd, run_dir, name, g, known, now, stale_after, keys)
         if f is not None:
             found.append(f)
     template = KerasTemplate(keras_template) if keras_template else None

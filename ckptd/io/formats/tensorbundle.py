@@ -11,7 +11,7 @@ no library outside TensorFlow reads this format, and importing TensorFlow is slo
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +62,25 @@ class BundleError(ValueError):
 
 
 @dataclass(frozen=True)
+class TensorAt:
+    """Where one tensor's bytes lie in the data shards, as its BundleEntryProto says."""
+
+    key: bytes
+    dtype: int  # a DataType number (DTYPES)
+    shard: int
+    offset: int
+    size: int
+    crc32c: int  # masked crc32c of the tensor's bytes
+
+
+@dataclass(frozen=True)
 class BundleHeader:
     num_shards: int
     is_object_graph: bool
     # shard id -> bytes the index says that data file must hold (max offset + size)
     shard_bytes: dict[int, int] = field(default_factory=dict)
+    # The first of the keys read_header was asked to locate that the index holds.
+    located: TensorAt | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,13 @@ def entries(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         yield from _block(data, off, size)
 
 
+def masked_crc32c(data: bytes) -> int:
+    """The crc32c TensorFlow stores (in block trailers and BundleEntryProto.crc32c): masked,
+    as LevelDB does, so that a crc of data holding crcs stays meaningful."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def _check_block(data: bytes, offset: int, size: int) -> int:
     """Validate one block's trailer and checksum; return where its entries end."""
     end = offset + size
@@ -202,8 +223,7 @@ def _check_block(data: bytes, offset: int, size: int) -> int:
     # The trailer's masked crc32c covers the block and its type byte; TensorFlow's reader checks
     # it (DataLoss "block checksum mismatch"), so a checkpoint failing it cannot be restored.
     (stored,) = struct.unpack_from("<I", data, end + 1)
-    crc = google_crc32c.value(data[offset : end + 1])
-    if (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF != stored:
+    if masked_crc32c(data[offset : end + 1]) != stored:
         raise BundleError(f"block checksum mismatch at byte {offset}")
     (num_restarts,) = struct.unpack_from("<I", data, end - 4)
     limit = end - 4 - 4 * num_restarts
@@ -281,8 +301,9 @@ def _check_shard_ids(shard_bytes: dict[int, int], num_shards: int) -> None:
             raise BundleError(f"a tensor lies in data shard {shard}, but there are {num_shards}")
 
 
-def read_header(data: bytes) -> BundleHeader:
-    """Parse the header, detect a TF2 object graph and the size each data shard must have.
+def read_header(data: bytes, locate: Sequence[bytes] = ()) -> BundleHeader:
+    """Parse the header, detect a TF2 object graph and the size each data shard must have;
+    ``locate``: tensor keys by preference, the first one present is ``located``.
 
     One pass over every entry (the index is small next to the data); raises BundleError when
     the index is incomplete or corrupt. This runs for every checkpoint at backfill, so the
@@ -293,12 +314,16 @@ def read_header(data: bytes) -> BundleHeader:
     is_object = False
     parts: list[bytes] = []
     append = parts.append
+    wanted = frozenset(locate)
+    at: dict[bytes, int] = {}  # key -> its position among the decoded entries
     for key, value in entries(data):
         if not key:
             num_shards = _checked_shards(value)
             continue
         if key == OBJECT_GRAPH_KEY:
             is_object = True
+        elif key in wanted:
+            at[key] = len(parts) // 3
         n = len(value)
         append(_FIELD1)
         append(_LEN1[n] if n < 0x80 else _varint_bytes(n))
@@ -315,7 +340,13 @@ def read_header(data: bytes) -> BundleHeader:
         if extent > shard_bytes.get(e.shard_id, 0):
             shard_bytes[e.shard_id] = extent
     _check_shard_ids(shard_bytes, num_shards)
-    return BundleHeader(num_shards=num_shards, is_object_graph=is_object, shard_bytes=shard_bytes)
+    located = None
+    for key in locate:
+        if key in at:
+            e = decoded[at[key]]
+            located = TensorAt(key, e.dtype, e.shard_id, e.offset, e.size, e.crc32c)
+            break
+    return BundleHeader(num_shards, is_object, shard_bytes, located)
 
 
 _LEN1 = [bytes((n,)) for n in range(0x80)]

@@ -17,6 +17,7 @@ from ckptd.io.formats.found import (
     stat_entry,
     step_from_name,
 )
+from ckptd.io.formats.step import DEFAULT_KEYS, read_step
 from ckptd.io.formats.tensorbundle import BundleError, BundleHeader, read_header
 
 # The largest .index ckptd reads. An index holds one short entry per tensor (its name, dtype,
@@ -43,8 +44,12 @@ def bundle(
     known: dict[str, tuple[int, ...]] | None,
     now: float,
     stale_after: float,
+    step_keys: tuple[bytes, ...] = DEFAULT_KEYS,
 ) -> Found | None:
-    """The checkpoint ``name`` of the listing ``g``; None when its files vanished meanwhile."""
+    """The checkpoint ``name`` of the listing ``g``; None when its files vanished meanwhile.
+
+    Its step is the first of ``step_keys`` the checkpoint holds (see ``step.py``), else the
+    number in its name."""
     prefix = os.path.join(run_dir, name)
     files = []
     size = 0
@@ -94,10 +99,14 @@ def bundle(
     if odd:
         return seen.found(fmt, CORRUPT, f"{', '.join(sorted(odd))}: not a regular file", signature)
     before = known.get(prefix) if known is not None else None
-    if before is not None and len(before) == 6 and before[:5] == signature:
+    if before is not None and len(before) in (6, 7) and before[:5] == signature:
         # Unchanged since it was validated: skip re-reading the index (keeps rescans cheap).
-        # The last element remembers what the index said (object graph = TF2); the .meta alone
-        # cannot tell, as a TF1 checkpoint has none until its meta graph arrives (or ever).
+        # The last elements remember what the index said: object graph = TF2 (the .meta alone
+        # cannot tell, as a TF1 checkpoint has none until its meta graph arrives, or ever), and
+        # the step read from the data (-1: none, the name's). Checkpoints validated before
+        # steps were read (6 elements) keep the step they were recorded with, the name's.
+        if len(before) == 7 and before[6] >= 0:
+            seen.step = before[6]
         return seen.found("tf2" if before[5] else "tf1", COMPLETE, None, tuple(before))
     try:
         fd, fst = safeio.open_regular(g.index.name, dir_fd)
@@ -105,7 +114,7 @@ def bundle(
             data = safeio.read_fd(fd, fst.st_size, INDEX_MAX_BYTES)
         finally:
             os.close(fd)
-        header = read_header(data)
+        header = read_header(data, step_keys)
     except safeio.TooLarge:
         reason = f"index is larger than the {INDEX_MAX_BYTES >> 20} MiB cap; not read"
         return seen.found(fmt, CORRUPT, reason, signature)
@@ -126,7 +135,13 @@ def bundle(
     problem = _shards_problem(header, g, shard_sizes)
     if problem is not None:
         return seen.found(fmt, CORRUPT, problem, signature)
-    return seen.found(fmt, COMPLETE, None, (*signature, int(header.is_object_graph)))
+    at = header.located
+    step = read_step(dir_fd, g.data[at.shard].name, at) if at and at.shard in g.data else None
+    if step is not None:
+        seen.step = step
+    return seen.found(
+        fmt, COMPLETE, None, (*signature, int(header.is_object_graph), -1 if step is None else step)
+    )
 
 
 def _shards_problem(header: BundleHeader, g: Group, shard_sizes: dict[int, int]) -> str | None:
