@@ -79,6 +79,24 @@ class EvalOutcome:
         )
 
 
+def waiting_json(w: Waiting) -> dict[str, Any]:
+    return {
+        "checkpoint": w.checkpoint,
+        "retry_at": iso(w.retry_at),
+        "attempts": w.attempts,
+        "error": w.error,
+    }
+
+
+def waiting_from_json(data: dict[str, Any]) -> Waiting:
+    return Waiting(
+        str(data["checkpoint"]),
+        datetime.fromisoformat(str(data["retry_at"])),
+        int(data.get("attempts") or 0),
+        data.get("error"),
+    )
+
+
 @dataclass
 class Evaluation:
     """What ``ckptd evaluate`` does: how many are queued, their outcomes as they come, and the

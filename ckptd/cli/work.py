@@ -124,7 +124,6 @@ def evaluate(ctx: CliContext, target: str, again: bool, here: bool, as_json: boo
     from ckptd.api import evaluate as api_evaluate
     from ckptd.api.targets import NotConfigured
     from ckptd.cli.output import console
-    from ckptd.store.evaluations import Waiting
 
     try:
         target_ = _target(ctx, target)
@@ -146,7 +145,7 @@ def evaluate(ctx: CliContext, target: str, again: bool, here: bool, as_json: boo
 
             result = _handed(ctx, "evaluate", target_, daemon, on_progress, again=again)
             outcomes = [api_evaluate.EvalOutcome.from_json(o) for o in result["outcomes"]]
-            waiting = [Waiting.from_json(w) for w in result["waiting"]]
+            waiting = [api_evaluate.waiting_from_json(w) for w in result["waiting"]]
         else:
             evaluation = api_evaluate.evaluate(_store(ctx), ctx.config(), target_, again=again)
             progress.update(task, total=evaluation.total)

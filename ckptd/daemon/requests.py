@@ -59,6 +59,11 @@ class RequestServer:
                     result = self._do(claimed, stop)
                 except (Declined, NotConfigured, api_evaluate.NotEvaluable) as exc:
                     requests.finish(self.store, claimed.id, result=None, error=str(exc))
+                except Exception as exc:  # the CLI waiting on it hears why, not a lapsed claim
+                    log.exception("request %d (%s) failed", claimed.id, claimed.kind)
+                    requests.finish(
+                        self.store, claimed.id, result=None, error=f"{type(exc).__name__}: {exc}"
+                    )
                 else:
                     requests.finish(self.store, claimed.id, result=result)
             done += 1
@@ -100,7 +105,7 @@ class RequestServer:
         )
         result: dict[str, Any] = {
             "total": evaluation.total,
-            "waiting": [w.to_json() for w in evaluation.waiting],
+            "waiting": [api_evaluate.waiting_json(w) for w in evaluation.waiting],
             "outcomes": [],
         }
         requests.progress(self.store, claimed.id, result, ttl=REQUEST_TTL)

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from ckptd.core.model import COMPLETE, Checkpoint, iso, utcnow
+from ckptd.core.model import COMPLETE, Checkpoint, utcnow
 from ckptd.store import audit, reads, versions
 from ckptd.store.handle import Store, holder_gone
 from ckptd.store.tables import CheckpointRow, EvaluationRow, MetricRow, RunRow, table_of
@@ -255,7 +255,12 @@ def finish_done(store: Store, job: Job, metrics: dict[str, float], seconds: floa
             run_id=c.run_id,
             checkpoint_id=c.id,
             subject=c.prefix,
-            detail={"step": c.step, "metrics": stored, "seconds": round(seconds, 4)},
+            detail={
+                "step": c.step,
+                "metrics": stored,
+                "seconds": round(seconds, 4),
+                "by": store.holder,
+            },
         )
     return True
 
@@ -293,7 +298,7 @@ def finish_failed(
             checkpoint_id=c.id,
             subject=c.prefix,
             reason=error,
-            detail={"attempt": job.attempt, "final": final, "kind": kind},
+            detail={"attempt": job.attempt, "final": final, "kind": kind, "by": store.holder},
         )
     return True
 
@@ -349,23 +354,6 @@ class Waiting:
     retry_at: datetime
     attempts: int
     error: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "checkpoint": self.checkpoint,
-            "retry_at": iso(self.retry_at),
-            "attempts": self.attempts,
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Waiting:
-        return cls(
-            str(data["checkpoint"]),
-            datetime.fromisoformat(str(data["retry_at"])),
-            int(data.get("attempts") or 0),
-            data.get("error"),
-        )
 
 
 def waiting(

@@ -25,7 +25,7 @@ PENDING, RUNNING, DONE, CANCELLED = "pending", "running", "done", "cancelled"
 EVALUATE, FREEZE = "evaluate", "freeze"
 
 _q = table_of(RequestRow)
-KEEP_FINISHED = timedelta(days=1)
+KEEP = timedelta(days=1)  # how long finished (or abandoned) requests stay
 
 
 @dataclass(frozen=True)
@@ -107,18 +107,18 @@ def any_claimable(store: Store) -> bool:
 
 
 def claim_next(store: Store, *, ttl: timedelta) -> Claimed | None:
-    """Claim the oldest pending request (or one whose holder's claim expired) for ``ttl``."""
+    """Claim the oldest pending request for ``ttl``."""
     now = utcnow()
-    claimable = or_(
-        _q.c.status == PENDING,
-        and_(_q.c.status == RUNNING, _q.c.claimed_until < now),
-    )
+    claimable = _q.c.status == PENDING  # (one a dead holder left running: its CLI gave up)
     with store.session() as s:
         # Finished requests are kept a while for whoever polls them, then dropped here (only
         # when there is work, so an idle daemon never writes).
         s.execute(
             delete(_q).where(
-                _q.c.status.in_([DONE, CANCELLED]), _q.c.finished_at < now - KEEP_FINISHED
+                or_(
+                    and_(_q.c.status.in_([DONE, CANCELLED]), _q.c.finished_at < now - KEEP),
+                    and_(_q.c.status == RUNNING, _q.c.claimed_until < now - KEEP),
+                )
             )
         )
         ids = s.scalars(select(_q.c.id).where(claimable).order_by(_q.c.id).limit(10)).all()
