@@ -450,8 +450,11 @@ def test_daemon_and_cli_evaluate_and_prune_the_same_runs_at_once(
     wait_for(lambda: query(db, "select count(*) from evaluations")[0][0] == total, timeout=60)
 
     def start(cmd: str, run: str) -> subprocess.Popen[str]:
+        # --no-daemon: each `ckptd evaluate` works in a worker of its own, racing the daemon's
+        # (by default it would hand the work to the daemon).
+        here = ["--no-daemon"] if cmd == "evaluate" else []
         return subprocess.Popen(
-            [sys.executable, "-m", "ckptd", "--config", str(conf), cmd, run, "--json"],
+            [sys.executable, "-m", "ckptd", "--config", str(conf), cmd, run, *here, "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -17,17 +17,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import Config, EvaluateConfig, WatchConfig
-from ckptd.core.model import Checkpoint, utcnow
+from ckptd.core.model import COMPLETE, Checkpoint, iso, utcnow
 from ckptd.store import evaluations
-from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job
+from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job, Waiting
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient, WorkerError, terminate_group, worker_env
 
@@ -38,13 +38,73 @@ CLAIM_TTL = timedelta(seconds=60)
 LOST = "lost"  # the claim expired mid-evaluation and another process took the job over
 
 
+class NotEvaluable(Exception):
+    """The named checkpoint cannot be evaluated (it is gone, pruned, corrupt …); says why."""
+
+
 @dataclass
 class EvalOutcome:
     checkpoint: str
-    status: str
+    status: str  # done | failed | pending (failed, retried at retry_at) | lost
     metrics: dict[str, float]
     error: str | None
     seconds: float
+    retry_at: datetime | None = None
+
+    @property
+    def failed(self) -> bool:
+        """This attempt failed (whether or not it is retried later)."""
+        return self.error is not None and self.status in (FAILED, PENDING)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "status": self.status,
+            "metrics": self.metrics,
+            "error": self.error,
+            "seconds": self.seconds,
+            "retry_at": iso(self.retry_at),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalOutcome:
+        retry_at = data.get("retry_at")
+        return cls(
+            str(data["checkpoint"]),
+            str(data["status"]),
+            {str(k): float(v) for k, v in dict(data.get("metrics") or {}).items()},
+            data.get("error"),
+            float(data.get("seconds") or 0.0),
+            datetime.fromisoformat(retry_at) if retry_at else None,
+        )
+
+
+def waiting_json(w: Waiting) -> dict[str, Any]:
+    return {
+        "checkpoint": w.checkpoint,
+        "retry_at": iso(w.retry_at),
+        "attempts": w.attempts,
+        "error": w.error,
+    }
+
+
+def waiting_from_json(data: dict[str, Any]) -> Waiting:
+    return Waiting(
+        str(data["checkpoint"]),
+        datetime.fromisoformat(str(data["retry_at"])),
+        int(data.get("attempts") or 0),
+        data.get("error"),
+    )
+
+
+@dataclass
+class Evaluation:
+    """What ``ckptd evaluate`` does: how many are queued, their outcomes as they come, and the
+    jobs of a run that wait out their retry backoff (not evaluated now)."""
+
+    total: int
+    outcomes: Iterator[EvalOutcome]
+    waiting: list[Waiting] = field(default_factory=list)
 
 
 def build_request(ev: EvaluateConfig, c: Checkpoint, run_path: str) -> dict[str, Any]:
@@ -235,6 +295,7 @@ class Evaluator:
         if kind == "stopping":  # this process is stopping: the job goes back to the queue
             evaluations.release(self.store, job)
             return EvalOutcome(c.label, PENDING, {}, error, seconds)
+        retry_at = None
         if error is None:
             status = DONE
             recorded = evaluations.finish_done(self.store, job, metrics, seconds)
@@ -260,39 +321,69 @@ class Evaluator:
                 c.label,
             )
             return EvalOutcome(c.label, LOST, {}, "taken over by another process", seconds)
-        return EvalOutcome(c.label, status, metrics, error, seconds)
+        return EvalOutcome(c.label, status, metrics, error, seconds, retry_at)
 
     def close(self) -> None:
         self.client.close()
 
 
-def evaluate(
-    store: Store, config: Config, target: Target, *, again: bool = False
-) -> tuple[int, Iterator[EvalOutcome]]:
-    """``ckptd evaluate``: the target checkpoint, or the run's not-yet-evaluated ones (all of
-    them with ``again``), and nothing of any other run. Returns how many are queued and the
-    outcomes as they come (the worker is closed when they end)."""
+def check(target: Target) -> EvaluateConfig:
+    """The evaluator of ``target``'s watch; raises what stands in the way."""
     ev = target.watch.evaluate
     if ev is None or ev.evaluator == "tfevents":
         raise NotConfigured(
             f"run {target.run.name} has no evaluator: add [watch.evaluate] with evaluator = "
             '"meta_graph", "keras", "python" or "command" to the config'
         )
+    c = target.checkpoint
+    if c is not None and c.state != COMPLETE:
+        why = f": {c.reason}" if c.reason else ""
+        raise NotEvaluable(
+            f"{c.label} is {c.state}{why}; only complete checkpoints can be evaluated "
+            f"(list them with `ckptd ls {target.run.name}`)"
+        )
+    return ev
+
+
+def start(
+    evaluator: Evaluator,
+    target: Target,
+    *,
+    again: bool = False,
+    stop: threading.Event | None = None,
+) -> Evaluation:
+    """``ckptd evaluate``, in this process or in the daemon: the target checkpoint now (even
+    while it waits out a retry backoff), or the run's not-yet-evaluated ones (all of them with
+    ``again``), and nothing of any other run."""
+    check(target)
     scope: dict[str, Any] = (
         {"checkpoint_ids": [target.checkpoint.id]}
         if target.checkpoint
         else {"run_ids": [target.run.id]}
     )
-    evaluator = Evaluator(store, config)
     if again or target.checkpoint:
         evaluator.requeue(**scope)
     evaluator.enqueue(**scope)
+    waiting = evaluations.waiting(evaluator.store, **scope)
 
     def outcomes() -> Iterator[EvalOutcome]:
+        while batch := evaluator.run_pending(stop, limit=1, **scope):
+            yield from batch
+
+    return Evaluation(evaluator.pending_count(**scope) - len(waiting), outcomes(), waiting)
+
+
+def evaluate(store: Store, config: Config, target: Target, *, again: bool = False) -> Evaluation:
+    """:func:`start` in a worker of this process's own (closed when the outcomes end)."""
+    check(target)
+    evaluator = Evaluator(store, config)
+    evaluation = start(evaluator, target, again=again)
+
+    def outcomes(started: Iterator[EvalOutcome]) -> Iterator[EvalOutcome]:
         try:
-            while batch := evaluator.run_pending(limit=1, **scope):
-                yield from batch
+            yield from started
         finally:
             evaluator.close()
 
-    return evaluator.pending_count(**scope), outcomes()
+    evaluation.outcomes = outcomes(evaluation.outcomes)
+    return evaluation

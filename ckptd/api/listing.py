@@ -37,6 +37,7 @@ class Listing:
     best: frozenset[int] = frozenset()  # ids: the best of each run by its watch's metric
     # ids -> why [watch.retain] keeps it ([]: the next prune deletes it); only runs with a policy
     kept_because: dict[int, list[str]] = field(default_factory=dict)
+    best_metrics: tuple[str, ...] = ()  # the [watch.best] metrics of the listed runs
 
 
 def listing(
@@ -59,6 +60,11 @@ def listing(
         items,
         _best_ids(items, watches),
         _retention_reasons(store, {i: w for i, w in watches.items() if i in listed}),
+        tuple(
+            dict.fromkeys(
+                w.best.metric for i, w in sorted(watches.items()) if i in listed and w.best.metric
+            )
+        ),
     )
 
 
@@ -133,21 +139,31 @@ def best(
 class Variables:
     prefix: str
     tensors: list[TensorInfo]
+    note: str | None = None  # what could not be listed, and why
+
+
+KERAS_SUFFIXES = (".keras", ".weights.h5")
 
 
 def show(checkpoint: str, open_store: Callable[[], Store]) -> Variables:
     """The variables saved in ``checkpoint``: a prefix path read where it is, or a recorded
     checkpoint (prefix or ``RUN@STEP``) read from its watch root, never through a symlink below
-    it. Read from the .index file; the database is opened only for a recorded one."""
+    it. Read from the .index file (a Keras file: its HDF5 weights); the database is opened only
+    for a recorded one."""
+    keras = checkpoint.endswith(KERAS_SUFFIXES)
+    prefix, root = checkpoint, os.path.dirname(os.path.abspath(checkpoint))
+    if not os.path.exists(checkpoint if keras else checkpoint + ".index"):
+        record, watch_root = reads.locate_checkpoint(open_store(), checkpoint)
+        prefix, root = record.prefix, watch_root or root
+        keras = record.format.startswith("keras")
+    return _keras_weights(root, prefix) if keras else _bundle_tensors(root, prefix)
+
+
+def _bundle_tensors(root: str, prefix: str) -> Variables:
     from ckptd.io import safeio
     from ckptd.io.formats import INDEX_MAX_BYTES
     from ckptd.io.formats.tensorbundle import BundleError, list_tensors
 
-    prefix = checkpoint
-    root = os.path.dirname(os.path.abspath(checkpoint + ".index"))
-    if not os.path.exists(checkpoint + ".index"):
-        record, watch_root = reads.locate_checkpoint(open_store(), checkpoint)
-        prefix, root = record.prefix, watch_root or root
     try:
         return Variables(
             prefix, list_tensors(safeio.read_under(root, prefix + ".index", INDEX_MAX_BYTES))
@@ -165,3 +181,28 @@ def show(checkpoint: str, open_store: Callable[[], Store]) -> Variables:
         raise Unreadable(f"{prefix}.index cannot be read: {exc.strerror or exc}") from None
     except BundleError as exc:
         raise Unreadable(f"{prefix}.index cannot be read: {exc}") from None
+
+
+def _keras_weights(root: str, path: str) -> Variables:
+    """The weights of a ``.keras`` archive or a ``.weights.h5`` file, opened safely under
+    ``root`` and read in place (seeks, not the whole file)."""
+    from ckptd.io import safeio
+    from ckptd.io.formats.kerasweights import NO_H5PY, KerasUnreadable, list_weights
+
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        with safeio.open_dir_under(root, directory) as dir_fd:
+            fd, _st = safeio.open_regular(name, dir_fd)
+            with os.fdopen(fd, "rb") as fh:
+                listed = list_weights(fh, name)
+    except FileNotFoundError:
+        raise Unreadable(
+            f"{path} does not exist (was it pruned or deleted? see `ckptd events`)"
+        ) from None
+    except OSError as exc:  # a FIFO or a symlink, a symlinked directory, permissions …
+        raise Unreadable(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except KerasUnreadable as exc:
+        raise Unreadable(f"{path} cannot be read: {exc}") from None
+    except ModuleNotFoundError:
+        raise Unreadable(f"{path}: {NO_H5PY}") from None
+    return Variables(path, listed.tensors, listed.note)

@@ -263,6 +263,16 @@ def table(
     click.echo("\n".join(lines))
 
 
+def metric_columns(
+    metrics: Sequence[dict[str, float]], first: Sequence[str | None] = (), limit: int = 4
+) -> list[str]:
+    """The metric columns of a table, ``limit`` in all: the configured best metrics ``first``
+    (those any row has, so ranking is never hidden), then the others by name."""
+    names = sorted({k for m in metrics for k in m})
+    leading = [n for n in dict.fromkeys(first) if n in names]
+    return (leading + [n for n in names if n not in leading])[:limit]
+
+
 def fmt_value(v: float | None) -> str:
     if v is None:
         return "—"

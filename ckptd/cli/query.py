@@ -17,6 +17,7 @@ from ckptd.cli.output import (
     event_json,
     fmt_size,
     fmt_value,
+    metric_columns,
     output_options,
     pass_ctx,
     print_json,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from ckptd.api.status import DaemonStatus
 
 RUN_STATES = ("complete", "corrupt", "gone", "pruned")  # the counts `status` shows per run
-LS_TAIL = ("eval", "", "kept because", "recorded (UTC)")  # `ls` columns after the metrics
+LS_TAIL = ("eval", "marks", "kept because", "recorded (UTC)")  # `ls` columns after the metrics
 
 
 @click.command()
@@ -200,7 +201,7 @@ def ls(
             [{**checkpoint_json(c, c.id in best), "kept_because": kept.get(c.id)} for c in items]
         )
         return
-    names = sorted({k for c in items for k in c.metrics})[:4]
+    names = metric_columns([c.metrics for c in items], found.best_metrics)
     rows = []
     for c in items:
         flags = (
@@ -294,13 +295,15 @@ def best(
 def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
     """The variables saved in CHECKPOINT: name, dtype, shape (what inspect_checkpoint prints).
 
-    CHECKPOINT is a prefix path (model.ckpt-1000) or RUN@STEP. Read straight from the .index
-    file, without TensorFlow.
+    CHECKPOINT is a prefix path (model.ckpt-1000), a Keras file or RUN@STEP. Read straight from
+    the .index file (a .keras or .weights.h5 file: its HDF5 weights, with h5py), without
+    TensorFlow.
 
     \b
     Examples:
       ckptd show mnist@1000
       ckptd show /data/runs/mnist/model.ckpt-1000 --json
+      ckptd show /data/runs/keras/model.03-0.23.keras
     """
     from ckptd.api.listing import Unreadable
     from ckptd.api.listing import show as variables
@@ -314,6 +317,7 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
         print_json(
             {
                 "checkpoint": prefix,
+                "note": shown.note,
                 "variables": [
                     {
                         "name": t.name,
@@ -332,6 +336,8 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
         ["name", "dtype", "shape", "bytes"],
         [[t.name, t.dtype, list(t.shape), t.size] for t in tensors],
     )
+    if shown.note:
+        click.echo(shown.note)
 
 
 @click.command()

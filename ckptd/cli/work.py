@@ -1,8 +1,13 @@
-"""On-demand work: evaluate and freeze now, in a TensorFlow worker (never in this process)."""
+"""On-demand work: evaluate and freeze now, in a TensorFlow worker (never in this process).
+
+While a daemon runs on the database, the work is handed to it (``api/handoff.py``): its worker
+is warm, so the call takes the evaluation's time instead of seconds of ``import tensorflow``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -10,15 +15,28 @@ from ckptd.cli.output import (
     CHECKPOINT,
     CliContext,
     fmt_value,
+    metric_columns,
     output_options,
     pass_ctx,
     print_json,
     table,
 )
+from ckptd.core.model import iso
 
 if TYPE_CHECKING:  # imported by the commands, not by --help
+    from ckptd.api.evaluate import EvalOutcome
+    from ckptd.api.status import DaemonStatus
     from ckptd.api.targets import Target
+    from ckptd.store.evaluations import Waiting
     from ckptd.store.handle import Store
+
+NO_DAEMON = click.option(
+    "--no-daemon",
+    "here",
+    is_flag=True,
+    help="Do the work in a worker of this process even while a daemon runs (by default the "
+    "running daemon does it in its warm worker).",
+)
 
 
 def _store(ctx: CliContext) -> Store:
@@ -35,16 +53,64 @@ def _target(ctx: CliContext, text: str) -> Target:
     return target
 
 
+def _daemon(ctx: CliContext, here: bool) -> DaemonStatus | None:
+    """The running daemon to hand the work to, unless asked not to."""
+    from ckptd.api.handoff import live_daemon
+
+    return None if here else live_daemon(ctx.store(readonly=True))
+
+
+def _handed(
+    ctx: CliContext,
+    kind: str,
+    target: Target,
+    daemon: DaemonStatus,
+    on_progress: Callable[[dict[str, Any]], None],
+    **options: Any,
+) -> dict[str, Any]:
+    """Hand the work to the daemon and wait for its result (Ctrl-C withdraws it if not begun)."""
+    from ckptd.api import handoff
+
+    request_id = handoff.submit(_store(ctx), kind, target, **options)
+    try:
+        req = handoff.wait(ctx.store(readonly=True), _store(ctx), request_id, daemon, on_progress)
+    except handoff.HandoffFailed as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        if not handoff.withdraw(_store(ctx), request_id):
+            click.echo(
+                f"the daemon (pid {daemon.pid}) goes on with the {kind}; see `ckptd events`",
+                err=True,
+            )
+        raise
+    return req.result
+
+
+def _by_daemon(daemon: DaemonStatus) -> str:
+    return f"done by the running daemon (pid {daemon.pid} on {daemon.host}) in its warm worker"
+
+
+def _status_text(status: str, retry_at: Any) -> str:
+    if retry_at is None:
+        return status
+    status = "failed" if status == "pending" else status
+    return f"{status}, retry at {retry_at:%Y-%m-%d %H:%M:%S} UTC"
+
+
 @click.command()
 @click.argument("target", metavar="CHECKPOINT|RUN", type=CHECKPOINT)
 @click.option("--again", is_flag=True, help="Re-evaluate checkpoints that were already evaluated.")
+@NO_DAEMON
 @output_options
 @pass_ctx
-def evaluate(ctx: CliContext, target: str, again: bool, as_json: bool) -> None:
+def evaluate(ctx: CliContext, target: str, again: bool, here: bool, as_json: bool) -> None:
     """Evaluate a checkpoint, or every not-yet-evaluated checkpoint of a run, now.
 
-    Uses the run's [watch.evaluate] evaluator in a warm TensorFlow worker process and records
-    the metrics (they count for `best` and retention at once).
+    Uses the run's [watch.evaluate] evaluator in a warm TensorFlow worker process (the running
+    daemon's, when there is one) and records the metrics (they count for `best` and retention
+    at once). A checkpoint named by RUN@STEP is evaluated now even while it waits out the retry
+    backoff of a failed attempt; for a RUN, those that wait are listed with their retry time.
+    Exits 1 when an evaluation failed.
 
     \b
     Examples:
@@ -61,58 +127,101 @@ def evaluate(ctx: CliContext, target: str, again: bool, as_json: bool) -> None:
 
     try:
         target_ = _target(ctx, target)
-        total, results = api_evaluate.evaluate(_store(ctx), ctx.config(), target_, again=again)
-    except NotConfigured as exc:
+        api_evaluate.check(target_)
+    except (NotConfigured, api_evaluate.NotEvaluable) as exc:
         raise click.ClickException(str(exc)) from None
-    outcomes = []
+    daemon = _daemon(ctx, here)
+    outcomes: list[EvalOutcome] = []
     with Progress(console=console(), transient=True, disable=as_json) as progress:
-        task = progress.add_task(f"evaluating {escape(target_.run.name)}", total=total)
-        for outcome in results:
-            outcomes.append(outcome)
-            progress.advance(task)
-    rows = [
+        what = escape(target_.checkpoint.label if target_.checkpoint else target_.run.name)
+        task = progress.add_task(f"evaluating {what}", total=None)
+        if daemon is not None:
+            progress.update(task, description=f"evaluating {what} in the daemon (pid {daemon.pid})")
+
+            def on_progress(result: dict[str, Any]) -> None:
+                progress.update(
+                    task, total=result.get("total"), completed=len(result.get("outcomes", []))
+                )
+
+            result = _handed(ctx, "evaluate", target_, daemon, on_progress, again=again)
+            outcomes = [api_evaluate.EvalOutcome.from_json(o) for o in result["outcomes"]]
+            waiting = [api_evaluate.waiting_from_json(w) for w in result["waiting"]]
+        else:
+            evaluation = api_evaluate.evaluate(_store(ctx), ctx.config(), target_, again=again)
+            progress.update(task, total=evaluation.total)
+            for outcome in evaluation.outcomes:
+                outcomes.append(outcome)
+                progress.advance(task)
+            waiting = evaluation.waiting
+    _show_evaluations(outcomes, waiting, target_, as_json)
+    if daemon is not None and not as_json and outcomes:
+        click.echo(click.style(_by_daemon(daemon), dim=True), err=True)
+    if any(o.failed for o in outcomes):
+        raise SystemExit(1)
+
+
+def _show_evaluations(
+    outcomes: list[EvalOutcome], waiting: list[Waiting], target: Target, as_json: bool
+) -> None:
+    rows = [o.to_json() for o in outcomes] + [
         {
-            "checkpoint": o.checkpoint,
-            "status": o.status,
-            "metrics": o.metrics,
-            "error": o.error,
-            "seconds": o.seconds,
+            "checkpoint": w.checkpoint,
+            "status": "waiting",
+            "metrics": {},
+            "error": w.error,
+            "seconds": 0.0,
+            "retry_at": iso(w.retry_at),
         }
-        for o in outcomes
+        for w in waiting
     ]
     if as_json:
         print_json(rows)
-    else:
-        names = sorted({k for o in outcomes for k in o.metrics})[:4]
-        table(
-            None,
-            ["checkpoint", "status", *names, "seconds", "error"],
+        return
+    names = metric_columns([o.metrics for o in outcomes], [target.watch.best.metric])
+    table(
+        None,
+        ["checkpoint", "status", *names, "seconds", "error"],
+        [
             [
-                [
-                    o.checkpoint,
-                    o.status,
-                    *[fmt_value(o.metrics.get(n)) for n in names],
-                    f"{o.seconds:.3f}",
-                    o.error,
-                ]
-                for o in outcomes
-            ],
-            empty="nothing to evaluate (use --again to re-evaluate)",
+                o.checkpoint,
+                _status_text(o.status, o.retry_at),
+                *[fmt_value(o.metrics.get(n)) for n in names],
+                f"{o.seconds:.3f}",
+                o.error,
+            ]
+            for o in outcomes
+        ]
+        + [
+            [
+                w.checkpoint,
+                _status_text("waiting", w.retry_at),
+                *["" for _ in names],
+                "",
+                f"attempt {w.attempts} failed: {w.error}",
+            ]
+            for w in waiting
+        ],
+        empty="nothing to evaluate (use --again to re-evaluate)",
+    )
+    if waiting:
+        click.echo(
+            f"{len(waiting)} checkpoint(s) wait to retry after a failed evaluation; "
+            f"`ckptd evaluate {waiting[0].checkpoint}` evaluates one now"
         )
-    if any(o.status == "failed" for o in outcomes):
-        raise SystemExit(1)
 
 
 @click.command()
 @click.argument("target", metavar="CHECKPOINT|RUN", type=CHECKPOINT)
 @click.option("--force", is_flag=True, help="Export again even if it is already exported.")
+@NO_DAEMON
 @output_options
 @pass_ctx
-def freeze(ctx: CliContext, target: str, force: bool, as_json: bool) -> None:
+def freeze(ctx: CliContext, target: str, force: bool, here: bool, as_json: bool) -> None:
     """Export a checkpoint, or the best of a run, as configured in [watch.freeze], now.
 
     Writes a hidden temp directory, verifies it against the checkpoint's own outputs, then
-    renames it to export_dir/<step> (the TensorFlow Serving layout).
+    renames it to export_dir/<step> (the TensorFlow Serving layout). While a daemon runs, it
+    does the export in its warm worker.
 
     \b
     Examples:
@@ -123,7 +232,14 @@ def freeze(ctx: CliContext, target: str, force: bool, as_json: bool) -> None:
     from ckptd.api.targets import NotConfigured
 
     try:
-        outcome = api_freeze.freeze(_store(ctx), _target(ctx, target), force=force)
+        target_ = _target(ctx, target)
+        daemon = _daemon(ctx, here) if target_.watch.freeze is not None else None
+        if daemon is not None:
+            outcome = api_freeze.ExportOutcome(
+                **_handed(ctx, "freeze", target_, daemon, lambda _result: None, force=force)
+            )
+        else:
+            outcome = api_freeze.freeze(_store(ctx), target_, force=force)
     except NotConfigured as exc:
         raise click.ClickException(str(exc)) from None
     data = outcome.__dict__
@@ -138,6 +254,8 @@ def freeze(ctx: CliContext, target: str, force: bool, as_json: bool) -> None:
             f"{outcome.run}: {outcome.status}"
             + (f" — {outcome.message}" if outcome.message else "")
         )
+    if daemon is not None and not as_json:
+        click.echo(click.style(_by_daemon(daemon), dim=True), err=True)
     if outcome.status == "failed":
         raise SystemExit(1)
 

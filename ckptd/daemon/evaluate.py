@@ -1,14 +1,17 @@
-"""The daemon's evaluation thread: works the queue (``api.evaluate``) as checkpoints are queued,
-and every few seconds for retries that have come due."""
+"""The daemon's evaluation thread: does what `ckptd evaluate`/`freeze` hand it (``requests.py``)
+first, then works the queue (``api.evaluate``) as checkpoints are queued, and every few seconds
+for retries that have come due."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection
 
 from ckptd.api.evaluate import Evaluator
 from ckptd.daemon import metrics
+from ckptd.daemon.requests import REQUEST_POLL, RequestServer
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +19,9 @@ POLL_SECONDS = 5.0
 
 
 class EvaluationLoop:
-    def __init__(self, evaluator: Evaluator) -> None:
+    def __init__(self, evaluator: Evaluator, requests: RequestServer | None = None) -> None:
         self.evaluator = evaluator
+        self.requests = requests
         self._wake = threading.Event()
 
     def enqueue(self, checkpoint_ids: Collection[int] | None = None, *, new: bool = False) -> None:
@@ -27,15 +31,27 @@ class EvaluationLoop:
     def wake(self) -> None:
         self._wake.set()
 
+    def _requests(self, stop: threading.Event) -> None:
+        if self.requests is not None:
+            self.requests.serve_pending(stop)
+
     def serve(self, stop: threading.Event) -> None:
-        """Sleep until woken (or POLL_SECONDS), then evaluate whatever can be claimed."""
+        """Look for requests every REQUEST_POLL; when woken (or every POLL_SECONDS), evaluate
+        whatever can be claimed, one job at a time, looking for requests between two."""
+        poll = REQUEST_POLL if self.requests is not None else POLL_SECONDS
+        next_pass = 0.0
         while not stop.is_set():
-            self._wake.wait(timeout=POLL_SECONDS)
-            self._wake.clear()
+            woken = self._wake.wait(timeout=poll)
             try:
+                self._requests(stop)
+                if not woken and time.monotonic() < next_pass:
+                    continue
+                self._wake.clear()
+                next_pass = time.monotonic() + POLL_SECONDS
                 while not stop.is_set() and (done := self.evaluator.run_pending(stop, limit=1)):
                     for outcome in done:
                         metrics.evaluation(outcome.status, outcome.seconds)
+                    self._requests(stop)
             except Exception:
                 log.exception("evaluation loop error; retrying shortly")
                 stop.wait(POLL_SECONDS)

@@ -259,6 +259,7 @@ class Supervisor:
             d.mark_stopped()
         except StoreError as exc:
             log.error("could not mark this daemon stopped: %s", exc)
+        d.requests.close()
         d.store.close()
         if busy:
             return False

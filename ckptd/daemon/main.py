@@ -35,6 +35,7 @@ from ckptd.daemon.health import Progress, Stuck, stall_bound
 from ckptd.daemon.jobs import Jobs
 from ckptd.daemon.lifecycle import Supervisor
 from ckptd.daemon.reconcile import Outcome, Reconciler
+from ckptd.daemon.requests import RequestServer
 from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Scheduler
 from ckptd.daemon.watch import Watcher
@@ -78,8 +79,12 @@ class Daemon:
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
         self.evaluator = Evaluator(self.store, config, self.worker)
-        self.eval_loop = EvaluationLoop(self.evaluator)
         self.freezer = Freezer(self.store, self.worker)
+        # What `ckptd evaluate`/`freeze` hand over while this runs, done in the evaluation thread.
+        self.requests = RequestServer(
+            self.store, config.daemon.database, self.evaluator, self.freezer
+        )
+        self.eval_loop = EvaluationLoop(self.evaluator, self.requests)
         self.eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
         self.scheduler = Scheduler(self.progress)

@@ -140,3 +140,9 @@ def latest(session: Session) -> DaemonRecord | None:
         row.stopped_at,
         dict(row.status or {}),
     )
+
+
+def newest(store: Store) -> DaemonRecord | None:
+    """:func:`latest` in a transaction of its own (is a daemon there to hand work to?)."""
+    with store.session() as s:
+        return latest(s)

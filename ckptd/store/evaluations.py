@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import COMPLETE, Checkpoint, utcnow
@@ -49,6 +49,13 @@ class Job:
     checkpoint: Checkpoint
     run_path: str
     attempt: int
+
+
+def _present() -> ColumnElement[bool]:
+    """The evaluation's checkpoint is complete: one gone, pruned or replaced is no work (its
+    row stays as history, but is neither claimed nor counted as pending)."""
+    # Correlated (a primary-key lookup per row), never a list of every complete checkpoint.
+    return exists().where(_c.c.id == _e.c.checkpoint_id, _c.c.state == COMPLETE)
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:
@@ -110,13 +117,16 @@ def requeue(
     run_ids: Collection[int] | None = None,
     checkpoint_ids: Collection[int] | None = None,
 ) -> int:
-    """``--again``: make these evaluations pending afresh, except one that another process is
-    running right now (it is being evaluated already)."""
+    """``--again`` (or a checkpoint asked for by name): make these evaluations pending afresh
+    and due now, except one that another process is running right now (it is being evaluated
+    already) and those of checkpoints no longer complete."""
     now = utcnow()
     stmt = (
         update(_e)
         .where(
-            _e.c.checkpoint_id.in_(_scope(select(_c.c.id), run_ids, checkpoint_ids)),
+            _e.c.checkpoint_id.in_(
+                _scope(select(_c.c.id).where(_c.c.state == COMPLETE), run_ids, checkpoint_ids)
+            ),
             or_(
                 _e.c.status != RUNNING,
                 _e.c.claimed_until.is_(None),
@@ -169,7 +179,7 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
     now = utcnow()
     stmt = (
         update(_e)
-        .where(_e.c.id == evaluation_id, _claimable(now))
+        .where(_e.c.id == evaluation_id, _claimable(now), _present())
         .values(
             status=RUNNING,
             claimed_by=store.holder,
@@ -245,7 +255,12 @@ def finish_done(store: Store, job: Job, metrics: dict[str, float], seconds: floa
             run_id=c.run_id,
             checkpoint_id=c.id,
             subject=c.prefix,
-            detail={"step": c.step, "metrics": stored, "seconds": round(seconds, 4)},
+            detail={
+                "step": c.step,
+                "metrics": stored,
+                "seconds": round(seconds, 4),
+                "by": store.holder,
+            },
         )
     return True
 
@@ -283,7 +298,7 @@ def finish_failed(
             checkpoint_id=c.id,
             subject=c.prefix,
             reason=error,
-            detail={"attempt": job.attempt, "final": final, "kind": kind},
+            detail={"attempt": job.attempt, "final": final, "kind": kind, "by": store.holder},
         )
     return True
 
@@ -320,11 +335,59 @@ def pending_count(
     run_ids: Collection[int] | None = None,
     checkpoint_ids: Collection[int] | None = None,
 ) -> int:
+    """Pending evaluations of complete checkpoints (due now or waiting to retry)."""
     stmt = (
         select(func.count())
         .select_from(_e.join(_c, _c.c.id == _e.c.checkpoint_id))
-        .where(_e.c.status == PENDING)
+        .where(_e.c.status == PENDING, _c.c.state == COMPLETE)
     )
     stmt = _scope(stmt, run_ids, checkpoint_ids)
     with store.session() as s:
         return int(s.scalar(stmt) or 0)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A pending evaluation that failed and waits out its retry backoff."""
+
+    checkpoint: str  # RUN@STEP
+    retry_at: datetime
+    attempts: int
+    error: str | None
+
+
+def waiting(
+    store: Store,
+    *,
+    run_ids: Collection[int] | None = None,
+    checkpoint_ids: Collection[int] | None = None,
+) -> list[Waiting]:
+    """The evaluations of complete checkpoints that wait for their retry time, soonest first."""
+    now = utcnow()
+    stmt = (
+        select(_r.c.name, _c.c.step, _c.c.prefix, _e.c.next_attempt_at, _e.c.attempts, _e.c.error)
+        .join(_c, _c.c.id == _e.c.checkpoint_id)
+        .join(_r, _r.c.id == _c.c.run_id)
+        .where(_e.c.status == PENDING, _c.c.state == COMPLETE, _e.c.next_attempt_at > now)
+        .order_by(_e.c.next_attempt_at, _c.c.step)
+    )
+    stmt = _scope(stmt, run_ids, checkpoint_ids)
+    with store.session() as s:
+        rows = s.execute(stmt).all()
+    return [
+        Waiting(
+            row.prefix if row.step is None else f"{row.name}@{row.step}",
+            row.next_attempt_at,
+            int(row.attempts or 0),
+            row.error,
+        )
+        for row in rows
+    ]
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    """Evaluations by status, for ``status``: pending and running ones count only while their
+    checkpoint is complete (a pruned or deleted checkpoint's leftover job is no work)."""
+    live = or_(_e.c.status.not_in([PENDING, RUNNING]), _present())
+    rows = session.execute(select(_e.c.status, func.count()).where(live).group_by(_e.c.status))
+    return {status: n for status, n in rows}

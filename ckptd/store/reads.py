@@ -225,8 +225,10 @@ def state_counts(session: Session, run_id: int | None = None) -> dict[str, int]:
 
 def work_counts(session: Session) -> dict[str, dict[str, int]]:
     """Evaluations and exports by status."""
+    from ckptd.store import evaluations  # (it imports this module)
+
     return {
-        "evaluations": _by_status(session, _evaluations.status),
+        "evaluations": evaluations.status_counts(session),
         "exports": _by_status(session, _exports.status),
     }
 

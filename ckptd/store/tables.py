@@ -150,6 +150,28 @@ class RunClaimRow(Base):
     claimed_until: Mapped[datetime] = mapped_column(DateTime)
 
 
+class RequestRow(Base):
+    """Work the CLI hands to a running daemon (``ckptd evaluate``/``freeze``), claimed by it."""
+
+    __tablename__ = "requests"
+    __table_args__ = (Index("ix_requests_status", "status"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # evaluate | freeze
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    checkpoint_id: Mapped[int | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="CASCADE")
+    )
+    options: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)  # again, force
+    status: Mapped[str] = mapped_column(String(16))  # pending | running | done | cancelled
+    requested_by: Mapped[str] = mapped_column(String(255))
+    requested_at: Mapped[datetime] = mapped_column(DateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime)
+    result: Mapped[dict[str, object] | None] = mapped_column(JSON)  # progress, then the outcome
+    error: Mapped[str | None] = mapped_column(Text)  # why the daemon could not do it
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class PinRow(Base):
     __tablename__ = "pins"
     checkpoint_id: Mapped[int] = mapped_column(
