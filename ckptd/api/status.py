@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from ckptd.core.model import Action, Checkpoint, heartbeat_grace, utcnow
 from ckptd.store import daemons, reads
+from ckptd.store.exports import Retry, retries
 from ckptd.store.handle import Store
 from ckptd.store.runs import RunSummary
 
@@ -46,6 +47,8 @@ class Status:
     runs: list[RunSummary]
     newest: list[Checkpoint]
     problems: list[Action]
+    # Runs whose newest export failed: when the daemon tries again (or that it gave up).
+    export_retries: list[Retry] = field(default_factory=list)
 
 
 def status(store: Store) -> Status:
@@ -64,6 +67,7 @@ def status(store: Store) -> Status:
         runs=rows.runs,
         newest=rows.newest,
         problems=rows.problems,
+        export_retries=retries(store) if rows.work["exports"].get("failed") else [],
     )
 
 

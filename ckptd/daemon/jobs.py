@@ -107,7 +107,8 @@ class Jobs:
         )
         for run in api_prune.runs(d.store, watch_path=str(watch.path)):
             with d.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
-                outcome = d.freezer.freeze_run(run, watch)
+                # A failed export waits out its backoff (as evaluations), not every `every`.
+                outcome = d.freezer.freeze_run(run, watch, honour_backoff=True)
             if outcome.status in ("published", "failed"):
                 metrics.export(outcome.status, outcome.seconds)
             if outcome.status == "failed":
