@@ -45,13 +45,19 @@ class Setup:
             return {c.step: c for c in reads.checkpoints(s, run_id=self.run.id) if c.step}
 
 
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
 def _setup(tmp_path: Path, corpus: Corpus, kind: str, freeze: dict[str, Any]) -> Setup:
     """Run ``kind`` of the corpus recorded, with a Freezer and the config file `ckptd` reads."""
     root = tmp_path / "runs"
     corpus.copy(kind, root / "r")
     export = tmp_path / "export"
     db = tmp_path / "ckptd.db"
-    lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in freeze.items())
+    lines = "".join(f"{k} = {_toml(v)}\n" for k, v in freeze.items())
     conf = write_config(
         tmp_path / "c.toml",
         root,
