@@ -312,6 +312,7 @@ def test_backoff_doubles_and_gives_up_after_the_last_attempt() -> None:
     assert backoff.retry_at(99, 100, timedelta(days=1), now) == now + backoff.MAX_DELAY
 
 
+@pytest.mark.slow
 def test_versions_continue_above_step_named_exports_and_directories(
     tmp_path: Path, golden: Corpus
 ) -> None:
@@ -336,3 +337,29 @@ def test_versions_continue_above_step_named_exports_and_directories(
     # Another run's root (a name that LIKE would match: "_") does not count.
     _id, version, _ = exports.begin(setup.store, c, root=root[:-1] + "_x", on_disk=0, **kw)
     assert version == 1
+
+
+@pytest.mark.slow
+def test_ls_marks_the_version_serving_even_when_its_checkpoint_is_not_listed(
+    tmp_path: Path, golden: Corpus
+) -> None:
+    setup = _setup(tmp_path, golden, "tf1", {"inputs": {"x": "x:0"}, "outputs": {"y": "y:0"}})
+    setup.freezer.close()
+    by_step = setup.checkpoints()
+    first, second = by_step[min(by_step)], by_step[max(by_step)]
+    db = Path(str(setup.store.engine.url.database))
+    root = str(setup.export)
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "insert into exports (checkpoint_id, format, version, path, status, verified, "
+            "created_at, step) values (?, 'saved_model', ?, ?, 'published', 1, ?, ?)",
+            [(c.id, v, f"{root}/{v}", str(utcnow()), c.step) for v, c in ((1, first), (2, second))],
+        )
+    listed = json.loads(ckptd("ls", "r", "--json", config=setup.conf).stdout)
+    versions = {c["step"]: (c["export_version"], c["serving"]) for c in listed if c["exported"]}
+    assert versions == {first.step: (1, False), second.step: (2, True)}
+    # The served checkpoint is pruned (its export stays): the older one still is not served.
+    with sqlite3.connect(db) as conn:
+        conn.execute("update checkpoints set state = 'pruned' where id = ?", (second.id,))
+    text = ckptd("ls", "r", config=setup.conf).stdout
+    assert "exported v1" in text and "(serving)" not in text
