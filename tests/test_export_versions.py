@@ -10,7 +10,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,7 @@ def test_serving_serves_the_best_after_it_moves_back_to_an_older_step(tf1: Setup
     text = ckptd("ls", "r", config=tf1.conf).stdout
     assert "exported v4 (serving)" in text and "exported v3" in text
     top = ckptd("best", "r", config=tf1.conf).stdout
-    assert "exported v4 (serving)" in top
+    assert "v4 (serving)" in top
 
 
 @pytest.mark.tf
@@ -237,7 +237,8 @@ def test_a_failing_export_backs_off_and_status_says_until_when(
         (retry,) = status["export_retries"]
         assert retry["attempt"] == 1 and retry["run"] == "r"
         wait = (
-            datetime_of(retry["next_attempt_at"]) - utcnow().replace(tzinfo=None)
+            datetime.fromisoformat(retry["next_attempt_at"]).replace(tzinfo=None)
+            - utcnow().replace(tzinfo=None)
         ).total_seconds()
         assert 3500 < wait <= 3600
         assert "next attempt at" in ckptd("status", config=setup.conf).stdout
@@ -253,19 +254,10 @@ def test_a_failing_export_backs_off_and_status_says_until_when(
     assert "gave up" in ckptd("status", config=setup.conf).stdout
     events = json.loads(ckptd("events", "--json", config=setup.conf).stdout)
     failed = [e for e in events if e["kind"] == "export_failed"]
-    assert [(e["detail"]["attempt"], e["detail"]["final"]) for e in failed] == [
-        (2, True),
-        (1, False),
-    ] or [(e["detail"]["attempt"], e["detail"]["final"]) for e in failed] == [
+    assert sorted((e["detail"]["attempt"], e["detail"]["final"]) for e in failed) == [
         (1, False),
         (2, True),
     ]
-
-
-def datetime_of(text: str) -> Any:
-    from datetime import datetime
-
-    return datetime.fromisoformat(text).replace(tzinfo=None)
 
 
 @pytest.mark.tf

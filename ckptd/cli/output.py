@@ -150,10 +150,10 @@ def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
 
 
 def export_text(c: Checkpoint) -> str:
-    """``exported v3``, and ``(serving)`` when it is the version TF Serving serves."""
+    """``v3``, its highest published version, and ``(serving)`` when TF Serving serves it."""
     if not c.exported:
         return ""
-    return f"exported v{c.export_version}" + (" (serving)" if c.serving else "")
+    return f"v{c.export_version}" + (" (serving)" if c.serving else "")
 
 
 def event_json(a: Action) -> dict[str, Any]:

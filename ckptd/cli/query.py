@@ -219,7 +219,7 @@ def ls(
     for c in items:
         flags = (
             ("★ best " if c.id in best else "")
-            + (export_text(c) + " " if c.exported else "")
+            + (f"exported {export_text(c)} " if c.exported else "")
             + ("pinned" if c.pinned else "")
         )
         state = c.state if c.state != "corrupt" else f"corrupt: {c.reason}"
