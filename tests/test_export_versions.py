@@ -194,6 +194,11 @@ def test_serving_serves_the_best_after_it_moves_back_to_an_older_step(tf1: Setup
     assert "exported v4 (serving)" in text and "exported v3" in text
     top = ckptd("best", "r", config=tf1.conf).stdout
     assert "v4 (serving)" in top
+    # A higher version put there by hand is what Serving would serve: the best goes above it.
+    (tf1.export / "99").mkdir()
+    outcome = tf1.freezer.freeze_run(tf1.run, tf1.watch, honour_backoff=True)
+    assert (outcome.status, outcome.version) == ("published", 100)
+    assert (tf1.export / "99").is_dir()  # not ckptd's: never removed
 
 
 @pytest.mark.tf

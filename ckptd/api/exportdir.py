@@ -22,7 +22,11 @@ def export_root(watch: WatchConfig, run: Run) -> Path:
 
 def highest_version(root: Path) -> int:
     """The highest numeric directory name under ``root`` (0 if none): what Serving serves."""
-    return max((int(p) for p in os.listdir(root) if p.isdigit()), default=0)
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return 0
+    return max((int(p) for p in names if p.isdigit()), default=0)
 
 
 def write_manifest(tmp: Path, info: dict[str, Any]) -> None:

@@ -156,7 +156,11 @@ class Freezer:
                     "skipped",
                     message=f"no checkpoint has a value for {watch.best.metric} yet",
                 )
-        serving = published[0] if published else None  # the highest version
+        root = export_root(watch, run)
+        on_disk = highest_version(root)
+        # Serving serves the highest numeric directory: our highest version, unless one was
+        # removed or added there by hand since.
+        serving = published[0] if published and published[0].version == on_disk else None
         if serving is not None and serving.checkpoint_id == target.id and not force:
             return ExportOutcome(
                 run.name,
@@ -173,7 +177,6 @@ class Freezer:
             return ExportOutcome(
                 run.name, target.label, "skipped", message="waiting for its .meta file"
             )
-        root = export_root(watch, run)
         root.mkdir(parents=True, exist_ok=True)
         metric = watch.best.metric
         value = target.metrics.get(metric) if metric else None
@@ -182,7 +185,7 @@ class Freezer:
             self.store,
             target,
             root=str(root),
-            on_disk=highest_version(root),
+            on_disk=on_disk,
             formats="+".join(fr.format),
             metric=metric,
             metric_value=value,
