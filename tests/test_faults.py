@@ -1016,7 +1016,11 @@ def test_disk_full_during_export_publishes_nothing_partial(
     db = tmp_path / "ckptd.db"
     corpus.copy("tf1", root / "a")
     with _tmpfs(tmp_path / "export", "32k") as export_dir:
-        conf = _config(tmp_path / "c.toml", db, [(root, BEST + _freeze(export_dir, every="2s"))])
+        # Failed exports back off (as evaluations): retried soon here, and never given up.
+        retry = 'retry_backoff = "1s"\nmax_attempts = 100\n'
+        conf = _config(
+            tmp_path / "c.toml", db, [(root, BEST + _freeze(export_dir, every="2s") + retry)]
+        )
         d = daemons(conf)
         failed = wait_for(
             lambda: query(db, "select path, error from exports where status = 'failed'"),

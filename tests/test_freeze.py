@@ -71,7 +71,9 @@ def test_freeze_best_publishes_verified_export_once(tmp_path: Path, corpus: Corp
         outcome = freezer.freeze_run(run, cfg.watches[0])
         best = _best_step(corpus)
         assert outcome.status == "published", outcome.message
-        assert outcome.path == str(export / "mnist" / str(best)) and outcome.verified
+        # The first publish is version 1 (not the step): Serving serves the highest version.
+        assert outcome.path == str(export / "mnist" / "1") and outcome.verified
+        assert outcome.version == 1
         version = Path(outcome.path)
         assert (version / "saved_model.pb").exists() and (version / "frozen.pb").exists()
         assert (version / "variables").is_dir()
@@ -90,7 +92,7 @@ def test_freeze_best_publishes_verified_export_once(tmp_path: Path, corpus: Corp
         kinds = [a.kind for a in audit_reads.actions(s)]
     assert kinds.count("exported") == 3 and kinds.count("export_removed") == 1
     assert sorted(p.name for p in (export / "mnist").iterdir()) == sorted(
-        [str(best), str(others[-1].step)]
+        ["1", str(1 + len(others))]
     )
 
 
@@ -122,12 +124,14 @@ def test_daemon_killed_during_export_leaves_no_numeric_dir_and_redoes_it(
     assert numeric == [], f"a crash mid-export published {numeric}"
     assert query(db, "select status from exports") == [("exporting",)]
     d2 = daemon_factory(conf)
-    best = str(_best_step(corpus))
-    wait_for(lambda: (run_export / best / "saved_model.pb").exists(), timeout=120)
+    best = _best_step(corpus)
+    # The interrupted export never appeared: the redone one is version 1.
+    wait_for(lambda: (run_export / "1" / "saved_model.pb").exists(), timeout=120)
     wait_for(lambda: ("published",) in query(db, "select status from exports"), timeout=30)
     assert not [p for p in run_export.iterdir() if p.name.startswith(TMP_PREFIX)]
     statuses = sorted(query(db, "select status, error from exports"))
     assert statuses[0][0] == "failed" and "interrupted" in statuses[0][1]
     assert d2.stop() == 0
     listing = json.loads(ckptd("ls", "mnist", "--json", config=conf).stdout)
-    assert [c["step"] for c in listing if c["exported"]] == [int(best)]
+    assert [c["step"] for c in listing if c["exported"]] == [best]
+    assert [(c["export_version"], c["serving"]) for c in listing if c["exported"]] == [(1, True)]

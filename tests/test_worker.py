@@ -197,6 +197,8 @@ def test_typed_requests_round_trip_and_are_checked_without_tensorflow(tmp_path: 
     assert "must map names to strings" in _refused({**wire, "fetch": {"a": 1}})
     assert "'outputs'" in _refused({**export_req.to_wire(), "outputs": {}})
     assert "'builder'" in _refused({**export_req.to_wire(), "format": "saved_model", "kind": "tf2"})
+    # verify rebuilds a tf2 checkpoint by its builder too: refused without it, as export is.
+    assert "verify: missing field 'builder'" in _refused({**verify_req.to_wire(), "kind": "tf2"})
     assert "tf1" in _refused({**export_req.to_wire(), "kind": "keras"})
     assert "'onnx'" in _refused({**verify_req.to_wire(), "formats": ["onnx"]})
     assert "kind 'tf3'" in _refused({**verify_req.to_wire(), "kind": "tf3"})

@@ -25,6 +25,7 @@ from typing import Any
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import Config, EvaluateConfig, WatchConfig
+from ckptd.core import backoff
 from ckptd.core.model import COMPLETE, Checkpoint, iso, utcnow
 from ckptd.store import evaluations
 from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job, Waiting
@@ -300,9 +301,15 @@ class Evaluator:
             status = DONE
             recorded = evaluations.finish_done(self.store, job, metrics, seconds)
         else:
-            final = kind == "not_found" or job.attempt >= ev.max_attempts
+            retry_at = backoff.retry_at(
+                job.attempt,
+                ev.max_attempts,
+                ev.retry_backoff,
+                utcnow(),
+                hopeless=kind == "not_found",
+            )
+            final = retry_at is None
             status = FAILED if final else PENDING
-            retry_at = None if final else utcnow() + ev.retry_backoff * (2 ** (job.attempt - 1))
             recorded = evaluations.finish_failed(
                 self.store, job, error=error, kind=kind, seconds=seconds, retry_at=retry_at
             )

@@ -1,12 +1,16 @@
 """Export the best checkpoint of each run, verified, in the layout TensorFlow Serving loads.
 
-``export_dir/<version>/`` (``export_dir/<run>/<version>/`` when the watch has many runs), version =
-step. The worker writes into a hidden ``.ckptd-tmp-*`` directory and fsyncs it; the export is then
+``export_dir/<version>/`` (``export_dir/<run>/<version>/`` when the watch has many runs). Serving
+serves the highest numeric version, so every publish takes the next version number: when the
+best moves back to an older step, it is exported again above the newer, worse one. What each
+version is (step, checkpoint, metric) is in its ``assets.extra/ckptd.json`` and in the database.
+The worker writes into a hidden ``.ckptd-tmp-*`` directory and fsyncs it; the export is then
 verified there (loaded and run against the checkpoint's own outputs) and only then renamed to its
 numeric name, so TF Serving never sees a partial or unverified model (serving#1086). An
 ``exporting`` row is the intent: after a crash the temp dir is removed and the export redone.
 An export of a run holds the run's ``FREEZE`` claim, so the daemon and ``ckptd freeze`` never
-export one run at the same time (the second one skips it and says why).
+export one run at the same time (the second one skips it and says why). A failed export is
+tried again by the daemon with the backoff of evaluations (``core/backoff``).
 """
 
 from __future__ import annotations
@@ -16,26 +20,33 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import ckptd
+from ckptd.api import export_recovery
+from ckptd.api.exportdir import (
+    TMP_PREFIX,
+    export_root,
+    fsync_dir,
+    highest_version,
+    write_manifest,
+)
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import WatchConfig
-from ckptd.core import retention
-from ckptd.core.model import Checkpoint, Run, utcnow
+from ckptd.core import backoff, retention
+from ckptd.core.model import Checkpoint, Run, iso, utcnow
 from ckptd.core.ranking import select_best
 from ckptd.io import fsops
 from ckptd.store import claims, exports
-from ckptd.store import runs as store_runs
 from ckptd.store.claims import FREEZE
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient, WorkerError
+from ckptd.worker.protocol import NOT_FOUND, STOPPING
 
 log = logging.getLogger(__name__)
-
-TMP_PREFIX = ".ckptd-tmp-"
-INTERRUPTED = "interrupted (daemon stopped during the export); will be redone"
 
 
 class ClaimLost(Exception):
@@ -51,19 +62,7 @@ class ExportOutcome:
     verified: bool = False
     message: str = ""
     seconds: float = 0.0
-
-
-def export_root(watch: WatchConfig, run: Run) -> Path:
-    assert watch.freeze is not None
-    return watch.freeze.export_dir / run.name if watch.runs else watch.freeze.export_dir
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    version: int | None = None  # the serving version published (or already serving)
 
 
 def _busy_message(store: Store, run: Run) -> str:
@@ -72,69 +71,33 @@ def _busy_message(store: Store, run: Run) -> str:
     return f"an export of this run is in progress in {who}; try again when it has finished"
 
 
+def _waiting(store: Store, c: Checkpoint) -> str:
+    """Why the daemon does not export ``c`` now: its last export failed and waits for its retry
+    (or was the last attempt); "" when it may."""
+    last = exports.last_attempt(store, c.id)
+    if last is None or last.status != exports.FAILED:
+        return ""
+    if last.gave_up:
+        return (
+            f"its export failed {last.attempt} time(s), the last: {last.error}; "
+            f"`ckptd freeze {c.label}` tries again"
+        )
+    if last.next_attempt_at is not None and last.next_attempt_at > utcnow():
+        return (
+            f"its export failed (attempt {last.attempt}): {last.error}; "
+            f"next attempt at {iso(last.next_attempt_at)}"
+        )
+    return ""
+
+
 class Freezer:
     def __init__(self, store: Store, client: WorkerClient | None = None) -> None:
         self.store = store
         self.client = client or WorkerClient()
 
-    # ------------------------------------------------------------ recovery
-
     def recover(self, watches: tuple[WatchConfig, ...]) -> int:
-        """After a crash: settle interrupted exports (redone later) and drop half-written temp
-        dirs, for every run no live process is exporting right now."""
-        claims.release_gone(self.store, FREEZE)
-        vanished = [
-            e.id for e in exports.listed(self.store, "published") if not Path(e.path).exists()
-        ]
-        interrupted: dict[int | None, list[exports.Export]] = {}
-        for e in exports.listed(self.store, "exporting"):
-            interrupted.setdefault(e.run_id, []).append(e)
-        temps: dict[int | None, list[tuple[Path, str]]] = {}
-        for root, run_id in self._export_roots(watches).items():
-            for p in root.iterdir() if root.is_dir() else ():
-                if p.name.startswith(TMP_PREFIX):
-                    temps.setdefault(run_id, []).append((root, p.name))
-        failed: list[int] = []
-        published: list[int] = []
-        for run_id in set(interrupted) | set(temps):
-            if run_id is not None and not claims.claim(self.store, run_id, FREEZE):
-                continue  # a live process is exporting it: its rows and temp dir are in use
-            try:
-                # The rename to the numeric name happens only after verification: an interrupted
-                # export whose directory exists was published and verified; only its commit
-                # was lost.
-                for e in interrupted.get(run_id, []):
-                    (published if Path(e.path).is_dir() else failed).append(e.id)
-                for root, name in temps.get(run_id, []):
-                    try:
-                        fsops.remove_tree(root, name)
-                        log.info("removed interrupted export %s", root / name)
-                    except (OSError, fsops.UnsafePath) as exc:
-                        log.warning("could not remove %s: %s", root / name, exc)
-            finally:
-                if run_id is not None:
-                    claims.release(self.store, run_id, FREEZE)
-        exports.recovered(
-            self.store, published=published, failed=failed, removed=vanished, error=INTERRUPTED
-        )
-        return len(failed)
-
-    def _export_roots(self, watches: tuple[WatchConfig, ...]) -> dict[Path, int | None]:
-        """Every export root of ``watches``, with the id of the run it belongs to (None for a
-        directory of no recorded run)."""
-        roots: dict[Path, int | None] = {}
-        for w in watches:
-            if w.freeze is None or not w.freeze.export_dir.is_dir():
-                continue
-            for run in store_runs.present_runs(self.store, str(w.path)):
-                roots[export_root(w, run)] = run.id
-            if w.runs:
-                for p in w.freeze.export_dir.iterdir():
-                    if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX):
-                        roots.setdefault(p, None)
-            else:
-                roots.setdefault(w.freeze.export_dir, None)
-        return roots
+        """After a crash: see :func:`ckptd.api.export_recovery.recover`."""
+        return export_recovery.recover(self.store, watches)
 
     # ------------------------------------------------------------ export
 
@@ -145,9 +108,11 @@ class Freezer:
         checkpoint: Checkpoint | None = None,
         *,
         force: bool = False,
+        honour_backoff: bool = False,
     ) -> ExportOutcome:
-        """Export ``checkpoint``, or the run's current best if it is not exported yet; skipped
-        while another process exports the run."""
+        """Export ``checkpoint``, or the run's current best unless it is the version Serving
+        serves already; skipped while another process exports the run, and (``honour_backoff``,
+        the daemon) while a failed export of it waits for its retry."""
         if not claims.claim(self.store, run.id, FREEZE) and not (
             claims.release_gone(self.store, FREEZE) and claims.claim(self.store, run.id, FREEZE)
         ):
@@ -161,7 +126,7 @@ class Freezer:
                 "ckptd-renew-export",
             )
             with renewal:
-                return self._freeze(run, watch, checkpoint, force, renewal)
+                return self._freeze(run, watch, checkpoint, force, honour_backoff, renewal)
         finally:
             claims.release(self.store, run.id, FREEZE)
 
@@ -171,6 +136,7 @@ class Freezer:
         watch: WatchConfig,
         checkpoint: Checkpoint | None,
         force: bool,
+        honour_backoff: bool,
         renewal: Renewal,
     ) -> ExportOutcome:
         fr = watch.freeze
@@ -190,52 +156,86 @@ class Freezer:
                     "skipped",
                     message=f"no checkpoint has a value for {watch.best.metric} yet",
                 )
-        if target.id in published and not force:
+        root = export_root(watch, run)
+        on_disk = highest_version(root)
+        # Serving serves the highest numeric directory: our highest version, unless one was
+        # removed or added there by hand since.
+        serving = published[0] if published and published[0].version == on_disk else None
+        if serving is not None and serving.checkpoint_id == target.id and not force:
             return ExportOutcome(
                 run.name,
                 target.label,
                 "unchanged",
-                published[target.id],
+                serving.path,
                 True,
                 "the best is already exported",
+                version=serving.version,
             )
+        if honour_backoff and (waiting := _waiting(self.store, target)):
+            return ExportOutcome(run.name, target.label, "skipped", message=waiting)
         if target.format == "tf1" and not target.has_meta:
             return ExportOutcome(
                 run.name, target.label, "skipped", message="waiting for its .meta file"
             )
-        root = export_root(watch, run)
-        version = target.step if target.step is not None else target.id
-        final = root / str(version)
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
-        export_id = exports.begin(
-            self.store, target, formats="+".join(fr.format), version=version, path=str(final)
+        metric = watch.best.metric
+        value = target.metrics.get(metric) if metric else None
+        value = None if value is None or value != value else value  # NaN: no value
+        export_id, version, attempt = exports.begin(
+            self.store,
+            target,
+            root=str(root),
+            on_disk=on_disk,
+            formats="+".join(fr.format),
+            metric=metric,
+            metric_value=value,
         )
+        final = root / str(version)
+        tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        reason = f"best by {metric}" if checkpoint is None else "requested"
         t0 = time.perf_counter()
         try:
             verify = self._write_and_verify(target, watch, tmp)
+            info = {
+                "version": version,
+                "run": run.name,
+                "step": target.step,
+                "checkpoint": target.prefix,
+                "metric": metric,
+                "value": value,
+                "mode": watch.best.mode if metric else None,
+                "reason": reason,
+                "formats": list(fr.format),
+                "max_abs_diff": verify.get("max_abs_diff"),
+                "exported_at": iso(utcnow()),
+                "ckptd_version": ckptd.__version__,
+            }
+            write_manifest(tmp, info)
             if renewal.lost:  # another process may be exporting this run now: do not publish
                 raise ClaimLost("this export's claim on the run expired and was taken over")
-            if final.exists():
-                # Same version already published by an earlier run (e.g. forced re-export).
-                fsops.remove_tree(root, final.name)
             os.rename(tmp, final)  # atomic publish: the numeric name appears complete
-            _fsync_dir(root)
+            fsync_dir(root)
         except (WorkerError, ClaimLost, OSError, fsops.UnsafePath) as exc:
             try:
                 fsops.remove_tree(root, tmp.name)
             except (OSError, fsops.UnsafePath):
                 log.warning("could not remove %s", tmp)
-            return self._failed(export_id, target, run, str(exc), time.perf_counter() - t0)
+            kind = exc.kind if isinstance(exc, WorkerError) else None
+            return self._failed(
+                export_id, target, run, watch, attempt, str(exc), kind, time.perf_counter() - t0
+            )
         seconds = time.perf_counter() - t0
         exports.published(
             self.store,
             export_id,
             target,
             verified=bool(verify.get("verified")),
-            reason=f"best by {watch.best.metric}" if checkpoint is None else "requested",
+            reason=reason,
             detail={
                 "step": target.step,
+                "version": version,
+                "metric": metric,
+                "value": value,
                 "formats": list(fr.format),
                 "verified": verify.get("verified"),
                 "max_abs_diff": verify.get("max_abs_diff"),
@@ -243,49 +243,46 @@ class Freezer:
             },
         )
         log.info(
-            "exported %s to %s (verified, max diff %s) in %.2f s",
+            "exported %s to %s (version %d, verified, max diff %s) in %.2f s",
             target.label,
             final,
+            version,
             verify.get("max_abs_diff"),
             seconds,
         )
         self._retire(run, watch, history)
-        return ExportOutcome(run.name, target.label, "published", str(final), True, "", seconds)
+        return ExportOutcome(
+            run.name, target.label, "published", str(final), True, "", seconds, version
+        )
 
     def _write_and_verify(self, c: Checkpoint, watch: WatchConfig, tmp: Path) -> dict[str, Any]:
         fr = watch.freeze
         assert fr is not None
         timeout = fr.timeout.total_seconds()
-        kind = "keras" if c.format.startswith("keras") else c.format
+        ev = watch.evaluate
+        # What both requests rebuild the model from: one dict, so verify can never be sent
+        # less than export was (a tf2 verify without its builder never succeeded).
+        source = {
+            "checkpoint": c.prefix,
+            "kind": "keras" if c.format.startswith("keras") else c.format,
+            "inputs": dict(fr.inputs),
+            "outputs": dict(fr.outputs),
+            "builder": fr.builder,
+            "use_ema": bool(ev and ev.use_ema),
+        }
         for fmt in fr.format:
             self.client.call(
-                {
-                    "op": "export",
-                    "format": fmt,
-                    "checkpoint": c.prefix,
-                    "kind": kind,
-                    "out_dir": str(tmp),
-                    "inputs": dict(fr.inputs),
-                    "outputs": dict(fr.outputs),
-                    "builder": fr.builder,
-                    "use_ema": bool(watch.evaluate and watch.evaluate.use_ema),
-                },
-                timeout=timeout,
+                {"op": "export", "format": fmt, "out_dir": str(tmp), **source}, timeout=timeout
             )
-        ev = watch.evaluate
         result = self.client.call(
             {
                 "op": "verify",
                 "export_dir": str(tmp),
                 "formats": list(fr.format),
-                "checkpoint": c.prefix,
-                "kind": kind,
-                "inputs": dict(fr.inputs),
-                "outputs": dict(fr.outputs),
                 "data": str(ev.data) if ev and ev.data else None,
                 "feed": dict(ev.feed) if ev and ev.feed else None,
                 "tolerance": fr.tolerance,
-                "use_ema": bool(ev and ev.use_ema),
+                **source,
             },
             timeout=timeout,
         )
@@ -298,10 +295,33 @@ class Freezer:
         return result
 
     def _failed(
-        self, export_id: int, c: Checkpoint, run: Run, error: str, seconds: float
+        self,
+        export_id: int,
+        c: Checkpoint,
+        run: Run,
+        watch: WatchConfig,
+        attempt: int,
+        error: str,
+        kind: str | None,
+        seconds: float,
     ) -> ExportOutcome:
-        exports.failed(self.store, export_id, c, error)
-        log.error("exporting %s failed: %s", c.label, error)
+        fr = watch.freeze
+        assert fr is not None
+        now = utcnow()
+        if kind == STOPPING:  # this process is stopping: not the export's fault, redo at start
+            retry_at: datetime | None = now
+        else:
+            retry_at = backoff.retry_at(
+                attempt, fr.max_attempts, fr.retry_backoff, now, hopeless=kind == NOT_FOUND
+            )
+        exports.failed(self.store, export_id, c, error, attempt=attempt, retry_at=retry_at)
+        log.error(
+            "exporting %s failed (attempt %d, %s): %s",
+            c.label,
+            attempt,
+            f"retry at {iso(retry_at)}" if retry_at else "giving up; `ckptd freeze` tries again",
+            error,
+        )
         return ExportOutcome(run.name, c.label, "failed", None, False, error, seconds)
 
     def _retire(self, run: Run, watch: WatchConfig, history: list[Checkpoint]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from ckptd.api import steps
 from ckptd.core.model import Action, Checkpoint, heartbeat_grace, utcnow
 from ckptd.store import daemons, reads
+from ckptd.store.exports import Retry, retries
 from ckptd.store.handle import Store
 from ckptd.store.runs import RunSummary
 
@@ -57,6 +58,8 @@ class Status:
     newest: list[Checkpoint]
     problems: list[Action]
     warnings: list[RunWarning]
+    # Runs whose newest export failed: when the daemon tries again (or that it gave up).
+    export_retries: list[Retry] = field(default_factory=list)
 
 
 def status(store: Store) -> Status:
@@ -76,6 +79,7 @@ def status(store: Store) -> Status:
         newest=rows.newest,
         problems=rows.problems,
         warnings=[RunWarning(m.run, steps.KIND, m.message) for m in steps.mismatches(store)],
+        export_retries=retries(store) if rows.work["exports"].get("failed") else [],
     )
 
 

@@ -124,7 +124,9 @@ def print_json(data: Any) -> None:
 
 
 def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
-    """The ``ls --json`` contract: run, step, path, state, metrics, best, exported, recorded_at."""
+    """The ``ls --json`` contract: run, step, path, state, metrics, best, exported, recorded_at;
+    ``export_version`` (its highest published version) and ``serving`` (that version is the
+    run's highest, the one TF Serving serves)."""
     return {
         "run": c.run,
         "step": c.step,
@@ -133,6 +135,8 @@ def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
         "metrics": c.metrics,
         "best": best,
         "exported": c.exported,
+        "export_version": c.export_version,
+        "serving": c.serving,
         "recorded_at": iso(c.recorded_at),
         "format": c.format,
         "size": c.size,
@@ -143,6 +147,13 @@ def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
         "evaluation": c.evaluation,
         "created_at": iso(c.created_at),
     }
+
+
+def export_text(c: Checkpoint) -> str:
+    """``v3``, its highest published version, and ``(serving)`` when TF Serving serves it."""
+    if not c.exported:
+        return ""
+    return f"v{c.export_version}" + (" (serving)" if c.serving else "")
 
 
 def event_json(a: Action) -> dict[str, Any]:

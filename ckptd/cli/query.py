@@ -15,6 +15,7 @@ from ckptd.cli.output import (
     checkpoint_json,
     daemon_json,
     event_json,
+    export_text,
     fmt_size,
     fmt_value,
     metric_columns,
@@ -54,6 +55,17 @@ def status(ctx: CliContext, as_json: bool) -> None:
         "exports": st.exports,
         "runs": [dataclasses.asdict(r) for r in st.runs],
         "newest": [checkpoint_json(c, False) for c in st.newest],
+        "export_retries": [
+            {
+                "run": r.run,
+                "step": r.step,
+                "checkpoint": r.checkpoint,
+                "attempt": r.attempt,
+                "next_attempt_at": iso(r.next_attempt_at),
+                "error": r.error,
+            }
+            for r in st.export_retries
+        ],
         "problems": [
             {
                 "at": iso(a.at),
@@ -84,6 +96,14 @@ def status(ctx: CliContext, as_json: bool) -> None:
             + " — exports: "
             + (", ".join(f"{n} {k}" for k, n in sorted(st.exports.items())) or "none")
         )
+    for r in st.export_retries:
+        label = f"{r.run}@{r.step}" if r.step is not None else r.checkpoint
+        when = (
+            f"next attempt at {iso(r.next_attempt_at)}"
+            if r.next_attempt_at
+            else f"gave up; `ckptd freeze {label}` tries again"
+        )
+        echo(f"  export of {label} failed (attempt {r.attempt or 1}; {when}): {r.error}")
     table(
         "runs",
         ["run", *RUN_STATES, "newest step", "path"],
@@ -206,7 +226,7 @@ def ls(
     for c in items:
         flags = (
             ("★ best " if c.id in best else "")
-            + ("exported " if c.exported else "")
+            + (f"exported {export_text(c)} " if c.exported else "")
             + ("pinned" if c.pinned else "")
         )
         state = c.state if c.state != "corrupt" else f"corrupt: {c.reason}"
@@ -282,7 +302,7 @@ def best(
         f"best of {r.name} by {metric} ({mode})",
         ["rank", "step", metric, "path", "exported"],
         [
-            [i + 1, c.step, fmt_value(c.metrics.get(metric)), c.prefix, "yes" if c.exported else ""]
+            [i + 1, c.step, fmt_value(c.metrics.get(metric)), c.prefix, export_text(c)]
             for i, c in enumerate(top_items)
         ],
     )

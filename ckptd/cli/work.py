@@ -220,12 +220,13 @@ def freeze(ctx: CliContext, target: str, force: bool, here: bool, as_json: bool)
     """Export a checkpoint, or the best of a run, as configured in [watch.freeze], now.
 
     Writes a hidden temp directory, verifies it against the checkpoint's own outputs, then
-    renames it to export_dir/<step> (the TensorFlow Serving layout). While a daemon runs, it
-    does the export in its warm worker.
+    renames it to export_dir/<version>, the next version number: TensorFlow Serving serves
+    the highest, so it serves this export. A failed export is tried at once (the daemon's
+    backoff is for the daemon). While a daemon runs, it does the export in its warm worker.
 
     \b
     Examples:
-      ckptd freeze mnist              # the current best, if not exported yet
+      ckptd freeze mnist              # the current best, unless it is the version served
       ckptd freeze mnist@1200 --force
     """
     from ckptd.api import freeze as api_freeze

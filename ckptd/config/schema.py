@@ -88,6 +88,8 @@ class FreezeConfig:
     builder: str | None = None
     timeout: timedelta = timedelta(minutes=30)
     tolerance: float = 1e-5
+    max_attempts: int = 3  # of one checkpoint's export, as [watch.evaluate]'s
+    retry_backoff: timedelta = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ FREEZE_KEYS: Schema = {
     "builder": v.entry_point,
     "timeout": v.duration("1s", "7d"),
     "tolerance": v.tolerance,
+    "max_attempts": v.whole(1, 100),
+    "retry_backoff": v.duration("0s", "1d"),
 }
 RETAIN_KEYS: Schema = {
     "keep_last": v.whole(0, 1_000_000),

@@ -56,6 +56,8 @@ class Checkpoint:
     evaluation: str | None = None  # pending | running | done | failed
     exported: bool = False  # behind a published export
     exporting: bool = False  # an export of it is being written right now
+    export_version: int | None = None  # the highest published version of it
+    serving: bool = False  # that version is its run's highest: what TF Serving serves
 
     @property
     def label(self) -> str:

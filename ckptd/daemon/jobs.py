@@ -107,11 +107,10 @@ class Jobs:
         )
         for run in api_prune.runs(d.store, watch_path=str(watch.path)):
             with d.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
-                outcome = d.freezer.freeze_run(run, watch)
-            if outcome.status in ("published", "failed"):
+                # A failed export waits out its backoff (as evaluations), not every `every`.
+                outcome = d.freezer.freeze_run(run, watch, honour_backoff=True)
+            if outcome.status in ("published", "failed"):  # the freezer logged a failure
                 metrics.export(outcome.status, outcome.seconds)
-            if outcome.status == "failed":
-                log.error("export of %s failed: %s", run.name, outcome.message)
 
     def watch_jobs(self, config: Config) -> list[Job]:
         """The per-watch jobs of ``config``, named by watch path (stable when another watch is

@@ -1,5 +1,9 @@
 """The ``exports`` rows: an ``exporting`` intent, then ``published``, ``failed`` or ``removed``.
 
+Each export gets the next serving version of its export root (its directory's name), so TF
+Serving, which serves the highest version, serves the newest publish. A failed export records
+its attempt and when the daemon tries again (the backoff of ``core/backoff``, as evaluations).
+
 The export itself (worker calls, temp directory, rename) is ``api/freeze``; the claim that keeps
 two processes from exporting one run at once is ``store/claims`` (``FREEZE``).
 """
@@ -8,20 +12,32 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, func, insert, select, update
 
 from ckptd.core.model import Checkpoint, utcnow
 from ckptd.store import audit, reads
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
-from ckptd.store.tables import CheckpointRow, ExportRow, table_of
+from ckptd.store.tables import CheckpointRow, ExportRow, RunRow, table_of
 
 EXPORTING, PUBLISHED, FAILED, REMOVED = "exporting", "published", "failed", "removed"
 
 _x = table_of(ExportRow)
 _c = table_of(CheckpointRow)
+_r = table_of(RunRow)
+_EXPORT_COLUMNS = (_x.c.id, _c.c.run_id, _x.c.checkpoint_id, _x.c.path, _x.c.version)
+
+
+def _in_root(root: str) -> Any:
+    """Rows whose path is a version directory right under ``root`` (no deeper)."""
+    escaped = root.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return and_(
+        _x.c.path.like(f"{escaped}/%", escape="\\"),
+        ~_x.c.path.like(f"{escaped}/%/%", escape="\\"),
+    )
 
 
 @dataclass(frozen=True)
@@ -30,27 +46,68 @@ class Export:
     run_id: int
     checkpoint_id: int
     path: str
+    version: int
 
 
-def history(store: Store, run_id: int) -> tuple[list[Checkpoint], dict[int, str]]:
-    """A run's checkpoints, and the path of each published export of one (by checkpoint id)."""
+@dataclass(frozen=True)
+class Attempt:
+    """The newest export of one checkpoint, as far as retrying it goes."""
+
+    status: str
+    attempt: int | None  # None: written before attempts were counted
+    next_attempt_at: datetime | None
+    error: str | None
+
+    @property
+    def gave_up(self) -> bool:
+        return self.status == FAILED and self.attempt is not None and self.next_attempt_at is None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A run whose newest export failed: what, how often, and when it is tried again."""
+
+    run: str
+    checkpoint: str
+    step: int | None
+    attempt: int | None
+    next_attempt_at: datetime | None  # None: the daemon gave up (``ckptd freeze`` tries again)
+    error: str | None
+
+
+def history(store: Store, run_id: int) -> tuple[list[Checkpoint], list[Export]]:
+    """A run's checkpoints, and its published exports, newest version first."""
     with store.session() as s:
         checkpoints = reads.checkpoints(s, run_id=run_id)
-        published = dict(
-            s.execute(
-                select(_x.c.checkpoint_id, _x.c.path)
+        published = [
+            Export(*row)
+            for row in s.execute(
+                select(*_EXPORT_COLUMNS)
                 .join(_c, _c.c.id == _x.c.checkpoint_id)
                 .where(_x.c.status == PUBLISHED, _c.c.run_id == run_id)
+                .order_by(_x.c.version.desc(), _x.c.id.desc())
             ).all()
-        )
+        ]
     return checkpoints, published
+
+
+def last_attempt(store: Store, checkpoint_id: int) -> Attempt | None:
+    """The newest export row of a checkpoint (None: never exported)."""
+    with store.session() as s:
+        row = s.execute(
+            select(_x.c.status, _x.c.attempt, _x.c.next_attempt_at, _x.c.error)
+            .where(_x.c.checkpoint_id == checkpoint_id)
+            .order_by(_x.c.id.desc())
+            .limit(1)
+        ).first()
+    return Attempt(*row) if row else None
 
 
 def listed(store: Store, status: str) -> list[Export]:
     """Every export in ``status``, oldest first."""
     with store.session() as s:
         rows = s.execute(
-            select(_x.c.id, _c.c.run_id, _x.c.checkpoint_id, _x.c.path)
+            select(*_EXPORT_COLUMNS)
             .join(_c, _c.c.id == _x.c.checkpoint_id)
             .where(_x.c.status == status)
             .order_by(_x.c.id)
@@ -59,32 +116,60 @@ def listed(store: Store, status: str) -> list[Export]:
 
 
 def published_under(store: Store, root: str) -> list[Export]:
-    """The published exports under the directory ``root``, newest first."""
+    """The published exports under the directory ``root``, highest version first."""
     with store.session() as s:
         rows = s.execute(
-            select(_x.c.id, _c.c.run_id, _x.c.checkpoint_id, _x.c.path)
+            select(*_EXPORT_COLUMNS)
             .join(_c, _c.c.id == _x.c.checkpoint_id)
-            .where(_x.c.status == PUBLISHED, _x.c.path.like(f"{root}/%"))
-            .order_by(_x.c.created_at.desc(), _x.c.id.desc())
+            .where(_x.c.status == PUBLISHED, _in_root(root))
+            .order_by(_x.c.version.desc(), _x.c.id.desc())
         ).all()
     return [Export(*row) for row in rows]
 
 
-def begin(store: Store, c: Checkpoint, *, formats: str, version: int, path: str) -> int:
-    """The intent: an ``exporting`` row, written before anything is (crash recovery)."""
+def begin(
+    store: Store,
+    c: Checkpoint,
+    *,
+    root: str,
+    on_disk: int,
+    formats: str,
+    metric: str | None,
+    metric_value: float | None,
+) -> tuple[int, int, int]:
+    """The intent: an ``exporting`` row, written before anything is (crash recovery). Its version
+    is one more than any export of ``root`` had (failed ones never appeared) and than
+    ``on_disk``, the highest numeric directory there; its attempt, one more than the
+    checkpoint's previous export if that failed. Returns (export id, version, attempt)."""
     with store.session() as s:
-        return insert_id(
+        latest = s.scalar(
+            select(func.max(_x.c.version)).where(_in_root(root), _x.c.status != FAILED)
+        )
+        version = max(latest or 0, on_disk) + 1
+        previous = s.execute(
+            select(_x.c.status, _x.c.attempt)
+            .where(_x.c.checkpoint_id == c.id)
+            .order_by(_x.c.id.desc())
+            .limit(1)
+        ).first()
+        attempt = (previous[1] or 1) + 1 if previous and previous[0] == FAILED else 1
+        export_id = insert_id(
             s,
             insert(_x).values(
                 checkpoint_id=c.id,
                 format=formats,
                 version=version,
-                path=path,
+                path=f"{root}/{version}",
                 status=EXPORTING,
                 verified=False,
                 created_at=utcnow(),
+                step=c.step,
+                metric=metric,
+                metric_value=metric_value,
+                attempt=attempt,
             ),
         )
+    return export_id, version, attempt
 
 
 def published(
@@ -113,9 +198,22 @@ def published(
         )
 
 
-def failed(store: Store, export_id: int, c: Checkpoint, error: str) -> None:
+def failed(
+    store: Store,
+    export_id: int,
+    c: Checkpoint,
+    error: str,
+    *,
+    attempt: int,
+    retry_at: datetime | None,
+) -> None:
+    """Record failed ``attempt``, tried again at ``retry_at`` (None: not by the daemon)."""
     with store.session() as s:
-        s.execute(update(_x).where(_x.c.id == export_id).values(status=FAILED, error=error))
+        s.execute(
+            update(_x)
+            .where(_x.c.id == export_id)
+            .values(status=FAILED, error=error, next_attempt_at=retry_at)
+        )
         audit.record(
             s,
             "export_failed",
@@ -123,7 +221,12 @@ def failed(store: Store, export_id: int, c: Checkpoint, error: str) -> None:
             checkpoint_id=c.id,
             subject=c.prefix,
             reason=error,
-            detail={"step": c.step},
+            detail={
+                "step": c.step,
+                "attempt": attempt,
+                "final": retry_at is None,
+                "retry_at": retry_at.isoformat() if retry_at else None,
+            },
         )
 
 
@@ -146,8 +249,10 @@ def recovered(
 ) -> None:
     """Settle the rows a crash left behind, as recovery found them on disk: an interrupted
     export whose directory exists was published (only its commit was lost), one without failed
-    (``error``), and a published one whose directory is gone was removed."""
+    (``error``; redone at once: the interruption was not the export's fault), and a published
+    one whose directory is gone was removed."""
     with store.session() as s:
+        now = utcnow()
         if published:
             s.execute(
                 update(_x)
@@ -158,11 +263,37 @@ def recovered(
             s.execute(
                 update(_x)
                 .where(_x.c.id.in_(list(failed)), _x.c.status == EXPORTING)
-                .values(status=FAILED, error=error)
+                .values(status=FAILED, error=error, next_attempt_at=now)
             )
         if removed:
             s.execute(
                 update(_x)
                 .where(_x.c.id.in_(list(removed)), _x.c.status == PUBLISHED)
-                .values(status=REMOVED, removed_at=utcnow())
+                .values(status=REMOVED, removed_at=now)
             )
+
+
+def retries(store: Store) -> list[Retry]:
+    """The runs whose newest export failed, by run name (what ``status`` shows)."""
+    newest = (
+        select(func.max(_x.c.id))
+        .select_from(_x.join(_c, _c.c.id == _x.c.checkpoint_id))
+        .group_by(_c.c.run_id)
+    )
+    with store.session() as s:
+        rows = s.execute(
+            select(
+                _r.c.name,
+                _c.c.prefix,
+                _c.c.step,
+                _x.c.attempt,
+                _x.c.next_attempt_at,
+                _x.c.error,
+            )
+            .select_from(
+                _x.join(_c, _c.c.id == _x.c.checkpoint_id).join(_r, _r.c.id == _c.c.run_id)
+            )
+            .where(_x.c.id.in_(newest), _x.c.status == FAILED)
+            .order_by(_r.c.name)
+        ).all()
+    return [Retry(*row) for row in rows]

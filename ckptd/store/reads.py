@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Text, and_, cast, func, select
@@ -66,6 +66,8 @@ class Extras:
     evaluations: Mapping[int, str]
     exported: set[int]  # behind a published export
     exporting: set[int]  # an export of it is being written
+    export_versions: Mapping[int, int] = field(default_factory=dict)  # highest published
+    serving: set[int] = field(default_factory=set)  # its run's highest version is of it
 
     @classmethod
     def of(
@@ -74,16 +76,24 @@ class Extras:
         pinned: Iterable[int],
         evaluation_rows: Iterable[tuple[int, str]],
         export_rows: Iterable[Any],
+        serving_versions: Mapping[int, int] | None = None,
     ) -> Extras:
         """From rows of (checkpoint id, name, value, source), pinned ids, (checkpoint id,
-        evaluation status) and (checkpoint id, export status)."""
+        evaluation status), (checkpoint id, export status, version, run id) and each run's
+        highest published version (by run id)."""
         exports = list(export_rows)
+        published = sorted(
+            (v, cid, run) for cid, status, v, run in exports if status == "published"
+        )
+        serving_versions = serving_versions or {}
         return cls(
             best_sources(metric_rows),
             set(pinned),
             {cid: status for cid, status in evaluation_rows},
-            {cid for cid, status in exports if status == "published"},
-            {cid for cid, status in exports if status == "exporting"},
+            {cid for _v, cid, _r in published},
+            {cid for cid, status, *_ in exports if status == "exporting"},
+            {cid: v for v, cid, _r in published},  # ascending: the highest wins
+            {cid for v, cid, run in published if serving_versions.get(run) == v},
         )
 
 
@@ -112,6 +122,8 @@ def to_checkpoints(
             evaluation=extras.evaluations.get(row[0]),
             exported=row[0] in extras.exported,
             exporting=row[0] in extras.exporting,
+            export_version=extras.export_versions.get(row[0]),
+            serving=row[0] in extras.serving,
         )
         for row, names in zip(rows, files, strict=True)
     ]
@@ -182,6 +194,11 @@ def _extras(session: Session, of: Any) -> Extras:
         return True if of is None else column.in_(of)
 
     m = _metrics
+    exports = session.execute(
+        select(_exports.checkpoint_id, _exports.status, _exports.version, _c.run_id)
+        .join_from(table_of(ExportRow), table_of(CheckpointRow), _c.id == _exports.checkpoint_id)
+        .where(and_(where(_exports.checkpoint_id), _exports.status.in_(["published", "exporting"])))
+    ).all()
     return Extras.of(
         session.execute(
             select(m.checkpoint_id, m.name, m.value, m.source).where(where(m.checkpoint_id))
@@ -192,12 +209,22 @@ def _extras(session: Session, of: Any) -> Extras:
                 where(_evaluations.checkpoint_id)
             )
         ).all(),
-        session.execute(
-            select(_exports.checkpoint_id, _exports.status).where(
-                and_(where(_exports.checkpoint_id), _exports.status.in_(["published", "exporting"]))
-            )
-        ).all(),
+        exports,
+        _serving_versions(session, {row[3] for row in exports if row[1] == "published"}),
     )
+
+
+def _serving_versions(session: Session, run_ids: set[int]) -> dict[int, int]:
+    """Each run's highest published export version (what TF Serving serves), by run id."""
+    if not run_ids:
+        return {}
+    stmt = (
+        select(_c.run_id, func.max(_exports.version))
+        .join_from(table_of(ExportRow), table_of(CheckpointRow), _c.id == _exports.checkpoint_id)
+        .where(_exports.status == "published", _c.run_id.in_(sorted(run_ids)))
+        .group_by(_c.run_id)
+    )
+    return {run_id: version for run_id, version in session.execute(stmt)}
 
 
 def resolve_checkpoint(session: Session, text: str) -> Checkpoint:

@@ -131,6 +131,8 @@ class ExportRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"))
     format: Mapped[str] = mapped_column(String(32))
+    # The serving version (its directory's name): higher than every earlier one of its export
+    # root, so TF Serving serves the newest publish (migration 0005; before it, the step).
     version: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(4096))
     status: Mapped[str] = mapped_column(String(16))  # exporting | published | failed | removed
@@ -138,6 +140,12 @@ class ExportRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     removed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    step: Mapped[int | None] = mapped_column(Integer)  # of the checkpoint exported
+    metric: Mapped[str | None] = mapped_column(String(512))  # [watch.best] metric, and its
+    metric_value: Mapped[float | None] = mapped_column(Float)  # value at export time
+    attempt: Mapped[int | None] = mapped_column(Integer)  # of this checkpoint's export
+    # failed: when the daemon tries again (NULL: it gave up); as evaluations
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class RunClaimRow(Base):

@@ -272,14 +272,16 @@ class VerifyRequest(CheckpointRequest):
                 raise f.bad(f"unknown format {fmt!r}")
         checkpoint = f.path("checkpoint")
         builder = f.opt_text("builder")
+        kind = f.choice("kind", CHECKPOINT_KINDS, _default_kind(checkpoint, builder))
         return cls(
             export_dir=f.path("export_dir"),
             checkpoint=checkpoint,
             formats=formats,
-            kind=f.choice("kind", CHECKPOINT_KINDS, _default_kind(checkpoint, builder)),
+            kind=kind,
             inputs=f.opt_names("inputs"),
             outputs=f.opt_names("outputs"),
-            builder=builder,
+            # As for export: a tf2 checkpoint is rebuilt by its builder, nothing else.
+            builder=f.text("builder") if kind == "tf2" else builder,
             model=f.opt_path("model"),
             data=f.opt_path("data"),
             feed=f.opt_mapping("feed"),

@@ -1,0 +1,80 @@
+"""After a crash: interrupted exports settled (redone later), half-written temp dirs removed.
+
+The rename to the numeric version name happens only after verification, so an interrupted
+export whose directory exists was published and verified (only its commit was lost); one
+without it failed, and is redone at once (the interruption was not the export's fault).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ckptd.api.exportdir import TMP_PREFIX, export_root
+from ckptd.config import WatchConfig
+from ckptd.io import fsops
+from ckptd.store import claims, exports
+from ckptd.store import runs as store_runs
+from ckptd.store.claims import FREEZE
+from ckptd.store.handle import Store
+
+log = logging.getLogger("ckptd.api.freeze")  # the name the journal has always shown
+
+INTERRUPTED = "interrupted (daemon stopped during the export); will be redone"
+
+
+def recover(store: Store, watches: tuple[WatchConfig, ...]) -> int:
+    """After a crash: settle interrupted exports (redone later) and drop half-written temp
+    dirs, for every run no live process is exporting right now."""
+    claims.release_gone(store, FREEZE)
+    vanished = [e.id for e in exports.listed(store, "published") if not Path(e.path).exists()]
+    interrupted: dict[int | None, list[exports.Export]] = {}
+    for e in exports.listed(store, "exporting"):
+        interrupted.setdefault(e.run_id, []).append(e)
+    temps: dict[int | None, list[tuple[Path, str]]] = {}
+    for root, run_id in _export_roots(store, watches).items():
+        for p in root.iterdir() if root.is_dir() else ():
+            if p.name.startswith(TMP_PREFIX):
+                temps.setdefault(run_id, []).append((root, p.name))
+    failed: list[int] = []
+    published: list[int] = []
+    for run_id in set(interrupted) | set(temps):
+        if run_id is not None and not claims.claim(store, run_id, FREEZE):
+            continue  # a live process is exporting it: its rows and temp dir are in use
+        try:
+            # The rename to the numeric name happens only after verification: an interrupted
+            # export whose directory exists was published and verified; only its commit
+            # was lost.
+            for e in interrupted.get(run_id, []):
+                (published if Path(e.path).is_dir() else failed).append(e.id)
+            for root, name in temps.get(run_id, []):
+                try:
+                    fsops.remove_tree(root, name)
+                    log.info("removed interrupted export %s", root / name)
+                except (OSError, fsops.UnsafePath) as exc:
+                    log.warning("could not remove %s: %s", root / name, exc)
+        finally:
+            if run_id is not None:
+                claims.release(store, run_id, FREEZE)
+    exports.recovered(
+        store, published=published, failed=failed, removed=vanished, error=INTERRUPTED
+    )
+    return len(failed)
+
+
+def _export_roots(store: Store, watches: tuple[WatchConfig, ...]) -> dict[Path, int | None]:
+    """Every export root of ``watches``, with the id of the run it belongs to (None for a
+    directory of no recorded run)."""
+    roots: dict[Path, int | None] = {}
+    for w in watches:
+        if w.freeze is None or not w.freeze.export_dir.is_dir():
+            continue
+        for run in store_runs.present_runs(store, str(w.path)):
+            roots[export_root(w, run)] = run.id
+        if w.runs:
+            for p in w.freeze.export_dir.iterdir():
+                if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX):
+                    roots.setdefault(p, None)
+        else:
+            roots.setdefault(w.freeze.export_dir, None)
+    return roots
