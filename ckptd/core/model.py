@@ -7,6 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 # Checkpoint states. ``incomplete`` is only ever seen in a scan, never stored as final.
 COMPLETE, CORRUPT, GONE, PRUNING, PRUNED = "complete", "corrupt", "gone", "pruning", "pruned"
+# A version of a checkpoint whose files were written again under the same name: history only
+# (its metrics and evaluation were of the old files), never present, never deleted as ours.
+REPLACED = "replaced"
 
 # SQLite's INTEGER (and TensorFlow's int64 step): a larger step or count cannot be stored or
 # looked up.
@@ -56,6 +59,7 @@ class Checkpoint:
     evaluation: str | None = None  # pending | running | done | failed
     exported: bool = False  # behind a published export
     exporting: bool = False  # an export of it is being written right now
+    incarnation: int = 1  # which start of the trainer wrote it (steps went back: a new one)
 
     @property
     def label(self) -> str:

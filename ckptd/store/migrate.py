@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions. A test checks it equals Alembic's head, so the
 # daemon can tell "schema is current" with one SELECT instead of importing Alembic (slow).
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 _version_table = Table(
     "alembic_version",
