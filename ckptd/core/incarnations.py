@@ -104,43 +104,51 @@ def family(fmt: str) -> str:
 def assign(
     run_dir: str, state: RunState, new: list[Found], audit: list[Audit]
 ) -> tuple[dict[str, int], tuple[float, ...]]:
-    """The incarnation of each new checkpoint, and the incarnations' starts (with any that
-    begin now). Taken in save order: a complete checkpoint saved after the newest one of its
-    family (TF steps, Keras epochs) with a lower step starts a new incarnation, which begins
-    after the run's last save before it."""
+    """The incarnation of each new checkpoint, and the incarnations' starts (with one that
+    begins now). A complete checkpoint saved after the newest *recorded* one of its family (TF
+    steps, Keras epochs) with a lower step starts a new incarnation, which begins after the
+    run's last save before it. Checkpoints first seen in one scan never start one between
+    themselves: their save order may be a copy's (``cp -r`` gives files the times of the copy),
+    and at most one begins per scan (the rest of the scan's checkpoints fall in it or before)."""
     starts = list(state.incarnation_starts)
     saves: list[float] = []
     newest: dict[str, tuple[float, int]] = {}  # family -> (save time, step) of its newest save
-
-    def saved(t: float, fmt: str, step: int | None) -> None:
-        saves.append(t)
-        fam = family(fmt)
-        if step is not None and (fam not in newest or t > newest[fam][0]):
-            newest[fam] = (t, step)
-
     for k in state.checkpoints.values():
         t = saved_at(k.signature)
         if t is not None and k.state != CORRUPT:
-            saved(t, k.format, k.step)
+            saves.append(t)
+            fam = family(k.format)
+            if k.step is not None and (fam not in newest or t > newest[fam][0]):
+                newest[fam] = (t, k.step)
     out: dict[str, int] = {}
+    began = False
     timed = [(t if (t := saved_at(f.signature)) is not None else f.mtime, f) for f in new]
     for t, f in sorted(timed, key=lambda tf: tf[0]):
-        if f.state == COMPLETE:
-            last = newest.get(family(f.format))
-            if last is not None and f.step is not None and t > last[0] and f.step < last[1]:
-                begins = max(x for x in saves if x < t)
-                if not starts or begins > starts[-1]:
-                    starts.append(begins)
-                    audit.append(
-                        Audit(
-                            "new_incarnation",
-                            run_dir,
-                            f"step {f.step} saved after step {last[1]}: the trainer started over",
-                            {"incarnation": len(starts) + 1, "step": f.step, "after": last[1]},
-                            prefix=f.prefix,
-                        )
+        last = newest.get(family(f.format))
+        if (
+            not began
+            and f.state == COMPLETE
+            and last is not None
+            and f.step is not None
+            and t > last[0]
+            and f.step < last[1]
+        ):
+            begins = max(x for x in saves if x < t)
+            if not starts or begins > starts[-1]:
+                began = True
+                starts.append(begins)
+                audit.append(
+                    Audit(
+                        "new_incarnation",
+                        run_dir,
+                        f"incarnation {len(starts) + 1}: step {f.step} saved after step "
+                        f"{last[1]}; the trainer started over",
+                        {"incarnation": len(starts) + 1, "step": f.step, "after": last[1]},
+                        prefix=f.prefix,
                     )
-            saved(t, f.format, f.step)
+                )
+        if f.state == COMPLETE:
+            saves.append(t)
         out[f.prefix] = incarnation_of(starts, t)
     return out, tuple(starts)
 
