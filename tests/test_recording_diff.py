@@ -393,3 +393,27 @@ def test_a_write_by_another_process_is_seen_without_restart(tmp_path: Path, corp
     outcome = rec.record(run_dir)
     assert outcome.gone == [] and outcome.recorded == []
     assert _states(db) == {10: "pruned", 20: "complete", 30: "complete"}
+
+
+def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
+    """Its files are the new version's now: a pending evaluation of it would never run."""
+    _clear(store)
+    run = RunDir("r", Path(RUN), Path("/"))
+    first = Found(PREFIXES[1], "tf2", 1, COMPLETE, None, (), 1, False, 1.0, (1, 10))
+    state = store_recording.load_state(store, run)
+    ids = store_recording.apply(store, state, diff(Observation(RUN, True, (first,)), state))
+    assert ids is not None
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO evaluations (checkpoint_id, status, attempts) VALUES (?, 'pending', 0)",
+            (ids[first.prefix],),
+        )
+    again = replace(first, signature=(1, 20))
+    state = store_recording.load_state(store, run)
+    changes = diff(Observation(RUN, True, (again,)), state)
+    assert [r.id for r in changes.replaced] == [ids[first.prefix]]
+    assert store_recording.apply(store, state, changes) is not None
+    with store.engine.begin() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar() == 0
+        rows = conn.exec_driver_sql("SELECT state FROM checkpoints ORDER BY id").all()
+    assert [r[0] for r in rows] == ["replaced", "complete"]

@@ -110,6 +110,8 @@ def assign(
     run's last save before it. Checkpoints first seen in one scan never start one between
     themselves: their save order may be a copy's (``cp -r`` gives files the times of the copy),
     and at most one begins per scan (the rest of the scan's checkpoints fall in it or before)."""
+    if not new:
+        return {}, state.incarnation_starts
     starts = list(state.incarnation_starts)
     saves: list[float] = []
     newest: dict[str, tuple[float, int]] = {}  # family -> (save time, step) of its newest save
@@ -175,7 +177,7 @@ def event_values(
             scalars[(name, step, born)] = (value, wall_time)
         writes.append(EventFileWrite(path, read.offset, read.error, known_file is None))
     targets: dict[tuple[bool, int, int], list[str]] = {}
-    for prefix, k in known.items():
+    for prefix, k in known.items() if scalars else ():
         if k.step is not None:
             key = (epoch_numbered(k.format), k.incarnation, k.step)
             targets.setdefault(key, []).append(prefix)

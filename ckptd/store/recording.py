@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     bindparam,
     case,
+    delete,
     exists,
     func,
     insert,
@@ -40,6 +41,7 @@ from ckptd.store.runstate import run_versions as run_versions
 from ckptd.store.tables import (
     LIVE,
     CheckpointRow,
+    EvaluationRow,
     EventFileRow,
     MetricRow,
     RunRow,
@@ -125,6 +127,7 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
         chunk = replaced[i : i + _CHUNK]
         if conn.execute(_REPLACED, {"ids": chunk, "at": now}).rowcount != len(chunk):
             raise _Stale
+        conn.execute(_UNQUEUE, {"ids": chunk})  # its files are gone: nothing to evaluate
 
     new_ids = _insert_checkpoints(session, run, changes, now)
 
@@ -266,6 +269,7 @@ def _from_ts(ts: float) -> datetime | None:
 # per run).
 _runs, _ckpts, _files = table_of(RunRow), table_of(CheckpointRow), table_of(EventFileRow)
 _scalars, _metrics = table_of(ScalarRow), table_of(MetricRow)
+_evaluations = table_of(EvaluationRow)
 _METRIC_COLUMNS = ("checkpoint_id", "name", "value", "step", "source", "recorded_at")
 _CHECKPOINT_COLUMNS = (
     "run_id",
@@ -315,6 +319,10 @@ _REPLACED = (
         reason="replaced by a newer file of the same name",
         gone_at=func.coalesce(_ckpts.c.gone_at, bindparam("at", type_=DateTime)),
     )
+)
+_UNQUEUE = delete(_evaluations).where(
+    _evaluations.c.checkpoint_id.in_(bindparam("ids", expanding=True)),
+    _evaluations.c.status == "pending",
 )
 _STARTS = (
     update(_runs)
