@@ -135,3 +135,20 @@ def test_event_file_creation_times_come_from_their_names() -> None:
     assert inc.incarnation_of((10.0, 20.0), 15) == 2
     assert inc.incarnation_of((10.0, 20.0), 25) == 3
     assert inc.span((10.0, 20.0), 2) == (10.0, 20.0)
+
+
+def test_replaced_versions_are_never_planned_for_deletion() -> None:
+    from datetime import datetime
+
+    from ckptd.core.model import REPLACED, Checkpoint
+    from ckptd.core.retention import KeepLast, plan
+
+    def ckpt(i: int, step: int, state: str) -> Checkpoint:
+        saved = datetime(2026, 1, 1, 0, i)
+        return Checkpoint(
+            i, "r", 1, f"/r/ckpt-{step}", step, "tf2", state, None, 1, (), False, saved, saved
+        )
+
+    history = [ckpt(1, 1, REPLACED), ckpt(2, 11, COMPLETE), ckpt(3, 1, COMPLETE)]
+    decided = plan(history, [KeepLast(1)], datetime(2026, 1, 2))
+    assert 1 not in decided.keep and 1 not in {c.id for c in decided.delete}
