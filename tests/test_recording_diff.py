@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckptd.api.record import Recorder
+from ckptd.core.incarnations import identity
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING
 from ckptd.core.recording import (
     INCOMPLETE,
@@ -58,7 +59,7 @@ def founds(draw: Any, prefix: str) -> Found:
         reason = draw(st.sampled_from(["no .index file; data unchanged for 200 s", "bad shard"]))
     return Found(
         prefix,
-        draw(st.sampled_from(["tf1", "tf2"])),
+        draw(st.sampled_from(["tf1", "tf2", "keras"])),
         STEPS[prefix],
         state,
         reason,
@@ -106,13 +107,21 @@ def states(draw: Any) -> RunState:
     prefixes = draw(st.lists(st.sampled_from(PREFIXES), unique=True))
     paths = draw(st.lists(st.sampled_from(EVENT_FILES), unique=True))
     all_states = [COMPLETE, CORRUPT, GONE, PRUNING, PRUNED]
+    starts = sorted(set(draw(st.lists(st.integers(0, 3).map(lambda n: n / 1e9), max_size=2))))
     return RunState(
         1,
         draw(st.integers(0, 3)),
         draw(st.booleans()),
         draw(st.booleans()),
         {
-            p: Known(i + 1, draw(st.sampled_from(all_states)), _stored(p), draw(signatures))
+            p: Known(
+                i + 1,
+                draw(st.sampled_from(all_states)),
+                _stored(p),
+                draw(signatures),
+                draw(st.sampled_from(["tf2", "keras"])),
+                draw(st.integers(1, len(starts) + 1)),
+            )
             for i, p in enumerate(prefixes)
         },
         {
@@ -120,6 +129,7 @@ def states(draw: Any) -> RunState:
             for p in paths
         },
         frozenset(draw(st.lists(st.sampled_from(["x\\xff"]), max_size=1))),
+        tuple(starts),
     )
 
 
@@ -169,6 +179,24 @@ def _view(obs: Observation, old: RunState, new: RunState) -> None:
         else:
             assert new.event_files[path] == EventFile(tail.read.offset, tail.read.error)
     assert new.unsupported == old.unsupported | set(obs.unsupported)
+    _versions_and_incarnations(old, new)
+
+
+def _versions_and_incarnations(old: RunState, new: RunState) -> None:
+    """A row is replaced only by a new row of the same prefix; incarnations only ever begin,
+    later than those before, and never among checkpoints a run's first scan finds."""
+    for prefix, was in old.checkpoints.items():
+        now = new.checkpoints.get(prefix)
+        if now is not None and now.id != was.id:
+            assert identity(was.signature) and identity(now.signature) != identity(was.signature)
+    starts = new.incarnation_starts
+    assert starts[: len(old.incarnation_starts)] == old.incarnation_starts
+    assert len(starts) <= len(old.incarnation_starts) + 1, "at most one begins per scan"
+    assert list(starts) == sorted(set(starts))
+    if not old.checkpoints:
+        assert starts == old.incarnation_starts
+    for k in new.checkpoints.values():
+        assert 1 <= k.incarnation <= len(starts) + 1
 
 
 def _ids(changes: Any, start: int = 100) -> dict[str, int]:
@@ -249,7 +277,8 @@ def test_the_store_applies_exactly_what_apply_to_says(store: Store, steps_: list
             if prefix in state.checkpoints:
                 with store.engine.begin() as conn:
                     conn.exec_driver_sql(
-                        "UPDATE checkpoints SET state = ? WHERE prefix = ?", (to, prefix)
+                        "UPDATE checkpoints SET state = ? WHERE prefix = ? AND state != 'replaced'",
+                        (to, prefix),
                     )
                     conn.exec_driver_sql("UPDATE runs SET version = version + 1")
             continue
@@ -364,3 +393,27 @@ def test_a_write_by_another_process_is_seen_without_restart(tmp_path: Path, corp
     outcome = rec.record(run_dir)
     assert outcome.gone == [] and outcome.recorded == []
     assert _states(db) == {10: "pruned", 20: "complete", 30: "complete"}
+
+
+def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
+    """Its files are the new version's now: a pending evaluation of it would never run."""
+    _clear(store)
+    run = RunDir("r", Path(RUN), Path("/"))
+    first = Found(PREFIXES[1], "tf2", 1, COMPLETE, None, (), 1, False, 1.0, (1, 10))
+    state = store_recording.load_state(store, run)
+    ids = store_recording.apply(store, state, diff(Observation(RUN, True, (first,)), state))
+    assert ids is not None
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO evaluations (checkpoint_id, status, attempts) VALUES (?, 'pending', 0)",
+            (ids[first.prefix],),
+        )
+    again = replace(first, signature=(1, 20))
+    state = store_recording.load_state(store, run)
+    changes = diff(Observation(RUN, True, (again,)), state)
+    assert [r.id for r in changes.replaced] == [ids[first.prefix]]
+    assert store_recording.apply(store, state, changes) is not None
+    with store.engine.begin() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar() == 0
+        rows = conn.exec_driver_sql("SELECT state FROM checkpoints ORDER BY id").all()
+    assert [r[0] for r in rows] == ["replaced", "complete"]

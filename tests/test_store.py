@@ -52,7 +52,8 @@ def _schema(engine: Any) -> list[tuple[str, str, list[str]]]:
             else:
                 cur += ch
         clauses.append(" ".join(cur.split()))
-        out.append((kind, " ".join(head.split()), sorted(clauses)))
+        # (a table copied by a batch migration keeps its name quoted: the same table)
+        out.append((kind, " ".join(head.replace('"', "").split()), sorted(clauses)))
     return out
 
 

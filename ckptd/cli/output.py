@@ -146,6 +146,7 @@ def checkpoint_json(c: Checkpoint, best: bool) -> dict[str, Any]:
         "pinned": c.pinned,
         "evaluation": c.evaluation,
         "created_at": iso(c.created_at),
+        "incarnation": c.incarnation,
     }
 
 

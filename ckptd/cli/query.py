@@ -24,7 +24,7 @@ from ckptd.cli.output import (
     print_json,
     table,
 )
-from ckptd.core.model import iso
+from ckptd.core.model import Checkpoint, iso
 
 if TYPE_CHECKING:
     from ckptd.api.status import DaemonStatus
@@ -191,10 +191,12 @@ def _metrics_text(metrics: dict[str, float], limit: int = 4) -> str:
     "--state",
     "states",
     multiple=True,
-    type=click.Choice(["complete", "corrupt", "gone", "pruning", "pruned"]),
+    type=click.Choice(["complete", "corrupt", "gone", "pruning", "pruned", "replaced"]),
     help="Only checkpoints in this state (repeatable).",
 )
-@click.option("--all", "show_all", is_flag=True, help="Include gone and pruned checkpoints.")
+@click.option(
+    "--all", "show_all", is_flag=True, help="Include gone, pruned and replaced checkpoints."
+)
 @output_options
 @pass_ctx
 def ls(
@@ -233,7 +235,7 @@ def ls(
         rows.append(
             [
                 c.run,
-                c.step,
+                _step(c),
                 c.format + ("" if c.has_meta or c.format != "tf1" else " (no meta)"),
                 state,
                 fmt_size(c.size),
@@ -252,6 +254,12 @@ def ls(
         + (f" for {run}" if run else "")
         + " (is the daemon running? see `ckptd status`)",
     )
+
+
+def _step(c: Checkpoint) -> int | str | None:
+    """The step, marked ``↻N`` when a later incarnation of the run wrote it (the trainer was
+    restarted from scratch N - 1 times before)."""
+    return c.step if c.incarnation == 1 else f"{c.step} ↻{c.incarnation}"
 
 
 @click.command()

@@ -7,6 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 # Checkpoint states. ``incomplete`` is only ever seen in a scan, never stored as final.
 COMPLETE, CORRUPT, GONE, PRUNING, PRUNED = "complete", "corrupt", "gone", "pruning", "pruned"
+# A version of a checkpoint whose files were written again under the same name: history only
+# (its metrics and evaluation were of the old files), never present, never deleted as ours.
+REPLACED = "replaced"
 
 # SQLite's INTEGER (and TensorFlow's int64 step): a larger step or count cannot be stored or
 # looked up.
@@ -58,6 +61,7 @@ class Checkpoint:
     exporting: bool = False  # an export of it is being written right now
     export_version: int | None = None  # the highest published version of it
     serving: bool = False  # that version is its run's highest: what TF Serving serves
+    incarnation: int = 1  # which start of the trainer wrote it (steps went back: a new one)
 
     @property
     def label(self) -> str:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     MetaData,
     PrimaryKeyConstraint,
@@ -110,10 +111,30 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
 
     before = current_revision(engine)
     cfg = _alembic_config()
-    with engine.begin() as conn:
+    with migrating(engine) as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return before, current_revision(engine)
+
+
+@contextmanager
+def migrating(engine: Engine) -> Iterator[Connection]:
+    """A transaction to migrate in. On SQLite with foreign keys off: a batch migration copies a
+    table and drops the old one, and with them on, the DROP would cascade to every row that
+    references it (metrics, evaluations, pins …). They are checked before the commit instead,
+    and turned back on (the pragma only takes effect outside a transaction)."""
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection if engine.dialect.name == "sqlite" else None
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with conn.begin():
+                yield conn
+                if raw is not None and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise StoreError("a migration left rows referencing missing ones; not applied")
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys = ON")
 
 
 @_user_errors

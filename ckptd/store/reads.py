@@ -18,6 +18,7 @@ from ckptd.store.audit_reads import actions
 from ckptd.store.handle import Store
 from ckptd.store.runs import RunSummary, resolve_run, run_summaries, runs_table
 from ckptd.store.tables import (
+    LIVE,
     CheckpointRow,
     EvaluationRow,
     ExportRow,
@@ -54,6 +55,7 @@ CHECKPOINT_COLUMNS = (
     _c.created_at,
     _c.completed_at,
     _c.recorded_at,
+    _c.incarnation,
 )
 
 
@@ -124,6 +126,7 @@ def to_checkpoints(
             exporting=row[0] in extras.exporting,
             export_version=extras.export_versions.get(row[0]),
             serving=row[0] in extras.serving,
+            incarnation=row[13],
         )
         for row, names in zip(rows, files, strict=True)
     ]
@@ -235,7 +238,7 @@ def resolve_checkpoint(session: Session, text: str) -> Checkpoint:
         where = and_(_c.run_id == run.id, _c.step == int(step_text))
     else:
         path = os.path.abspath(text)
-        where = _c.prefix.in_([path, path.removesuffix(".index")])
+        where = and_(_c.prefix.in_([path, path.removesuffix(".index")]), LIVE)
     found = session.scalar(select(_c.id).where(where).order_by(_c.id.desc()).limit(1))
     if found is None:
         raise NotFound(f"no checkpoint {text!r}; list them with `ckptd ls`")

@@ -1,4 +1,4 @@
-"""Recording's SQL: load what the store holds for runs, apply a diff conditional on the version.
+"""Recording's SQL: apply a diff conditional on the run's version (loading: ``runstate.py``).
 
 :func:`apply` is one transaction that first bumps the run's version from the one its state was
 loaded at; if another writer (a prune, a second daemon, ``ckptd`` from the CLI) bumped it
@@ -10,21 +10,38 @@ one INSERT … SELECT inside the database.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from json import loads
 from typing import Any
 
-from sqlalchemy import DateTime, String, bindparam, insert, literal, select, type_coerce, update
+from sqlalchemy import (
+    DateTime,
+    String,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, utcnow
-from ckptd.core.recording import Changes, EventFile, Found, Known, RunDir, RunState
+from ckptd.core.incarnations import KERAS_FORMATS, span
+from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, REPLACED, utcnow
+from ckptd.core.recording import Changes, Found, RunState
 from ckptd.store import audit
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
+from ckptd.store.runstate import load_state as load_state
+from ckptd.store.runstate import load_states as load_states
+from ckptd.store.runstate import run_versions as run_versions
 from ckptd.store.tables import (
+    LIVE,
     CheckpointRow,
+    EvaluationRow,
     EventFileRow,
     MetricRow,
     RunRow,
@@ -34,9 +51,6 @@ from ckptd.store.tables import (
 from ckptd.store.upsert import insert_many
 
 _CHUNK = 500  # ids or paths per IN (...): SQLite is slow with long lists
-# Event-file errors starting so were transient (EACCES, EIO…): ckptd 0.1.0 stored them as if
-# the file were corrupt; they are read again.
-_UNREADABLE = "unreadable: "
 # mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
 _MIN_TS = datetime(1, 1, 2, tzinfo=UTC).timestamp()
 _MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
@@ -44,24 +58,6 @@ _MAX_TS = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
 
 class _Stale(Exception):
     """The run changed since its state was loaded (raised to roll the transaction back)."""
-
-
-def load_states(store: Store, runs: Sequence[RunDir]) -> dict[str, RunState]:
-    """What the store holds for ``runs``, by path: two SELECTs per 500 runs, whatever their
-    size. Runs it does not know are created (each with its ``run_discovered`` entry) and start
-    empty, with no further query."""
-    with store.session() as session:
-        return _load(session, runs)
-
-
-def load_state(store: Store, run: RunDir) -> RunState:
-    return load_states(store, [run])[str(run.path)]
-
-
-def run_versions(store: Store) -> dict[int, int]:
-    """Every run's version (one SELECT): a quick rescan trusts what it saw at that version."""
-    with store.session() as session:
-        return dict(session.connection().execute(select(_runs.c.id, _runs.c.version)).all())
 
 
 def apply(store: Store, state: RunState, changes: Changes) -> dict[str, int] | None:
@@ -72,68 +68,6 @@ def apply(store: Store, state: RunState, changes: Changes) -> dict[str, int] | N
             return _apply(session, state, changes)
     except _Stale:
         return None
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _load(session: Session, runs: Sequence[RunDir]) -> dict[str, RunState]:
-    conn = session.connection()
-    wanted = {str(r.path): r for r in runs}
-    paths = list(wanted)
-    found: dict[str, tuple[int, int, bool, bool]] = {}
-    checkpoints: dict[int, dict[str, Known]] = {}
-    for i in range(0, len(paths), _CHUNK):
-        rows = conn.execute(_LOAD_RUNS, {"paths": paths[i : i + _CHUNK]})
-        for path, rid, version, present, scanned, cid, prefix, state, step, sig in rows:
-            if path not in found:
-                found[path] = (rid, version, bool(present), bool(scanned))
-                checkpoints[rid] = {}
-            if cid is not None:
-                checkpoints[rid][prefix] = Known(cid, state, step, tuple(loads(sig) if sig else ()))
-    files: dict[int, dict[str, EventFile]] = {rid: {} for rid in checkpoints}
-    ids = list(files)
-    for i in range(0, len(ids), _CHUNK):
-        for rid, fpath, offset, error in conn.execute(_LOAD_FILES, {"ids": ids[i : i + _CHUNK]}):
-            if error and error.startswith(_UNREADABLE):
-                error = None
-            files[rid][fpath] = EventFile(offset, error)
-    out = {
-        path: RunState(rid, version, present, scanned, checkpoints[rid], files[rid])
-        for path, (rid, version, present, scanned) in found.items()
-    }
-    missing = [wanted[p] for p in paths if p not in found]
-    if missing:
-        out.update(_create(session, missing))
-    return out
-
-
-def _create(session: Session, runs: list[RunDir]) -> dict[str, RunState]:
-    conn = session.connection()
-    now = utcnow()
-    insert_many(
-        conn,
-        _runs,
-        ("name", "path", "watch_path", "present", "created_at"),
-        [(r.name, str(r.path), str(r.root), True, now) for r in runs],
-        conflict_keys=("path",),
-    )
-    created: dict[str, tuple[int, int]] = {}
-    paths = [str(r.path) for r in runs]
-    for i in range(0, len(paths), _CHUNK):
-        q = select(_runs.c.path, _runs.c.id, _runs.c.version)
-        for path, rid, version in conn.execute(q.where(_runs.c.path.in_(paths[i : i + _CHUNK]))):
-            created[path] = (rid, version)
-    audit.record_many(
-        session,
-        [
-            audit.Entry(
-                now, "run_discovered", created[str(r.path)][0], None, r.name, None, {"path": p}
-            )
-            for r, p in zip(runs, paths, strict=True)
-        ],
-    )
-    return {p: RunState(rid, version) for p, (rid, version) in created.items()}
 
 
 # ----------------------------------------------------------------------------- applying
@@ -148,6 +82,10 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
     )
     if not bumped.rowcount:
         raise _Stale
+    starts = state.incarnation_starts
+    if changes.incarnation_starts is not None:
+        starts = changes.incarnation_starts
+        conn.execute(_STARTS, {"run": run, "starts": list(starts)})
 
     # Event files and scalars first: new checkpoints then take every value logged at their step.
     new_files = [w for w in changes.event_files if w.new]
@@ -167,9 +105,9 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
     insert_many(
         conn,
         _scalars,
-        ("run_id", "name", "step", "value", "wall_time"),
-        [(run, n, step, _num(v), w) for n, step, v, w in changes.scalars],
-        conflict_keys=("run_id", "name", "step"),
+        ("run_id", "name", "step", "value", "wall_time", "born"),
+        [(run, n, step, _num(v), w, b) for n, step, v, w, b in changes.scalars],
+        conflict_keys=("run_id", "name", "step", "born"),
         update=("value", "wall_time"),
     )
 
@@ -184,7 +122,14 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
         if conn.execute(_GONE, values).rowcount != len(chunk):
             raise _Stale
 
-    new_ids = _insert_checkpoints(session, run, changes.new, now)
+    replaced = [r.id for r in changes.replaced]
+    for i in range(0, len(replaced), _CHUNK):
+        chunk = replaced[i : i + _CHUNK]
+        if conn.execute(_REPLACED, {"ids": chunk, "at": now}).rowcount != len(chunk):
+            raise _Stale
+        conn.execute(_UNQUEUE, {"ids": chunk})  # its files are gone: nothing to evaluate
+
+    new_ids = _insert_checkpoints(session, run, changes, now)
 
     def id_of(prefix: str) -> int:
         return new_ids[prefix] if prefix in new_ids else state.checkpoints[prefix].id
@@ -202,7 +147,13 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
             conflict_keys=() if new else ("checkpoint_id", "name", "source"),
             update=() if new else ("value", "step", "recorded_at"),
         )
-    _attach_scalars(conn, run, [new_ids[f.prefix] for f in changes.new if f.step is not None], now)
+    by_incarnation: dict[int, list[int]] = {}
+    for f in changes.new:
+        if f.step is not None:
+            n = changes.incarnations.get(f.prefix, 1)
+            by_incarnation.setdefault(n, []).append(new_ids[f.prefix])
+    for n, ids in by_incarnation.items():
+        _attach_scalars(conn, run, ids, now, n, span(starts, n))
     audit.record_many(
         session,
         [
@@ -210,7 +161,11 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
                 now,
                 a.kind,
                 run,
-                id_of(a.prefix) if a.prefix is not None else None,
+                a.checkpoint_id
+                if a.checkpoint_id is not None
+                else id_of(a.prefix)
+                if a.prefix is not None
+                else None,
                 a.subject,
                 a.reason,
                 a.detail,
@@ -243,10 +198,12 @@ def _update_checkpoint(cid: int, f: Found, now: datetime, completed: bool) -> An
 
 
 def _insert_checkpoints(
-    session: Session, run: int, new: Sequence[Found], now: datetime
+    session: Session, run: int, changes: Changes, now: datetime
 ) -> dict[str, int]:
-    """Insert ``new``; their ids by prefix. One executemany, then the ids by prefix (unique):
-    cheaper than INSERT … RETURNING through the ORM, which re-processes every row."""
+    """Insert the new checkpoints; their ids by prefix. One executemany, then the ids by prefix
+    (unique among live rows): cheaper than INSERT … RETURNING through the ORM, which
+    re-processes every row."""
+    new = changes.new
     rows = [
         (
             run,
@@ -262,6 +219,7 @@ def _insert_checkpoints(
             _from_ts(f.mtime),
             now,
             now if f.state == COMPLETE else None,
+            changes.incarnations.get(f.prefix, 1),
         )
         for f in new
     ]
@@ -278,19 +236,21 @@ def _insert_checkpoints(
     return ids
 
 
-def _attach_scalars(conn: Any, run: int, ids: list[int], now: datetime) -> None:
-    """Give newly recorded checkpoints the event-file values logged at their step: one INSERT …
-    SELECT per chunk, the join runs inside the database."""
-    if not ids:
-        return
+def _attach_scalars(
+    conn: Any, run: int, ids: list[int], now: datetime, incarnation: int, born: tuple[float, float]
+) -> None:
+    """Give newly recorded checkpoints of ``incarnation`` the event-file values logged at their
+    step by event files ``born`` in its span: one INSERT … SELECT per chunk, the join runs
+    inside the database."""
     ids.sort()
+    values = {"run": run, "at": now, "inc": incarnation, "born_lo": born[0], "born_hi": born[1]}
     # New rows get ids above every existing one (rowid = max + 1 under our write lock), so a
     # contiguous range is one cheap range condition.
     if ids[-1] - ids[0] + 1 == len(ids):
-        conn.execute(_ATTACH_RANGE, {"run": run, "at": now, "lo": ids[0], "hi": ids[-1]})
+        conn.execute(_ATTACH_RANGE, {**values, "lo": ids[0], "hi": ids[-1]})
         return
     for i in range(0, len(ids), _CHUNK):
-        conn.execute(_ATTACH_IDS, {"run": run, "at": now, "ids": ids[i : i + _CHUNK]})
+        conn.execute(_ATTACH_IDS, {**values, "ids": ids[i : i + _CHUNK]})
 
 
 def _num(value: float | None) -> float | None:
@@ -309,6 +269,7 @@ def _from_ts(ts: float) -> datetime | None:
 # per run).
 _runs, _ckpts, _files = table_of(RunRow), table_of(CheckpointRow), table_of(EventFileRow)
 _scalars, _metrics = table_of(ScalarRow), table_of(MetricRow)
+_evaluations = table_of(EvaluationRow)
 _METRIC_COLUMNS = ("checkpoint_id", "name", "value", "step", "source", "recorded_at")
 _CHECKPOINT_COLUMNS = (
     "run_id",
@@ -324,25 +285,7 @@ _CHECKPOINT_COLUMNS = (
     "created_at",
     "recorded_at",
     "completed_at",
-)
-_LOAD_RUNS = (
-    select(
-        _runs.c.path,
-        _runs.c.id,
-        _runs.c.version,
-        _runs.c.present,
-        _runs.c.scanned_at.is_not(None),
-        _ckpts.c.id,
-        _ckpts.c.prefix,
-        _ckpts.c.state,
-        _ckpts.c.step,
-        type_coerce(_ckpts.c.signature, String),  # raw JSON: decoded here, without a wrapper
-    )
-    .select_from(_runs.outerjoin(_ckpts, _ckpts.c.run_id == _runs.c.id))
-    .where(_runs.c.path.in_(bindparam("paths", expanding=True)))
-)
-_LOAD_FILES = select(_files.c.run_id, _files.c.path, _files.c.offset, _files.c.error).where(
-    _files.c.run_id.in_(bindparam("ids", expanding=True))
+    "incarnation",
 )
 _BUMP = (
     update(_runs)
@@ -365,12 +308,39 @@ _GONE = (
     .values(state=GONE, gone_at=bindparam("at"), reason=bindparam("why"))
 )
 _IDS_BY_PREFIX = select(_ckpts.c.prefix, _ckpts.c.id).where(
-    _ckpts.c.prefix.in_(bindparam("prefixes", expanding=True))
+    _ckpts.c.prefix.in_(bindparam("prefixes", expanding=True)), LIVE
+)
+_REPLACED = (
+    update(_ckpts)
+    .where(_ckpts.c.id.in_(bindparam("ids", expanding=True)))
+    .where(_ckpts.c.state.in_((COMPLETE, CORRUPT, GONE, PRUNED)))
+    .values(
+        state=REPLACED,
+        reason="replaced by a newer file of the same name",
+        gone_at=func.coalesce(_ckpts.c.gone_at, bindparam("at", type_=DateTime)),
+    )
+)
+_UNQUEUE = delete(_evaluations).where(
+    _evaluations.c.checkpoint_id.in_(bindparam("ids", expanding=True)),
+    _evaluations.c.status == "pending",
+)
+_STARTS = (
+    update(_runs)
+    .where(_runs.c.id == bindparam("run"))
+    .values(incarnation_starts=bindparam("starts", type_=_runs.c.incarnation_starts.type))
 )
 
 
+# A Keras per-epoch series, at the run's root or in a subdirectory (validation/epoch_loss).
+_EPOCH_SERIES = (r"epoch\_%", r"%/epoch\_%")
+
+
 def _attach_statement(which: Any) -> Any:
-    """INSERT … SELECT of the event-file values at the steps of the checkpoints ``which`` picks."""
+    """INSERT … SELECT of the event-file values of the checkpoints ``which`` picks (of one
+    incarnation): at their step, for a Keras one the ``epoch_*`` values at its step - 1 (see
+    ``core/incarnations.py``); of the newest event file born in the incarnation's span."""
+    keras = _ckpts.c.format.in_(KERAS_FORMATS)
+    newer = _scalars.alias("newer")
     rows = (
         select(
             _ckpts.c.id,
@@ -383,9 +353,24 @@ def _attach_statement(which: Any) -> Any:
         .select_from(_ckpts)
         .join(
             _scalars,
-            (_scalars.c.run_id == _ckpts.c.run_id) & (_scalars.c.step == _ckpts.c.step),
+            (_scalars.c.run_id == _ckpts.c.run_id)
+            & (_scalars.c.step == _ckpts.c.step - case((keras, 1), else_=0)),
         )
-        .where(_ckpts.c.run_id == bindparam("run"), which)
+        .where(
+            _ckpts.c.run_id == bindparam("run"),
+            which,
+            _ckpts.c.incarnation == bindparam("inc"),
+            or_(~keras, *(_scalars.c.name.like(p, "\\") for p in _EPOCH_SERIES)),
+            _scalars.c.born > bindparam("born_lo"),
+            _scalars.c.born <= bindparam("born_hi"),
+            ~exists().where(
+                newer.c.run_id == _scalars.c.run_id,
+                newer.c.name == _scalars.c.name,
+                newer.c.step == _scalars.c.step,
+                newer.c.born > _scalars.c.born,
+                newer.c.born <= bindparam("born_hi"),
+            ),
+        )
     )
     return insert(_metrics).from_select(_METRIC_COLUMNS, rows)
 

@@ -30,6 +30,10 @@ NAMING = {
 }
 
 
+# The rows that are not history: what a prefix names (see ux_checkpoints_live_prefix).
+LIVE = text("state != 'replaced'")
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -45,6 +49,8 @@ class RunRow(Base):
     scanned_at: Mapped[datetime | None] = mapped_column(DateTime)
     # Bumped by every writer of the run's rows: writes conditional on it never apply a stale view.
     version: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # When each incarnation after the first began (POSIX seconds; NULL: one so far).
+    incarnation_starts: Mapped[list[float] | None] = mapped_column(JSON)
 
 
 class CheckpointRow(Base):
@@ -54,10 +60,19 @@ class CheckpointRow(Base):
         Index("ix_checkpoints_state", "state"),
         # Covers `status`'s per-run counts by state and newest step (migration 0002).
         Index("ix_checkpoints_run_state_step", "run_id", "state", "step"),
+        # A prefix names one live row; versions written before it under that name are
+        # ``replaced`` (migration 0004). Queries by prefix say LIVE too, to use this index.
+        Index(
+            "ux_checkpoints_live_prefix",
+            "prefix",
+            unique=True,
+            sqlite_where=LIVE,
+            postgresql_where=LIVE,
+        ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    prefix: Mapped[str] = mapped_column(String(4096), unique=True)
+    prefix: Mapped[str] = mapped_column(String(4096))
     step: Mapped[int | None] = mapped_column(Integer)
     format: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16))
@@ -70,6 +85,7 @@ class CheckpointRow(Base):
     recorded_at: Mapped[datetime] = mapped_column(DateTime)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     gone_at: Mapped[datetime | None] = mapped_column(DateTime)
+    incarnation: Mapped[int] = mapped_column(Integer, server_default=text("1"))
 
 
 class MetricRow(Base):
@@ -97,6 +113,8 @@ class ScalarRow(Base):
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[float | None] = mapped_column(Float)
     wall_time: Mapped[float] = mapped_column(Float)
+    # When the event file that logged it was created: decides its incarnation (migration 0004).
+    born: Mapped[float] = mapped_column(Float, primary_key=True, server_default=text("0"))
 
 
 class EventFileRow(Base):
