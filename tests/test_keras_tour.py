@@ -130,11 +130,13 @@ def test_weights_only_checkpoints_evaluate_and_export_with_keras_model(
     keras_jobs: Path, tmp_path: Path
 ) -> None:
     """`.weights.h5` with keras_model: a .keras architecture file (one watch) or a builder
-    function (another); both evaluated and exported. The Keras 2 style `.h5` beside them is
-    reported by `status`, not silently ignored."""
+    function (another); both evaluated and exported. Without keras_model (a third watch) the
+    evaluation error names the key to set. The Keras 2 style `.h5` beside them is reported by
+    `status`, not silently ignored."""
     src = keras_jobs / "wruns" / "weights-demo"
     by_file = _copy(src, tmp_path / "by-file" / "weights-demo")
     by_fn = _copy(src, tmp_path / "by-function" / "weights-demo")
+    bare = _copy(src, tmp_path / "bare" / "weights-demo")
     (keras_jobs / "heldout.npz").exists() or pytest.fail("the README job writes heldout.npz")
     watch = """
         [[watch]]
@@ -154,8 +156,14 @@ def test_weights_only_checkpoints_evaluate_and_export_with_keras_model(
         """
     config = tmp_path / "ckptd.toml"
     db = tmp_path / "ckptd.db"
+    no_model = (
+        f'[[watch]]\npath = "{bare}"\n[watch.evaluate]\nevaluator = "keras"\n'
+        f'data = "{keras_jobs / "heldout.npz"}"\nfeed = {{ x = "images", y = "labels" }}\n'
+        "max_attempts = 1\n"
+    )
     config.write_text(
         f'[daemon]\ndatabase = "sqlite:///{db}"\n'
+        + no_model
         + "".join(
             textwrap.dedent(watch).format(
                 path=run, model=model, data=keras_jobs / "heldout.npz", exports=tmp_path / name
@@ -169,41 +177,32 @@ def test_weights_only_checkpoints_evaluate_and_export_with_keras_model(
     proc = ckptd("run", "--once", config=config, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = query(db, "SELECT format, state, prefix FROM checkpoints ORDER BY prefix")
-    assert [(f, s) for f, s, _ in rows] == [("keras_weights", "complete")] * 4
+    assert [(f, s) for f, s, _ in rows] == [("keras_weights", "complete")] * 6
     assert all("/ckpt/weights.0" in p for *_, p in rows)
-    assert query(db, "SELECT status, COUNT(*) FROM evaluations GROUP BY status") == [("done", 4)]
+    evaluations = query(
+        db,
+        "SELECT c.prefix, e.status, e.error FROM evaluations e "
+        "JOIN checkpoints c ON c.id = e.checkpoint_id",
+    )
+    assert sorted(s for p, s, _ in evaluations if not p.startswith(str(bare))) == ["done"] * 4
+    failed = [(s, e) for p, s, e in evaluations if p.startswith(str(bare))]
+    assert [s for s, _ in failed] == ["failed", "failed"]
+    assert all("holds weights only: set keras_model in its [[watch]]" in e for _, e in failed)
     exported = query(db, "SELECT path, status FROM exports ORDER BY path")
     assert [s for _, s in exported] == ["published", "published"]
     for path, _ in exported:
         assert (Path(path) / "saved_model.pb").is_file()
 
-    status = ckptd("status", "--json", config=config)
-    problems = [
-        p for p in json.loads(status.stdout)["problems"] if p["kind"] == "unrecognized_files"
-    ]
-    assert {p["subject"] for p in problems} == {str(by_file), str(by_fn)}
-    assert all(p["reason"].startswith("ckpt/legacy.h5: HDF5 file") for p in problems)
+    events = ckptd("events", "--kind", "unrecognized_files", "--json", config=config)
+    reported = json.loads(events.stdout)
+    assert {e["subject"] for e in reported} == {str(by_file), str(by_fn), str(bare)}
+    assert all(e["reason"].startswith("ckpt/legacy.h5: HDF5 file") for e in reported)
+    assert all(e["detail"]["files"][0]["file"] == "ckpt/legacy.h5" for e in reported)
+    # `status` lists the newest problems: the last one reported is among them.
+    status = json.loads(ckptd("status", "--json", config=config).stdout)
+    assert any(p["kind"] == "unrecognized_files" for p in status["problems"])
     text = ckptd("status", config=config).stdout
     assert "unrecognized_files" in text and "ckpt/legacy.h5" in text
-
-
-@pytest.mark.tf
-@pytest.mark.slow
-def test_weights_only_without_keras_model_says_which_key_to_set(
-    keras_jobs: Path, tmp_path: Path
-) -> None:
-    run = _copy(keras_jobs / "wruns" / "weights-demo", tmp_path / "weights-demo")
-    config = tmp_path / "ckptd.toml"
-    db = tmp_path / "ckptd.db"
-    config.write_text(
-        f'[daemon]\ndatabase = "sqlite:///{db}"\n[[watch]]\npath = "{run}"\n'
-        f'[watch.evaluate]\nevaluator = "keras"\ndata = "{keras_jobs / "heldout.npz"}"\n'
-        'feed = { x = "images", y = "labels" }\nmax_attempts = 1\n'
-    )
-    assert ckptd("run", "--once", config=config, timeout=600).returncode == 0
-    errors = [e for (e,) in query(db, "SELECT error FROM evaluations")]
-    assert len(errors) == 2
-    assert all("holds weights only: set keras_model in its [[watch]]" in e for e in errors)
 
 
 # ------------------------------------------------------------------ finding them (no TensorFlow)
