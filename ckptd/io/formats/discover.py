@@ -44,9 +44,15 @@ def _looks_like_checkpoint(name: str) -> bool:
 # Files that look like checkpoints but are none ckptd reads, with what to do about them.
 # (A run holding only these would otherwise look empty, as if the daemon had missed it.)
 _UNREAD = (
-    ((".h5", ".hdf5"), "HDF5 file; ckptd reads Keras 3 .keras and .weights.h5 files"),
-    ((".ckpt",), "no .index next to it; ckptd reads TensorFlow's index + data checkpoints"),
-    ((".pb",), "a graph, not a checkpoint"),
+    (
+        (".h5", ".hdf5"),
+        "HDF5 file; ckptd reads Keras 3 .keras and .weights.h5 files (save under such a name)",
+    ),
+    (
+        (".ckpt",),
+        "no .index for it; ckptd reads TensorFlow's index + data checkpoints (PREFIX.index)",
+    ),
+    ((".pb",), "a graph, not a checkpoint; ckptd records the checkpoints themselves"),
 )
 _SAVED_MODEL = "saved_model.pb"  # a directory holding one is an export, not checkpoints
 SUBDIR_INDEX = (
