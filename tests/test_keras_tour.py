@@ -18,9 +18,13 @@ from pathlib import Path
 import pytest
 
 from ckptd.config import ConfigError, parse_config
+from ckptd.daemon.runs import discover
 from ckptd.io.formats import list_run
 from ckptd.io.fsops import remove_groups
+from ckptd.store import audit_reads
+from ckptd.store.db import session_scope
 from tests.conftest import ENV, GOLDEN, PY, REPO, ckptd, query
+from tests.test_reconcile import _age_dirs, _setup
 
 README = REPO / "README.md"
 TOUR_HEADING = "### Keras: `ModelCheckpoint` + `TensorBoard`"
@@ -240,6 +244,35 @@ def test_keras_files_in_subdirectories_are_found_with_their_relative_paths(
     assert found[(f"ckpt/{keras_files[0]}",)].metrics == {"val_loss": 0.53}
     assert set(listing.dir_mtimes) >= {"ckpt", "ckpt/best", "a", "a/b"}
     assert listing.unread == {}
+
+
+def test_a_keras_file_saved_into_ckpt_is_recorded_and_seen_by_a_quick_rescan(
+    tmp_path: Path,
+) -> None:
+    """The reconciler records real Keras files in ckpt/ (before: ignored), a quick rescan's
+    fingerprint notices a new one there, and an unread file is reported once."""
+    rec, watches, engine = _setup(tmp_path)
+    run = tmp_path / "runs" / "a"
+    (run / "ckpt").mkdir(parents=True)
+    models = sorted((GOLDEN / "keras").glob("model.*.keras"))
+    shutil.copy2(models[0], run / "ckpt" / models[0].name)
+    (spec,) = discover(0, watches[0])
+    assert rec.reconcile(spec).recorded == ["a@1"]
+    _age_dirs(run)
+    rec.reconcile(spec)
+    assert rec.unchanged(spec)
+    shutil.copy2(models[1], run / "ckpt" / models[1].name)
+    assert not rec.unchanged(spec)
+    assert rec.reconcile(spec).recorded == ["a@2"]
+    weights = next((GOLDEN / "keras").glob("*.weights.h5"))
+    shutil.copy2(weights, run / "ckpt" / "old.h5")
+    rec.reconcile(spec)
+    (run / "ckpt" / "older.h5").write_bytes(b"")
+    rec.reconcile(spec)  # the same reason: not reported again
+    with session_scope(engine) as s:  # type: ignore[arg-type]
+        (reported,) = audit_reads.actions(s, kinds=["unrecognized_files"])
+    assert reported.subject == str(run)
+    assert (reported.reason or "").startswith("ckpt/old.h5: HDF5 file")
 
 
 def test_checkpoint_like_files_ckptd_does_not_read_are_listed_with_why(tmp_path: Path) -> None:
