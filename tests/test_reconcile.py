@@ -625,9 +625,9 @@ def test_backfill_survives_a_run_whose_observation_fails(
     )
     daemon = Daemon(cfg)
     daemon.prepare()
-    real_scan = formats.scan_run
+    real_scan = formats.list_run
 
-    def flaky_scan(run_dir: Path, *a: object, **k: object) -> list:
+    def flaky_scan(run_dir: Path, *a: object, **k: object) -> formats.Listing:
         if run_dir.name == "r03":
             raise RuntimeError("simulated bug")
         return real_scan(run_dir, *a, **k)  # type: ignore[arg-type]
@@ -636,12 +636,12 @@ def test_backfill_survives_a_run_whose_observation_fails(
         def _start(self, workers: int) -> None:
             return None
 
-    monkeypatch.setattr(formats, "scan_run", flaky_scan)
+    monkeypatch.setattr(formats, "list_run", flaky_scan)
     monkeypatch.setattr(observe_mod, "ObservePool", NeverUp)
     assert daemon.full_reconcile(workers=2) == 3 * (n - 1)
     assert daemon.health.reconcile_errors == 1
     assert {c.run for c in _ls(daemon.store.engine)} == {f"r{i:02d}" for i in range(n)} - {"r03"}
-    monkeypatch.setattr(formats, "scan_run", real_scan)
+    monkeypatch.setattr(formats, "list_run", real_scan)
     assert daemon.full_reconcile() == 3
     daemon.shutdown()
 

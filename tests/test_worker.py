@@ -10,6 +10,7 @@ import json
 import math
 import os
 import select
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -348,6 +349,24 @@ def test_keras_evaluator(worker: Worker, corpus: Corpus) -> None:
         assert result["metrics"]["accuracy"] == pytest.approx(save["metrics"]["val_accuracy"])
         assert result["metrics"]["loss"] == pytest.approx(save["metrics"]["val_loss"], rel=1e-5)
         assert result["warm"] is (i > 0)  # load_weights into the run's cached model
+
+
+def test_keras_model_builder_must_return_a_model(
+    worker: Worker, corpus: Corpus, tmp_path: Path
+) -> None:
+    """A weights-only checkpoint takes its architecture from ``model`` (the watch's
+    keras_model); a builder returning something else is a bad request that says so."""
+    weights = next(corpus.run_dir("keras").glob("*.weights.h5"))
+    shutil.copy(weights, tmp_path / weights.name)  # a run of its own: no warm model to reuse
+    req = {
+        "op": "evaluate",
+        "evaluator": "keras",
+        "checkpoint": str(tmp_path / weights.name),
+        "data": str(corpus.run_dir("keras") / "heldout.npz"),
+        "model": "tests.keras_fns:not_a_model",
+    }
+    error = worker.fail(req, "bad_request")
+    assert "keras_model tests.keras_fns:not_a_model returned dict, not a keras.Model" in error
 
 
 def test_python_evaluator(worker: Worker, corpus: Corpus) -> None:

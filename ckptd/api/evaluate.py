@@ -108,8 +108,11 @@ class Evaluation:
     waiting: list[Waiting] = field(default_factory=list)
 
 
-def build_request(ev: EvaluateConfig, c: Checkpoint, run_path: str) -> dict[str, Any]:
-    """The worker request for one checkpoint (also used by benchmarks)."""
+def build_request(
+    ev: EvaluateConfig, c: Checkpoint, run_path: str, keras_model: str | None = None
+) -> dict[str, Any]:
+    """The worker request for one checkpoint (also used by benchmarks). ``keras_model``: the
+    watch's architecture for weights-only Keras checkpoints."""
     request: dict[str, Any] = {
         "op": "evaluate",
         "evaluator": ev.evaluator,
@@ -123,6 +126,8 @@ def build_request(ev: EvaluateConfig, c: Checkpoint, run_path: str) -> dict[str,
         request.update(fetch=dict(ev.fetch), use_ema=ev.use_ema)
     if ev.evaluator == "python":
         request["function"] = ev.function
+    if ev.evaluator == "keras" and keras_model:
+        request["model"] = keras_model
     return request
 
 
@@ -287,7 +292,8 @@ class Evaluator:
                     metrics = run_command(ev, c, c.run)
                 else:
                     result = self.client.call(
-                        build_request(ev, c, job.run_path), timeout=ev.timeout.total_seconds()
+                        build_request(ev, c, job.run_path, watch.keras_model),
+                        timeout=ev.timeout.total_seconds(),
                     )
                     metrics = {str(k): float(v) for k, v in dict(result.get("metrics", {})).items()}
             except WorkerError as exc:

@@ -268,6 +268,7 @@ class Freezer:
             "inputs": dict(fr.inputs),
             "outputs": dict(fr.outputs),
             "builder": fr.builder,
+            "model": watch.keras_model,
             "use_ema": bool(ev and ev.use_ema),
         }
         for fmt in fr.format:

@@ -15,16 +15,18 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
+from ckptd.core.model import utcnow
 from ckptd.core.recording import Changes, Fingerprint, Found, Observation, RunDir, RunState, diff
 from ckptd.io.observe import (
     STALE_AFTER,
     ObservePool,
     Request,
+    RunObservation,
     fingerprint_holds,
     observe,
     observe_many,
 )
-from ckptd.store import recording
+from ckptd.store import audit, recording
 from ckptd.store.handle import Store
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class Recorder:
         self._hints: dict[str, _Hint] = {}
         self._reported: dict[int, frozenset[str]] = {}  # non-UTF-8 names reported, per run
         self._unreadable: set[str] = set()  # run directories reported unreadable
+        # Why checkpoint-like files of a run are not recorded: each reason reported once per run.
+        self._unread: dict[int, frozenset[str]] = {}
         self._retrying: set[str] = set()  # event files reported unreadable
 
     def prepare(self, runs: Sequence[RunDir]) -> int:
@@ -182,10 +186,31 @@ class Recorder:
                 self._retrying.discard(key)
             if read.error:
                 log.warning("event file %s: %s; skipping the rest of it", key, read.error)
+        if isinstance(obs, RunObservation) and obs.unread:
+            self._report_unread(run, state.run_id, obs.unread)
         if obs.fingerprint is None:
             self._hints.pop(path, None)
         else:
             self._hints[path] = _Hint(state.run_id, version, obs.fingerprint)
+
+    def _report_unread(self, run: RunDir, run_id: int, unread: tuple[tuple[str, str], ...]) -> None:
+        """One ``unrecognized_files`` audit entry (``status`` shows it) when a run holds
+        checkpoint-like files ckptd does not record, for a reason not reported before."""
+        reasons = frozenset(why for _, why in unread)
+        if reasons <= self._unread.get(run_id, frozenset()):
+            return
+        self._unread[run_id] = self._unread.get(run_id, frozenset()) | reasons
+        first, why = unread[0]
+        more = f" (and {len(unread) - 1} more: ckptd events --json)" if len(unread) > 1 else ""
+        reason = f"{first}: {why}{more}"
+        log.warning("%s: not recorded: %s", run.path, reason)
+        detail = {"files": [{"file": f, "why": w} for f, w in unread[:UNREAD_LISTED]]}
+        entry = audit.Entry(utcnow(), UNRECOGNIZED, run_id, None, str(run.path), reason, detail)
+        audit.write(self.store, [entry])
+
+
+UNRECOGNIZED = "unrecognized_files"  # the audit kind `status` shows as a problem
+UNREAD_LISTED = 100  # files listed in one entry's detail
 
 
 def _current(obs: Observation, state: RunState) -> bool:

@@ -16,7 +16,15 @@ from ckptd.store.runs import RunSummary
 
 NEWEST = 5  # complete checkpoints shown, newest first
 PROBLEMS = 5  # newest events of PROBLEM_KINDS shown
-PROBLEM_KINDS = ("corrupt", "gone", "event_file_corrupt", "pruned", "exported", "evaluation_failed")
+PROBLEM_KINDS = (
+    "corrupt",
+    "gone",
+    "event_file_corrupt",
+    "pruned",
+    "exported",
+    "evaluation_failed",
+    "unrecognized_files",
+)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from ckptd.config.schema import (
     DAEMON_KEYS,
     EVALUATE_KEYS,
     FREEZE_KEYS,
+    KERAS_FEED,
     RETAIN_KEYS,
     WATCH_KEYS,
     BestConfig,
@@ -33,6 +34,7 @@ from ckptd.config.schema import (
     RetainConfig,
     Schema,
     WatchConfig,
+    is_function,
 )
 from ckptd.config.values import show
 from ckptd.store import urls
@@ -171,6 +173,9 @@ def _watch(reader: _Reader, raw: dict[str, Any], where: str) -> WatchConfig | No
             values["path"] = (base / values["path"]).resolve()
         except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
             reader.fail(f"{where}.path", f"cannot be resolved: {exc}")
+    model = values.get("keras_model")
+    if model is not None and not is_function(model):
+        values["keras_model"] = os.path.normpath(base / model)
     best = BestConfig(**reader.section(raw.get("best", {}), f"{where}.best", BEST_KEYS))
     evaluate = freeze = retain = None
     if "evaluate" in raw:
@@ -203,9 +208,42 @@ def _watch(reader: _Reader, raw: dict[str, Any], where: str) -> WatchConfig | No
             "required when freeze or keep_best is set: the metric that ranks checkpoints, "
             'e.g. metric = "eval/accuracy"',
         )
+    _keras_combinations(reader, where, model, evaluate, freeze)
     if len(reader.problems) > before:
         return None
     return WatchConfig(best=best, evaluate=evaluate, freeze=freeze, retain=retain, **values)
+
+
+def _keras_combinations(
+    reader: _Reader,
+    where: str,
+    model: str | None,
+    evaluate: EvaluateConfig | None,
+    freeze: FreezeConfig | None,
+) -> None:
+    """Settings that cannot work on Keras checkpoints (a watch with ``keras_model`` or the
+    keras evaluator), refused now rather than failing at every evaluation or export."""
+    keras_eval = evaluate is not None and evaluate.evaluator == "keras"
+    if evaluate is not None and keras_eval:
+        feed = dict(evaluate.feed)
+        unknown = sorted(set(feed) - set(KERAS_FEED))
+        if unknown or (feed and "x" not in feed):
+            reader.fail(
+                f"{where}.evaluate.feed",
+                "the keras evaluator maps x (required), y and sample_weight of model.evaluate "
+                f'to arrays of the .npz, e.g. {{ x = "images", y = "labels" }}; got '
+                f"{', '.join(unknown) or 'no x'}",
+            )
+        if evaluate.use_ema:
+            reader.fail(
+                f"{where}.evaluate.use_ema",
+                "applies to TF1 meta graphs (the meta_graph evaluator), not to Keras models",
+            )
+    if (keras_eval or model) and freeze is not None and "frozen_graph" in freeze.format:
+        reader.fail(
+            f"{where}.freeze.format",
+            'frozen_graph needs a TF1 meta graph; Keras checkpoints export as "saved_model"',
+        )
 
 
 def _overlap(i: int, outer: WatchConfig, j: int, inner: WatchConfig) -> str | None:

@@ -114,6 +114,8 @@ class WatchConfig:
     observer: str = "auto"
     keras_template: str | None = None
     step_variable: str | None = None
+    # The architecture of weights-only Keras checkpoints: a .keras file or "module:function"
+    keras_model: str | None = None
     best: BestConfig = field(default_factory=BestConfig)
     evaluate: EvaluateConfig | None = None
     freeze: FreezeConfig | None = None
@@ -139,6 +141,31 @@ class Config:
 
 # ---------------------------------------------------------------- keys of each table
 
+KERAS_FEED = ("x", "y", "sample_weight")  # what the keras evaluator passes to model.evaluate
+
+
+def is_function(text: str) -> bool:
+    """Whether ``text`` names a user function (``module:function``) rather than a file."""
+    try:
+        v.entry_point(text)
+    except ValueError:
+        return False
+    return True
+
+
+def keras_model(value: object) -> str:
+    """A ``.keras`` file, or ``module:function`` returning a keras.Model."""
+    text = v.string(value)
+    if is_function(text):
+        return text
+    if not text.endswith(".keras"):
+        raise ValueError(
+            'expected a .keras file with the architecture or "module:function" returning a '
+            f"keras.Model, got {v.show(value)}"
+        )
+    return str(v.path(text))
+
+
 Schema = dict[str, Callable[[object], Any]]
 
 # Durations and numbers have ranges: a 10-year debounce or a 0 s rescan is a typo, and the
@@ -157,6 +184,7 @@ WATCH_KEYS: Schema = {
     "observer": v.choice(*OBSERVERS),
     "keras_template": v.keras_template,
     "step_variable": v.step_variable,
+    "keras_model": keras_model,
 }
 BEST_KEYS: Schema = {"metric": v.string, "mode": v.choice("min", "max")}
 EVALUATE_KEYS: Schema = {

@@ -2,9 +2,10 @@
 
 Every deletion goes through a directory file descriptor opened component by component from the
 watch root with ``O_NOFOLLOW``, so a symlink anywhere on the way can never lead outside the root;
-only plain base names recorded by ckptd are unlinked, and ``unlink`` never follows a symlink (a
-planted link is removed, its target is untouched). Besides those, only TensorFlow's own stale
-temporary names are removed (:func:`find_leftovers`), never a whole tree.
+only names recorded by ckptd are unlinked (base names; a Keras file in a subdirectory of its
+run by its relative path, each directory on the way opened the same way), and ``unlink`` never
+follows a symlink (a planted link is removed, its target is untouched). Besides those, only
+TensorFlow's own stale temporary names are removed (:func:`find_leftovers`), never a whole tree.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def remove_groups(
     results = [Removal() for _ in groups]
     for names, result in zip(groups, results, strict=True):
         for name in names:
-            if not name or "/" in name or name in (".", ".."):
-                result.errors.append(f"{name!r}: not a plain file name; refused")
+            if not all(part and part not in (".", "..") for part in name.split("/")):
+                result.errors.append(f"{name!r}: not a plain relative file name; refused")
     try:
         with open_dir_under(root, directory) as dfd:
             for names, result in zip(groups, results, strict=True):
@@ -79,9 +80,14 @@ def remove_groups(
 
 
 def _unlink_all(dfd: int, names: Sequence[str], result: Removal) -> None:
+    """Unlink ``names`` of ``dfd``; a name in a subdirectory (a Keras file in the run's
+    ``ckpt/``) is unlinked through its own directory's fd, reached without following a link."""
     lstat, unlink = os.lstat, os.unlink  # the loop runs once per file: local names
     removed, freed = result.removed, 0
     for name in names:
+        if "/" in name:
+            _unlink_nested(dfd, name, result)
+            continue
         try:
             st = lstat(name, dir_fd=dfd)
             mode = st.st_mode
@@ -97,6 +103,32 @@ def _unlink_all(dfd: int, names: Sequence[str], result: Removal) -> None:
         except OSError as exc:
             result.errors.append(f"{name}: {exc.strerror}")
     result.bytes_freed += freed
+
+
+def _unlink_nested(dfd: int, name: str, result: Removal) -> None:
+    *dirs, base = name.split("/")
+    fd = dfd
+    try:
+        for part in dirs:
+            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            if fd != dfd:
+                os.close(fd)
+            fd = nfd
+        nested = Removal()
+        _unlink_all(fd, [base], nested)
+    except FileNotFoundError:
+        result.missing.append(name)
+        return
+    except OSError as exc:  # a symlink on the way (ELOOP, ENOTDIR), permissions …
+        result.errors.append(f"{name}: {exc.strerror}")
+        return
+    finally:
+        if fd != dfd:
+            os.close(fd)
+    result.removed += [name] * len(nested.removed)
+    result.missing += [name] * len(nested.missing)
+    result.errors += [f"{name}: {e.partition(': ')[2]}" for e in nested.errors]
+    result.bytes_freed += nested.bytes_freed
 
 
 # A save renames each temporary name within seconds: one untouched for a day is from a save that

@@ -134,19 +134,19 @@ def observe(req: Request) -> Observation:
 def _observe(req: Request, dfd: int) -> Observation:
     run_dir = req.run_dir
     run_mtime = os.fstat(dfd).st_mtime_ns
-    unsupported: list[str] = []
-    found = formats.scan_run(
+    # One walk: checkpoints (Keras ones also in subdirectories), event files, subdirectory mtimes.
+    listing = formats.list_run(
         run_dir,
         req.keras_template,
         req.known,
         dir_fd=dfd,
         stale_after=req.stale_after,
-        unsupported=unsupported,
         step_variable=req.step_variable,
     )
+    found = listing.checkpoints
     events: dict[str, EventTail] = {}
-    dir_mtimes: dict[str, int] = {}
-    for path in formats.event_files(run_dir, dir_mtimes=dir_mtimes, dir_fd=dfd):
+    dir_mtimes = listing.dir_mtimes
+    for path in listing.event_files:
         key = str(path)
         if key in req.skip_events:
             continue  # reported once; a corrupt file is skipped, not re-read forever
@@ -172,18 +172,28 @@ def _observe(req: Request, dfd: int) -> Observation:
         base = len(str(run_dir)) + 1  # paths relative to the run directory
         fingerprint = Fingerprint(
             run_mtime,
-            tuple(sorted((d[base:], m) for d, m in dir_mtimes.items())),
+            tuple(sorted(dir_mtimes.items())),
             tuple(sorted((k[base:], t.size) for k, t in events.items())),
         )
-    return Observation(
+    return RunObservation(
         str(run_dir),
         True,
         tuple(found),
-        tuple(unsupported),
+        tuple(listing.unsupported),
         events,
         req.basis,
         fingerprint,
+        unread=tuple(sorted(listing.unread.items())),
     )
+
+
+@dataclass(frozen=True)
+class RunObservation(Observation):
+    """An observation of a run directory that was listed, with the checkpoint-like files in it
+    that ckptd does not record (relative path, why): reported, so such a run is not silently
+    empty. (Not part of the recording diff: nothing is written for them but a warning.)"""
+
+    unread: tuple[tuple[str, str], ...] = ()
 
 
 def _event_read(r: ReadResult) -> EventRead:

@@ -29,6 +29,7 @@ import tensorflow as tf
 from ckptd.worker.files import digest, require_checkpoint
 from ckptd.worker.logs import log
 from ckptd.worker.protocol import BAD_REQUEST, NOT_FOUND, WorkerFailure
+from ckptd.worker.userfns import keras_architecture
 
 v1 = tf.compat.v1
 
@@ -244,17 +245,16 @@ def keras_model(path: str, run: str, architecture: str | None = None) -> tuple[A
         except Exception as exc:  # another architecture: reload below
             log(f"load_weights({path}) into the cached model of {run} failed: {exc}; reloading")
             del _KERAS[run]
-    source = path
-    if not path.endswith(".keras"):
-        if not architecture:
-            raise WorkerFailure(
-                BAD_REQUEST,
-                f"{path} holds weights only; pass 'model' (a .keras file with the architecture)",
-            )
-        require_checkpoint(architecture)
-        source = architecture
-    model = keras.saving.load_model(source)
-    if source != path:
+    if path.endswith(".keras"):
+        model = keras.saving.load_model(path)
+    elif not architecture:
+        raise WorkerFailure(
+            BAD_REQUEST,
+            f"{path} holds weights only: set keras_model in its [[watch]] (a .keras file with "
+            'the architecture, or "module:function" returning the model)',
+        )
+    else:
+        model = keras_architecture(architecture)
         model.load_weights(path)
     _KERAS[run] = model
     while len(_KERAS) > MAX_KERAS:

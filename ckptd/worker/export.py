@@ -13,7 +13,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from ckptd.worker.caches import GraphEntry, build_graph, restored_graph, v1
+from ckptd.worker.caches import GraphEntry, build_graph, keras_model, restored_graph, v1
 from ckptd.worker.files import fsync_tree, require_checkpoint, write_file
 from ckptd.worker.protocol import BAD_REQUEST, NOT_FOUND, ExportRequest, ExportResult, WorkerFailure
 from ckptd.worker.userfns import import_function
@@ -91,10 +91,10 @@ def export_saved_model_tf2(prefix: str, staging: str, builder: str) -> None:
     tf.saved_model.save(module, staging)
 
 
-def export_saved_model_keras(path: str, staging: str) -> None:
-    import keras
-
-    keras.saving.load_model(path, compile=False).export(staging)
+def export_saved_model_keras(req: ExportRequest, staging: str) -> None:
+    # The run's warm model (a .weights.h5 takes its architecture from ``model``).
+    model, _ = keras_model(req.checkpoint, req.run_dir(), req.model)
+    model.export(staging)
 
 
 def export_frozen(
@@ -129,7 +129,7 @@ def export(req: ExportRequest) -> ExportResult:
                 assert req.builder is not None
                 export_saved_model_tf2(prefix, staging, req.builder)
             else:
-                export_saved_model_keras(prefix, staging)
+                export_saved_model_keras(req, staging)
             files = _publish(staging, out_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

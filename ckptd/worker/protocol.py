@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, NotRequired, Self, TypedDict
 
@@ -52,6 +53,11 @@ def one_line(text: str) -> str:
 # ------------------------------------------------------------------ requests
 
 
+def is_entry_point(spec: str) -> bool:
+    """'package.module:function' (a user function), as opposed to a file path."""
+    return re.fullmatch(r"[\w.]+:[\w.]+", spec) is not None
+
+
 class _Fields:
     """Typed reads of one wire request's fields; a missing or mistyped field is a bad_request.
 
@@ -85,6 +91,13 @@ class _Fields:
 
     def opt_path(self, key: str) -> str | None:
         value = self.opt_text(key)
+        return value and os.path.abspath(os.path.expanduser(value))
+
+    def opt_model(self, key: str) -> str | None:
+        """A Keras architecture: a ``.keras`` file (made absolute) or ``module:function``."""
+        value = self.opt_text(key)
+        if value and is_entry_point(value):
+            return value
         return value and os.path.abspath(os.path.expanduser(value))
 
     def opt_names(self, key: str) -> dict[str, str] | None:
@@ -182,7 +195,8 @@ class EvaluateRequest(CheckpointRequest):
     use_ema: bool = False  # restore ExponentialMovingAverage shadow values (meta_graph)
     batch_size: int | None = None
     meta: str | None = None  # meta graph to build from; default <checkpoint>.meta
-    model: str | None = None  # .keras file with the architecture of a weights-only checkpoint
+    # The architecture of a weights-only checkpoint: a .keras file or 'module:function'
+    model: str | None = None
     function: str | None = None  # 'package.module:function' (python)
 
     @classmethod
@@ -202,7 +216,7 @@ class EvaluateRequest(CheckpointRequest):
             use_ema=f.flag("use_ema"),
             batch_size=f.opt_int("batch_size"),
             meta=f.opt_path("meta"),
-            model=f.opt_path("model"),
+            model=f.opt_model("model"),
         )
         if request.batch_size is not None and request.batch_size < 1:
             raise f.bad(f"batch_size must be >= 1, got {request.batch_size}")
@@ -220,6 +234,7 @@ class ExportRequest(CheckpointRequest):
     inputs: dict[str, str] | None = None  # signature input name -> tensor (tf1 saved_model)
     outputs: dict[str, str] | None = None  # signature output name -> tensor (tf1)
     builder: str | None = None  # 'package.module:function' returning a tf.Module (tf2)
+    model: str | None = None  # keras: the architecture of a weights-only checkpoint
     use_ema: bool = False  # tf1 only
 
     @classmethod
@@ -238,6 +253,7 @@ class ExportRequest(CheckpointRequest):
             builder=f.text("builder") if kind == "tf2" else f.opt_text("builder"),
             inputs=f.names("inputs") if tf1 and fmt == "saved_model" else f.opt_names("inputs"),
             outputs=f.names("outputs") if tf1 else f.opt_names("outputs"),
+            model=f.opt_model("model"),
         )
         if request.use_ema and not tf1:
             raise f.bad("use_ema applies to tf1 meta graphs only")
@@ -282,7 +298,7 @@ class VerifyRequest(CheckpointRequest):
             outputs=f.opt_names("outputs"),
             # As for export: a tf2 checkpoint is rebuilt by its builder, nothing else.
             builder=f.text("builder") if kind == "tf2" else builder,
-            model=f.opt_path("model"),
+            model=f.opt_model("model"),
             data=f.opt_path("data"),
             feed=f.opt_mapping("feed"),
             tolerance=f.number("tolerance", 1e-5),

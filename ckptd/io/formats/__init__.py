@@ -1,8 +1,9 @@
 """Checkpoint discovery and completeness checks, for every format, without TensorFlow.
 
-``scan_run(run_dir)`` lists one directory and groups its files into checkpoints: TF1 Saver and TF2
-object checkpoints (``PREFIX.index`` + ``PREFIX.data-NNNNN-of-MMMMM`` [+ ``PREFIX.meta``]) and
-Keras ``.keras`` / ``.weights.h5`` files. Temporary names TensorFlow uses while writing are never
+``list_run(run_dir)`` walks a run directory and groups its files into checkpoints: TF1 Saver and
+TF2 object checkpoints (``PREFIX.index`` + ``PREFIX.data-NNNNN-of-MMMMM`` [+ ``PREFIX.meta``]) at
+its top, Keras ``.keras`` / ``.weights.h5`` files also in its subdirectories (``ckpt/``), and
+finds its TensorBoard event files. Temporary names TensorFlow uses while writing are never
 checkpoints. Each result says whether the checkpoint is complete, and if not, why.
 
 Every file is reached through :mod:`ckptd.io.safeio`: the run directory through a directory fd from
@@ -13,7 +14,15 @@ capped reads. A checkpoint file that is not a regular file is corrupt ("not a re
 reads an ``.index``), ``found`` is what they report.
 """
 
-from ckptd.io.formats.discover import EVENT_FILE, event_files, is_temp_name, is_utf8, scan_run
+from ckptd.io.formats.discover import (
+    EVENT_FILE,
+    Listing,
+    event_files,
+    is_temp_name,
+    is_utf8,
+    list_run,
+    scan_run,
+)
 from ckptd.io.formats.found import COMPLETE, CORRUPT, INCOMPLETE, Found, step_from_name
 from ckptd.io.formats.keras import HDF5_SIGNATURE
 from ckptd.io.formats.tf import INDEX_MAX_BYTES
@@ -28,9 +37,11 @@ __all__ = [
     "INDEX_MAX_BYTES",
     "Found",
     "KerasTemplate",
+    "Listing",
     "event_files",
     "is_temp_name",
     "is_utf8",
+    "list_run",
     "scan_run",
     "step_from_name",
 ]

@@ -25,8 +25,10 @@ def keras(
     known: dict[str, tuple[int, ...]] | None,
     now: float,
     stale_after: float,
+    rel: str = "",
 ) -> Found | None:
-    """The Keras checkpoint ``entry``; None when it vanished since the listing."""
+    """The Keras checkpoint ``entry`` of ``dir_fd``, the run's subdirectory ``rel`` ("": the run
+    directory itself); None when it vanished since the listing."""
     st = stat_entry(entry)
     if st is None:
         return None
@@ -39,8 +41,9 @@ def keras(
         parsed = (int(digits[0]) if digits else None, {})
     step, metrics = parsed
     signature = (st.st_size, st.st_mtime_ns)
-    prefix = str(run_dir / name)
-    seen = Seen(prefix, step, (name,), st.st_size, False, st.st_mtime, metrics)
+    path = f"{rel}/{name}" if rel else name  # its one file, relative to the run directory
+    prefix = str(run_dir / path)
+    seen = Seen(prefix, step, (path,), st.st_size, False, st.st_mtime, metrics)
     if entry.is_symlink():
         return seen.found(fmt, CORRUPT, "symlink; not followed", signature)
     state, problem = COMPLETE, None
