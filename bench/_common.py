@@ -58,8 +58,10 @@ def write_config(
     runs: str | None = "*",
     observer: str = "auto",
     daemon: str = "",
+    watch_extra: str = "",
 ) -> Path:
-    """The TOML shape of tests/conftest.py's write_config, with the observer explicit."""
+    """The TOML shape of tests/conftest.py's write_config, with the observer explicit
+    (``watch_extra``: more keys of the [[watch]] table)."""
     runs_line = f'runs = "{runs}"' if runs else ""
     path.write_text(
         textwrap.dedent(
@@ -73,6 +75,7 @@ def write_config(
             {runs_line}
             observer = "{observer}"
             keras_template = "model.{{epoch:02d}}-{{val_loss:.2f}}.keras"
+            {watch_extra}
 
             [watch.best]
             metric = "eval/accuracy"

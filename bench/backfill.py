@@ -175,6 +175,34 @@ def run_ckptd(work: Path, root: Path, saves: list[dict[str, Any]], n: int) -> di
     }
 
 
+def step_read_cost(work: Path, root: Path, pairs: int = 2) -> dict[str, Any]:
+    """What reading each checkpoint's step from its data file costs: ``run --once`` on fresh
+    databases, alternately with the step read (default) and without it (``step_variable``
+    naming a tensor no checkpoint holds: the index is still searched, no data is read, the
+    step is the file name's). Best wall and logged scan+record time of ``pairs`` runs each."""
+    times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    for i in range(pairs):
+        for mode, extra in (("off", 'step_variable = "no/such/tensor"'), ("on", "")):
+            db = work / f"steps-{mode}-{i}.db"
+            config = write_config(
+                work / f"steps-{mode}-{i}.toml", root, db=db, runs="*", watch_extra=extra
+            )
+            wall, proc = timed_run(ckptd_cmd(config, "run", "--once"))
+            check(proc, f"ckptd run --once (step read {mode})")
+            m = re.search(r"recorded (\d+) new checkpoint\(s\) in ([\d.]+) s", proc.stderr)
+            times[mode].append((wall, float(m.group(2)) if m else float("nan")))
+    best = {mode: (min(w for w, _ in t), min(r for _, r in t)) for mode, t in times.items()}
+    return {
+        "pairs": pairs,
+        "wall_on_s": best["on"][0],
+        "wall_off_s": best["off"][0],
+        "record_on_s": best["on"][1],
+        "record_off_s": best["off"][1],
+        "cost_wall_s": best["on"][0] - best["off"][0],
+        "cost_share_of_wall": (best["on"][0] - best["off"][0]) / best["on"][0],
+    }
+
+
 def run_anchor(root: Path, n: int) -> dict[str, Any]:
     wall, proc = timed_run([PY, "-c", ANCHOR, str(root)], timeout=1800)
     check(proc, "anchor")
@@ -227,6 +255,8 @@ def main() -> int:
         c = run_ckptd(work, root, saves, n)
         print("anchor (import tensorflow; get_checkpoint_state + list_variables) …", flush=True)
         a = run_anchor(root, n)
+        print("step read cost: run --once with and without it, alternately …", flush=True)
+        steps = step_read_cost(work, root)
         prof = profile(work, root) if args.profile else None
 
     r_wall = ratio(c["rate_wall"], a["rate_wall"])
@@ -295,6 +325,13 @@ def main() -> int:
         f"second `run --once` on the same tree (restart, nothing new): "
         f"{c['second_once_wall_s']:.3f} s"
     )
+    print(
+        f"step read from the data file (best of {steps['pairs']} each, fresh databases): "
+        f"wall {steps['wall_on_s']:.3f} s with it, {steps['wall_off_s']:.3f} s without; "
+        f"scan+record logged {steps['record_on_s']:.3f} vs {steps['record_off_s']:.3f} s; "
+        f"cost {steps['cost_wall_s']:+.3f} s = {steps['cost_share_of_wall']:+.1%} of backfill "
+        f"wall time (target ≤ 10%)"
+    )
     complete_ok = c["all_complete"] and c["with_eval_accuracy"] == n
     met_rate = c["rate_wall"] >= TARGET_RATE and complete_ok
     met_ratio = r_wall is not None and r_wall >= TARGET_VS_ANCHOR
@@ -342,6 +379,7 @@ def main() -> int:
             "checkpoints": n,
             "corpus": corpus,
             "ckptd": c,
+            "step_read": steps,
             "anchor": a,
             "ratio_rate_wall": r_wall,
             "targets_met": {"rate": met_rate, "vs_anchor": met_ratio},

@@ -105,22 +105,23 @@ def build_tree(root: Path, files: list[Path], n_runs: int) -> list[str]:
     return doomed
 
 
-def by_name(config: Path) -> Path:
-    """``config`` with the step read from a variable no checkpoint has: the hard-linked copies
-    all hold ckpt-10's step, so each is recorded at the step its file name says."""
-    text = config.read_text()
-    config.write_text(text.replace("keras_template =", 'step_variable = "none"\nkeras_template ='))
-    return config
+# The hard-linked copies all hold ckpt-10's step: read the step from a variable no checkpoint
+# has, so each is recorded at the step its file name says.
+BY_NAME = 'step_variable = "none"'
 
 
 def record(work: Path, name: str, root: Path) -> tuple[Path, Path, float]:
     """A fresh database with every checkpoint of ``root`` recorded; the prune config."""
     db = work / f"{name}.db"
     wall, proc = timed_run(
-        ckptd_cmd(by_name(write_config(work / f"{name}-record.toml", root, db=db)), "run", "--once")
+        ckptd_cmd(
+            write_config(work / f"{name}-record.toml", root, db=db, watch_extra=BY_NAME),
+            "run",
+            "--once",
+        )
     )
     check(proc, f"ckptd run --once ({name})")
-    config = by_name(write_config(work / f"{name}.toml", root, db=db))
+    config = write_config(work / f"{name}.toml", root, db=db, watch_extra=BY_NAME)
     with config.open("a") as fh:
         fh.write(RETAIN)
     return db, config, wall

@@ -22,6 +22,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# Evaluators, builders and Keras models named "tests.<module>:<function>" are imported by
+# worker processes (started by the daemon, the CLI, or in this process): the repository must be
+# on their path, whatever the working directory or the order the tests run in.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+)
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 ENV.pop("NOTIFY_SOCKET", None)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from ckptd.store import runs as store_runs
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient
-from tests.conftest import REPO, Corpus
+from tests.conftest import Corpus
 
 pytestmark = pytest.mark.tf
 
@@ -48,7 +47,6 @@ def _setup(
     engine = make_engine(cfg.daemon.database)
     migrate.upgrade(engine)
     Reconciler(Store(engine)).reconcile_many(discover(0, cfg.watches[0]))
-    os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return Evaluator(Store(engine), cfg, WorkerClient()), engine, root
 
 

@@ -1148,7 +1148,11 @@ def test_sigkill_between_export_rename_and_commit(
     db = tmp_path / "ckptd.db"
     export_dir = tmp_path / "export"
     run = corpus.copy("tf1", root / "a")
-    conf = _config(tmp_path / "c.toml", db, [(root, BEST + _freeze(export_dir, every="1s"))])
+    # Steps by file name: the "better checkpoint" below is a copy of ckpt-30 named ckpt-40.
+    by_name = 'step_variable = "none"\n'
+    conf = _config(
+        tmp_path / "c.toml", db, [(root, by_name + BEST + _freeze(export_dir, every="1s"))]
+    )
     d = daemons(conf)
     ((eid, path),) = wait_for(
         lambda: query(db, "select id, path from exports where status = 'exporting'"), timeout=60
