@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import (
     DateTime,
     String,
+    and_,
     bindparam,
-    case,
     delete,
     exists,
     func,
@@ -147,13 +147,14 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
             conflict_keys=() if new else ("checkpoint_id", "name", "source"),
             update=() if new else ("value", "step", "recorded_at"),
         )
-    by_incarnation: dict[int, list[int]] = {}
+    # Per incarnation and kind: TF checkpoints take values at their step, Keras ones at step - 1.
+    by_incarnation: dict[tuple[int, bool], list[int]] = {}
     for f in changes.new:
         if f.step is not None:
-            n = changes.incarnations.get(f.prefix, 1)
-            by_incarnation.setdefault(n, []).append(new_ids[f.prefix])
-    for n, ids in by_incarnation.items():
-        _attach_scalars(conn, run, ids, now, n, span(starts, n))
+            key = (changes.incarnations.get(f.prefix, 1), f.format in KERAS_FORMATS)
+            by_incarnation.setdefault(key, []).append(new_ids[f.prefix])
+    for (n, keras), ids in by_incarnation.items():
+        _attach_scalars(conn, run, ids, now, n, span(starts, n), keras)
     audit.record_many(
         session,
         [
@@ -237,20 +238,27 @@ def _insert_checkpoints(
 
 
 def _attach_scalars(
-    conn: Any, run: int, ids: list[int], now: datetime, incarnation: int, born: tuple[float, float]
+    conn: Any,
+    run: int,
+    ids: list[int],
+    now: datetime,
+    incarnation: int,
+    born: tuple[float, float],
+    keras: bool,
 ) -> None:
-    """Give newly recorded checkpoints of ``incarnation`` the event-file values logged at their
-    step by event files ``born`` in its span: one INSERT … SELECT per chunk, the join runs
-    inside the database."""
+    """Give newly recorded checkpoints of ``incarnation`` (all Keras ones, or all TF ones) the
+    event-file values logged at their step by event files ``born`` in its span: one INSERT …
+    SELECT per chunk, the join runs inside the database."""
     ids.sort()
     values = {"run": run, "at": now, "inc": incarnation, "born_lo": born[0], "born_hi": born[1]}
+    by_range, by_ids = _ATTACH_KERAS if keras else _ATTACH_TF
     # New rows get ids above every existing one (rowid = max + 1 under our write lock), so a
     # contiguous range is one cheap range condition.
     if ids[-1] - ids[0] + 1 == len(ids):
-        conn.execute(_ATTACH_RANGE, {**values, "lo": ids[0], "hi": ids[-1]})
+        conn.execute(by_range, {**values, "lo": ids[0], "hi": ids[-1]})
         return
     for i in range(0, len(ids), _CHUNK):
-        conn.execute(_ATTACH_IDS, {**values, "ids": ids[i : i + _CHUNK]})
+        conn.execute(by_ids, {**values, "ids": ids[i : i + _CHUNK]})
 
 
 def _num(value: float | None) -> float | None:
@@ -335,12 +343,23 @@ _STARTS = (
 _EPOCH_SERIES = (r"epoch\_%", r"%/epoch\_%")
 
 
-def _attach_statement(which: Any) -> Any:
+def _attach_statement(which: Any, keras: bool) -> Any:
     """INSERT … SELECT of the event-file values of the checkpoints ``which`` picks (of one
-    incarnation): at their step, for a Keras one the ``epoch_*`` values at its step - 1 (see
-    ``core/incarnations.py``); of the newest event file born in the incarnation's span."""
-    keras = _ckpts.c.format.in_(KERAS_FORMATS)
+    incarnation): at their step, for Keras ones the ``epoch_*`` values at step - 1 (see
+    ``core/incarnations.py``); of the newest event file born in the incarnation's span.
+
+    One statement per kind: a join on ``step`` plus an offset computed from the scalar's side
+    lets the database look each checkpoint up by its (run, step) index, where an offset that
+    depends on the checkpoint's format made it scan the run's checkpoints for every value."""
     newer = _scalars.alias("newer")
+    kind = (
+        and_(
+            _ckpts.c.format.in_(KERAS_FORMATS),
+            or_(*(_scalars.c.name.like(p, "\\") for p in _EPOCH_SERIES)),
+        )
+        if keras
+        else _ckpts.c.format.not_in(KERAS_FORMATS)
+    )
     rows = (
         select(
             _ckpts.c.id,
@@ -353,14 +372,14 @@ def _attach_statement(which: Any) -> Any:
         .select_from(_ckpts)
         .join(
             _scalars,
-            (_scalars.c.run_id == _ckpts.c.run_id)
-            & (_scalars.c.step == _ckpts.c.step - case((keras, 1), else_=0)),
+            (_ckpts.c.run_id == _scalars.c.run_id)
+            & (_ckpts.c.step == _scalars.c.step + (1 if keras else 0)),
         )
         .where(
             _ckpts.c.run_id == bindparam("run"),
             which,
             _ckpts.c.incarnation == bindparam("inc"),
-            or_(~keras, *(_scalars.c.name.like(p, "\\") for p in _EPOCH_SERIES)),
+            kind,
             _scalars.c.born > bindparam("born_lo"),
             _scalars.c.born <= bindparam("born_hi"),
             ~exists().where(
@@ -375,5 +394,7 @@ def _attach_statement(which: Any) -> Any:
     return insert(_metrics).from_select(_METRIC_COLUMNS, rows)
 
 
-_ATTACH_RANGE = _attach_statement(_ckpts.c.id.between(bindparam("lo"), bindparam("hi")))
-_ATTACH_IDS = _attach_statement(_ckpts.c.id.in_(bindparam("ids", expanding=True)))
+_BY_RANGE = _ckpts.c.id.between(bindparam("lo"), bindparam("hi"))
+_BY_IDS = _ckpts.c.id.in_(bindparam("ids", expanding=True))
+_ATTACH_TF = (_attach_statement(_BY_RANGE, False), _attach_statement(_BY_IDS, False))
+_ATTACH_KERAS = (_attach_statement(_BY_RANGE, True), _attach_statement(_BY_IDS, True))
