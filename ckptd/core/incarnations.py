@@ -182,7 +182,7 @@ def event_values(
             key = (epoch_numbered(k.format), k.incarnation, k.step)
             targets.setdefault(key, []).append(prefix)
     chosen: dict[tuple[str, str], tuple[float, Metric]] = {}
-    for (name, step, born), (value, _wall) in scalars.items():
+    for (name, step, born), (value, _wall) in scalars.items() if targets else ():
         n = incarnation_of(starts, born)
         for epoch, at in checkpoint_steps(name, step):
             for prefix in targets.get((epoch, n, at), ()):
