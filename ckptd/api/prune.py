@@ -33,8 +33,9 @@ from ckptd.store.handle import Store
 log = logging.getLogger(__name__)
 
 # Run directories cleaned at once (deletions, then the state file): unlink, lstat and the state
-# file's two fsyncs release the GIL, and concurrent fsyncs share the filesystem's journal commits.
-DIRECTORY_THREADS = 8
+# file's fsyncs release the GIL. More threads than cores lose more to handing the GIL back and
+# forth between syscalls than they gain (bench/prune.py).
+DIRECTORY_THREADS = 2
 RESUMED = " (resumed after restart)"
 LEFTOVERS_WHY = "TensorFlow's temporary files of recorded checkpoints, untouched for a day"
 
