@@ -357,8 +357,10 @@ def _finish(store: Store, batches: list[_Batch], repair: Sequence[tuple[str, str
     if len(jobs) <= 1:
         done = [clean(job) for job in jobs]
     else:
+        # Every directory is cleaned even if another's job raised (map would cancel the rest).
         with ThreadPoolExecutor(min(DIRECTORY_THREADS, len(jobs))) as pool:
-            done = list(pool.map(clean, jobs))
+            futures = [pool.submit(clean, job) for job in jobs]
+        done = [f.result() for f in futures]
     _commit_results(store, [o for outcomes in done for o in outcomes])  # phase 3
 
 
