@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote
 
 EXAMPLE = "sqlite:////var/lib/ckptd/ckptd.db"
@@ -71,11 +72,40 @@ def check(url: str) -> None:
         raise ValueError(str(exc)) from None
     parts = _sqlite_parts(url)
     if parts is None:
+        _check_driver(parsed)
         return
     if parts[1]:
         raise ValueError(f"a SQLite URL names a file and no host or user, such as {EXAMPLE}")
     if sqlite_path(url) is None:
         raise ValueError("an in-memory database is lost at exit and the CLI cannot see it")
+
+
+class MissingDriver(ValueError):
+    """The URL is fine, but the database driver it names is not installed."""
+
+
+# The extra that installs each driver ckptd documents.
+_EXTRAS = {"psycopg": "postgres"}
+
+
+def _check_driver(parsed: Any) -> None:
+    """Import the URL's driver now, so that a missing one is a config error (exit 78) naming
+    what to install, not a traceback when the daemon first connects."""
+    from sqlalchemy.exc import NoSuchModuleError
+
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"unknown database dialect {parsed.drivername!r}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        extra = _EXTRAS.get(parsed.get_driver_name())
+        how = f"pip install 'ckptd[{extra}]'" if extra else f"install {parsed.get_driver_name()}"
+        raise MissingDriver(
+            f"the database driver {parsed.get_driver_name()!r} for {parsed.drivername} is not "
+            f"installed ({exc}): {how}"
+        ) from None
 
 
 def redacted(url: str) -> str:

@@ -1,0 +1,91 @@
+"""PostgreSQL as the store: bad URLs and missing pieces give one line and the exit status the
+README promises; the CLI's read-only handle cannot write."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from ckptd.store import migrate
+from ckptd.store.db import StoreError, make_engine, session_scope
+from tests.conftest import ENV, PY, ckptd
+
+
+def _config(tmp_path: Path, url: str) -> Path:
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[daemon]\ndatabase = "{url}"\n\n[[watch]]\npath = "{tmp_path / "runs"}"\n')
+    return conf
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [("config", "check"), ("run",), ("status",)])
+def test_a_postgresql_url_without_its_driver_says_which_extra_to_install(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A psycopg that cannot be imported (as when the extra is not installed): exit 78 and
+    the pip command, at `config check` already, not a ModuleNotFoundError traceback later."""
+    fake = tmp_path / "site" / "psycopg"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named psycopg')\n")
+    conf = _config(tmp_path, "postgresql+psycopg://ckptd@db.example/ckptd")
+    env = {**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{ENV['PYTHONPATH']}"}
+    result = subprocess.run(
+        [PY, "-m", "ckptd", "--config", str(conf), *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    assert "pip install 'ckptd[postgres]'" in _one_line(result)
+
+
+def test_an_unknown_dialect_is_a_config_error(tmp_path: Path) -> None:
+    result = ckptd("config", "check", config=_config(tmp_path, "nosuchdb://host/x"))
+    assert result.returncode == 78
+    assert "unknown database dialect" in _one_line(result)
+
+
+@pytest.mark.pg
+def test_a_postgresql_server_that_is_not_there_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg")
+    url = f"postgresql+psycopg://ckptd@/ckptd?host={tmp_path}"  # no server listens there
+    conf = _config(tmp_path, url)
+    for command in (("status",), ("db", "upgrade"), ("run",)):
+        result = ckptd(*command, config=conf, real=True)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "cannot connect to the database" in _one_line(result)
+
+
+@pytest.mark.pg
+def test_an_unmigrated_postgresql_database_says_to_upgrade(
+    tmp_path: Path, pg_cluster: Any
+) -> None:
+    conf = _config(tmp_path, pg_cluster.new_database())
+    result = ckptd("status", config=conf, real=True)
+    assert result.returncode == 1
+    assert "ckptd db upgrade" in _one_line(result)
+    upgraded = ckptd("db", "upgrade", config=conf, real=True)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert ckptd("status", config=conf, real=True).returncode == 0
+
+
+@pytest.mark.pg
+def test_the_read_only_handle_cannot_write_on_postgresql(pg_cluster: Any) -> None:
+    url = pg_cluster.new_database()
+    migrate.upgrade(make_engine(url))
+    ro = make_engine(url, readonly=True)
+    with pytest.raises(StoreError, match="read-only"), session_scope(ro) as s:
+        s.execute(text("INSERT INTO pins (checkpoint_id, created_at) VALUES (1, now())"))
+    ro.dispose()
