@@ -112,12 +112,31 @@ def start() -> Cluster:
             os.chown(p, uid, gid)
     data = root / "data"
     _as_postgres(
-        [str(bin_ / "initdb"), "-D", str(data), "-U", USER, "-A", "trust", "-E", "UTF8",
-         "--no-sync"]  # fmt: skip
+        [
+            str(bin_ / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            USER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]
     )
     options = f"-k {root / 'socket'} {_SERVER_OPTIONS}"
     _as_postgres(
-        [str(bin_ / "pg_ctl"), "start", "-D", str(data), "-w", "-l", str(root / "log"),
-         "-o", options]  # fmt: skip
+        [
+            str(bin_ / "pg_ctl"),
+            "start",
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(root / "log"),
+            "-o",
+            options,
+        ]
     )
     return Cluster(root, bin_, itertools.count(1))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import text
 
 from ckptd.api.record import Recorder
 from ckptd.core.incarnations import identity
@@ -244,9 +245,15 @@ def test_many_new_checkpoints_get_one_audit_entry_corrupt_ones_each() -> None:
 # ------------------------------------------------------------------ through a real SQLite store
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('diffdb')}/ckptd.db"
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Store]:
+    """One database per module and kind, cleared by each test (hypothesis runs many examples)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('diffdb')}/ckptd.db"
+    else:
+        url = request.getfixturevalue("pg_cluster").new_database()
     s = Store.open(url)
     migrate.upgrade(s.engine)
     yield s
@@ -276,9 +283,12 @@ def test_the_store_applies_exactly_what_apply_to_says(store: Store, steps_: list
             prefix, to = step
             if prefix in state.checkpoints:
                 with store.engine.begin() as conn:
-                    conn.exec_driver_sql(
-                        "UPDATE checkpoints SET state = ? WHERE prefix = ? AND state != 'replaced'",
-                        (to, prefix),
+                    conn.execute(
+                        text(
+                            "UPDATE checkpoints SET state = :to "
+                            "WHERE prefix = :prefix AND state != 'replaced'"
+                        ),
+                        {"to": to, "prefix": prefix},
                     )
                     conn.exec_driver_sql("UPDATE runs SET version = version + 1")
             continue
@@ -404,9 +414,12 @@ def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
     ids = store_recording.apply(store, state, diff(Observation(RUN, True, (first,)), state))
     assert ids is not None
     with store.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO evaluations (checkpoint_id, status, attempts) VALUES (?, 'pending', 0)",
-            (ids[first.prefix],),
+        conn.execute(
+            text(
+                "INSERT INTO evaluations (checkpoint_id, status, attempts) "
+                "VALUES (:id, 'pending', 0)"
+            ),
+            {"id": ids[first.prefix]},
         )
     again = replace(first, signature=(1, 20))
     state = store_recording.load_state(store, run)
@@ -417,3 +430,20 @@ def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
         assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar() == 0
         rows = conn.exec_driver_sql("SELECT state FROM checkpoints ORDER BY id").all()
     assert [r[0] for r in rows] == ["replaced", "complete"]
+
+
+def test_steps_sizes_and_offsets_past_32_bits_are_stored(store: Store) -> None:
+    """PostgreSQL's INTEGER is 32-bit: these columns are BIGINT there (migration 0007)."""
+    _clear(store)
+    run = RunDir("r", Path(RUN), Path("/"))
+    big = Found(
+        f"{RUN}/ckpt-{2**40}", "tf2", 2**40, COMPLETE, None, (), 5 * 2**30, False, 1.0, (1,)
+    )
+    state = store_recording.load_state(store, run)
+    assert store_recording.apply(store, state, diff(Observation(RUN, True, (big,)), state))
+    with store.engine.begin() as conn:
+        assert conn.execute(text("SELECT step, size_bytes FROM checkpoints")).one() == (
+            2**40,
+            5 * 2**30,
+        )
+        conn.execute(text('UPDATE event_files SET "offset" = :o'), {"o": 2**33})

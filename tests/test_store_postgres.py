@@ -69,9 +69,7 @@ def test_a_postgresql_server_that_is_not_there_is_one_line_and_exit_1(tmp_path: 
 
 
 @pytest.mark.pg
-def test_an_unmigrated_postgresql_database_says_to_upgrade(
-    tmp_path: Path, pg_cluster: Any
-) -> None:
+def test_an_unmigrated_postgresql_database_says_to_upgrade(tmp_path: Path, pg_cluster: Any) -> None:
     conf = _config(tmp_path, pg_cluster.new_database())
     result = ckptd("status", config=conf, real=True)
     assert result.returncode == 1
@@ -89,3 +87,27 @@ def test_the_read_only_handle_cannot_write_on_postgresql(pg_cluster: Any) -> Non
     with pytest.raises(StoreError, match="read-only"), session_scope(ro) as s:
         s.execute(text("INSERT INTO pins (checkpoint_id, created_at) VALUES (1, now())"))
     ro.dispose()
+
+
+@pytest.mark.pg
+def test_daemons_starting_together_on_an_empty_postgresql_create_the_schema_once(
+    pg_cluster: Any,
+) -> None:
+    """SQLite's BEGIN IMMEDIATE makes the others wait; on PostgreSQL a transaction lock does."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    url = pg_cluster.new_database()
+    engines = [make_engine(url) for _ in range(4)]
+    start = Barrier(len(engines))
+
+    def ensure(engine: Any) -> tuple[str | None, str | None]:
+        start.wait()
+        return migrate.ensure_schema(engine)
+
+    with ThreadPoolExecutor(len(engines)) as pool:
+        results = list(pool.map(ensure, engines))
+    head = migrate.SCHEMA_HEAD
+    assert sorted(results, key=str) == sorted([(None, head)] + [(head, head)] * 3, key=str)
+    for engine in engines:
+        engine.dispose()

@@ -233,6 +233,7 @@ def database(value: object) -> str:
     text = string(value)
     try:
         urls.check(text)
+        urls.check_driver(text)
     except urls.MissingDriver:
         raise  # says what to install
     except ValueError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, unquote
 
 EXAMPLE = "sqlite:////var/lib/ckptd/ckptd.db"
@@ -72,7 +71,6 @@ def check(url: str) -> None:
         raise ValueError(str(exc)) from None
     parts = _sqlite_parts(url)
     if parts is None:
-        _check_driver(parsed)
         return
     if parts[1]:
         raise ValueError(f"a SQLite URL names a file and no host or user, such as {EXAMPLE}")
@@ -88,11 +86,16 @@ class MissingDriver(ValueError):
 _EXTRAS = {"psycopg": "postgres"}
 
 
-def _check_driver(parsed: Any) -> None:
-    """Import the URL's driver now, so that a missing one is a config error (exit 78) naming
-    what to install, not a traceback when the daemon first connects."""
+def check_driver(url: str) -> None:
+    """Import the driver of a URL :func:`check` accepted, so that a missing one is a config
+    error (exit 78) naming what to install, not a failure when the daemon first connects:
+    :class:`MissingDriver`, or ValueError for a dialect SQLAlchemy does not know."""
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import NoSuchModuleError
 
+    if _sqlite_parts(url) is not None:
+        return  # the standard library's
+    parsed = make_url(url)
     try:
         dialect = parsed.get_dialect()
     except NoSuchModuleError:
