@@ -57,6 +57,7 @@ def test_an_unknown_dialect_is_a_config_error(tmp_path: Path) -> None:
     assert "unknown database dialect" in _one_line(result)
 
 
+@pytest.mark.slow
 @pytest.mark.pg
 def test_a_postgresql_server_that_is_not_there_is_one_line_and_exit_1(tmp_path: Path) -> None:
     pytest.importorskip("psycopg")
@@ -68,6 +69,7 @@ def test_a_postgresql_server_that_is_not_there_is_one_line_and_exit_1(tmp_path: 
         assert "cannot connect to the database" in _one_line(result)
 
 
+@pytest.mark.slow
 @pytest.mark.pg
 def test_an_unmigrated_postgresql_database_says_to_upgrade(tmp_path: Path, pg_cluster: Any) -> None:
     conf = _config(tmp_path, pg_cluster.new_database())
@@ -111,3 +113,50 @@ def test_daemons_starting_together_on_an_empty_postgresql_create_the_schema_once
     assert sorted(results, key=str) == sorted([(None, head)] + [(head, head)] * 3, key=str)
     for engine in engines:
         engine.dispose()
+
+
+def _record_with_the_daemon(tmp_path: Path, url: str, golden: Any) -> list[dict[str, Any]]:
+    """The golden runs backfilled by `ckptd run --once` into ``url``, listed by the CLI."""
+    import json
+
+    root = tmp_path / "runs"
+    for kind in ("tf1", "tf2", "sharded", "keras"):
+        golden.copy(kind, root / kind)
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        f'[daemon]\ndatabase = "{url}"\n\n[[watch]]\npath = "{root}"\nruns = "*"\n'
+        'keras_template = "model.{epoch:02d}-{val_loss:.2f}.keras"\n'
+    )
+    assert ckptd("db", "upgrade", config=conf).returncode == 0
+    result = ckptd("run", "--once", config=conf)
+    assert result.returncode == 0, result.stderr
+    again = ckptd("run", "--once", config=conf)  # nothing new: nothing recorded twice
+    assert again.returncode == 0, again.stderr
+    listed = ckptd("ls", "--json", config=conf)
+    assert listed.returncode == 0, listed.stderr
+    volatile = {"id", "run_id", "recorded_at", "completed_at", "created_at"}
+    rows = [{k: v for k, v in r.items() if k not in volatile} for r in json.loads(listed.stdout)]
+    return sorted(rows, key=lambda r: (r["run"], r["path"]))
+
+
+@pytest.mark.slow
+@pytest.mark.pg
+def test_the_daemon_records_real_checkpoints_into_postgresql_as_into_sqlite(
+    tmp_path: Path, pg_cluster: Any, golden: Any
+) -> None:
+    """Real TensorFlow output (the golden runs) recorded by the daemon into PostgreSQL reads
+    back through the CLI exactly as from SQLite: every checkpoint, step, state and metric."""
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "sqlite").mkdir()
+    on_pg = _record_with_the_daemon(tmp_path / "pg", pg_cluster.new_database(), golden)
+    on_sqlite = _record_with_the_daemon(
+        tmp_path / "sqlite", f"sqlite:///{tmp_path / 'sqlite' / 'ckptd.db'}", golden
+    )
+    moved = [
+        {k: str(v).replace(str(tmp_path / "sqlite"), str(tmp_path / "pg")) for k, v in r.items()}
+        for r in on_sqlite
+    ]
+    assert [{k: str(v) for k, v in r.items()} for r in on_pg] == moved
+    tf_steps = sorted(r["step"] for r in on_pg if r["run"] == "tf2")
+    assert tf_steps == sorted(rec["step"] for rec in golden.saves["tf2"])
+    assert all(r["state"] == "complete" for r in on_pg)
