@@ -1,4 +1,5 @@
-"""Engines and the one session scope: pragmas, BEGIN IMMEDIATE, read-only CLI access."""
+"""Engines and the one session scope: SQLite's pragmas and BEGIN IMMEDIATE, PostgreSQL's
+pooled connections, read-only CLI access on both."""
 
 from __future__ import annotations
 
