@@ -4,7 +4,6 @@ apply agreeing with the pure ``apply_to``, and writers in other processes seen w
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -320,17 +319,27 @@ def test_apply_writes_nothing_when_the_version_moved(store: Store) -> None:
 # ------------------------------------------------------------------ other processes, real files
 
 
-def _recorder(tmp_path: Path, corpus: Corpus) -> tuple[Recorder, RunDir, Path, Path]:
-    db = tmp_path / "ckptd.db"
-    store = Store.open(f"sqlite:///{db}")
+def _recorder(url: str, tmp_path: Path, corpus: Corpus) -> tuple[Recorder, RunDir, Path]:
+    store = Store.open(url)
     migrate.upgrade(store.engine)
     run = corpus.copy("tf1", tmp_path / "runs" / "a")
-    return Recorder(store), RunDir("a", run, tmp_path / "runs"), run, db
+    return Recorder(store), RunDir("a", run, tmp_path / "runs"), run
 
 
-def _states(db: Path) -> dict[int, str]:
-    with sqlite3.connect(db) as conn:
-        return dict(conn.execute("SELECT step, state FROM checkpoints"))
+def _another_process(url: str, *statements: str) -> list[Any]:
+    """Run ``statements`` in one transaction on a handle of its own; the last one's rows."""
+    other = Store.open(url)
+    try:
+        with other.engine.begin() as conn:
+            for sql in statements:
+                result = conn.execute(text(sql))
+            return list(result.all()) if result.returns_rows else []
+    finally:
+        other.close()
+
+
+def _states(url: str) -> dict[int, str]:
+    return dict(_another_process(url, "SELECT step, state FROM checkpoints"))
 
 
 def _age(run: Path) -> None:
@@ -340,12 +349,12 @@ def _age(run: Path) -> None:
 
 
 def test_a_concurrent_writer_makes_the_apply_retry_and_end_right(
-    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, database_url: str, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between the recorder's load and its apply, another process prunes step 10 (marks it,
     deletes its files, bumps the version): the apply writes nothing, the run is loaded and
     observed again, and step 10 ends pruned, not gone."""
-    rec, run_dir, run, db = _recorder(tmp_path, corpus)
+    rec, run_dir, run = _recorder(database_url, tmp_path, corpus)
     assert len(rec.record(run_dir).recorded) == 3
     loads: list[int] = []
     real = store_recording.load_state
@@ -356,11 +365,11 @@ def test_a_concurrent_writer_makes_the_apply_retry_and_end_right(
         if len(loads) == 1:
             for f in run.glob("model.ckpt-10.*"):
                 f.unlink()
-            other = Store.open(f"sqlite:///{db}")  # another process's handle
-            with other.engine.begin() as conn:
-                conn.exec_driver_sql("UPDATE checkpoints SET state = 'pruned' WHERE step = 10")
-                conn.exec_driver_sql("UPDATE runs SET version = version + 1")
-            other.close()
+            _another_process(
+                database_url,
+                "UPDATE checkpoints SET state = 'pruned' WHERE step = 10",
+                "UPDATE runs SET version = version + 1",
+            )
         return state
 
     monkeypatch.setattr(store_recording, "load_state", load_then_prune)
@@ -376,33 +385,39 @@ def test_a_concurrent_writer_makes_the_apply_retry_and_end_right(
     assert loads == [loads[0], loads[0] + 1], "loaded again after the other writer"
     assert applied[:1] == [None], "the stale view was not written"
     assert outcome.gone == [] and outcome.recorded == []
-    assert _states(db) == {10: "pruned", 20: "complete", 30: "complete"}
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM actions WHERE kind = 'gone'").fetchone() == (0,)
+    assert _states(database_url) == {10: "pruned", 20: "complete", 30: "complete"}
+    gone = _another_process(database_url, "SELECT count(*) FROM actions WHERE kind = 'gone'")
+    assert gone == [(0,)]
 
 
-def test_a_write_by_another_process_is_seen_without_restart(tmp_path: Path, corpus: Corpus) -> None:
+def test_a_write_by_another_process_is_seen_without_restart(
+    tmp_path: Path, database_url: str, corpus: Corpus
+) -> None:
     """A prune by another process (files deleted, state pruned, version bumped) is what the
     recorder's next look starts from; and a quick rescan no longer trusts a fingerprint taken
     before another process wrote the run, even though no file changed."""
-    rec, run_dir, run, db = _recorder(tmp_path, corpus)
+    rec, run_dir, run = _recorder(database_url, tmp_path, corpus)
     rec.record(run_dir)
     _age(run)
     rec.record(run_dir)
     assert rec.unchanged([run_dir]) == [True]
-    with sqlite3.connect(db) as conn:  # another writer's stale view of step 20, version bumped
-        conn.execute("UPDATE checkpoints SET state = 'gone' WHERE step = 20")
-        conn.execute("UPDATE runs SET version = version + 1")
+    _another_process(  # another writer's stale view of step 20, version bumped
+        database_url,
+        "UPDATE checkpoints SET state = 'gone' WHERE step = 20",
+        "UPDATE runs SET version = version + 1",
+    )
     assert rec.unchanged([run_dir]) == [False], "its version moved: look again"
     assert rec.record(run_dir).recorded == ["a@20"]  # seen again on disk: recorded anew
     for f in run.glob("model.ckpt-10.*"):  # `ckptd prune` from the CLI
         f.unlink()
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE checkpoints SET state = 'pruned' WHERE step = 10")
-        conn.execute("UPDATE runs SET version = version + 1")
+    _another_process(
+        database_url,
+        "UPDATE checkpoints SET state = 'pruned' WHERE step = 10",
+        "UPDATE runs SET version = version + 1",
+    )
     outcome = rec.record(run_dir)
     assert outcome.gone == [] and outcome.recorded == []
-    assert _states(db) == {10: "pruned", 20: "complete", 30: "complete"}
+    assert _states(database_url) == {10: "pruned", 20: "complete", 30: "complete"}
 
 
 def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
