@@ -160,3 +160,48 @@ def test_the_daemon_records_real_checkpoints_into_postgresql_as_into_sqlite(
     tf_steps = sorted(r["step"] for r in on_pg if r["run"] == "tf2")
     assert tf_steps == sorted(rec["step"] for rec in golden.saves["tf2"])
     assert all(r["state"] == "complete" for r in on_pg)
+
+
+def test_concurrent_exports_of_a_run_get_distinct_versions(database_url: str) -> None:
+    """Each export's version is one more than the highest: two writers reading it at once
+    must not both take the same (SQLite: BEGIN IMMEDIATE; PostgreSQL: the run row's lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import insert
+
+    from ckptd.core.model import COMPLETE, utcnow
+    from ckptd.store import exports, reads
+    from ckptd.store.handle import Store
+    from ckptd.store.tables import CheckpointRow, RunRow
+
+    a, b = Store.open(database_url), Store.open(database_url)
+    migrate.ensure_schema(a.engine)
+    with a.session() as s:
+        run_id = s.execute(
+            insert(RunRow).values(name="r", path="/w/r", watch_path="/w", created_at=utcnow())
+        ).inserted_primary_key[0]
+        cid = s.execute(
+            insert(CheckpointRow).values(
+                run_id=run_id,
+                prefix="/w/r/ckpt-1",
+                step=1,
+                format="tf2",
+                state=COMPLETE,
+                files=[],
+                signature=[],
+                recorded_at=utcnow(),
+            )
+        ).inserted_primary_key[0]
+        (checkpoint,) = reads.checkpoints(s, ids=[cid])
+
+    def export(store: Store) -> int:
+        return exports.begin(
+            store, checkpoint, root="/e/r", on_disk=0, formats="saved_model", metric=None,
+            metric_value=None,
+        )[1]  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(export, [a, b] * 10))
+    assert sorted(versions) == list(range(1, 21))
+    a.close()
+    b.close()
