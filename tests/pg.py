@@ -25,15 +25,14 @@ _SERVER_OPTIONS = (
 
 
 def bindir() -> Path | None:
-    """The newest installed PostgreSQL's binaries, or None."""
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        return Path(on_path).parent
+    """The binaries of the newest PostgreSQL installed (Debian's layout first), or None."""
     found = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
     )
-    return found[-1].parent if found else None
+    on_path = shutil.which("initdb")
+    candidates = [p.parent for p in reversed(found)] + ([Path(on_path).parent] if on_path else [])
+    return next((d for d in candidates if (d / "pg_ctl").exists()), None)
 
 
 def unavailable() -> str | None:
