@@ -115,8 +115,9 @@ def test_daemons_starting_together_on_an_empty_postgresql_create_the_schema_once
         engine.dispose()
 
 
-def _record_with_the_daemon(tmp_path: Path, url: str, golden: Any) -> list[dict[str, Any]]:
-    """The golden runs backfilled by `ckptd run --once` into ``url``, listed by the CLI."""
+def _record_with_the_daemon(tmp_path: Path, url: str, golden: Any) -> list[list[dict[str, Any]]]:
+    """The golden runs backfilled by `ckptd run --once` into ``url`` and listed by the CLI;
+    then pruned to the newest of each run by `ckptd prune`, and listed again."""
     import json
 
     root = tmp_path / "runs"
@@ -132,11 +133,19 @@ def _record_with_the_daemon(tmp_path: Path, url: str, golden: Any) -> list[dict[
     assert result.returncode == 0, result.stderr
     again = ckptd("run", "--once", config=conf)  # nothing new: nothing recorded twice
     assert again.returncode == 0, again.stderr
-    listed = ckptd("ls", "--json", config=conf)
-    assert listed.returncode == 0, listed.stderr
     volatile = {"id", "run_id", "recorded_at", "completed_at", "created_at"}
-    rows = [{k: v for k, v in r.items() if k not in volatile} for r in json.loads(listed.stdout)]
-    return sorted(rows, key=lambda r: (r["run"], r["path"]))
+
+    def listed() -> list[dict[str, Any]]:
+        out = ckptd("ls", "--all", "--json", config=conf)
+        assert out.returncode == 0, out.stderr
+        rows = [{k: v for k, v in r.items() if k not in volatile} for r in json.loads(out.stdout)]
+        return sorted(rows, key=lambda r: (r["run"], r["path"]))
+
+    recorded = listed()
+    conf.write_text(conf.read_text() + '\n[watch.retain]\nkeep_last = 1\nmin_age = "0s"\n')
+    pruned = ckptd("prune", config=conf)
+    assert pruned.returncode == 0, pruned.stderr
+    return [recorded, listed()]
 
 
 @pytest.mark.slow
@@ -144,8 +153,9 @@ def _record_with_the_daemon(tmp_path: Path, url: str, golden: Any) -> list[dict[
 def test_the_daemon_records_real_checkpoints_into_postgresql_as_into_sqlite(
     tmp_path: Path, pg_cluster: Any, golden: Any
 ) -> None:
-    """Real TensorFlow output (the golden runs) recorded by the daemon into PostgreSQL reads
-    back through the CLI exactly as from SQLite: every checkpoint, step, state and metric."""
+    """Real TensorFlow output (the golden runs) recorded by the daemon into PostgreSQL, then
+    pruned, reads back through the CLI exactly as from SQLite: every checkpoint, step, state
+    and metric."""
     (tmp_path / "pg").mkdir()
     (tmp_path / "sqlite").mkdir()
     on_pg = _record_with_the_daemon(tmp_path / "pg", pg_cluster.new_database(), golden)
@@ -153,13 +163,22 @@ def test_the_daemon_records_real_checkpoints_into_postgresql_as_into_sqlite(
         tmp_path / "sqlite", f"sqlite:///{tmp_path / 'sqlite' / 'ckptd.db'}", golden
     )
     moved = [
-        {k: str(v).replace(str(tmp_path / "sqlite"), str(tmp_path / "pg")) for k, v in r.items()}
-        for r in on_sqlite
+        [
+            {
+                k: str(v).replace(str(tmp_path / "sqlite"), str(tmp_path / "pg"))
+                for k, v in r.items()
+            }
+            for r in rows
+        ]
+        for rows in on_sqlite
     ]
-    assert [{k: str(v) for k, v in r.items()} for r in on_pg] == moved
-    tf_steps = sorted(r["step"] for r in on_pg if r["run"] == "tf2")
+    assert [[{k: str(v) for k, v in r.items()} for r in rows] for rows in on_pg] == moved
+    recorded, after_prune = on_pg
+    tf_steps = sorted(r["step"] for r in recorded if r["run"] == "tf2")
     assert tf_steps == sorted(rec["step"] for rec in golden.saves["tf2"])
-    assert all(r["state"] == "complete" for r in on_pg)
+    assert all(r["state"] == "complete" for r in recorded)
+    states = [r["state"] for r in after_prune]
+    assert states.count("complete") == 4 and "pruned" in states  # the newest of each run
 
 
 def test_concurrent_exports_of_a_run_get_distinct_versions(database_url: str) -> None:
