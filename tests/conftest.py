@@ -332,3 +332,36 @@ def _no_thread_leaks() -> Iterator[None]:
     yield
     leaked = leaked_threads(before)
     assert not leaked, f"threads leaked: {leaked}"
+
+
+# ------------------------------------------------------------------ databases: SQLite and PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """One throwaway PostgreSQL cluster for the session (see tests/pg.py)."""
+    from tests import pg
+
+    why = pg.unavailable()
+    if why:
+        pytest.skip(why)
+    cluster = pg.start()
+    yield cluster
+    cluster.stop()
+
+
+def new_database_url(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> str:
+    """An empty database of ``kind``: a file under ``tmp_path``, or a new PostgreSQL database
+    (dropped after the test)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'ckptd.db'}"
+    cluster = request.getfixturevalue("pg_cluster")
+    url = cluster.new_database()
+    request.addfinalizer(lambda: cluster.drop_database(url))
+    return url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store test runs on SQLite and on a real PostgreSQL."""
+    return new_database_url(request, request.param, tmp_path)

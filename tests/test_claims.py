@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import insert
@@ -15,8 +14,8 @@ from ckptd.store.tables import RunRow
 
 
 @pytest.fixture
-def two(tmp_path: Path) -> tuple[Store, Store, int]:
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+def two(database_url: str) -> tuple[Store, Store, int]:
+    url = database_url
     a, b = Store.open(url), Store.open(url)
     migrate.ensure_schema(a.engine)
     with a.session() as s:

@@ -34,9 +34,9 @@ LONG = timedelta(minutes=5)
 
 
 @pytest.fixture
-def two(tmp_path: Path) -> Iterator[tuple[Store, Store, list[int]]]:
-    """Two Stores (as two processes would have) on one SQLite file with 2 runs x 20 pending."""
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+def two(database_url: str) -> Iterator[tuple[Store, Store, list[int]]]:
+    """Two Stores (as two processes would have) on one database with 2 runs x 20 pending."""
+    url = database_url
     a, b = Store.open(url), Store.open(url)
     migrate.ensure_schema(a.engine)
     now = utcnow()
@@ -252,19 +252,21 @@ def test_recovery_leaves_an_export_in_progress_in_a_live_process_alone(
     try:
         assert freezer.recover(cfg.watches) == 0
         assert temp.is_dir()
-        assert query(tmp_path / "c.db", "select status from exports") == [("exporting",)]
+        with a.session() as s:
+            assert s.execute(select(ExportRow.status)).all() == [("exporting",)]
         claims.release(b, run_id, claims.FREEZE)  # b was killed before it could finish
         assert freezer.recover(cfg.watches) == 1
     finally:
         freezer.close()
     assert not temp.exists()
-    ((status, error),) = query(tmp_path / "c.db", "select status, error from exports")
+    with a.session() as s:
+        ((status, error),) = s.execute(select(ExportRow.status, ExportRow.error)).all()
     assert status == "failed" and "interrupted" in error
 
 
 @pytest.mark.slow
 def test_a_long_evaluation_renews_its_claim_so_nobody_takes_it_over(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ckptd.api import evaluate as api_evaluate
     from ckptd.config import parse_config
@@ -275,7 +277,7 @@ def test_a_long_evaluation_renews_its_claim_so_nobody_takes_it_over(
     (watch / "r").mkdir(parents=True)
     prefix = watch / "r" / "ckpt-1"
     Path(f"{prefix}.index").touch()  # a command evaluator does not read it
-    url = f"sqlite:///{tmp_path / 'c.db'}"
+    url = database_url
     a, b = Store.open(url), Store.open(url)
     migrate.ensure_schema(a.engine)
     with a.session() as s:

@@ -4,7 +4,6 @@ apply agreeing with the pure ``apply_to``, and writers in other processes seen w
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import text
 
 from ckptd.api.record import Recorder
 from ckptd.core.incarnations import identity
@@ -244,9 +244,15 @@ def test_many_new_checkpoints_get_one_audit_entry_corrupt_ones_each() -> None:
 # ------------------------------------------------------------------ through a real SQLite store
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('diffdb')}/ckptd.db"
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Store]:
+    """One database per module and kind, cleared by each test (hypothesis runs many examples)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('diffdb')}/ckptd.db"
+    else:
+        url = request.getfixturevalue("pg_cluster").new_database()
     s = Store.open(url)
     migrate.upgrade(s.engine)
     yield s
@@ -276,9 +282,12 @@ def test_the_store_applies_exactly_what_apply_to_says(store: Store, steps_: list
             prefix, to = step
             if prefix in state.checkpoints:
                 with store.engine.begin() as conn:
-                    conn.exec_driver_sql(
-                        "UPDATE checkpoints SET state = ? WHERE prefix = ? AND state != 'replaced'",
-                        (to, prefix),
+                    conn.execute(
+                        text(
+                            "UPDATE checkpoints SET state = :to "
+                            "WHERE prefix = :prefix AND state != 'replaced'"
+                        ),
+                        {"to": to, "prefix": prefix},
                     )
                     conn.exec_driver_sql("UPDATE runs SET version = version + 1")
             continue
@@ -310,17 +319,27 @@ def test_apply_writes_nothing_when_the_version_moved(store: Store) -> None:
 # ------------------------------------------------------------------ other processes, real files
 
 
-def _recorder(tmp_path: Path, corpus: Corpus) -> tuple[Recorder, RunDir, Path, Path]:
-    db = tmp_path / "ckptd.db"
-    store = Store.open(f"sqlite:///{db}")
+def _recorder(url: str, tmp_path: Path, corpus: Corpus) -> tuple[Recorder, RunDir, Path]:
+    store = Store.open(url)
     migrate.upgrade(store.engine)
     run = corpus.copy("tf1", tmp_path / "runs" / "a")
-    return Recorder(store), RunDir("a", run, tmp_path / "runs"), run, db
+    return Recorder(store), RunDir("a", run, tmp_path / "runs"), run
 
 
-def _states(db: Path) -> dict[int, str]:
-    with sqlite3.connect(db) as conn:
-        return dict(conn.execute("SELECT step, state FROM checkpoints"))
+def _another_process(url: str, *statements: str) -> list[Any]:
+    """Run ``statements`` in one transaction on a handle of its own; the last one's rows."""
+    other = Store.open(url)
+    try:
+        with other.engine.begin() as conn:
+            for sql in statements:
+                result = conn.execute(text(sql))
+            return list(result.all()) if result.returns_rows else []
+    finally:
+        other.close()
+
+
+def _states(url: str) -> dict[int, str]:
+    return dict(_another_process(url, "SELECT step, state FROM checkpoints"))
 
 
 def _age(run: Path) -> None:
@@ -330,12 +349,12 @@ def _age(run: Path) -> None:
 
 
 def test_a_concurrent_writer_makes_the_apply_retry_and_end_right(
-    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, database_url: str, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between the recorder's load and its apply, another process prunes step 10 (marks it,
     deletes its files, bumps the version): the apply writes nothing, the run is loaded and
     observed again, and step 10 ends pruned, not gone."""
-    rec, run_dir, run, db = _recorder(tmp_path, corpus)
+    rec, run_dir, run = _recorder(database_url, tmp_path, corpus)
     assert len(rec.record(run_dir).recorded) == 3
     loads: list[int] = []
     real = store_recording.load_state
@@ -346,11 +365,11 @@ def test_a_concurrent_writer_makes_the_apply_retry_and_end_right(
         if len(loads) == 1:
             for f in run.glob("model.ckpt-10.*"):
                 f.unlink()
-            other = Store.open(f"sqlite:///{db}")  # another process's handle
-            with other.engine.begin() as conn:
-                conn.exec_driver_sql("UPDATE checkpoints SET state = 'pruned' WHERE step = 10")
-                conn.exec_driver_sql("UPDATE runs SET version = version + 1")
-            other.close()
+            _another_process(
+                database_url,
+                "UPDATE checkpoints SET state = 'pruned' WHERE step = 10",
+                "UPDATE runs SET version = version + 1",
+            )
         return state
 
     monkeypatch.setattr(store_recording, "load_state", load_then_prune)
@@ -366,33 +385,39 @@ def test_a_concurrent_writer_makes_the_apply_retry_and_end_right(
     assert loads == [loads[0], loads[0] + 1], "loaded again after the other writer"
     assert applied[:1] == [None], "the stale view was not written"
     assert outcome.gone == [] and outcome.recorded == []
-    assert _states(db) == {10: "pruned", 20: "complete", 30: "complete"}
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM actions WHERE kind = 'gone'").fetchone() == (0,)
+    assert _states(database_url) == {10: "pruned", 20: "complete", 30: "complete"}
+    gone = _another_process(database_url, "SELECT count(*) FROM actions WHERE kind = 'gone'")
+    assert gone == [(0,)]
 
 
-def test_a_write_by_another_process_is_seen_without_restart(tmp_path: Path, corpus: Corpus) -> None:
+def test_a_write_by_another_process_is_seen_without_restart(
+    tmp_path: Path, database_url: str, corpus: Corpus
+) -> None:
     """A prune by another process (files deleted, state pruned, version bumped) is what the
     recorder's next look starts from; and a quick rescan no longer trusts a fingerprint taken
     before another process wrote the run, even though no file changed."""
-    rec, run_dir, run, db = _recorder(tmp_path, corpus)
+    rec, run_dir, run = _recorder(database_url, tmp_path, corpus)
     rec.record(run_dir)
     _age(run)
     rec.record(run_dir)
     assert rec.unchanged([run_dir]) == [True]
-    with sqlite3.connect(db) as conn:  # another writer's stale view of step 20, version bumped
-        conn.execute("UPDATE checkpoints SET state = 'gone' WHERE step = 20")
-        conn.execute("UPDATE runs SET version = version + 1")
+    _another_process(  # another writer's stale view of step 20, version bumped
+        database_url,
+        "UPDATE checkpoints SET state = 'gone' WHERE step = 20",
+        "UPDATE runs SET version = version + 1",
+    )
     assert rec.unchanged([run_dir]) == [False], "its version moved: look again"
     assert rec.record(run_dir).recorded == ["a@20"]  # seen again on disk: recorded anew
     for f in run.glob("model.ckpt-10.*"):  # `ckptd prune` from the CLI
         f.unlink()
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE checkpoints SET state = 'pruned' WHERE step = 10")
-        conn.execute("UPDATE runs SET version = version + 1")
+    _another_process(
+        database_url,
+        "UPDATE checkpoints SET state = 'pruned' WHERE step = 10",
+        "UPDATE runs SET version = version + 1",
+    )
     outcome = rec.record(run_dir)
     assert outcome.gone == [] and outcome.recorded == []
-    assert _states(db) == {10: "pruned", 20: "complete", 30: "complete"}
+    assert _states(database_url) == {10: "pruned", 20: "complete", 30: "complete"}
 
 
 def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
@@ -404,9 +429,12 @@ def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
     ids = store_recording.apply(store, state, diff(Observation(RUN, True, (first,)), state))
     assert ids is not None
     with store.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO evaluations (checkpoint_id, status, attempts) VALUES (?, 'pending', 0)",
-            (ids[first.prefix],),
+        conn.execute(
+            text(
+                "INSERT INTO evaluations (checkpoint_id, status, attempts) "
+                "VALUES (:id, 'pending', 0)"
+            ),
+            {"id": ids[first.prefix]},
         )
     again = replace(first, signature=(1, 20))
     state = store_recording.load_state(store, run)
@@ -417,3 +445,20 @@ def test_a_replaced_version_leaves_the_evaluation_queue(store: Store) -> None:
         assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar() == 0
         rows = conn.exec_driver_sql("SELECT state FROM checkpoints ORDER BY id").all()
     assert [r[0] for r in rows] == ["replaced", "complete"]
+
+
+def test_steps_sizes_and_offsets_past_32_bits_are_stored(store: Store) -> None:
+    """PostgreSQL's INTEGER is 32-bit: these columns are BIGINT there (migration 0007)."""
+    _clear(store)
+    run = RunDir("r", Path(RUN), Path("/"))
+    big = Found(
+        f"{RUN}/ckpt-{2**40}", "tf2", 2**40, COMPLETE, None, (), 5 * 2**30, False, 1.0, (1,)
+    )
+    state = store_recording.load_state(store, run)
+    assert store_recording.apply(store, state, diff(Observation(RUN, True, (big,)), state))
+    with store.engine.begin() as conn:
+        assert conn.execute(text("SELECT step, size_bytes FROM checkpoints")).one() == (
+            2**40,
+            5 * 2**30,
+        )
+        conn.execute(text('UPDATE event_files SET "offset" = :o'), {"o": 2**33})

@@ -16,14 +16,14 @@ from sqlalchemy import text
 from ckptd.store import migrate
 from ckptd.store.db import StoreError, make_engine, session_scope
 from ckptd.store.tables import Base
-from tests.conftest import ENV, REPO
+from tests.conftest import ENV, REPO, new_database_url
 
 
-def test_migrations_match_the_orm(tmp_path: Path) -> None:
+def test_migrations_match_the_orm(database_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
+    engine = make_engine(database_url)
     before, after = migrate.upgrade(engine)
     assert before is None and after == migrate.head_revision(engine)
     with engine.connect() as conn:
@@ -34,8 +34,11 @@ def test_migrations_match_the_orm(tmp_path: Path) -> None:
     assert migrate.upgrade(engine) == (after, after)
 
 
-def _schema(engine: Any) -> list[tuple[str, str, list[str]]]:
-    """Every table and index as SQLite stores it: its columns and constraints, in any order."""
+def _schema(engine: Any) -> list[Any]:
+    """Every table and index as SQLite stores it: its columns and constraints, in any order;
+    on PostgreSQL, as its catalog describes them."""
+    if engine.dialect.name != "sqlite":
+        return _catalog(engine)
     with engine.connect() as conn:
         rows = conn.execute(
             text("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
@@ -57,28 +60,62 @@ def _schema(engine: Any) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def test_start_up_schema_fast_path_builds_what_the_migrations_build(tmp_path: Path) -> None:
+def _catalog(engine: Any) -> list[Any]:
+    """Every table's columns, keys, constraints and indexes, as the database's catalog has
+    them (names and all)."""
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        insp = inspect(conn)
+        out: list[Any] = []
+        for table in sorted(insp.get_table_names()):
+            out.append(
+                (
+                    table,
+                    [
+                        (c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                        for c in insp.get_columns(table)
+                    ],
+                    insp.get_pk_constraint(table),
+                    sorted(map(repr, insp.get_foreign_keys(table))),
+                    sorted(map(repr, insp.get_unique_constraints(table))),
+                    sorted(map(repr, insp.get_indexes(table))),
+                )
+            )
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def test_start_up_schema_fast_path_builds_what_the_migrations_build(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    migrated = make_engine(f"sqlite:///{tmp_path}/migrated.db")
+    def database(name: str) -> Any:
+        (tmp_path / name).mkdir()
+        return make_engine(new_database_url(request, kind, tmp_path / name))
+
+    migrated = database("migrated")
     migrate.upgrade(migrated)
-    created = make_engine(f"sqlite:///{tmp_path}/created.db")
+    created = database("created")
     assert migrate.ensure_schema(created) == (None, migrate.SCHEMA_HEAD)
     assert migrate.head_revision(created) == migrate.SCHEMA_HEAD
     assert migrate.current_revision(created) == migrate.SCHEMA_HEAD
     with created.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     # Same tables, columns, constraints and indexes, clause by clause as SQLite keeps them.
-    assert {n for _t, n, _s in _schema(created)} == {n for _t, n, _s in _schema(migrated)}
+    assert [r[:2] for r in _schema(created)] == [r[:2] for r in _schema(migrated)]
     assert _schema(created) == _schema(migrated)
     # Current: nothing to do (and Alembic agrees); an older revision goes through Alembic.
     assert migrate.ensure_schema(created) == (migrate.SCHEMA_HEAD,) * 2
     assert migrate.upgrade(created) == (migrate.SCHEMA_HEAD,) * 2
-    old = make_engine(f"sqlite:///{tmp_path}/old.db")
+    old = database("old")
     migrate.upgrade(old, "0001")
     assert migrate.ensure_schema(old) == ("0001", migrate.SCHEMA_HEAD)
     assert _schema(old) == _schema(migrated)
+    for engine in (migrated, created, old):
+        engine.dispose()
 
 
 def test_sqlite_pragmas_and_readonly(tmp_path: Path) -> None:

@@ -105,3 +105,13 @@ def test_cold_start_reads_the_url_without_sqlalchemy() -> None:
     )
     result = subprocess.run([PY, "-c", probe], capture_output=True, text=True, env=ENV, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+def test_check_driver_names_what_to_install() -> None:
+    urls.check_driver("sqlite:////x/y.db")
+    with pytest.raises(urls.MissingDriver, match="install pymysql"):
+        urls.check_driver("mysql+pymysql://u@h:3306/d")  # not installed here
+    with pytest.raises(ValueError, match="unknown database dialect"):
+        urls.check_driver("nosuchdb://h/d")
+    pytest.importorskip("psycopg")
+    urls.check_driver("postgresql+psycopg://u@h/d")

@@ -233,6 +233,9 @@ def database(value: object) -> str:
     text = string(value)
     try:
         urls.check(text)
+        urls.check_driver(text)
+    except urls.MissingDriver:
+        raise  # says what to install
     except ValueError as exc:
         why = f" ({exc})" if str(exc) else ""
         raise ValueError(

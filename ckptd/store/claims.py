@@ -42,9 +42,10 @@ def claim(store: Store, run_id: int, job: str, *, ttl: timedelta = DEFAULT_TTL) 
         index_elements=["run_id", "job"],
         set_={"claimed_by": stmt.excluded.claimed_by, "claimed_until": stmt.excluded.claimed_until},
         where=or_(table.c.claimed_by == store.holder, table.c.claimed_until < now),
-    )
+    ).returning(table.c.run_id)
     with store.session() as session:
-        return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        # RETURNING: SQLAlchemy keeps no INSERT's rowcount (psycopg then reports -1).
+        return session.execute(stmt).first() is not None
 
 
 def renew(store: Store, run_id: int, job: str, *, ttl: timedelta = DEFAULT_TTL) -> bool:

@@ -1,7 +1,9 @@
-"""Engines and the one session scope: pragmas, BEGIN IMMEDIATE, read-only CLI access."""
+"""Engines and the one session scope: SQLite's pragmas and BEGIN IMMEDIATE, PostgreSQL's
+pooled connections, read-only CLI access on both."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,10 @@ from ckptd.core.errors import StoreError
 from ckptd.store.urls import redacted, sqlite_path
 
 BUSY_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT_S = 10
+# PostgreSQL's (psycopg's) wording of a server that cannot be reached, and of a missing table.
+_CONNECT_FAILED = re.compile(r"connection .*failed|could not connect|connection is bad")
+_NO_RELATION = re.compile(r'relation "[^"]*" does not exist')
 
 
 def make_engine(
@@ -47,7 +53,7 @@ def make_engine(
 def _make_engine(url: str, *, readonly: bool, wal_autocheckpoint: bool, recreate: bool) -> Engine:
     path = sqlite_path(url)
     if path is None:
-        return create_engine(url, future=True)
+        return _server_engine(url, readonly=readonly)
     if readonly:
         if not path.exists():
             raise StoreError(
@@ -86,6 +92,22 @@ def _make_engine(url: str, *, readonly: bool, wal_autocheckpoint: bool, recreate
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
+    return engine
+
+
+def _server_engine(url: str, *, readonly: bool) -> Engine:
+    """A database server (PostgreSQL): each transaction is a plain BEGIN (READ COMMITTED; the
+    store's writes are conditional, so they stay right under it). Pooled connections are
+    checked before use, so a restarted server costs a reconnect, not an error; a server that
+    does not answer fails the connect after ``CONNECT_TIMEOUT_S`` instead of hanging."""
+    from sqlalchemy.engine import make_url
+
+    connect_args: dict[str, Any] = {}
+    if make_url(url).get_backend_name() == "postgresql" and "connect_timeout" not in url:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    engine = create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
+    if readonly and engine.dialect.name == "postgresql":  # the CLI's reads: never a write
+        engine = engine.execution_options(postgresql_readonly=True)
     return engine
 
 
@@ -129,7 +151,12 @@ def store_error(exc: SQLAlchemyError | sqlite3.Error) -> StoreError:
             f"database is locked by another process ({msg}); retry, or check "
             "for a long-running reader"
         )
-    if "no such table" in msg:
+    if operational and _CONNECT_FAILED.search(msg):
+        return StoreError(
+            f"cannot connect to the database ({msg}): check the URL, and that the server is "
+            "running and lets this user in"
+        )
+    if "no such table" in msg or _NO_RELATION.search(msg):  # SQLite, PostgreSQL
         return StoreError(f"database schema is missing ({msg}): run `ckptd db upgrade`")
     if "not a database" in msg or "malformed" in msg:
         return StoreError(

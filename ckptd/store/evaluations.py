@@ -106,6 +106,7 @@ def enqueue(
         _dialect_insert(store.dialect)(_e)
         .from_select(["checkpoint_id", "status", "attempts"], rows)
         .on_conflict_do_nothing(index_elements=["checkpoint_id"])
+        .execution_options(preserve_rowcount=True)  # an INSERT's is dropped otherwise (psycopg)
     )
     with store.session() as s:
         return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]

@@ -142,6 +142,9 @@ def begin(
     ``on_disk``, the highest numeric directory there; its attempt, one more than the
     checkpoint's previous export if that failed. Returns (export id, version, attempt)."""
     with store.session() as s:
+        if store.dialect == "postgresql":  # (SQLite: BEGIN IMMEDIATE serialises writers)
+            # Two exports of the run read the highest version one after the other.
+            s.execute(select(_r.c.id).where(_r.c.id == c.run_id).with_for_update())
         latest = s.scalar(
             select(func.max(_x.c.version)).where(_in_root(root), _x.c.status != FAILED)
         )

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions. A test checks it equals Alembic's head, so the
 # daemon can tell "schema is current" with one SELECT instead of importing Alembic (slow).
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 
 _version_table = Table(
     "alembic_version",
@@ -117,18 +117,31 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
     return before, current_revision(engine)
 
 
+# Held (for its transaction) by whoever creates or migrates the schema on PostgreSQL, so that
+# daemons starting together on an empty database create it once; SQLite's BEGIN IMMEDIATE
+# serialises them already.
+_SCHEMA_LOCK = 0x636B707464  # "ckptd"
+
+
+def _lock_schema(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+
+
 @contextmanager
 def migrating(engine: Engine) -> Iterator[Connection]:
     """A transaction to migrate in. On SQLite with foreign keys off: a batch migration copies a
     table and drops the old one, and with them on, the DROP would cascade to every row that
     references it (metrics, evaluations, pins …). They are checked before the commit instead,
-    and turned back on (the pragma only takes effect outside a transaction)."""
+    and turned back on (the pragma only takes effect outside a transaction). On PostgreSQL,
+    whose ALTERs keep the rows in place, only the schema lock is taken."""
     with engine.connect() as conn:
         raw = conn.connection.dbapi_connection if engine.dialect.name == "sqlite" else None
         if raw is not None:
             raw.execute("PRAGMA foreign_keys = OFF")
         try:
             with conn.begin():
+                _lock_schema(conn)
                 yield conn
                 if raw is not None and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
                     raise StoreError("a migration left rows referencing missing ones; not applied")
@@ -153,6 +166,7 @@ def ensure_schema(engine: Engine) -> tuple[str | None, str | None]:
     from ckptd.store.tables import Base
 
     with engine.begin() as conn:  # BEGIN IMMEDIATE: one process creates, the others wait
+        _lock_schema(conn)
         tables = set(inspect(conn).get_table_names())
         if "alembic_version" in tables:
             current = conn.execute(select(_version_table.c.version_num)).scalar()

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Text, and_, cast, func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from ckptd.core.errors import NotFound
@@ -24,6 +24,7 @@ from ckptd.store.tables import (
     ExportRow,
     MetricRow,
     PinRow,
+    json_text,
     table_of,
 )
 
@@ -50,7 +51,7 @@ CHECKPOINT_COLUMNS = (
     _c.state,
     _c.reason,
     _c.size_bytes,
-    cast(_c.files, Text),
+    json_text(_c.files),
     _c.has_meta,
     _c.created_at,
     _c.completed_at,

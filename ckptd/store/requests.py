@@ -121,7 +121,10 @@ def claim_next(store: Store, *, ttl: timedelta) -> Claimed | None:
                 )
             )
         )
-        ids = s.scalars(select(_q.c.id).where(claimable).order_by(_q.c.id).limit(10)).all()
+        # PostgreSQL: rows another claimer has locked are skipped, not waited for (SQLite
+        # renders no FOR UPDATE: its writers are serialised by BEGIN IMMEDIATE).
+        pick = select(_q.c.id).where(claimable).order_by(_q.c.id).limit(10)
+        ids = s.scalars(pick.with_for_update(skip_locked=True)).all()
         for request_id in ids:
             taken = s.execute(
                 update(_q)

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from json import loads
 
-from sqlalchemy import String, bindparam, select, type_coerce
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import utcnow
 from ckptd.core.recording import EventFile, Known, RunDir, RunState
 from ckptd.store import audit
 from ckptd.store.handle import Store
-from ckptd.store.tables import LIVE, CheckpointRow, EventFileRow, RunRow, table_of
+from ckptd.store.tables import LIVE, CheckpointRow, EventFileRow, RunRow, json_text, table_of
 from ckptd.store.upsert import insert_many
 
 _CHUNK = 500  # ids or paths per IN (...): SQLite is slow with long lists
@@ -117,12 +117,12 @@ _LOAD_RUNS = (
         _runs.c.version,
         _runs.c.present,
         _runs.c.scanned_at.is_not(None),
-        type_coerce(_runs.c.incarnation_starts, String),
+        json_text(_runs.c.incarnation_starts),
         _ckpts.c.id,
         _ckpts.c.prefix,
         _ckpts.c.state,
         _ckpts.c.step,
-        type_coerce(_ckpts.c.signature, String),  # raw JSON: decoded here, without a wrapper
+        json_text(_ckpts.c.signature),  # decoded here, without a wrapper
         _ckpts.c.format,
         _ckpts.c.incarnation,
     )

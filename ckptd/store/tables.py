@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -20,7 +21,9 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.functions import FunctionElement
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -30,8 +33,30 @@ NAMING = {
 }
 
 
+# Steps, sizes and offsets are 64-bit (a step or a file past 2**31 is ordinary): BIGINT on
+# PostgreSQL, INTEGER on SQLite (already 64-bit; a different name would be a schema change).
+Int64 = BigInteger().with_variant(Integer(), "sqlite")
+
 # The rows that are not history: what a prefix names (see ux_checkpoints_live_prefix).
 LIVE = text("state != 'replaced'")
+
+
+class json_text(FunctionElement[str]):
+    """A JSON column read as its text, so that many rows decode in one ``json.loads``: SQLite
+    stores the text itself; PostgreSQL's driver would decode a ``json`` value row by row."""
+
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(json_text)
+def _json_text(element: json_text, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(json_text, "postgresql")
+def _json_text_pg(element: json_text, compiler: Any, **kw: Any) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS TEXT)"
 
 
 class Base(DeclarativeBase):
@@ -73,11 +98,11 @@ class CheckpointRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     prefix: Mapped[str] = mapped_column(String(4096))
-    step: Mapped[int | None] = mapped_column(Integer)
+    step: Mapped[int | None] = mapped_column(Int64)
     format: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(Int64, default=0)
     files: Mapped[list[str]] = mapped_column(JSON, default=list)
     has_meta: Mapped[bool] = mapped_column(Boolean, default=False)
     signature: Mapped[list[int]] = mapped_column(JSON, default=list)
@@ -99,7 +124,7 @@ class MetricRow(Base):
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(512))
     value: Mapped[float | None] = mapped_column(Float)
-    step: Mapped[int | None] = mapped_column(Integer)
+    step: Mapped[int | None] = mapped_column(Int64)
     source: Mapped[str] = mapped_column(String(32))  # tfevents | evaluator | filename
     recorded_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -110,7 +135,7 @@ class ScalarRow(Base):
     __tablename__ = "scalars"
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(String(512), primary_key=True)
-    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(Int64, primary_key=True)
     value: Mapped[float | None] = mapped_column(Float)
     wall_time: Mapped[float] = mapped_column(Float)
     # When the event file that logged it was created: decides its incarnation (migration 0004).
@@ -122,7 +147,7 @@ class EventFileRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     path: Mapped[str] = mapped_column(String(4096), unique=True)
-    offset: Mapped[int] = mapped_column(Integer, default=0)
+    offset: Mapped[int] = mapped_column(Int64, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -151,14 +176,14 @@ class ExportRow(Base):
     format: Mapped[str] = mapped_column(String(32))
     # The serving version (its directory's name): higher than every earlier one of its export
     # root, so TF Serving serves the newest publish (migration 0005; before it, the step).
-    version: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Int64)
     path: Mapped[str] = mapped_column(String(4096))
     status: Mapped[str] = mapped_column(String(16))  # exporting | published | failed | removed
     verified: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     removed_at: Mapped[datetime | None] = mapped_column(DateTime)
-    step: Mapped[int | None] = mapped_column(Integer)  # of the checkpoint exported
+    step: Mapped[int | None] = mapped_column(Int64)  # of the checkpoint exported
     metric: Mapped[str | None] = mapped_column(String(512))  # [watch.best] metric, and its
     metric_value: Mapped[float | None] = mapped_column(Float)  # value at export time
     attempt: Mapped[int | None] = mapped_column(Integer)  # of this checkpoint's export

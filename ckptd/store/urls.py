@@ -78,6 +78,39 @@ def check(url: str) -> None:
         raise ValueError("an in-memory database is lost at exit and the CLI cannot see it")
 
 
+class MissingDriver(ValueError):
+    """The URL is fine, but the database driver it names is not installed."""
+
+
+# The extra that installs each driver ckptd documents.
+_EXTRAS = {"psycopg": "postgres"}
+
+
+def check_driver(url: str) -> None:
+    """Import the driver of a URL :func:`check` accepted, so that a missing one is a config
+    error (exit 78) naming what to install, not a failure when the daemon first connects:
+    :class:`MissingDriver`, or ValueError for a dialect SQLAlchemy does not know."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import NoSuchModuleError
+
+    if _sqlite_parts(url) is not None:
+        return  # the standard library's
+    parsed = make_url(url)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"unknown database dialect {parsed.drivername!r}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        extra = _EXTRAS.get(parsed.get_driver_name())
+        how = f"pip install 'ckptd[{extra}]'" if extra else f"install {parsed.get_driver_name()}"
+        raise MissingDriver(
+            f"the database driver {parsed.get_driver_name()!r} for {parsed.drivername} is not "
+            f"installed ({exc}): {how}"
+        ) from None
+
+
 def redacted(url: str) -> str:
     """The URL as it may be shown or logged: its password replaced by ``***``."""
     from sqlalchemy.engine import make_url
