@@ -855,8 +855,14 @@ def test_inotify_limit_exhausted_nothing_missed(
         env={"CKPTD_TEST_INOTIFY": mode, "CKPTD_TEST_ROOT": str(root)},
     )
     wait_for(lambda: d.registered(db), timeout=60)
-    status = _wait_alive(conf, d)
-    (watch,) = status["daemon"]["watches"]
+    _wait_alive(conf, d)
+
+    def observed() -> dict[str, Any] | None:
+        # Until the first heartbeat a starting daemon lists its watch paths as plain strings.
+        watches = _status(conf)["daemon"]["watches"]
+        return watches[0] if watches and isinstance(watches[0], dict) else None
+
+    watch = wait_for(observed, timeout=60, interval=0.5)
     if mode == "all":
         assert "falling back to polling" in d.log()
         assert watch["observer"] == "polling" and watch["alive"]

@@ -85,6 +85,7 @@ def cli(ctx: click.Context, config_arg: str | None) -> None:
       ckptd demo                             # a real training job, watched, in a temp dir
     """
     ctx.obj = CliContext(config_arg)
+    ctx.call_on_close(ctx.obj.close_writable)
 
 
 def _not_utf8(args: list[str]) -> str | None:

@@ -46,6 +46,14 @@ class CliContext:
             self._stores[readonly] = Store.open(self.config().daemon.database, readonly=readonly)
         return self._stores[readonly]
 
+    def close_writable(self) -> None:
+        """Close the read-write store a command opened: its connections go and SQLite folds
+        the WAL into the database file now, not whenever the process exits (a caller that
+        moves the file next, or runs another command in the same process, sees it whole)."""
+        writable = self._stores.pop(False, None)
+        if writable is not None:
+            writable.close()
+
     def watch_for(self, watch_path: str) -> WatchConfig | None:
         from ckptd.api.targets import watch_of
 
