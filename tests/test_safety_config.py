@@ -239,13 +239,15 @@ def test_missing_names_and_unusable_databases_are_one_line_exit_1(
 ) -> None:
     for args in (["show", "a@9223372036854775807"], ["ls", "nope"], ["events", "--run", "x"]):
         assert _one_line(ckptd(*args, config=database), 1).startswith("ckptd: no ")
-    for url, expected in [
-        ("sqlite:////proc/nope/x.db", "cannot create the database directory"),
-        ("postgresql+nodriver://u@h/db", "cannot use database"),
+    # A database that cannot be used is a failure (1); a URL naming a driver that does not
+    # exist is a config error (78), found when the config is read.
+    for url, code, expected in [
+        ("sqlite:////proc/nope/x.db", 1, "cannot create the database directory"),
+        ("postgresql+nodriver://u@h/db", 78, "unknown database dialect 'postgresql+nodriver'"),
     ]:
         conf = tmp_path / "other.toml"
         conf.write_text(f'[daemon]\ndatabase = "{url}"\n')
-        assert expected in _one_line(ckptd("db", "upgrade", config=conf), 1)
+        assert expected in _one_line(ckptd("db", "upgrade", config=conf), code)
 
 
 def test_overlap_is_found_whichever_watch_comes_first() -> None:
