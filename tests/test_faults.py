@@ -858,9 +858,9 @@ def test_inotify_limit_exhausted_nothing_missed(
     _wait_alive(conf, d)
 
     def observed() -> dict[str, Any] | None:
-        # Until the first heartbeat a starting daemon lists its watch paths as plain strings.
+        # Until the first heartbeat a starting daemon lists its watches as "starting".
         watches = _status(conf)["daemon"]["watches"]
-        return watches[0] if watches and isinstance(watches[0], dict) else None
+        return watches[0] if watches and watches[0]["observer"] != "starting" else None
 
     watch = wait_for(observed, timeout=60, interval=0.5)
     if mode == "all":
@@ -924,7 +924,8 @@ def test_watched_directories_deleted_and_recreated(
         ("c", 1),
         ("d", 1),
     ]
-    assert _wait_alive(conf, d)["daemon"]["watches"][0]["alive"]
+    _wait_alive(conf, d)
+    wait_for(lambda: _status(conf)["daemon"]["watches"][0]["alive"], timeout=60, interval=0.5)
     assert d.stop() == 0
     involved = query(db, "select count(*) from checkpoints")[0][0]
     _report("watched_dirs_deleted", faults=2, checkpoints=involved, lost=_lost(db, saves))

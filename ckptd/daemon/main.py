@@ -123,7 +123,11 @@ class Daemon:
                     status={
                         "state": "starting",
                         "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
-                        "watches": [str(w.path) for w in self.config.watches],
+                        # The shape of WatchSet.describe(), before any observer exists.
+                        "watches": [
+                            {"path": str(w.path), "observer": "starting", "alive": False}
+                            for w in self.config.watches
+                        ],
                     },
                 )
             except daemons.AlreadyRunning as exc:
