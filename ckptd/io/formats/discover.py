@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,15 +158,8 @@ class _Walk:
         subdirs: list[str] = []
         events = self.out.event_files
         with os.scandir(dir_fd) as it:
-            for entry in it:
+            for entry in self._usable(it, ""):
                 name = entry.name
-                # (substring tests first: this loop sees every file of every run at backfill;
-                # an event file's host name may hold "tmp")
-                if ("tmp" in name or "temp" in name) and _skipped_temp(name):
-                    continue
-                if not name.isascii() and not is_utf8(name):
-                    self._unsupported("", name)
-                    continue
                 if name.endswith(".index"):
                     groups.setdefault(name[:-6], Group()).index = entry
                 elif name.endswith(".meta"):
@@ -227,13 +221,8 @@ class _Walk:
         index_names: list[str] = []
         saved_model = False
         with os.scandir(dir_fd) as it:
-            for entry in it:
+            for entry in self._usable(it, rel):
                 name = entry.name
-                if ("tmp" in name or "temp" in name) and _skipped_temp(name):
-                    continue
-                if not name.isascii() and not is_utf8(name):
-                    self._unsupported(rel, name)
-                    continue
                 if name.endswith(".index"):
                     index_names.append(name)
                 elif name == _SAVED_MODEL:
@@ -279,6 +268,20 @@ class _Walk:
             )
             if f is not None:
                 self.out.checkpoints.append(f)
+
+    def _usable(self, entries: Iterator[os.DirEntry[str]], rel: str) -> Iterator[os.DirEntry[str]]:
+        """The entries of a listing that may be the run's files: not a temporary name of a save
+        in progress, and text (a non-UTF-8 checkpoint-like name is reported instead)."""
+        for entry in entries:
+            name = entry.name
+            # (substring tests first: this sees every file of every run at backfill; an event
+            # file's host name may hold "tmp")
+            if ("tmp" in name or "temp" in name) and _skipped_temp(name):
+                continue
+            if not name.isascii() and not is_utf8(name):
+                self._unsupported(rel, name)
+                continue
+            yield entry
 
     def _unsupported(self, rel: str, name: str) -> None:
         # The database (and users' terminals) need text; such a file is reported, never
