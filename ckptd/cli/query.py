@@ -77,6 +77,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
             for a in st.problems
         ],
         "warnings": [dataclasses.asdict(w) for w in st.warnings],
+        "other_daemons": [daemon_json(o) for o in st.other_daemons],
     }
     if as_json:
         print_json(data)
@@ -84,6 +85,8 @@ def status(ctx: CliContext, as_json: bool) -> None:
     # click, not rich: plain text into a pipe, colours on a terminal, and nothing to import.
     echo = click.echo
     _echo_daemon(d)
+    for other in st.other_daemons:
+        _echo_daemon(other)
     total = sum(st.counts.values())
     echo(
         f"checkpoints: {total} — "
@@ -142,6 +145,8 @@ def _echo_daemon(d: DaemonStatus | None) -> None:
             f"daemon: {style('alive', fg='green')} — pid {d.pid} on {d.host}, since "
             f"{iso(d.started_at)}, last heartbeat {iso(d.heartbeat_at)}"
         )
+        leases = f", lease expires {iso(d.lease_expires_at)}" if d.lease_expires_at else ""
+        echo(f"  name {d.name}, holds {d.runs_held} run(s){leases}")
         health = style("healthy", fg="green") if d.healthy else style("unhealthy", fg="red")
         now = time.time()
         ago = ", ".join(f"{k} {now - float(v):.0f}s ago" for k, v in sorted((d.jobs or {}).items()))

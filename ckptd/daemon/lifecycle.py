@@ -62,6 +62,7 @@ class Supervisor:
         """Everything before READY=1 (in the start-up thread)."""
         d = self.daemon
         d.prepare()
+        d.leases.start()
         if d.config.daemon.metrics_address:
             try:
                 metrics.serve(d.config.daemon.metrics_address)

@@ -176,6 +176,18 @@ class RunClaimRow(Base):
     claimed_until: Mapped[datetime] = mapped_column(DateTime)
 
 
+class RunLeaseRow(Base):
+    """Which daemon acts on a run: ``owner`` until ``expires_at`` (the database's clock), with
+    an ``epoch`` that grows at every change of holder; writes for the run check it (fencing)."""
+
+    __tablename__ = "run_leases"
+    __table_args__ = (Index("ix_run_leases_owner", "owner"),)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    epoch: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class RequestRow(Base):
     """Work the CLI hands to a running daemon (``ckptd evaluate``/``freeze``), claimed by it."""
 
@@ -228,6 +240,7 @@ class DaemonRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str | None] = mapped_column(String(255))  # NULL: started before 0007
     version: Mapped[str] = mapped_column(String(32))
     config: Mapped[str] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(DateTime)
