@@ -43,7 +43,7 @@ class Leases(Protocol):
 
     def hold(self, run_id: int) -> Hold | None: ...
 
-    def lost(self, run_id: int, what: str) -> None: ...
+    def lost(self, hold: Hold, what: str) -> None: ...
 
 
 class Contended(RuntimeError):
@@ -162,8 +162,8 @@ class Recorder:
                         {} if changes.empty else recording.apply(self.store, state, changes, hold)
                     )
                 except Fenced:
-                    assert self.leases is not None
-                    self.leases.lost(state.run_id, "recording")
+                    assert self.leases is not None and hold is not None
+                    self.leases.lost(hold, "recording")
                     return Outcome(run.name)
                 if new_ids is not None:
                     version = state.version + (not changes.empty)

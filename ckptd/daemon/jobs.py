@@ -76,7 +76,9 @@ class Jobs:
         store = self.daemon.store
         runs = self.held_runs(watch)
         # The prune honours [watch.retain] dry_run = true: then this only logs the plan.
-        results = api_prune.prune(store, [(run, watch) for run in runs])
+        results = api_prune.prune(
+            store, [(run, watch) for run in runs], holds=self.daemon.leases.current
+        )
         metrics.pruned(sum(len(r.pruned) for r in results), sum(r.bytes_freed for r in results))
         for result in results:
             self.daemon.progress.tick()  # one run done

@@ -70,6 +70,13 @@ class LeaseKeeper:
             epoch = self._held.get(run_id)
         return None if epoch is None else Hold(run_id, self.owner, epoch)
 
+    def current(self, run_id: int) -> Hold | None:
+        """The lease this daemon holds on ``run_id`` now, without claiming it."""
+        with self._lock:
+            if self._fresh() and run_id in self._held:
+                return Hold(run_id, self.owner, self._held[run_id])
+        return None
+
     def holds(self, run_id: int) -> bool:
         """Whether this daemon may act on ``run_id`` now (prune, export, evaluate)."""
         with self._lock:
@@ -97,10 +104,12 @@ class LeaseKeeper:
         if new:
             log.info("holding the leases of %d run(s) more (%d in all)", len(new), len(self._held))
 
-    def lost(self, run_id: int, what: str) -> None:
-        """A write for ``run_id`` was fenced: another daemon holds it now."""
+    def lost(self, hold: Hold, what: str) -> None:
+        """A write under ``hold`` was fenced: another daemon holds its run now."""
+        run_id, epoch = hold.run_id, hold.epoch
         with self._lock:
-            epoch = self._held.pop(run_id, None)
+            if self._held.get(run_id) == epoch:
+                del self._held[run_id]
         log.warning(
             "fenced: %s of run %d refused, its lease (epoch %s) is held by another daemon now",
             what,
