@@ -114,6 +114,8 @@ def test_one_holder_records_and_a_killed_holders_runs_are_taken_over(
     name = _new_keras(root, 51)
     wait_for(lambda: ("keras", str(root / "keras" / name)) in _recorded(db), timeout=20)
     assert "keras@51" in _recorded_lines(b.log())
+    shown = ckptd("status", config=db.parent / "b.toml").stdout
+    assert "name b, holds 4 run(s)" in shown and "name a, holds 0 run(s)" in shown
     recorded = _recorded(db)
     assert len(recorded) == len(set(recorded))
 

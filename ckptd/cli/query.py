@@ -145,8 +145,6 @@ def _echo_daemon(d: DaemonStatus | None) -> None:
             f"daemon: {style('alive', fg='green')} — pid {d.pid} on {d.host}, since "
             f"{iso(d.started_at)}, last heartbeat {iso(d.heartbeat_at)}"
         )
-        leases = f", lease expires {iso(d.lease_expires_at)}" if d.lease_expires_at else ""
-        echo(f"  name {d.name}, holds {d.runs_held} run(s){leases}")
         health = style("healthy", fg="green") if d.healthy else style("unhealthy", fg="red")
         now = time.time()
         ago = ", ".join(f"{k} {now - float(v):.0f}s ago" for k, v in sorted((d.jobs or {}).items()))
@@ -170,6 +168,8 @@ def _echo_daemon(d: DaemonStatus | None) -> None:
     else:
         why = "stopped" if d.stopped_at else "no heartbeat"
         echo(f"daemon: {style('not running', fg='red')} ({why}; last seen {iso(d.heartbeat_at)})")
+    leases = f", lease expires {iso(d.lease_expires_at)}" if d.lease_expires_at else ""
+    echo(f"  name {d.name}, holds {d.runs_held} run(s){leases}")
     for w in d.watches:
         if isinstance(w, dict) and w.get("observer") == "waiting for path":
             instead = f" (watching {w['watching']})" if w.get("watching") else ""
