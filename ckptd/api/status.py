@@ -34,7 +34,6 @@ class DaemonStatus:
 
     alive: bool  # its heartbeat is fresh and it has not stopped
     unresponsive: bool  # not alive, yet its process runs on this host: stuck, not gone
-    name: str  # [daemon] name
     host: str
     pid: int
     version: str
@@ -47,6 +46,7 @@ class DaemonStatus:
     healthy: bool
     stuck: list[dict[str, Any]]
     reload_error: str | None
+    name: str = ""  # [daemon] name
     runs_held: int = 0  # runs whose live lease it holds
     lease_expires_at: datetime | None = None  # the soonest of them
 

@@ -155,6 +155,7 @@ class LeaseKeeper:
     def renew(self) -> None:
         began = time.monotonic()
         with self._lock:
+            self._fresh()  # woken from a pause past the TTL: drop (and say so) before asking
             held = dict(self._held)
         kept = leases.renew(self.store, self.owner, held, self.ttl)
         with self._lock:
