@@ -52,7 +52,7 @@ def _default_now(element: db_now, compiler: Any, **kw: Any) -> str:
     (seconds,) = element.clauses
     return (
         "(CURRENT_TIMESTAMP AT TIME ZONE 'UTC' + "
-        f"({compiler.process(seconds, **kw)}) * INTERVAL '1 second')"
+        f"CAST({compiler.process(seconds, **kw)} AS DOUBLE PRECISION) * INTERVAL '1 second')"
     )
 
 
