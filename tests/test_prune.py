@@ -389,8 +389,8 @@ def test_prune_runs_batches_every_phase_across_runs(
     seen: list[dict[int, str]] = []
     mark_pruning, record_results = pruning.mark_pruning, pruning.record_results
 
-    def intent(store: Store, wanted: dict[str, list[int]]) -> set[int]:
-        marked = mark_pruning(store, wanted)
+    def intent(store: Store, wanted: dict[str, list[int]], *args: Any) -> set[int]:
+        marked = mark_pruning(store, wanted, *args)
         seen.append(dict.fromkeys(marked, "pruning"))
         return marked
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from ckptd.io import fsops, statefile
 from ckptd.store import audit, claims, pruning
 from ckptd.store.audit import Entry
 from ckptd.store.handle import Store
+from ckptd.store.leases import Fenced, Hold
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,27 @@ def _old_objects_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
+Holds = Callable[[int], Hold | None]  # a daemon's lease of a run (None: not held)
+
+
 def prune(
-    store: Store, items: Sequence[tuple[Run, WatchConfig]], *, dry_run: bool = False
+    store: Store,
+    items: Sequence[tuple[Run, WatchConfig]],
+    *,
+    dry_run: bool = False,
+    holds: Holds | None = None,
 ) -> list[PruneResult]:
     """Prune each run by its watch's rules (one result per item; a run listed twice is pruned
     once), every phase batched across the runs: one transaction per phase for a group of runs
     of up to about ``pruning.BATCH`` deletions, the intent of every run of the group committed
-    before any of its files is removed."""
+    before any of its files is removed. ``holds``: a daemon's leases; the intent is written only
+    while it still holds each run's lease (fencing), else the run is skipped."""
     with _old_objects_frozen():
-        return _prune(store, items, dry_run)
+        return _prune(store, items, dry_run, holds)
 
 
 def _prune(
-    store: Store, items: Sequence[tuple[Run, WatchConfig]], dry_run: bool
+    store: Store, items: Sequence[tuple[Run, WatchConfig]], dry_run: bool, holds: Holds | None
 ) -> list[PruneResult]:
     results: list[PruneResult] = []
     rules: dict[int, tuple[retention.Rule, ...]] = {}
@@ -156,12 +165,12 @@ def _prune(
         for p in todo:  # bounded transactions: runs in groups of about BATCH deletions
             n = len(p.result.plan.delete)
             if group and size + n > pruning.BATCH:
-                _prune_group(store, group)
+                _prune_group(store, group, holds)
                 group, size = [], 0
             group.append(p)
             size += n
         if group:
-            _prune_group(store, group)
+            _prune_group(store, group, holds)
         _remove_leftovers(store, [p for p in todo if p.result.skipped is None])
     finally:
         if held:
@@ -249,7 +258,7 @@ def _remove_leftovers(store: Store, todo: list[_Planned]) -> None:
     audit.write(store, entries)
 
 
-def _prune_group(store: Store, group: list[_Planned]) -> None:
+def _prune_group(store: Store, group: list[_Planned], holds: Holds | None) -> None:
     """Phase 1 for every run of ``group`` in one transaction, then :func:`_finish`."""
     still = claims.renew_many(store, [p.run.id for p in group], claims.PRUNE)
     for p in group:
@@ -257,11 +266,26 @@ def _prune_group(store: Store, group: list[_Planned]) -> None:
             p.result.skipped = "its claim expired and another process took it"
             log.warning("%s: not pruned: %s", p.run.name, p.result.skipped)
     group = [p for p in group if p.run.id in still]
+    leases: list[Hold] = []
+    if holds is not None:
+        for p in group:
+            hold = holds(p.run.id)
+            if hold is None:
+                p.result.skipped = "another daemon holds its lease"
+            else:
+                leases.append(hold)
+        group = [p for p in group if p.result.skipped is None]
     wanted: dict[str, list[int]] = {}  # reason -> ids
     for p in group:
         if p.result.plan.delete:
             wanted.setdefault(p.reason, []).extend(c.id for c in p.result.plan.delete)
-    intended = pruning.mark_pruning(store, wanted) if wanted else set()
+    try:
+        intended = pruning.mark_pruning(store, wanted, leases) if wanted else set()
+    except Fenced as exc:
+        for p in group:
+            p.result.skipped = f"fenced: {exc}; another daemon holds it now"
+            log.warning("%s: not pruned: %s", p.run.name, p.result.skipped)
+        return
     batches: list[_Batch] = []
     untouched: list[tuple[str, str]] = []
     for p in group:

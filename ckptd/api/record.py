@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from ckptd.core.model import utcnow
 from ckptd.core.recording import Changes, Fingerprint, Found, Observation, RunDir, RunState, diff
@@ -28,10 +29,21 @@ from ckptd.io.observe import (
 )
 from ckptd.store import audit, recording
 from ckptd.store.handle import Store
+from ckptd.store.leases import Fenced, Hold
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 5  # loads of a run that keeps changing under us before giving up until next scan
+
+
+class Leases(Protocol):
+    """The run leases of a daemon that shares its database (``daemon/leases.py``)."""
+
+    def claim(self, run_ids: Collection[int]) -> None: ...
+
+    def hold(self, run_id: int) -> Hold | None: ...
+
+    def lost(self, hold: Hold, what: str) -> None: ...
 
 
 class Contended(RuntimeError):
@@ -63,9 +75,12 @@ class _Hint:
 class Recorder:
     """Records runs into ``store``; ``record`` calls are serialised (one writer path here)."""
 
-    def __init__(self, store: Store, *, stale_after: float = STALE_AFTER) -> None:
+    def __init__(
+        self, store: Store, *, stale_after: float = STALE_AFTER, leases: Leases | None = None
+    ) -> None:
         self.store = store
         self.stale_after = stale_after
+        self.leases = leases  # None: the only writer (the CLI), no lease to hold
         self._lock = threading.Lock()
         self._prepared: dict[str, RunState] = {}  # loaded by prepare(), each used once
         self._hints: dict[str, _Hint] = {}
@@ -83,6 +98,8 @@ class Recorder:
         with self._lock:
             states = recording.load_states(self.store, runs) if runs else {}
             self._prepared = states
+        if self.leases is not None and states:
+            self.leases.claim([s.run_id for s in states.values()])  # one batch per scan
         return sum(not s.scanned and s.empty for s in states.values())
 
     def unchanged(self, runs: Sequence[RunDir]) -> list[bool]:
@@ -131,11 +148,23 @@ class Recorder:
             for _ in range(ATTEMPTS):
                 if state is None:
                     state = recording.load_state(self.store, run)
+                hold = None
+                if self.leases is not None:
+                    hold = self.leases.hold(state.run_id)
+                    if hold is None:
+                        return Outcome(run.name)  # another daemon holds the run: stand by
                 state = replace(state, unsupported=self._reported.get(state.run_id, frozenset()))
                 if observation is None or not _current(observation, state):
                     observation = observe(Request.for_state(run, state, self.stale_after))
                 changes = diff(observation, state)
-                new_ids = {} if changes.empty else recording.apply(self.store, state, changes)
+                try:
+                    new_ids = (
+                        {} if changes.empty else recording.apply(self.store, state, changes, hold)
+                    )
+                except Fenced:
+                    assert self.leases is not None and hold is not None
+                    self.leases.lost(hold, "recording")
+                    return Outcome(run.name)
                 if new_ids is not None:
                     version = state.version + (not changes.empty)
                     self._settled(run, state, observation, changes, version)

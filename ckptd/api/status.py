@@ -12,6 +12,7 @@ from ckptd.core.model import Action, Checkpoint, heartbeat_grace, utcnow
 from ckptd.store import daemons, reads
 from ckptd.store.exports import Retry, retries
 from ckptd.store.handle import Store
+from ckptd.store.leases import Held
 from ckptd.store.runs import RunSummary
 
 NEWEST = 5  # complete checkpoints shown, newest first
@@ -45,6 +46,9 @@ class DaemonStatus:
     healthy: bool
     stuck: list[dict[str, Any]]
     reload_error: str | None
+    name: str = ""  # [daemon] name
+    runs_held: int = 0  # runs whose live lease it holds
+    lease_expires_at: datetime | None = None  # the soonest of them
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Status:
     warnings: list[RunWarning]
     # Runs whose newest export failed: when the daemon tries again (or that it gave up).
     export_retries: list[Retry] = field(default_factory=list)
+    # The other daemons sharing the database (each with a name of its own), newest first.
+    other_daemons: list[DaemonStatus] = field(default_factory=list)
 
 
 def status(store: Store) -> Status:
@@ -78,8 +84,9 @@ def status(store: Store) -> Status:
     for r in rows.runs:
         for state, n in r.counts.items():
             counts[state] = counts.get(state, 0) + n
+    now = utcnow()
     return Status(
-        daemon=daemon_status(rows.daemon, utcnow()) if rows.daemon else None,
+        daemon=daemon_status(rows.daemon, now, rows.leases) if rows.daemon else None,
         counts=dict(sorted(counts.items())),  # as GROUP BY state orders them
         evaluations=rows.work["evaluations"],
         exports=rows.work["exports"],
@@ -88,10 +95,13 @@ def status(store: Store) -> Status:
         problems=rows.problems,
         warnings=[RunWarning(m.run, steps.KIND, m.message) for m in steps.mismatches(store)],
         export_retries=retries(store) if rows.work["exports"].get("failed") else [],
+        other_daemons=[daemon_status(d, now, rows.leases) for d in rows.others],
     )
 
 
-def daemon_status(d: daemons.DaemonRecord, now: datetime) -> DaemonStatus:
+def daemon_status(
+    d: daemons.DaemonRecord, now: datetime, held: dict[str, Held] | None = None
+) -> DaemonStatus:
     s = d.status
     interval = timedelta(seconds=float(str(s.get("heartbeat_interval", 10))))
     alive = d.stopped_at is None and now - d.heartbeat_at <= heartbeat_grace(interval)
@@ -102,9 +112,11 @@ def daemon_status(d: daemons.DaemonRecord, now: datetime) -> DaemonStatus:
         and d.host == socket.gethostname()
         and daemons.ckptd_alive(d.pid)
     )
+    leases = (held or {}).get(d.name) if d.stopped_at is None else None
     return DaemonStatus(
         alive=alive,
         unresponsive=unresponsive,
+        name=d.name,
         host=d.host,
         pid=d.pid,
         version=d.version,
@@ -117,4 +129,6 @@ def daemon_status(d: daemons.DaemonRecord, now: datetime) -> DaemonStatus:
         healthy=alive and bool(s.get("healthy")),
         stuck=s.get("stuck", []),
         reload_error=s.get("reload_error"),
+        runs_held=leases.runs if leases else 0,
+        lease_expires_at=leases.expires_at if leases else None,
     )

@@ -183,7 +183,7 @@ def daemon_json(d: DaemonStatus | None) -> dict[str, Any]:
     if d is None:
         return {"alive": False}
     data = dataclasses.asdict(d)
-    for key in ("started_at", "heartbeat_at", "stopped_at"):
+    for key in ("started_at", "heartbeat_at", "stopped_at", "lease_expires_at"):
         data[key] = iso(data[key])
     return data
 

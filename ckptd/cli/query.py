@@ -77,6 +77,7 @@ def status(ctx: CliContext, as_json: bool) -> None:
             for a in st.problems
         ],
         "warnings": [dataclasses.asdict(w) for w in st.warnings],
+        "other_daemons": [daemon_json(o) for o in st.other_daemons],
     }
     if as_json:
         print_json(data)
@@ -84,6 +85,8 @@ def status(ctx: CliContext, as_json: bool) -> None:
     # click, not rich: plain text into a pipe, colours on a terminal, and nothing to import.
     echo = click.echo
     _echo_daemon(d)
+    for other in st.other_daemons:
+        _echo_daemon(other)
     total = sum(st.counts.values())
     echo(
         f"checkpoints: {total} — "
@@ -165,6 +168,8 @@ def _echo_daemon(d: DaemonStatus | None) -> None:
     else:
         why = "stopped" if d.stopped_at else "no heartbeat"
         echo(f"daemon: {style('not running', fg='red')} ({why}; last seen {iso(d.heartbeat_at)})")
+    leases = f", lease expires {iso(d.lease_expires_at)}" if d.lease_expires_at else ""
+    echo(f"  name {d.name}, holds {d.runs_held} run(s){leases}")
     for w in d.watches:
         if isinstance(w, dict) and w.get("observer") == "waiting for path":
             instead = f" (watching {w['watching']})" if w.get("watching") else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -130,6 +131,9 @@ class DaemonConfig:
     log_level: str = "info"
     metrics_address: str = ""
     debounce: timedelta = timedelta(milliseconds=2)
+    # Daemons sharing one database are told apart by name; each run is acted on by one of them.
+    name: str = field(default_factory=socket.gethostname)
+    lease_ttl: timedelta = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ DAEMON_KEYS: Schema = {
     "log_level": v.choice(*LOG_LEVELS),
     "metrics_address": v.address,
     "debounce": v.duration("0s", "10s"),
+    "name": v.daemon_name,
+    "lease_ttl": v.duration("3s", "1h"),
 }
 WATCH_KEYS: Schema = {
     "path": v.path,

@@ -105,6 +105,14 @@ def string(value: object) -> str:
     return value
 
 
+def daemon_name(value: object) -> str:
+    """A daemon's name among those sharing a database: printable, 1 to 255 characters."""
+    text = string(value).strip()
+    if not text or len(text) > 255 or not text.isprintable():
+        raise ValueError(f"expected a name of 1 to 255 printable characters, got {show(value)}")
+    return text
+
+
 def whole(low: int, high: int) -> Callable[[object], int]:
     """A whole number within [low, high] (SQLite stores at most int64)."""
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
-from ckptd.api.evaluate import Evaluator
+from ckptd.api.evaluate import EvalOutcome, Evaluator
 from ckptd.daemon import metrics
 from ckptd.daemon.requests import REQUEST_POLL, RequestServer
 
@@ -19,9 +19,15 @@ POLL_SECONDS = 5.0
 
 
 class EvaluationLoop:
-    def __init__(self, evaluator: Evaluator, requests: RequestServer | None = None) -> None:
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        requests: RequestServer | None = None,
+        runs: Callable[[], Collection[int]] | None = None,
+    ) -> None:
         self.evaluator = evaluator
         self.requests = requests
+        self.runs = runs  # the runs this daemon may evaluate now (its leases); None: all
         self._wake = threading.Event()
 
     def enqueue(self, checkpoint_ids: Collection[int] | None = None, *, new: bool = False) -> None:
@@ -48,10 +54,16 @@ class EvaluationLoop:
                     continue
                 self._wake.clear()
                 next_pass = time.monotonic() + POLL_SECONDS
-                while not stop.is_set() and (done := self.evaluator.run_pending(stop, limit=1)):
+                while not stop.is_set() and (done := self._evaluate_one(stop)):
                     for outcome in done:
                         metrics.evaluation(outcome.status, outcome.seconds)
                     self._requests(stop)
             except Exception:
                 log.exception("evaluation loop error; retrying shortly")
                 stop.wait(POLL_SECONDS)
+
+    def _evaluate_one(self, stop: threading.Event) -> list[EvalOutcome]:
+        if self.runs is None:
+            return self.evaluator.run_pending(stop, limit=1)
+        held = self.runs()
+        return self.evaluator.run_pending(stop, limit=1, run_ids=held) if held else []

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ckptd.api import prune as api_prune
 from ckptd.config import Config, WatchConfig
+from ckptd.core.model import Run
 from ckptd.daemon import metrics
 from ckptd.daemon.health import Stuck
 from ckptd.daemon.notify import notify
@@ -65,12 +66,19 @@ class Jobs:
             text += f"; reload failed, running the previous config: {self.daemon.reload_error}"
         return text
 
+    def held_runs(self, watch: WatchConfig) -> list[Run]:
+        """The runs of ``watch`` this daemon holds the leases of (the others' are theirs)."""
+        runs = api_prune.runs(self.daemon.store, watch_path=str(watch.path))
+        return [r for r in runs if self.daemon.leases.holds(r.id)]
+
     def prune(self, watch: WatchConfig) -> None:
         """Apply ``watch``'s retention policy to each of its runs."""
         store = self.daemon.store
-        runs = api_prune.runs(store, watch_path=str(watch.path))
+        runs = self.held_runs(watch)
         # The prune honours [watch.retain] dry_run = true: then this only logs the plan.
-        results = api_prune.prune(store, [(run, watch) for run in runs])
+        results = api_prune.prune(
+            store, [(run, watch) for run in runs], holds=self.daemon.leases.current
+        )
         metrics.pruned(sum(len(r.pruned) for r in results), sum(r.bytes_freed for r in results))
         for result in results:
             self.daemon.progress.tick()  # one run done
@@ -105,7 +113,7 @@ class Jobs:
             (w.evaluate.timeout for w in d.config.watches if w.evaluate is not None),
             default=timedelta(0),
         )
-        for run in api_prune.runs(d.store, watch_path=str(watch.path)):
+        for run in self.held_runs(watch):
             with d.progress.busy(f"export of {run.path}", extra=waits.total_seconds()):
                 # A failed export waits out its backoff (as evaluations), not every `every`.
                 outcome = d.freezer.freeze_run(run, watch, honour_backoff=True)

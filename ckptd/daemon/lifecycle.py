@@ -62,6 +62,7 @@ class Supervisor:
         """Everything before READY=1 (in the start-up thread)."""
         d = self.daemon
         d.prepare()
+        d.leases.start()
         if d.config.daemon.metrics_address:
             try:
                 metrics.serve(d.config.daemon.metrics_address)
@@ -209,8 +210,9 @@ class Supervisor:
             self._reload_failed(exc)
             return
         warn_missing_paths(new)
-        if new.daemon.database != old.daemon.database:
-            log.warning("the database setting changed; it takes effect at the next restart")
+        for key in ("database", "name", "lease_ttl"):
+            if getattr(new.daemon, key) != getattr(old.daemon, key):
+                log.warning("the %s setting changed; it takes effect at the next restart", key)
         try:
             self._apply(new, jobs)
         except Exception as exc:

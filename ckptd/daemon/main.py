@@ -33,6 +33,7 @@ from ckptd.daemon.dirty import DirtyRuns, RunKey, run_key
 from ckptd.daemon.evaluate import EvaluationLoop
 from ckptd.daemon.health import Progress, Stuck, stall_bound
 from ckptd.daemon.jobs import Jobs
+from ckptd.daemon.leases import LeaseKeeper
 from ckptd.daemon.lifecycle import Supervisor
 from ckptd.daemon.reconcile import Outcome, Reconciler
 from ckptd.daemon.requests import RequestServer
@@ -74,7 +75,11 @@ class Daemon:
         self.dirty = DirtyRuns()
         self.health = Health()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
-        self.reconciler = Reconciler(self.store)
+        # Which runs this daemon acts on among those sharing the database (renewed in a thread).
+        self.leases = LeaseKeeper(
+            self.store, config.daemon.name, config.daemon.lease_ttl.total_seconds()
+        )
+        self.reconciler = Reconciler(self.store, leases=self.leases)
         self.step_mismatches = steps.Reporter(self.store)
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
@@ -84,7 +89,7 @@ class Daemon:
         self.requests = RequestServer(
             self.store, config.daemon.database, self.evaluator, self.freezer
         )
-        self.eval_loop = EvaluationLoop(self.evaluator, self.requests)
+        self.eval_loop = EvaluationLoop(self.evaluator, self.requests, runs=self.leases.held)
         self.eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
         self.scheduler = Scheduler(self.progress)
@@ -118,6 +123,7 @@ class Daemon:
             try:
                 self.daemon_id = daemons.claim(
                     self.store,
+                    name=self.config.daemon.name,
                     version=__version__,
                     config=self.config.source,
                     status={
@@ -134,6 +140,7 @@ class Daemon:
                 raise SystemExit(f"ckptd: refusing to start: {exc}") from None
             except StoreError as exc:
                 raise SystemExit(f"ckptd: cannot register this daemon: {exc}") from None
+            self.leases.adopt()
 
         with self.progress.busy("finishing interrupted deletions"):
             resumed = api_prune.resume(self.store)
@@ -364,6 +371,7 @@ class Daemon:
     def run_once(self) -> int:
         """One reconcile, then the due work in lifecycle order: evaluate, export, prune."""
         self.prepare()
+        self.leases.start()
         n = self.backfill()
         self.evaluator.enqueue()
         self.evaluator.run_pending()
@@ -385,6 +393,9 @@ class Daemon:
         return self.supervisor.shutdown()
 
     def mark_stopped(self) -> None:
+        """Release this daemon's leases (the others take its runs over now) and mark it
+        stopped."""
         if self.daemon_id is None:
             return
+        self.leases.stop()
         daemons.mark_stopped(self.store, self.daemon_id)

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 
-from ckptd.api.record import Outcome, Recorder
+from ckptd.api.record import Leases, Outcome, Recorder
 from ckptd.core.recording import Observation, RunDir
 from ckptd.daemon import metrics
 from ckptd.daemon.runs import RunSpec
@@ -31,8 +31,10 @@ def run_dir(spec: RunSpec) -> RunDir:
 class Reconciler:
     """Records runs through one :class:`Recorder` and logs what each reconcile changed."""
 
-    def __init__(self, store: Store, *, stale_after: float = STALE_AFTER) -> None:
-        self.recorder = Recorder(store, stale_after=stale_after)
+    def __init__(
+        self, store: Store, *, stale_after: float = STALE_AFTER, leases: Leases | None = None
+    ) -> None:
+        self.recorder = Recorder(store, stale_after=stale_after, leases=leases)
 
     def register(self, specs: list[RunSpec]) -> int:
         """Load (or create) every run's state at once before a scan of them; how many were new."""

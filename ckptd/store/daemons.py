@@ -1,10 +1,10 @@
-"""The ``daemons`` table: one daemon claims a database at a time.
+"""The ``daemons`` table: each daemon on a database, by name (``[daemon] name``).
 
-Until several daemons share one PostgreSQL through leases (DESIGN v2), a second daemon on a
-database would record the same runs twice over (an IntegrityError per reconcile), so it is
-refused at start. The check and the insert are one transaction that takes the write lock first
-(``BEGIN IMMEDIATE`` on SQLite, a table lock on PostgreSQL): of two daemons starting at the same
-moment, exactly one sees no live row and inserts its own.
+Several daemons share one database when their names differ: runs are divided between them by
+leases (``leases.py``). Two live daemons of the same name would both believe they hold the same
+leases, so the second is refused at start. The check and the insert are one transaction that
+takes the write lock first (``BEGIN IMMEDIATE`` on SQLite, a table lock on PostgreSQL): of two
+daemons of one name starting at the same moment, exactly one sees no live row and inserts its own.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class DaemonRecord:
     """A daemon's row: who it is, since when, and the status its last heartbeat wrote."""
 
     id: int
+    name: str
     host: str
     pid: int
     version: str
@@ -70,21 +71,29 @@ def _alive(row: Any, now: datetime, host: str) -> bool:
     return bool(now - row.heartbeat_at <= heartbeat_grace(timedelta(seconds=interval)))
 
 
-def claim(store: Store, *, version: str, config: str, status: dict[str, object]) -> int:
-    """Register this process as the database's daemon and return its row id; raise
-    :class:`AlreadyRunning` when another live daemon holds it. Rows of dead daemons (kill -9,
-    power loss) are marked stopped, so they never block a restart."""
+def _name(row: Any) -> str:
+    return str(row.name or row.host)  # rows from before names: the default name, the host's
+
+
+def claim(store: Store, *, name: str, version: str, config: str, status: dict[str, object]) -> int:
+    """Register this process as daemon ``name`` and return its row id; raise
+    :class:`AlreadyRunning` when a live daemon of that name uses the database. Rows of dead
+    daemons (kill -9, power loss) are marked stopped, so they never block a restart."""
     host, now = socket.gethostname(), utcnow()
     with store.session() as s:
         if store.dialect == "postgresql":
             s.execute(text("LOCK TABLE daemons IN SHARE ROW EXCLUSIVE MODE"))
         rows = s.execute(select(_daemons).where(_daemons.c.stopped_at.is_(None))).all()
         for row in rows:
-            if _alive(row, now, host):
+            alive = _alive(row, now, host)
+            if alive and _name(row) != name:
+                continue  # another daemon sharing the database
+            if alive:
                 raise AlreadyRunning(
                     f"another ckptd already uses this database: pid {row.pid} on {row.host}, "
                     f"running since {iso(row.started_at)} (last heartbeat "
-                    f"{iso(row.heartbeat_at)}); stop it first, or give this one another database"
+                    f"{iso(row.heartbeat_at)}), named {name!r}; stop it first, or give this "
+                    "one another database or another [daemon] name"
                 )
             s.execute(
                 update(_daemons).where(_daemons.c.id == row.id).values(stopped_at=row.heartbeat_at)
@@ -92,6 +101,7 @@ def claim(store: Store, *, version: str, config: str, status: dict[str, object])
         return insert_id(
             s,
             insert(_daemons).values(
+                name=name,
                 host=host,
                 pid=os.getpid(),
                 version=version,
@@ -124,13 +134,10 @@ def mark_stopped(store: Store, daemon_id: int) -> None:
         )
 
 
-def latest(session: Session) -> DaemonRecord | None:
-    """The newest daemon's row (inside the caller's transaction)."""
-    row = session.execute(select(_daemons).order_by(_daemons.c.id.desc()).limit(1)).first()
-    if row is None:
-        return None
+def _record(row: Any) -> DaemonRecord:
     return DaemonRecord(
         row.id,
+        _name(row),
         row.host,
         row.pid,
         row.version,
@@ -140,6 +147,21 @@ def latest(session: Session) -> DaemonRecord | None:
         row.stopped_at,
         dict(row.status or {}),
     )
+
+
+def latest(session: Session) -> DaemonRecord | None:
+    """The newest daemon's row (inside the caller's transaction)."""
+    row = session.execute(select(_daemons).order_by(_daemons.c.id.desc()).limit(1)).first()
+    return None if row is None else _record(row)
+
+
+def others(session: Session, newest: DaemonRecord | None) -> list[DaemonRecord]:
+    """The other daemons not marked stopped, newest first: those sharing the database with
+    ``newest`` (a dead one's row stays until a daemon of its name starts again)."""
+    query = select(_daemons).where(_daemons.c.stopped_at.is_(None))
+    if newest is not None:
+        query = query.where(_daemons.c.id != newest.id)
+    return [_record(r) for r in session.execute(query.order_by(_daemons.c.id.desc()))]
 
 
 def newest(store: Store) -> DaemonRecord | None:

@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 from sqlalchemy import BindParameter, bindparam, func, select, update
 
 from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run
-from ckptd.store import audit, reads, versions
+from ckptd.store import audit, leases, reads, versions
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
+from ckptd.store.leases import Hold
 from ckptd.store.tables import (
     CheckpointRow,
     EvaluationRow,
@@ -199,13 +200,19 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def mark_pruning(store: Store, wanted: Mapping[str, Sequence[int]]) -> set[int]:
+def mark_pruning(
+    store: Store, wanted: Mapping[str, Sequence[int]], holds: Sequence[Hold] = ()
+) -> set[int]:
     """Phase 1, the intent: ``pruning`` with its reason (reason -> ids) for the checkpoints still
-    complete (anything else changed since planning); the ids so marked."""
+    complete (anything else changed since planning); the ids so marked. ``holds``: the leases
+    of the runs, checked in the same transaction (:class:`leases.Fenced` if one is gone, and
+    nothing is marked)."""
     marked: set[int] = set()
     runs_touched: set[int] = set()
     with store.session() as s:
         conn = s.connection()
+        for hold in holds:
+            leases.fence(conn, hold)
         for reason, ids in wanted.items():
             for chunk in _chunks(ids):
                 for cid, run_id in conn.execute(_MARK_PRUNING, {"ids": chunk, "why": reason}):

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from ckptd.core.errors import NotFound
 from ckptd.core.model import Action, Checkpoint
-from ckptd.store import daemons
+from ckptd.store import daemons, leases
 from ckptd.store.audit_reads import actions
 from ckptd.store.handle import Store
 from ckptd.store.runs import RunSummary, resolve_run, run_summaries, runs_table
@@ -305,6 +305,8 @@ class StatusRows:
     """What `ckptd status` reads, from one transaction (one consistent snapshot)."""
 
     daemon: daemons.DaemonRecord | None
+    others: list[daemons.DaemonRecord]  # other daemons sharing the database
+    leases: dict[str, leases.Held]  # by daemon name
     runs: list[RunSummary]
     newest: list[Checkpoint]
     work: dict[str, dict[str, int]]
@@ -316,8 +318,11 @@ def status_rows(store: Store, *, newest: int, problems: int, kinds: Sequence[str
     and the ``problems`` newest events of ``kinds``. Set-based: a handful of statements however
     many checkpoints there are."""
     with store.session() as session:
+        newest_daemon = daemons.latest(session)
         return StatusRows(
-            daemons.latest(session),
+            newest_daemon,
+            daemons.others(session, newest_daemon),
+            leases.held_by_owner(session),
             run_summaries(session),
             checkpoints(session, states=["complete"], limit=newest, newest_first=True),
             work_counts(session),

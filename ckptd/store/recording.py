@@ -32,9 +32,10 @@ from sqlalchemy.orm import Session
 from ckptd.core.incarnations import KERAS_FORMATS, span
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, REPLACED, utcnow
 from ckptd.core.recording import Changes, Found, RunState
-from ckptd.store import audit
+from ckptd.store import audit, leases
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
+from ckptd.store.leases import Hold
 from ckptd.store.runstate import load_state as load_state
 from ckptd.store.runstate import load_states as load_states
 from ckptd.store.runstate import run_versions as run_versions
@@ -60,11 +61,17 @@ class _Stale(Exception):
     """The run changed since its state was loaded (raised to roll the transaction back)."""
 
 
-def apply(store: Store, state: RunState, changes: Changes) -> dict[str, int] | None:
-    """Write ``changes`` in one transaction if the run is still at ``state.version``. Returns
-    the ids of the new checkpoints by prefix, or None (nothing written) if the run changed."""
+def apply(
+    store: Store, state: RunState, changes: Changes, hold: Hold | None = None
+) -> dict[str, int] | None:
+    """Write ``changes`` in one transaction if the run is still at ``state.version`` (and, with
+    ``hold``, its lease still this daemon's at that epoch: else :class:`Fenced` is raised and
+    nothing is written). Returns the ids of the new checkpoints by prefix, or None (nothing
+    written) if the run changed."""
     try:
         with store.session() as session:
+            if hold is not None:
+                leases.fence(session.connection(), hold)
             return _apply(session, state, changes)
     except _Stale:
         return None

@@ -201,6 +201,18 @@ class RunClaimRow(Base):
     claimed_until: Mapped[datetime] = mapped_column(DateTime)
 
 
+class RunLeaseRow(Base):
+    """Which daemon acts on a run: ``owner`` until ``expires_at`` (the database's clock), with
+    an ``epoch`` that grows at every change of holder; writes for the run check it (fencing)."""
+
+    __tablename__ = "run_leases"
+    __table_args__ = (Index("ix_run_leases_owner", "owner"),)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    epoch: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class RequestRow(Base):
     """Work the CLI hands to a running daemon (``ckptd evaluate``/``freeze``), claimed by it."""
 
@@ -259,6 +271,9 @@ class DaemonRow(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
     status: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    name: Mapped[str | None] = mapped_column(
+        String(255)
+    )  # last: added by 0008; NULL: started before 0008
 
 
 def table_of(row: type[Base]) -> Table:

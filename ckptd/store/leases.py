@@ -1,0 +1,183 @@
+"""Run leases: which daemon acts on a run (DESIGN v2, "Many daemons on one PostgreSQL").
+
+A lease row ``(run_id, owner, epoch, expires_at)`` is claimed, renewed and released with the
+database's clock, never a host's: a lease whose ``expires_at`` has passed may be taken over by
+anyone, with ``epoch + 1``. Every write for a run checks the holder's epoch in its own
+transaction (:func:`fence`), so a daemon that was paused past its lease writes nothing.
+Statements are batched: one claim per scan of runs not held, one UPDATE per renewal round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, and_, exists, func, insert, literal, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+
+from ckptd.store.handle import Store
+from ckptd.store.tables import RunLeaseRow, RunRow, table_of
+
+_leases = table_of(RunLeaseRow)
+_runs = table_of(RunRow)
+_CHUNK = 500  # run ids per IN (...)
+
+
+class db_now(FunctionElement[datetime]):
+    """The database's UTC time plus ``seconds`` (naive, as every DateTime column here)."""
+
+    type = DateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(literal(float(seconds)))
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(element: db_now, compiler: Any, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    # Microseconds, as SQLAlchemy stores datetimes: compared as text against stored values.
+    return (
+        "strftime('%Y-%m-%d %H:%M:%f000', 'now', "
+        f"({compiler.process(seconds, **kw)}) || ' seconds')"
+    )
+
+
+@compiles(db_now)
+def _default_now(element: db_now, compiler: Any, **kw: Any) -> str:
+    (seconds,) = element.clauses
+    return (
+        "(CURRENT_TIMESTAMP AT TIME ZONE 'UTC' + "
+        f"CAST({compiler.process(seconds, **kw)} AS DOUBLE PRECISION) * INTERVAL '1 second')"
+    )
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A lease this daemon holds: writes for ``run_id`` carry ``owner`` and ``epoch``."""
+
+    run_id: int
+    owner: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Held:
+    """What ``status`` shows of one daemon's leases: how many runs, the soonest expiry."""
+
+    runs: int
+    expires_at: datetime
+
+
+def _chunks(ids: Collection[int]) -> Iterator[list[int]]:
+    ordered = sorted(ids)
+    for i in range(0, len(ordered), _CHUNK):
+        yield ordered[i : i + _CHUNK]
+
+
+def claim(store: Store, owner: str, run_ids: Collection[int], ttl: float) -> dict[int, int]:
+    """Take the leases of ``run_ids`` that nobody holds (absent or expired); returns the epochs
+    of those ``owner`` now holds (including any it held already). Two statements per chunk."""
+    held: dict[int, int] = {}
+    for chunk in _chunks(run_ids):
+        try:
+            with store.session() as s:
+                s.execute(
+                    update(_leases)
+                    .where(_leases.c.run_id.in_(chunk), _leases.c.expires_at <= db_now())
+                    .values(owner=owner, epoch=_leases.c.epoch + 1, expires_at=db_now(ttl))
+                )
+                absent = select(_runs.c.id, literal(owner), literal(1), db_now(ttl)).where(
+                    _runs.c.id.in_(chunk),
+                    ~exists().where(_leases.c.run_id == _runs.c.id),
+                )
+                s.execute(
+                    insert(_leases).from_select(["run_id", "owner", "epoch", "expires_at"], absent)
+                )
+                rows = s.execute(
+                    select(_leases.c.run_id, _leases.c.epoch).where(
+                        _leases.c.run_id.in_(chunk),
+                        _leases.c.owner == owner,
+                        _leases.c.expires_at > db_now(),
+                    )
+                )
+                held.update({r.run_id: r.epoch for r in rows})
+        except IntegrityError:
+            continue  # another daemon inserted the same run meanwhile: it holds it
+    return held
+
+
+def adopt(store: Store, owner: str, ttl: float) -> dict[int, int]:
+    """At start: the leases a previous daemon of the same name left (it is dead: names are
+    exclusive among live daemons), taken over at once with a new epoch."""
+    with store.session() as s:
+        rows = s.execute(
+            update(_leases)
+            .where(_leases.c.owner == owner)
+            .values(epoch=_leases.c.epoch + 1, expires_at=db_now(ttl))
+            .returning(_leases.c.run_id, _leases.c.epoch)
+        )
+        return {r.run_id: r.epoch for r in rows}
+
+
+def renew(store: Store, owner: str, held: Mapping[int, int], ttl: float) -> dict[int, int]:
+    """Extend every live lease of ``owner`` (one UPDATE); returns those of ``held`` still held
+    at the same epoch. A lease that expired meanwhile is not renewed: it is claimed again."""
+    with store.session() as s:
+        rows = s.execute(
+            update(_leases)
+            .where(_leases.c.owner == owner, _leases.c.expires_at > db_now())
+            .values(expires_at=db_now(ttl))
+            .returning(_leases.c.run_id, _leases.c.epoch)
+        )
+        now = {r.run_id: r.epoch for r in rows}
+    return {run: epoch for run, epoch in held.items() if now.get(run) == epoch}
+
+
+def release(store: Store, owner: str) -> None:
+    """Give up every lease of ``owner`` (a clean stop): the others may take them over now."""
+    with store.session() as s:
+        s.execute(
+            update(_leases)
+            .where(_leases.c.owner == owner, _leases.c.expires_at > db_now())
+            .values(expires_at=db_now())
+        )
+
+
+class Fenced(Exception):
+    """A write for a run whose lease this daemon no longer holds (rolled back)."""
+
+
+def fence(conn: Any, hold: Hold) -> None:
+    """Inside a write's transaction: raise :class:`Fenced` unless ``hold`` is still the run's
+    live lease, so the write rolls back (another daemon holds the run now). The no-op UPDATE
+    also locks the lease row until the write commits, so no takeover can slip in between."""
+    result = conn.execute(
+        update(_leases)
+        .where(
+            and_(
+                _leases.c.run_id == hold.run_id,
+                _leases.c.owner == hold.owner,
+                _leases.c.epoch == hold.epoch,
+                _leases.c.expires_at > db_now(),
+            )
+        )
+        .values(epoch=_leases.c.epoch)
+    )
+    if result.rowcount != 1:
+        raise Fenced(f"run {hold.run_id}: lease epoch {hold.epoch} of {hold.owner} is gone")
+
+
+def held_by_owner(session: Any) -> dict[str, Held]:
+    """The live leases of each daemon, by name (one grouped SELECT, in the caller's
+    transaction)."""
+    rows = session.execute(
+        select(_leases.c.owner, func.count(), func.min(_leases.c.expires_at))
+        .where(_leases.c.expires_at > db_now())
+        .group_by(_leases.c.owner)
+    )
+    return {owner: Held(int(n), soonest) for owner, n, soonest in rows}

@@ -1,0 +1,183 @@
+"""Run leases on one database: claim, renew, take over, fence (store and recorder), names."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from pathlib import Path
+
+import pytest
+
+from ckptd.api.record import Recorder
+from ckptd.core.recording import RunDir
+from ckptd.daemon.leases import LeaseKeeper
+from ckptd.store import daemons, leases, migrate, recording
+from ckptd.store.handle import Store
+from ckptd.store.leases import Fenced, Hold
+from tests.conftest import Corpus, load_golden, query
+
+TTL = 1.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(f"sqlite:///{tmp_path}/ckptd.db")
+    migrate.ensure_store_schema(s)
+    return s
+
+
+def _run_ids(store: Store, corpus: Corpus) -> list[int]:
+    runs = [RunDir(k, corpus.root / k, corpus.root) for k in ("tf1", "tf2")]
+    states = recording.load_states(store, runs)
+    return sorted(s.run_id for s in states.values())
+
+
+def test_claim_renew_take_over_after_expiry(store: Store, golden: Corpus) -> None:
+    ids = _run_ids(store, golden)
+    assert leases.claim(store, "a", ids, TTL) == dict.fromkeys(ids, 1)
+    assert leases.claim(store, "b", ids, TTL) == {}  # live: not taken
+    assert leases.renew(store, "a", dict.fromkeys(ids, 1), TTL) == dict.fromkeys(ids, 1)
+    time.sleep(TTL + 0.1)
+    assert leases.claim(store, "b", ids, TTL) == dict.fromkeys(ids, 2)  # a new epoch
+    assert leases.renew(store, "a", dict.fromkeys(ids, 1), TTL) == {}  # a lost them
+    with store.session() as s:
+        held = leases.held_by_owner(s)
+    assert set(held) == {"b"} and held["b"].runs == 2
+    leases.release(store, "b")
+    assert leases.claim(store, "a", ids, TTL) == dict.fromkeys(ids, 3)  # released: free now
+
+
+def test_a_stale_holders_recording_is_fenced(store: Store, golden: Corpus) -> None:
+    """The write itself checks the epoch: a holder paused past its lease writes nothing."""
+    run = RunDir("tf2", golden.root / "tf2", golden.root)
+    state = recording.load_state(store, run)
+    assert leases.claim(store, "a", [state.run_id], TTL) == {state.run_id: 1}
+    time.sleep(TTL + 0.1)
+    assert leases.claim(store, "b", [state.run_id], TTL) == {state.run_id: 2}
+
+    class Stale:  # what a daemon that has not noticed yet believes
+        def __init__(self) -> None:
+            self.lost_runs: list[int] = []
+
+        def claim(self, run_ids: Collection[int]) -> None:
+            pass
+
+        def hold(self, run_id: int) -> Hold | None:
+            return Hold(run_id, "a", 1)
+
+        def lost(self, hold: Hold, what: str) -> None:
+            self.lost_runs.append(hold.run_id)
+
+    stale = Stale()
+    outcome = Recorder(store, leases=stale).record(run)
+    assert outcome.recorded == [] and stale.lost_runs == [state.run_id]
+    assert query(store_path(store), "select count(*) from checkpoints") == [(0,)]
+    with pytest.raises(Fenced):
+        recording.apply(store, state, _some_changes(store, run), Hold(state.run_id, "a", 1))
+    # The holder records.
+    outcome = Recorder(store, leases=_Fixed(Hold(state.run_id, "b", 2))).record(run)
+    assert len(outcome.recorded) == 3
+
+
+class _Fixed:
+    def __init__(self, hold: Hold) -> None:
+        self._hold = hold
+
+    def claim(self, run_ids: Collection[int]) -> None:
+        pass
+
+    def hold(self, run_id: int) -> Hold | None:
+        return self._hold
+
+    def lost(self, hold: Hold, what: str) -> None:
+        raise AssertionError("not fenced")
+
+
+def _some_changes(store: Store, run: RunDir):  # type: ignore[no-untyped-def]
+    from ckptd.core.recording import diff
+    from ckptd.io.observe import Request, observe
+
+    state = recording.load_state(store, run)
+    return diff(observe(Request.for_state(run, state, 0.0)), state)
+
+
+def store_path(store: Store) -> Path:
+    return Path(str(store.engine.url.database))
+
+
+def test_keeper_stops_acting_when_renewals_are_late(store: Store, golden: Corpus) -> None:
+    """By its own monotonic clock: past TTL minus a margin without a renewal, nothing is held
+    (and a fenced write is logged and audited as ``fenced``)."""
+    ids = _run_ids(store, golden)
+    keeper = LeaseKeeper(store, "a", TTL)
+    keeper.claim(ids)
+    assert all(keeper.holds(r) for r in ids)
+    keeper._renewed -= TTL  # as if paused (SIGSTOP) past the TTL
+    assert not keeper.holds(ids[0]) and keeper.held() == {}
+    keeper.lost(Hold(ids[0], "a", 1), "recording")
+    fenced = query(store_path(store), "select subject, reason from actions where kind = 'fenced'")
+    assert fenced == [
+        ("a", "recording refused: daemon a no longer holds the run's lease (epoch 1)")
+    ]
+
+
+def test_daemons_of_distinct_names_share_a_database(store: Store) -> None:
+    from sqlalchemy import text
+
+    first = daemons.claim(store, name="a", version="1", config="c", status={})
+    with store.session() as s:  # on another host: alive as long as its heartbeat is fresh
+        s.execute(text("update daemons set host = 'elsewhere'"))
+    second = daemons.claim(store, name="b", version="1", config="c", status={})
+    assert first != second
+    with pytest.raises(daemons.AlreadyRunning, match="another \\[daemon\\] name"):
+        daemons.claim(store, name="a", version="1", config="c", status={})
+    with store.session() as s:
+        newest = daemons.latest(s)
+        assert newest is not None and newest.name == "b"
+        assert [d.name for d in daemons.others(s, newest)] == ["a"]
+
+
+def test_name_and_lease_ttl_are_config_keys(tmp_path: Path) -> None:
+    import socket
+
+    from ckptd.config import parse_config
+
+    base = {"database": f"sqlite:///{tmp_path}/d.db"}
+    default = parse_config({"daemon": base}).daemon
+    assert default.name == socket.gethostname() and default.lease_ttl.total_seconds() == 30
+    cfg = parse_config({"daemon": {**base, "name": "gpu-1", "lease_ttl": "3s"}}).daemon
+    assert cfg.name == "gpu-1" and cfg.lease_ttl.total_seconds() == 3
+    with pytest.raises(Exception, match="name"):
+        parse_config({"daemon": {**base, "name": ""}})
+    with pytest.raises(Exception, match="lease_ttl"):
+        parse_config({"daemon": {**base, "lease_ttl": "1s"}})
+
+
+def test_a_stale_holders_prune_intent_is_fenced(store: Store, tmp_path: Path) -> None:
+    """The prune's intent checks the lease in its transaction: nothing is marked or deleted."""
+    from ckptd.api import prune as api_prune
+    from ckptd.config import parse_config
+
+    golden = load_golden(tmp_path / "runs")  # a copy of its own: this prunes it
+    run = RunDir("tf2", golden.root / "tf2", golden.root)
+    state = recording.load_state(store, run)
+    Recorder(store).record(run)
+    cfg = parse_config(
+        {
+            "daemon": {"database": "sqlite:////unused.db"},
+            "watch": [{"path": str(golden.root), "runs": "*", "retain": {"keep_last": 1}}],
+        }
+    )
+    assert leases.claim(store, "a", [state.run_id], TTL) == {state.run_id: 1}
+    time.sleep(TTL + 0.1)
+    assert leases.claim(store, "b", [state.run_id], TTL) == {state.run_id: 2}
+    (r,) = [r for r in api_prune.runs(store) if r.name == "tf2"]
+    stale = Hold(state.run_id, "a", 1)
+    (result,) = api_prune.prune(store, [(r, cfg.watches[0])], holds=lambda _: stale)
+    assert result.pruned == [] and "fenced" in (result.skipped or "")
+    states = query(store_path(store), "select state from checkpoints where run_id = ?", r.id)
+    assert sorted(s for (s,) in states) == ["complete"] * 3
+    assert all(Path(c["prefix"] + ".index").exists() for c in golden.saves["tf2"])
+    holder = Hold(state.run_id, "b", 2)
+    (result,) = api_prune.prune(store, [(r, cfg.watches[0])], holds=lambda _: holder)
+    assert len(result.pruned) == 2
