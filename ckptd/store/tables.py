@@ -271,9 +271,8 @@ class DaemonRow(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
     status: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
-    name: Mapped[str | None] = mapped_column(
-        String(255)
-    )  # last: added by 0008; NULL: started before 0008
+    # Last, where migration 0008 adds it; NULL for a daemon started before 0008.
+    name: Mapped[str | None] = mapped_column(String(255))
 
 
 def table_of(row: type[Base]) -> Table:
