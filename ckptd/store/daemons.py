@@ -24,6 +24,7 @@ from ckptd.store.handle import Store
 from ckptd.store.tables import DaemonRow, table_of
 
 _daemons = table_of(DaemonRow)
+DAEMON, WORKER = "daemon", "worker"  # daemons.role
 
 
 class AlreadyRunning(Exception):
@@ -44,6 +45,7 @@ class DaemonRecord:
     heartbeat_at: datetime
     stopped_at: datetime | None
     status: dict[str, Any] = field(default_factory=dict)
+    role: str = DAEMON
 
 
 def ckptd_alive(pid: int) -> bool:
@@ -75,16 +77,26 @@ def _name(row: Any) -> str:
     return str(row.name or row.host)  # rows from before names: the default name, the host's
 
 
-def claim(store: Store, *, name: str, version: str, config: str, status: dict[str, object]) -> int:
-    """Register this process as daemon ``name`` and return its row id; raise
-    :class:`AlreadyRunning` when a live daemon of that name uses the database. Rows of dead
-    daemons (kill -9, power loss) are marked stopped, so they never block a restart."""
+def claim(
+    store: Store,
+    *,
+    name: str,
+    version: str,
+    config: str,
+    status: dict[str, object],
+    role: str = DAEMON,
+) -> int:
+    """Register this process as daemon (or worker) ``name`` and return its row id; raise
+    :class:`AlreadyRunning` when a live process of that role and name uses the database. Rows
+    of dead ones (kill -9, power loss) are marked stopped, so they never block a restart."""
     host, now = socket.gethostname(), utcnow()
     with store.session() as s:
         if store.dialect == "postgresql":
             s.execute(text("LOCK TABLE daemons IN SHARE ROW EXCLUSIVE MODE"))
         rows = s.execute(select(_daemons).where(_daemons.c.stopped_at.is_(None))).all()
         for row in rows:
+            if row.role != role:
+                continue  # a worker and a daemon may share a name (both default to the host's)
             alive = _alive(row, now, host)
             if alive and _name(row) != name:
                 continue  # another daemon sharing the database
@@ -102,6 +114,7 @@ def claim(store: Store, *, name: str, version: str, config: str, status: dict[st
             s,
             insert(_daemons).values(
                 name=name,
+                role=role,
                 host=host,
                 pid=os.getpid(),
                 version=version,
@@ -146,19 +159,21 @@ def _record(row: Any) -> DaemonRecord:
         row.heartbeat_at,
         row.stopped_at,
         dict(row.status or {}),
+        row.role,
     )
 
 
 def latest(session: Session) -> DaemonRecord | None:
     """The newest daemon's row (inside the caller's transaction)."""
-    row = session.execute(select(_daemons).order_by(_daemons.c.id.desc()).limit(1)).first()
+    query = select(_daemons).where(_daemons.c.role == DAEMON)
+    row = session.execute(query.order_by(_daemons.c.id.desc()).limit(1)).first()
     return None if row is None else _record(row)
 
 
 def others(session: Session, newest: DaemonRecord | None) -> list[DaemonRecord]:
     """The other daemons not marked stopped, newest first: those sharing the database with
     ``newest`` (a dead one's row stays until a daemon of its name starts again)."""
-    query = select(_daemons).where(_daemons.c.stopped_at.is_(None))
+    query = select(_daemons).where(_daemons.c.stopped_at.is_(None), _daemons.c.role == DAEMON)
     if newest is not None:
         query = query.where(_daemons.c.id != newest.id)
     return [_record(r) for r in session.execute(query.order_by(_daemons.c.id.desc()))]

@@ -273,6 +273,8 @@ class DaemonRow(Base):
     status: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
     # Last, where migration 0008 adds it; NULL for a daemon started before 0008.
     name: Mapped[str | None] = mapped_column(String(255))
+    # "daemon" (watches, records, acts) or "worker" (``ckptd worker``: evaluates and exports).
+    role: Mapped[str] = mapped_column(String(16), server_default="daemon")
 
 
 def table_of(row: type[Base]) -> Table:
