@@ -172,10 +172,19 @@ class Evaluator:
     checkpoints: ``ckptd evaluate RUN`` touches only RUN's.
     """
 
-    def __init__(self, store: Store, config: Config, client: WorkerClient | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        client: WorkerClient | None = None,
+        *,
+        claim_ttl: timedelta = CLAIM_TTL,
+    ) -> None:
         self.store = store
         self.config = config
         self.client = client or WorkerClient()
+        self.claim_ttl = claim_ttl  # a `ckptd worker`'s is its [worker] claim_ttl
+        self.current: tuple[Job, datetime] | None = None  # the job being evaluated, since when
         self._lock = threading.Lock()  # one evaluation at a time per worker
 
     def _evaluated(self, *, new: bool = False) -> dict[str, WatchConfig]:
@@ -247,7 +256,7 @@ class Evaluator:
             newest = {p for p, w in watches.items() if w.evaluate and w.evaluate.order == "newest"}
             newest_first = any(c.watch_path in newest for c in ready)
             for cand in reversed(ready) if newest_first else ready:
-                job = evaluations.claim(self.store, cand.evaluation_id, ttl=CLAIM_TTL)
+                job = evaluations.claim(self.store, cand.evaluation_id, ttl=self.claim_ttl)
                 if job is not None:
                     return job, watches[cand.watch_path]
             # Every one was claimed by another process meanwhile: look again.
@@ -278,10 +287,11 @@ class Evaluator:
         error: str | None = None
         kind = ""
         renewal = Renewal(
-            lambda: evaluations.renew(self.store, job, ttl=CLAIM_TTL),
-            CLAIM_TTL,
+            lambda: evaluations.renew(self.store, job, ttl=self.claim_ttl),
+            self.claim_ttl,
             "ckptd-renew-evaluation",
         )
+        self.current = (job, utcnow())
         with renewal:
             try:
                 if not Path(c.prefix + ".index").exists() and not Path(c.prefix).exists():
@@ -298,6 +308,8 @@ class Evaluator:
                     metrics = {str(k): float(v) for k, v in dict(result.get("metrics", {})).items()}
             except WorkerError as exc:
                 error, kind = str(exc), exc.kind
+            finally:
+                self.current = None
         seconds = time.perf_counter() - t0
         if kind == "stopping":  # this process is stopping: the job goes back to the queue
             evaluations.release(self.store, job)
