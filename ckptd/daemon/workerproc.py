@@ -153,6 +153,7 @@ class WorkerProcess:
         """Work until SIGTERM/SIGINT; the exit status."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._hup)
         self.prepare()
         cfg = self.config.worker
         log.info(
@@ -175,6 +176,9 @@ class WorkerProcess:
     def _stop(self, signum: int, _frame: Any) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         self.stop_event.set()
+
+    def _hup(self, _signum: int, _frame: Any) -> None:
+        log.warning("SIGHUP: a worker reads its config at start only; restart it to apply changes")
 
     def _heartbeat(self) -> None:
         status = self.status()
