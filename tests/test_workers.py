@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from ckptd.api import handoff
 from ckptd.core.errors import StoreError
 from ckptd.store import evaluations, requests
 from ckptd.store.handle import Store
@@ -255,6 +257,39 @@ def test_claim_next_narrows_to_runs_and_kinds(recorded_url: str) -> None:
         assert requests.submit_unless_open(store, requests.FREEZE, second, {}) is not None
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_a_lapsed_request_is_abandoned_unless_another_process_took_it_over(
+    recorded_url: str,
+) -> None:
+    a, b = Store.open(recorded_url), Store.open(recorded_url)
+    server = handoff.Server("worker", "w1", 4242, "elsewhere")
+    lapsed = timedelta(seconds=-30)  # (beyond the clock skew the CLI allows)
+    try:
+        run_id = _sql(recorded_url, "select min(id) from runs")[0][0]
+        # Its holder's claim lapsed and no one took it over: the CLI gives up, and the request
+        # is cancelled (no one does work the user no longer waits for).
+        rid = requests.submit(a, requests.EVALUATE, run_id, None, {})
+        assert requests.claim_next(a, ttl=lapsed) is not None
+        with pytest.raises(handoff.HandoffFailed, match="worker 'w1' \\(pid 4242 on elsewhere\\)"):
+            handoff.wait(a, a, rid, server, pickup_timeout=5)
+        assert requests.get(a, rid).status == requests.CANCELLED  # type: ignore[union-attr]
+        assert requests.claim_next(b, ttl=timedelta(minutes=1)) is None
+
+        # Taken over by another worker after the lapse: the CLI waits for that one's result.
+        rid = requests.submit(a, requests.EVALUATE, run_id, None, {})
+        assert requests.claim_next(a, ttl=lapsed) is not None
+        assert requests.claim_next(b, ttl=timedelta(minutes=1)) is not None
+        finisher = threading.Timer(0.5, requests.finish, (b, rid), {"result": {"by": "b"}})
+        finisher.start()
+        try:
+            assert handoff.wait(a, a, rid, server, pickup_timeout=5).result == {"by": "b"}
+        finally:
+            finisher.join()
+    finally:
+        a.close()
+        b.close()
 
 
 # ------------------------------------------------------------------ real daemons and workers

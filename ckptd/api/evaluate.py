@@ -11,9 +11,7 @@ for the ``.meta`` that TF1's Saver writes after the state file.
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -22,6 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd.api.evaluate_command import run_command
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import Config, EvaluateConfig, WatchConfig
@@ -30,7 +29,7 @@ from ckptd.core.model import COMPLETE, Checkpoint, iso, utcnow
 from ckptd.store import evaluations
 from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job, Waiting
 from ckptd.store.handle import Store
-from ckptd.worker.client import WorkerClient, WorkerError, terminate_group, worker_env
+from ckptd.worker.client import WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -129,40 +128,6 @@ def build_request(
     if ev.evaluator == "keras" and keras_model:
         request["model"] = keras_model
     return request
-
-
-def run_command(ev: EvaluateConfig, c: Checkpoint, run_name: str) -> dict[str, float]:
-    """The ``command`` evaluator: an argv template, JSON object of numbers on stdout."""
-    values = {
-        "checkpoint": c.prefix,
-        "step": "" if c.step is None else str(c.step),
-        "run": run_name,
-    }
-    argv = [arg.format(**values) for arg in ev.command]
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=worker_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=ev.timeout.total_seconds())
-    except subprocess.TimeoutExpired:
-        terminate_group(proc)  # type: ignore[arg-type]
-        raise WorkerError(
-            "timeout", f"{argv[0]} did not finish within {ev.timeout}; killed it"
-        ) from None
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise WorkerError("tf_error", f"{argv[0]} exited with status {proc.returncode}: {tail[0]}")
-    try:
-        data = json.loads(out)
-        return {str(k): float(v) for k, v in data.items()}
-    except (ValueError, TypeError, AttributeError):
-        raise WorkerError(
-            "bad_request", f"{argv[0]} must print one JSON object of numbers, got {out[:200]!r}"
-        ) from None
 
 
 class Evaluator:

@@ -179,16 +179,16 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
     """Claim one job for ``ttl``; None when another process got there first (or it is no
     longer claimable). Counts the attempt."""
     now = utcnow()
-    # PostgreSQL: a row another claimer has locked (it is claiming it now) is skipped at once,
-    # not waited for; SQLite renders no FOR UPDATE (BEGIN IMMEDIATE serialises its writers).
-    unlocked = (
-        select(_e.c.id)
-        .where(_e.c.id == evaluation_id, _claimable(now))
-        .with_for_update(skip_locked=True)
-    )
+    # PostgreSQL skips a row another claimer has locked instead of waiting for it (SQLite
+    # renders no FOR UPDATE: BEGIN IMMEDIATE serialises its writers).
+    unlocked = select(_e.c.id).where(_e.c.id == evaluation_id, _claimable(now))
     stmt = (
         update(_e)
-        .where(_e.c.id.in_(unlocked.scalar_subquery()), _claimable(now), _present())
+        .where(
+            _e.c.id.in_(unlocked.with_for_update(skip_locked=True).scalar_subquery()),
+            _claimable(now),
+            _present(),
+        )
         .values(
             status=RUNNING,
             claimed_by=store.holder,

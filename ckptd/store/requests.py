@@ -107,16 +107,16 @@ def cancel(store: Store, request_id: int) -> bool:
 def submit_unless_open(
     store: Store, kind: str, run_id: int, options: dict[str, Any], *, now: datetime | None = None
 ) -> int | None:
-    """Queue a request of ``kind`` for the run unless one is pending or held under a live
-    claim (a scheduled export is queued once, however often the schedule fires while it
-    waits); its id, or None. One transaction, so two daemons cannot both queue it."""
+    """Queue a request of ``kind`` for the run unless one is pending or running (a scheduled
+    export is queued once, however often the schedule fires while it waits; one whose holder
+    died is claimable again); its id, or None. One transaction: two daemons cannot both."""
     now = now or utcnow()
     with store.session() as s:
         if store.dialect == "postgresql":  # (SQLite: BEGIN IMMEDIATE serialises writers)
             s.execute(select(_r.c.id).where(_r.c.id == run_id).with_for_update())
         open_ = s.scalar(
             select(_q.c.id)
-            .where(_q.c.run_id == run_id, _q.c.kind == kind, _claimable(now) | _held(now))
+            .where(_q.c.run_id == run_id, _q.c.kind == kind, _q.c.status.in_([PENDING, RUNNING]))
             .limit(1)
         )
         if open_ is not None:
@@ -141,10 +141,6 @@ def runs_of(store: Store, watch_paths: Collection[str]) -> list[int]:
         return []
     with store.session() as s:
         return list(s.scalars(select(_r.c.id).where(_r.c.watch_path.in_(list(watch_paths)))))
-
-
-def _held(now: datetime) -> Any:
-    return and_(_q.c.status == RUNNING, _q.c.claimed_until >= now)
 
 
 def _claimable(now: datetime) -> Any:
