@@ -463,12 +463,14 @@ def test_worker_unit_runs_ckptd_worker_in_the_daemons_sandbox() -> None:
     (start,) = worker["Service.ExecStart"]
     (pre,) = worker["Service.ExecStartPre"]
     assert re.search(r"\bckptd worker --config \S+/ckptd\.toml$", start), start
-    assert re.search(r"\bckptd db upgrade --config \S+/ckptd\.toml$", pre), pre
+    # (`--config` before the subcommand: `db upgrade` takes none of its own)
+    assert re.search(r"\bckptd --config \S+/ckptd\.toml db upgrade$", pre), pre
     # Every other directive is the daemon's: the same user, limits and hardening.
     differ = {k for k in set(worker) | set(daemon) if worker.get(k) != daemon.get(k)}
     assert differ <= {
         "Unit.Description",
         "Service.ExecStart",
+        "Service.ExecStartPre",
         "Service.ExecReload",  # a worker has no config to reload
         "Service.TimeoutStartSec",
         "Service.Environment",  # (no CKPTD_START_TIMEOUT: it has no start-up scan)

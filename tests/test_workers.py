@@ -105,7 +105,7 @@ class WorkerProcess(DaemonProcess):
     def start(self) -> WorkerProcess:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "ckptd", "--config", str(self.config), "worker"],
+            [PY, "-m", "ckptd", "worker", "--config", str(self.config)],  # as the unit runs it
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=ENV,
@@ -386,10 +386,20 @@ def test_a_worker_evaluates_and_exports_for_a_daemon_that_leaves_it_the_work(
     assert d.stop() == 0
 
 
+def _holder_of(url: str, step: int) -> str | None:
+    rows = _sql(
+        url,
+        "select e.claimed_by from evaluations e join checkpoints c on c.id = e.checkpoint_id "
+        "where c.step = :s and e.status = 'running'",
+        s=step,
+    )
+    return rows[0][0] if rows else None
+
+
 @pytest.mark.tf
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_worker_killed_mid_evaluation_leaves_the_job_to_another_done_once(
+def test_a_stopped_worker_releases_its_job_and_a_killed_ones_job_is_done_by_another_once(
     tmp_path: Path,
     trained: Corpus,
     daemon_factory: Callable[..., DaemonProcess],
@@ -398,7 +408,8 @@ def test_a_worker_killed_mid_evaluation_leaves_the_job_to_another_done_once(
     root = tmp_path / "runs"
     trained.copy("tf1", root / "mnist")
     steps = sorted(s["step"] for s in trained.saves["tf1"])
-    (root / "mnist" / ".slow").write_text(str(steps[1]))
+    stopped_step, killed_step = steps[1], steps[2]
+    (root / "mnist" / ".slow").write_text(f"{stopped_step} {killed_step}")
     url = f"sqlite:///{tmp_path / 'ckptd.db'}"
     extra = EVALUATE.format(fn="tests.worker_eval_fns:slow_once")
     d = daemon_factory(
@@ -407,32 +418,36 @@ def test_a_worker_killed_mid_evaluation_leaves_the_job_to_another_done_once(
     wait_for(
         lambda: _sql(url, "select count(*) from evaluations") == [(3,)], timeout=60, interval=0.2
     )
-    workers = {
-        name: worker_factory(
-            _config(
-                tmp_path / f"{name}.toml",
-                root,
-                url,
-                extra=extra,
-                worker=f'name = "{name}"\nclaim_ttl = "3s"\n',
-            )
-        )
-        for name in ("w1", "w2")
-    }
-    started = root / "mnist" / ".slow.started"
-    wait_for(started.exists, timeout=180, interval=0.2)
-    ((holder,),) = wait_for(
-        lambda: _sql(
+
+    def worker(name: str) -> WorkerProcess:
+        conf = _config(
+            tmp_path / f"{name}.toml",
+            root,
             url,
-            "select claimed_by from evaluations where status = 'running' and "
-            "claimed_by is not null and attempts = 1 and checkpoint_id = "
-            "(select id from checkpoints where step = :s)",
-            s=steps[1],
-        ),
-        timeout=30,
-    )
-    killed = next(w for w in workers.values() if w.proc and w.proc.pid == _pid_of(holder))
-    survivor = next(w for w in workers.values() if w is not killed)
+            extra=extra,
+            worker=f'name = "{name}"\nclaim_ttl = "3s"\n',
+        )
+        return worker_factory(conf)
+
+    # SIGTERM mid-evaluation: the job goes back to the queue at once (not at its expiry).
+    first = worker("w1")
+    wait_for((root / "mnist" / f".slow-{stopped_step}.started").exists, timeout=180)
+    assert first.stop() == 0, first.log()
+    assert _sql(
+        url,
+        "select e.status, e.claimed_by from evaluations e join checkpoints c on "
+        "c.id = e.checkpoint_id where c.step = :s",
+        s=stopped_step,
+    ) == [("pending", None)]
+
+    # Two workers: the one that takes the other slow job is killed (-9) mid-evaluation; the
+    # other does that job once its claim has expired.
+    workers = [worker("w2"), worker("w3")]
+    started = root / "mnist" / f".slow-{killed_step}.started"
+    wait_for(started.exists, timeout=180, interval=0.2)
+    holder = wait_for(lambda: _holder_of(url, killed_step), timeout=30)
+    killed = next(w for w in workers if w.proc and w.proc.pid == _pid_of(holder))
+    survivor = next(w for w in workers if w is not killed)
     assert killed.proc is not None and survivor.proc is not None
     os.kill(killed.proc.pid, signal.SIGKILL)
     os.kill(int(started.read_text()), signal.SIGKILL)  # its TF worker (a session of its own)
@@ -443,7 +458,7 @@ def test_a_worker_killed_mid_evaluation_leaves_the_job_to_another_done_once(
         timeout=180,
         interval=0.2,
     )
-    # Each checkpoint evaluated exactly once; the killed one's job by the survivor, attempt 2.
+    # Each checkpoint evaluated exactly once (the interrupted attempts never finished).
     done = sorted(int(s) for s in (root / "mnist" / ".evaluated").read_text().split())
     assert done == steps
     per_checkpoint = _sql(
@@ -457,7 +472,7 @@ def test_a_worker_killed_mid_evaluation_leaves_the_job_to_another_done_once(
         "select a.detail, e.attempts from actions a join evaluations e on "
         "e.checkpoint_id = a.checkpoint_id join checkpoints c on c.id = a.checkpoint_id "
         "where a.kind = 'evaluated' and c.step = :s",
-        s=steps[1],
+        s=killed_step,
     )
     assert _pid_of(json.loads(detail)["by"]) == survivor.proc.pid and attempts == 2
     assert survivor.stop() == 0

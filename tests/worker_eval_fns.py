@@ -8,11 +8,12 @@ from pathlib import Path
 
 
 def slow_once(checkpoint: str, step: int | None, run: str) -> dict[str, float]:
-    """Hangs the first time it evaluates the step named in ``RUN/.slow`` (a worker is killed
-    meanwhile), else scores as ``daemon_eval_fns.step_score``; ``RUN/.evaluated`` gets a line
-    per evaluation that finished."""
-    slow, started = Path(run) / ".slow", Path(run) / ".slow.started"
-    if slow.exists() and slow.read_text().strip() == str(step) and not started.exists():
+    """Hangs the first time it evaluates a step listed in ``RUN/.slow`` (its worker is stopped
+    or killed meanwhile; ``RUN/.slow-STEP.started`` holds this process's pid), else scores as
+    ``daemon_eval_fns.step_score``; ``RUN/.evaluated`` gets a line per finished evaluation."""
+    slow = Path(run) / ".slow"
+    started = Path(run) / f".slow-{step}.started"
+    if slow.exists() and str(step) in slow.read_text().split() and not started.exists():
         started.write_text(str(os.getpid()))
         time.sleep(600)
     with (Path(run) / ".evaluated").open("a") as fh:
