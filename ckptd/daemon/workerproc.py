@@ -182,14 +182,17 @@ class WorkerProcess:
 
     def _heartbeat(self) -> None:
         status = self.status()
+        jobs = status["jobs"]
+        line = ", ".join(f"{j['kind']} of {j['checkpoint'] or j['run']}" for j in jobs) or "idle"
         try:
             daemons.heartbeat(self.store, self.worker_id, status)
-        except StoreError as exc:  # the database is away: jobs' claims lapse, others redo them
+        except StoreError as exc:
+            # The database is away: claims lapse and others redo the jobs. The watchdog is still
+            # pinged: a restart would not bring the database back, and would use up the unit's
+            # start limit during a long outage.
             log.warning("heartbeat failed (retrying): %s", exc)
-            return
-        jobs = status["jobs"]
-        doing = ", ".join(f"{j['kind']} of {j['checkpoint'] or j['run']}" for j in jobs)
-        notify(f"STATUS={doing or 'idle'}", "WATCHDOG=1")
+            line = f"database unreachable: {exc}"
+        notify(f"STATUS={line}", "WATCHDOG=1")
 
     def shutdown(self) -> int:
         """Stop the TF workers (a job in hand goes back to the queue), mark this worker stopped."""
