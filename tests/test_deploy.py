@@ -26,6 +26,7 @@ from ckptd.config import (
     FREEZE_KEYS,
     RETAIN_KEYS,
     WATCH_KEYS,
+    WORKER_KEYS,
 )
 from tests.conftest import ENV, PY, Corpus, query, write_config
 
@@ -248,6 +249,7 @@ _CONTRACT = {
     "watch.evaluate": set(EVALUATE_KEYS),
     "watch.freeze": set(FREEZE_KEYS),
     "watch.retain": set(RETAIN_KEYS),
+    "worker": set(WORKER_KEYS),
 }
 _DURATION = re.compile(r"^\d+(?:\.\d+)?(?:ms|s|m|h|d)$")
 
@@ -449,3 +451,48 @@ def test_daemon_and_tf_workers_run_in_the_units_sandbox(tmp_path: Path, corpus: 
     assert evaluated and {s for (s,) in evaluated} == {"done"}
     exports = query(db, "select status, verified from exports")
     assert exports and all(row == ("published", 1) for row in exports), exports
+
+
+# --------------------------------------------------------------- the worker's unit
+
+WORKER_UNIT = DEPLOY / "ckptd-worker.service"
+
+
+def test_worker_unit_runs_ckptd_worker_in_the_daemons_sandbox() -> None:
+    worker, daemon = _unit_directives(WORKER_UNIT), _unit_directives()
+    (start,) = worker["Service.ExecStart"]
+    (pre,) = worker["Service.ExecStartPre"]
+    assert re.search(r"\bckptd worker --config \S+/ckptd\.toml$", start), start
+    # (`--config` before the subcommand: `db upgrade` takes none of its own)
+    assert re.search(r"\bckptd --config \S+/ckptd\.toml db upgrade$", pre), pre
+    # Every other directive is the daemon's: the same user, limits and hardening.
+    differ = {k for k in set(worker) | set(daemon) if worker.get(k) != daemon.get(k)}
+    assert differ <= {
+        "Unit.Description",
+        "Service.ExecStart",
+        "Service.ExecStartPre",
+        "Service.ExecReload",  # a worker has no config to reload
+        "Service.TimeoutStartSec",
+        "Service.Environment",  # (no CKPTD_START_TIMEOUT: it has no start-up scan)
+    }, differ
+    burst = int(worker["Unit.StartLimitBurst"][-1])
+    per_start = _seconds(worker["Service.TimeoutStartSec"][-1]) + _seconds(
+        worker["Service.RestartSec"][-1]
+    )
+    assert burst * per_start < _seconds(worker["Unit.StartLimitIntervalSec"][-1])
+
+
+def test_worker_unit_verifies_and_is_as_hardened(tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze")
+    unit = tmp_path / WORKER_UNIT.name
+    shutil.copyfile(WORKER_UNIT, unit)
+    proc = _run(analyze, "verify", str(unit))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert not [line for line in output.splitlines() if "ckptd" in line], output
+    if "--offline" not in _run(analyze, "--help").stdout:
+        pytest.skip("systemd-analyze has no --offline (needs systemd >= 250)")
+    proc = _run(analyze, "security", "--no-pager", "--offline=true", str(unit))
+    match = re.search(r"Overall exposure level for ckptd-worker\.service:\s*([0-9.]+)", proc.stdout)
+    assert proc.returncode == 0 and match, proc.stdout + proc.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE

@@ -11,9 +11,7 @@ for the ``.meta`` that TF1's Saver writes after the state file.
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -22,6 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd.api.evaluate_command import run_command
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import Config, EvaluateConfig, WatchConfig
@@ -30,7 +29,7 @@ from ckptd.core.model import COMPLETE, Checkpoint, iso, utcnow
 from ckptd.store import evaluations
 from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job, Waiting
 from ckptd.store.handle import Store
-from ckptd.worker.client import WorkerClient, WorkerError, terminate_group, worker_env
+from ckptd.worker.client import WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -131,40 +130,6 @@ def build_request(
     return request
 
 
-def run_command(ev: EvaluateConfig, c: Checkpoint, run_name: str) -> dict[str, float]:
-    """The ``command`` evaluator: an argv template, JSON object of numbers on stdout."""
-    values = {
-        "checkpoint": c.prefix,
-        "step": "" if c.step is None else str(c.step),
-        "run": run_name,
-    }
-    argv = [arg.format(**values) for arg in ev.command]
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=worker_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=ev.timeout.total_seconds())
-    except subprocess.TimeoutExpired:
-        terminate_group(proc)  # type: ignore[arg-type]
-        raise WorkerError(
-            "timeout", f"{argv[0]} did not finish within {ev.timeout}; killed it"
-        ) from None
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise WorkerError("tf_error", f"{argv[0]} exited with status {proc.returncode}: {tail[0]}")
-    try:
-        data = json.loads(out)
-        return {str(k): float(v) for k, v in data.items()}
-    except (ValueError, TypeError, AttributeError):
-        raise WorkerError(
-            "bad_request", f"{argv[0]} must print one JSON object of numbers, got {out[:200]!r}"
-        ) from None
-
-
 class Evaluator:
     """Works the evaluation queue of the watches ``config`` evaluates, in one warm worker.
 
@@ -172,10 +137,19 @@ class Evaluator:
     checkpoints: ``ckptd evaluate RUN`` touches only RUN's.
     """
 
-    def __init__(self, store: Store, config: Config, client: WorkerClient | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        client: WorkerClient | None = None,
+        *,
+        claim_ttl: timedelta = CLAIM_TTL,
+    ) -> None:
         self.store = store
         self.config = config
         self.client = client or WorkerClient()
+        self.claim_ttl = claim_ttl  # a `ckptd worker`'s is its [worker] claim_ttl
+        self.current: tuple[Job, datetime] | None = None  # the job being evaluated, since when
         self._lock = threading.Lock()  # one evaluation at a time per worker
 
     def _evaluated(self, *, new: bool = False) -> dict[str, WatchConfig]:
@@ -247,7 +221,7 @@ class Evaluator:
             newest = {p for p, w in watches.items() if w.evaluate and w.evaluate.order == "newest"}
             newest_first = any(c.watch_path in newest for c in ready)
             for cand in reversed(ready) if newest_first else ready:
-                job = evaluations.claim(self.store, cand.evaluation_id, ttl=CLAIM_TTL)
+                job = evaluations.claim(self.store, cand.evaluation_id, ttl=self.claim_ttl)
                 if job is not None:
                     return job, watches[cand.watch_path]
             # Every one was claimed by another process meanwhile: look again.
@@ -278,10 +252,11 @@ class Evaluator:
         error: str | None = None
         kind = ""
         renewal = Renewal(
-            lambda: evaluations.renew(self.store, job, ttl=CLAIM_TTL),
-            CLAIM_TTL,
+            lambda: evaluations.renew(self.store, job, ttl=self.claim_ttl),
+            self.claim_ttl,
             "ckptd-renew-evaluation",
         )
+        self.current = (job, utcnow())
         with renewal:
             try:
                 if not Path(c.prefix + ".index").exists() and not Path(c.prefix).exists():
@@ -298,6 +273,8 @@ class Evaluator:
                     metrics = {str(k): float(v) for k, v in dict(result.get("metrics", {})).items()}
             except WorkerError as exc:
                 error, kind = str(exc), exc.kind
+            finally:
+                self.current = None
         seconds = time.perf_counter() - t0
         if kind == "stopping":  # this process is stopping: the job goes back to the queue
             evaluations.release(self.store, job)

@@ -29,6 +29,7 @@ COMMAND_MODULES = {
     "unpin": "manage",
     "evaluate": "work",
     "freeze": "work",
+    "worker": "work",
     "demo": "demo",
 }
 MODULES = ("admin", "query", "manage", "work", "demo")

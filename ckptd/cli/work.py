@@ -1,7 +1,9 @@
-"""On-demand work: evaluate and freeze now, in a TensorFlow worker (never in this process).
+"""On-demand work: evaluate and freeze now, in a TensorFlow worker (never in this process); and
+``ckptd worker``, the process that does such work for daemons on other hosts.
 
-While a daemon runs on the database, the work is handed to it (``api/handoff.py``): its worker
-is warm, so the call takes the evaluation's time instead of seconds of ``import tensorflow``.
+While a daemon or a ``ckptd worker`` serving the run runs on the database, the work is handed to
+it (``api/handoff.py``): its worker is warm, so the call takes the evaluation's time instead of
+seconds of ``import tensorflow``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ckptd.core.model import iso
 
 if TYPE_CHECKING:  # imported by the commands, not by --help
     from ckptd.api.evaluate import EvalOutcome
-    from ckptd.api.status import DaemonStatus
+    from ckptd.api.handoff import Server
     from ckptd.api.targets import Target
     from ckptd.store.evaluations import Waiting
     from ckptd.store.handle import Store
@@ -34,8 +36,8 @@ NO_DAEMON = click.option(
     "--no-daemon",
     "here",
     is_flag=True,
-    help="Do the work in a worker of this process even while a daemon runs (by default the "
-    "running daemon does it in its warm worker).",
+    help="Do the work in a worker of this process even while a daemon or `ckptd worker` runs "
+    "(by default the running one does it in its warm worker).",
 )
 
 
@@ -53,22 +55,22 @@ def _target(ctx: CliContext, text: str) -> Target:
     return target
 
 
-def _daemon(ctx: CliContext, here: bool) -> DaemonStatus | None:
-    """The running daemon to hand the work to, unless asked not to."""
-    from ckptd.api.handoff import live_daemon
+def _server(ctx: CliContext, here: bool, kind: str, target: Target) -> Server | None:
+    """The running daemon or worker to hand the work to, unless asked not to."""
+    from ckptd.api.handoff import live_server
 
-    return None if here else live_daemon(ctx.store(readonly=True))
+    return None if here else live_server(ctx.store(readonly=True), kind, target)
 
 
 def _handed(
     ctx: CliContext,
     kind: str,
     target: Target,
-    daemon: DaemonStatus,
+    daemon: Server,
     on_progress: Callable[[dict[str, Any]], None],
     **options: Any,
 ) -> dict[str, Any]:
-    """Hand the work to the daemon and wait for its result (Ctrl-C withdraws it if not begun)."""
+    """Hand the work over and wait for its result (Ctrl-C withdraws it if not begun)."""
     from ckptd.api import handoff
 
     request_id = handoff.submit(_store(ctx), kind, target, **options)
@@ -78,16 +80,17 @@ def _handed(
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         if not handoff.withdraw(_store(ctx), request_id):
-            click.echo(
-                f"the daemon (pid {daemon.pid}) goes on with the {kind}; see `ckptd events`",
-                err=True,
-            )
+            going_on = f"{handoff.who(daemon)} goes on with the {kind}"
+            click.echo(f"{going_on}; see `ckptd events`", err=True)
         raise
     return req.result
 
 
-def _by_daemon(daemon: DaemonStatus) -> str:
-    return f"done by the running daemon (pid {daemon.pid} on {daemon.host}) in its warm worker"
+def _by_daemon(server: Server) -> str:
+    from ckptd.api.handoff import who
+
+    running = who(server).replace("the ", "the running ", 1)
+    return f"done by {running} in its warm worker"
 
 
 def _status_text(status: str, retry_at: Any) -> str:
@@ -130,13 +133,15 @@ def evaluate(ctx: CliContext, target: str, again: bool, here: bool, as_json: boo
         api_evaluate.check(target_)
     except (NotConfigured, api_evaluate.NotEvaluable) as exc:
         raise click.ClickException(str(exc)) from None
-    daemon = _daemon(ctx, here)
+    daemon = _server(ctx, here, "evaluate", target_)
     outcomes: list[EvalOutcome] = []
     with Progress(console=console(), transient=True, disable=as_json) as progress:
         what = escape(target_.checkpoint.label if target_.checkpoint else target_.run.name)
         task = progress.add_task(f"evaluating {what}", total=None)
         if daemon is not None:
-            progress.update(task, description=f"evaluating {what} in the daemon (pid {daemon.pid})")
+            from ckptd.api.handoff import who
+
+            progress.update(task, description=f"evaluating {what} in {escape(who(daemon))}")
 
             def on_progress(result: dict[str, Any]) -> None:
                 progress.update(
@@ -234,7 +239,7 @@ def freeze(ctx: CliContext, target: str, force: bool, here: bool, as_json: bool)
 
     try:
         target_ = _target(ctx, target)
-        daemon = _daemon(ctx, here) if target_.watch.freeze is not None else None
+        daemon = _server(ctx, here, "freeze", target_) if target_.watch.freeze is not None else None
         if daemon is not None:
             outcome = api_freeze.ExportOutcome(
                 **_handed(ctx, "freeze", target_, daemon, lambda _result: None, force=force)
@@ -261,4 +266,41 @@ def freeze(ctx: CliContext, target: str, force: bool, here: bool, as_json: bool)
         raise SystemExit(1)
 
 
-COMMANDS = [evaluate, freeze]
+@click.command()
+@click.option(
+    "--config",
+    "-c",
+    "config_arg",
+    metavar="FILE",
+    help="Config file (as `ckptd --config FILE worker`).",
+)
+@pass_ctx
+def worker(ctx: CliContext, config_arg: str | None) -> None:
+    """Do evaluations and exports for the daemons sharing the database (no watching).
+
+    Claims jobs from the database — checkpoints the daemons queued for evaluation, exports of
+    daemons with [daemon] evaluate_on = "workers", and `ckptd evaluate`/`freeze` handed over —
+    and does them in warm TensorFlow workers, [worker] concurrency of them. Evaluates as the
+    watches' [watch.evaluate] say; [worker] watches and kinds narrow what it serves. A job of a
+    worker that dies returns to the queue when its claim expires ([worker] claim_ttl).
+    SIGTERM/SIGINT stop it; a job in hand goes back to the queue.
+
+    \b
+    Examples:
+      ckptd worker --config /etc/ckptd/ckptd.toml
+      ckptd -c gpu.toml worker            # on a GPU host, next to daemons elsewhere
+    """
+    import sys
+
+    from ckptd import logs
+
+    if config_arg is not None:
+        ctx.config_arg = config_arg
+    config = ctx.config(required=True)
+    logs.setup(config.daemon.log_level)
+    from ckptd.daemon.workerproc import WorkerProcess
+
+    sys.exit(WorkerProcess(config).run())
+
+
+COMMANDS = [evaluate, freeze, worker]

@@ -25,6 +25,8 @@ from ckptd.config.schema import (
     OBSERVERS,
     RETAIN_KEYS,
     WATCH_KEYS,
+    WORKER_KEYS,
+    WORKER_KINDS,
     BestConfig,
     Config,
     ConfigError,
@@ -35,6 +37,7 @@ from ckptd.config.schema import (
     RetainConfig,
     Schema,
     WatchConfig,
+    WorkerConfig,
 )
 from ckptd.config.values import parse_duration
 
@@ -51,6 +54,8 @@ __all__ = [
     "OBSERVERS",
     "RETAIN_KEYS",
     "WATCH_KEYS",
+    "WORKER_KEYS",
+    "WORKER_KINDS",
     "BestConfig",
     "Config",
     "ConfigError",
@@ -61,6 +66,7 @@ __all__ = [
     "RetainConfig",
     "Schema",
     "WatchConfig",
+    "WorkerConfig",
     "config_path",
     "default_database_url",
     "load_config",

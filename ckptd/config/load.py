@@ -24,6 +24,7 @@ from ckptd.config.schema import (
     KERAS_FEED,
     RETAIN_KEYS,
     WATCH_KEYS,
+    WORKER_KEYS,
     BestConfig,
     Config,
     ConfigError,
@@ -34,6 +35,7 @@ from ckptd.config.schema import (
     RetainConfig,
     Schema,
     WatchConfig,
+    WorkerConfig,
     is_function,
 )
 from ckptd.config.values import show
@@ -111,7 +113,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     Every problem is collected (then raised as one :class:`ConfigError`), so one edit fixes all.
     """
     reader = _Reader(source)
-    reader.section(dict(data), "", {}, subsections=("daemon", "watch"))
+    reader.section(dict(data), "", {}, subsections=("daemon", "watch", "worker"))
     daemon_raw = reader.section(data.get("daemon", {}), "daemon", DAEMON_KEYS)
     daemon_raw.setdefault("database", default_database_url())
     daemon_raw["database"] = urls.absolute(daemon_raw["database"], _base(source))
@@ -148,8 +150,29 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             if outer is not None and (problem := _overlap(outer, by_index[outer], j, inner)):
                 reader.fail(f"watch[{max(outer, j)}].path", problem)
                 break
+    worker = _worker(reader, data.get("worker", {}), [w for _, w in watches])
     reader.done()
-    return Config(source=source, daemon=daemon, watches=tuple(w for _, w in watches))
+    return Config(source=source, daemon=daemon, watches=tuple(w for _, w in watches), worker=worker)
+
+
+def _worker(reader: _Reader, raw: object, watches: list[WatchConfig]) -> WorkerConfig:
+    """``[worker]``; each of its watches must be the path of a [[watch]] (relative ones are
+    relative to the config file, as a watch's own path)."""
+    values = reader.section(raw, "worker", WORKER_KEYS)
+    if "watches" in values:
+        base, known = _base(reader.source), {w.path for w in watches}
+        # Resolved as a relative [[watch]] path is, so both name the same directory.
+        served = tuple(p if p.is_absolute() else (base / p).resolve() for p in values["watches"])
+        for p in served:
+            if p not in known:
+                listed = ", ".join(str(w.path) for w in watches) or "none"
+                reader.fail(
+                    "worker.watches",
+                    f"{p} is not the path of a [[watch]] in this file (watch paths: {listed}); "
+                    "a worker serves watches this config defines",
+                )
+        values["watches"] = served
+    return WorkerConfig(**values)
 
 
 def _base(source: str) -> Path:

@@ -134,6 +134,22 @@ class DaemonConfig:
     # Daemons sharing one database are told apart by name; each run is acted on by one of them.
     name: str = field(default_factory=socket.gethostname)
     lease_ttl: timedelta = timedelta(seconds=30)
+    # "workers": evaluations and exports are left to `ckptd worker` processes (no TF here).
+    evaluate_on: str = "local"
+
+
+WORKER_KINDS = ("evaluate", "export")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """``[worker]``: what a ``ckptd worker`` process serves (the daemon ignores it)."""
+
+    name: str = field(default_factory=socket.gethostname)
+    watches: tuple[Path, ...] | None = None  # the watch paths it serves; None: every watch
+    kinds: tuple[str, ...] = WORKER_KINDS
+    concurrency: int = 1  # warm TensorFlow workers, each working one job at a time
+    claim_ttl: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,7 @@ class Config:
     source: str
     daemon: DaemonConfig
     watches: tuple[WatchConfig, ...] = ()
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
 
 # ---------------------------------------------------------------- keys of each table
@@ -183,6 +200,14 @@ DAEMON_KEYS: Schema = {
     "debounce": v.duration("0s", "10s"),
     "name": v.daemon_name,
     "lease_ttl": v.duration("3s", "1h"),
+    "evaluate_on": v.choice("local", "workers"),
+}
+WORKER_KEYS: Schema = {
+    "name": v.daemon_name,
+    "watches": v.path_list,
+    "kinds": v.subset(*WORKER_KINDS),
+    "concurrency": v.whole(1, 64),
+    "claim_ttl": v.duration("3s", "1d"),
 }
 WATCH_KEYS: Schema = {
     "path": v.path,

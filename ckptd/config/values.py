@@ -166,6 +166,28 @@ def export_formats(value: object) -> tuple[str, ...]:
     return tuple(sorted(set(items), key=EXPORT_FORMATS.index))
 
 
+def path_list(value: object) -> tuple[Path, ...]:
+    """A non-empty list of paths (a worker's watches: each must be a [[watch]] path)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'expected a list of paths such as ["/data/runs"], got {show(value)}')
+    return tuple(dict.fromkeys(path(v) for v in value))
+
+
+def subset(*choices: str) -> Callable[[object], tuple[str, ...]]:
+    """A non-empty list of some of ``choices`` (in their order, each once)."""
+
+    def convert(value: object) -> tuple[str, ...]:
+        items = value if isinstance(value, list) else None
+        bad = [item for item in items or [] if item not in choices]
+        if not items or bad:
+            quoted = ", ".join(f'"{c}"' for c in choices)
+            got = show(bad[0]) if bad else show(value)
+            raise ValueError(f"expected a non-empty list of {quoted}, got {got}")
+        return tuple(c for c in choices if c in items)
+
+    return convert
+
+
 # ---------------------------------------------------------------- values checked by their user
 
 

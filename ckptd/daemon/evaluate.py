@@ -1,6 +1,8 @@
-"""The daemon's evaluation thread: does what `ckptd evaluate`/`freeze` hand it (``requests.py``)
-first, then works the queue (``api.evaluate``) as checkpoints are queued, and every few seconds
-for retries that have come due."""
+"""The evaluation thread of a daemon (and of each slot of a ``ckptd worker``): does what `ckptd
+evaluate`/`freeze` hand it (``requests.py``) first, then works the queue (``api.evaluate``) as
+checkpoints are queued, and every few seconds for retries that have come due (and, in a
+worker, for what daemons on other hosts queued). A daemon with ``evaluate_on = "workers"``
+only queues: its loop evaluates nothing."""
 
 from __future__ import annotations
 
@@ -24,10 +26,13 @@ class EvaluationLoop:
         evaluator: Evaluator,
         requests: RequestServer | None = None,
         runs: Callable[[], Collection[int]] | None = None,
+        *,
+        local: bool = True,
     ) -> None:
         self.evaluator = evaluator
         self.requests = requests
         self.runs = runs  # the runs this daemon may evaluate now (its leases); None: all
+        self.local = local  # False: evaluations are queued here, done by `ckptd worker`s
         self._wake = threading.Event()
 
     def enqueue(self, checkpoint_ids: Collection[int] | None = None, *, new: bool = False) -> None:
@@ -44,6 +49,8 @@ class EvaluationLoop:
     def serve(self, stop: threading.Event) -> None:
         """Look for requests every REQUEST_POLL; when woken (or every POLL_SECONDS), evaluate
         whatever can be claimed, one job at a time, looking for requests between two."""
+        if not self.local:
+            return
         poll = REQUEST_POLL if self.requests is not None else POLL_SECONDS
         next_pass = 0.0
         while not stop.is_set():

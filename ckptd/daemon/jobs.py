@@ -9,6 +9,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from ckptd.api import handoff
 from ckptd.api import prune as api_prune
 from ckptd.config import Config, WatchConfig
 from ckptd.core.model import Run
@@ -43,6 +44,7 @@ class Jobs:
         status = {
             "state": "running",
             "heartbeat_interval": d.config.daemon.heartbeat_interval.total_seconds(),
+            "evaluate_on": "local" if d.eval_loop.local else "workers",
             "watches": d.watcher.describe(),
             "counts": counts,
             "pending_rescans": len(d.dirty),
@@ -107,6 +109,11 @@ class Jobs:
         """Export the best checkpoint of each run of ``watch`` if it changed."""
         assert watch.freeze is not None
         d = self.daemon
+        if not d.eval_loop.local:  # evaluate_on = "workers": a job in the queue for them
+            for run in self.held_runs(watch):
+                if handoff.queue_export(d.store, run):
+                    log.info("queued the export of %s for a worker", run.name)
+            return
         # An export may wait for the shared worker to finish an evaluation, then runs under its
         # own timeout: only past both is it stuck.
         waits = watch.freeze.timeout + max(

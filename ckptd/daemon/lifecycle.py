@@ -210,7 +210,7 @@ class Supervisor:
             self._reload_failed(exc)
             return
         warn_missing_paths(new)
-        for key in ("database", "name", "lease_ttl"):
+        for key in ("database", "name", "lease_ttl", "evaluate_on"):
             if getattr(new.daemon, key) != getattr(old.daemon, key):
                 log.warning("the %s setting changed; it takes effect at the next restart", key)
         try:

@@ -89,7 +89,12 @@ class Daemon:
         self.requests = RequestServer(
             self.store, config.daemon.database, self.evaluator, self.freezer
         )
-        self.eval_loop = EvaluationLoop(self.evaluator, self.requests, runs=self.leases.held)
+        self.eval_loop = EvaluationLoop(
+            self.evaluator,
+            self.requests,
+            runs=self.leases.held,
+            local=config.daemon.evaluate_on == "local",  # else `ckptd worker`s do it
+        )
         self.eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
         self.scheduler = Scheduler(self.progress)
@@ -129,6 +134,7 @@ class Daemon:
                     status={
                         "state": "starting",
                         "heartbeat_interval": self.config.daemon.heartbeat_interval.total_seconds(),
+                        "evaluate_on": self.config.daemon.evaluate_on,
                         # The shape of WatchSet.describe(), before any observer exists.
                         "watches": [
                             {"path": str(w.path), "observer": "starting", "alive": False}
@@ -374,7 +380,8 @@ class Daemon:
         self.leases.start()
         n = self.backfill()
         self.evaluator.enqueue()
-        self.evaluator.run_pending()
+        if self.eval_loop.local:
+            self.evaluator.run_pending()
         for w in self.config.watches:
             if w.freeze is not None:
                 self.jobs.freeze(w)

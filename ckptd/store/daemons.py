@@ -183,3 +183,11 @@ def newest(store: Store) -> DaemonRecord | None:
     """:func:`latest` in a transaction of its own (is a daemon there to hand work to?)."""
     with store.session() as s:
         return latest(s)
+
+
+def running(store: Store, role: str) -> list[DaemonRecord]:
+    """The rows of ``role`` not marked stopped, newest first (a dead one's too: its heartbeat
+    tells the caller)."""
+    query = select(_daemons).where(_daemons.c.stopped_at.is_(None), _daemons.c.role == role)
+    with store.session() as s:
+        return [_record(r) for r in s.execute(query.order_by(_daemons.c.id.desc()))]

@@ -1,10 +1,11 @@
 """The evaluation queue (``evaluations`` rows): pending → running (claimed) → done | failed.
 
 A job is claimed by one conditional UPDATE that names its holder and an expiry
-(``claimed_by``, ``claimed_until``): of two processes that pick the same row, exactly one
-claims it; the holder renews the claim while it works, and a ``running`` row whose claim
-expired (its holder died) is claimable again. Results are written only while the claim is
-still the writer's, so a job taken over after an expiry is never recorded twice.
+(``claimed_by``, ``claimed_until``): of two processes (daemons, ``ckptd evaluate``, ``ckptd
+worker``) that pick the same row, exactly one claims it; the holder renews the claim while it
+works, and a ``running`` row whose claim expired (its holder died) is claimable again. Results
+are written only while the claim is still the writer's, so a job taken over after an expiry is
+never recorded twice.
 """
 
 from __future__ import annotations
@@ -178,9 +179,16 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
     """Claim one job for ``ttl``; None when another process got there first (or it is no
     longer claimable). Counts the attempt."""
     now = utcnow()
+    # PostgreSQL skips a row another claimer has locked instead of waiting for it (SQLite
+    # renders no FOR UPDATE: BEGIN IMMEDIATE serialises its writers).
+    unlocked = select(_e.c.id).where(_e.c.id == evaluation_id, _claimable(now))
     stmt = (
         update(_e)
-        .where(_e.c.id == evaluation_id, _claimable(now), _present())
+        .where(
+            _e.c.id.in_(unlocked.with_for_update(skip_locked=True).scalar_subquery()),
+            _claimable(now),
+            _present(),
+        )
         .values(
             status=RUNNING,
             claimed_by=store.holder,

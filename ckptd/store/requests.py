@@ -1,13 +1,16 @@
 """The ``requests`` table: work the CLI hands to a running daemon (``ckptd evaluate``/``freeze``).
 
-pending → running (claimed by the daemon, renewed while it works) → done | cancelled. The CLI
-inserts a row and polls it; the daemon polls for pending rows (one indexed SELECT), claims one by a
-conditional update, writes progress into ``result`` as it goes and the outcome at the end. A
-holder that dies leaves a claim that expires: the CLI waiting on it says so.
+pending → running (claimed by a daemon or a ``ckptd worker``, renewed while it works) → done |
+cancelled. The CLI inserts a row and polls it; a daemon whose exports are left to workers inserts
+one for each scheduled export. Daemons and workers poll for pending rows (one indexed SELECT),
+claim one by a conditional update, write progress into ``result`` as it goes and the outcome at
+the end. A holder that dies leaves a claim that expires: the row is then claimable again, unless
+the CLI waiting on it gave up first (``abandon``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,6 +28,7 @@ PENDING, RUNNING, DONE, CANCELLED = "pending", "running", "done", "cancelled"
 EVALUATE, FREEZE = "evaluate", "freeze"
 
 _q = table_of(RequestRow)
+_r = table_of(RunRow)
 KEEP = timedelta(days=1)  # how long finished (or abandoned) requests stay
 
 
@@ -100,16 +104,77 @@ def cancel(store: Store, request_id: int) -> bool:
         return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
-def any_claimable(store: Store) -> bool:
-    """Whether a request waits (the daemon's cheap poll: one indexed lookup)."""
+def submit_unless_open(
+    store: Store, kind: str, run_id: int, options: dict[str, Any], *, now: datetime | None = None
+) -> int | None:
+    """Queue a request of ``kind`` for the run unless one is pending or running (a scheduled
+    export is queued once, however often the schedule fires while it waits; one whose holder
+    died is claimable again); its id, or None. One transaction: two daemons cannot both."""
+    now = now or utcnow()
     with store.session() as s:
-        return s.scalar(select(_q.c.id).where(_q.c.status == PENDING).limit(1)) is not None
+        if store.dialect == "postgresql":  # (SQLite: BEGIN IMMEDIATE serialises writers)
+            s.execute(select(_r.c.id).where(_r.c.id == run_id).with_for_update())
+        open_ = s.scalar(
+            select(_q.c.id)
+            .where(_q.c.run_id == run_id, _q.c.kind == kind, _q.c.status.in_([PENDING, RUNNING]))
+            .limit(1)
+        )
+        if open_ is not None:
+            return None
+        return insert_id(
+            s,
+            insert(_q).values(
+                kind=kind,
+                run_id=run_id,
+                checkpoint_id=None,
+                options=options,
+                status=PENDING,
+                requested_by=store.holder,
+                requested_at=now,
+            ),
+        )
 
 
-def claim_next(store: Store, *, ttl: timedelta) -> Claimed | None:
-    """Claim the oldest pending request for ``ttl``."""
+def runs_of(store: Store, watch_paths: Collection[str]) -> list[int]:
+    """The runs of these watches (what a ``ckptd worker`` serves), for :func:`claim_next`."""
+    if not watch_paths:
+        return []
+    with store.session() as s:
+        return list(s.scalars(select(_r.c.id).where(_r.c.watch_path.in_(list(watch_paths)))))
+
+
+def _claimable(now: datetime) -> Any:
+    """Pending, or running under a claim that expired (its holder died: kill -9, power loss)."""
+    return or_(_q.c.status == PENDING, and_(_q.c.status == RUNNING, _q.c.claimed_until < now))
+
+
+def _narrowed(
+    claimable: Any, run_ids: Collection[int] | None, kinds: Collection[str] | None
+) -> Any:
+    if run_ids is not None:
+        claimable = and_(claimable, _q.c.run_id.in_(list(run_ids)))
+    if kinds is not None:
+        claimable = and_(claimable, _q.c.kind.in_(list(kinds)))
+    return claimable
+
+
+def any_claimable(store: Store, *, kinds: Collection[str] | None = None) -> bool:
+    """Whether a request waits (the cheap poll of daemons and workers: one indexed lookup)."""
+    with store.session() as s:
+        pick = select(_q.c.id).where(_narrowed(_claimable(utcnow()), None, kinds)).limit(1)
+        return s.scalar(pick) is not None
+
+
+def claim_next(
+    store: Store,
+    *,
+    ttl: timedelta,
+    run_ids: Collection[int] | None = None,
+    kinds: Collection[str] | None = None,
+) -> Claimed | None:
+    """Claim the oldest claimable request (of ``run_ids``' runs, of ``kinds``) for ``ttl``."""
     now = utcnow()
-    claimable = _q.c.status == PENDING  # (one a dead holder left running: its CLI gave up)
+    claimable = _narrowed(_claimable(now), run_ids, kinds)
     with store.session() as s:
         # Finished requests are kept a while for whoever polls them, then dropped here (only
         # when there is work, so an idle daemon never writes).
@@ -132,7 +197,7 @@ def claim_next(store: Store, *, ttl: timedelta) -> Claimed | None:
                 .values(status=RUNNING, claimed_by=store.holder, claimed_until=now + ttl)
             ).rowcount  # type: ignore[attr-defined]
             if not taken:
-                continue  # another daemon took it first
+                continue  # another daemon or worker took it first
             row = s.execute(
                 select(_q.c.kind, _q.c.run_id, _q.c.checkpoint_id, _q.c.options).where(
                     _q.c.id == request_id
@@ -165,6 +230,29 @@ def progress(store: Store, request_id: int, result: dict[str, Any], *, ttl: time
         update(_q)
         .where(_ours(store, request_id))
         .values(result=result, claimed_until=utcnow() + ttl)
+    )
+    with store.session() as s:
+        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def release(store: Store, request_id: int) -> bool:
+    """Give a request back unfinished (this process is stopping): pending for another."""
+    stmt = (
+        update(_q)
+        .where(_ours(store, request_id))
+        .values(status=PENDING, claimed_by=None, claimed_until=None)
+    )
+    with store.session() as s:
+        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def abandon(store: Store, request_id: int, holder: str) -> bool:
+    """The CLI waiting on a request gives up on ``holder`` (its claim lapsed, or it exited):
+    cancelled, unless another process has claimed it since (then the CLI waits on)."""
+    stmt = (
+        update(_q)
+        .where(_q.c.id == request_id, _q.c.status == RUNNING, _q.c.claimed_by == holder)
+        .values(status=CANCELLED, finished_at=utcnow())
     )
     with store.session() as s:
         return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
