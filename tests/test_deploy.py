@@ -453,6 +453,29 @@ def test_daemon_and_tf_workers_run_in_the_units_sandbox(tmp_path: Path, corpus: 
     assert exports and all(row == ("published", 1) for row in exports), exports
 
 
+@pytest.mark.parametrize("unit", ["ckptd.service", "ckptd-worker.service"])
+def test_units_command_lines_run(tmp_path: Path, unit: str) -> None:
+    """The unit's ExecStartPre and ExecStart as written parse and run: the schema upgrade for
+    real, the daemon's start as a one-shot backfill (``--once``), the worker's up to its help."""
+    conf = write_config(tmp_path / "ckptd.toml", tmp_path / "runs", db=tmp_path / "ckptd.db")
+    (tmp_path / "runs").mkdir()
+    d = _unit_directives(DEPLOY / unit)
+    env = {**ENV, "PYTHONPATH": f"{REPO}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+
+    def argv(line: str, *extra: str) -> list[str]:
+        words = line.replace("%E/ckptd/ckptd.toml", str(conf)).split()
+        assert words[:2] == ["/usr/bin/env", "ckptd"], line
+        return [PY, "-m", "ckptd", *words[2:], *extra]
+
+    ((pre,), (start,)) = d["Service.ExecStartPre"], d["Service.ExecStart"]
+    done = subprocess.run(argv(pre), capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert query(tmp_path / "ckptd.db", "select count(*) from alembic_version") == [(1,)]
+    extra = ("--once",) if " run " in f"{start} " else ("--help",)
+    done = subprocess.run(argv(start, *extra), capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 # --------------------------------------------------------------- the worker's unit
 
 WORKER_UNIT = DEPLOY / "ckptd-worker.service"

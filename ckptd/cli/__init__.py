@@ -35,6 +35,30 @@ COMMAND_MODULES = {
 MODULES = ("admin", "query", "manage", "work", "demo")
 
 
+def _config_after(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    obj = ctx.find_object(CliContext)  # set by the group, which parses first
+    if value is not None and obj is not None:
+        obj.config_arg = value
+
+
+def _accept_config(command: click.Command) -> None:
+    """Let ``--config FILE`` follow the command too (``ckptd run --config F``, as units and
+    people write it), not only precede it; the later one wins."""
+    if not any(p.name == "config_after" for p in command.params):
+        command.params.append(
+            click.Option(
+                ["--config", "-c", "config_after"],
+                metavar="FILE",
+                expose_value=False,
+                callback=_config_after,
+                help="Config file (the same as `ckptd --config FILE …`).",
+            )
+        )
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _accept_config(sub)
+
+
 class LazyGroup(click.Group):
     """A group whose commands are imported from ``ckptd.cli.<module>`` when first needed."""
 
@@ -42,6 +66,7 @@ class LazyGroup(click.Group):
         mod = importlib.import_module(f"ckptd.cli.{module}")
         for command in mod.COMMANDS:
             if command.name not in self.commands:
+                _accept_config(command)
                 self.add_command(command)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:

@@ -267,15 +267,8 @@ def freeze(ctx: CliContext, target: str, force: bool, here: bool, as_json: bool)
 
 
 @click.command()
-@click.option(
-    "--config",
-    "-c",
-    "config_arg",
-    metavar="FILE",
-    help="Config file (as `ckptd --config FILE worker`).",
-)
 @pass_ctx
-def worker(ctx: CliContext, config_arg: str | None) -> None:
+def worker(ctx: CliContext) -> None:
     """Do evaluations and exports for the daemons sharing the database (no watching).
 
     Claims jobs from the database — checkpoints the daemons queued for evaluation, exports of
@@ -294,8 +287,6 @@ def worker(ctx: CliContext, config_arg: str | None) -> None:
 
     from ckptd import logs
 
-    if config_arg is not None:
-        ctx.config_arg = config_arg
     config = ctx.config(required=True)
     logs.setup(config.daemon.log_level)
     from ckptd.daemon.workerproc import WorkerProcess
