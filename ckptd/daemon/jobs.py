@@ -90,14 +90,11 @@ class Jobs:
         if resumed:
             log.info("finished %d deletion(s) interrupted by the outage", resumed)
         d.deep_rescan_next()
-        d.scheduler.add(
-            interval(
-                "rescan",
-                d.config.daemon.rescan_interval,
-                self.needs_database(d.rescan),
-                run_now=True,
-            )
-        )
+        d.scheduler.add(self.rescan_job(d.config, run_now=True))
+
+    def rescan_job(self, config: Config, *, run_now: bool) -> Job:
+        rescan = self.needs_database(self.daemon.rescan)
+        return interval("rescan", config.daemon.rescan_interval, rescan, run_now=run_now)
 
     def needs_database(self, func: Callable[[], None]) -> Callable[[], None]:
         """``func`` as a job that is skipped while the database is unreachable (prune and
@@ -211,12 +208,7 @@ class Jobs:
     def daemon_jobs(self, config: Config, *, reload: bool = False) -> list[Job]:
         d = config.daemon
         return [
-            interval(
-                "rescan",
-                d.rescan_interval,
-                self.needs_database(self.daemon.rescan),
-                run_now=reload,
-            ),
+            self.rescan_job(config, run_now=reload),
             interval("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=not reload),
             interval("wal-checkpoint", WAL_CHECKPOINT_EVERY, self.daemon.checkpoint_wal),
             *self.watch_jobs(config),
