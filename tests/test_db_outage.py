@@ -23,8 +23,6 @@ import pytest
 
 from tests.conftest import ENV, GOLDEN, PY, REPO, ckptd, load_golden, wait_for, write_config
 
-pytestmark = [pytest.mark.pg, pytest.mark.slow]
-
 TRAIN = ("--steps", "300", "--save-every", "10", "--interval", "0.3")  # 30 saves, 0.3 s apart
 
 
@@ -136,6 +134,34 @@ def _recorded_events(url: str) -> list[str]:
     return [r[0] for r in _rows(url, "select subject from actions where kind = 'recorded'")]
 
 
+@pytest.mark.parametrize(
+    ("message", "invalidated", "unreachable"),
+    [
+        ('connection to server on socket "/s/.s.PGSQL.5432" failed: No such file', False, True),
+        ("connection timeout expired", False, True),
+        ("the database system is starting up", False, True),
+        ("terminating connection due to administrator command", True, True),
+        ('relation "runs" does not exist', False, False),
+        ("database is locked", False, False),
+    ],
+)
+def test_which_driver_errors_mean_the_database_is_unreachable(
+    message: str, invalidated: bool, unreachable: bool
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from ckptd.core.errors import StoreError
+    from ckptd.store.db import DatabaseUnreachable, store_error
+
+    exc = OperationalError("select 1", {}, Exception(message), connection_invalidated=invalidated)
+    error = store_error(exc)
+    assert isinstance(error, StoreError)
+    assert isinstance(error, DatabaseUnreachable) is unreachable
+    assert message in str(error)
+
+
+@pytest.mark.pg
+@pytest.mark.slow
 def test_database_unreachable_daemon_waits_reports_and_catches_up(
     tmp_path: Path, own_cluster: Any
 ) -> None:
@@ -215,6 +241,8 @@ def test_database_unreachable_daemon_waits_reports_and_catches_up(
         own_cluster.drop_database(url)
 
 
+@pytest.mark.pg
+@pytest.mark.slow
 def test_restart_under_load_loses_and_doubles_nothing(tmp_path: Path, own_cluster: Any) -> None:
     url = own_cluster.new_database()
     root = tmp_path / "runs"
@@ -258,6 +286,7 @@ def test_restart_under_load_loses_and_doubles_nothing(tmp_path: Path, own_cluste
         own_cluster.drop_database(url)
 
 
+@pytest.mark.pg
 def test_pg_helper_halts_and_restarts_keeping_data(own_cluster: Any) -> None:
     url = own_cluster.new_database()
     import psycopg
