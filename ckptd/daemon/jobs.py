@@ -83,13 +83,13 @@ class Jobs:
         return text
 
     def catch_up(self) -> None:
-        """The database answers again: finish deletions it interrupted, and rescan every run
-        now, deeply (not at the next rescan), so that what was written meanwhile is recorded."""
+        """The database answers again: finish deletions it interrupted, and rescan now (not at
+        the next rescan), so that what was written meanwhile is recorded (a quick rescan will do:
+        a reconcile that failed kept no fingerprint, so its run is listed again)."""
         d = self.daemon
         resumed = api_prune.resume(d.store)
         if resumed:
             log.info("finished %d deletion(s) interrupted by the outage", resumed)
-        d.deep_rescan_next()
         d.scheduler.add(self.rescan_job(d.config, run_now=True))
 
     def rescan_job(self, config: Config, *, run_now: bool) -> Job:

@@ -61,6 +61,7 @@ class Health:
     started: float = field(default_factory=time.time)
     last_reconcile: float = 0.0
     reconcile_errors: int = 0
+    db_ok: bool = True  # the last reconcile met no database error (an outage aside)
 
 
 class Daemon:
@@ -290,12 +291,14 @@ class Daemon:
         try:
             outcome = self.reconciler.reconcile(spec, observation)
             self.health.last_reconcile = time.time()
+            self.health.db_ok = True
         except Exception as exc:
             self.health.reconcile_errors += 1
             if isinstance(exc, DatabaseUnreachable):  # said once; caught up on when it ends
                 self.db.failed(exc)
-            else:
-                log.exception("reconciling %s failed; the next rescan retries", spec.path)
+                return Outcome(spec.name)
+            self.health.db_ok = "database" not in str(exc)
+            log.exception("reconciling %s failed; the next rescan retries", spec.path)
             return Outcome(spec.name)
         if outcome.new_complete_ids:
             try:
@@ -355,16 +358,14 @@ class Daemon:
         self._rescans += 1
         self.full_reconcile(quick=self._rescans % DEEP_RESCAN_EVERY != 0)
 
-    def deep_rescan_next(self) -> None:  # after a database outage
-        self._rescans = -1
-
     def working(self, stuck: list[Stuck] | None = None) -> bool:
         """Threads alive *and making progress*: nothing stuck for longer than its bound (what
         the systemd watchdog is pinged for: a restart would not bring a database back)."""
         if stuck is None:
             stuck = self.progress.stuck()
         alive = self.reconcile_thread is not None and self.reconcile_thread.is_alive()
-        return alive and not stuck and self.watcher.healthy() and self.scheduler.running()
+        threads = alive and self.watcher.healthy() and self.scheduler.running()
+        return threads and not stuck and self.health.db_ok
 
     def healthy(self, stuck: list[Stuck] | None = None) -> bool:
         """Working, and the database answers."""
