@@ -82,6 +82,15 @@ class Cluster:
         name = url.rsplit("/", 1)[1].split("?", 1)[0]
         self._psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server and keep its data (``restart`` brings it back): an outage. ``fast``
+        ends every session at once, as a restart of the service does."""
+        _as_postgres([str(self.bin / "pg_ctl"), "stop", "-D", str(self.root / "data"), "-m", mode])
+
+    def restart(self) -> None:
+        """Start the server stopped by :meth:`halt`, on the same socket and data."""
+        _pg_ctl_start(self.bin, self.root)
+
     def stop(self) -> None:
         _as_postgres(
             [str(self.bin / "pg_ctl"), "stop", "-D", str(self.root / "data"), "-m", "immediate"],
@@ -124,13 +133,18 @@ def start() -> Cluster:
             "--no-sync",
         ]
     )
+    _pg_ctl_start(bin_, root)
+    return Cluster(root, bin_, itertools.count(1))
+
+
+def _pg_ctl_start(bin_: Path, root: Path) -> None:
     options = f"-k {root / 'socket'} {_SERVER_OPTIONS}"
     _as_postgres(
         [
             str(bin_ / "pg_ctl"),
             "start",
             "-D",
-            str(data),
+            str(root / "data"),
             "-w",
             "-l",
             str(root / "log"),
@@ -138,4 +152,3 @@ def start() -> Cluster:
             options,
         ]
     )
-    return Cluster(root, bin_, itertools.count(1))

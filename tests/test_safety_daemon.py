@@ -337,8 +337,8 @@ def test_database_file_gone_exits_and_restart_records_everything(
 
     # The restart (systemd's Restart=on-failure) records everything on disk again.
     again = start(conf)
-    wait_alive(conf, again)
-    assert recorded(db) == before
+    wait_alive(conf, again)  # (alive from its claim on, before its backfill has committed)
+    wait_for(lambda: recorded(db) == before, timeout=30)
     os.kill(again.pid, signal.SIGTERM)
     assert again.wait(timeout=60) == 0
 

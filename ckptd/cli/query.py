@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -13,7 +11,6 @@ from ckptd.cli.output import (
     COUNT,
     CliContext,
     checkpoint_json,
-    daemon_json,
     event_json,
     export_text,
     fmt_size,
@@ -26,168 +23,35 @@ from ckptd.cli.output import (
 )
 from ckptd.core.model import Checkpoint, iso
 
-if TYPE_CHECKING:
-    from ckptd.api.status import DaemonStatus
-
-RUN_STATES = ("complete", "corrupt", "gone", "pruned")  # the counts `status` shows per run
 LS_TAIL = ("eval", "marks", "kept because", "recorded (UTC)")  # `ls` columns after the metrics
 
 
 @click.command()
+@click.option("-v", "--verbose", is_flag=True, help="Also list the runs each daemon holds.")
 @output_options
 @pass_ctx
-def status(ctx: CliContext, as_json: bool) -> None:
-    """Is the daemon alive, what does it watch, how many checkpoints in which state.
+def status(ctx: CliContext, verbose: bool, as_json: bool) -> None:
+    """Which daemons and workers are alive, what they watch and do, how many checkpoints in
+    which state.
 
     \b
     Examples:
       ckptd status
       ckptd status --json | jq .daemon.alive
+      ckptd status --json | jq '.workers[] | {name, alive, jobs}'
     """
     from ckptd.api.status import status as read_status
+    from ckptd.cli.status_view import echo_status, status_json
 
     st = read_status(ctx.store())
-    d = st.daemon
-    data = {
-        "daemon": daemon_json(d),
-        "counts": st.counts,
-        "evaluations": st.evaluations,
-        "exports": st.exports,
-        "runs": [dataclasses.asdict(r) for r in st.runs],
-        "newest": [checkpoint_json(c, False) for c in st.newest],
-        "export_retries": [
-            {
-                "run": r.run,
-                "step": r.step,
-                "checkpoint": r.checkpoint,
-                "attempt": r.attempt,
-                "next_attempt_at": iso(r.next_attempt_at),
-                "error": r.error,
-            }
-            for r in st.export_retries
-        ],
-        "problems": [
-            {
-                "at": iso(a.at),
-                "kind": a.kind,
-                "run": a.run,
-                "subject": a.subject,
-                "reason": a.reason,
-            }
-            for a in st.problems
-        ],
-        "warnings": [dataclasses.asdict(w) for w in st.warnings],
-        "other_daemons": [daemon_json(o) for o in st.other_daemons],
-    }
     if as_json:
-        print_json(data)
+        print_json(status_json(st))
         return
-    # click, not rich: plain text into a pipe, colours on a terminal, and nothing to import.
-    echo = click.echo
-    _echo_daemon(d)
-    for other in st.other_daemons:
-        _echo_daemon(other)
-    total = sum(st.counts.values())
-    echo(
-        f"checkpoints: {total} — "
-        + (", ".join(f"{n} {k}" for k, n in sorted(st.counts.items())) or "none yet")
-    )
-    if st.evaluations or st.exports:
-        echo(
-            "evaluations: "
-            + (", ".join(f"{n} {k}" for k, n in sorted(st.evaluations.items())) or "none")
-            + " — exports: "
-            + (", ".join(f"{n} {k}" for k, n in sorted(st.exports.items())) or "none")
-        )
-    for r in st.export_retries:
-        label = f"{r.run}@{r.step}" if r.step is not None else r.checkpoint
-        when = (
-            f"next attempt at {iso(r.next_attempt_at)}"
-            if r.next_attempt_at
-            else f"gave up; `ckptd freeze {label}` tries again"
-        )
-        echo(f"  export of {label} failed (attempt {r.attempt or 1}; {when}): {r.error}")
-    table(
-        "runs",
-        ["run", *RUN_STATES, "newest step", "path"],
-        [
-            [r.run, *(r.counts.get(k, 0) for k in RUN_STATES), r.newest_step, r.path]
-            for r in st.runs
-        ],
-        empty="no runs recorded yet",
-    )
-    for w in st.warnings:
-        echo(f"{click.style('warning:', fg='yellow')} run {w.run}: {w.message}")
-    if st.newest:
-        table(
-            "newest",
-            ["checkpoint", "recorded", "metrics"],
-            [[c.label, iso(c.recorded_at), _metrics_text(c.metrics)] for c in st.newest],
-        )
-    if st.problems:
-        table(
-            "recent problems and actions",
-            ["at", "kind", "subject", "reason"],
-            [[iso(a.at), a.kind, a.subject, a.reason] for a in st.problems],
-        )
-
-
-def _echo_daemon(d: DaemonStatus | None) -> None:
-    echo, style = click.echo, click.style
-    if d is None:
-        echo(
-            f"daemon: {style('never started', fg='yellow')} on this database "
-            "(start it with `ckptd run`)"
-        )
-        return
-    if d.alive:
-        echo(
-            f"daemon: {style('alive', fg='green')} — pid {d.pid} on {d.host}, since "
-            f"{iso(d.started_at)}, last heartbeat {iso(d.heartbeat_at)}"
-        )
-        health = style("healthy", fg="green") if d.healthy else style("unhealthy", fg="red")
-        now = time.time()
-        ago = ", ".join(f"{k} {now - float(v):.0f}s ago" for k, v in sorted((d.jobs or {}).items()))
-        echo(
-            f"  {health} (observers, scheduler, database, progress); last runs: {ago or 'none yet'}"
-        )
-        for item in d.stuck or []:
-            busy = f"{item.get('what')} for {item.get('seconds', 0):.0f} s"
-            echo(f"  {style('stuck:', fg='red')} {busy}")
-        if d.reload_error:
-            echo(
-                f"  {style('last reload failed, running the previous config:', fg='yellow')} "
-                f"{d.reload_error}"
-            )
-    elif d.unresponsive:
-        echo(
-            f"daemon: {style('unhealthy', fg='red')} — pid {d.pid} on {d.host} runs but wrote "
-            f"no heartbeat since {iso(d.heartbeat_at)} (stuck; its log and `systemctl status "
-            "ckptd` say on what)"
-        )
-    else:
-        why = "stopped" if d.stopped_at else "no heartbeat"
-        echo(f"daemon: {style('not running', fg='red')} ({why}; last seen {iso(d.heartbeat_at)})")
-    leases = f", lease expires {iso(d.lease_expires_at)}" if d.lease_expires_at else ""
-    echo(f"  name {d.name}, holds {d.runs_held} run(s){leases}")
-    for w in d.watches:
-        if isinstance(w, dict) and w.get("observer") == "waiting for path":
-            instead = f" (watching {w['watching']})" if w.get("watching") else ""
-            echo(f"  waiting for {w.get('path')}{instead}")
-        elif isinstance(w, dict):
-            echo(f"  watching {w.get('path')} ({w.get('observer')})")
-        else:
-            echo(f"  watching {w}")
+    echo_status(st, verbose=verbose)
 
 
 def _short_time(dt: Any) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S") if dt else ""
-
-
-def _metrics_text(metrics: dict[str, float], limit: int = 4) -> str:
-    items = list(metrics.items())
-    text = ", ".join(f"{k}={fmt_value(v)}" for k, v in items[:limit])
-    return text + (f", +{len(items) - limit}" if len(items) > limit else "")
 
 
 @click.command("ls")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection
 from ckptd.api.evaluate import EvalOutcome, Evaluator
 from ckptd.daemon import metrics
 from ckptd.daemon.requests import REQUEST_POLL, RequestServer
+from ckptd.store.db import DatabaseUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class EvaluationLoop:
                     for outcome in done:
                         metrics.evaluation(outcome.status, outcome.seconds)
                     self._requests(stop)
+            except DatabaseUnreachable:  # the heartbeat reports it; evaluation waits for it
+                stop.wait(POLL_SECONDS)
             except Exception:
                 log.exception("evaluation loop error; retrying shortly")
                 stop.wait(POLL_SECONDS)

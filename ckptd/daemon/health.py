@@ -9,6 +9,7 @@ when one ends, the outer item's clock restarts, as finishing an item is progress
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -17,7 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+from ckptd.core.model import iso, utcnow
 from ckptd.daemon.notify import watchdog_timeout
+
+log = logging.getLogger("ckptd.daemon.main")  # the name the journal has always shown
 
 # At start-up under systemd (NOTIFY_SOCKET set): one minute less than the unit's
 # TimeoutStartSec=10min, so ckptd exits 1 with its own message before systemd kills it.
@@ -105,3 +109,50 @@ class Progress:
         """What every thread is busy with now (for the log line of a forced exit)."""
         with self._lock:
             return sorted(stack[-1].what for stack in self._stacks.values() if stack)
+
+
+class DatabaseHealth:
+    """Whether the database answers this daemon: down from the first statement that could not
+    reach it, up again at the first that did. Each change is logged once; while it is down
+    the daemon is unhealthy, skips pruning and exporting, and keeps running."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down_since: float | None = None  # time.monotonic()
+        self.since = ""  # ISO time the outage began
+        self.error = ""
+
+    @property
+    def up(self) -> bool:
+        return self._down_since is None
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self.error = str(exc)
+            if self._down_since is not None:
+                return
+            self._down_since, self.since = time.monotonic(), iso(utcnow()) or ""
+        log.error(
+            "database unreachable: %s; not pruning or exporting, recording and heartbeats "
+            "wait, until it answers again",
+            exc,
+        )
+
+    def answered(self) -> float | None:
+        """A statement succeeded: how long the outage that this ends lasted, else None."""
+        with self._lock:
+            if self._down_since is None:
+                return None
+            seconds, self._down_since = time.monotonic() - self._down_since, None
+        log.warning("database reachable again after %.0f s; catching up", seconds)
+        return seconds
+
+    def status_text(self) -> str:
+        """What the sd_notify STATUS line says while it is down ("" while up)."""
+        if self.up:
+            return ""
+        return (
+            f"unhealthy, database unreachable since {self.since} ({self.error}); not pruning "
+            "or exporting, checkpoints are recorded when it answers: check that the database "
+            "server runs and that this host reaches it"
+        )

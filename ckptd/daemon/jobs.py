@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from ckptd.api import handoff
 from ckptd.api import prune as api_prune
+from ckptd.api import status as api_status
 from ckptd.config import Config, WatchConfig
 from ckptd.core.model import Run
 from ckptd.daemon import metrics
@@ -18,6 +20,7 @@ from ckptd.daemon.health import Stuck
 from ckptd.daemon.notify import notify
 from ckptd.daemon.scheduler import Job, cron, interval
 from ckptd.store import daemons, reads
+from ckptd.store.db import DatabaseUnreachable
 
 if TYPE_CHECKING:
     from ckptd.daemon.main import Daemon
@@ -37,36 +40,77 @@ class Jobs:
         return reads.count_states(self.daemon.store)
 
     def heartbeat(self) -> None:
+        """Write this daemon's status row and say it to systemd (and to the metrics). It is
+        also the database's probe: an outage is noticed and its end caught up on here."""
         d = self.daemon
-        counts = self.counts()
-        metrics.checkpoints(counts)
         stuck = d.progress.stuck()
-        status = {
-            "state": "running",
-            "heartbeat_interval": d.config.daemon.heartbeat_interval.total_seconds(),
-            "evaluate_on": "local" if d.eval_loop.local else "workers",
-            "watches": d.watcher.describe(),
-            "counts": counts,
-            "pending_rescans": len(d.dirty),
-            "jobs": {k: v for k, v in d.scheduler.last_success.items()},
-            "healthy": d.healthy(stuck),
-            "stuck": [{"what": s.what, "seconds": round(s.seconds, 1)} for s in stuck],
-            "stall_bound": d.progress.bound,
-            "reload_error": d.reload_error,
-        }
-        daemons.heartbeat(d.store, d.daemon_id, status)
-        text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
+        text = ""
+        try:
+            counts = self.counts()
+            if d.db.answered() is not None:
+                self.catch_up()
+            status = {
+                "state": "running",
+                "heartbeat_interval": d.config.daemon.heartbeat_interval.total_seconds(),
+                "evaluate_on": "local" if d.eval_loop.local else "workers",
+                "watches": d.watcher.describe(),
+                "counts": counts,
+                "pending_rescans": len(d.dirty),
+                "jobs": {k: v for k, v in d.scheduler.last_success.items()},
+                "healthy": d.healthy(stuck),
+                "stuck": [{"what": s.what, "seconds": round(s.seconds, 1)} for s in stuck],
+                "stall_bound": d.progress.bound,
+                "reload_error": d.reload_error,
+            }
+            daemons.heartbeat(d.store, d.daemon_id, status)
+            metrics.checkpoints(counts)
+            if metrics.enabled():
+                metrics.cluster(api_status.cluster(d.store))
+            text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no checkpoints yet"
+        except DatabaseUnreachable as exc:
+            d.db.failed(exc)
+        metrics.database_up(d.db.up)
         notify(self.status_line(stuck, text))
 
     def status_line(self, stuck: list[Stuck], counts: str = "") -> str:
         text = f"STATUS=watching {len(self.daemon.config.watches)} path(s)"
         if counts:
             text += f"; {counts}"
+        if not self.daemon.db.up:
+            text += "; " + self.daemon.db.status_text()
         if stuck:
             text += "; unhealthy, stuck: " + ", ".join(str(s) for s in stuck)
         if self.daemon.reload_error:
             text += f"; reload failed, running the previous config: {self.daemon.reload_error}"
         return text
+
+    def catch_up(self) -> None:
+        """The database answers again: finish deletions it interrupted, and rescan now (not at
+        the next rescan), so that what was written meanwhile is recorded (a quick rescan will do:
+        a reconcile that failed kept no fingerprint, so its run is listed again)."""
+        d = self.daemon
+        resumed = api_prune.resume(d.store)
+        if resumed:
+            log.info("finished %d deletion(s) interrupted by the outage", resumed)
+        d.scheduler.add(self.rescan_job(d.config, run_now=True))
+
+    def rescan_job(self, config: Config, *, run_now: bool) -> Job:
+        rescan = self.needs_database(self.daemon.rescan)
+        return interval("rescan", config.daemon.rescan_interval, rescan, run_now=run_now)
+
+    def needs_database(self, func: Callable[[], None]) -> Callable[[], None]:
+        """``func`` as a job that is skipped while the database is unreachable (prune and
+        export act on files the database must account for) and that notices an outage."""
+
+        def job() -> None:
+            if not self.daemon.db.up:
+                return  # the heartbeat said so; the next run after the outage does the work
+            try:
+                func()
+            except DatabaseUnreachable as exc:
+                self.daemon.db.failed(exc)
+
+        return job
 
     def held_runs(self, watch: WatchConfig) -> list[Run]:
         """The runs of ``watch`` this daemon holds the leases of (the others' are theirs)."""
@@ -134,24 +178,35 @@ class Jobs:
         for w in config.watches:
             if w.retain is not None:
                 jobs.append(
-                    interval(f"prune[{w.path}]", w.retain.every, functools.partial(self.prune, w))
+                    interval(
+                        f"prune[{w.path}]",
+                        w.retain.every,
+                        self.needs_database(functools.partial(self.prune, w)),
+                    )
                 )
             if w.evaluate is not None and w.evaluate.evaluator != "tfevents":
                 jobs.append(
                     interval(
-                        f"evaluate[{w.path}]", w.evaluate.every, self.evaluate_backlog, run_now=True
+                        f"evaluate[{w.path}]",
+                        w.evaluate.every,
+                        self.needs_database(self.evaluate_backlog),
+                        run_now=True,
                     )
                 )
             if w.freeze is not None and w.freeze.cron:
                 jobs.append(
-                    cron(f"freeze[{w.path}]", w.freeze.cron, functools.partial(self.freeze, w))
+                    cron(
+                        f"freeze[{w.path}]",
+                        w.freeze.cron,
+                        self.needs_database(functools.partial(self.freeze, w)),
+                    )
                 )
             elif w.freeze is not None:
                 jobs.append(
                     interval(
                         f"freeze[{w.path}]",
                         w.freeze.every,
-                        functools.partial(self.freeze, w),
+                        self.needs_database(functools.partial(self.freeze, w)),
                         run_now=True,
                     )
                 )
@@ -160,7 +215,7 @@ class Jobs:
     def daemon_jobs(self, config: Config, *, reload: bool = False) -> list[Job]:
         d = config.daemon
         return [
-            interval("rescan", d.rescan_interval, self.daemon.rescan, run_now=reload),
+            self.rescan_job(config, run_now=reload),
             interval("heartbeat", d.heartbeat_interval, self.heartbeat, run_now=not reload),
             interval("wal-checkpoint", WAL_CHECKPOINT_EVERY, self.daemon.checkpoint_wal),
             *self.watch_jobs(config),

@@ -17,6 +17,7 @@ from collections.abc import Collection
 
 from ckptd.core.model import utcnow
 from ckptd.store import audit, leases
+from ckptd.store.db import DatabaseUnreachable
 from ckptd.store.handle import Store
 from ckptd.store.leases import Hold
 
@@ -171,7 +172,9 @@ class LeaseKeeper:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self.renew()
-            except Exception:  # the database is away: retried next round, dropped past the TTL
+            except DatabaseUnreachable as exc:  # said once by the daemon; dropped past the TTL
+                log.debug("renewing the run leases failed; retrying: %s", exc)
+            except Exception:
                 log.warning("renewing the run leases failed; retrying", exc_info=True)
 
     def stop(self) -> None:

@@ -163,7 +163,7 @@ class Supervisor:
                 last_status = line
             else:
                 last_status = ""
-            if wd and d.healthy(stuck):
+            if wd and d.working(stuck):
                 notify("WATCHDOG=1")
 
     def _report_stuck(self, stuck: list[Stuck]) -> None:

@@ -31,7 +31,7 @@ from ckptd.core.recording import Observation
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.dirty import DirtyRuns, RunKey, run_key
 from ckptd.daemon.evaluate import EvaluationLoop
-from ckptd.daemon.health import Progress, Stuck, stall_bound
+from ckptd.daemon.health import DatabaseHealth, Progress, Stuck, stall_bound
 from ckptd.daemon.jobs import Jobs
 from ckptd.daemon.leases import LeaseKeeper
 from ckptd.daemon.lifecycle import Supervisor
@@ -42,6 +42,7 @@ from ckptd.daemon.scheduler import Scheduler
 from ckptd.daemon.watch import Watcher
 from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, stop_fork_server
 from ckptd.store import audit, daemons, migrate
+from ckptd.store.db import DatabaseUnreachable
 from ckptd.store.handle import Store
 from ckptd.store.urls import sqlite_path
 from ckptd.worker.client import WorkerClient
@@ -60,7 +61,7 @@ class Health:
     started: float = field(default_factory=time.time)
     last_reconcile: float = 0.0
     reconcile_errors: int = 0
-    db_ok: bool = True
+    db_ok: bool = True  # the last reconcile met no database error (an outage aside)
 
 
 class Daemon:
@@ -74,6 +75,7 @@ class Daemon:
         self.store = Store.open(config.daemon.database, wal_autocheckpoint=False, recreate=False)
         self.dirty = DirtyRuns()
         self.health = Health()
+        self.db = DatabaseHealth()
         self.progress = Progress(stall_bound(config.daemon.heartbeat_interval))
         # Which runs this daemon acts on among those sharing the database (renewed in a thread).
         self.leases = LeaseKeeper(
@@ -298,6 +300,9 @@ class Daemon:
             self.health.db_ok = True
         except Exception as exc:
             self.health.reconcile_errors += 1
+            if isinstance(exc, DatabaseUnreachable):  # said once; caught up on when it ends
+                self.db.failed(exc)
+                return Outcome(spec.name)
             self.health.db_ok = "database" not in str(exc)
             log.exception("reconciling %s failed; the next rescan retries", spec.path)
             return Outcome(spec.name)
@@ -359,18 +364,18 @@ class Daemon:
         self._rescans += 1
         self.full_reconcile(quick=self._rescans % DEEP_RESCAN_EVERY != 0)
 
-    def healthy(self, stuck: list[Stuck] | None = None) -> bool:
-        """Threads alive *and making progress*: nothing stuck for longer than its bound."""
+    def working(self, stuck: list[Stuck] | None = None) -> bool:
+        """Threads alive *and making progress*: nothing stuck for longer than its bound (what
+        the systemd watchdog is pinged for: a restart would not bring a database back)."""
         if stuck is None:
             stuck = self.progress.stuck()
         alive = self.reconcile_thread is not None and self.reconcile_thread.is_alive()
-        return (
-            alive
-            and not stuck
-            and self.watcher.healthy()
-            and self.scheduler.running()
-            and self.health.db_ok
-        )
+        threads = alive and self.watcher.healthy() and self.scheduler.running()
+        return threads and not stuck and self.health.db_ok
+
+    def healthy(self, stuck: list[Stuck] | None = None) -> bool:
+        """Working, and the database answers."""
+        return self.working(stuck) and self.db.up
 
     # ------------------------------------------------------------ run
 

@@ -7,7 +7,11 @@ unconditionally and pays nothing when metrics are off.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from datetime import UTC
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ckptd.api.status import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,36 @@ def serve(address: str) -> None:
         ["job"],
         registry=registry,
     )
+    _m["database_up"] = Gauge(
+        "ckptd_database_up",
+        "1 while the database answers this daemon, 0 while it is unreachable",
+        registry=registry,
+    )
+    _m["database_up"].set(1)
+    _m["members"] = Gauge(
+        "ckptd_cluster_members",
+        "Daemons and workers on the database (state: alive, stale or unresponsive)",
+        ["role", "name", "host", "state"],
+        registry=registry,
+    )
+    _m["heartbeat_age"] = Gauge(
+        "ckptd_heartbeat_age_seconds",
+        "Seconds since each daemon's and worker's last heartbeat",
+        ["role", "name"],
+        registry=registry,
+    )
+    _m["runs_held"] = Gauge(
+        "ckptd_runs_held", "Runs whose lease each daemon holds", ["daemon"], registry=registry
+    )
+    _m["lease_expiry"] = Gauge(
+        "ckptd_lease_expiry_timestamp_seconds",
+        "When the soonest lease of each daemon expires unless renewed",
+        ["daemon"],
+        registry=registry,
+    )
+    _m["worker_jobs"] = Gauge(
+        "ckptd_worker_jobs", "Jobs each worker has in flight", ["name"], registry=registry
+    )
     start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
     log.info("serving Prometheus metrics on http://%s/metrics", address)
 
@@ -93,3 +127,30 @@ def pruned(count: int, freed: int) -> None:
 def job_succeeded(name: str, when: float) -> None:
     if _m:
         _m["job"].labels(name).set(when)
+
+
+def database_up(up: bool) -> None:
+    if _m:
+        _m["database_up"].set(1 if up else 0)
+
+
+def cluster(view: Cluster) -> None:
+    """Every daemon and worker on the database, as the last heartbeat read them (members gone
+    since leave the metrics)."""
+    if not _m:
+        return
+    for name in ("members", "heartbeat_age", "runs_held", "lease_expiry", "worker_jobs"):
+        _m[name].clear()
+    for role, items in (("daemon", view.daemons), ("worker", view.workers)):
+        for m in items:
+            state = "alive" if m.alive else "unresponsive" if m.unresponsive else "stale"
+            _m["members"].labels(role, m.name, m.host, state).set(1)
+            _m["heartbeat_age"].labels(role, m.name).set(m.heartbeat_age)
+    for d in view.daemons:
+        _m["runs_held"].labels(d.name).set(d.runs_held)
+        if d.lease_expires_at is not None:
+            _m["lease_expiry"].labels(d.name).set(
+                d.lease_expires_at.replace(tzinfo=UTC).timestamp()
+            )
+    for w in view.workers:
+        _m["worker_jobs"].labels(w.name).set(len(w.jobs))

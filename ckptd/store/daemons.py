@@ -170,12 +170,25 @@ def latest(session: Session) -> DaemonRecord | None:
     return None if row is None else _record(row)
 
 
-def others(session: Session, newest: DaemonRecord | None) -> list[DaemonRecord]:
+def others(
+    session: Session, newest: DaemonRecord | None, *, seen_since: datetime | None = None
+) -> list[DaemonRecord]:
     """The other daemons not marked stopped, newest first: those sharing the database with
     ``newest`` (a dead one's row stays until a daemon of its name starts again)."""
-    query = select(_daemons).where(_daemons.c.stopped_at.is_(None), _daemons.c.role == DAEMON)
-    if newest is not None:
-        query = query.where(_daemons.c.id != newest.id)
+    return [
+        m
+        for m in members(session, seen_since=seen_since)
+        if m.role == DAEMON and (newest is None or m.id != newest.id)
+    ]
+
+
+def members(session: Session, *, seen_since: datetime | None = None) -> list[DaemonRecord]:
+    """Every daemon and worker not marked stopped, newest first, in one SELECT; with
+    ``seen_since``, only those whose last heartbeat is newer (one killed long ago, whose row
+    nobody marked stopped, is forgotten rather than listed forever)."""
+    query = select(_daemons).where(_daemons.c.stopped_at.is_(None))
+    if seen_since is not None:
+        query = query.where(_daemons.c.heartbeat_at > seen_since)
     return [_record(r) for r in session.execute(query.order_by(_daemons.c.id.desc()))]
 
 

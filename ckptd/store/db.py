@@ -18,8 +18,25 @@ from ckptd.store.urls import redacted, sqlite_path
 
 BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_S = 10
+TCP_KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
 # PostgreSQL's (psycopg's) wording of a server that cannot be reached, and of a missing table.
-_CONNECT_FAILED = re.compile(r"connection .*failed|could not connect|connection is bad")
+_CONNECT_FAILED = re.compile(
+    r"connection .*failed|could not connect|connection is bad|connection timeout expired"
+    r"|the database system is (starting up|shutting down|in recovery mode)"
+)
+
+
+class DatabaseUnreachable(StoreError):
+    """The database server does not answer (stopped, restarting, network down): a condition
+    that passes; what failed can be done again once it answers."""
+
+
 _NO_RELATION = re.compile(r'relation "[^"]*" does not exist')
 
 
@@ -103,8 +120,12 @@ def _server_engine(url: str, *, readonly: bool) -> Engine:
     from sqlalchemy.engine import make_url
 
     connect_args: dict[str, Any] = {}
-    if make_url(url).get_backend_name() == "postgresql" and "connect_timeout" not in url:
-        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    if make_url(url).get_backend_name() == "postgresql":
+        # Over TCP, a server that vanished (host down, partition) fails a statement within
+        # seconds instead of when the kernel gives up on the connection (hours): libpq's
+        # keepalives and user timeout; unused on a Unix socket. A URL's own settings win.
+        defaults = {"connect_timeout": CONNECT_TIMEOUT_S, **TCP_KEEPALIVE}
+        connect_args.update({k: v for k, v in defaults.items() if k not in url})
     engine = create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
     if readonly and engine.dialect.name == "postgresql":  # the CLI's reads: never a write
         engine = engine.execution_options(postgresql_readonly=True)
@@ -152,9 +173,14 @@ def store_error(exc: SQLAlchemyError | sqlite3.Error) -> StoreError:
             "for a long-running reader"
         )
     if operational and _CONNECT_FAILED.search(msg):
-        return StoreError(
+        return DatabaseUnreachable(
             f"cannot connect to the database ({msg}): check the URL, and that the server is "
             "running and lets this user in"
+        )
+    if getattr(exc, "connection_invalidated", False):  # the server went away mid-statement
+        return DatabaseUnreachable(
+            f"lost the connection to the database ({msg}): check that the server is running "
+            "and reachable from this host"
         )
     if "no such table" in msg or _NO_RELATION.search(msg):  # SQLite, PostgreSQL
         return StoreError(f"database schema is missing ({msg}): run `ckptd db upgrade`")

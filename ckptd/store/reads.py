@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, select
@@ -24,6 +25,7 @@ from ckptd.store.tables import (
     ExportRow,
     MetricRow,
     PinRow,
+    RunLeaseRow,
     json_text,
     table_of,
 )
@@ -305,26 +307,62 @@ class StatusRows:
     """What `ckptd status` reads, from one transaction (one consistent snapshot)."""
 
     daemon: daemons.DaemonRecord | None
-    others: list[daemons.DaemonRecord]  # other daemons sharing the database
-    leases: dict[str, leases.Held]  # by daemon name
+    others: list[daemons.DaemonRecord]  # the other daemons and the workers sharing the database
+    held: dict[str, list[tuple[str, datetime]]]  # daemon name -> (run, lease expiry), by run
     runs: list[RunSummary]
     newest: list[Checkpoint]
     work: dict[str, dict[str, int]]
     problems: list[Action]
 
 
-def status_rows(store: Store, *, newest: int, problems: int, kinds: Sequence[str]) -> StatusRows:
-    """The newest daemon, every run's summary, the ``newest`` complete checkpoints, work counts
-    and the ``problems`` newest events of ``kinds``. Set-based: a handful of statements however
-    many checkpoints there are."""
+def status_rows(
+    store: Store,
+    *,
+    newest: int,
+    problems: int,
+    kinds: Sequence[str],
+    seen_since: datetime | None = None,
+) -> StatusRows:
+    """The newest daemon, the other daemons and workers seen since ``seen_since``, every live
+    lease, every run's summary, the ``newest`` complete checkpoints, work counts and the
+    ``problems`` newest events of ``kinds``. Set-based: a handful of statements however many
+    checkpoints there are."""
     with store.session() as session:
         newest_daemon = daemons.latest(session)
         return StatusRows(
             newest_daemon,
-            daemons.others(session, newest_daemon),
-            leases.held_by_owner(session),
+            [
+                m
+                for m in daemons.members(session, seen_since=seen_since)
+                if newest_daemon is None or m.id != newest_daemon.id
+            ],
+            held_runs(session),
             run_summaries(session),
             checkpoints(session, states=["complete"], limit=newest, newest_first=True),
             work_counts(session),
             actions(session, limit=problems, kinds=kinds),
         )
+
+
+def cluster_rows(
+    store: Store, *, seen_since: datetime | None = None
+) -> tuple[list[daemons.DaemonRecord], dict[str, list[tuple[str, datetime]]]]:
+    """Every daemon and worker seen since ``seen_since`` and every live lease (two SELECTs)."""
+    with store.session() as session:
+        return daemons.members(session, seen_since=seen_since), held_runs(session)
+
+
+def held_runs(session: Session) -> dict[str, list[tuple[str, datetime]]]:
+    """Each daemon's live leases as (run name, expiry), by daemon name then run name: one
+    SELECT joining the leases to their runs."""
+    r, lease = runs_table.c, table_of(RunLeaseRow).c
+    rows = session.execute(
+        select(lease.owner, r.name, lease.expires_at)
+        .join(runs_table, r.id == lease.run_id)
+        .where(lease.expires_at > leases.db_now())
+        .order_by(lease.owner, r.name)
+    )
+    held: dict[str, list[tuple[str, datetime]]] = {}
+    for owner, run, expires_at in rows:
+        held.setdefault(owner, []).append((run, expires_at))
+    return held
