@@ -99,8 +99,9 @@ def _as_postgres(cmd: list[str], check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
-def start() -> Cluster:
-    """initdb and start a cluster; the caller stops it."""
+def start(extra_options: str = "") -> Cluster:
+    """initdb and start a cluster; the caller stops it. ``extra_options``: more server settings
+    (``-c name=value ...``; the benchmarks load pg_stat_statements with it)."""
     bin_ = bindir()
     assert bin_ is not None
     root = Path(tempfile.mkdtemp(prefix="ckptd-pg-"))
@@ -124,7 +125,7 @@ def start() -> Cluster:
             "--no-sync",
         ]
     )
-    options = f"-k {root / 'socket'} {_SERVER_OPTIONS}"
+    options = f"-k {root / 'socket'} {_SERVER_OPTIONS} {extra_options}"
     _as_postgres(
         [
             str(bin_ / "pg_ctl"),
