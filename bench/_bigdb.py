@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import db_time, is_postgres, libpq_url
+from _common import db_time, execute, is_postgres
 
 
 class _Dialect:
@@ -148,27 +147,6 @@ _DAEMON = (
     "stopped_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)"
 )
 TABLES = ("runs", "checkpoints", "metrics", "actions", "evaluations", "pins", "exports")
-
-
-def execute(db: Path | str, sql: list[tuple[str, tuple[Any, ...]]]) -> None:
-    """Run statements in one transaction (``?`` placeholders on both)."""
-    if is_postgres(db):
-        import psycopg
-
-        with psycopg.connect(libpq_url(str(db))) as pg:
-            for stmt, params in sql:
-                if params:
-                    pg.execute(stmt.replace("?", "%s"), params)  # type: ignore[arg-type]
-                else:  # no placeholders: a % in it is the operator
-                    pg.execute(stmt)  # type: ignore[arg-type]
-        return
-    con = sqlite3.connect(db)
-    try:
-        with con:
-            for stmt, params in sql:
-                con.execute(stmt, params)
-    finally:
-        con.close()
 
 
 def populate(db: Path | str, root: Path, config: Path, runs: int, per_run: int) -> dict[str, Any]:

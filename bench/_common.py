@@ -236,6 +236,28 @@ def query(db: Path | str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         con.close()
 
 
+def execute(db: Path | str, sql: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Run statements (``?`` placeholders on both) in one transaction on a SQLite file or a
+    PostgreSQL URL."""
+    if is_postgres(db):
+        import psycopg
+
+        with psycopg.connect(libpq_url(str(db))) as pg:
+            for stmt, params in sql:
+                if params:
+                    pg.execute(stmt.replace("?", "%s"), params)  # type: ignore[arg-type]
+                else:  # no placeholders: a % in it is the operator
+                    pg.execute(stmt)  # type: ignore[arg-type]
+        return
+    con = sqlite3.connect(db)
+    try:
+        with con:
+            for stmt, params in sql:
+                con.execute(stmt, params)
+    finally:
+        con.close()
+
+
 def db_epoch(value: str | datetime | None) -> float | None:
     """A naive-UTC DateTime as SQLAlchemy stores it (text in SQLite, a naive datetime from
     PostgreSQL) → Unix epoch seconds."""
