@@ -49,7 +49,7 @@ from ckptd.store.tables import (
     ScalarRow,
     table_of,
 )
-from ckptd.store.upsert import insert_many
+from ckptd.store.upsert import insert_many, insert_returning
 
 _CHUNK = 500  # ids or paths per IN (...): SQLite is slow with long lists
 # mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
@@ -212,7 +212,8 @@ def _insert_checkpoints(
 ) -> dict[str, int]:
     """Insert the new checkpoints; their ids by prefix. One executemany, then the ids by prefix
     (unique among live rows): cheaper than INSERT … RETURNING through the ORM, which
-    re-processes every row."""
+    re-processes every row. On PostgreSQL the one INSERT returns them (a SELECT by prefix there
+    was planned once, as a prepared statement, while the table was small: a sequential scan)."""
     new = changes.new
     rows = [
         (
@@ -237,6 +238,8 @@ def _insert_checkpoints(
         values = dict(zip(_CHECKPOINT_COLUMNS, rows[0], strict=True))
         return {new[0].prefix: insert_id(session, insert(_ckpts).values(**values))}
     conn = session.connection()
+    if conn.dialect.name == "postgresql":  # the ids come back from the INSERT itself
+        return dict(insert_returning(conn, _ckpts, _CHECKPOINT_COLUMNS, rows, ("prefix", "id")))
     insert_many(conn, _ckpts, _CHECKPOINT_COLUMNS, rows)
     ids: dict[str, int] = {}
     prefixes = [f.prefix for f in new]

@@ -44,7 +44,8 @@ def _compiled(
     hit = _COMPILED.get(key)
     if hit is not None:
         return hit
-    stmt = _dialect_insert(dialect.name)(table).values({c: bindparam(c) for c in columns})
+    # inline(): no implicit RETURNING of the primary key
+    stmt = _dialect_insert(dialect.name)(table).inline().values({c: bindparam(c) for c in columns})
     if conflict_keys and update:
         stmt = stmt.on_conflict_do_update(
             index_elements=list(conflict_keys), set_={c: stmt.excluded[c] for c in update}
@@ -92,6 +93,43 @@ def insert_many(
 ) -> int:
     """INSERT ``rows`` (tuples in ``columns`` order); with ``conflict_keys``, an upsert that
     sets ``update`` from the new row (or ignores the row when ``update`` is empty)."""
+    sql, order, params = _bound(conn, table, columns, rows, conflict_keys, update)
+    if not params:
+        return 0
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(sql, [tuple(row) for row in params])  # the driver wants tuples
+        return len(params)
+    params = _last_per_key(params, [order.index(columns.index(k)) for k in conflict_keys])
+    conn.exec_driver_sql(sql, _arrays(params))
+    return len(params)
+
+
+def insert_returning(
+    conn: Any,
+    table: Table,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    returning: Sequence[str],
+) -> list[Any]:
+    """PostgreSQL: INSERT ``rows`` as :func:`insert_many` does, and return the ``returning``
+    columns of each new row, from the same statement."""
+    sql, _order, params = _bound(conn, table, columns, rows, (), ())
+    if not params:
+        return []
+    quote = conn.dialect.identifier_preparer.quote
+    names = ", ".join(quote(table.c[c].name) for c in returning)
+    return list(conn.exec_driver_sql(f"{sql} RETURNING {names}", _arrays(params)))
+
+
+def _bound(
+    conn: Any,
+    table: Table,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    conflict_keys: Sequence[str],
+    update: Sequence[str],
+) -> tuple[str, list[int], list[Any]]:
+    """The statement, its parameter order, and the rows as lists in that order, converted."""
     sql, order, procs = _compiled(
         conn.dialect, table, tuple(columns), tuple(conflict_keys), tuple(update)
     )
@@ -114,14 +152,12 @@ def insert_many(
                 row[j] = memo[value] = proc(value)
             except TypeError:  # an unhashable value after all
                 row[j] = proc(value)
-    if not params:
-        return 0
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql(sql, [tuple(row) for row in params])  # the driver wants tuples
-        return len(params)
-    params = _last_per_key(params, [order.index(columns.index(k)) for k in conflict_keys])
-    conn.exec_driver_sql(sql, tuple(list(column) for column in zip(*params, strict=True)))
-    return len(params)
+    return sql, order, params
+
+
+def _arrays(params: list[Any]) -> tuple[list[Any], ...]:
+    """Rows as one array per column: the parameters of the unnest statement."""
+    return tuple(list(column) for column in zip(*params, strict=True))
 
 
 def upsert(
