@@ -161,7 +161,9 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
             key = (changes.incarnations.get(f.prefix, 1), f.format in KERAS_FORMATS)
             by_incarnation.setdefault(key, []).append(new_ids[f.prefix])
     if by_incarnation and len(changes.new) > 1 and conn.dialect.name == "postgresql":
-        _plan_bulk_attach(conn)
+        # Hash joins for a batch: without statistics (a new database, until autovacuum's first
+        # ANALYZE) PostgreSQL nests loops over every scalar x checkpoint of the run: quadratic.
+        conn.exec_driver_sql("SET LOCAL enable_nestloop = off")  # this transaction only
     for (n, keras), ids in by_incarnation.items():
         _attach_scalars(conn, run, ids, now, n, span(starts, n), keras)
     audit.record_many(
@@ -247,15 +249,6 @@ def _insert_checkpoints(
         chunk = prefixes[i : i + _CHUNK]
         ids.update((p, cid) for p, cid in conn.execute(_IDS_BY_PREFIX, {"prefixes": chunk}))
     return ids
-
-
-def _plan_bulk_attach(conn: Any) -> None:
-    """Join a run's scalars and its new checkpoints by hashing both, on PostgreSQL. Its planner
-    estimates one row per run while a table has no statistics (a new database: until
-    autovacuum's first ANALYZE), and then chooses nested loops that compare every scalar of the
-    run with every new checkpoint and every other scalar: quadratic, for a backfill. Hash joins
-    read each side once. For this transaction only; one new checkpoint keeps the default."""
-    conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
 
 
 def _attach_scalars(
