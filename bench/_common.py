@@ -54,20 +54,21 @@ def write_config(
     path: Path,
     watch: Path,
     *,
-    db: Path,
+    db: Path | str,
     runs: str | None = "*",
     observer: str = "auto",
     daemon: str = "",
     watch_extra: str = "",
 ) -> Path:
     """The TOML shape of tests/conftest.py's write_config, with the observer explicit
-    (``watch_extra``: more keys of the [[watch]] table)."""
+    (``db``: a SQLite file, or a database URL; ``watch_extra``: more keys of the [[watch]]
+    table)."""
     runs_line = f'runs = "{runs}"' if runs else ""
     path.write_text(
         textwrap.dedent(
             f"""\
             [daemon]
-            database = "sqlite:///{db}"
+            database = "{database_url(db)}"
             {daemon}
 
             [[watch]]
@@ -116,7 +117,7 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
-    def wait_running(self, db: Path, timeout: float = 60) -> None:
+    def wait_running(self, db: Path | str, timeout: float = 60) -> None:
         """Until the daemon's first heartbeat says "running" (backfill done, watchers started)."""
 
         def running() -> bool:
@@ -206,8 +207,28 @@ def check(proc: subprocess.CompletedProcess[str], what: str) -> None:
 # ------------------------------------------------------------------ database
 
 
-def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """A read-only query (the daemon may be writing; WAL lets us read alongside)."""
+def database_url(db: Path | str) -> str:
+    """The URL of a database given as a SQLite file (a Path) or already as a URL (a str)."""
+    return f"sqlite:///{db}" if isinstance(db, Path) else db
+
+
+def is_postgres(db: Path | str) -> bool:
+    return isinstance(db, str) and db.startswith("postgresql")
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy ``postgresql+psycopg://`` URL as psycopg itself takes it."""
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+def query(db: Path | str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """A read-only query (the daemon may be writing; WAL lets us read alongside) on a SQLite file
+    or a PostgreSQL URL (``?`` placeholders on both)."""
+    if is_postgres(db):
+        import psycopg
+
+        with psycopg.connect(libpq_url(str(db)), autocommit=True) as pg:
+            return pg.execute(sql.replace("?", "%s"), params).fetchall()  # type: ignore[arg-type]
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
         return con.execute(sql, params).fetchall()
@@ -215,16 +236,49 @@ def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         con.close()
 
 
-def db_epoch(text: str | None) -> float | None:
-    """A naive-UTC DateTime as SQLAlchemy stores it in SQLite → Unix epoch seconds."""
-    if text is None:
+def execute(db: Path | str, sql: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Run statements (``?`` placeholders on both) in one transaction on a SQLite file or a
+    PostgreSQL URL."""
+    if is_postgres(db):
+        import psycopg
+
+        with psycopg.connect(libpq_url(str(db))) as pg:
+            for stmt, params in sql:
+                if params:
+                    pg.execute(stmt.replace("?", "%s"), params)  # type: ignore[arg-type]
+                else:  # no placeholders: a % in it is the operator
+                    pg.execute(stmt)  # type: ignore[arg-type]
+        return
+    con = sqlite3.connect(db)
+    try:
+        with con:
+            for stmt, params in sql:
+                con.execute(stmt, params)
+    finally:
+        con.close()
+
+
+def db_epoch(value: str | datetime | None) -> float | None:
+    """A naive-UTC DateTime as SQLAlchemy stores it (text in SQLite, a naive datetime from
+    PostgreSQL) → Unix epoch seconds."""
+    if value is None:
         return None
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC).timestamp()
 
 
 def db_time(epoch: float) -> str:
     """Unix epoch seconds → the naive-UTC text SQLAlchemy stores for a DateTime."""
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _pg_error() -> type[Exception]:
+    try:
+        import psycopg
+    except ImportError:
+        return sqlite3.Error
+    return psycopg.Error
 
 
 def wait_for(
@@ -235,7 +289,7 @@ def wait_for(
     while time.monotonic() < deadline:
         try:
             last = predicate()
-        except sqlite3.Error:
+        except (sqlite3.Error, _pg_error()):
             last = None
         if last:
             return last

@@ -14,7 +14,10 @@ Anchor (same run, same files): a fresh Python that imports TensorFlow, then for 
 ``tf.train.get_checkpoint_state`` and ``tf.train.list_variables`` on every checkpoint it lists —
 the cheapest TensorFlow way to enumerate and open every checkpoint. It reads no event files.
 
-Usage: .venv/bin/python bench/backfill.py [--quick] [--profile]
+The same ``run --once`` into PostgreSQL (a throwaway local cluster, tests/pg.py) runs side by
+side, on a fresh database of its own.
+
+Usage: .venv/bin/python bench/backfill.py [--quick] [--database sqlite|postgresql|both] [--profile]
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ import subprocess
 import tempfile
 import textwrap
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import _pg
 from _common import (
     ENV,
     PY,
@@ -55,6 +60,8 @@ STEPS = 100  # checkpoints per run
 TARGET_RATE = 10_000.0  # checkpoints/s, including metrics
 TARGET_VS_ANCHOR = 2.0
 PREVIOUS_ANCHOR = "~480 checkpoints/s over 1,000"
+STORES = ("sqlite", "postgresql")
+LABEL = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 
 ANCHOR = textwrap.dedent(
     """
@@ -119,9 +126,11 @@ def build_corpus(work: Path, runs: int) -> tuple[Path, list[dict[str, Any]], dic
     return root, saves, info
 
 
-def run_ckptd(work: Path, root: Path, saves: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    db = work / "ckptd.db"
-    config = write_config(work / "ckptd.toml", root, db=db, runs="*", observer="auto")
+def run_ckptd(
+    work: Path, root: Path, saves: list[dict[str, Any]], n: int, db: Path | str, name: str
+) -> dict[str, Any]:
+    """``run --once`` into a fresh database ``db`` (a SQLite file or a PostgreSQL URL)."""
+    config = write_config(work / f"{name}.toml", root, db=db, runs="*", observer="auto")
     t_start = time.time()
     wall, proc = timed_run(ckptd_cmd(config, "run", "--once"))
     check(proc, "ckptd run --once")
@@ -131,7 +140,7 @@ def run_ckptd(work: Path, root: Path, saves: list[dict[str, Any]], n: int) -> di
         query(
             db,
             "select k, count(*) from (select checkpoint_id, count(*) k from metrics "
-            "where source = 'tfevents' group by checkpoint_id) group by k",
+            "where source = 'tfevents' group by checkpoint_id) per group by k",
         )
     )
     with_acc = query(
@@ -212,11 +221,10 @@ def run_anchor(root: Path, n: int) -> dict[str, Any]:
     return {**out, "wall_s": wall, "rate_wall": n / wall, "rate_excl_import": n / out["work_s"]}
 
 
-def profile(work: Path, root: Path) -> Path:
+def profile(work: Path, root: Path, db: Path | str, store: str) -> Path:
     """cProfile of one more ``run --once`` on a fresh database (not part of the timings)."""
-    db = work / "profile.db"
-    config = write_config(work / "profile.toml", root, db=db, runs="*")
-    prof = RESULTS / "backfill.prof"
+    config = write_config(work / f"profile-{store}.toml", root, db=db, runs="*")
+    prof = RESULTS / ("backfill.prof" if store == "sqlite" else f"backfill-{store}.prof")
     RESULTS.mkdir(parents=True, exist_ok=True)
     cmd = [PY, "-m", "cProfile", "-o", str(prof), "-m", "ckptd", "--config", str(config)]
     proc = subprocess.run(
@@ -230,147 +238,186 @@ def profile(work: Path, root: Path) -> Path:
     import pstats
 
     for key in ("tottime", "cumulative"):
-        print(f"\ncProfile of `ckptd run --once`, top 25 by {key}:")
+        print(f"\ncProfile of `ckptd run --once` ({LABEL[store]}), top 25 by {key}:")
         pstats.Stats(str(prof)).sort_stats(key).print_stats(25)
     return prof
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10 runs (1,000 checkpoints)")
-    ap.add_argument("--runs", type=int, default=None, help="number of runs (default 100)")
-    ap.add_argument("--profile", action="store_true", help="also cProfile one run --once")
-    args = ap.parse_args()
-    runs = args.runs or (10 if args.quick else 100)
-    n = runs * STEPS
-
-    with tempfile.TemporaryDirectory(prefix="ckptd-bench-backfill-") as tmp:
-        work = Path(tmp)
-        print(f"building the corpus: 1 real TF1 run × {runs} runs = {n:,} checkpoints …")
-        root, saves, corpus = build_corpus(work, runs)
-        print(
-            f"  trained in {corpus['train_s']:.1f} s, replicated in {corpus['replicate_s']:.1f} s"
-        )
-        print("ckptd run --once …", flush=True)
-        c = run_ckptd(work, root, saves, n)
-        print("anchor (import tensorflow; get_checkpoint_state + list_variables) …", flush=True)
-        a = run_anchor(root, n)
-        print("step read cost: run --once with and without it, alternately …", flush=True)
-        steps = step_read_cost(work, root)
-        prof = profile(work, root) if args.profile else None
-
-    r_wall = ratio(c["rate_wall"], a["rate_wall"])
-    print()
+def report(
+    n: int, runs: int, corpus: dict[str, Any], cs: dict[str, dict[str, Any]], a: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, bool]]:
+    """The side-by-side table (a ckptd column per store), the targets, the summary rows."""
     print(
         f"Backfill of {n:,} checkpoints in {runs} runs (each: .index + .data + .meta, "
         f"{corpus['checkpoint_bytes']:,} bytes; event files {corpus['root_event_bytes']:,} + "
         f"{corpus['eval_event_bytes']:,} bytes per run)"
     )
     print()
+
+    def row(label: str, key: Any, anchor: Any = "", digits: int = 3, vs: Any = None) -> list[Any]:
+        values = [key(c) for c in cs.values()]
+        ratios = [fmt_ratio(ratio(v, vs)) if vs is not None else "" for v in values]
+        return [label, *(fmt(v, digits) for v in values), anchor, *ratios]
+
+    def excl(c: dict[str, Any]) -> float | None:
+        return n / c["reconcile_s_logged"] if c["reconcile_s_logged"] else None
+
+    stores = [LABEL[k] for k in cs]
     print_table(
-        ["", "ckptd run --once", "anchor (TF)", "ratio"],
+        ["", *(f"ckptd {s}" for s in stores), "anchor (TF)", *(f"ratio {s}" for s in stores)],
         [
-            ["wall time, spawn → exit (s)", fmt(c["wall_s"], 3), fmt(a["wall_s"], 3), ""],
-            [
+            row("wall time, spawn → exit (s)", lambda c: c["wall_s"], fmt(a["wall_s"], 3)),
+            row(
                 "checkpoints/s (wall)",
-                fmt(c["rate_wall"], 0),
+                lambda c: c["rate_wall"],
                 fmt(a["rate_wall"], 0),
-                fmt_ratio(r_wall),
-            ],
-            [
-                "last row committed after spawn (s)",
-                fmt(c["last_commit_after_start_s"], 3),
-                "",
-                "",
-            ],
-            [
+                0,
+                a["rate_wall"],
+            ),
+            row("last row committed after spawn (s)", lambda c: c["last_commit_after_start_s"]),
+            row(
                 "checkpoints/s (to last commit)",
-                fmt(c["rate_last_commit"], 0),
+                lambda c: c["rate_last_commit"],
                 "",
-                fmt_ratio(ratio(c["rate_last_commit"], a["rate_wall"])),
-            ],
-            [
+                0,
+                a["rate_wall"],
+            ),
+            row(
                 "startup before first commit / import tensorflow (s)",
-                fmt(c["first_commit_after_start_s"], 3),
+                lambda c: c["first_commit_after_start_s"],
                 fmt(a["import_s"], 3),
-                "",
-            ],
-            [
+            ),
+            row(
                 "scan+record time logged / work after import (s)",
-                fmt(c["reconcile_s_logged"], 3),
+                lambda c: c["reconcile_s_logged"],
                 fmt(a["work_s"], 3),
-                "",
-            ],
-            [
+            ),
+            row(
                 "checkpoints/s excluding start-up",
-                fmt(n / c["reconcile_s_logged"], 0) if c["reconcile_s_logged"] else "n/a",
+                excl,
                 fmt(a["rate_excl_import"], 0),
-                fmt_ratio(
-                    ratio(n / c["reconcile_s_logged"], a["rate_excl_import"])
-                    if c["reconcile_s_logged"]
-                    else None
-                ),
-            ],
-            ["reads event-file metrics", "yes", "no", ""],
+                0,
+                a["rate_excl_import"],
+            ),
+            row("second run --once, nothing new (s)", lambda c: c["second_once_wall_s"]),
         ],
     )
     print()
-    print(
-        f"ckptd DB check: {c['complete']:,}/{n:,} complete; {c['with_eval_accuracy']:,} with "
-        f"eval/accuracy; tfevents metrics per checkpoint (count: checkpoints) "
-        f"{c['metrics_per_checkpoint_histogram']}; {c['metric_rows']:,} metric rows; "
-        f"run-000 eval/accuracy ≠ trainer's value: {c['accuracy_mismatches_run000']}"
+    summary, met = [], {}
+    for store, c in cs.items():
+        print(
+            f"ckptd DB check ({LABEL[store]}): {c['complete']:,}/{n:,} complete; "
+            f"{c['with_eval_accuracy']:,} with eval/accuracy; tfevents metrics per checkpoint "
+            f"(count: checkpoints) {c['metrics_per_checkpoint_histogram']}; "
+            f"{c['metric_rows']:,} metric rows; run-000 eval/accuracy ≠ trainer's value: "
+            f"{c['accuracy_mismatches_run000']}"
+        )
+        r_wall = ratio(c["rate_wall"], a["rate_wall"])
+        complete_ok = c["all_complete"] and c["with_eval_accuracy"] == n
+        met_rate = c["rate_wall"] >= TARGET_RATE and complete_ok
+        met_ratio = r_wall is not None and r_wall >= TARGET_VS_ANCHOR
+        met[store] = met_rate and met_ratio
+        print(
+            f"Targets ({LABEL[store]}): ckptd ≥ {TARGET_RATE:,.0f} checkpoints/s incl. metrics "
+            f"({n:,} in ≤ {n / TARGET_RATE:.2f} s): {fmt(met_rate)} ({c['wall_s']:.2f} s); ≥ "
+            f"{TARGET_VS_ANCHOR:.0f}× anchor: {fmt(met_ratio)} ({fmt_ratio(r_wall)})."
+        )
+        into = "" if store == "sqlite" else f" into {LABEL[store]}"
+        summary += [
+            summary_row(
+                f"backfill {n:,}{into}: checkpoints/s (wall)",
+                c["rate_wall"],
+                a["rate_wall"],
+                unit="ckpt/s",
+                target=f">= {TARGET_RATE:,.0f}/s and >= 2x anchor",
+                ok=met_rate and met_ratio,
+                ratio_value=r_wall,
+                ratio_label="ckptd/anchor",
+            ),
+            summary_row(
+                f"backfill {n:,}{into}: wall time",
+                c["wall_s"],
+                a["wall_s"],
+                unit="s",
+                target=f"<= {n / TARGET_RATE:.2f} s",
+                ok=met_rate,
+                ratio_value=ratio(a["wall_s"], c["wall_s"]),
+                ratio_label="anchor/ckptd",
+            ),
+        ]
+    print(f"Anchor measured before: {PREVIOUS_ANCHOR}.")
+    return summary, met
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10 runs (1,000 checkpoints)")
+    ap.add_argument("--runs", type=int, default=None, help="number of runs (default 100)")
+    ap.add_argument(
+        "--database",
+        choices=[*STORES, "both"],
+        default="both",
+        help="the store(s) to backfill into (default both, side by side; PostgreSQL is skipped "
+        "with the reason when it is not installed)",
     )
-    print(
-        f"second `run --once` on the same tree (restart, nothing new): "
-        f"{c['second_once_wall_s']:.3f} s"
-    )
-    print(
-        f"step read from the data file (best of {steps['pairs']} each, fresh databases): "
-        f"wall {steps['wall_on_s']:.3f} s with it, {steps['wall_off_s']:.3f} s without; "
-        f"scan+record logged {steps['record_on_s']:.3f} vs {steps['record_off_s']:.3f} s; "
-        f"cost {steps['cost_wall_s']:+.3f} s = {steps['cost_share_of_wall']:+.1%} of backfill "
-        f"wall time (target ≤ 10%)"
-    )
-    complete_ok = c["all_complete"] and c["with_eval_accuracy"] == n
-    met_rate = c["rate_wall"] >= TARGET_RATE and complete_ok
-    met_ratio = r_wall is not None and r_wall >= TARGET_VS_ANCHOR
+    ap.add_argument("--profile", action="store_true", help="also cProfile one run --once each")
+    args = ap.parse_args()
+    runs = args.runs or (10 if args.quick else 100)
+    n = runs * STEPS
+    stores = list(STORES) if args.database == "both" else [args.database]
+    why = _pg.unavailable() if "postgresql" in stores else None
+    if why:
+        print(f"PostgreSQL skipped: {why}")
+        if args.database == "postgresql":
+            return 1
+        stores.remove("postgresql")
+
+    with tempfile.TemporaryDirectory(prefix="ckptd-bench-backfill-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        cluster = stack.enter_context(_pg.cluster()) if "postgresql" in stores else None
+
+        def fresh(store: str, name: str) -> Path | str:
+            return work / f"{name}.db" if store == "sqlite" else cluster.new_database()
+
+        print(f"building the corpus: 1 real TF1 run × {runs} runs = {n:,} checkpoints …")
+        root, saves, corpus = build_corpus(work, runs)
+        print(
+            f"  trained in {corpus['train_s']:.1f} s, replicated in {corpus['replicate_s']:.1f} s"
+        )
+        cs = {}
+        for store in stores:
+            print(f"ckptd run --once into {LABEL[store]} …", flush=True)
+            cs[store] = run_ckptd(work, root, saves, n, fresh(store, "ckptd"), store)
+        print("anchor (import tensorflow; get_checkpoint_state + list_variables) …", flush=True)
+        a = run_anchor(root, n)
+        steps = None
+        if "sqlite" in stores:
+            print("step read cost: run --once with and without it, alternately …", flush=True)
+            steps = step_read_cost(work, root)
+        profs = (
+            [str(profile(work, root, fresh(s, f"profile-{s}"), s)) for s in stores]
+            if args.profile
+            else []
+        )
+
     print()
-    print(
-        f"Targets: ckptd ≥ {TARGET_RATE:,.0f} checkpoints/s incl. metrics ({n:,} in "
-        f"≤ {n / TARGET_RATE:.2f} s): {fmt(met_rate)} ({c['wall_s']:.2f} s); ≥ "
-        f"{TARGET_VS_ANCHOR:.0f}× anchor: {fmt(met_ratio)} ({fmt_ratio(r_wall)}). "
-        f"Anchor measured before: {PREVIOUS_ANCHOR}."
-    )
+    summary, met = report(n, runs, corpus, cs, a)
+    if steps is not None:
+        print(
+            f"step read from the data file (SQLite, best of {steps['pairs']} each, fresh "
+            f"databases): wall {steps['wall_on_s']:.3f} s with it, {steps['wall_off_s']:.3f} s "
+            f"without; scan+record logged {steps['record_on_s']:.3f} vs "
+            f"{steps['record_off_s']:.3f} s; cost {steps['cost_wall_s']:+.3f} s = "
+            f"{steps['cost_share_of_wall']:+.1%} of backfill wall time (target ≤ 10%)"
+        )
     print(
         "Notes: both read the same files, already in the page cache (just written). ckptd's "
         "wall time includes Python start-up, imports, creating the schema (create_all + stamp) "
         "on a fresh database and starting its observer processes; the anchor's includes "
-        "`import tensorflow`. Both vary from run to run on a shared machine: compare the "
-        "ratio of one run, not times across runs."
+        "`import tensorflow`. PostgreSQL is a local throwaway cluster on a Unix socket with "
+        "fsync off (tests/pg.py). All vary from run to run on a shared machine: compare the "
+        "ratios of one run, not times across runs."
     )
-    summary = [
-        summary_row(
-            f"backfill {n:,}: checkpoints/s (wall)",
-            c["rate_wall"],
-            a["rate_wall"],
-            unit="ckpt/s",
-            target=f">= {TARGET_RATE:,.0f}/s and >= 2x anchor",
-            ok=met_rate and met_ratio,
-            ratio_value=r_wall,
-            ratio_label="ckptd/anchor",
-        ),
-        summary_row(
-            f"backfill {n:,}: wall time",
-            c["wall_s"],
-            a["wall_s"],
-            unit="s",
-            target=f"<= {n / TARGET_RATE:.2f} s",
-            ok=met_rate,
-            ratio_value=ratio(a["wall_s"], c["wall_s"]),
-            ratio_label="anchor/ckptd",
-        ),
-    ]
     save_result(
         "backfill",
         {
@@ -378,12 +425,13 @@ def main() -> int:
             "runs": runs,
             "checkpoints": n,
             "corpus": corpus,
-            "ckptd": c,
+            "ckptd": cs.get("sqlite"),
+            "ckptd_postgresql": cs.get("postgresql"),
             "step_read": steps,
             "anchor": a,
-            "ratio_rate_wall": r_wall,
-            "targets_met": {"rate": met_rate, "vs_anchor": met_ratio},
-            "profile": str(prof) if prof else None,
+            "ratio_rate_wall": {s: ratio(c["rate_wall"], a["rate_wall"]) for s, c in cs.items()},
+            "targets_met": met,
+            "profile": profs,
             "summary": summary,
         },
     )

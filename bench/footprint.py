@@ -11,15 +11,17 @@
     then once a second ``tf.train.latest_checkpoint(run)`` for each of the R runs (on an identical
     hard-linked copy of the tree, so its reads cause no inotify events in the daemon).
 
-(b) A database created by ``ckptd db upgrade`` and filled directly with sqlite3: 100 runs × 1,000
-    checkpoints (mixed states), 3 metrics each, an audit action for each, a few pins, evaluations
-    and exports. Timed (wall, spawn → exit, median of N): ``ckptd status``, ``ckptd status
+(b) A database created by ``ckptd db upgrade`` and filled directly by SQL (bench/_bigdb.py):
+    100 runs × 1,000 checkpoints (mixed states; ``--checkpoints N``: N / 1,000 runs), 3 metrics
+    each, an audit action for each, a few pins, evaluations and exports; SQLite, or PostgreSQL
+    (``--database postgresql|both``: a throwaway local cluster). Timed (wall, spawn → exit, median of N): ``ckptd status``, ``ckptd status
     --json``, ``ckptd ls RUN --json`` (1,000 checkpoints). Anchors: a fresh Python that imports
     TensorFlow and reads every run's ``checkpoint`` state file with ``tf.train.
     get_checkpoint_state`` (count + newest per run: the TF way to get a "status"), and the same for
     one run, printing its 1,000 paths as JSON (the TF way to get an "ls").
 
 Usage: .venv/bin/python bench/footprint.py [--quick] [--only idle|status] [--repeat N]
+    [--checkpoints N] [--database sqlite|postgresql|both]
 (``--only status`` runs part (b) alone; ``--skip-cli`` is ``--only idle``.)
 """
 
@@ -29,15 +31,16 @@ import argparse
 import itertools
 import json
 import os
-import random
-import sqlite3
 import subprocess
 import tempfile
 import textwrap
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import _pg
+from _bigdb import populate, touch_heartbeat
 from _common import (
     ENV,
     PY,
@@ -46,7 +49,6 @@ from _common import (
     check,
     ckptd_cmd,
     cpu_seconds,
-    db_time,
     fmt,
     fmt_ratio,
     inotify_watches,
@@ -213,160 +215,6 @@ def idle(work: Path, runs: int, window: float, rescan: float) -> dict[str, Any]:
 # ------------------------------------------------------------------ (b) status / ls on a big DB
 
 
-def populate(db: Path, root: Path, runs: int, per_run: int) -> dict[str, int]:
-    """Rows as the daemon writes them (see migrations/versions/0001_initial_schema.py)."""
-    rng = random.Random(0)
-    now = time.time()
-    t0 = now - 7 * 86400
-    con = sqlite3.connect(db)
-    con.execute("PRAGMA foreign_keys = ON")
-    counts: dict[str, int] = {}
-    with con:
-        con.execute(
-            "insert into daemons (host, pid, version, config, started_at, heartbeat_at, "
-            "stopped_at, status) values (?, ?, ?, ?, ?, ?, NULL, ?)",
-            (
-                os.uname().nodename,
-                os.getpid(),
-                "0.1.0",
-                str(db.parent / "status.toml"),
-                db_time(now - 3600),
-                db_time(now),
-                json.dumps(
-                    {
-                        "state": "running",
-                        "heartbeat_interval": 10.0,
-                        "watches": [{"path": str(root), "observer": "inotify", "alive": True}],
-                    }
-                ),
-            ),
-        )
-        cid = 0
-        ckpts, metrics, actions, evals, pins, exports = [], [], [], [], [], []
-        for r in range(runs):
-            run_id = r + 1
-            name = f"run-{r:03d}"
-            path = root / name
-            con.execute(
-                "insert into runs (id, name, path, watch_path, present, created_at, scanned_at) "
-                "values (?, ?, ?, ?, 1, ?, ?)",
-                (run_id, name, str(path), str(root), db_time(t0), db_time(now)),
-            )
-            for s in range(1, per_run + 1):
-                cid += 1
-                t = t0 + s * 60 + r
-                state, reason, gone_at = "complete", None, None
-                if r > 0:  # run-000 stays all complete: the `ls` target
-                    if r % 2 and s <= per_run * 3 // 10:
-                        state, reason = "pruned", "retention: not in keep_last/keep_best"
-                    elif s % 50 == 0:
-                        state, reason, gone_at = "gone", "deleted outside ckptd", db_time(t + 30)
-                    elif s % 97 == 0:
-                        state, reason = "corrupt", "index: bad magic number"
-                stem = f"model.ckpt-{s}"
-                ckpts.append(
-                    (
-                        cid,
-                        run_id,
-                        str(path / stem),
-                        s,
-                        "tf1",
-                        state,
-                        reason,
-                        105_614,
-                        json.dumps(
-                            [f"{stem}.data-00000-of-00001", f"{stem}.index", f"{stem}.meta"]
-                        ),
-                        1,
-                        json.dumps([744, int(t * 1e9), 1, 1]),
-                        db_time(t),
-                        db_time(t + 0.005),
-                        db_time(t + 0.005) if state != "corrupt" else None,
-                        gone_at,
-                    )
-                )
-                acc = min(1.0, 0.1 + 0.9 * s / per_run + rng.uniform(-0.05, 0.05))
-                for mname, value in (
-                    ("eval/accuracy", acc),
-                    ("eval/loss", 2.5 * (1 - acc) + 0.1),
-                    ("loss", 2.4 * (1 - acc) + 0.12),
-                ):
-                    metrics.append((cid, mname, value, s, "tfevents", db_time(t + 0.005)))
-                actions.append(
-                    (
-                        db_time(t + 0.005),
-                        "recorded" if state != "corrupt" else "corrupt",
-                        run_id,
-                        cid,
-                        str(path / stem),
-                        reason if state == "corrupt" else None,
-                        json.dumps({"step": s, "format": "tf1"}),
-                    )
-                )
-                if state in ("gone", "pruned"):
-                    actions.append(
-                        (
-                            db_time(t + 3600),
-                            state,
-                            run_id,
-                            cid,
-                            str(path / stem),
-                            reason,
-                            json.dumps({}),
-                        )
-                    )
-                if r == 0:
-                    evals.append(
-                        (cid, "done", 1, None, 1.5, db_time(t + 1), db_time(t + 2.5), None)
-                    )
-            pins.append((cid, "release candidate", db_time(now)))
-            if r < 3:
-                exports.append(
-                    (cid, "saved_model", per_run, f"/srv/models/{name}/{per_run}", db_time(now))
-                )
-        con.executemany(
-            "insert into checkpoints (id, run_id, prefix, step, format, state, reason, "
-            "size_bytes, files, has_meta, signature, created_at, recorded_at, completed_at, "
-            f"gone_at) values ({', '.join('?' * 15)})",
-            ckpts,
-        )
-        con.executemany(
-            "insert into metrics (checkpoint_id, name, value, step, source, recorded_at) "
-            "values (?, ?, ?, ?, ?, ?)",
-            metrics,
-        )
-        con.executemany(
-            "insert into actions (at, kind, run_id, checkpoint_id, subject, reason, detail) "
-            "values (?, ?, ?, ?, ?, ?, ?)",
-            actions,
-        )
-        con.executemany(
-            "insert into evaluations (checkpoint_id, status, attempts, error, duration_s, "
-            "started_at, finished_at, next_attempt_at) values (?, ?, ?, ?, ?, ?, ?, ?)",
-            evals,
-        )
-        con.executemany(
-            "insert into pins (checkpoint_id, reason, created_at) values (?, ?, ?)", pins
-        )
-        con.executemany(
-            "insert into exports (checkpoint_id, format, version, path, status, verified, "
-            "error, created_at, removed_at) values (?, ?, ?, ?, 'published', 1, NULL, ?, NULL)",
-            exports,
-        )
-    for table in ("runs", "checkpoints", "metrics", "actions", "evaluations", "pins", "exports"):
-        counts[table] = con.execute(f"select count(*) from {table}").fetchone()[0]
-    con.close()
-    return counts
-
-
-def touch_heartbeat(db: Path) -> None:
-    """What a live daemon does every heartbeat_interval, so `status` keeps seeing it alive."""
-    con = sqlite3.connect(db)
-    with con:
-        con.execute("update daemons set heartbeat_at = ?", (db_time(time.time()),))
-    con.close()
-
-
 def timed_median(
     cmd: list[str], repeat: int, what: str, before: Any = None
 ) -> tuple[float, list[float], str]:
@@ -382,18 +230,17 @@ def timed_median(
     return median(times), times, out  # type: ignore[return-value]
 
 
-def cli(work: Path, runs: int, per_run: int, repeat: int) -> dict[str, Any]:
+def cli(work: Path, db: Path | str, runs: int, per_run: int, repeat: int) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
     root = work / "status-runs"
-    db = work / "status.db"
     config = write_config(work / "status.toml", root, db=db, runs="*")
     wall_upgrade, proc = timed_run(ckptd_cmd(config, "db", "upgrade"))
     check(proc, "ckptd db upgrade")
-    t0 = time.perf_counter()
-    counts = populate(db, root, runs, per_run)
-    t_populate = time.perf_counter() - t0
+    counts = populate(db, root, config, runs, per_run)
+    t_populate = counts.pop("seconds")
     # State files for the TF anchors: each run's `checkpoint` lists its checkpoints.
     for r in range(runs):
-        d = root / f"run-{r:03d}"
+        d = root / f"run-{r:04d}"
         d.mkdir(parents=True)
         prefixes = [str(d / f"model.ckpt-{s}") for s in range(1, per_run + 1)]
         lines = [f'model_checkpoint_path: "{prefixes[-1]}"']
@@ -422,7 +269,7 @@ def cli(work: Path, runs: int, per_run: int, repeat: int) -> dict[str, Any]:
         "runs": len(data["runs"]),
     }
     med, all_, out = timed_median(
-        ckptd_cmd(config, "ls", "run-000", "--json"), repeat, "ckptd ls --json"
+        ckptd_cmd(config, "ls", "run-0000", "--json"), repeat, "ckptd ls --json"
     )
     items = json.loads(out)
     res["ls_json"] = {
@@ -434,7 +281,9 @@ def cli(work: Path, runs: int, per_run: int, repeat: int) -> dict[str, Any]:
     }
     med, all_, out = timed_median([PY, "-c", STATUS_ANCHOR, str(root)], repeat, "status anchor")
     res["status_anchor"] = {"median_s": med, "runs_s": all_, "runs": len(json.loads(out))}
-    med, all_, out = timed_median([PY, "-c", LS_ANCHOR, str(root / "run-000")], repeat, "ls anchor")
+    med, all_, out = timed_median(
+        [PY, "-c", LS_ANCHOR, str(root / "run-0000")], repeat, "ls anchor"
+    )
     res["ls_anchor"] = {"median_s": med, "runs_s": all_, "items": len(json.loads(out))}
     return res
 
@@ -523,10 +372,16 @@ def report_idle(a: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, bool
     return summary, {"rss": met_rss, "idle_cpu": met_cpu}
 
 
-def report_cli(b: dict[str, Any], repeat: int) -> tuple[list[dict[str, Any]], dict[str, bool]]:
+def report_cli(
+    b: dict[str, Any], repeat: int, store: str
+) -> tuple[list[dict[str, Any]], dict[str, bool]]:
     print()
     rows_txt = ", ".join(f"{k} {v:,}" for k, v in b["db_rows"].items())
-    print(f"(b) Read CLI on a database of {rows_txt}; wall time spawn → exit, median of {repeat}")
+    label = "SQLite" if store == "sqlite" else "PostgreSQL"
+    print(
+        f"(b) Read CLI on a {label} database of {rows_txt} (filled in {b['populate_s']:.0f} s); "
+        f"wall time spawn → exit, median of {repeat}"
+    )
     print()
     s, sj, ls = b["status"], b["status_json"], b["ls_json"]
     sa, la = b["status_anchor"], b["ls_anchor"]
@@ -548,7 +403,7 @@ def report_cli(b: dict[str, Any], repeat: int) -> tuple[list[dict[str, Any]], di
                 " ".join(f"{x:.3f}" for x in sj["runs_s"]),
             ],
             [
-                "ckptd ls run-000 --json (1,000)",
+                "ckptd ls run-0000 --json (1,000)",
                 fmt(ls["median_s"], 3),
                 fmt(la["median_s"], 3),
                 fmt_ratio(ratio(la["median_s"], ls["median_s"])),
@@ -565,6 +420,8 @@ def report_cli(b: dict[str, Any], repeat: int) -> tuple[list[dict[str, Any]], di
         f"listed {la['items']:,} paths"
     )
     met_status = max(s["median_s"], sj["median_s"]) <= TARGET_STATUS_S
+    size = f"{b['db_rows']['checkpoints'] // 1000:,}k"
+    on = "" if store == "sqlite" else ", PostgreSQL"
     print(
         f"Target: status ≤ {TARGET_STATUS_S} s: {fmt(met_status)}. Anchors: `import tensorflow` "
         "+ tf.train.get_checkpoint_state (per-run counts and newest, from the state files: no "
@@ -572,7 +429,7 @@ def report_cli(b: dict[str, Any], repeat: int) -> tuple[list[dict[str, Any]], di
     )
     summary = [
         summary_row(
-            "status (100k ckpts), median",
+            f"status ({size} ckpts{on}), median",
             s["median_s"],
             sa["median_s"],
             unit="s",
@@ -582,7 +439,7 @@ def report_cli(b: dict[str, Any], repeat: int) -> tuple[list[dict[str, Any]], di
             ratio_label="anchor/ckptd",
         ),
         summary_row(
-            "status --json (100k), median",
+            f"status --json ({size}{on}), median",
             sj["median_s"],
             sa["median_s"],
             unit="s",
@@ -592,7 +449,7 @@ def report_cli(b: dict[str, Any], repeat: int) -> tuple[list[dict[str, Any]], di
             ratio_label="anchor/ckptd",
         ),
         summary_row(
-            "ls RUN --json (1,000), median",
+            f"ls RUN --json (1,000{on}), median",
             ls["median_s"],
             la["median_s"],
             unit="s",
@@ -621,19 +478,36 @@ def main() -> int:
         "--only",
         choices=["idle", "status"],
         default=None,
-        help="run only part (a) (idle) or only part (b) (status / ls on the 100k-checkpoint DB)",
+        help="run only part (a) (idle) or only part (b) (status / ls on the big DB)",
     )
     ap.add_argument(
         "--repeat", type=int, default=None, help="runs per timed command (default 5; 3 --quick)"
+    )
+    ap.add_argument(
+        "--checkpoints",
+        type=int,
+        default=100_000,
+        help="checkpoints in part (b)'s database, 1,000 a run (default 100,000)",
+    )
+    ap.add_argument(
+        "--database",
+        choices=["sqlite", "postgresql", "both"],
+        default="sqlite",
+        help="part (b)'s store(s); PostgreSQL is a throwaway local cluster (tests/pg.py)",
     )
     args = ap.parse_args()
     only = "idle" if args.skip_cli else args.only
     idle_runs = 200 if args.quick else 1000
     window = args.window or (20.0 if args.quick else 150.0)
     repeat = args.repeat or (3 if args.quick else 5)
-    status_runs, per_run = 100, 1000
+    per_run = 1000
+    status_runs = max(1, args.checkpoints // per_run)
+    stores = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
+    if only != "idle" and "postgresql" in stores and _pg.unavailable():
+        print(f"PostgreSQL skipped: {_pg.unavailable()}")
+        stores.remove("postgresql")
 
-    with tempfile.TemporaryDirectory(prefix="ckptd-bench-footprint-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ckptd-bench-footprint-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         a = None
         if only != "status":
@@ -641,26 +515,39 @@ def main() -> int:
                 f"(a) idle daemon watching {idle_runs:,} runs, {window:.0f} s window …", flush=True
             )
             a = idle(work, idle_runs, window, args.rescan_interval or window / DEEP_RESCAN_EVERY)
-        b = None
-        if only != "idle":
+        b: dict[str, Any] = {}
+        for store in stores if only != "idle" else []:
             print(
-                f"(b) status / ls on {status_runs * per_run:,} checkpoints, median of {repeat} …",
+                f"(b) status / ls on {status_runs * per_run:,} checkpoints in {store}, median of "
+                f"{repeat} …",
                 flush=True,
             )
-            b = cli(work, status_runs, per_run, repeat)
+            if store == "sqlite":
+                db: Path | str = work / store / "status.db"
+            else:
+                db = stack.enter_context(_pg.cluster()).new_database()
+            b[store] = cli(work / store, db, status_runs, per_run, repeat)
 
     summary: list[dict[str, Any]] = []
     met: dict[str, bool] = {}
     if a is not None:
         summary, met = report_idle(a)
-    if b is not None:
-        more, met_b = report_cli(b, repeat)
+    for store, res in b.items():
+        more, met_b = report_cli(res, repeat, store)
         summary += more
-        met.update(met_b)
+        met.update({f"{k} {store}": v for k, v in met_b.items()})
 
+    size = "" if args.checkpoints == 100_000 else f"-{args.checkpoints // 1000}k"
     save_result(
-        "footprint" + (f"-{only}" if only else ""),
-        {"quick": args.quick, "idle": a, "cli": b, "targets_met": met, "summary": summary},
+        "footprint" + (f"-{only}" if only else "") + size,
+        {
+            "quick": args.quick,
+            "idle": a,
+            "cli": b.get("sqlite"),
+            "cli_postgresql": b.get("postgresql"),
+            "targets_met": met,
+            "summary": summary,
+        },
     )
     return 0
 

@@ -14,7 +14,22 @@ import time
 
 from _common import BENCH, ENV, PY, RESULTS, RUN_CWD, fmt, fmt_ratio, print_table, save_result
 
-BENCHMARKS = ["detection_latency", "backfill", "footprint", "eval_throughput", "freeze", "prune"]
+# name: (script, its arguments, the result file it writes)
+BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
+    "detection_latency": ("detection_latency", [], "detection_latency"),
+    "backfill": ("backfill", [], "backfill"),  # SQLite and PostgreSQL side by side
+    "footprint": ("footprint", [], "footprint"),
+    "status_1m": (
+        "footprint",
+        ["--only", "status", "--checkpoints", "1000000", "--database", "both"],
+        "footprint-status-1000k",
+    ),
+    "failover": ("failover", [], "failover"),
+    "lease_overhead": ("lease_overhead", [], "lease_overhead"),
+    "eval_throughput": ("eval_throughput", [], "eval_throughput"),
+    "freeze": ("freeze", [], "freeze"),
+    "prune": ("prune", [], "prune"),
+}
 
 
 def main() -> int:
@@ -22,11 +37,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="forwarded: smaller runs")
     ap.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
     args = ap.parse_args()
-    names = args.only or BENCHMARKS
+    names = args.only or list(BENCHMARKS)
 
     status: dict[str, dict[str, object]] = {}
     for name in names:
-        cmd = [PY, str(BENCH / f"{name}.py")] + (["--quick"] if args.quick else [])
+        script, extra, _ = BENCHMARKS[name]
+        cmd = [PY, str(BENCH / f"{script}.py"), *extra] + (["--quick"] if args.quick else [])
         print(f"\n{'=' * 30} {name}{' --quick' if args.quick else ''} {'=' * 30}", flush=True)
         t0 = time.perf_counter()
         code = subprocess.call(cmd, env=ENV, cwd=RUN_CWD)
@@ -35,7 +51,7 @@ def main() -> int:
     rows = []
     summary = []
     for name in names:
-        path = RESULTS / f"{name}.json"
+        path = RESULTS / f"{BENCHMARKS[name][2]}.json"
         if status[name]["exit"] != 0 or not path.exists():
             rows.append([name, "FAILED", "", "", "", "", "", f"exit {status[name]['exit']}"])
             continue

@@ -56,6 +56,7 @@ class Cluster:
     root: Path
     bin: Path
     _names: itertools.count[int]
+    extra_options: str = ""  # server settings beyond _SERVER_OPTIONS, kept for restart()
 
     @property
     def socket_dir(self) -> Path:
@@ -89,7 +90,7 @@ class Cluster:
 
     def restart(self) -> None:
         """Start the server stopped by :meth:`halt`, on the same socket and data."""
-        _pg_ctl_start(self.bin, self.root)
+        _pg_ctl_start(self.bin, self.root, self.extra_options)
 
     def stop(self) -> None:
         _as_postgres(
@@ -108,8 +109,9 @@ def _as_postgres(cmd: list[str], check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
-def start() -> Cluster:
-    """initdb and start a cluster; the caller stops it."""
+def start(extra_options: str = "") -> Cluster:
+    """initdb and start a cluster; the caller stops it. ``extra_options``: more server settings
+    (``-c name=value ...``; the benchmarks load pg_stat_statements with it)."""
     bin_ = bindir()
     assert bin_ is not None
     root = Path(tempfile.mkdtemp(prefix="ckptd-pg-"))
@@ -133,12 +135,12 @@ def start() -> Cluster:
             "--no-sync",
         ]
     )
-    _pg_ctl_start(bin_, root)
-    return Cluster(root, bin_, itertools.count(1))
+    _pg_ctl_start(bin_, root, extra_options)
+    return Cluster(root, bin_, itertools.count(1), extra_options)
 
 
-def _pg_ctl_start(bin_: Path, root: Path) -> None:
-    options = f"-k {root / 'socket'} {_SERVER_OPTIONS}"
+def _pg_ctl_start(bin_: Path, root: Path, extra_options: str = "") -> None:
+    options = f"-k {root / 'socket'} {_SERVER_OPTIONS} {extra_options}"
     _as_postgres(
         [
             str(bin_ / "pg_ctl"),

@@ -49,7 +49,7 @@ from ckptd.store.tables import (
     ScalarRow,
     table_of,
 )
-from ckptd.store.upsert import insert_many
+from ckptd.store.upsert import insert_many, insert_returning
 
 _CHUNK = 500  # ids or paths per IN (...): SQLite is slow with long lists
 # mtimes a datetime can hold: a file may claim any (year 10000 is legal on tmpfs and btrfs)
@@ -160,6 +160,10 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
         if f.step is not None:
             key = (changes.incarnations.get(f.prefix, 1), f.format in KERAS_FORMATS)
             by_incarnation.setdefault(key, []).append(new_ids[f.prefix])
+    if by_incarnation and len(changes.new) > 1 and conn.dialect.name == "postgresql":
+        # Hash joins for a batch: without statistics (a new database, until autovacuum's first
+        # ANALYZE) PostgreSQL nests loops over every scalar x checkpoint of the run: quadratic.
+        conn.exec_driver_sql("SET LOCAL enable_nestloop = off")  # this transaction only
     for (n, keras), ids in by_incarnation.items():
         _attach_scalars(conn, run, ids, now, n, span(starts, n), keras)
     audit.record_many(
@@ -210,7 +214,8 @@ def _insert_checkpoints(
 ) -> dict[str, int]:
     """Insert the new checkpoints; their ids by prefix. One executemany, then the ids by prefix
     (unique among live rows): cheaper than INSERT … RETURNING through the ORM, which
-    re-processes every row."""
+    re-processes every row. On PostgreSQL the one INSERT returns them (a SELECT by prefix there
+    was planned once, as a prepared statement, while the table was small: a sequential scan)."""
     new = changes.new
     rows = [
         (
@@ -235,6 +240,8 @@ def _insert_checkpoints(
         values = dict(zip(_CHECKPOINT_COLUMNS, rows[0], strict=True))
         return {new[0].prefix: insert_id(session, insert(_ckpts).values(**values))}
     conn = session.connection()
+    if conn.dialect.name == "postgresql":  # the ids come back from the INSERT itself
+        return dict(insert_returning(conn, _ckpts, _CHECKPOINT_COLUMNS, rows, ("prefix", "id")))
     insert_many(conn, _ckpts, _CHECKPOINT_COLUMNS, rows)
     ids: dict[str, int] = {}
     prefixes = [f.prefix for f in new]

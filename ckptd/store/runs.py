@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ckptd.core.errors import NotFound
-from ckptd.core.model import Run
+from ckptd.core.model import COMPLETE, Run
 from ckptd.store.handle import Store
 from ckptd.store.tables import CheckpointRow, RunRow, table_of
 
@@ -63,27 +63,39 @@ def resolve_run(session: Session, text: str) -> Run:
 def run_summaries(session: Session) -> list[RunSummary]:
     """Per run (by name): checkpoint counts by state and the newest complete step.
 
-    The counts are one pass over the covering index ix_checkpoints_run_state_step (migration
-    0002) without a join (joining runs in SQL is slower); the runs join here.
-    """
-    out = {
-        run_id: RunSummary(name, path, bool(present))
-        for run_id, name, path, present in session.execute(
-            select(_r.id, _r.name, _r.path, _r.present).order_by(_r.name)
-        )
-    }
-    newest: dict[int, int] = {}
-    for run_id, state, n, step in session.execute(
-        select(_c.run_id, _c.state, func.count(), func.max(_c.step)).group_by(_c.run_id, _c.state)
-    ):
-        if run_id in out:
-            out[run_id].counts[state] = n
-            if step is not None and state == "complete":
-                newest[run_id] = step
-    return [
-        RunSummary(s.run, s.path, s.present, s.counts, newest.get(run_id))
-        for run_id, s in out.items()
+    Index lookups on ix_checkpoints_run_state_step (migration 0002), per run: a count of its
+    range for each state present and its last complete entry. A GROUP BY over every checkpoint
+    was slower at a million checkpoints: it handles each row, where these only count entries."""
+    states = _states(session)
+    counts = [
+        select(func.count()).where(_c.run_id == _r.id, _c.state == state).scalar_subquery()
+        for state in states
     ]
+    newest = (
+        select(func.max(_c.step)).where(_c.run_id == _r.id, _c.state == COMPLETE).scalar_subquery()
+    )
+    return [
+        RunSummary(
+            name,
+            path,
+            bool(present),
+            {state: n for state, n in zip(states, ns, strict=True) if n},
+            step,
+        )
+        for name, path, present, step, *ns in session.execute(
+            select(_r.name, _r.path, _r.present, newest, *counts).order_by(_r.name)
+        )
+    ]
+
+
+def _states(session: Session) -> list[str]:
+    """The states any checkpoint is in, in order: one index seek each (ix_checkpoints_state)."""
+    states: list[str] = []
+    state = session.execute(select(func.min(_c.state))).scalar()
+    while state is not None:
+        states.append(state)
+        state = session.execute(select(func.min(_c.state)).where(_c.state > state)).scalar()
+    return states
 
 
 # ---------------------------------------------------------------- for the layers above
