@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from ckptd.api.record import Recorder
 from ckptd.core.recording import RunDir
@@ -14,16 +16,23 @@ from ckptd.daemon.leases import LeaseKeeper
 from ckptd.store import daemons, leases, migrate, recording
 from ckptd.store.handle import Store
 from ckptd.store.leases import Fenced, Hold
-from tests.conftest import Corpus, load_golden, query
+from tests.conftest import Corpus, load_golden
 
 TTL = 1.0
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store.open(f"sqlite:///{tmp_path}/ckptd.db")
+def store(database_url: str) -> Iterator[Store]:
+    """A migrated store on SQLite and on PostgreSQL."""
+    s = Store.open(database_url)
     migrate.ensure_store_schema(s)
-    return s
+    yield s
+    s.close()
+
+
+def sql(store: Store, statement: str, **params: Any) -> list[tuple[Any, ...]]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(statement), params)]
 
 
 def _run_ids(store: Store, corpus: Corpus) -> list[int]:
@@ -71,7 +80,7 @@ def test_a_stale_holders_recording_is_fenced(store: Store, golden: Corpus) -> No
     stale = Stale()
     outcome = Recorder(store, leases=stale).record(run)
     assert outcome.recorded == [] and stale.lost_runs == [state.run_id]
-    assert query(store_path(store), "select count(*) from checkpoints") == [(0,)]
+    assert sql(store, "select count(*) from checkpoints") == [(0,)]
     with pytest.raises(Fenced):
         recording.apply(store, state, _some_changes(store, run), Hold(state.run_id, "a", 1))
     # The holder records.
@@ -101,10 +110,6 @@ def _some_changes(store: Store, run: RunDir):  # type: ignore[no-untyped-def]
     return diff(observe(Request.for_state(run, state, 0.0)), state)
 
 
-def store_path(store: Store) -> Path:
-    return Path(str(store.engine.url.database))
-
-
 def test_keeper_stops_acting_when_renewals_are_late(store: Store, golden: Corpus) -> None:
     """By its own monotonic clock: past TTL minus a margin without a renewal, nothing is held
     (and a fenced write is logged and audited as ``fenced``)."""
@@ -115,7 +120,7 @@ def test_keeper_stops_acting_when_renewals_are_late(store: Store, golden: Corpus
     keeper._renewed -= TTL  # as if paused (SIGSTOP) past the TTL
     assert not keeper.holds(ids[0]) and keeper.held() == {}
     keeper.lost(Hold(ids[0], "a", 1), "recording")
-    fenced = query(store_path(store), "select subject, reason from actions where kind = 'fenced'")
+    fenced = sql(store, "select subject, reason from actions where kind = 'fenced'")
     assert fenced == [
         ("a", "recording refused: daemon a no longer holds the run's lease (epoch 1)")
     ]
@@ -175,9 +180,42 @@ def test_a_stale_holders_prune_intent_is_fenced(store: Store, tmp_path: Path) ->
     stale = Hold(state.run_id, "a", 1)
     (result,) = api_prune.prune(store, [(r, cfg.watches[0])], holds=lambda _: stale)
     assert result.pruned == [] and "fenced" in (result.skipped or "")
-    states = query(store_path(store), "select state from checkpoints where run_id = ?", r.id)
+    states = sql(store, "select state from checkpoints where run_id = :r", r=r.id)
     assert sorted(s for (s,) in states) == ["complete"] * 3
     assert all(Path(c["prefix"] + ".index").exists() for c in golden.saves["tf2"])
     holder = Hold(state.run_id, "b", 2)
     (result,) = api_prune.prune(store, [(r, cfg.watches[0])], holds=lambda _: holder)
     assert len(result.pruned) == 2
+
+
+def test_concurrent_claims_of_the_same_runs_never_collide(
+    store: Store, golden: Corpus, database_url: str
+) -> None:
+    """Four daemons claim the same free (then expired) runs at once, in threads of their own
+    connections: no error, and each run is held by exactly one of them at one epoch."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    ids = _run_ids(store, golden)
+    names = ["a", "b", "c", "d"]
+    stores = [Store.open(database_url) for _ in names]
+    try:
+        for epoch in (1, 2, 3):
+            start = Barrier(len(names))
+
+            def race(i: int, start: Barrier = start) -> dict[int, int]:
+                start.wait()
+                return leases.claim(stores[i], names[i], ids, TTL)
+
+            with ThreadPoolExecutor(len(names)) as pool:
+                got = list(pool.map(race, range(len(names))))
+            for run in ids:
+                holders = [names[i] for i, g in enumerate(got) if run in g]
+                assert len(holders) == 1, (epoch, run, got)
+                assert got[names.index(holders[0])][run] == epoch
+            owners = sql(store, "select run_id, owner, epoch from run_leases order by run_id")
+            assert [(r, e) for r, _o, e in owners] == [(r, epoch) for r in ids]
+            time.sleep(TTL + 0.1)  # all expire: the next round is a takeover race
+    finally:
+        for s in stores:
+            s.close()
