@@ -219,3 +219,47 @@ def test_concurrent_claims_of_the_same_runs_never_collide(
     finally:
         for s in stores:
             s.close()
+
+
+def test_an_expired_claim_fences_the_result_and_frees_the_checkpoint(
+    store: Store, golden: Corpus
+) -> None:
+    """A holder that lost its evaluation claim by expiry (nobody took the job over) writes no
+    result (a `fenced` event instead); meanwhile the job counts as pending, not running, and
+    neither it nor an export whose FREEZE claim is gone keeps the checkpoint `in use`."""
+    from datetime import timedelta
+
+    from ckptd.store import claims, evaluations, exports, pruning, reads
+
+    run = RunDir("tf2", golden.root / "tf2", golden.root)
+    Recorder(store).record(run)
+    assert evaluations.enqueue(store, [str(golden.root)]) == 3
+    (first, *_) = evaluations.candidates(store, [str(golden.root)])
+    job = evaluations.claim(store, first.evaluation_id, ttl=timedelta(milliseconds=300))
+    assert job is not None
+    c = job.checkpoint
+    with store.session() as s:
+        (checkpoint,) = reads.checkpoints(s, ids=[c.id])
+    exports.begin(
+        store, checkpoint, root="/e", on_disk=0, formats="saved_model", metric=None,
+        metric_value=None,
+    )  # fmt: skip
+    assert claims.claim(store, c.run_id, claims.FREEZE, ttl=timedelta(milliseconds=300))
+
+    def planned() -> tuple[str | None, bool]:
+        (r,) = pruning.runs(store, watch_path=str(golden.root))
+        (history,) = pruning.histories(store, [pruning.Wanted(r, False, ())]).values()
+        (mine,) = [h for h in history if h.id == c.id]
+        return mine.evaluation, mine.exporting
+
+    assert planned() == ("running", True)
+    with store.session() as s:
+        assert evaluations.status_counts(s) == {"pending": 2, "running": 1}
+    time.sleep(0.5)  # the holder stops renewing (paused, or dead): both claims expire
+    assert planned() == ("pending", False)
+    with store.session() as s:
+        assert evaluations.status_counts(s) == {"pending": 3}
+    assert not evaluations.finish_done(store, job, {"eval/score": 1.0}, 1.0)
+    assert sql(store, "select count(*) from metrics where source = 'evaluator'") == [(0,)]
+    (fenced,) = sql(store, "select checkpoint_id, reason from actions where kind = 'fenced'")
+    assert fenced[0] == c.id and "no longer holds its claim" in fenced[1]
