@@ -263,3 +263,20 @@ def test_an_expired_claim_fences_the_result_and_frees_the_checkpoint(
     assert sql(store, "select count(*) from metrics where source = 'evaluator'") == [(0,)]
     (fenced,) = sql(store, "select checkpoint_id, reason from actions where kind = 'fenced'")
     assert fenced[0] == c.id and "no longer holds its claim" in fenced[1]
+
+
+def test_a_daemon_claims_only_the_requests_of_runs_it_holds(store: Store, golden: Corpus) -> None:
+    from datetime import timedelta
+
+    from ckptd.store import requests
+
+    first, second = _run_ids(store, golden)
+    older = requests.submit(store, requests.EVALUATE, first, None, {})
+    newer = requests.submit(store, requests.EVALUATE, second, None, {})
+    ttl = timedelta(seconds=30)
+    assert requests.claim_next(store, ttl=ttl, run_ids=[]) is None
+    claimed = requests.claim_next(store, ttl=ttl, run_ids=[second])
+    assert claimed is not None and (claimed.id, claimed.run.id) == (newer, second)
+    assert requests.claim_next(store, ttl=ttl, run_ids=[second]) is None
+    claimed = requests.claim_next(store, ttl=ttl)  # no filter: the oldest
+    assert claimed is not None and claimed.id == older

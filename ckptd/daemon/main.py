@@ -87,7 +87,7 @@ class Daemon:
         self.freezer = Freezer(self.store, self.worker)
         # What `ckptd evaluate`/`freeze` hand over while this runs, done in the evaluation thread.
         self.requests = RequestServer(
-            self.store, config.daemon.database, self.evaluator, self.freezer
+            self.store, config.daemon.database, self.evaluator, self.freezer, self.leases.held
         )
         self.eval_loop = EvaluationLoop(self.evaluator, self.requests, runs=self.leases.held)
         self.eval_thread: threading.Thread | None = None
@@ -374,7 +374,7 @@ class Daemon:
         self.leases.start()
         n = self.backfill()
         self.evaluator.enqueue()
-        self.evaluator.run_pending()
+        self.evaluator.run_pending(run_ids=self.leases.held())
         for w in self.config.watches:
             if w.freeze is not None:
                 self.jobs.freeze(w)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ckptd.api import evaluate as api_evaluate
@@ -30,8 +31,16 @@ class Declined(Exception):
 
 
 class RequestServer:
-    def __init__(self, store: Store, database: str, evaluator: Evaluator, freezer: Freezer) -> None:
+    def __init__(
+        self,
+        store: Store,
+        database: str,
+        evaluator: Evaluator,
+        freezer: Freezer,
+        runs: Callable[[], Collection[int]] | None = None,
+    ) -> None:
         self.store = store
+        self.runs = runs  # the runs whose requests this daemon serves (its leases); None: all
         self.database = database  # the URL ``store`` was opened with (a reload does not change it)
         self.evaluator = evaluator  # its config is the daemon's current one (reloads update it)
         self.freezer = freezer
@@ -48,7 +57,7 @@ class RequestServer:
         done = 0
         if not self._poll():
             return 0
-        while not stop.is_set() and (claimed := requests.claim_next(self.store, ttl=REQUEST_TTL)):
+        while not stop.is_set() and (claimed := self._claim_next()):
             renewal = Renewal(
                 lambda: requests.renew(self.store, claimed.id, ttl=REQUEST_TTL),
                 REQUEST_TTL,
@@ -68,6 +77,13 @@ class RequestServer:
                     requests.finish(self.store, claimed.id, result=result)
             done += 1
         return done
+
+    def _claim_next(self) -> Claimed | None:
+        """The next request of a run this daemon holds (another daemon serves the others)."""
+        if self.runs is None:
+            return requests.claim_next(self.store, ttl=REQUEST_TTL)
+        held = self.runs()
+        return requests.claim_next(self.store, ttl=REQUEST_TTL, run_ids=held) if held else None
 
     def _target(self, claimed: Claimed, section: str) -> Target:
         config = self.evaluator.config

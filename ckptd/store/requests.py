@@ -8,6 +8,7 @@ holder that dies leaves a claim that expires: the CLI waiting on it says so.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -106,10 +107,15 @@ def any_claimable(store: Store) -> bool:
         return s.scalar(select(_q.c.id).where(_q.c.status == PENDING).limit(1)) is not None
 
 
-def claim_next(store: Store, *, ttl: timedelta) -> Claimed | None:
-    """Claim the oldest pending request for ``ttl``."""
+def claim_next(
+    store: Store, *, ttl: timedelta, run_ids: Collection[int] | None = None
+) -> Claimed | None:
+    """Claim the oldest pending request for ``ttl`` (of ``run_ids`` only, when given: a daemon
+    serves the requests of the runs it holds the leases of)."""
     now = utcnow()
     claimable = _q.c.status == PENDING  # (one a dead holder left running: its CLI gave up)
+    if run_ids is not None:
+        claimable = and_(claimable, _q.c.run_id.in_(sorted(run_ids)))
     with store.session() as s:
         # Finished requests are kept a while for whoever polls them, then dropped here (only
         # when there is work, so an idle daemon never writes).
