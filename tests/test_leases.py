@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ def test_a_stale_holders_recording_is_fenced(store: Store, golden: Corpus) -> No
         def hold(self, run_id: int) -> Hold | None:
             return Hold(run_id, "a", 1)
 
+        current = hold
+
         def lost(self, hold: Hold, what: str) -> None:
             self.lost_runs.append(hold.run_id)
 
@@ -97,6 +99,8 @@ class _Fixed:
 
     def hold(self, run_id: int) -> Hold | None:
         return self._hold
+
+    current = hold
 
     def lost(self, hold: Hold, what: str) -> None:
         raise AssertionError("not fenced")
@@ -280,3 +284,90 @@ def test_a_daemon_claims_only_the_requests_of_runs_it_holds(store: Store, golden
     assert requests.claim_next(store, ttl=ttl, run_ids=[second]) is None
     claimed = requests.claim_next(store, ttl=ttl)  # no filter: the oldest
     assert claimed is not None and claimed.id == older
+
+
+class _TakenOverMidExport:
+    """A worker client whose export is written and verified while another daemon takes the
+    run's lease over (``take``), as if this daemon had been paused past its TTL meanwhile."""
+
+    def __init__(self, take: Callable[[], None] | None) -> None:
+        self.take = take
+
+    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if request["op"] == "export":
+            out = Path(request["out_dir"])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "saved_model.pb").write_bytes(b"model")
+            return {}
+        if self.take is not None:
+            self.take()
+        return {"verified": True, "max_abs_diff": 0.0}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stale_holders_export_is_not_published(
+    store: Store, golden: Corpus, tmp_path: Path
+) -> None:
+    """The lease is checked in the transaction of the export row and of its publish (the rename
+    into place happens inside it): a daemon that lost the run meanwhile publishes nothing."""
+    from ckptd.api.freeze import NOT_HELD, Freezer
+    from ckptd.config import parse_config
+    from ckptd.store import exports, reads
+
+    run = RunDir("tf2", golden.root / "tf2", golden.root)
+    Recorder(store).record(run)
+    export_dir = tmp_path / "export"
+    cfg = parse_config(
+        {
+            "daemon": {"database": "sqlite:////unused.db"},
+            "watch": [
+                {
+                    "path": str(golden.root),
+                    "runs": "*",
+                    "best": {"metric": "eval/accuracy"},
+                    "freeze": {
+                        "export_dir": str(export_dir),
+                        "format": ["saved_model"],
+                        "inputs": {"x": "x:0"},
+                        "outputs": {"y": "y:0"},
+                    },
+                }
+            ],
+        }
+    )
+    (r,) = [r for r in api_runs(store) if r.name == "tf2"]
+    with store.session() as s:
+        newest = max(reads.checkpoints(s, run_id=r.id), key=lambda c: c.step or 0)
+    keeper = LeaseKeeper(store, "a", 30.0)
+    keeper.claim([r.id])
+
+    def take() -> None:  # b takes the run over (a's lease expired while it was paused)
+        sql_write(store, "update run_leases set owner = 'b', epoch = epoch + 1")
+
+    freezer = Freezer(store, _TakenOverMidExport(take), keeper)  # type: ignore[arg-type]
+    outcome = freezer.freeze_run(r, cfg.watches[0], newest)
+    assert (outcome.status, outcome.message) == ("skipped", NOT_HELD)
+    assert not any(p.name.isdigit() for p in (export_dir / "tf2").iterdir())  # not renamed
+    assert len(exports.listed(store, exports.FAILED)) == 1
+    assert exports.listed(store, exports.PUBLISHED) == []
+    assert not keeper.holds(r.id)
+    (fenced,) = sql(store, "select reason from actions where kind = 'fenced'")
+    assert fenced[0].startswith("export refused")
+    # b, the holder, publishes.
+    b = LeaseKeeper(store, "b", 30.0)
+    b.claim([r.id])
+    outcome = Freezer(store, _TakenOverMidExport(None), b).freeze_run(r, cfg.watches[0], newest)  # type: ignore[arg-type]
+    assert outcome.status == "published" and Path(outcome.path or "").is_dir()
+
+
+def api_runs(store: Store):  # type: ignore[no-untyped-def]
+    from ckptd.api import prune as api_prune
+
+    return api_prune.runs(store)
+
+
+def sql_write(store: Store, statement: str, **params: Any) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(text(statement), params)

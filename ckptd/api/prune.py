@@ -3,8 +3,9 @@
 Two-phase and resumable: phase 1 commits ``pruning`` for every checkpoint to delete (the intent);
 phase 2 removes the files recorded for each through :mod:`ckptd.io.fsops`; phase 3 commits
 ``pruned`` with the reason (phases 2 and 3: ``api/deletions``). A crash anywhere leaves rows in
-``pruning``, which :func:`resume` (or the next prune of that run) finishes. Then the run's ``checkpoint`` state file is rewritten
-so that ``tf.train.latest_checkpoint`` and a restarted ``CheckpointManager`` see only what exists.
+``pruning``, which :func:`resume` (or the next prune of that run) finishes. Then the run's
+``checkpoint`` state file is rewritten so that ``tf.train.latest_checkpoint`` and a restarted
+``CheckpointManager`` see only what exists.
 
 Each run's prune is claimed (``store.claims``, job ``prune``) for the whole of its work, so the
 daemon and ``ckptd prune`` never prune the same run at once: a run claimed by another process is
