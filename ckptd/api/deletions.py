@@ -104,9 +104,7 @@ def resume(store: Store, run_ids: Collection[int] | None = None) -> int:
     of runs with pruned checkpoints (of ``run_ids`` only, when given: the runs a daemon holds);
     the number of deletions resumed. Runs another live process is pruning are left to it."""
     stuck = pruning.interrupted(store, run_ids)
-    repair = pruning.runs_with_pruned(store)
-    if run_ids is not None:
-        repair = [r for r in repair if r[0] in run_ids]
+    repair = pruning.runs_with_pruned(store, run_ids)
     wanted = {i.run_id for i in stuck} | {run_id for run_id, _path, _root in repair}
     held = claims.claim_many(store, wanted, claims.PRUNE) if wanted else set()
     try:

@@ -278,31 +278,41 @@ def interrupted(store: Store, run_ids: Collection[int] | None = None) -> list[In
         .join(table_of(RunRow), _r.id == _c.run_id)
         .where(_c.state == PRUNING)
     )
-    if run_ids is not None:
-        if not run_ids:
-            return []
-        stmt = stmt.where(_c.run_id.in_(sorted(run_ids)))
     with store.session() as s:
         by_run: dict[tuple[int, str, str], list[int]] = {}
-        for cid, run_id, path, watch_path in s.execute(stmt):
-            by_run.setdefault((run_id, path, watch_path), []).append(cid)
+        for scoped in _of_runs(stmt, _c.run_id, run_ids):
+            for cid, run_id, path, watch_path in s.execute(scoped):
+                by_run.setdefault((run_id, path, watch_path), []).append(cid)
         return [Interrupted(*key, reads.checkpoints(s, ids=ids)) for key, ids in by_run.items()]
 
 
-def runs_with_pruned(store: Store) -> list[tuple[int, str, str]]:
+def _of_runs(stmt: Any, column: Any, run_ids: Collection[int] | None) -> Iterator[Any]:
+    """``stmt`` for every run (``run_ids`` None), or for ``run_ids``, CHUNK per statement (an
+    index lookup each: a daemon that takes a few runs over reads only theirs)."""
+    if run_ids is None:
+        yield stmt
+        return
+    for chunk in _chunks(sorted(run_ids)):
+        yield stmt.where(column.in_(chunk))
+
+
+def runs_with_pruned(
+    store: Store, run_ids: Collection[int] | None = None
+) -> list[tuple[int, str, str]]:
     """(run id, run dir, watch root) of every run present at its last scan that has pruned
-    checkpoints: a crash after ``pruned`` was committed but before the state file was rewritten
-    leaves entries for deleted checkpoints there."""
+    checkpoints (of ``run_ids`` only, when given): a crash after ``pruned`` was committed but
+    before the state file was rewritten leaves entries for deleted checkpoints there."""
+    stmt = (
+        select(_r.id, _r.path, _r.watch_path)
+        .join(table_of(CheckpointRow), _c.run_id == _r.id)
+        .where(_c.state == PRUNED, _r.present)
+        .distinct()
+    )
+    out: list[tuple[int, str, str]] = []
     with store.session() as s:
-        return [
-            (run_id, path, watch_path)
-            for run_id, path, watch_path in s.execute(
-                select(_r.id, _r.path, _r.watch_path)
-                .join(table_of(CheckpointRow), _c.run_id == _r.id)
-                .where(_c.state == PRUNED, _r.present)
-                .distinct()
-            )
-        ]
+        for scoped in _of_runs(stmt, _r.id, run_ids):
+            out += [(run_id, path, root) for run_id, path, root in s.execute(scoped)]
+    return out
 
 
 def newest_complete(store: Store, run_dir: str) -> str | None:
