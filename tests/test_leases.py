@@ -371,3 +371,34 @@ def api_runs(store: Store):  # type: ignore[no-untyped-def]
 def sql_write(store: Store, statement: str, **params: Any) -> None:
     with store.engine.begin() as conn:
         conn.execute(text(statement), params)
+
+
+def test_a_run_taken_over_has_its_interrupted_deletions_finished_and_only_it(
+    store: Store, tmp_path: Path
+) -> None:
+    """A holder died between a prune's intent and its deletions: the daemon that takes its run
+    over finishes them as it takes it (``on_taken``), and leaves another daemon's run alone."""
+    from ckptd.api import prune as api_prune
+
+    corpus = load_golden(tmp_path / "runs")  # a copy of its own: this deletes from it
+    ids = _run_ids(store, corpus)
+    for kind in ("tf1", "tf2"):
+        Recorder(store).record(RunDir(kind, corpus.root / kind, corpus.root))
+    first = {
+        run: cid
+        for run, cid in sql(store, "select run_id, min(id) from checkpoints group by run_id")
+    }
+    for cid in first.values():
+        sql_write(store, "update checkpoints set state = 'pruning' where id = :c", c=cid)
+    mine, theirs = ids
+    assert leases.claim(store, "b", [theirs], 30.0) == {theirs: 1}
+    keeper = LeaseKeeper(store, "a", 30.0)
+
+    def finish(run_ids: set[int]) -> None:
+        api_prune.resume(store, run_ids)
+
+    keeper.on_taken = finish
+    keeper.claim(ids)
+    assert keeper.held() == {mine: 1}
+    states = dict(sql(store, "select id, state from checkpoints where state like 'prun%'"))
+    assert states == {first[mine]: "pruned", first[theirs]: "pruning"}
