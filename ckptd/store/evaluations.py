@@ -15,18 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    Select,
-    and_,
-    case,
-    exists,
-    func,
-    literal,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import ColumnElement, Select, and_, case, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import COMPLETE, Checkpoint, utcnow
@@ -221,9 +210,8 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
 
 
 def _ours(store: Store, job: Job, *, live: bool = True) -> ColumnElement[bool]:
-    """The job is still this process's: running under its claim, and (``live``) a claim that
-    has not expired. The claim is the fence of an evaluation's result: a holder that lost it
-    (paused or cut off past its expiry; whoever holds the run's lease) writes nothing."""
+    """Still this process's job: running under its claim, and (``live``) unexpired: a holder
+    that lost its claim (paused past it; whoever holds the run's lease) writes nothing."""
     ours = and_(
         _e.c.id == job.evaluation_id, _e.c.status == RUNNING, _e.c.claimed_by == store.holder
     )
@@ -237,15 +225,9 @@ def renew(store: Store, job: Job, *, ttl: timedelta) -> bool:
         return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
-def _finish(
-    session: Session, store: Store, job: Job, *, live: bool = True, **values: object
-) -> bool:
-    stmt = (
-        update(_e)
-        .where(_ours(store, job, live=live))
-        .values(claimed_by=None, claimed_until=None, **values)
-    )
-    if session.execute(stmt).rowcount:  # type: ignore[attr-defined]
+def _finish(session: Session, store: Store, job: Job, live: bool = True, **values: Any) -> bool:
+    stmt = update(_e).where(_ours(store, job, live=live))
+    if session.execute(stmt.values(claimed_by=None, claimed_until=None, **values)).rowcount:  # type: ignore[attr-defined]
         return True
     if live:  # a result refused: say so in `ckptd events` (the caller logs it)
         c = job.checkpoint
