@@ -195,13 +195,17 @@ def test_a_stale_holders_prune_intent_is_fenced(store: Store, tmp_path: Path) ->
 def test_concurrent_claims_of_the_same_runs_never_collide(
     store: Store, golden: Corpus, database_url: str
 ) -> None:
-    """Four daemons claim the same free (then expired) runs at once, in threads of their own
-    connections: no error, and each run is held by exactly one of them at one epoch."""
+    """Four daemons claim the same free (then expired) runs at once, each with a run of its
+    own too, in threads of their own connections: no error, each run held by exactly one of
+    them at one epoch, and none loses its own run to the others' race for the shared ones."""
     from concurrent.futures import ThreadPoolExecutor
     from threading import Barrier
 
-    ids = _run_ids(store, golden)
+    shared = _run_ids(store, golden)
     names = ["a", "b", "c", "d"]
+    own = [RunDir(n, golden.root / f"own-{n}", golden.root) for n in names]
+    states = recording.load_states(store, own)
+    private = {r.name: states[str(r.path)].run_id for r in own}
     stores = [Store.open(database_url) for _ in names]
     try:
         for epoch in (1, 2, 3):
@@ -209,16 +213,18 @@ def test_concurrent_claims_of_the_same_runs_never_collide(
 
             def race(i: int, start: Barrier = start) -> dict[int, int]:
                 start.wait()
-                return leases.claim(stores[i], names[i], ids, TTL)
+                return leases.claim(stores[i], names[i], [*shared, private[names[i]]], TTL)
 
             with ThreadPoolExecutor(len(names)) as pool:
                 got = list(pool.map(race, range(len(names))))
-            for run in ids:
+            for i, name in enumerate(names):
+                assert got[i].get(private[name]) == epoch, (epoch, name, got)
+            for run in shared:
                 holders = [names[i] for i, g in enumerate(got) if run in g]
                 assert len(holders) == 1, (epoch, run, got)
                 assert got[names.index(holders[0])][run] == epoch
-            owners = sql(store, "select run_id, owner, epoch from run_leases order by run_id")
-            assert [(r, e) for r, _o, e in owners] == [(r, epoch) for r in ids]
+            owners = sql(store, "select run_id, epoch from run_leases order by run_id")
+            assert owners == [(r, epoch) for r in sorted([*shared, *private.values()])]
             time.sleep(TTL + 0.1)  # all expire: the next round is a takeover race
     finally:
         for s in stores:
