@@ -1,6 +1,7 @@
 """Issue 13 item 2 on real processes: two `ckptd run` daemons of different names watch the same
-runs through one SQLite file; only the lease holder records, a killed holder's runs are taken
-over within TTL + one rescan, and a daemon paused past its TTL stops acting and rejoins."""
+runs through one database (a SQLite file, and a PostgreSQL database); only the lease holder
+records, a killed holder's runs are taken over within TTL + one rescan, and a daemon paused past
+its TTL stops acting and rejoins."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select, text
 
-from tests.conftest import DaemonProcess, ckptd, load_golden, query, wait_for, write_config
+from ckptd.store.handle import Store
+from ckptd.store.leases import db_now
+from ckptd.store.tables import RunLeaseRow
+from tests.conftest import DaemonProcess, ckptd, load_golden, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,33 +27,39 @@ TTL = 3.0  # [daemon] lease_ttl of both daemons
 RESCAN = 1.0
 
 
-def _config(tmp_path: Path, name: str, root: Path, db: Path) -> Path:
-    return write_config(
+def _config(tmp_path: Path, name: str, root: Path, url: str) -> Path:
+    conf = write_config(
         tmp_path / f"{name}.toml",
         root,
-        db=db,
+        db=tmp_path / "unused.db",
         rescan=f"{RESCAN:g}s",
         daemon=f'name = "{name}"\nlease_ttl = "{TTL:g}s"',
     )
+    conf.write_text(conf.read_text().replace(f'"sqlite:///{tmp_path / "unused.db"}"', f'"{url}"'))
+    return conf
 
 
-def _holders(db: Path) -> dict[str, int]:
-    rows = query(
-        db,
-        "select owner, count(*) from run_leases "
-        "where expires_at > strftime('%Y-%m-%d %H:%M:%f000', 'now') group by owner",
+def _holders(db: Store) -> dict[str, int]:
+    """Who holds live leases, by the database's clock."""
+    leases = RunLeaseRow.__table__.c
+    stmt = (
+        select(leases.owner, func.count())
+        .where(leases.expires_at > db_now())
+        .group_by(leases.owner)
     )
-    return dict(rows)
+    with db.engine.connect() as conn:
+        return {owner: n for owner, n in conn.execute(stmt)}
 
 
-def _recorded(db: Path) -> list[tuple[str, str]]:
-    return sorted(
-        query(
-            db,
-            "select r.name, c.prefix from checkpoints c join runs r on r.id = c.run_id "
-            "where c.state = 'complete'",
+def _recorded(db: Store) -> list[tuple[str, str]]:
+    with db.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "select r.name, c.prefix from checkpoints c join runs r on r.id = c.run_id "
+                "where c.state = 'complete'"
+            )
         )
-    )
+        return sorted((name, prefix) for name, prefix in rows)
 
 
 def _new_keras(root: Path, epoch: int) -> str:
@@ -65,15 +76,16 @@ def _recorded_lines(log: str) -> list[str]:
 
 @pytest.fixture
 def two(
-    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
-) -> tuple[Path, Path, DaemonProcess, DaemonProcess]:
+    tmp_path: Path, database_url: str, daemon_factory: Callable[..., DaemonProcess]
+) -> Iterator[tuple[Path, Store, DaemonProcess, DaemonProcess]]:
     root = tmp_path / "runs"
     root.mkdir()
     corpus = load_golden(root)
-    db = tmp_path / "ckptd.db"
-    a = daemon_factory(_config(tmp_path, "a", root, db))
+    db = Store.open(database_url)
+    assert ckptd("db", "upgrade", config=_config(tmp_path, "a", root, database_url)).returncode == 0
+    a = daemon_factory(_config(tmp_path, "a", root, database_url))
     wait_for(lambda: _holders(db).get("a") == 4, timeout=60, interval=0.2)
-    b = daemon_factory(_config(tmp_path, "b", root, db))
+    b = daemon_factory(_config(tmp_path, "b", root, database_url))
     expected = sum(len(v) for v in corpus.saves.values() if v)
     wait_for(lambda: len(_recorded(db)) >= expected, timeout=60, interval=0.2)
     status = wait_for(
@@ -83,7 +95,8 @@ def two(
     )
     names = {status["daemon"]["name"], status["other_daemons"][0]["name"]}
     assert names == {"a", "b"}
-    return root, db, a, b
+    yield root, db, a, b
+    db.close()
 
 
 def _status(conf: Path) -> dict[str, object] | None:
@@ -94,7 +107,7 @@ def _status(conf: Path) -> dict[str, object] | None:
 
 
 def test_one_holder_records_and_a_killed_holders_runs_are_taken_over(
-    two: tuple[Path, Path, DaemonProcess, DaemonProcess],
+    two: tuple[Path, Store, DaemonProcess, DaemonProcess],
 ) -> None:
     root, db, a, b = two
     assert _holders(db) == {"a": 4}  # b stands by
@@ -114,14 +127,14 @@ def test_one_holder_records_and_a_killed_holders_runs_are_taken_over(
     name = _new_keras(root, 51)
     wait_for(lambda: ("keras", str(root / "keras" / name)) in _recorded(db), timeout=20)
     assert "keras@51" in _recorded_lines(b.log())
-    shown = ckptd("status", config=db.parent / "b.toml").stdout
+    shown = ckptd("status", config=root.parent / "b.toml").stdout
     assert "name b, holds 4 run(s)" in shown and "name a, holds 0 run(s)" in shown
     recorded = _recorded(db)
     assert len(recorded) == len(set(recorded))
 
 
 def test_a_daemon_paused_past_its_lease_stops_acting_and_rejoins(
-    two: tuple[Path, Path, DaemonProcess, DaemonProcess],
+    two: tuple[Path, Store, DaemonProcess, DaemonProcess],
 ) -> None:
     root, db, a, b = two
     assert a.proc is not None and b.proc is not None

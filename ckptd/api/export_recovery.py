@@ -8,6 +8,7 @@ without it failed, and is redone at once (the interruption was not the export's 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from ckptd.api.exportdir import TMP_PREFIX, export_root
@@ -23,16 +24,30 @@ log = logging.getLogger("ckptd.api.freeze")  # the name the journal has always s
 INTERRUPTED = "interrupted (daemon stopped during the export); will be redone"
 
 
-def recover(store: Store, watches: tuple[WatchConfig, ...]) -> int:
+def recover(
+    store: Store, watches: tuple[WatchConfig, ...], run_ids: Collection[int] | None = None
+) -> int:
     """After a crash: settle interrupted exports (redone later) and drop half-written temp
-    dirs, for every run no live process is exporting right now."""
+    dirs, for every run no live process is exporting right now (of ``run_ids`` only, when
+    given: the runs a daemon holds the leases of; temp dirs of no recorded run are anyone's)."""
+
+    def mine(run_id: int | None) -> bool:
+        return run_ids is None or run_id is None or run_id in run_ids
+
     claims.release_gone(store, FREEZE)
-    vanished = [e.id for e in exports.listed(store, "published") if not Path(e.path).exists()]
+    vanished = [
+        e.id
+        for e in exports.listed(store, "published")
+        if mine(e.run_id) and not Path(e.path).exists()
+    ]
     interrupted: dict[int | None, list[exports.Export]] = {}
     for e in exports.listed(store, "exporting"):
-        interrupted.setdefault(e.run_id, []).append(e)
+        if mine(e.run_id):
+            interrupted.setdefault(e.run_id, []).append(e)
     temps: dict[int | None, list[tuple[Path, str]]] = {}
     for root, run_id in _export_roots(store, watches).items():
+        if not mine(run_id):
+            continue
         for p in root.iterdir() if root.is_dir() else ():
             if p.name.startswith(TMP_PREFIX):
                 temps.setdefault(run_id, []).append((root, p.name))

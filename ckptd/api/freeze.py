@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from ckptd.api.exportdir import (
     highest_version,
     write_manifest,
 )
+from ckptd.api.record import Leases
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import WatchConfig
@@ -43,10 +45,14 @@ from ckptd.io import fsops
 from ckptd.store import claims, exports
 from ckptd.store.claims import FREEZE
 from ckptd.store.handle import Store
+from ckptd.store.leases import Fenced, Hold
 from ckptd.worker.client import WorkerClient, WorkerError
 from ckptd.worker.protocol import NOT_FOUND, STOPPING
 
 log = logging.getLogger(__name__)
+
+
+NOT_HELD = "another daemon holds the run's lease now; it exports the run"
 
 
 class ClaimLost(Exception):
@@ -91,13 +97,18 @@ def _waiting(store: Store, c: Checkpoint) -> str:
 
 
 class Freezer:
-    def __init__(self, store: Store, client: WorkerClient | None = None) -> None:
+    def __init__(
+        self, store: Store, client: WorkerClient | None = None, leases: Leases | None = None
+    ) -> None:
         self.store = store
         self.client = client or WorkerClient()
+        self.leases = leases  # None: the only writer (the CLI), no lease to hold
 
-    def recover(self, watches: tuple[WatchConfig, ...]) -> int:
+    def recover(
+        self, watches: tuple[WatchConfig, ...], run_ids: Collection[int] | None = None
+    ) -> int:
         """After a crash: see :func:`ckptd.api.export_recovery.recover`."""
-        return export_recovery.recover(self.store, watches)
+        return export_recovery.recover(self.store, watches, run_ids)
 
     # ------------------------------------------------------------ export
 
@@ -112,7 +123,11 @@ class Freezer:
     ) -> ExportOutcome:
         """Export ``checkpoint``, or the run's current best unless it is the version Serving
         serves already; skipped while another process exports the run, and (``honour_backoff``,
-        the daemon) while a failed export of it waits for its retry."""
+        the daemon) while a failed export of it waits for its retry, and while another daemon
+        holds the run's lease."""
+        hold = self.leases.current(run.id) if self.leases is not None else None
+        if self.leases is not None and hold is None:
+            return ExportOutcome(run.name, None, "skipped", message=NOT_HELD)
         if not claims.claim(self.store, run.id, FREEZE) and not (
             claims.release_gone(self.store, FREEZE) and claims.claim(self.store, run.id, FREEZE)
         ):
@@ -126,7 +141,11 @@ class Freezer:
                 "ckptd-renew-export",
             )
             with renewal:
-                return self._freeze(run, watch, checkpoint, force, honour_backoff, renewal)
+                return self._freeze(run, watch, checkpoint, force, honour_backoff, renewal, hold)
+        except Fenced:
+            assert self.leases is not None and hold is not None
+            self.leases.lost(hold, "export")
+            return ExportOutcome(run.name, None, "skipped", message=NOT_HELD)
         finally:
             claims.release(self.store, run.id, FREEZE)
 
@@ -138,6 +157,7 @@ class Freezer:
         force: bool,
         honour_backoff: bool,
         renewal: Renewal,
+        hold: Hold | None,
     ) -> ExportOutcome:
         fr = watch.freeze
         assert fr is not None
@@ -189,6 +209,7 @@ class Freezer:
             formats="+".join(fr.format),
             metric=metric,
             metric_value=value,
+            hold=hold,
         )
         final = root / str(version)
         tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
@@ -213,35 +234,46 @@ class Freezer:
             write_manifest(tmp, info)
             if renewal.lost:  # another process may be exporting this run now: do not publish
                 raise ClaimLost("this export's claim on the run expired and was taken over")
-            os.rename(tmp, final)  # atomic publish: the numeric name appears complete
-            fsync_dir(root)
-        except (WorkerError, ClaimLost, OSError, fsops.UnsafePath) as exc:
+            seconds = time.perf_counter() - t0
+
+            def publish() -> None:  # atomic: the numeric name appears complete
+                os.rename(tmp, final)
+                fsync_dir(root)
+
+            exports.published(
+                self.store,
+                export_id,
+                target,
+                verified=bool(verify.get("verified")),
+                reason=reason,
+                detail={
+                    "step": target.step,
+                    "version": version,
+                    "metric": metric,
+                    "value": value,
+                    "formats": list(fr.format),
+                    "verified": verify.get("verified"),
+                    "max_abs_diff": verify.get("max_abs_diff"),
+                    "seconds": round(seconds, 3),
+                },
+                hold=hold,
+                publish=publish,
+            )
+        except (WorkerError, ClaimLost, OSError, fsops.UnsafePath, Fenced) as exc:
             try:
                 fsops.remove_tree(root, tmp.name)
             except (OSError, fsops.UnsafePath):
                 log.warning("could not remove %s", tmp)
+            if isinstance(exc, Fenced):  # not published: the run's new holder exports it
+                retry = utcnow()
+                exports.failed(
+                    self.store, export_id, target, NOT_HELD, attempt=attempt, retry_at=retry
+                )
+                raise
             kind = exc.kind if isinstance(exc, WorkerError) else None
             return self._failed(
                 export_id, target, run, watch, attempt, str(exc), kind, time.perf_counter() - t0
             )
-        seconds = time.perf_counter() - t0
-        exports.published(
-            self.store,
-            export_id,
-            target,
-            verified=bool(verify.get("verified")),
-            reason=reason,
-            detail={
-                "step": target.step,
-                "version": version,
-                "metric": metric,
-                "value": value,
-                "formats": list(fr.format),
-                "verified": verify.get("verified"),
-                "max_abs_diff": verify.get("max_abs_diff"),
-                "seconds": round(seconds, 3),
-            },
-        )
         log.info(
             "exported %s to %s (version %d, verified, max diff %s) in %.2f s",
             target.label,

@@ -37,7 +37,8 @@ class EvaluationLoop:
         self._wake = threading.Event()
 
     def enqueue(self, checkpoint_ids: Collection[int] | None = None, *, new: bool = False) -> None:
-        if self.evaluator.enqueue(checkpoint_ids, new=new):
+        run_ids = self.runs() if self.runs is not None else None  # the others' are theirs
+        if self.evaluator.enqueue(checkpoint_ids, new=new, run_ids=run_ids):
             self._wake.set()
 
     def wake(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from ckptd.core.model import utcnow
 from ckptd.store import audit, leases
@@ -39,6 +39,9 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # Called with the runs just taken (not at start: ``adopt``), before this daemon acts on
+        # them: it finishes what their previous holder left (its interrupted prunes, exports).
+        self.on_taken: Callable[[set[int]], None] | None = None
 
     # ------------------------------------------------------------ what the daemon asks
 
@@ -104,6 +107,11 @@ class LeaseKeeper:
                     self._tried[r] = began
         if new:
             log.info("holding the leases of %d run(s) more (%d in all)", len(new), len(self._held))
+            try:
+                if self.on_taken is not None:
+                    self.on_taken(set(new))
+            except Exception:  # recording goes on; the next start (or takeover) tries again
+                log.exception("finishing what the runs' previous holder left failed")
 
     def lost(self, hold: Hold, what: str) -> None:
         """A write under ``hold`` was fenced: another daemon holds its run now."""

@@ -86,10 +86,10 @@ class Daemon:
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
         self.evaluator = Evaluator(self.store, config, self.worker)
-        self.freezer = Freezer(self.store, self.worker)
+        self.freezer = Freezer(self.store, self.worker, self.leases)
         # What `ckptd evaluate`/`freeze` hand over while this runs, done in the evaluation thread.
         self.requests = RequestServer(
-            self.store, config.daemon.database, self.evaluator, self.freezer
+            self.store, config.daemon.database, self.evaluator, self.freezer, runs=self.leases.held
         )
         self.eval_loop = EvaluationLoop(
             self.evaluator,
@@ -149,15 +149,17 @@ class Daemon:
             except StoreError as exc:
                 raise SystemExit(f"ckptd: cannot register this daemon: {exc}") from None
             self.leases.adopt()
+        self.recover(set(self.leases.held()))  # what this daemon's previous run left
+        self.leases.on_taken = self.recover  # and each run's previous holder, as it is taken
 
-        with self.progress.busy("finishing interrupted deletions"):
-            resumed = api_prune.resume(self.store)
-        if resumed:
-            log.info("finished %d deletion(s) interrupted by the last stop", resumed)
-        with self.progress.busy("recovering interrupted evaluations and exports"):
+    def recover(self, run_ids: set[int]) -> None:
+        """Finish what the last holder of these runs left half done (never another's runs)."""
+        with self.progress.busy("recovering interrupted evaluations, deletions and exports"):
             if self.evaluator.recover():
                 log.info("re-queued evaluations of processes that have exited")
-            if self.freezer.recover(self.config.watches):
+            if resumed := api_prune.resume(self.store, run_ids):
+                log.info("finished %d deletion(s) interrupted by the last stop", resumed)
+            if self.freezer.recover(self.config.watches, run_ids):
                 log.info("exports interrupted by the last stop will be redone")
 
     def _database_file(self) -> tuple[int, int] | None:
@@ -386,7 +388,7 @@ class Daemon:
         n = self.backfill()
         self.evaluator.enqueue()
         if self.eval_loop.local:
-            self.evaluator.run_pending()
+            self.evaluator.run_pending(run_ids=self.leases.held())
         for w in self.config.watches:
             if w.freeze is not None:
                 self.jobs.freeze(w)
@@ -405,8 +407,7 @@ class Daemon:
         return self.supervisor.shutdown()
 
     def mark_stopped(self) -> None:
-        """Release this daemon's leases (the others take its runs over now) and mark it
-        stopped."""
+        """Release the leases (the others take the runs over now); mark the daemon stopped."""
         if self.daemon_id is None:
             return
         self.leases.stop()

@@ -57,7 +57,7 @@ class RequestServer:
         self.evaluator = evaluator  # its config is the daemon's current one (reloads update it)
         self.freezer = freezer
         self.kinds = kinds
-        self.runs = runs
+        self.runs = runs  # a daemon: the runs it holds the leases of (another serves the others)
         self.ttl = ttl
         self.current: tuple[Claimed, datetime] | None = None  # the request in hand, since when
         self._poll_store: Store | None = None

@@ -4,8 +4,9 @@ A job is claimed by one conditional UPDATE that names its holder and an expiry
 (``claimed_by``, ``claimed_until``): of two processes (daemons, ``ckptd evaluate``, ``ckptd
 worker``) that pick the same row, exactly one claims it; the holder renews the claim while it
 works, and a ``running`` row whose claim expired (its holder died) is claimable again. Results
-are written only while the claim is still the writer's, so a job taken over after an expiry is
-never recorded twice.
+are written only while the claim is still the writer's and unexpired, so a job taken over after
+an expiry is never recorded twice: the claim, not a daemon's run lease, fences an evaluation's
+result (a remote worker holds none).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, exists, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import COMPLETE, Checkpoint, utcnow
@@ -57,6 +58,11 @@ def _present() -> ColumnElement[bool]:
     row stays as history, but is neither claimed nor counted as pending)."""
     # Correlated (a primary-key lookup per row), never a list of every complete checkpoint.
     return exists().where(_c.c.id == _e.c.checkpoint_id, _c.c.state == COMPLETE)
+
+
+def _live_claim(now: datetime) -> ColumnElement[bool]:
+    """The row's claim has not expired (a running job's holder may still write its result)."""
+    return and_(_e.c.claimed_until.is_not(None), _e.c.claimed_until >= now)
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:
@@ -211,22 +217,38 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
     return Job(evaluation_id, checkpoint, run_path, int(attempt))
 
 
-def _ours(store: Store, job: Job) -> ColumnElement[bool]:
-    return and_(
+def _ours(store: Store, job: Job, *, live: bool = True) -> ColumnElement[bool]:
+    """Still this process's job: running under its claim, and (``live``) unexpired: a holder
+    that lost its claim (paused past it; whoever holds the run's lease) writes nothing."""
+    ours = and_(
         _e.c.id == job.evaluation_id, _e.c.status == RUNNING, _e.c.claimed_by == store.holder
     )
+    return and_(ours, _live_claim(utcnow())) if live else ours
 
 
 def renew(store: Store, job: Job, *, ttl: timedelta) -> bool:
-    """Extend the claim; False when it is no longer ours (it expired and was taken over)."""
+    """Extend the claim; False when it is no longer ours (it expired, taken over or not)."""
     stmt = update(_e).where(_ours(store, job)).values(claimed_until=utcnow() + ttl)
     with store.session() as s:
         return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
-def _finish(session: Session, store: Store, job: Job, **values: object) -> bool:
-    stmt = update(_e).where(_ours(store, job)).values(claimed_by=None, claimed_until=None, **values)
-    return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+def _finish(session: Session, store: Store, job: Job, live: bool = True, **values: Any) -> bool:
+    stmt = update(_e).where(_ours(store, job, live=live))
+    if session.execute(stmt.values(claimed_by=None, claimed_until=None, **values)).rowcount:  # type: ignore[attr-defined]
+        return True
+    if live:  # a result refused: say so in `ckptd events` (the caller logs it)
+        c = job.checkpoint
+        audit.record(
+            session,
+            "fenced",
+            run_id=c.run_id,
+            checkpoint_id=c.id,
+            subject=store.holder,
+            reason=f"evaluation result of {c.label} refused: {store.holder} no longer holds "
+            "its claim (it expired, and another process may have taken the job over)",
+        )
+    return False
 
 
 def finish_done(store: Store, job: Job, metrics: dict[str, float], seconds: float) -> bool:
@@ -315,7 +337,7 @@ def finish_failed(
 def release(store: Store, job: Job) -> bool:
     """Give a job back to the queue unfinished (this process is stopping): pending at once."""
     with store.session() as s:
-        return _finish(s, store, job, status=PENDING)
+        return _finish(s, store, job, live=False, status=PENDING)
 
 
 def release_gone(store: Store) -> int:
@@ -398,5 +420,11 @@ def status_counts(session: Session) -> dict[str, int]:
     """Evaluations by status, for ``status``: pending and running ones count only while their
     checkpoint is complete (a pruned or deleted checkpoint's leftover job is no work)."""
     live = or_(_e.c.status.not_in([PENDING, RUNNING]), _present())
-    rows = session.execute(select(_e.c.status, func.count()).where(live).group_by(_e.c.status))
-    return {status: n for status, n in rows}
+    # A running job whose claim expired (its holder died) is back in the queue: pending.
+    status = case(
+        (and_(_e.c.status == RUNNING, ~_live_claim(utcnow())), literal(PENDING)),
+        else_=_e.c.status,
+    )
+    rows = select(status.label("status")).where(live).subquery()
+    counts = session.execute(select(rows.c.status, func.count()).group_by(rows.c.status))
+    return {name: n for name, n in counts}

@@ -10,7 +10,7 @@ two processes from exporting one run at once is ``store/claims`` (``FREEZE``).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,9 +18,10 @@ from typing import Any
 from sqlalchemy import and_, func, insert, select, update
 
 from ckptd.core.model import Checkpoint, utcnow
-from ckptd.store import audit, reads
+from ckptd.store import audit, leases, reads
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
+from ckptd.store.leases import Hold
 from ckptd.store.tables import CheckpointRow, ExportRow, RunRow, table_of
 
 EXPORTING, PUBLISHED, FAILED, REMOVED = "exporting", "published", "failed", "removed"
@@ -136,12 +137,17 @@ def begin(
     formats: str,
     metric: str | None,
     metric_value: float | None,
+    hold: Hold | None = None,
 ) -> tuple[int, int, int]:
     """The intent: an ``exporting`` row, written before anything is (crash recovery). Its version
     is one more than any export of ``root`` had (failed ones never appeared) and than
     ``on_disk``, the highest numeric directory there; its attempt, one more than the
-    checkpoint's previous export if that failed. Returns (export id, version, attempt)."""
+    checkpoint's previous export if that failed. Returns (export id, version, attempt).
+    ``hold``: the daemon's lease of the run, checked in the same transaction
+    (:class:`leases.Fenced`, and nothing is written, if it is gone)."""
     with store.session() as s:
+        if hold is not None:
+            leases.fence(s.connection(), hold)
         if store.dialect == "postgresql":  # (SQLite: BEGIN IMMEDIATE serialises writers)
             # Two exports of the run read the highest version one after the other.
             s.execute(select(_r.c.id).where(_r.c.id == c.run_id).with_for_update())
@@ -183,9 +189,18 @@ def published(
     verified: bool,
     reason: str,
     detail: dict[str, Any],
+    hold: Hold | None = None,
+    publish: Callable[[], None] | None = None,
 ) -> None:
-    """The export is in place under its numeric name: ``published`` and an ``exported`` row."""
+    """The export is in place under its numeric name: ``published`` and an ``exported`` row.
+    ``publish`` (the rename into place) runs inside this transaction, after ``hold`` is checked:
+    the lease row stays locked until the commit, so a daemon that lost the run's lease neither
+    renames nor writes (:class:`leases.Fenced`), and an error of ``publish`` writes nothing."""
     with store.session() as s:
+        if hold is not None:
+            leases.fence(s.connection(), hold)
+        if publish is not None:
+            publish()
         s.execute(
             update(_x).where(_x.c.id == export_id).values(status=PUBLISHED, verified=verified)
         )

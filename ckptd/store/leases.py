@@ -4,7 +4,7 @@ A lease row ``(run_id, owner, epoch, expires_at)`` is claimed, renewed and relea
 database's clock, never a host's: a lease whose ``expires_at`` has passed may be taken over by
 anyone, with ``epoch + 1``. Every write for a run checks the holder's epoch in its own
 transaction (:func:`fence`), so a daemon that was paused past its lease writes nothing.
-Statements are batched: one claim per scan of runs not held, one UPDATE per renewal round.
+Statements are batched: one upsert per scan of runs not held, one UPDATE per renewal round.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, and_, exists, func, insert, literal, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import DateTime, and_, case, func, literal, or_, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from ckptd.store.handle import Store
 from ckptd.store.tables import RunLeaseRow, RunRow, table_of
+from ckptd.store.upsert import _dialect_insert
 
 _leases = table_of(RunLeaseRow)
 _runs = table_of(RunRow)
@@ -81,33 +81,29 @@ def _chunks(ids: Collection[int]) -> Iterator[list[int]]:
 
 def claim(store: Store, owner: str, run_ids: Collection[int], ttl: float) -> dict[int, int]:
     """Take the leases of ``run_ids`` that nobody holds (absent or expired); returns the epochs
-    of those ``owner`` now holds (including any it held already). Two statements per chunk."""
+    of those ``owner`` now holds (including any it held already, extended). One INSERT … ON
+    CONFLICT DO UPDATE per chunk: two daemons claiming one run at once never collide, the
+    second sees the first's row and leaves it (the WHERE of the update is false)."""
+    expired = _leases.c.expires_at <= db_now()
     held: dict[int, int] = {}
     for chunk in _chunks(run_ids):
-        try:
-            with store.session() as s:
-                s.execute(
-                    update(_leases)
-                    .where(_leases.c.run_id.in_(chunk), _leases.c.expires_at <= db_now())
-                    .values(owner=owner, epoch=_leases.c.epoch + 1, expires_at=db_now(ttl))
-                )
-                absent = select(_runs.c.id, literal(owner), literal(1), db_now(ttl)).where(
-                    _runs.c.id.in_(chunk),
-                    ~exists().where(_leases.c.run_id == _runs.c.id),
-                )
-                s.execute(
-                    insert(_leases).from_select(["run_id", "owner", "epoch", "expires_at"], absent)
-                )
-                rows = s.execute(
-                    select(_leases.c.run_id, _leases.c.epoch).where(
-                        _leases.c.run_id.in_(chunk),
-                        _leases.c.owner == owner,
-                        _leases.c.expires_at > db_now(),
-                    )
-                )
-                held.update({r.run_id: r.epoch for r in rows})
-        except IntegrityError:
-            continue  # another daemon inserted the same run meanwhile: it holds it
+        rows = select(_runs.c.id, literal(owner), literal(1), db_now(ttl)).where(
+            _runs.c.id.in_(chunk)
+        )
+        stmt = _dialect_insert(store.dialect)(_leases).from_select(
+            ["run_id", "owner", "epoch", "expires_at"], rows
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id"],
+            set_={
+                "owner": stmt.excluded.owner,
+                "epoch": case((expired, _leases.c.epoch + 1), else_=_leases.c.epoch),
+                "expires_at": stmt.excluded.expires_at,
+            },
+            where=or_(expired, _leases.c.owner == owner),
+        ).returning(_leases.c.run_id, _leases.c.epoch)
+        with store.session() as s:
+            held.update({r.run_id: r.epoch for r in s.execute(stmt)})
     return held
 
 

@@ -13,10 +13,10 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import BindParameter, bindparam, func, select, update
+from sqlalchemy import BindParameter, and_, bindparam, case, exists, func, or_, select, update
 
-from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run
-from ckptd.store import audit, leases, reads, versions
+from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
+from ckptd.store import audit, claims, leases, reads, versions
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
 from ckptd.store.leases import Hold
@@ -26,6 +26,7 @@ from ckptd.store.tables import (
     ExportRow,
     MetricRow,
     PinRow,
+    RunClaimRow,
     RunRow,
     table_of,
 )
@@ -44,6 +45,7 @@ _m = table_of(MetricRow).c
 _pins = table_of(PinRow).c
 _evals = table_of(EvaluationRow).c
 _exports = table_of(ExportRow).c
+_claims = table_of(RunClaimRow).c
 
 # Built once (SQLAlchemy caches their compiled form): expanding IN parameters take a list of ids
 # as one value, without a bind parameter object per id.
@@ -70,12 +72,27 @@ _PLAN_METRICS = select(_m.checkpoint_id, _m.name, _m.value, _m.source).where(
     _m.checkpoint_id.in_(_OF_RUNS), _m.name.in_(bindparam("names", expanding=True))
 )
 _PLAN_PINS = select(_pins.checkpoint_id).where(_pins.checkpoint_id.in_(_OF_RUNS))
-# Only the evaluations and exports planning looks at: in progress, or published.
-_PLAN_EVALS = select(_evals.checkpoint_id, _evals.status).where(
-    _evals.checkpoint_id.in_(_OF_RUNS), _evals.status.in_(("pending", "running"))
+# Only the evaluations and exports planning looks at: in progress, or published. Work in
+# progress counts only while its holder's claim is live: the job of a holder that died (its claim
+# expired) is back in the queue (pending), and its export was interrupted, not in progress.
+_NOW = bindparam("now", type_=_evals.claimed_until.type)
+_PLAN_EVALS = select(
+    _evals.checkpoint_id,
+    case(
+        (and_(_evals.status == "running", _evals.claimed_until >= _NOW), "running"),
+        else_="pending",
+    ),
+).where(_evals.checkpoint_id.in_(_OF_RUNS), _evals.status.in_(("pending", "running")))
+_FREEZING = exists().where(
+    _claims.run_id == _c.run_id, _claims.job == claims.FREEZE, _claims.claimed_until >= _NOW
 )
-_PLAN_EXPORTS = select(_exports.checkpoint_id, _exports.status).where(
-    _exports.checkpoint_id.in_(_OF_RUNS), _exports.status.in_(("published", "exporting"))
+_PLAN_EXPORTS = (
+    select(_exports.checkpoint_id, _exports.status)
+    .join(table_of(CheckpointRow), _c.id == _exports.checkpoint_id)
+    .where(
+        _c.run_id.in_(_RUN_IDS),
+        or_(_exports.status == "published", and_(_exports.status == "exporting", _FREEZING)),
+    )
 )
 
 
@@ -141,12 +158,13 @@ def _read_histories(conn: Any, chunk: list[Wanted], out: dict[int, list[Checkpoi
     if not rows:
         return 0
     params = {"run_ids": run_ids}
+    now = {**params, "now": utcnow()}
     best: dict[int, dict[str, float]] = {}
     if metrics_wanted:
         best = reads.best_sources(conn.execute(_PLAN_METRICS, {**params, "names": metrics_wanted}))
     pinned = set(conn.execute(_PLAN_PINS, params).scalars())
-    evaluations = dict(conn.execute(_PLAN_EVALS, params).all())
-    exports = conn.execute(_PLAN_EXPORTS, params).all()
+    evaluations = dict(conn.execute(_PLAN_EVALS, now).all())
+    exports = conn.execute(_PLAN_EXPORTS, now).all()
     exported = {cid for cid, st in exports if st == "published"}
     exporting = {cid for cid, st in exports if st == "exporting"}
     # Every row's file list in one json.loads (a fifth of the time of one call per row).
@@ -260,31 +278,41 @@ def interrupted(store: Store, run_ids: Collection[int] | None = None) -> list[In
         .join(table_of(RunRow), _r.id == _c.run_id)
         .where(_c.state == PRUNING)
     )
-    if run_ids is not None:
-        if not run_ids:
-            return []
-        stmt = stmt.where(_c.run_id.in_(sorted(run_ids)))
     with store.session() as s:
         by_run: dict[tuple[int, str, str], list[int]] = {}
-        for cid, run_id, path, watch_path in s.execute(stmt):
-            by_run.setdefault((run_id, path, watch_path), []).append(cid)
+        for scoped in _of_runs(stmt, _c.run_id, run_ids):
+            for cid, run_id, path, watch_path in s.execute(scoped):
+                by_run.setdefault((run_id, path, watch_path), []).append(cid)
         return [Interrupted(*key, reads.checkpoints(s, ids=ids)) for key, ids in by_run.items()]
 
 
-def runs_with_pruned(store: Store) -> list[tuple[int, str, str]]:
+def _of_runs(stmt: Any, column: Any, run_ids: Collection[int] | None) -> Iterator[Any]:
+    """``stmt`` for every run (``run_ids`` None), or for ``run_ids``, CHUNK per statement (an
+    index lookup each: a daemon that takes a few runs over reads only theirs)."""
+    if run_ids is None:
+        yield stmt
+        return
+    for chunk in _chunks(sorted(run_ids)):
+        yield stmt.where(column.in_(chunk))
+
+
+def runs_with_pruned(
+    store: Store, run_ids: Collection[int] | None = None
+) -> list[tuple[int, str, str]]:
     """(run id, run dir, watch root) of every run present at its last scan that has pruned
-    checkpoints: a crash after ``pruned`` was committed but before the state file was rewritten
-    leaves entries for deleted checkpoints there."""
+    checkpoints (of ``run_ids`` only, when given): a crash after ``pruned`` was committed but
+    before the state file was rewritten leaves entries for deleted checkpoints there."""
+    stmt = (
+        select(_r.id, _r.path, _r.watch_path)
+        .join(table_of(CheckpointRow), _c.run_id == _r.id)
+        .where(_c.state == PRUNED, _r.present)
+        .distinct()
+    )
+    out: list[tuple[int, str, str]] = []
     with store.session() as s:
-        return [
-            (run_id, path, watch_path)
-            for run_id, path, watch_path in s.execute(
-                select(_r.id, _r.path, _r.watch_path)
-                .join(table_of(CheckpointRow), _c.run_id == _r.id)
-                .where(_c.state == PRUNED, _r.present)
-                .distinct()
-            )
-        ]
+        for scoped in _of_runs(stmt, _r.id, run_ids):
+            out += [(run_id, path, root) for run_id, path, root in s.execute(scoped)]
+    return out
 
 
 def newest_complete(store: Store, run_dir: str) -> str | None:
