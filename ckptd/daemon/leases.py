@@ -114,13 +114,15 @@ class LeaseKeeper:
                 log.exception("finishing what the runs' previous holder left failed")
 
     def lost(self, hold: Hold, what: str) -> None:
-        """A write under ``hold`` was fenced: another daemon holds its run now."""
+        """A write under ``hold`` was fenced: its lease lapsed (another daemon, or this one
+        after a pause or an outage, holds the run under a newer epoch now)."""
         run_id, epoch = hold.run_id, hold.epoch
         with self._lock:
             if self._held.get(run_id) == epoch:
                 del self._held[run_id]
         log.warning(
-            "fenced: %s of run %d refused, its lease (epoch %s) is held by another daemon now",
+            "fenced: %s of run %d refused, its lease (epoch %s) lapsed; the run's current "
+            "holder records it",
             what,
             run_id,
             epoch,
