@@ -82,6 +82,14 @@ class Cluster:
         name = url.rsplit("/", 1)[1].split("?", 1)[0]
         self._psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data (``mode``: pg_ctl's, ``immediate`` as a crash)."""
+        _as_postgres([str(self.bin / "pg_ctl"), "stop", "-D", str(self.root / "data"), "-m", mode])
+
+    def start_server(self) -> None:
+        """Start the server again on the same data and socket."""
+        _start_server(self.bin, self.root)
+
     def stop(self) -> None:
         _as_postgres(
             [str(self.bin / "pg_ctl"), "stop", "-D", str(self.root / "data"), "-m", "immediate"],
@@ -124,13 +132,18 @@ def start() -> Cluster:
             "--no-sync",
         ]
     )
+    _start_server(bin_, root)
+    return Cluster(root, bin_, itertools.count(1))
+
+
+def _start_server(bin_: Path, root: Path) -> None:
     options = f"-k {root / 'socket'} {_SERVER_OPTIONS}"
     _as_postgres(
         [
             str(bin_ / "pg_ctl"),
             "start",
             "-D",
-            str(data),
+            str(root / "data"),
             "-w",
             "-l",
             str(root / "log"),
@@ -138,4 +151,3 @@ def start() -> Cluster:
             options,
         ]
     )
-    return Cluster(root, bin_, itertools.count(1))
