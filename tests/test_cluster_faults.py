@@ -5,12 +5,13 @@ SIGKILLed, another SIGSTOPped past its lease, and PostgreSQL restarted under the
 each, nothing is lost, nothing recorded, evaluated or pruned twice, and the disk, the database
 and the state files agree (``Cluster.check``).
 
-The cases share one set-up (a PostgreSQL cluster of their own, which the restart case stops and
-starts; the daemons; the writers, whose TensorFlow is imported once) and each leaves three live
+The cases share one set-up (a PostgreSQL cluster of their own, which the restart cases stop and
+start; the daemons; the writers, whose TensorFlow is imported once) and each leaves three live
 daemons and quiet writers behind. Run them alone with ``pytest -m slow -s
-tests/test_cluster_faults.py``. A remote worker joins in one line, ``cluster.start("gpu0",
-"worker")``; a worker case kills it with ``node.kill()`` mid-evaluation and ends with the same
-``converge(lambda: cluster.check(saves), …)``.
+tests/test_cluster_faults.py``. Bugs the suite found and that are not fixed yet are pinned by
+``xfail(strict=True)`` tests whose reason says where the fix belongs. A remote worker joins in
+one line, ``cluster.start("gpu0", "worker")``; a worker case kills it with ``node.kill()``
+mid-evaluation and ends with the same ``_quiet_and_audited(cluster, …)``.
 """
 
 from __future__ import annotations
@@ -245,8 +246,8 @@ def test_postgresql_restarted_under_load(cluster: Cluster, server: pg.Cluster) -
     _live(cluster)
     index = len(writers.all_saves())
     until(lambda: _recorded_after(cluster, index, set(writers.names)), 60)
+    # Back within a lease: a longer outage also moves the runs (see the next test).
     server.stop_server()
-    time.sleep(1)
     server.start_server()
     restarted = _utcnow()
     nodes = list(cluster.nodes.values())
