@@ -156,15 +156,16 @@ class Writers:
         self._threads: list[threading.Thread] = []
         for i in range(processes):
             names = self.names[i::processes]
-            proc = subprocess.Popen(
-                [PY, str(REPO / "tests" / "cluster_writer.py"), str(root), *names],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=(logs / f"writer{i}.log").open("wb"),
-                text=True,
-                env=ENV,
-                cwd=REPO,
-            )
+            with (logs / f"writer{i}.log").open("wb") as stderr:
+                proc = subprocess.Popen(
+                    [PY, str(REPO / "tests" / "cluster_writer.py"), str(root), *names],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                    env=ENV,
+                    cwd=REPO,
+                )
             events: list[str] = []
             thread = threading.Thread(target=self._read, args=(proc, events), daemon=True)
             thread.start()

@@ -339,7 +339,8 @@ def resume(store: Store) -> int:
     try:
         for run_id in sorted(wanted - held):
             log.info("run %d is being pruned by another process; left to it", run_id)
-        stuck = [i for i in stuck if i.run_id in held]
+        # Read again under the claims: a prune in flight when first read may have finished since.
+        stuck = pruning.interrupted(store, held)
         batches = _resumed_batches(stuck)
         busy_or_done = {i.path for i in stuck}
         again = [(path, root) for run_id, path, root in repair if run_id in held]
