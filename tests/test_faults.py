@@ -11,11 +11,8 @@ Sizes come from the environment, so CI runs a small load and a person can run th
 checkpoints involved, lost) are printed (``-s`` shows them) and, when ``CKPTD_FAULT_REPORT`` names
 a file, written there as JSON.
 
-"Accounted for" is checked the same way everywhere (:func:`_audit`): every save a trainer printed
-has a row that is ``complete`` (all its files on disk) or ``pruned`` (with a reason, nothing of it
-left on disk); every checkpoint on disk has a row; every run's ``checkpoint`` state file names only
-checkpoints that exist; every numeric export directory is a complete SavedModel with a
-``published`` row, and every ``published`` row has its directory and a complete checkpoint.
+"Accounted for" is checked the same way everywhere (``tests/audit.py``): the database, the disk,
+the state files and the exports agree.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from ckptd.io import statefile
+from tests.audit import SAVED_MODEL_FILES, TMP_PREFIX, audit, converge, count_lost, rows, show
 from tests.conftest import ENV, PY, REPO, Corpus, ckptd, query, train, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]
@@ -54,13 +52,6 @@ ROUNDS = int(os.environ.get("CKPTD_FAULT_ROUNDS", "5"))
 SEED = int(os.environ.get("CKPTD_FAULT_SEED", "20261122"))
 RSS_LIMIT = 250 * 1024 * 1024  # the daemon process alone, never its TensorFlow workers
 SAVE_EVERY = 5
-TMP_PREFIX = ".ckptd-tmp-"  # ckptd.api.freeze.TMP_PREFIX, spelled out: the tests are the spec
-SAVED_MODEL_FILES = (
-    "saved_model.pb",
-    "variables/variables.index",
-    "variables/variables.data-00000-of-00001",
-    "frozen.pb",
-)
 
 # ------------------------------------------------------------------ the report
 
@@ -328,21 +319,6 @@ class RssSampler(threading.Thread):
 # ------------------------------------------------------------------ accounting
 
 
-def _rows(db: Path) -> dict[str, tuple[str, str | None, list[str], str]]:
-    """prefix -> (state, reason, recorded files, run directory)."""
-    sql = (
-        "select c.prefix, c.state, c.reason, c.files, r.path from checkpoints c "
-        "join runs r on r.id = c.run_id"
-    )
-    return {
-        p: (st, why, json.loads(files or "[]"), run) for p, st, why, files, run in query(db, sql)
-    }
-
-
-def _index_exists(prefix: Path) -> bool:
-    return prefix.with_name(prefix.name + ".index").exists()
-
-
 def _tmp_dirs(export_dir: Path) -> set[Path]:
     if not export_dir.is_dir():
         return set()
@@ -351,213 +327,6 @@ def _tmp_dirs(export_dir: Path) -> set[Path]:
     for d in [export_dir, *runs]:
         found |= {p for p in d.iterdir() if p.name.startswith(TMP_PREFIX)}
     return found
-
-
-def _audit(
-    db: Path,
-    runs: list[Path],
-    saves: list[dict[str, Any]],
-    export_dir: Path | None = None,
-    *,
-    live: bool,
-    relisted: bool | None = None,
-    must_be_gone: Collection[Path] = (),
-    corrupt: Collection[str] = (),
-) -> list[str]:
-    """Where the DB, the disk, the state files and the exports disagree (empty: they agree).
-
-    ``live``: trainers may still be writing, so a checkpoint saved in the last seconds may not
-    be recorded yet, a live TF2 CheckpointManager re-lists checkpoints ckptd pruned in the state
-    file it rewrites at every save (it keeps its own list), and an export may be mid-flight.
-    ``relisted`` (default: ``live``): tolerate state-file entries of checkpoints ckptd pruned,
-    which a TF2 trainer wrote back (ckptd drops them at its next deletion or restart).
-    ``corrupt``: prefixes that must be recorded corrupt, their files kept as evidence.
-    """
-    try:
-        return _disagreements(
-            db,
-            runs,
-            saves,
-            export_dir,
-            live=live,
-            relisted=live if relisted is None else relisted,
-            must_be_gone=must_be_gone,
-            corrupt=corrupt,
-        )
-    except sqlite3.Error as exc:
-        return [f"cannot read the database: {exc}"]
-    except OSError as exc:  # a file vanished between listing and looking (a prune, a retire)
-        return [f"the disk changed during the audit: {exc}"]
-
-
-def _disagreements(
-    db: Path,
-    runs: list[Path],
-    saves: list[dict[str, Any]],
-    export_dir: Path | None,
-    *,
-    live: bool,
-    relisted: bool,
-    must_be_gone: Collection[Path],
-    corrupt: Collection[str],
-) -> list[str]:
-    # The database is read before and after the disk is looked at. A disagreement about a
-    # checkpoint whose state changed in between is the daemon moving on, not an error: a prune
-    # commits "pruning" before it unlinks, so a file missing from the listing under a row read as
-    # complete is only a fault if the row still says complete afterwards.
-    before = _rows(db)
-    listing = {run: set(os.listdir(run)) if run.is_dir() else set() for run in runs}
-    for run in {r for _, _, _, r in before.values()}:
-        if Path(run) not in listing:
-            listing[Path(run)] = set(os.listdir(run)) if os.path.isdir(run) else set()
-    exports = query(
-        db,
-        "select e.path, e.status, c.state from exports e join checkpoints c "
-        "on c.id = e.checkpoint_id",
-    )
-    export_entries = _export_entries(export_dir) if export_dir is not None else {}
-    after = _rows(db)
-    exports_after = set(
-        query(
-            db,
-            "select e.path, e.status, c.state from exports e join checkpoints c "
-            "on c.id = e.checkpoint_id",
-        )
-    )
-    problems = []
-
-    def settled(prefix: str) -> bool:
-        return before.get(prefix, ("",))[0] == after.get(prefix, ("",))[0]
-
-    for s in saves:
-        row = after.get(s["prefix"])
-        if row is None:
-            problems.append(f"saved but not recorded: {s['prefix']}")
-        elif row[0] not in ("complete", "pruned"):
-            problems.append(f"saved, recorded {row[0]} ({row[1]}): {s['prefix']}")
-    for prefix, (state, reason, files, run) in before.items():
-        if not settled(prefix):
-            continue
-        names = listing[Path(run)]
-        present = {f for f in files if f in names}
-        if prefix in corrupt:
-            if state != "corrupt" or present != set(files):
-                problems.append(f"{state} ({reason}), expected corrupt with its files: {prefix}")
-        elif state == "complete":
-            if present != set(files):
-                problems.append(f"complete but {sorted(set(files) - present)} missing: {prefix}")
-        elif state == "pruned":
-            base = os.path.basename(prefix) + "."
-            left = sorted(f for f in names if f.startswith(base))
-            if not reason:
-                problems.append(f"pruned without a reason: {prefix}")
-            if left:
-                problems.append(f"pruned but {left} remain: {prefix}")
-        else:
-            problems.append(f"{state} ({reason}): {prefix}")
-    settle = time.time() - 10
-    for run in runs:
-        for name in sorted(listing[run]):
-            if not name.endswith(".index"):
-                continue
-            prefix = str(run / name[: -len(".index")])
-            try:
-                prefix.encode("utf-8")
-            except UnicodeEncodeError:
-                continue  # a name that is not UTF-8: reported as unsupported, never recorded
-            if prefix in after:
-                continue
-            if live and os.stat(run / name).st_mtime > settle:
-                continue  # just saved; recorded within moments
-            problems.append(f"on disk but not recorded: {prefix}")
-        state = statefile.read(run)
-        if state is None:
-            continue
-        if not state.model_checkpoint_path:
-            # tf.train.latest_checkpoint and CheckpointManager() raise ValueError on it.
-            problems.append(f"{run}/checkpoint: model_checkpoint_path is empty")
-        elif not _index_exists(state.resolve(run, state.model_checkpoint_path)):
-            problems.append(f"{run}/checkpoint: latest {state.model_checkpoint_path} is missing")
-        for p in state.all_model_checkpoint_paths:
-            resolved = state.resolve(run, p)
-            if _index_exists(resolved):
-                continue
-            if relisted and after.get(str(resolved), ("",))[0] == "pruned":
-                continue  # the trainer's CheckpointManager wrote it back
-            problems.append(f"{run}/checkpoint lists a missing checkpoint {p}")
-    if export_dir is None:
-        return problems
-    published: dict[str, list[str]] = {}
-    for path, status, ckpt_state in exports:
-        if status == "published":
-            published.setdefault(path, []).append(ckpt_state)
-    for path, states in published.items():
-        if (path, "published", states[0]) not in exports_after:
-            continue  # retired meanwhile
-        if len(states) > 1:
-            problems.append(f"{len(states)} published rows for {path}")
-        if path not in export_entries:
-            problems.append(f"published export {path} has no directory")
-        if states[0] != "complete":
-            problems.append(f"published export {path} is of a {states[0]} checkpoint")
-    published_after = {path for path, status, _ in exports_after if status == "published"}
-    for path, missing in export_entries.items():
-        name = os.path.basename(path)
-        if name.startswith(TMP_PREFIX):
-            if Path(path) in must_be_gone:
-                problems.append(f"temp export {path} survived a restart")
-            elif not live:
-                problems.append(f"temp export left behind: {path}")
-        elif not name.isdigit():
-            problems.append(f"unexpected entry in the export dir: {path}")
-        elif path not in published_after:
-            problems.append(f"export {path} has no published row")
-        elif missing and path in published:
-            problems.append(f"export {path} is incomplete: no {missing}")
-    return problems
-
-
-def _export_entries(export_dir: Path) -> dict[str, list[str]]:
-    """Every entry of each run's export directory -> the SavedModel files it lacks."""
-    entries = {}
-    for root in export_dir.iterdir() if export_dir.is_dir() else ():
-        if not root.is_dir() or root.name.startswith(TMP_PREFIX):
-            continue
-        for entry in root.iterdir():
-            entries[str(entry)] = [f for f in SAVED_MODEL_FILES if not (entry / f).is_file()]
-    return entries
-
-
-def _converge(check: Callable[[], list[str]], timeout: float) -> list[str]:
-    """Re-check until nothing disagrees (bounded); returns what still disagrees."""
-    deadline = time.monotonic() + timeout
-    problems = check()
-    while problems and time.monotonic() < deadline:
-        time.sleep(0.5)
-        problems = check()
-    return problems
-
-
-def _show(problems: list[str], what: str) -> str:
-    head = "\n  ".join(problems[:25])
-    more = f"\n  … and {len(problems) - 25} more" if len(problems) > 25 else ""
-    return f"{what}: {len(problems)} disagreement(s):\n  {head}{more}"
-
-
-def _lost(db: Path, saves: list[dict[str, Any]]) -> int:
-    """Saves that are neither complete with all their files nor pruned with a reason."""
-    rows = _rows(db)
-    lost = 0
-    for s in saves:
-        row = rows.get(s["prefix"])
-        if row is None:
-            lost += 1
-            continue
-        state, reason, files, run = row
-        whole = all(os.path.exists(os.path.join(run, f)) for f in files)
-        if not ((state == "complete" and whole) or (state == "pruned" and reason)):
-            lost += 1
-    return lost
 
 
 # ------------------------------------------------------------------ configs
@@ -689,13 +458,13 @@ def test_load_with_sigkill_rounds(tmp_path: Path, daemons: Callable[..., Daemon]
                 during[name] += bool(n)
             d = daemons(conf)
             wait_for(lambda new=d: new.registered(db), timeout=60)
-            problems = _converge(
-                lambda s=snapshot, g=pre_tmp: _audit(
+            problems = converge(
+                lambda s=snapshot, g=pre_tmp: audit(
                     db, runs, s, export_dir, live=True, must_be_gone=g
                 ),
                 timeout=120,
             )
-            assert not problems, _show(problems, f"after SIGKILL round {k} and restart")
+            assert not problems, show(problems, f"after SIGKILL round {k} and restart")
             # The killed daemon's TF worker must not outlive it for long (it runs in its own
             # session, so the kill does not reach it; it should notice its parent is gone).
             t_kill = time.monotonic()
@@ -720,10 +489,10 @@ def test_load_with_sigkill_rounds(tmp_path: Path, daemons: Callable[..., Daemon]
         # Quiet now: everything must agree without a restart, except that a TF2 trainer's last
         # save re-listed checkpoints ckptd had pruned, in a state file ckptd only rewrites when it
         # next deletes something (test_state_file_relisted_by_a_live_trainer_is_repaired).
-        problems = _converge(
-            lambda: _audit(db, runs, saves, export_dir, live=False, relisted=True), timeout=180
+        problems = converge(
+            lambda: audit(db, runs, saves, export_dir, live=False, relisted=True), timeout=180
         )
-        lost = _lost(db, saves)
+        lost = count_lost(db, saves)
         unevaluated_sql = (
             "select count(*) from checkpoints c left join evaluations e on e.checkpoint_id = c.id"
             " where c.state = 'complete' and (e.status is null or e.status != 'done')"
@@ -742,8 +511,8 @@ def test_load_with_sigkill_rounds(tmp_path: Path, daemons: Callable[..., Daemon]
         # A clean restart changes nothing and then everything agrees strictly.
         d = daemons(conf)
         wait_for(lambda: d.registered(db), timeout=60)
-        after_restart = _converge(
-            lambda: _audit(db, runs, saves, export_dir, live=False), timeout=120
+        after_restart = converge(
+            lambda: audit(db, runs, saves, export_dir, live=False), timeout=120
         )
         assert d.stop() == 0
         tracebacks = [f.name for f in tmp_path.glob("daemon*.log") if "Traceback" in f.read_text()]
@@ -751,7 +520,7 @@ def test_load_with_sigkill_rounds(tmp_path: Path, daemons: Callable[..., Daemon]
         sampler.stop()
         for w in writers:
             w.close()
-    pruned = sum(1 for st, *_ in _rows(db).values() if st == "pruned")
+    pruned = sum(1 for st, *_ in rows(db).values() if st == "pruned")
     _report(
         "load_with_sigkill_rounds",
         faults=kills,
@@ -771,8 +540,8 @@ def test_load_with_sigkill_rounds(tmp_path: Path, daemons: Callable[..., Daemon]
         max_rss_mb=round(sampler.max / 2**20, 1),
         rss_samples=sampler.samples,
     )
-    assert not problems, _show(problems, "after the load, quiet, no restart")
-    assert not after_restart, _show(after_restart, "after a clean restart")
+    assert not problems, show(problems, "after the load, quiet, no restart")
+    assert not after_restart, show(after_restart, "after a clean restart")
     assert lost == 0
     assert not tracebacks, f"the daemon logged exceptions: see {tracebacks} in {tmp_path}"
     assert published_runs == WRITERS // 2 + WRITERS % 2  # every TF1 run exported its best
@@ -806,8 +575,8 @@ def test_state_file_relisted_by_a_live_trainer_is_repaired(
     assert relisted is not None and len(relisted.all_model_checkpoint_paths) == 3
     statefile.write_atomic(run, relisted)
     wait_for(lambda: listed() == ["ckpt-30"], timeout=15)
-    problems = _audit(db, [run], [], live=False)
-    assert not problems, _show(problems, "after the trainer re-listed pruned checkpoints")
+    problems = audit(db, [run], [], live=False)
+    assert not problems, show(problems, "after the trainer re-listed pruned checkpoints")
     assert d.stop() == 0
 
 
@@ -873,11 +642,13 @@ def test_inotify_limit_exhausted_nothing_missed(
     expected = sum(len(corpus.saves[k]) for k in ("tf1", "tf2", "sharded")) + len(saves)
     wait_for(lambda: _complete(db, f"{root}/%") == expected, timeout=60)
     runs = [root / k for k in ("tf1", "tf2", "sharded", "live")]
-    problems = _audit(db, runs, saves, live=False)
-    assert not problems, _show(problems, "inotify exhausted")
+    problems = audit(db, runs, saves, live=False)
+    assert not problems, show(problems, "inotify exhausted")
     assert d.alive()
     assert d.stop() == 0
-    _report(f"inotify_exhausted[{mode}]", faults=1, checkpoints=expected, lost=_lost(db, saves))
+    _report(
+        f"inotify_exhausted[{mode}]", faults=1, checkpoints=expected, lost=count_lost(db, saves)
+    )
 
 
 # ------------------------------------------------------------------ watched directory deleted
@@ -928,7 +699,7 @@ def test_watched_directories_deleted_and_recreated(
     wait_for(lambda: _status(conf)["daemon"]["watches"][0]["alive"], timeout=60, interval=0.5)
     assert d.stop() == 0
     involved = query(db, "select count(*) from checkpoints")[0][0]
-    _report("watched_dirs_deleted", faults=2, checkpoints=involved, lost=_lost(db, saves))
+    _report("watched_dirs_deleted", faults=2, checkpoints=involved, lost=count_lost(db, saves))
 
 
 # ------------------------------------------------------------------ database locked
@@ -973,8 +744,8 @@ def test_database_locked_by_a_long_reader_and_a_writer(
     # And new checkpoints after the lock are recorded too.
     corpus.copy("tf2", root / "e")
     wait_for(lambda: _complete(db, f"{root}/e/%") == 3, timeout=30)
-    problems = _audit(db, [root / r for r in "abce"], [], live=False)
-    assert not problems, _show(problems, "after the lock")
+    problems = audit(db, [root / r for r in "abce"], [], live=False)
+    assert not problems, show(problems, "after the lock")
     assert d.stop() == 0
     _report("database_locked", faults=2, checkpoints=11, lost=11 - _complete(db, f"{root}/%"))
 
@@ -1053,8 +824,8 @@ def test_disk_full_during_export_publishes_nothing_partial(
         assert all((Path(published[0]) / f).is_file() for f in SAVED_MODEL_FILES)
         assert d.stop() == 0
         assert not _tmp_dirs(export_dir), "a temp export survived"
-        problems = _audit(db, [root / "a", root / "b"], [], export_dir, live=False)
-        assert not problems, _show(problems, "after the full disk")
+        problems = audit(db, [root / "a", root / "b"], [], export_dir, live=False)
+        assert not problems, show(problems, "after the full disk")
         failures = query(db, "select count(*) from exports where status = 'failed'")[0][0]
     _report("disk_full_during_export", faults=failures, checkpoints=6, lost=0)
 
@@ -1078,8 +849,8 @@ def test_database_disk_full_then_freed_loses_nothing(
         wait_for(lambda: _complete(db, f"{root}/b/%") == 3, timeout=30)
         corpus.copy("sharded", root / "c")
         wait_for(lambda: _complete(db, f"{root}/c/%") == 2, timeout=30)
-        problems = _audit(db, [root / r for r in "abc"], [], live=False)
-        assert not problems, _show(problems, "after the database's disk was full")
+        problems = audit(db, [root / r for r in "abc"], [], live=False)
+        assert not problems, show(problems, "after the database's disk was full")
         assert d.stop() == 0
     _report("database_disk_full", faults=1, checkpoints=8, lost=0)
 
@@ -1184,10 +955,10 @@ def test_sigkill_between_export_rename_and_commit(
         " where e.status = 'published' and c.step = 40"
     )
     wait_for(lambda: query(db, best_sql)[0][0] == 1, timeout=120)
-    problems = _converge(lambda: _audit(db, [run], [], export_dir, live=False), timeout=30)
+    problems = converge(lambda: audit(db, [run], [], export_dir, live=False), timeout=30)
     assert d.stop() == 0
     _report("sigkill_in_publish_window", faults=1, checkpoints=4, lost=0)
-    assert not problems, _show(problems, "after a SIGKILL between rename and commit")
+    assert not problems, show(problems, "after a SIGKILL between rename and commit")
 
 
 # ------------------------------------------------------------------ bad input
@@ -1347,11 +1118,11 @@ def test_bad_input_gets_a_reason_and_the_daemon_goes_on(
     saves = train("tf2", root / "later", "--steps", "10", "--save-every", "5")
     corrupt = {str(root / "truncated/ckpt-30"), str(root / "garbage/ckpt-30")}
     runs = [root / n for n in ("good", "later", *staged) if n != "badrun"]
-    problems = _converge(lambda: _audit(db, runs, saves, live=False, corrupt=corrupt), timeout=30)
-    assert not problems, _show(problems, "after the bad input")
+    problems = converge(lambda: audit(db, runs, saves, live=False, corrupt=corrupt), timeout=30)
+    assert not problems, show(problems, "after the bad input")
     assert d.alive()
     _wait_alive(conf, d)
     assert d.stop() == 0
     assert "Traceback" not in d.log(), "bad input must be reported, not crash a scan"
     involved = query(db, "select count(*) from checkpoints")[0][0]
-    _report("bad_input", faults=8, checkpoints=involved, lost=_lost(db, saves))
+    _report("bad_input", faults=8, checkpoints=involved, lost=count_lost(db, saves))

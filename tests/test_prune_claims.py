@@ -127,3 +127,44 @@ def test_an_expired_or_dead_holders_claim_lets_the_next_prune_proceed(
         (ids["run-2"], "elsewhere:1234:cafe")
     ]
     engine.dispose()
+
+
+def test_resume_at_start_leaves_alone_a_prune_that_finished_meanwhile(
+    tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen with several daemons on one database: a daemon starting (``prune.resume``) read the
+    rows of another daemon's prune in flight as interrupted, claimed the run once that prune had
+    finished and released it, and pruned the same checkpoints again (two ``pruned`` events)."""
+    _, db, cfg, engine = _recorded_runs(tmp_path, corpus, n_runs=1, per_run=4, keep_last=1)
+    live, starting = Store(engine), Store.open(cfg.daemon.database)
+    items = _runs_and_watches(engine, cfg)
+    real_claim, real_remove = claims.claim_many, fsops.remove_groups
+    claiming, finished = threading.Event(), threading.Event()
+    resumed: list[int] = []
+
+    def claim_after_the_live_prune(store: Any, run_ids: Any, job: str, **kw: Any) -> Any:
+        if store is starting:
+            claiming.set()
+            finished.wait(30)
+        return real_claim(store, run_ids, job, **kw)
+
+    def meanwhile(root_: Any, directory: Any, groups: Any) -> Any:
+        """The live prune has marked its checkpoints `pruning`: a daemon starts now."""
+        if not claiming.is_set():
+            thread = threading.Thread(target=lambda: resumed.append(prune.resume(starting)))
+            thread.start()
+            claiming.wait(30)
+            seen["thread"] = thread
+        return real_remove(root_, directory, groups)
+
+    seen: dict[str, threading.Thread] = {}
+    monkeypatch.setattr(claims, "claim_many", claim_after_the_live_prune)
+    monkeypatch.setattr(fsops, "remove_groups", meanwhile)
+    assert [len(r.pruned) for r in prune.prune(live, items)] == [3]
+    finished.set()
+    seen["thread"].join(timeout=30)
+    assert resumed == [0]
+    pruned = _pruned_once(db)
+    assert len(pruned) == len(set(pruned)) == 3, pruned
+    starting.close()
+    engine.dispose()

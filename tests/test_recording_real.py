@@ -245,3 +245,35 @@ def test_best_keras_saved_again_is_a_new_version_each_time(
     versions = [c for c in r.checkpoints() if c.prefix.endswith("best.keras")]
     assert [c.state for c in versions] == [REPLACED] * (improved - 1) + [COMPLETE]
     assert not r.events("new_incarnation")
+
+
+def test_an_index_written_between_listing_and_reading_is_not_a_rewrite(
+    tmp_path: Path, golden: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen by the cluster fault suite: TF2 writes ``.index`` in place, so the listing saw it
+    empty and the read, a moment later, whole. The checkpoint was recorded complete with the
+    empty file's signature, then recorded again as "written again under the same name"."""
+    from ckptd.io import safeio
+
+    run = golden.copy("tf2", tmp_path / "runs" / "a")
+    index = run / "ckpt-30.index"
+    whole = index.read_bytes()
+    index.write_bytes(b"")  # the trainer has created it and not written it yet
+    real_open = safeio.open_regular
+
+    def written_meanwhile(name: str, dir_fd: int) -> Any:
+        if name == index.name and not index.stat().st_size:
+            index.write_bytes(whole)
+        return real_open(name, dir_fd)
+
+    monkeypatch.setattr(safeio, "open_regular", written_meanwhile)
+    store = Store.open(f"sqlite:///{tmp_path / 'ckptd.db'}")
+    migrate.ensure_store_schema(store)
+    recorder = Recorder(store)
+    spec = RunDir("a", run, tmp_path / "runs")
+    recorder.record(spec)
+    recorder.record(spec)  # the file is whole and unchanged since
+    with store.session() as s:
+        rows = [c for c in reads.checkpoints(s) if c.prefix == str(run / "ckpt-30")]
+    assert [c.state for c in rows] == [COMPLETE], [(c.state, c.reason) for c in rows]
+    store.close()

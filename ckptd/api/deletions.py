@@ -110,7 +110,8 @@ def resume(store: Store, run_ids: Collection[int] | None = None) -> int:
     try:
         for run_id in sorted(wanted - held):
             log.info("run %d is being pruned by another process; left to it", run_id)
-        stuck = [i for i in stuck if i.run_id in held]
+        # Read again under the claims: a prune in flight when first read may have finished since.
+        stuck = pruning.interrupted(store, held) if held else []
         batches = resumed_batches(stuck)
         busy_or_done = {i.path for i in stuck}
         again = [(path, root) for run_id, path, root in repair if run_id in held]

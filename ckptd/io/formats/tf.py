@@ -114,6 +114,10 @@ def bundle(
             data = safeio.read_fd(fd, fst.st_size, INDEX_MAX_BYTES)
         finally:
             os.close(fd)
+        if (fst.st_size, fst.st_mtime_ns) != (ist.st_size, ist.st_mtime_ns):
+            # Written since the listing (TF2 writes .index in place): the signature would be of
+            # another version than the one read, a "rewrite" at the next look. Looked at again.
+            return seen.found(fmt, INCOMPLETE, "index changed while being read")
         header = read_header(data, step_keys)
     except safeio.TooLarge:
         reason = f"index is larger than the {INDEX_MAX_BYTES >> 20} MiB cap; not read"
