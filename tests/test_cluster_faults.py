@@ -8,8 +8,8 @@ and the state files agree (``Cluster.check``).
 The cases share one set-up (a PostgreSQL cluster of their own, which the restart cases stop and
 start; the daemons; the writers, whose TensorFlow is imported once) and each leaves three live
 daemons and quiet writers behind. Run them alone with ``pytest -m slow -s
-tests/test_cluster_faults.py``. Bugs the suite found and that are not fixed yet are pinned by
-``xfail(strict=True)`` tests whose reason says where the fix belongs. A remote worker joins in
+tests/test_cluster_faults.py``. A bug the suite found and that is not fixed yet is pinned by an
+``xfail(strict=True)`` test whose reason says where the fix belongs. A remote worker joins in
 one line, ``cluster.start("gpu0", "worker")``; a worker case kills it with ``node.kill()``
 mid-evaluation and ends with the same ``_quiet_and_audited(cluster, …)``.
 """
@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from ckptd.core.errors import StoreError
 from ckptd.core.recording import RunDir
 from ckptd.store import leases, migrate, recording
 from ckptd.store.handle import Store
@@ -197,20 +196,11 @@ def test_sigstop_past_the_ttl_write_fenced_then_rejoins(cluster: Cluster) -> Non
     _quiet_and_audited(cluster, f"after SIGSTOP of {name} past its lease")
 
 
-STALLED = (
-    "store/leases.claim's takeover UPDATE waits on the lease row that a paused daemon's write "
-    "transaction locked (leases.fence's no-op UPDATE): every other daemon's recording thread "
-    "blocks in claim() (the scan's batch covers all runs) until the paused one resumes, so one "
-    "stopped process stalls the cluster. Fix in store/leases.py: take over with FOR UPDATE SKIP "
-    "LOCKED, and end a stopped holder's transaction (idle_in_transaction_session_timeout)"
-)
-
-
-@pytest.mark.xfail(reason=STALLED, strict=True, raises=AssertionError)
 def test_sigstop_inside_a_write_does_not_stall_the_others(cluster: Cluster) -> None:
     """Paused inside a write's transaction (after the epoch check): that run waits for it (its
     lease row is locked until the write commits or rolls back), but the others go on: they
-    take over its other runs and keep recording theirs."""
+    take over its other runs and keep recording theirs. (Their claims waited on that row and
+    stalled the cluster until ``leases.claim`` skipped rows locked by others.)"""
     assert cluster.writers is not None
     writers = cluster.writers
     writers.go(SAVE_EVERY)
@@ -306,21 +296,12 @@ def test_a_prune_cut_off_by_a_long_outage_is_finished_by_the_new_owner(
 
 # ------------------------------------------------------------------ what the logs showed
 
-CLAIM_RACE = (
-    "store/leases.claim catches sqlalchemy's IntegrityError, but store.session() turns it into "
-    "StoreError first: when two daemons claim a new run at once, the later INSERT's unique "
-    "violation (pk_run_leases) escapes claim() and fails that scan of the run (logged with a "
-    "traceback; the next rescan retries). Fix in store/leases.py: catch the StoreError (or "
-    "INSERT ... ON CONFLICT DO NOTHING)"
-)
-
-
-@pytest.mark.xfail(reason=CLAIM_RACE, strict=True, raises=StoreError)
 def test_two_daemons_claiming_a_new_run_at_once(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Seen in the daemons' logs above, made deterministic: daemon a's claim has inserted the
-    new run's lease and not committed yet when daemon b's claim inserts it too."""
+    new run's lease and not committed yet when daemon b's claim inserts it too. (b's unique
+    violation escaped as a StoreError until the claim became INSERT … ON CONFLICT.)"""
     url = new_database_url(request, "postgresql", tmp_path)
     a, b = Store.open(url), Store.open(url)
     try:
@@ -355,22 +336,12 @@ def test_two_daemons_claiming_a_new_run_at_once(
     assert got == [{}]  # a holds the run; b stands by
 
 
-LOCK_ORDER = (
-    "A daemon's lease renewal (one UPDATE of all its leases, in the table's order) and its own "
-    "prune's intent (leases.fence of each run of a group, one after the other, in one "
-    "transaction) lock the same lease rows in different orders: PostgreSQL aborts one of them "
-    "('deadlock detected'), a renewal round or a prune group lost. Fix in store/leases.py and "
-    "store/pruning.py: lock lease rows in run id order in both (renew through a SELECT ... "
-    "ORDER BY run_id FOR UPDATE)"
-)
-
-
-@pytest.mark.xfail(reason=LOCK_ORDER, strict=True, raises=AssertionError)
 def test_renewal_and_a_prunes_fences_do_not_deadlock(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Seen in the daemons' logs above, made deterministic: the renewal has locked run 2's lease
-    (the first row in the table) when the prune, holding run 1's, fences run 2."""
+    (the first row in the table) when the prune, holding run 1's, fences run 2. (PostgreSQL
+    aborted one of them, 'deadlock detected', until both locked in run id order.)"""
     url = new_database_url(request, "postgresql", tmp_path)
     prune_store, renew_store = Store.open(url), Store.open(url)
     errors: list[Exception] = []
@@ -413,7 +384,7 @@ def test_renewal_and_a_prunes_fences_do_not_deadlock(
 
 def test_logs_say_nothing_unexpected(cluster: Cluster) -> None:
     """No daemon failed on the faults but for the database going away: every traceback in their
-    logs ends on a connection error (or on CLAIM_RACE or LOCK_ORDER, known bugs above)."""
+    logs ends on a connection error."""
     lines = [
         line
         for log in sorted(cluster.tmp.glob("*.*.log"))
@@ -424,8 +395,7 @@ def test_logs_say_nothing_unexpected(cluster: Cluster) -> None:
         line.rsplit(" ⏎ ", 1)[-1]
         for line in lines
         if not re.search(
-            r"cannot connect to the database|terminating connection|server closed the connection"
-            r"|pk_run_leases|deadlock detected",
+            r"cannot connect to the database|terminating connection|server closed the connection",
             line,
         )
     ]

@@ -18,6 +18,7 @@ from ckptd.store.urls import redacted, sqlite_path
 
 BUSY_TIMEOUT_MS = 10_000
 CONNECT_TIMEOUT_S = 10
+IDLE_IN_TRANSACTION_MS = 60_000
 TCP_KEEPALIVE = {
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -124,7 +125,10 @@ def _server_engine(url: str, *, readonly: bool) -> Engine:
         # Over TCP, a server that vanished (host down, partition) fails a statement within
         # seconds instead of when the kernel gives up on the connection (hours): libpq's
         # keepalives and user timeout; unused on a Unix socket. A URL's own settings win.
-        defaults = {"connect_timeout": CONNECT_TIMEOUT_S, **TCP_KEEPALIVE}
+        # A process paused inside a transaction (SIGSTOP, a frozen VM) would hold its row
+        # locks (a lease row's, see store/leases.fence) until it resumes: the server ends it.
+        idle = f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"
+        defaults = {"connect_timeout": CONNECT_TIMEOUT_S, "options": idle, **TCP_KEEPALIVE}
         connect_args.update({k: v for k, v in defaults.items() if k not in url})
     engine = create_engine(url, future=True, pool_pre_ping=True, connect_args=connect_args)
     if readonly and engine.dialect.name == "postgresql":  # the CLI's reads: never a write

@@ -87,24 +87,44 @@ def claim(store: Store, owner: str, run_ids: Collection[int], ttl: float) -> dic
     expired = _leases.c.expires_at <= db_now()
     held: dict[int, int] = {}
     for chunk in _chunks(run_ids):
-        rows = select(_runs.c.id, literal(owner), literal(1), db_now(ttl)).where(
-            _runs.c.id.in_(chunk)
-        )
-        stmt = _dialect_insert(store.dialect)(_leases).from_select(
-            ["run_id", "owner", "epoch", "expires_at"], rows
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["run_id"],
-            set_={
-                "owner": stmt.excluded.owner,
-                "epoch": case((expired, _leases.c.epoch + 1), else_=_leases.c.epoch),
-                "expires_at": stmt.excluded.expires_at,
-            },
-            where=or_(expired, _leases.c.owner == owner),
-        ).returning(_leases.c.run_id, _leases.c.epoch)
         with store.session() as s:
-            held.update({r.run_id: r.epoch for r in s.execute(stmt)})
+            if store.dialect == "postgresql":
+                chunk = _not_locked(s, chunk)
+            held.update(_claim_chunk(s, store.dialect, owner, chunk, ttl, expired))
     return held
+
+
+def _not_locked(session: Any, chunk: list[int]) -> list[int]:
+    """The runs of ``chunk`` whose lease row no other transaction has locked (locked now for
+    this one, in run id order), or that have none yet. A lease row is locked by its holder's
+    write in flight (:func:`fence`): waiting for it would stall this daemon's claims behind one
+    paused process; that run is claimed at a later scan instead."""
+    in_chunk = _leases.c.run_id.in_(chunk)
+    lockable = select(_leases.c.run_id).where(in_chunk).order_by(_leases.c.run_id)
+    free = set(session.scalars(lockable.with_for_update(skip_locked=True)))
+    present = set(session.scalars(select(_leases.c.run_id).where(in_chunk)))
+    return [r for r in chunk if r in free or r not in present]
+
+
+def _claim_chunk(
+    session: Any, dialect: str, owner: str, chunk: list[int], ttl: float, expired: Any
+) -> dict[int, int]:
+    if not chunk:
+        return {}
+    rows = select(_runs.c.id, literal(owner), literal(1), db_now(ttl)).where(_runs.c.id.in_(chunk))
+    stmt = _dialect_insert(dialect)(_leases).from_select(
+        ["run_id", "owner", "epoch", "expires_at"], rows
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id"],
+        set_={
+            "owner": stmt.excluded.owner,
+            "epoch": case((expired, _leases.c.epoch + 1), else_=_leases.c.epoch),
+            "expires_at": stmt.excluded.expires_at,
+        },
+        where=or_(expired, _leases.c.owner == owner),
+    ).returning(_leases.c.run_id, _leases.c.epoch)
+    return {r.run_id: r.epoch for r in session.execute(stmt)}
 
 
 def adopt(store: Store, owner: str, ttl: float) -> dict[int, int]:
@@ -123,10 +143,17 @@ def adopt(store: Store, owner: str, ttl: float) -> dict[int, int]:
 def renew(store: Store, owner: str, held: Mapping[int, int], ttl: float) -> dict[int, int]:
     """Extend every live lease of ``owner`` (one UPDATE); returns those of ``held`` still held
     at the same epoch. A lease that expired meanwhile is not renewed: it is claimed again."""
+    live = and_(_leases.c.owner == owner, _leases.c.expires_at > db_now())
     with store.session() as s:
+        if store.dialect == "postgresql":
+            # Lock the rows in run id order first, as a prune's fences do (pruning.mark_pruning):
+            # an UPDATE locks them in whatever order it scans, and two orders deadlock.
+            s.execute(
+                select(_leases.c.run_id).where(live).order_by(_leases.c.run_id).with_for_update()
+            )
         rows = s.execute(
             update(_leases)
-            .where(_leases.c.owner == owner, _leases.c.expires_at > db_now())
+            .where(live)
             .values(expires_at=db_now(ttl))
             .returning(_leases.c.run_id, _leases.c.epoch)
         )

@@ -229,7 +229,7 @@ def mark_pruning(
     runs_touched: set[int] = set()
     with store.session() as s:
         conn = s.connection()
-        for hold in holds:
+        for hold in sorted(holds, key=lambda h: h.run_id):  # run id order, as renewals lock
             leases.fence(conn, hold)
         for reason, ids in wanted.items():
             for chunk in _chunks(ids):
