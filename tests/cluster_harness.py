@@ -255,8 +255,9 @@ class Cluster:
         self._started = 0
         self.writers: Writers | None = None
 
-    def config(self, name: str, extra: str = "") -> Path:
-        """Each host's config: its name, the shared database, the shared root."""
+    def config(self, name: str, extra: str = "", evaluator: Path | None = None) -> Path:
+        """Each host's config: its name, the shared database, the shared root (and its own
+        evaluator command, when given)."""
         path = self.tmp / f"{name}.toml"
         path.write_text(
             textwrap.dedent(
@@ -279,7 +280,7 @@ class Cluster:
 
                 [watch.evaluate]
                 evaluator = "command"
-                command = ["{self.evaluator}", "{{checkpoint}}", "{{step}}"]
+                command = ["{evaluator or self.evaluator}", "{{checkpoint}}", "{{step}}"]
                 order = "newest"
                 every = "2s"
                 timeout = "60s"
@@ -290,12 +291,14 @@ class Cluster:
         )
         return path
 
-    def start(self, name: str, command: str = "run", extra: str = "") -> Node:
+    def start(
+        self, name: str, command: str = "run", extra: str = "", evaluator: Path | None = None
+    ) -> Node:
         """A real ``ckptd COMMAND`` named ``name`` (replacing a stopped one of that name)."""
         self._started += 1
         node = Node(
             name,
-            self.config(name, extra),
+            self.config(name, extra, evaluator),
             command,
             self.tmp / f"{name}.{self._started}.log",
             self.tmp / f"pause-{name}",

@@ -154,6 +154,45 @@ def test_kill_9_a_daemon_its_runs_are_taken_over(cluster: Cluster) -> None:
     assert len(ran) - len(set(ran)) <= 1
 
 
+# ------------------------------------------------------------------ kill -9 of a worker
+
+HANGING_EVALUATOR = """#!/bin/sh
+echo "$1" >> "$0.log"
+exec sleep 120
+"""
+
+
+def test_kill_9_a_worker_mid_evaluation_its_job_is_done_by_another(cluster: Cluster) -> None:
+    """Two `ckptd worker`s join the three daemons on the evaluation queue; one hangs in its
+    evaluations and is killed with the job in hand: the job returns to the queue when its claim
+    expires (or at once, when a process on its host sees it gone) and is evaluated once, by
+    another; nothing is left running."""
+    assert cluster.writers is not None
+    writers = cluster.writers
+    hanging = cluster.tmp / "hanging-evaluate.sh"
+    hanging.write_text(HANGING_EVALUATOR)
+    hanging.chmod(0o755)
+
+    def worker(name: str) -> str:
+        return f'\n[worker]\nname = "{name}"\nclaim_ttl = "3s"\n'
+
+    stuck = cluster.start("gpu0", "worker", extra=worker("gpu0"), evaluator=hanging)
+    spare = cluster.start("gpu1", "worker", extra=worker("gpu1"))
+    until(lambda: cluster.registered(stuck) and cluster.registered(spare), 60)
+    writers.go(SAVE_EVERY)
+    in_hand = (
+        "select e.checkpoint_id from evaluations e where e.status = 'running' "
+        "and e.claimed_by like :holder"
+    )
+    holder = f"%:{stuck.pid}:%"
+    (job,) = until(lambda: cluster.fetch(in_hand, holder=holder)[:1], 60)[0]
+    stuck.kill()
+    _quiet_and_audited(cluster, "after kill -9 of worker gpu0")  # nothing running, nothing twice
+    evaluated = [e for e in cluster.events("evaluated") if e[2] == job]
+    assert len(evaluated) == 1, evaluated
+    assert spare.stop() == 0
+
+
 # ------------------------------------------------------------------ SIGSTOP past the TTL
 
 
@@ -295,6 +334,7 @@ def test_a_prune_cut_off_by_a_long_outage_is_finished_by_the_new_owner(
 
 
 # ------------------------------------------------------------------ what the logs showed
+
 
 def test_two_daemons_claiming_a_new_run_at_once(
     request: pytest.FixtureRequest, tmp_path: Path
