@@ -16,7 +16,7 @@ import pytest
 from ckptd.api import handoff
 from ckptd.api.status import DaemonStatus
 from ckptd.api.status import status as read_status
-from ckptd.store import evaluations, requests
+from ckptd.store import evaluation_reads, evaluations, requests
 from ckptd.store.handle import Store
 from tests.conftest import Corpus, ckptd, query, wait_for, write_config
 
@@ -110,7 +110,7 @@ def test_a_checkpoint_no_longer_complete_is_no_evaluation_work(
         assert ckptd("run", "--once", config=recorded).returncode == 0
         assert query(db, "select state from checkpoints where step = 10") == [("gone",)]
         assert read_status(store).evaluations == {"done": 2}
-        assert evaluations.pending_count(store) == 0
+        assert evaluation_reads.pending_count(store) == 0
         # Due at once, yet not claimable: its checkpoint is gone.
         with sqlite3.connect(db) as con:
             con.execute("update evaluations set next_attempt_at = null")

@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from ckptd.core.model import COMPLETE, utcnow
-from ckptd.store import audit_reads, claims, evaluations, migrate
+from ckptd.store import audit_reads, claims, evaluation_reads, evaluations, migrate
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
 from ckptd.store.tables import CheckpointRow, EvaluationRow, ExportRow, MetricRow, RunRow
@@ -168,7 +168,7 @@ def test_claims_are_narrowed_to_the_runs_asked_for(two: tuple[Store, Store, list
     assert {c.checkpoint_id for c in evaluations.candidates(a, [WATCH], run_ids=[r1])} == set(
         range(21, 41)
     )
-    assert evaluations.pending_count(a, run_ids=[r0]) == 20
+    assert evaluation_reads.pending_count(a, run_ids=[r0]) == 20
     assert evaluations.candidates(a, ["/elsewhere"]) == []
 
 
@@ -319,7 +319,7 @@ def test_a_long_evaluation_renews_its_claim_so_nobody_takes_it_over(
     )
     worker.start()
     try:
-        wait_for(lambda: evaluations.pending_count(a) == 0, timeout=10)
+        wait_for(lambda: evaluation_reads.pending_count(a) == 0, timeout=10)
         renewers = [t.name for t in threading.enumerate() if t.name.startswith("ckptd-renew")]
         assert renewers == ["ckptd-renew-evaluation"]
         taken = []

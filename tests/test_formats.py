@@ -28,6 +28,7 @@ from ckptd.io.formats import (
     is_temp_name,
     scan_run,
 )
+from ckptd.io.formats import sstable as sst
 from ckptd.io.formats import tensorbundle as tb
 from tests.conftest import Corpus
 
@@ -416,7 +417,7 @@ def test_garbage_index_of_plausible_size_is_corrupt(corpus: Corpus, tmp_path: Pa
     second = run / (names[1] + ".index")
     real = second.read_bytes()
     second.write_bytes(real[:16] + rng.randbytes(len(real) - 16 - 48) + real[-48:])
-    assert second.read_bytes()[-8:] == tb.TABLE_MAGIC.to_bytes(8, "little")  # footer intact
+    assert second.read_bytes()[-8:] == sst.TABLE_MAGIC.to_bytes(8, "little")  # footer intact
 
     found = _by_prefix(scan_run(run, now=_fresh(second), stale_after=STALE))
     for name in names[:2]:

@@ -35,6 +35,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from ckptd.io import statefile
 from ckptd.io.eventfiles import read_scalars
 from ckptd.io.formats import KerasTemplate, event_files, step_from_name
+from ckptd.io.formats import sstable as sst
 from ckptd.io.formats import tensorbundle as tb
 from tests.conftest import Corpus
 from tests.test_safety_parsers import record, sstable, trailer
@@ -89,7 +90,7 @@ _INTERESTING = [
     b"\x00" * 8,
     b"\xff\xff\xff\x7f",
     b"\xff\xff\xff\xff\xff\xff\xff\x7f",  # int64 max (little endian)
-    struct.pack("<Q", tb.TABLE_MAGIC),
+    struct.pack("<Q", sst.TABLE_MAGIC),
 ]
 
 _op = st.one_of(
@@ -134,12 +135,12 @@ def mutations(data: bytes, max_ops: int = 4) -> st.SearchStrategy[bytes]:
 
 def _block_spans(data: bytes) -> list[tuple[int, int]]:
     """(offset, size) of the index's data blocks and of the index block itself."""
-    pos = len(data) - tb.FOOTER_LEN
-    _, pos = tb._varint(data, pos)
-    _, pos = tb._varint(data, pos)
-    index_off, pos = tb._varint(data, pos)
-    index_size, pos = tb._varint(data, pos)
-    return [*tb._data_blocks(data), (index_off, index_size)]
+    pos = len(data) - sst.FOOTER_LEN
+    _, pos = sst.varint(data, pos)
+    _, pos = sst.varint(data, pos)
+    index_off, pos = sst.varint(data, pos)
+    index_size, pos = sst.varint(data, pos)
+    return [*sst._data_blocks(data), (index_off, index_size)]
 
 
 def reseal(data: bytes, spans: list[tuple[int, int]]) -> bytes:
@@ -227,7 +228,7 @@ def test_fuzz_index_entries(seeds: Seeds, data: Any) -> None:
     split into blocks and addressed by (sometimes rewritten) handles."""
     seed = data.draw(st.sampled_from(seeds.indexes))
     entries = _rebuild(
-        [(bytes(k), bytes(v)) for k, v in tb.entries(seed)],
+        [(bytes(k), bytes(v)) for k, v in sst.entries(seed)],
         data.draw(st.lists(_entry_op, max_size=6)),
     )
     cuts = sorted(data.draw(st.sets(st.integers(1, max(len(entries) - 1, 1)), max_size=3)))
@@ -240,7 +241,7 @@ def test_fuzz_index_entries(seeds: Seeds, data: Any) -> None:
 @given(st.binary(max_size=4096))
 def test_fuzz_index_random_bytes(blob: bytes) -> None:
     _check_index(blob)
-    _check_index(b"\0\0" + blob + struct.pack("<Q", tb.TABLE_MAGIC))
+    _check_index(b"\0\0" + blob + struct.pack("<Q", sst.TABLE_MAGIC))
 
 
 # ------------------------------------------------------------------ event files

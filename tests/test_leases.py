@@ -239,7 +239,7 @@ def test_an_expired_claim_fences_the_result_and_frees_the_checkpoint(
     neither it nor an export whose FREEZE claim is gone keeps the checkpoint `in use`."""
     from datetime import timedelta
 
-    from ckptd.store import claims, evaluations, exports, pruning, reads
+    from ckptd.store import claims, evaluation_reads, evaluations, exports, pruning, reads
 
     run = RunDir("tf2", golden.root / "tf2", golden.root)
     Recorder(store).record(run)
@@ -264,11 +264,11 @@ def test_an_expired_claim_fences_the_result_and_frees_the_checkpoint(
 
     assert planned() == ("running", True)
     with store.session() as s:
-        assert evaluations.status_counts(s) == {"pending": 2, "running": 1}
+        assert evaluation_reads.status_counts(s) == {"pending": 2, "running": 1}
     time.sleep(0.5)  # the holder stops renewing (paused, or dead): both claims expire
     assert planned() == ("pending", False)
     with store.session() as s:
-        assert evaluations.status_counts(s) == {"pending": 3}
+        assert evaluation_reads.status_counts(s) == {"pending": 3}
     assert not evaluations.finish_done(store, job, {"eval/score": 1.0}, 1.0)
     assert sql(store, "select count(*) from metrics where source = 'evaluator'") == [(0,)]
     (fenced,) = sql(store, "select checkpoint_id, reason from actions where kind = 'fenced'")

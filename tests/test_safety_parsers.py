@@ -30,6 +30,7 @@ from ckptd.daemon.reconcile import Reconciler
 from ckptd.daemon.runs import discover
 from ckptd.io.eventfiles import MAX_RECORD, masked_crc32c, read_scalars
 from ckptd.io.formats import CORRUPT, event_files, scan_run
+from ckptd.io.formats import sstable as sst
 from ckptd.io.formats import tensorbundle as tb
 from ckptd.store import migrate, reads
 from ckptd.store.db import make_engine, session_scope
@@ -86,7 +87,7 @@ def sstable(
     index = (len(out), len(index_block) - 5)
     out += index_block
     footer = varint(meta[0]) + varint(meta[1]) + varint(index[0]) + varint(index[1])
-    return bytes(out + footer.ljust(40, b"\0") + struct.pack("<Q", tb.TABLE_MAGIC))
+    return bytes(out + footer.ljust(40, b"\0") + struct.pack("<Q", sst.TABLE_MAGIC))
 
 
 def header(num_shards: int = 1) -> tuple[bytes, bytes]:
@@ -133,7 +134,7 @@ def test_real_indexes_rebuilt_block_by_block_parse_the_same(corpus: Corpus) -> N
     for kind in ("tf1", "tf2", "sharded"):
         for rec in corpus.saves[kind]:
             real = Path(rec["prefix"] + ".index").read_bytes()
-            rebuilt = sstable([list(tb.entries(real))])
+            rebuilt = sstable([list(sst.entries(real))])
             assert tb.read_header(rebuilt) == tb.read_header(real)
             assert tb.list_tensors(rebuilt) == tb.list_tensors(real)
 
@@ -204,7 +205,7 @@ def _shared_prefix_index(n: int) -> bytes:
     footer = varint(off_meta) + varint(len(meta) - 5)
     footer += varint(off_index) + varint(len(index_block) - 5)
     out = data_block + meta + index_block + footer.ljust(40, b"\0")
-    return out + struct.pack("<Q", tb.TABLE_MAGIC)
+    return out + struct.pack("<Q", sst.TABLE_MAGIC)
 
 
 def test_shared_prefix_keys_cost_work_linear_in_the_file() -> None:

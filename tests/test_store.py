@@ -268,6 +268,7 @@ def test_backfill_checkpoints_the_wal_while_it_writes(tmp_path: Path) -> None:
     import time
 
     from ckptd.config import parse_config
+    from ckptd.daemon.dbfile import checkpointing_wal
     from ckptd.daemon.main import Daemon
 
     (tmp_path / "runs").mkdir()
@@ -281,7 +282,7 @@ def test_backfill_checkpoints_the_wal_while_it_writes(tmp_path: Path) -> None:
     daemon.prepare()
     calls: list[float] = []
     daemon.checkpoint_wal = lambda: calls.append(time.monotonic())  # type: ignore[method-assign]
-    with daemon._checkpointing_wal(every=0.02):
+    with checkpointing_wal(daemon.checkpoint_wal, every=0.02):
         time.sleep(0.3)
     n = len(calls)
     assert n >= 2

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ckptd.worker import protocol
+from ckptd.worker import protocol, requests
 from tests.conftest import ENV, PY, REPO, Corpus
 
 pytestmark = pytest.mark.tf
@@ -161,14 +161,14 @@ def test_protocol_module_round_trip_without_tensorflow() -> None:
 
 def _refused(wire: dict[str, Any]) -> str:
     with pytest.raises(protocol.WorkerFailure) as err:
-        protocol.parse_request(wire)
+        requests.parse_request(wire)
     assert err.value.kind == "bad_request"
     return err.value.message
 
 
 def test_typed_requests_round_trip_and_are_checked_without_tensorflow(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    evaluate_req = protocol.EvaluateRequest(
+    evaluate_req = requests.EvaluateRequest(
         evaluator="meta_graph",
         checkpoint=str(run / "model.ckpt-10"),
         data=str(run / "heldout.npz"),
@@ -179,18 +179,18 @@ def test_typed_requests_round_trip_and_are_checked_without_tensorflow(tmp_path: 
     wire = json.loads(protocol.request_line(7, evaluate_req))
     assert wire["id"] == 7 and wire["op"] == "evaluate"
     assert "batch_size" not in wire and "run" not in wire  # unset fields stay off the wire
-    assert protocol.parse_request(wire) == evaluate_req
+    assert requests.parse_request(wire) == evaluate_req
     assert evaluate_req.run_dir() == str(run)
-    export_req = protocol.ExportRequest(
+    export_req = requests.ExportRequest(
         format="frozen_graph", checkpoint="/r/m", out_dir="/o", outputs={"y": "y:0"}
     )
-    assert protocol.parse_request(export_req.to_wire()) == export_req
-    verify_req = protocol.VerifyRequest(export_dir="/o", checkpoint="/r/m.keras")
-    parsed = protocol.parse_request(verify_req.to_wire())
-    assert isinstance(parsed, protocol.VerifyRequest) and parsed.kind == "keras"
+    assert requests.parse_request(export_req.to_wire()) == export_req
+    verify_req = requests.VerifyRequest(export_dir="/o", checkpoint="/r/m.keras")
+    parsed = requests.parse_request(verify_req.to_wire())
+    assert isinstance(parsed, requests.VerifyRequest) and parsed.kind == "keras"
     assert verify_req.checkpoint_kind() == "keras"
-    home = protocol.parse_request({**export_req.to_wire(), "checkpoint": "~/m"})
-    assert isinstance(home, protocol.ExportRequest)
+    home = requests.parse_request({**export_req.to_wire(), "checkpoint": "~/m"})
+    assert isinstance(home, requests.ExportRequest)
     assert home.checkpoint == os.path.expanduser("~/m")
 
     assert "'use_ema' has type str" in _refused({**wire, "use_ema": "yes"})
@@ -615,7 +615,7 @@ def test_client_typed_methods(corpus: Corpus, tmp_path: Path) -> None:
     client = WorkerClient()
     try:
         result = client.evaluate(
-            protocol.EvaluateRequest(
+            requests.EvaluateRequest(
                 evaluator="meta_graph",
                 checkpoint=str(prefix),
                 data=str(prefix.parent / "heldout.npz"),
@@ -629,20 +629,20 @@ def test_client_typed_methods(corpus: Corpus, tmp_path: Path) -> None:
         out = tmp_path / "export"
         io = {"inputs": {"x": "x:0"}, "outputs": {"y": "y:0"}}
         exported = client.export(
-            protocol.ExportRequest(
+            requests.ExportRequest(
                 format="frozen_graph", checkpoint=str(prefix), out_dir=str(out), **io
             ),
             timeout=180,
         )
         assert exported["files"] == ["frozen.pb"] and exported["out_dir"] == str(out)
         verified = client.verify(
-            protocol.VerifyRequest(export_dir=str(out), checkpoint=str(prefix), **io),
+            requests.VerifyRequest(export_dir=str(out), checkpoint=str(prefix), **io),
             timeout=180,
         )
         assert verified["verified"] is True and verified["formats"] == ["frozen_graph"]
         with pytest.raises(protocol.WorkerFailure) as err:
             client.verify(
-                protocol.VerifyRequest(export_dir=str(tmp_path / "none"), checkpoint=str(prefix)),
+                requests.VerifyRequest(export_dir=str(tmp_path / "none"), checkpoint=str(prefix)),
                 timeout=180,
             )
         assert err.value.kind == "not_found" and str(tmp_path / "none") in str(err.value)

@@ -26,8 +26,9 @@ from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import Config, EvaluateConfig, WatchConfig
 from ckptd.core import backoff
 from ckptd.core.model import COMPLETE, Checkpoint, iso, utcnow
-from ckptd.store import evaluations
-from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job, Waiting
+from ckptd.store import evaluation_reads, evaluations
+from ckptd.store.evaluation_reads import Waiting
+from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient, WorkerError
 
@@ -199,7 +200,9 @@ class Evaluator:
         *,
         run_ids: Collection[int] | None = None,
     ) -> int:
-        return evaluations.pending_count(self.store, run_ids=run_ids, checkpoint_ids=checkpoint_ids)
+        return evaluation_reads.pending_count(
+            self.store, run_ids=run_ids, checkpoint_ids=checkpoint_ids
+        )
 
     def _next(
         self, run_ids: Collection[int] | None, checkpoint_ids: Collection[int] | None
@@ -354,7 +357,7 @@ def start(
     if again or target.checkpoint:
         evaluator.requeue(**scope)
     evaluator.enqueue(**scope)
-    waiting = evaluations.waiting(evaluator.store, **scope)
+    waiting = evaluation_reads.waiting(evaluator.store, **scope)
 
     def outcomes() -> Iterator[EvalOutcome]:
         while batch := evaluator.run_pending(stop, limit=1, **scope):

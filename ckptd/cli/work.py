@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # imported by the commands, not by --help
     from ckptd.api.evaluate import EvalOutcome
     from ckptd.api.handoff import Server
     from ckptd.api.targets import Target
-    from ckptd.store.evaluations import Waiting
+    from ckptd.store.evaluation_reads import Waiting
     from ckptd.store.handle import Store
 
 NO_DAEMON = click.option(

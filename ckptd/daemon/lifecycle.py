@@ -146,7 +146,7 @@ class Supervisor:
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self._reload()
-            problem = d.database_replaced()
+            problem = d.db_file.replaced()
             if problem:
                 self.fatal = problem
                 d.daemon_id = None  # its row is not in the file now at that path

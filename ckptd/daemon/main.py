@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ckptd import __version__
@@ -29,6 +27,7 @@ from ckptd.core.errors import StoreError
 from ckptd.core.model import utcnow
 from ckptd.core.recording import Observation
 from ckptd.daemon import runs as runs_mod
+from ckptd.daemon.dbfile import DatabaseFile, checkpointing_wal
 from ckptd.daemon.dirty import DirtyRuns, RunKey, run_key
 from ckptd.daemon.evaluate import EvaluationLoop
 from ckptd.daemon.health import DatabaseHealth, Progress, Stuck, stall_bound
@@ -44,7 +43,6 @@ from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, st
 from ckptd.store import audit, daemons, migrate
 from ckptd.store.db import DatabaseUnreachable
 from ckptd.store.handle import Store
-from ckptd.store.urls import sqlite_path
 from ckptd.worker.client import WorkerClient
 
 __all__ = ["DEEP_RESCAN_EVERY", "PARALLEL_MIN_RUNS", "Daemon", "Health"]
@@ -109,7 +107,7 @@ class Daemon:
         self._known_runs: set[RunKey] = set()
         self._rescans = 0
         self._reported_runs: set[str] = set()
-        self._db_file: tuple[int, int] | None = None  # (st_dev, st_ino) of the SQLite file
+        self.db_file = DatabaseFile(config.daemon.database)  # noticed if replaced
 
     # ------------------------------------------------------------ start-up
 
@@ -125,7 +123,7 @@ class Daemon:
                 ) from exc
         if before != after:
             log.info("database upgraded from %s to %s", before or "empty", after)
-        self._db_file = self._database_file()
+        self.db_file.remember()
         with self.progress.busy("claiming the database"):
             try:
                 self.daemon_id = daemons.claim(
@@ -162,67 +160,17 @@ class Daemon:
             if self.freezer.recover(self.config.watches, run_ids):
                 log.info("exports interrupted by the last stop will be redone")
 
-    def _database_file(self) -> tuple[int, int] | None:
-        path = sqlite_path(self.config.daemon.database)
-        if path is None:
-            return None
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino)
-
-    def database_replaced(self) -> str | None:
-        """Why the SQLite file this daemon opened is no longer the one at its path, if it is not:
-        writes would go into a deleted inode (lost at exit) or miss the new file."""
-        if self._db_file is None:
-            return None
-        path = sqlite_path(self.config.daemon.database)
-        try:
-            st = os.stat(path)  # type: ignore[arg-type]
-        except FileNotFoundError:
-            how = "was deleted"
-        except OSError:
-            return None  # cannot tell now (EACCES, EIO): checked again at the next tick
-        else:
-            if (st.st_dev, st.st_ino) == self._db_file:
-                return None
-            how = "was replaced"
-        return (
-            f"the database file {path} {how} while ckptd was running; exiting so that the "
-            "restart records everything on disk into the database now at that path"
-        )
-
     def backfill(self) -> int:
         """The start-up scan: what the database knows first, then every run, in parallel."""
         prefetched, self._prefetched = self._prefetched, None
         try:
-            with self._checkpointing_wal(every=BACKFILL_WAL_CHECKPOINT_EVERY):
+            with checkpointing_wal(self.checkpoint_wal, every=BACKFILL_WAL_CHECKPOINT_EVERY):
                 return self.full_reconcile(workers=default_workers(), prefetched=prefetched)
         finally:
             if prefetched is not None:
                 prefetched.close()  # (a no-op once the backfill has used it)
             # started by `ckptd run` even if there were too few runs to use it
             stop_fork_server(wait=False)
-
-    @contextmanager
-    def _checkpointing_wal(self, every: float) -> Iterator[None]:
-        """Checkpoint the WAL from a thread while the body writes (a backfill writes many pages
-        before the scheduler's job runs): copying pages into the
-        database then overlaps the writing instead of following it at the end."""
-        done = threading.Event()
-
-        def loop() -> None:
-            while not done.wait(every):
-                try:
-                    self.checkpoint_wal()
-                except Exception:  # a failed checkpoint is retried next time; never fatal
-                    log.debug("WAL checkpoint failed", exc_info=True)
-
-        thread = threading.Thread(target=loop, name="ckptd-wal-checkpoint", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
 
     def all_runs(self) -> list[RunSpec]:
         specs = []

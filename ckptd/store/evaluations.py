@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, exists, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, exists, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from ckptd.core.model import COMPLETE, Checkpoint, utcnow
@@ -53,14 +53,14 @@ class Job:
     attempt: int
 
 
-def _present() -> ColumnElement[bool]:
+def present() -> ColumnElement[bool]:
     """The evaluation's checkpoint is complete: one gone, pruned or replaced is no work (its
     row stays as history, but is neither claimed nor counted as pending)."""
     # Correlated (a primary-key lookup per row), never a list of every complete checkpoint.
     return exists().where(_c.c.id == _e.c.checkpoint_id, _c.c.state == COMPLETE)
 
 
-def _live_claim(now: datetime) -> ColumnElement[bool]:
+def live_claim(now: datetime) -> ColumnElement[bool]:
     """The row's claim has not expired (a running job's holder may still write its result)."""
     return and_(_e.c.claimed_until.is_not(None), _e.c.claimed_until >= now)
 
@@ -80,7 +80,7 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
     )
 
 
-def _scope(
+def scope(
     stmt: Select[Any], run_ids: Collection[int] | None, checkpoint_ids: Collection[int] | None
 ) -> Select[Any]:
     """Narrow a statement over ``checkpoints`` to some runs and/or checkpoints."""
@@ -108,7 +108,7 @@ def enqueue(
         .outerjoin(_e, _e.c.checkpoint_id == _c.c.id)
         .where(_c.c.state == COMPLETE, _r.c.watch_path.in_(list(watch_paths)), _e.c.id.is_(None))
     )
-    rows = _scope(rows, run_ids, checkpoint_ids)
+    rows = scope(rows, run_ids, checkpoint_ids)
     stmt = (
         _dialect_insert(store.dialect)(_e)
         .from_select(["checkpoint_id", "status", "attempts"], rows)
@@ -133,7 +133,7 @@ def requeue(
         update(_e)
         .where(
             _e.c.checkpoint_id.in_(
-                _scope(select(_c.c.id).where(_c.c.state == COMPLETE), run_ids, checkpoint_ids)
+                scope(select(_c.c.id).where(_c.c.state == COMPLETE), run_ids, checkpoint_ids)
             ),
             or_(
                 _e.c.status != RUNNING,
@@ -176,7 +176,7 @@ def candidates(
         )
         .order_by(_c.c.step, _c.c.id)
     )
-    stmt = _scope(stmt, run_ids, checkpoint_ids)
+    stmt = scope(stmt, run_ids, checkpoint_ids)
     with store.session() as s:
         return [Candidate(*row) for row in s.execute(stmt).all()]
 
@@ -193,7 +193,7 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
         .where(
             _e.c.id.in_(unlocked.with_for_update(skip_locked=True).scalar_subquery()),
             _claimable(now),
-            _present(),
+            present(),
         )
         .values(
             status=RUNNING,
@@ -223,7 +223,7 @@ def _ours(store: Store, job: Job, *, live: bool = True) -> ColumnElement[bool]:
     ours = and_(
         _e.c.id == job.evaluation_id, _e.c.status == RUNNING, _e.c.claimed_by == store.holder
     )
-    return and_(ours, _live_claim(utcnow())) if live else ours
+    return and_(ours, live_claim(utcnow())) if live else ours
 
 
 def renew(store: Store, job: Job, *, ttl: timedelta) -> bool:
@@ -358,73 +358,3 @@ def release_gone(store: Store) -> int:
             .values(status=PENDING, claimed_by=None, claimed_until=None)
         )
         return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
-
-
-def pending_count(
-    store: Store,
-    *,
-    run_ids: Collection[int] | None = None,
-    checkpoint_ids: Collection[int] | None = None,
-) -> int:
-    """Pending evaluations of complete checkpoints (due now or waiting to retry)."""
-    stmt = (
-        select(func.count())
-        .select_from(_e.join(_c, _c.c.id == _e.c.checkpoint_id))
-        .where(_e.c.status == PENDING, _c.c.state == COMPLETE)
-    )
-    stmt = _scope(stmt, run_ids, checkpoint_ids)
-    with store.session() as s:
-        return int(s.scalar(stmt) or 0)
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """A pending evaluation that failed and waits out its retry backoff."""
-
-    checkpoint: str  # RUN@STEP
-    retry_at: datetime
-    attempts: int
-    error: str | None
-
-
-def waiting(
-    store: Store,
-    *,
-    run_ids: Collection[int] | None = None,
-    checkpoint_ids: Collection[int] | None = None,
-) -> list[Waiting]:
-    """The evaluations of complete checkpoints that wait for their retry time, soonest first."""
-    now = utcnow()
-    stmt = (
-        select(_r.c.name, _c.c.step, _c.c.prefix, _e.c.next_attempt_at, _e.c.attempts, _e.c.error)
-        .join(_c, _c.c.id == _e.c.checkpoint_id)
-        .join(_r, _r.c.id == _c.c.run_id)
-        .where(_e.c.status == PENDING, _c.c.state == COMPLETE, _e.c.next_attempt_at > now)
-        .order_by(_e.c.next_attempt_at, _c.c.step)
-    )
-    stmt = _scope(stmt, run_ids, checkpoint_ids)
-    with store.session() as s:
-        rows = s.execute(stmt).all()
-    return [
-        Waiting(
-            row.prefix if row.step is None else f"{row.name}@{row.step}",
-            row.next_attempt_at,
-            int(row.attempts or 0),
-            row.error,
-        )
-        for row in rows
-    ]
-
-
-def status_counts(session: Session) -> dict[str, int]:
-    """Evaluations by status, for ``status``: pending and running ones count only while their
-    checkpoint is complete (a pruned or deleted checkpoint's leftover job is no work)."""
-    live = or_(_e.c.status.not_in([PENDING, RUNNING]), _present())
-    # A running job whose claim expired (its holder died) is back in the queue: pending.
-    status = case(
-        (and_(_e.c.status == RUNNING, ~_live_claim(utcnow())), literal(PENDING)),
-        else_=_e.c.status,
-    )
-    rows = select(status.label("status")).where(live).subquery()
-    counts = session.execute(select(rows.c.status, func.count()).group_by(rows.c.status))
-    return {name: n for name, n in counts}

@@ -258,10 +258,10 @@ def state_counts(session: Session, run_id: int | None = None) -> dict[str, int]:
 
 def work_counts(session: Session) -> dict[str, dict[str, int]]:
     """Evaluations and exports by status."""
-    from ckptd.store import evaluations  # (it imports this module)
+    from ckptd.store import evaluation_reads  # (its evaluations module imports this one)
 
     return {
-        "evaluations": evaluations.status_counts(session),
+        "evaluations": evaluation_reads.status_counts(session),
         "exports": _by_status(session, _exports.status),
     }
 

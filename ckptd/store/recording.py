@@ -4,7 +4,7 @@
 loaded at; if another writer (a prune, a second daemon, ``ckptd`` from the CLI) bumped it
 meanwhile, nothing is written and the caller loads the state again. Bulk paths stay bulk: one
 executemany per table, new ids read back by prefix, a new checkpoint's event-file values copied by
-one INSERT … SELECT inside the database.
+one INSERT … SELECT inside the database (``metric_attach.py``).
 """
 
 from __future__ import annotations
@@ -15,27 +15,22 @@ from typing import Any
 
 from sqlalchemy import (
     DateTime,
-    String,
-    and_,
     bindparam,
     delete,
-    exists,
     func,
     insert,
-    literal,
-    or_,
     select,
     update,
 )
 from sqlalchemy.orm import Session
 
-from ckptd.core.incarnations import KERAS_FORMATS, span
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, REPLACED, utcnow
 from ckptd.core.recording import Changes, Found, RunState
 from ckptd.store import audit, leases
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
 from ckptd.store.leases import Hold
+from ckptd.store.metric_attach import METRIC_COLUMNS, attach_event_values
 from ckptd.store.runstate import load_state as load_state
 from ckptd.store.runstate import load_states as load_states
 from ckptd.store.runstate import run_versions as run_versions
@@ -145,7 +140,7 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
         insert_many(
             conn,
             _metrics,
-            _METRIC_COLUMNS,
+            METRIC_COLUMNS,
             [
                 (id_of(m.prefix), m.name, _num(m.value), m.step, m.source, now)
                 for m in changes.metrics
@@ -154,18 +149,7 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
             conflict_keys=() if new else ("checkpoint_id", "name", "source"),
             update=() if new else ("value", "step", "recorded_at"),
         )
-    # Per incarnation and kind: TF checkpoints take values at their step, Keras ones at step - 1.
-    by_incarnation: dict[tuple[int, bool], list[int]] = {}
-    for f in changes.new:
-        if f.step is not None:
-            key = (changes.incarnations.get(f.prefix, 1), f.format in KERAS_FORMATS)
-            by_incarnation.setdefault(key, []).append(new_ids[f.prefix])
-    if by_incarnation and len(changes.new) > 1 and conn.dialect.name == "postgresql":
-        # Hash joins for a batch: without statistics (a new database, until autovacuum's first
-        # ANALYZE) PostgreSQL nests loops over every scalar x checkpoint of the run: quadratic.
-        conn.exec_driver_sql("SET LOCAL enable_nestloop = off")  # this transaction only
-    for (n, keras), ids in by_incarnation.items():
-        _attach_scalars(conn, run, ids, now, n, span(starts, n), keras)
+    attach_event_values(conn, run, changes, new_ids, starts, now)
     audit.record_many(
         session,
         [
@@ -251,30 +235,6 @@ def _insert_checkpoints(
     return ids
 
 
-def _attach_scalars(
-    conn: Any,
-    run: int,
-    ids: list[int],
-    now: datetime,
-    incarnation: int,
-    born: tuple[float, float],
-    keras: bool,
-) -> None:
-    """Give newly recorded checkpoints of ``incarnation`` (all Keras ones, or all TF ones) the
-    event-file values logged at their step by event files ``born`` in its span: one INSERT …
-    SELECT per chunk, the join runs inside the database."""
-    ids.sort()
-    values = {"run": run, "at": now, "inc": incarnation, "born_lo": born[0], "born_hi": born[1]}
-    by_range, by_ids = _ATTACH_KERAS if keras else _ATTACH_TF
-    # New rows get ids above every existing one (rowid = max + 1 under our write lock), so a
-    # contiguous range is one cheap range condition.
-    if ids[-1] - ids[0] + 1 == len(ids):
-        conn.execute(by_range, {**values, "lo": ids[0], "hi": ids[-1]})
-        return
-    for i in range(0, len(ids), _CHUNK):
-        conn.execute(by_ids, {**values, "ids": ids[i : i + _CHUNK]})
-
-
 def _num(value: float | None) -> float | None:
     """SQLite stores NaN as NULL; NULL ranks worst, exactly as NaN must."""
     return None if value is None or math.isnan(value) else value
@@ -292,7 +252,6 @@ def _from_ts(ts: float) -> datetime | None:
 _runs, _ckpts, _files = table_of(RunRow), table_of(CheckpointRow), table_of(EventFileRow)
 _scalars, _metrics = table_of(ScalarRow), table_of(MetricRow)
 _evaluations = table_of(EvaluationRow)
-_METRIC_COLUMNS = ("checkpoint_id", "name", "value", "step", "source", "recorded_at")
 _CHECKPOINT_COLUMNS = (
     "run_id",
     "prefix",
@@ -351,64 +310,3 @@ _STARTS = (
     .where(_runs.c.id == bindparam("run"))
     .values(incarnation_starts=bindparam("starts", type_=_runs.c.incarnation_starts.type))
 )
-
-
-# A Keras per-epoch series, at the run's root or in a subdirectory (validation/epoch_loss).
-_EPOCH_SERIES = (r"epoch\_%", r"%/epoch\_%")
-
-
-def _attach_statement(which: Any, keras: bool) -> Any:
-    """INSERT … SELECT of the event-file values of the checkpoints ``which`` picks (of one
-    incarnation): at their step, for Keras ones the ``epoch_*`` values at step - 1 (see
-    ``core/incarnations.py``); of the newest event file born in the incarnation's span.
-
-    One statement per kind: a join on ``step`` plus an offset computed from the scalar's side
-    lets the database look each checkpoint up by its (run, step) index, where an offset that
-    depends on the checkpoint's format made it scan the run's checkpoints for every value."""
-    newer = _scalars.alias("newer")
-    kind = (
-        and_(
-            _ckpts.c.format.in_(KERAS_FORMATS),
-            or_(*(_scalars.c.name.like(p, "\\") for p in _EPOCH_SERIES)),
-        )
-        if keras
-        else _ckpts.c.format.not_in(KERAS_FORMATS)
-    )
-    rows = (
-        select(
-            _ckpts.c.id,
-            _scalars.c.name,
-            _scalars.c.value,
-            _scalars.c.step,
-            literal("tfevents", String),
-            bindparam("at", type_=DateTime),
-        )
-        .select_from(_ckpts)
-        .join(
-            _scalars,
-            (_ckpts.c.run_id == _scalars.c.run_id)
-            & (_ckpts.c.step == _scalars.c.step + (1 if keras else 0)),
-        )
-        .where(
-            _ckpts.c.run_id == bindparam("run"),
-            which,
-            _ckpts.c.incarnation == bindparam("inc"),
-            kind,
-            _scalars.c.born > bindparam("born_lo"),
-            _scalars.c.born <= bindparam("born_hi"),
-            ~exists().where(
-                newer.c.run_id == _scalars.c.run_id,
-                newer.c.name == _scalars.c.name,
-                newer.c.step == _scalars.c.step,
-                newer.c.born > _scalars.c.born,
-                newer.c.born <= bindparam("born_hi"),
-            ),
-        )
-    )
-    return insert(_metrics).from_select(_METRIC_COLUMNS, rows)
-
-
-_BY_RANGE = _ckpts.c.id.between(bindparam("lo"), bindparam("hi"))
-_BY_IDS = _ckpts.c.id.in_(bindparam("ids", expanding=True))
-_ATTACH_TF = (_attach_statement(_BY_RANGE, False), _attach_statement(_BY_IDS, False))
-_ATTACH_KERAS = (_attach_statement(_BY_RANGE, True), _attach_statement(_BY_IDS, True))

@@ -29,15 +29,12 @@ from ckptd.worker.protocol import (
     HARMLESS,
     STOPPING,
     TIMEOUT,
-    EvaluateRequest,
     EvaluateResult,
-    ExportRequest,
     ExportResult,
-    Request,
-    VerifyRequest,
     VerifyResult,
     WorkerFailure,
 )
+from ckptd.worker.requests import EvaluateRequest, ExportRequest, Request, VerifyRequest
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,14 @@ from ckptd.worker import caches
 from ckptd.worker.evaluate import evaluate
 from ckptd.worker.export import export
 from ckptd.worker.logs import log_traceback
-from ckptd.worker.protocol import (
-    NOT_FOUND,
-    TF_ERROR,
+from ckptd.worker.protocol import NOT_FOUND, TF_ERROR, PingResult, WorkerFailure, one_line
+from ckptd.worker.requests import (
     CheckpointRequest,
     EvaluateRequest,
     ExportRequest,
     PingRequest,
-    PingResult,
     Request,
     VerifyRequest,
-    WorkerFailure,
-    one_line,
     parse_request,
 )
 from ckptd.worker.verify import verify

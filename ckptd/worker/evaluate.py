@@ -8,13 +8,8 @@ from typing import Any
 import numpy as np
 
 from ckptd.worker.caches import array_named, keras_model, load_npz, restored_graph
-from ckptd.worker.protocol import (
-    BAD_REQUEST,
-    EvaluateRequest,
-    EvaluateResult,
-    WorkerFailure,
-    one_line,
-)
+from ckptd.worker.protocol import BAD_REQUEST, EvaluateResult, WorkerFailure, one_line
+from ckptd.worker.requests import EvaluateRequest
 from ckptd.worker.userfns import import_function
 
 KERAS_FEED = {"x": "x", "y": "y"}  # model.evaluate argument -> array name

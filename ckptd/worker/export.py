@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from ckptd.worker.caches import GraphEntry, build_graph, keras_model, restored_graph, v1
 from ckptd.worker.files import fsync_tree, require_checkpoint, write_file
-from ckptd.worker.protocol import BAD_REQUEST, NOT_FOUND, ExportRequest, ExportResult, WorkerFailure
+from ckptd.worker.protocol import BAD_REQUEST, NOT_FOUND, ExportResult, WorkerFailure
+from ckptd.worker.requests import ExportRequest
 from ckptd.worker.userfns import import_function
 
 FROZEN_FILE = "frozen.pb"

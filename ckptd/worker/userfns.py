@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptd.worker.files import require_checkpoint
-from ckptd.worker.protocol import BAD_REQUEST, WorkerFailure, is_entry_point
+from ckptd.worker.protocol import BAD_REQUEST, WorkerFailure
+from ckptd.worker.requests import is_entry_point
 
 
 def import_function(spec: str, what: str) -> tuple[Callable[..., Any], bool]:

@@ -25,13 +25,8 @@ from ckptd.worker.caches import (
     v1,
 )
 from ckptd.worker.export import FROZEN_FILE, SAVED_MODEL_FILES
-from ckptd.worker.protocol import (
-    BAD_REQUEST,
-    NOT_FOUND,
-    VerifyRequest,
-    VerifyResult,
-    WorkerFailure,
-)
+from ckptd.worker.protocol import BAD_REQUEST, NOT_FOUND, VerifyResult, WorkerFailure
+from ckptd.worker.requests import VerifyRequest
 from ckptd.worker.userfns import import_function
 
 VERIFY_ROWS = 32  # rows of the data set fed when verifying an export

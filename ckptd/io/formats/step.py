@@ -11,7 +11,8 @@ the data shard. ``save_counter`` is the save count, never the step.
 from __future__ import annotations
 
 from ckptd.io import safeio
-from ckptd.io.formats.tensorbundle import TensorAt, masked_crc32c
+from ckptd.io.formats.sstable import masked_crc32c
+from ckptd.io.formats.tensorbundle import TensorAt
 
 VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"  # what TF2 appends to an object's path for its value
 
