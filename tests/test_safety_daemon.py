@@ -321,9 +321,9 @@ def test_database_file_gone_exits_and_restart_records_everything(
     db = tmp_path / "ckptd.db"
     conf = write_config(tmp_path / "c.toml", root, db=db, rescan="1h")
     d = start(conf)
-    wait_alive(conf, d)
-    before = recorded(db)
-    assert {n for n, _ in before} == {"a", "b"}
+    wait_alive(conf, d)  # (alive from its claim on, before its backfill has committed)
+    # Each run is recorded in one transaction: once both are there, all of them are.
+    before = wait_for(lambda: (r := recorded(db)) and {n for n, _ in r} == {"a", "b"} and r)
 
     if how == "deleted":
         db.unlink()
