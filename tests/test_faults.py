@@ -913,12 +913,38 @@ def _write_eval_event(run: Path, step: int, **scalars: float) -> Path:
     return path
 
 
+# The daemon, stopped (SIGSTOP) right after its first export's rename into place, inside the
+# transaction that commits it as published (store/exports.published).
+STOP_AFTER_FIRST_RENAME = textwrap.dedent(
+    """
+    import os, signal, sys
+    from ckptd.store import exports
+
+    real, stopped = exports.published, []
+
+    def published(*args, publish=None, **kwargs):
+        def then_stop():
+            publish()
+            if not stopped:
+                stopped.append(True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        return real(*args, publish=then_stop if publish else None, **kwargs)
+
+    exports.published = published
+    from ckptd.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
 def test_sigkill_between_export_rename_and_commit(
     tmp_path: Path, corpus: Corpus, daemons: Callable[..., Daemon]
 ) -> None:
     """The narrowest crash window of an export: the verified model was renamed to its numeric
     name, the ``published`` commit has not happened. Random kills rarely land there, so the
-    commit is held back by a lock and the daemon killed inside the window. After the restart the
+    daemon stops itself inside the window and is killed there. After the restart the
     directory must be accounted for (published, or removed), even once a better checkpoint is
     exported instead."""
     root = tmp_path / "runs"
@@ -931,20 +957,11 @@ def test_sigkill_between_export_rename_and_commit(
     conf = _config(
         tmp_path / "c.toml", db, [(root, by_name + BEST + _freeze(export_dir, every="1s"))]
     )
-    d = daemons(conf)
-    ((eid, path),) = wait_for(
-        lambda: query(db, "select id, path from exports where status = 'exporting'"), timeout=60
-    )
-    lock = sqlite3.connect(db, isolation_level=None, timeout=30)
-    try:
-        lock.execute("BEGIN IMMEDIATE")  # the daemon's next commit waits for this
-        (status,) = lock.execute("select status from exports where id = ?", (eid,)).fetchone()
-        assert status == "exporting", "the export committed before the lock was taken"
-        wait_for(lambda: Path(path).is_dir(), timeout=120)  # renamed: published on disk
-        d.kill()
-        lock.execute("ROLLBACK")
-    finally:
-        lock.close()
+    d = daemons(conf, argv=[PY, "-c", STOP_AFTER_FIRST_RENAME, "--config", str(conf), "run"])
+    wait_for(lambda: psutil.Process(d.pid).status() == psutil.STATUS_STOPPED, timeout=120)
+    ((path,),) = query(db, "select path from exports where status = 'exporting'")
+    assert Path(path).is_dir()  # renamed: published on disk, its commit not done
+    d.kill()
     # While the daemon is down, training goes on: a better checkpoint (step 40) is saved.
     for f in run.glob("model.ckpt-30.*"):
         shutil.copy2(f, run / f.name.replace("-30.", "-40."))
@@ -1097,7 +1114,7 @@ def test_bad_input_gets_a_reason_and_the_daemon_goes_on(
     assert lines[0] == (
         f'ckptd: config error: {typos}: daemon.databse: unknown key (did you mean "database"?); '
         "known keys: database, rescan_interval, heartbeat_interval, log_level, metrics_address, "
-        "debounce"
+        "debounce, name, lease_ttl, evaluate_on"
     )
     keys = [line.split(": ")[3] for line in lines]
     assert keys == [
