@@ -191,6 +191,8 @@ def test_kill_9_a_worker_mid_evaluation_its_job_is_done_by_another(cluster: Clus
     evaluated = [e for e in cluster.events("evaluated") if e[2] == job]
     assert len(evaluated) == 1, evaluated
     assert spare.stop() == 0
+    for name in ("gpu0", "gpu1"):  # the next cases expect the three daemons alone
+        del cluster.nodes[name]
 
 
 # ------------------------------------------------------------------ SIGSTOP past the TTL
