@@ -61,18 +61,27 @@ def submit(
 ) -> int:
     """Queue a request; its id."""
     with store.session() as s:
-        return insert_id(
-            s,
-            insert(_q).values(
-                kind=kind,
-                run_id=run_id,
-                checkpoint_id=checkpoint_id,
-                options=options,
-                status=PENDING,
-                requested_by=store.holder,
-                requested_at=utcnow(),
-            ),
-        )
+        return insert_id(s, _new(store, kind, run_id, checkpoint_id, options, utcnow()))
+
+
+def _new(
+    store: Store,
+    kind: str,
+    run_id: int,
+    checkpoint_id: int | None,
+    options: dict[str, Any],
+    now: datetime,
+) -> Any:
+    """The INSERT of a pending request by this process."""
+    return insert(_q).values(
+        kind=kind,
+        run_id=run_id,
+        checkpoint_id=checkpoint_id,
+        options=options,
+        status=PENDING,
+        requested_by=store.holder,
+        requested_at=now,
+    )
 
 
 def get(store: Store, request_id: int) -> Request | None:
@@ -121,18 +130,7 @@ def submit_unless_open(
         )
         if open_ is not None:
             return None
-        return insert_id(
-            s,
-            insert(_q).values(
-                kind=kind,
-                run_id=run_id,
-                checkpoint_id=None,
-                options=options,
-                status=PENDING,
-                requested_by=store.holder,
-                requested_at=now,
-            ),
-        )
+        return insert_id(s, _new(store, kind, run_id, None, options, now))
 
 
 def runs_of(store: Store, watch_paths: Collection[str]) -> list[int]:
