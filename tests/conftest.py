@@ -342,12 +342,7 @@ def pg_cluster() -> Iterator[Any]:
     """One throwaway PostgreSQL cluster for the session (see tests/pg.py)."""
     from tests import pg
 
-    why = pg.unavailable()
-    if why:
-        pytest.skip(why)
-    cluster = pg.start()
-    yield cluster
-    cluster.stop()
+    yield from pg.started_or_skip()
 
 
 def new_database_url(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> str:

@@ -14,6 +14,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,3 +155,18 @@ def _pg_ctl_start(bin_: Path, root: Path, extra_options: str = "") -> None:
             options,
         ]
     )
+
+
+def started_or_skip() -> Iterator[Cluster]:
+    """A started cluster for a fixture to ``yield from``, stopped after it; the test is skipped
+    where PostgreSQL is not installed."""
+    import pytest
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    cluster = start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -52,12 +52,7 @@ SLACK = 6.0
 @pytest.fixture(scope="module")
 def server() -> Iterator[pg.Cluster]:
     """A PostgreSQL cluster for this module alone: the restart case stops and starts it."""
-    why = pg.unavailable()
-    if why:
-        pytest.skip(why)
-    cluster = pg.start()
-    yield cluster
-    cluster.stop()
+    yield from pg.started_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ def own_cluster() -> Iterator[Any]:
     """A PostgreSQL cluster these tests stop and start."""
     from tests import pg
 
-    why = pg.unavailable()
-    if why:
-        pytest.skip(why)
-    cluster = pg.start()
-    yield cluster
-    cluster.stop()
+    yield from pg.started_or_skip()
 
 
 class Notify:
