@@ -90,7 +90,8 @@ class Store:
 def _info(name: str, entry: dict[str, Any]) -> ObjectInfo:
     version = entry.get("generation") or entry.get("ETag") or entry.get("etag") or ""
     modified = entry.get("LastModified") or entry.get("updated") or entry.get("created")
-    mtime_ns = int(modified.timestamp() * 1e9) if hasattr(modified, "timestamp") else 0
+    stamp = getattr(modified, "timestamp", None)  # a datetime; some stores give a string or none
+    mtime_ns = int(stamp() * 1e9) if stamp is not None else 0
     return ObjectInfo(name, int(entry.get("size") or 0), str(version).strip('"'), mtime_ns)
 
 
