@@ -255,9 +255,11 @@ class Cluster:
         self._started = 0
         self.writers: Writers | None = None
 
-    def config(self, name: str, extra: str = "", evaluator: Path | None = None) -> Path:
+    def config(
+        self, name: str, extra: str = "", evaluator: Path | None = None, daemon_extra: str = ""
+    ) -> Path:
         """Each host's config: its name, the shared database, the shared root (and its own
-        evaluator command, when given)."""
+        evaluator command, when given; ``daemon_extra`` goes into its ``[daemon]`` table)."""
         path = self.tmp / f"{name}.toml"
         path.write_text(
             textwrap.dedent(
@@ -268,7 +270,7 @@ class Cluster:
                 lease_ttl = "{self.ttl:g}s"
                 rescan_interval = "{self.rescan:g}s"
                 heartbeat_interval = "1s"
-
+                {daemon_extra}
                 [[watch]]
                 path = "{self.root}"
                 runs = "*"
@@ -292,13 +294,18 @@ class Cluster:
         return path
 
     def start(
-        self, name: str, command: str = "run", extra: str = "", evaluator: Path | None = None
+        self,
+        name: str,
+        command: str = "run",
+        extra: str = "",
+        evaluator: Path | None = None,
+        daemon_extra: str = "",
     ) -> Node:
         """A real ``ckptd COMMAND`` named ``name`` (replacing a stopped one of that name)."""
         self._started += 1
         node = Node(
             name,
-            self.config(name, extra, evaluator),
+            self.config(name, extra, evaluator, daemon_extra),
             command,
             self.tmp / f"{name}.{self._started}.log",
             self.tmp / f"pause-{name}",

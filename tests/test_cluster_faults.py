@@ -158,10 +158,12 @@ exec sleep 120
 
 
 def test_kill_9_a_worker_mid_evaluation_its_job_is_done_by_another(cluster: Cluster) -> None:
-    """Two `ckptd worker`s join the three daemons on the evaluation queue; one hangs in its
-    evaluations and is killed with the job in hand: the job returns to the queue when its claim
-    expires (or at once, when a process on its host sees it gone) and is evaluated once, by
-    another; nothing is left running."""
+    """Two `ckptd worker`s do the evaluations of the three daemons (``evaluate_on =
+    "workers"``, the GPU-host shape); one hangs in its evaluations and is killed with the job
+    in hand: the job returns to the queue when its claim expires (or at once, when a process on
+    its host sees it gone) and is evaluated once, by another; nothing is left running. (With
+    the daemons also evaluating, woken as they record, the workers' 5 s polls rarely found a
+    job left: the case waited in vain on a busy machine.)"""
     assert cluster.writers is not None
     writers = cluster.writers
     hanging = cluster.tmp / "hanging-evaluate.sh"
@@ -171,23 +173,39 @@ def test_kill_9_a_worker_mid_evaluation_its_job_is_done_by_another(cluster: Clus
     def worker(name: str) -> str:
         return f'\n[worker]\nname = "{name}"\nclaim_ttl = "3s"\n'
 
-    stuck = cluster.start("gpu0", "worker", extra=worker("gpu0"), evaluator=hanging)
-    spare = cluster.start("gpu1", "worker", extra=worker("gpu1"))
-    until(lambda: cluster.registered(stuck) and cluster.registered(spare), 60)
-    writers.go(SAVE_EVERY)
-    in_hand = (
-        "select e.checkpoint_id from evaluations e where e.status = 'running' "
-        "and e.claimed_by like :holder"
-    )
-    holder = f"%:{stuck.pid}:%"
-    (job,) = until(lambda: cluster.fetch(in_hand, holder=holder)[:1], 60)[0]
-    stuck.kill()
-    _quiet_and_audited(cluster, "after kill -9 of worker gpu0")  # nothing running, nothing twice
-    evaluated = [e for e in cluster.events("evaluated") if e[2] == job]
-    assert len(evaluated) == 1, evaluated
-    assert spare.stop() == 0
-    for name in ("gpu0", "gpu1"):  # the next cases expect the three daemons alone
-        del cluster.nodes[name]
+    _restart_daemons(cluster, 'evaluate_on = "workers"')
+    try:
+        stuck = cluster.start("gpu0", "worker", extra=worker("gpu0"), evaluator=hanging)
+        spare = cluster.start("gpu1", "worker", extra=worker("gpu1"))
+        until(lambda: cluster.registered(stuck) and cluster.registered(spare), 60)
+        writers.go(SAVE_EVERY)
+        in_hand = (
+            "select e.checkpoint_id from evaluations e where e.status = 'running' "
+            "and e.claimed_by like :holder"
+        )
+        holder = f"%:{stuck.pid}:%"
+        (job,) = until(lambda: cluster.fetch(in_hand, holder=holder)[:1], 60)[0]
+        stuck.kill()
+        _quiet_and_audited(cluster, "after kill -9 of worker gpu0")  # nothing running or twice
+        evaluated = [e for e in cluster.events("evaluated") if e[2] == job]
+        assert len(evaluated) == 1, evaluated
+        assert spare.stop() == 0
+    finally:
+        for name in ("gpu0", "gpu1"):  # the next cases expect the three daemons alone
+            node = cluster.nodes.pop(name, None)
+            if node is not None and node.alive():
+                node.kill()
+        _restart_daemons(cluster)
+
+
+def _restart_daemons(cluster: Cluster, daemon_extra: str = "") -> None:
+    """Stop the three daemons cleanly (their leases released) and start them again with
+    ``daemon_extra`` in their ``[daemon]`` tables."""
+    for name in NAMES:
+        cluster.nodes[name].stop()
+    for name in NAMES:
+        cluster.start(name, daemon_extra=daemon_extra)
+    until(lambda: all(cluster.registered(cluster.nodes[n]) for n in NAMES), 60)
 
 
 # ------------------------------------------------------------------ SIGSTOP past the TTL
@@ -202,12 +220,14 @@ def test_sigstop_past_the_ttl_write_fenced_then_rejoins(cluster: Cluster) -> Non
     node, runs = cluster.nodes[name], held[name]
     # It stops at its next write under a lease: after taking the lease, before writing.
     node.pause_at("before")
-    until(node.paused, 30)
-    until(lambda: _taken_over(cluster, runs, name), TTL + RESCAN + SLACK + 30)
-    index = len(writers.all_saves())
-    until(lambda: _recorded_after(cluster, index, runs), 60)  # checkpoints arrive meanwhile
-    since, resumed = node.log_size(), _utcnow()
-    os.kill(node.pid, signal.SIGCONT)
+    try:
+        until(node.paused, 30)
+        until(lambda: _taken_over(cluster, runs, name), TTL + RESCAN + SLACK + 30)
+        index = len(writers.all_saves())
+        until(lambda: _recorded_after(cluster, index, runs), 60)  # checkpoints arrive meanwhile
+        since, resumed = node.log_size(), _utcnow()
+    finally:
+        os.kill(node.pid, signal.SIGCONT)  # a failure above must not leave it stopped
     # The write it was about to make is refused by the database, and it says so.
     until(lambda: "fenced: recording of run" in node.log(since), 30)
     fenced = [e for e in cluster.events("fenced") if e[0] >= resumed]
