@@ -335,7 +335,8 @@ def test_a_prune_cut_off_by_a_long_outage_is_finished_by_the_new_owner(
         states = "select id, state from checkpoints where id in ({})".format(
             ",".join(map(str, cut))
         )
-        until(lambda: {s for _, s in cluster.fetch(states)} == {"pruned"}, 3 * RESCAN + SLACK)
+        # (Bounded well below claims.DEFAULT_TTL: not after the old claims expire.)
+        until(lambda: {s for _, s in cluster.fetch(states)} == {"pruned"}, SLACK + 30)
         mine = f"%:{node.pid}:%"
         live = "select count(*) from run_claims where claimed_by like :holder and job = 'prune'"
         assert cluster.fetch(live, holder=mine) == [(0,)]  # taken over (and released)

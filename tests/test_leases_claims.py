@@ -362,3 +362,21 @@ def test_a_daemon_whose_lease_lapsed_after_the_intent_deletes_nothing(
     assert not any(Path(p + ".index").exists() for p in marked)
     states = _sql(a, "select state from checkpoints where run_id = :r order by step", r=run.id)
     assert [s for (s,) in states] == ["pruned", "pruned", "complete"]
+
+
+def test_a_run_taken_is_acted_on_only_once_its_recovery_is_done(
+    stores: dict[str, Store],
+) -> None:
+    """While ``on_taken`` finishes the previous holder's work, the scheduled jobs must not pick
+    the run (this process's own claims would not keep them from racing the recovery)."""
+    from ckptd.daemon.leases import LeaseKeeper
+
+    (run,) = _runs(stores["b"], 1)
+    keeper = LeaseKeeper(stores["b"], "b", TTL)
+    during: list[tuple[bool, dict[int, int], Hold | None]] = []
+    keeper.on_taken = lambda ids: during.append(
+        (keeper.holds(run), keeper.held(), keeper.current(run))
+    )
+    keeper.claim([run])
+    assert during == [(False, {}, Hold(run, "b", 1))]
+    assert keeper.holds(run) and keeper.held() == {run: 1}
