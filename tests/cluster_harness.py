@@ -33,7 +33,8 @@ from tests.conftest import ENV, PY, REPO
 # (SIGSTOP) where the file says: "before" (after taking the lease, before writing: the one place
 # where nothing but the database's check of the epoch can refuse the write when it resumes),
 # "inside" (in the write's transaction, after that check) or "prune" (a prune has deleted files
-# and not yet recorded that it did).
+# and not yet recorded that it did; a failure to record them is logged, "[test] prune results
+# not recorded").
 PAUSABLE = textwrap.dedent(
     """
     import os, signal, sys
@@ -66,7 +67,11 @@ PAUSABLE = textwrap.dedent(
 
     def record_results(*args, **kwargs):
         pause_at("prune")
-        return real_results(*args, **kwargs)
+        try:
+            return real_results(*args, **kwargs)
+        except Exception as exc:  # what the prune case waits for
+            print(f"[test] prune results not recorded: {exc!r}", file=sys.stderr, flush=True)
+            raise
 
     recording.apply, recording._apply = apply, write
     pruning.record_results = record_results

@@ -16,6 +16,7 @@ mid-evaluation and ends with the same ``_quiet_and_audited(cluster, …)``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -110,6 +111,11 @@ def _quiet_and_audited(cluster: Cluster, what: str) -> list[dict[str, Any]]:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _json(value: Any) -> dict[str, Any]:
+    """A JSON column as the driver gives it (psycopg: already decoded)."""
+    return value if isinstance(value, dict) else dict(json.loads(value))
 
 
 def _recorded_lines(node: Node, since: int) -> list[str]:
@@ -310,21 +316,16 @@ def _heartbeats_since(cluster: Cluster, since: datetime) -> set[int]:
     return {pid for pid, at in rows if at > since}
 
 
-STUCK_PRUNE = (
-    "A prune cut off by the database after deleting files (phase 2) cannot record them "
-    "(phase 3) nor release its prune claims: the checkpoints stay 'pruning', files gone, and "
-    "the claims stay with the live daemon for claims.DEFAULT_TTL (5 min). When the outage also "
-    "outlasted its leases, the runs' new owners are refused ('another prune of it is running') "
-    "until then, and the old holder no longer acts on them. Fix (api/prune.py, store/claims.py): "
-    "release the prune claims of runs whose lease is lost, or let the lease holder take over a "
-    "prune claim whose holder no longer holds the run"
-)
-
-
-@pytest.mark.xfail(reason=STUCK_PRUNE, strict=True, raises=AssertionError)
 def test_a_prune_cut_off_by_a_long_outage_is_finished_by_the_new_owner(
     cluster: Cluster, server: pg.Cluster
 ) -> None:
+    """A daemon has deleted a prune's files (phase 2) when PostgreSQL goes away: it can neither
+    record them (phase 3) nor release its prune claims, and the outage outlasts its leases.
+    The runs' new owners take its prune claims over with the leases (its writes for them are
+    fenced) and finish that prune at once, not after the claims' five minutes: each checkpoint
+    whose files went is recorded pruned, once; none stays 'pruning'; the audit is clean.
+    (Until the lease holder could take a daemon's prune claim over, they were refused: "another
+    prune of it is running".)"""
     assert cluster.writers is not None
     writers = cluster.writers
     writers.go(SAVE_EVERY)
@@ -334,20 +335,47 @@ def test_a_prune_cut_off_by_a_long_outage_is_finished_by_the_new_owner(
     node.pause_at("prune")  # files deleted, rows 'pruning', results not recorded yet
     try:
         until(node.paused, 30)
+        # What it was about to record: checkpoints of its runs, their files removed.
+        rows = cluster.fetch(
+            "select c.id, c.prefix, r.name from checkpoints c join runs r on r.id = c.run_id "
+            "where c.state = 'pruning'"
+        )
+        cut = {cid: prefix for cid, prefix, run in rows if run in held[name]}
+        assert cut, rows
+        assert not [p for p in cut.values() if Path(p + ".index").exists()]
         since = node.log_size()
         server.halt()
         os.kill(node.pid, signal.SIGCONT)
-        until(lambda: "job prune[" in node.log(since), 30)  # its results could not be recorded
-        os.kill(node.pid, signal.SIGSTOP)  # so that the others take its runs when it is back
+        until(lambda: "[test] prune results not recorded" in node.log(since), 30)
+        os.kill(node.pid, signal.SIGSTOP)  # away past its leases: the others take its runs
         time.sleep(TTL)
         server.restart()
         until(lambda: _taken_over(cluster, held[name], name), TTL + RESCAN + SLACK + 10)
-        os.kill(node.pid, signal.SIGCONT)
-        pruning = "select count(*) from checkpoints where state = 'pruning'"
-        until(lambda: cluster.fetch(pruning) == [(0,)], 3 * RESCAN + SLACK)
+        # The new owners finish its prune while it is still stopped (its claims still live).
+        states = "select id, state from checkpoints where id in ({})".format(
+            ",".join(map(str, cut))
+        )
+        # (Bounded well below claims.DEFAULT_TTL: not after the old claims expire.)
+        until(lambda: {s for _, s in cluster.fetch(states)} == {"pruned"}, SLACK + 30)
+        mine = f"%:{node.pid}:%"
+        live = "select count(*) from run_claims where claimed_by like :holder and job = 'prune'"
+        assert cluster.fetch(live, holder=mine) == [(0,)]  # taken over (and released)
     finally:
         os.kill(node.pid, signal.SIGCONT)
-        writers.stop()
+    listed = [
+        (entry, reason)
+        for *_, reason, detail in cluster.events("pruned")
+        for entry in _json(detail)["checkpoints"]
+        if entry["checkpoint_id"] in cut
+    ]
+    assert sorted(e["checkpoint_id"] for e, _ in listed) == sorted(cut), listed  # once each
+    for entry, reason in listed:
+        assert entry["files"] == [] and entry["already_missing"], entry  # the old owner's work
+        assert entry.get("reason", reason).endswith("(resumed after restart)"), (entry, reason)
+    assert node.alive()
+    _quiet_and_audited(cluster, f"after a prune of {name} cut off by a long outage")
+    pruning = "select count(*) from checkpoints where state = 'pruning'"
+    until(lambda: cluster.fetch(pruning) == [(0,)], 30)
 
 
 # ------------------------------------------------------------------ what the logs showed

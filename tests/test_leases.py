@@ -356,15 +356,19 @@ def test_a_stale_holders_export_is_not_published(
     outcome = freezer.freeze_run(r, cfg.watches[0], newest)
     assert (outcome.status, outcome.message) == ("skipped", NOT_HELD)
     assert not any(p.name.isdigit() for p in (export_dir / "tf2").iterdir())  # not renamed
-    assert len(exports.listed(store, exports.FAILED)) == 1
-    assert exports.listed(store, exports.PUBLISHED) == []
+    # Not a's to record: the row stays 'exporting' for the run's new holder to settle.
+    assert len(exports.listed(store, exports.EXPORTING)) == 1
+    assert exports.listed(store, exports.FAILED) == exports.listed(store, exports.PUBLISHED) == []
     assert not keeper.holds(r.id)
     (fenced,) = sql(store, "select reason from actions where kind = 'fenced'")
     assert fenced[0].startswith("export refused")
-    # b, the holder, publishes.
+    # b, the holder, settles it (as it takes the run over: on_taken) and publishes.
     b = LeaseKeeper(store, "b", 30.0)
     b.claim([r.id])
-    outcome = Freezer(store, _TakenOverMidExport(None), b).freeze_run(r, cfg.watches[0], newest)  # type: ignore[arg-type]
+    freezer = Freezer(store, _TakenOverMidExport(None), b)  # type: ignore[arg-type]
+    assert freezer.recover(cfg.watches, {r.id}) == 1
+    assert exports.listed(store, exports.EXPORTING) == []
+    outcome = freezer.freeze_run(r, cfg.watches[0], newest)
     assert outcome.status == "published" and Path(outcome.path or "").is_dir()
 
 

@@ -394,9 +394,9 @@ def test_prune_runs_batches_every_phase_across_runs(
         seen.append(dict.fromkeys(marked, "pruning"))
         return marked
 
-    def results(store: Store, done: dict[str, list[int]], *args: Any) -> None:
+    def results(store: Store, done: dict[str, list[int]], *args: Any) -> set[int]:
         seen.append({cid: "pruned" for ids in done.values() for cid in ids})
-        record_results(store, done, *args)
+        return record_results(store, done, *args)
 
     monkeypatch.setattr(pruning, "mark_pruning", intent)
     monkeypatch.setattr(pruning, "record_results", results)

@@ -8,7 +8,7 @@ without it failed, and is redone at once (the interruption was not the export's 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from ckptd.api.exportdir import TMP_PREFIX, export_root
@@ -18,6 +18,7 @@ from ckptd.store import claims, exports
 from ckptd.store import runs as store_runs
 from ckptd.store.claims import FREEZE
 from ckptd.store.handle import Store
+from ckptd.store.leases import Hold
 
 log = logging.getLogger("ckptd.api.freeze")  # the name the journal has always shown
 
@@ -25,14 +26,26 @@ INTERRUPTED = "interrupted (daemon stopped during the export); will be redone"
 
 
 def recover(
-    store: Store, watches: tuple[WatchConfig, ...], run_ids: Collection[int] | None = None
+    store: Store,
+    watches: tuple[WatchConfig, ...],
+    run_ids: Collection[int] | None = None,
+    holds: Callable[[int], Hold | None] | None = None,
 ) -> int:
     """After a crash: settle interrupted exports (redone later) and drop half-written temp
     dirs, for every run no live process is exporting right now (of ``run_ids`` only, when
-    given: the runs a daemon holds the leases of; temp dirs of no recorded run are anyone's)."""
+    given: the runs a daemon holds the leases of; temp dirs of no recorded run are anyone's).
+    ``holds``: the daemon's leases; it takes over the export claim of a run it holds from
+    another daemon (which lost the lease: its export's writes are fenced, its row and temp dir
+    are this one's to settle)."""
 
     def mine(run_id: int | None) -> bool:
+        if run_id is not None and holds is not None and holds(run_id) is None:
+            return False
         return run_ids is None or run_id is None or run_id in run_ids
+
+    def owner(run_id: int) -> str | None:
+        hold = holds(run_id) if holds is not None else None
+        return hold.owner if hold is not None else None
 
     claims.release_gone(store, FREEZE)
     vanished = [
@@ -54,7 +67,9 @@ def recover(
     failed: list[int] = []
     published: list[int] = []
     for run_id in set(interrupted) | set(temps):
-        if run_id is not None and not claims.claim(store, run_id, FREEZE):
+        if run_id is not None and not claims.claim(
+            store, run_id, FREEZE, lease_owner=owner(run_id)
+        ):
             continue  # a live process is exporting it: its rows and temp dir are in use
         try:
             # The rename to the numeric name happens only after verification: an interrupted

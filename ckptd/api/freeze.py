@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import ckptd
-from ckptd.api import export_recovery
+from ckptd.api import export_recovery, export_retire
 from ckptd.api.exportdir import (
     TMP_PREFIX,
     export_root,
@@ -38,7 +38,7 @@ from ckptd.api.record import Leases
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import WatchConfig
-from ckptd.core import backoff, retention
+from ckptd.core import backoff
 from ckptd.core.model import Checkpoint, Run, iso, utcnow
 from ckptd.core.ranking import select_best
 from ckptd.io import fsops
@@ -108,7 +108,8 @@ class Freezer:
         self, watches: tuple[WatchConfig, ...], run_ids: Collection[int] | None = None
     ) -> int:
         """After a crash: see :func:`ckptd.api.export_recovery.recover`."""
-        return export_recovery.recover(self.store, watches, run_ids)
+        holds = self.leases.current if self.leases is not None else None
+        return export_recovery.recover(self.store, watches, run_ids, holds)
 
     # ------------------------------------------------------------ export
 
@@ -128,8 +129,11 @@ class Freezer:
         hold = self.leases.current(run.id) if self.leases is not None else None
         if self.leases is not None and hold is None:
             return ExportOutcome(run.name, None, "skipped", message=NOT_HELD)
-        if not claims.claim(self.store, run.id, FREEZE) and not (
-            claims.release_gone(self.store, FREEZE) and claims.claim(self.store, run.id, FREEZE)
+        # A daemon takes over the claim of another daemon that lost the run's lease.
+        owner = hold.owner if hold is not None else None
+        if not claims.claim(self.store, run.id, FREEZE, lease_owner=owner) and not (
+            claims.release_gone(self.store, FREEZE)
+            and claims.claim(self.store, run.id, FREEZE, lease_owner=owner)
         ):
             message = _busy_message(self.store, run)
             log.info("not exporting %s now: %s", run.name, message)
@@ -264,15 +268,21 @@ class Freezer:
                 fsops.remove_tree(root, tmp.name)
             except (OSError, fsops.UnsafePath):
                 log.warning("could not remove %s", tmp)
-            if isinstance(exc, Fenced):  # not published: the run's new holder exports it
-                retry = utcnow()
-                exports.failed(
-                    self.store, export_id, target, NOT_HELD, attempt=attempt, retry_at=retry
-                )
+            if isinstance(exc, Fenced):
+                # Not published, and not this daemon's to record: the row stays 'exporting'
+                # for the run's new holder, whose recovery settles it and exports again.
                 raise
             kind = exc.kind if isinstance(exc, WorkerError) else None
             return self._failed(
-                export_id, target, run, watch, attempt, str(exc), kind, time.perf_counter() - t0
+                export_id,
+                target,
+                run,
+                watch,
+                attempt,
+                str(exc),
+                kind,
+                time.perf_counter() - t0,
+                hold,
             )
         log.info(
             "exported %s to %s (version %d, verified, max diff %s) in %.2f s",
@@ -282,7 +292,7 @@ class Freezer:
             verify.get("max_abs_diff"),
             seconds,
         )
-        self._retire(run, watch, history)
+        export_retire.retire(self.store, run, watch, history, hold, self.leases)
         return ExportOutcome(
             run.name, target.label, "published", str(final), True, "", seconds, version
         )
@@ -337,6 +347,7 @@ class Freezer:
         error: str,
         kind: str | None,
         seconds: float,
+        hold: Hold | None,
     ) -> ExportOutcome:
         fr = watch.freeze
         assert fr is not None
@@ -347,7 +358,9 @@ class Freezer:
             retry_at = backoff.retry_at(
                 attempt, fr.max_attempts, fr.retry_backoff, now, hopeless=kind == NOT_FOUND
             )
-        exports.failed(self.store, export_id, c, error, attempt=attempt, retry_at=retry_at)
+        exports.failed(
+            self.store, export_id, c, error, attempt=attempt, retry_at=retry_at, hold=hold
+        )
         log.error(
             "exporting %s failed (attempt %d, %s): %s",
             c.label,
@@ -356,28 +369,6 @@ class Freezer:
             error,
         )
         return ExportOutcome(run.name, c.label, "failed", None, False, error, seconds)
-
-    def _retire(self, run: Run, watch: WatchConfig, history: list[Checkpoint]) -> None:
-        """Keep the ``keep`` newest published exports of the run, and always the best's."""
-        fr = watch.freeze
-        assert fr is not None
-        best = (
-            select_best(history, watch.best.metric, watch.best.mode) if watch.best.metric else None
-        )
-        rows = exports.published_under(self.store, str(export_root(watch, run)))
-        by_id = {e.id: e for e in rows}
-        published = [retention.Published(e.id, e.checkpoint_id, e.path) for e in reversed(rows)]
-        retired = retention.exports_to_retire(
-            published, fr.keep, best.id if best else None, utcnow()
-        )
-        for e in (by_id[r.id] for r in reversed(retired)):  # newest first
-            p = Path(e.path)
-            try:
-                fsops.remove_tree(p.parent, p.name)
-            except (OSError, fsops.UnsafePath) as exc:
-                log.warning("could not remove old export %s: %s", p, exc)
-                continue
-            exports.removed(self.store, e, reason=f"beyond keep = {fr.keep}")
 
     def close(self) -> None:
         self.client.close()

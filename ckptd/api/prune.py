@@ -9,7 +9,9 @@ phase 2 removes the files recorded for each through :mod:`ckptd.io.fsops`; phase
 
 Each run's prune is claimed (``store.claims``, job ``prune``) for the whole of its work, so the
 daemon and ``ckptd prune`` never prune the same run at once: a run claimed by another process is
-skipped, and says by whom. Dry runs only read, and take no claim.
+skipped, and says by whom. Dry runs only read, and take no claim. A daemon prunes only the runs
+whose lease it holds (``holds``), under that lease at phases 1 and 3; it takes over the prune
+claim of another daemon that lost the lease (cut off by a database outage, say).
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ckptd.api.deletions import Batch, PruneResult, finish, finish_interrupted, resume
+from ckptd.api.deletions import (
+    Batch,
+    Holds,
+    PruneResult,
+    finish,
+    finish_interrupted,
+    lease_owner,
+    resume,
+)
 from ckptd.config import WatchConfig
 from ckptd.core import retention
 from ckptd.core.model import Run, iso, utcnow
@@ -70,9 +80,6 @@ def _old_objects_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-Holds = Callable[[int], Hold | None]  # a daemon's lease of a run (None: not held)
-
-
 def prune(
     store: Store,
     items: Sequence[tuple[Run, WatchConfig]],
@@ -108,11 +115,12 @@ def _prune(
             rules[run.id] = watch.retain.rules(watch.best)
         results.append(planned[run.id].result)
     acting = [p.run.id for p in planned.values() if not p.result.dry_run]
-    held = claims.claim_many(store, acting, claims.PRUNE) if acting else set()
+    owner = lease_owner(holds, acting)
+    held = claims.claim_many(store, acting, claims.PRUNE, lease_owner=owner) if acting else set()
     try:
         _skip_busy(store, [planned[rid] for rid in acting if rid not in held])
         todo = [p for p in planned.values() if p.result.skipped is None]
-        finish_interrupted(store, {rid: planned[rid].result for rid in held})
+        finish_interrupted(store, {rid: planned[rid].result for rid in held}, holds)
         _plan(store, todo, rules)
         _find_leftovers(store, todo)
         todo = [p for p in todo if not p.result.dry_run]
@@ -253,4 +261,4 @@ def _prune_group(store: Store, group: list[_Planned], holds: Holds | None) -> No
             # save, putting back entries ckptd pruned: repair it on every pass (cheap: a read
             # and a compare; it writes only on change).
             untouched.append((p.run.path, p.run.watch_path))
-    finish(store, batches, repair=untouched)
+    finish(store, batches, repair=untouched, holds=holds)

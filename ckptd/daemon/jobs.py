@@ -85,11 +85,12 @@ class Jobs:
         return text
 
     def catch_up(self) -> None:
-        """The database answers again: finish deletions it interrupted, and rescan now (not at
-        the next rescan), so that what was written meanwhile is recorded (a quick rescan will do:
-        a reconcile that failed kept no fingerprint, so its run is listed again)."""
+        """The database answers again: finish deletions it interrupted in the runs this daemon
+        still holds (the others' new holders finish theirs), and rescan now (not at the next
+        rescan), so that what was written meanwhile is recorded (a quick rescan will do: a
+        reconcile that failed kept no fingerprint, so its run is listed again)."""
         d = self.daemon
-        resumed = api_prune.resume(d.store)
+        resumed = api_prune.resume(d.store, set(d.leases.held()), holds=d.leases.current)
         if resumed:
             log.info("finished %d deletion(s) interrupted by the outage", resumed)
         d.scheduler.add(self.rescan_job(d.config, run_now=True))

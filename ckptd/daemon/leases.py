@@ -42,6 +42,10 @@ class LeaseKeeper:
         # Called with the runs just taken (not at start: ``adopt``), before this daemon acts on
         # them: it finishes what their previous holder left (its interrupted prunes, exports).
         self.on_taken: Callable[[set[int]], None] | None = None
+        # Runs taken whose ``on_taken`` has not finished: held (``current``, for the recovery
+        # itself), but not to act on yet (``holds``, ``held``: the scheduled prune and export
+        # would race the recovery of the same run, and this process's claims are its own).
+        self._recovering: set[int] = set()
 
     # ------------------------------------------------------------ what the daemon asks
 
@@ -84,7 +88,7 @@ class LeaseKeeper:
     def holds(self, run_id: int) -> bool:
         """Whether this daemon may act on ``run_id`` now (prune, export, evaluate)."""
         with self._lock:
-            return self._fresh() and run_id in self._held
+            return self._fresh() and run_id in self._held and run_id not in self._recovering
 
     def claim(self, run_ids: Collection[int]) -> None:
         """Claim the leases of ``run_ids`` not held yet (free or expired ones; batched)."""
@@ -100,6 +104,7 @@ class LeaseKeeper:
                 self._renewed = began  # nothing else held: these are as fresh as this claim
             new = {r: e for r, e in got.items() if self._held.get(r) != e}
             self._held.update(got)
+            self._recovering |= set(new) if self.on_taken is not None else set()
             for r in wanted:
                 if r in got:
                     self._tried.pop(r, None)
@@ -112,6 +117,9 @@ class LeaseKeeper:
                     self.on_taken(set(new))
             except Exception:  # recording goes on; the next start (or takeover) tries again
                 log.exception("finishing what the runs' previous holder left failed")
+            finally:
+                with self._lock:
+                    self._recovering -= set(new)
 
     def lost(self, hold: Hold, what: str) -> None:
         """A write under ``hold`` was fenced: its lease lapsed (another daemon, or this one
@@ -143,8 +151,11 @@ class LeaseKeeper:
         )
 
     def held(self) -> dict[int, int]:
+        """The runs this daemon may act on now, with their epochs."""
         with self._lock:
-            return dict(self._held) if self._fresh() else {}
+            if not self._fresh():
+                return {}
+            return {r: e for r, e in self._held.items() if r not in self._recovering}
 
     # ------------------------------------------------------------ the thread
 

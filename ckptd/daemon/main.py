@@ -70,7 +70,9 @@ class Daemon:
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
-        self.store = Store.open(config.daemon.database, wal_autocheckpoint=False, recreate=False)
+        self.store = Store.open(
+            config.daemon.database, wal_autocheckpoint=False, recreate=False, daemon=True
+        )
         self.dirty = DirtyRuns()
         self.health = Health()
         self.db = DatabaseHealth()
@@ -155,7 +157,7 @@ class Daemon:
         with self.progress.busy("recovering interrupted evaluations, deletions and exports"):
             if self.evaluator.recover():
                 log.info("re-queued evaluations of processes that have exited")
-            if resumed := api_prune.resume(self.store, run_ids):
+            if resumed := api_prune.resume(self.store, run_ids, holds=self.leases.current):
                 log.info("finished %d deletion(s) interrupted by the last stop", resumed)
             if self.freezer.recover(self.config.watches, run_ids):
                 log.info("exports interrupted by the last stop will be redone")

@@ -4,19 +4,27 @@ Whoever asks — the daemon, the CLI, later a second host — takes the same cla
 never do the same job on the same run at once; a holder that dies leaves a claim that expires and
 the job returns to whoever asks next. Evaluations carry their claim on their own row
 (``evaluations.claimed_by``/``claimed_until``, see ``store/evaluations``).
+
+A daemon's claim on a run it no longer holds the lease of is taken over by the run's lease
+holder at once (``lease_owner``), not after its expiry: a daemon cut off from the database
+mid-prune can neither finish nor release its claim, and every write it would still make for the
+run is fenced by the lease it lost. The claims of the CLI and of workers hold no lease and
+are never taken over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
 
 from ckptd.core.model import utcnow
-from ckptd.store.handle import Store, holder_gone
-from ckptd.store.tables import RunClaimRow, table_of
+from ckptd.store.handle import DAEMON_TAG, Store, holder_gone
+from ckptd.store.leases import db_now
+from ckptd.store.tables import RunClaimRow, RunLeaseRow, table_of
 from ckptd.store.upsert import _dialect_insert
 
 PRUNE, FREEZE = "prune", "freeze"
@@ -31,17 +39,50 @@ class Busy(Exception):
         self.holder, self.until = holder, until
 
 
-def claim(store: Store, run_id: int, job: str, *, ttl: timedelta = DEFAULT_TTL) -> bool:
-    """Take (or renew) the claim on ``job`` of ``run_id``; False while another holder's is live."""
+_claims = table_of(RunClaimRow)
+_leases = table_of(RunLeaseRow)
+
+
+def _may_take(
+    store: Store, now: datetime, lease_owner: str | None, run_ids: Collection[int]
+) -> Any:
+    """When a claim row (of one of ``run_ids``) may be (re)taken by ``store``'s process: it is
+    its own or expired; or, for the daemon ``lease_owner``, it is another daemon process's and
+    ``lease_owner`` holds the run's lease now (checked in the same statement, so no takeover
+    slips past a change of the lease)."""
+    t = _claims
+    free = or_(t.c.claimed_by == store.holder, t.c.claimed_until < now)
+    if lease_owner is None:
+        return free
+    # Not a correlated EXISTS: SQLAlchemy does not correlate one inside ON CONFLICT's WHERE.
+    leased = select(_leases.c.run_id).where(
+        _leases.c.run_id.in_(list(run_ids)),
+        _leases.c.owner == lease_owner,
+        _leases.c.expires_at > db_now(),
+    )
+    by_a_daemon = t.c.claimed_by.like(f"%:{DAEMON_TAG}")
+    return or_(free, and_(by_a_daemon, t.c.claimed_by != store.holder, t.c.run_id.in_(leased)))
+
+
+def claim(
+    store: Store,
+    run_id: int,
+    job: str,
+    *,
+    ttl: timedelta = DEFAULT_TTL,
+    lease_owner: str | None = None,
+) -> bool:
+    """Take (or renew) the claim on ``job`` of ``run_id``; False while another holder's is live
+    (unless another daemon's, and ``lease_owner`` is the daemon holding the run's lease)."""
     now = utcnow()
-    table = table_of(RunClaimRow)
+    table = _claims
     stmt = _dialect_insert(store.dialect)(table).values(
         run_id=run_id, job=job, claimed_by=store.holder, claimed_until=now + ttl
     )
     stmt = stmt.on_conflict_do_update(
         index_elements=["run_id", "job"],
         set_={"claimed_by": stmt.excluded.claimed_by, "claimed_until": stmt.excluded.claimed_until},
-        where=or_(table.c.claimed_by == store.holder, table.c.claimed_until < now),
+        where=_may_take(store, now, lease_owner, [run_id]),
     ).returning(table.c.run_id)
     with store.session() as session:
         # RETURNING: SQLAlchemy keeps no INSERT's rowcount (psycopg then reports -1).
@@ -95,9 +136,16 @@ def holder_of(store: Store, run_id: int, job: str) -> tuple[str, datetime] | Non
 
 
 @contextmanager
-def claimed(store: Store, run_id: int, job: str, *, ttl: timedelta = DEFAULT_TTL) -> Iterator[None]:
+def claimed(
+    store: Store,
+    run_id: int,
+    job: str,
+    *,
+    ttl: timedelta = DEFAULT_TTL,
+    lease_owner: str | None = None,
+) -> Iterator[None]:
     """Hold the claim for a block of work; :class:`Busy` if another process holds it."""
-    if not claim(store, run_id, job, ttl=ttl):
+    if not claim(store, run_id, job, ttl=ttl, lease_owner=lease_owner):
         held = holder_of(store, run_id, job)
         holder, until = held if held else ("another process", utcnow())
         raise Busy(run_id, job, holder, until)
@@ -119,16 +167,22 @@ def _chunks(ids: Iterable[int]) -> Iterator[list[int]]:
 
 
 def claim_many(
-    store: Store, run_ids: Iterable[int], job: str, *, ttl: timedelta = DEFAULT_TTL
+    store: Store,
+    run_ids: Iterable[int],
+    job: str,
+    *,
+    ttl: timedelta = DEFAULT_TTL,
+    lease_owner: str | None = None,
 ) -> set[int]:
     """:func:`claim` for many runs in one transaction; the ids this process now holds.
 
     A claim whose holder is a process of this host that has died (``handle.holder_gone``) is taken
-    over at once instead of after its expiry.
+    over at once instead of after its expiry; so is another daemon's on the runs whose lease
+    ``lease_owner`` holds.
     """
     now = utcnow()
     until = now + ttl
-    t = table_of(RunClaimRow)
+    t = _claims
     held: set[int] = set()
     with store.session() as session:
         for chunk in _chunks(run_ids):
@@ -144,7 +198,7 @@ def claim_many(
                     "claimed_by": stmt.excluded.claimed_by,
                     "claimed_until": stmt.excluded.claimed_until,
                 },
-                where=or_(t.c.claimed_by == store.holder, t.c.claimed_until < now),
+                where=_may_take(store, now, lease_owner, chunk),
             ).returning(t.c.run_id)
             held.update(session.execute(stmt).scalars())
             refused = [rid for rid in chunk if rid not in held]

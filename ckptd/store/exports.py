@@ -224,9 +224,14 @@ def failed(
     *,
     attempt: int,
     retry_at: datetime | None,
+    hold: Hold | None = None,
 ) -> None:
-    """Record failed ``attempt``, tried again at ``retry_at`` (None: not by the daemon)."""
+    """Record failed ``attempt``, tried again at ``retry_at`` (None: not by the daemon).
+    ``hold``: the daemon's lease of the run, checked first (:class:`leases.Fenced`, and the
+    row stays ``exporting`` for the run's new holder to settle, if it is gone)."""
     with store.session() as s:
+        if hold is not None:
+            leases.fence(s.connection(), hold)
         s.execute(
             update(_x)
             .where(_x.c.id == export_id)
@@ -248,9 +253,23 @@ def failed(
         )
 
 
-def removed(store: Store, export: Export, *, reason: str) -> None:
-    """A retired export's directory is gone: ``removed`` and an ``export_removed`` row."""
+def removed(
+    store: Store,
+    export: Export,
+    *,
+    reason: str,
+    hold: Hold | None = None,
+    remove: Callable[[], object] | None = None,
+) -> None:
+    """A retired export's directory is gone: ``removed`` and an ``export_removed`` row.
+    ``remove`` (the removal of the directory) runs inside this transaction, after ``hold`` is
+    checked, as ``published``'s rename: a daemon that lost the run's lease removes nothing
+    (:class:`leases.Fenced`), and an error of ``remove`` writes nothing."""
     with store.session() as s:
+        if hold is not None:
+            leases.fence(s.connection(), hold)
+        if remove is not None:
+            remove()
         s.execute(
             update(_x).where(_x.c.id == export.id).values(status=REMOVED, removed_at=utcnow())
         )

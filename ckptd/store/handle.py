@@ -14,10 +14,16 @@ from sqlalchemy.orm import Session
 
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope
 
+# The last field of a daemon's holder name: its claims are fenced by its run leases, so the
+# run's lease holder may take them over (``store.claims``); the CLI's and workers' never are.
+DAEMON_TAG = "daemon"
 
-def process_name() -> str:
-    """Who holds a claim: host, pid and a per-process nonce (a pid is reused after a reboot)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+def process_name(*, daemon: bool = False) -> str:
+    """Who holds a claim: host, pid and a per-process nonce (a pid is reused after a reboot),
+    then ``:daemon`` for a daemon."""
+    name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{name}:{DAEMON_TAG}" if daemon else name
 
 
 @dataclass
@@ -35,12 +41,13 @@ class Store:
         readonly: bool = False,
         wal_autocheckpoint: bool = True,
         recreate: bool = True,
+        daemon: bool = False,
     ) -> Store:
-        return cls(
-            make_engine(
-                url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint, recreate=recreate
-            )
+        """``daemon``: this is a daemon's handle, whose claims name it as one."""
+        engine = make_engine(
+            url, readonly=readonly, wal_autocheckpoint=wal_autocheckpoint, recreate=recreate
         )
+        return cls(engine, process_name(daemon=daemon))
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -179,6 +179,13 @@ def fence(conn: Any, hold: Hold) -> None:
     """Inside a write's transaction: raise :class:`Fenced` unless ``hold`` is still the run's
     live lease, so the write rolls back (another daemon holds the run now). The no-op UPDATE
     also locks the lease row until the write commits, so no takeover can slip in between."""
+    if not still_held(conn, hold):
+        raise Fenced(f"run {hold.run_id}: lease epoch {hold.epoch} of {hold.owner} is gone")
+
+
+def still_held(conn: Any, hold: Hold) -> bool:
+    """:func:`fence` without the exception: whether ``hold`` is still the run's live lease (its
+    row then locked until the transaction ends), for a write that goes on for its other runs."""
     result = conn.execute(
         update(_leases)
         .where(
@@ -191,8 +198,7 @@ def fence(conn: Any, hold: Hold) -> None:
         )
         .values(epoch=_leases.c.epoch)
     )
-    if result.rowcount != 1:
-        raise Fenced(f"run {hold.run_id}: lease epoch {hold.epoch} of {hold.owner} is gone")
+    return bool(result.rowcount == 1)
 
 
 def held_by_owner(session: Any) -> dict[str, Held]:

@@ -19,7 +19,7 @@ from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
 from ckptd.store import audit, claims, leases, reads, versions
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
-from ckptd.store.leases import Hold
+from ckptd.store.leases import Hold, still_held
 from ckptd.store.tables import (
     CheckpointRow,
     EvaluationRow,
@@ -247,18 +247,32 @@ def record_results(
     entries: Sequence[audit.Entry],
     run_ids: Collection[int],
     at: datetime,
-) -> None:
+    holds: Sequence[Hold] | None = None,
+) -> set[int]:
     """Phase 3, in one transaction: ``pruned`` (reason -> ids) for what was removed, back to
-    ``complete`` for what could not be (some of its files remain), and the audit rows."""
+    ``complete`` for what could not be (some of its files remain), and the audit rows.
+    ``holds``: the daemon's leases of ``run_ids``, checked in the same transaction; nothing is
+    written for a run whose lease is gone or not among them (its new holder finishes its
+    prune). Returns those fenced runs."""
     with store.session() as s:
         conn = s.connection()
+        fenced: set[int] = set()
+        if holds is not None:
+            live = {h.run_id for h in sorted(holds, key=lambda h: h.run_id) if still_held(conn, h)}
+            fenced = set(run_ids) - live
+        mark, restore = _MARK_PRUNED, _RESTORE
+        if fenced:  # (rare: the lease lapsed during the deletions)
+            mark = mark.where(_c.run_id.not_in(sorted(fenced)))
+            restore = restore.where(_c.run_id.not_in(sorted(fenced)))
+            entries = [e for e in entries if e.run_id not in fenced]
         for reason, ids in pruned.items():
             for chunk in _chunks(ids):
-                conn.execute(_MARK_PRUNED, {"ids": chunk, "at": at, "why": reason})
+                conn.execute(mark, {"ids": chunk, "at": at, "why": reason})
         for chunk in _chunks(restored):
-            conn.execute(_RESTORE, {"ids": chunk})
+            conn.execute(restore, {"ids": chunk})
         audit.record_many(s, entries)
-        versions.bump(s, run_ids)
+        versions.bump(s, set(run_ids) - fenced)
+    return fenced
 
 
 class Interrupted(NamedTuple):
