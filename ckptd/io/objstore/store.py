@@ -62,12 +62,24 @@ class Store:
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
         for entry in self.fs.ls(key, detail=True, refresh=True):
-            name = entry["name"].rstrip("/")
+            name = _key(entry["name"].rstrip("/"))
             if entry.get("type") == "directory":
                 prefixes.append(name)
             else:
                 objects.append(_info(name, entry))
         return objects, prefixes
+
+    def list_tree(self, key: str) -> list[ObjectInfo]:
+        """Every object under the prefix ``key`` (one listing without a delimiter, paged by the
+        store): a run and its subdirectories in one request where a delimiter listing would
+        cost one per subdirectory."""
+        self._count()
+        found = self.fs.find(key, detail=True, withdirs=False)
+        return [
+            _info(_key(name), entry)
+            for name, entry in sorted(found.items())
+            if entry.get("type") != "directory" and not name.endswith("/")
+        ]
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of an object (one ranged GET)."""
@@ -87,11 +99,18 @@ class Store:
             self.fs.rm(keys)
 
 
+def _key(name: str) -> str:
+    return name.lstrip("/")  # memory:// names start with one; object keys are bucket/…
+
+
 def _info(name: str, entry: dict[str, Any]) -> ObjectInfo:
     version = entry.get("generation") or entry.get("ETag") or entry.get("etag") or ""
     modified = entry.get("LastModified") or entry.get("updated") or entry.get("created")
     stamp = getattr(modified, "timestamp", None)  # a datetime; some stores give a string or none
-    mtime_ns = int(stamp() * 1e9) if stamp is not None else 0
+    if stamp is not None:
+        mtime_ns = int(stamp() * 1e9)
+    else:  # memory:// gives seconds as a number; others may give a string
+        mtime_ns = int(modified * 1e9) if isinstance(modified, int | float) else 0
     return ObjectInfo(name, int(entry.get("size") or 0), str(version).strip('"'), mtime_ns)
 
 
