@@ -16,6 +16,7 @@ from ckptd.core.errors import StoreError
 from ckptd.daemon import metrics
 from ckptd.daemon.health import Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
+from ckptd.daemon.objwatch import ObjectWatches
 from ckptd.daemon.scheduler import Job
 from ckptd.daemon.watch import Watcher
 from ckptd.io.observe import stop_fork_server
@@ -73,6 +74,7 @@ class Supervisor:
                     exc,
                 )
         d.watcher.start()  # before the backfill, so nothing written during it is missed
+        d.objwatch.start()  # (its first poll records what the buckets hold)
         t0 = time.monotonic()
         recorded = d.backfill()
         if d.stop_event.is_set():
@@ -232,6 +234,9 @@ class Supervisor:
         d.progress.bound = stall_bound(config.daemon.heartbeat_interval)
         d.watcher = Watcher(config.watches, d.on_path, on_armed=d.on_armed)
         d.watcher.start()
+        d.objwatch.stop()
+        d.objwatch = ObjectWatches(config.watches, d.record_with)
+        d.objwatch.start()
         d.jobs.schedule(jobs)
 
     def _reload_failed(self, exc: Exception) -> None:
@@ -250,6 +255,7 @@ class Supervisor:
         d.worker.terminate()  # a running evaluation/export is redone at the next start
         d.scheduler.shutdown()
         d.watcher.stop()
+        d.objwatch.stop()
         deadline = time.monotonic() + STOP_GRACE
         for thread in (d.reconcile_thread, d.eval_thread):
             if thread is not None:

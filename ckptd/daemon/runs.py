@@ -23,6 +23,7 @@ class RunSpec:
     name: str
     path: Path
     watch: WatchConfig
+    url: str | None = None  # on an object store: the run's URL (``path`` is then not local)
 
 
 UNSUPPORTED: set[str] = set()  # run directories reported as having non-UTF-8 names

@@ -59,7 +59,10 @@ def discover_runs(store: Store, runs: str | None) -> list[str]:
     for part in PurePosixPath(runs).parts:
         deeper = []
         for key in level:
-            _objects, prefixes = store.list_dir(key)
+            try:
+                _objects, prefixes = store.list_dir(key)
+            except FileNotFoundError:  # no object under it (any more): no run there
+                continue
             for prefix in prefixes:
                 name = prefix.rsplit("/", 1)[-1]
                 if fnmatch.fnmatchcase(name, part) and not is_temp_name(name):

@@ -1,0 +1,115 @@
+"""The polling observer of an object store watch, in-process on ``memory://``: what it records,
+what an idle poll costs, how a failing store is reported and recovered from.
+(``test_objwatch_daemon.py`` runs the real daemon against real servers.)"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptd.config import WatchConfig
+from ckptd.daemon.objwatch import ObjectWatch, ObjectWatches
+from ckptd.daemon.reconcile import Reconciler
+from ckptd.io.objstore import StoreError
+from ckptd.store import migrate
+from ckptd.store.handle import Store
+from tests.conftest import Corpus, query
+from tests.test_objwatch_observe import upload
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[tuple[Store, Path]]:
+    path = tmp_path / "ckptd.db"
+    store = Store.open(f"sqlite:///{path}")
+    migrate.ensure_store_schema(store)
+    yield store, path
+    store.close()
+
+
+def _watch(runs: str | None = "*") -> WatchConfig:
+    url = f"memory://b{uuid.uuid4().hex[:12]}/runs"
+    return WatchConfig(path=url, runs=runs)  # type: ignore[arg-type]
+
+
+def _poller(store: Store, watch: WatchConfig) -> ObjectWatch:
+    reconciler = Reconciler(store)
+    watches = ObjectWatches((watch,), lambda spec, obs: reconciler.reconcile(spec, None, obs))
+    (w,) = watches.watches
+    return w
+
+
+def _recorded(path: Path) -> list[tuple[Any, ...]]:
+    return query(path, "SELECT prefix, step, state FROM checkpoints ORDER BY prefix")
+
+
+def test_records_what_a_bucket_holds_and_idles_cheaply(
+    golden: Corpus, db: tuple[Store, Path]
+) -> None:
+    store, path = db
+    watch = _watch()
+    w = _poller(store, watch)
+    objects = w._open()
+    for kind in ("tf1", "tf2"):
+        upload(objects, golden.run_dir(kind), kind)
+    assert w.poll() == 6
+    rows = _recorded(path)
+    assert [(p.rsplit("/", 2)[-2:], s, st) for p, s, st in rows][:1] == [
+        (["tf1", "model.ckpt-10"], 10, "complete")
+    ]
+    assert all(p.startswith(str(watch.path) + "/") for p, _, _ in rows)
+    runs = query(path, "SELECT name, path, watch_path FROM runs ORDER BY name")
+    assert runs == [
+        ("tf1", f"{watch.path}/tf1", str(watch.path)),
+        ("tf2", f"{watch.path}/tf2", str(watch.path)),
+    ]
+    # Idle: one delimiter listing of the watch, one listing per run, nothing read.
+    before = objects.requests
+    assert w.poll() == 0
+    assert objects.requests - before == 1 + 2
+    # A new checkpoint of one run: recorded at the next poll.
+    run = golden.run_dir("tf2")
+    data = (run / "ckpt-30.data-00000-of-00001").read_bytes()
+    objects.put(f"{objects.root}/tf2/ckpt-40.data-00000-of-00001", data)
+    assert w.poll() == 0  # data without its index: a save in progress, not recorded
+    objects.put(f"{objects.root}/tf2/ckpt-40.index", (run / "ckpt-30.index").read_bytes())
+    assert w.poll() == 1
+    assert len(_recorded(path)) == 7
+
+
+def test_a_failing_store_is_reported_and_recovered_from(
+    golden: Corpus, db: tuple[Store, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, path = db
+    w = _poller(store, _watch())
+    objects = w._open()
+    upload(objects, golden.run_dir("tf2"), "r")
+    real = objects.read
+
+    def broken(*args: Any, **kwargs: Any) -> bytes:
+        raise StoreError("GET failed: 503 SlowDown (throttled)")
+
+    monkeypatch.setattr(objects, "read", broken)
+    with pytest.raises(StoreError):
+        w.poll()
+    wait = w.failed(StoreError("GET failed: 503 SlowDown (throttled)"))
+    assert wait > 0
+    assert _recorded(path) == []  # nothing concluded from a failed read
+    assert w.describe(True)["last_error"] == "GET failed: 503 SlowDown (throttled)"
+    monkeypatch.setattr(objects, "read", real)
+    assert w.poll() == 3
+    assert w.describe(True)["last_error"] is None
+
+
+def test_a_run_deleted_from_the_bucket_goes_gone(golden: Corpus, db: tuple[Store, Path]) -> None:
+    store, path = db
+    w = _poller(store, _watch())
+    objects = w._open()
+    upload(objects, golden.run_dir("tf2"), "r")
+    assert w.poll() == 3
+    objects.delete(o.key for o in objects.list_tree(f"{objects.root}/r/"))
+    w.poll()
+    assert {st for _, _, st in _recorded(path)} == {"gone"}
