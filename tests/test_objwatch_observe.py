@@ -202,3 +202,20 @@ def test_run_gone_and_temp_objects(golden: Corpus, store: Store) -> None:
     _req, obs = look(store, "r")
     assert obs.found == ()  # type: ignore[attr-defined]
     assert [u for u, _ in obs.unread] == ["model.h5"]  # type: ignore[attr-defined]
+
+
+def test_whole_watch_listing_splits_runs_as_run_listings_do(golden: Corpus, store: Store) -> None:
+    from ckptd.io.objstore.listing import list_watch
+
+    for kind in ("tf1", "tf2"):
+        upload(store, golden.run_dir(kind), f"team/{kind}")
+    store.put(f"{store.root}/team/notes.txt", b"beside the runs")
+    whole = {r.key: r for r in list_watch(store, "*/*")}
+    assert sorted(whole) == [f"{store.root}/team/tf1", f"{store.root}/team/tf2"]
+    for name in ("team/tf1", "team/tf2"):
+        one = list_run(store, name)
+        assert whole[one.key].objects == one.objects
+        assert whole[one.key].marker == one.marker
+    (single,) = list_watch(store, None)  # the watch is one run
+    assert single.key == store.root and single.objects == list_run(store, "").objects
+    assert f"{store.root}/team/notes.txt" in {o.key for o in single.objects}

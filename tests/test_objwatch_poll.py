@@ -66,10 +66,17 @@ def test_records_what_a_bucket_holds_and_idles_cheaply(
         ("tf1", f"{watch.path}/tf1", str(watch.path)),
         ("tf2", f"{watch.path}/tf2", str(watch.path)),
     ]
-    # Idle: one delimiter listing of the watch, one listing per run, nothing read.
+    # Idle: this small watch is listed whole, in one request; nothing is read.
+    before = objects.requests
+    assert w.poll() == 0
+    assert objects.requests - before == 1
+    # Listed run by run (a watch holding more than a page of objects per run): one delimiter
+    # listing of the watch, one listing per run.
+    w.whole = False
     before = objects.requests
     assert w.poll() == 0
     assert objects.requests - before == 1 + 2
+    assert w.whole  # back to one listing: it costs fewer requests here
     # A new checkpoint of one run: recorded at the next poll.
     run = golden.run_dir("tf2")
     data = (run / "ckpt-30.data-00000-of-00001").read_bytes()

@@ -26,7 +26,13 @@ from ckptd.daemon import metrics
 from ckptd.daemon.reconcile import Outcome
 from ckptd.daemon.runs import RunSpec
 from ckptd.io.objstore import Store, StoreError, open_store
-from ckptd.io.objstore.listing import RunListing, discover_runs, list_run
+from ckptd.io.objstore.listing import (
+    RunListing,
+    discover_runs,
+    list_run,
+    list_watch,
+    run_key,
+)
 from ckptd.io.objstore.observe import observe_listing, settled
 from ckptd.io.observe import Request
 
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 DEEP_EVERY = 30
 BACKOFF_MAX = 300.0  # seconds between attempts while a store keeps failing
 RATE_WINDOW = 60.0  # seconds the requests-per-minute figure is taken over
+PAGE = 1000  # objects per listing page (S3's and GCS's maximum)
 
 Record = Callable[[RunSpec, Callable[[Request], Observation]], Outcome]
 
@@ -65,6 +72,7 @@ class ObjectWatch:
     last_error: str | None = None
     failing_since: float | None = None
     failures: int = 0  # polls failed in a row
+    whole: bool = True  # list the whole watch in one listing (else: one per run)
     _rate: deque[tuple[float, int]] = field(default_factory=deque)
     _counted: int = 0  # requests already added to the Prometheus counter
 
@@ -87,12 +95,26 @@ class ObjectWatch:
         self.polls += 1
         recorded = 0
         try:
-            names = discover_runs(store, self.watch.runs)
+            listed: dict[str, RunListing] | None = None
+            if self.whole:
+                listed = {self._name(store, r): r for r in list_watch(store, self.watch.runs)}
+                names = list(listed)
+            else:
+                names = discover_runs(store, self.watch.runs)
+            objects = 0
             for name in sorted(set(names) | self.runs):
                 if stop is not None and stop.is_set():
                     break
-                recorded += self._run(store, name, deep)
+                if listed is not None:
+                    listing = listed.get(name) or RunListing(*_nothing(store, name))
+                else:
+                    listing = list_run(store, name)
+                objects += len(listing.objects)
+                recorded += self._run(store, name, listing, deep)
             self.runs |= set(names)
+            # One listing of the whole watch while it costs no more pages than listing the
+            # runs one by one would cost requests.
+            self.whole = -(-objects // PAGE) <= 1 + len(self.runs)
         finally:
             self._counted_requests()
         self.last_poll = time.time()
@@ -101,8 +123,11 @@ class ObjectWatch:
         self.last_error, self.failing_since, self.failures = None, None, 0
         return recorded
 
-    def _run(self, store: Store, name: str, deep: bool) -> int:
-        listing = list_run(store, name)
+    @staticmethod
+    def _name(store: Store, listing: RunListing) -> str:
+        return listing.key[len(store.root) + 1 :]
+
+    def _run(self, store: Store, name: str, listing: RunListing, deep: bool) -> int:
         if not deep and self.markers.get(name) == listing.marker:
             return 0  # unchanged since it was recorded: nothing to read
         seen: list[Observation] = []
@@ -177,6 +202,12 @@ class ObjectWatch:
             "last_error": self.last_error,
             "failing_since": self.failing_since,
         }
+
+
+def _nothing(store: Store, name: str) -> tuple[str, str, tuple[()]]:
+    """The listing of a run that holds no object (any more)."""
+    key = run_key(store, name)
+    return key, store.url_of(key), ()
 
 
 class ObjectWatches:

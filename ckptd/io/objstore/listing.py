@@ -4,9 +4,10 @@ No listing is ever cached (a stale one hides new checkpoints, s3fs#703). The run
 watch are found with delimiter listings, one level of the ``runs`` glob at a time, so finding
 them never enumerates their files. A run is then listed in one request (no delimiter): its
 checkpoints and the event files of its subdirectories together, where a delimiter listing
-would cost one request per subdirectory. The listing's marker (a hash of every object's key,
-version and size) tells the poller whether anything changed since the run was last recorded:
-an unchanged run then costs that one listing and no read.
+would cost one request per subdirectory. A watch holding fewer objects than a listing page per
+run is listed whole instead (``list_watch``): fewer requests for the same objects. The
+listing's marker (a hash of every object's key, version and size) tells the poller whether
+anything changed since the run was last recorded: an unchanged run costs no read.
 """
 
 from __future__ import annotations
@@ -69,6 +70,34 @@ def discover_runs(store: Store, runs: str | None) -> list[str]:
                     deeper.append(prefix)
         level = deeper
     return sorted(k[len(store.root) + 1 :] for k in level)
+
+
+def list_watch(store: Store, runs: str | None, max_depth: int = MAX_DEPTH) -> list[RunListing]:
+    """Every run of the watch with its objects, from one listing of the whole watch (paged by
+    the store, a thousand objects a page): while the watch holds fewer objects than a thousand
+    per run, this costs fewer requests than one listing per run. Runs as ``discover_runs``
+    finds them (a run is a prefix the glob matches holding at least one object)."""
+    root = store.root + "/"
+    parts = PurePosixPath(runs).parts if runs else ()
+    by_run: dict[str, list[ObjectInfo]] = {}
+    for o in store.list_tree(root):
+        if not o.key.startswith(root):
+            continue
+        rel = o.key[len(root) :].split("/")
+        if len(rel) <= len(parts) or rel[-1] == "":
+            continue  # an object beside the runs, not in one
+        names = rel[: len(parts)]
+        if not all(
+            fnmatch.fnmatchcase(n, p) and not is_temp_name(n)
+            for n, p in zip(names, parts, strict=True)
+        ):
+            continue
+        if len(rel) - len(parts) - 1 <= max_depth:
+            by_run.setdefault("/".join(names), []).append(o)
+    return [
+        RunListing(run_key(store, name), store.url_of(run_key(store, name)), tuple(objects))
+        for name, objects in sorted(by_run.items())
+    ]
 
 
 def run_key(store: Store, name: str) -> str:
