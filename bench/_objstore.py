@@ -35,13 +35,16 @@ def _load(name: str) -> Any:
     return module
 
 
-servers = _load("objservers")
+def _servers() -> Any:
+    if "ckptd_tests_objservers" not in sys.modules:
+        _load("objservers")
+    return sys.modules["ckptd_tests_objservers"]
 
 
 def unavailable() -> str | None:
     """Why no SeaweedFS can be started here, or None."""
     try:
-        servers.weed_binary()
+        _servers().weed_binary()
     except Exception as exc:
         return str(exc)
     return None
@@ -50,7 +53,7 @@ def unavailable() -> str | None:
 @contextmanager
 def seaweedfs(root: Path) -> Iterator[Any]:
     """A started SeaweedFS S3 server (tests/objservers.py's ``ObjServer``)."""
-    server = servers.seaweedfs(root)
+    server = _servers().seaweedfs(root)
     server.start()
     try:
         yield server

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 SCHEMES = ("s3", "gs", "memory")  # memory://: fsspec's in-process store, for tests
@@ -107,9 +108,14 @@ def _info(name: str, entry: dict[str, Any]) -> ObjectInfo:
     version = entry.get("generation") or entry.get("ETag") or entry.get("etag") or ""
     modified = entry.get("LastModified") or entry.get("updated") or entry.get("created")
     stamp = getattr(modified, "timestamp", None)  # a datetime; some stores give a string or none
+    if isinstance(modified, str):  # gcsfs: RFC 3339 text
+        try:
+            stamp = datetime.fromisoformat(modified).timestamp
+        except ValueError:
+            stamp = None
     if stamp is not None:
         mtime_ns = int(stamp() * 1e9)
-    else:  # memory:// gives seconds as a number; others may give a string
+    else:  # memory:// gives seconds as a number
         mtime_ns = int(modified * 1e9) if isinstance(modified, int | float) else 0
     return ObjectInfo(name, int(entry.get("size") or 0), str(version).strip('"'), mtime_ns)
 
