@@ -33,7 +33,7 @@ from ckptd.io.objstore.listing import (
     list_watch,
     run_key,
 )
-from ckptd.io.objstore.observe import observe_listing, settled
+from ckptd.io.objstore.observe import ShortRead, observe_listing, settled
 from ckptd.io.observe import Request
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,12 @@ class ObjectWatch:
         if not deep and self.markers.get(name) == listing.marker:
             return 0  # unchanged since it was recorded: nothing to read
         seen: list[Observation] = []
-        failed: list[StoreError] = []
+        failed: list[Exception] = []
 
         def observer(req: Request) -> Observation:
             try:
                 obs: Observation = observe_listing(store, listing, req)
-            except StoreError as exc:  # nothing concluded; the poll reports and backs off
+            except (StoreError, ShortRead) as exc:  # nothing concluded; reported, backed off
                 failed.append(exc)
                 obs = Observation(listing.url, True, basis=req.basis, unreadable=str(exc))
             seen.append(obs)
@@ -164,8 +164,9 @@ class ObjectWatch:
         self._counted_requests()
         self.failures += 1
         message = str(exc) or type(exc).__name__
-        if message != self.last_error:
-            log.warning("%s: %s; retrying with backoff", self.url, message)
+        if message != self.last_error:  # once per distinct failure, not once per attempt
+            expected = isinstance(exc, StoreError | ShortRead | OSError)
+            log.warning("%s: %s; retrying with backoff", self.url, message, exc_info=not expected)
         self.last_error = message
         if self.failing_since is None:
             self.failing_since = time.time()
@@ -246,8 +247,6 @@ class ObjectWatches:
                 w.poll(self._stop)
                 wait = poll_interval(w.watch) - (time.monotonic() - t0)
             except Exception as exc:  # never let this thread die: back off and try again
-                if not isinstance(exc, StoreError | OSError | ValueError):
-                    log.exception("polling %s failed", w.url)
                 wait = w.failed(exc)
             self._stop.wait(max(wait, 0.0))
 

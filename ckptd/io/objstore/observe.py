@@ -40,6 +40,18 @@ _ZIP_END = b"PK\x05\x06"  # a zip's end-of-central-directory record: the archive
 _ZIP_TAIL = 22 + 0xFFFF  # the end record and the longest comment it may have
 
 
+class ShortRead(Exception):
+    """A ranged read returned fewer bytes than the listing says the object holds (a truncated
+    response, or the object replaced meanwhile): nothing is concluded, the run is read again."""
+
+
+def _read(store: Store, o: ObjectInfo, start: int, end: int) -> bytes:
+    data = store.read(o.key, start, end)
+    if len(data) != end - start:
+        raise ShortRead(f"{store.url_of(o.key)}: read {len(data)} of bytes {start}-{end}; retrying")
+    return data
+
+
 def identity(*objects: ObjectInfo) -> int:
     """A number that changes whenever one of ``objects`` is rewritten (a signature holds
     integers; the database's are 64-bit). Stores that give no version: their mtime."""
@@ -61,7 +73,8 @@ def observe_listing(
     store: Store, listing: RunListing, req: Request, *, now: float | None = None
 ) -> RunObservation:
     """What ``listing`` shows, reading only what changed since ``req`` (what the database
-    holds). Raises :class:`StoreError` when the store fails a read: nothing is concluded."""
+        holds). Raises :class:`StoreError` when the store fails a read, :class:`ShortRead` when
+    it returns less than asked: nothing is concluded then."""
     if not listing.present:
         return RunObservation(listing.url, False, basis=req.basis)
     now = time.time() if now is None else now
@@ -172,12 +185,9 @@ def _bundle(
         reason = f"index is larger than the {INDEX_MAX_BYTES >> 20} MiB cap; not read"
         return seen.found(fmt, CORRUPT, reason, signature)
     try:
-        data = store.read(index.key, 0, index.size)
+        data = _read(store, index, 0, index.size)
     except FileNotFoundError:
         return seen.found(fmt, INCOMPLETE, "index deleted or replaced while being read")
-    if len(data) != index.size:
-        # Rewritten since the listing, or a truncated response: looked at again next poll.
-        return seen.found(fmt, INCOMPLETE, "index changed while being read")
     try:
         header = read_header(data, keys)
     except BundleError as exc:
@@ -191,9 +201,9 @@ def _bundle(
     at = header.located
     if at is not None and at.shard in g.data and readable(at):
         try:
-            raw = store.read(g.data[at.shard].key, at.offset, at.offset + at.size)
+            raw = _read(store, g.data[at.shard], at.offset, at.offset + at.size)
         except FileNotFoundError:
-            raw = b""
+            return seen.found(fmt, INCOMPLETE, "data deleted or replaced while being read")
         step = step_value(raw, at)  # None: the name's number stays the step
     if step is not None:
         seen.step = step
@@ -220,9 +230,9 @@ def _keras(
         return seen.found(fmt, COMPLETE, None, signature)
     try:
         if fmt == "keras_weights":
-            problem = hdf5_incomplete(store.read(o.key, 0, min(48, o.size)), o.size)
+            problem = hdf5_incomplete(_read(store, o, 0, min(48, o.size)), o.size)
         else:
-            tail = store.read(o.key, max(0, o.size - _ZIP_TAIL), o.size)
+            tail = _read(store, o, max(0, o.size - _ZIP_TAIL), o.size)
             problem = None if _ZIP_END in tail else "not a complete zip archive (truncated)"
     except FileNotFoundError:
         return seen.found(fmt, INCOMPLETE, "deleted or replaced while being read")
