@@ -34,7 +34,7 @@ from ckptd.daemon.health import DatabaseHealth, Progress, Stuck, stall_bound
 from ckptd.daemon.jobs import Jobs
 from ckptd.daemon.leases import LeaseKeeper
 from ckptd.daemon.lifecycle import Supervisor
-from ckptd.daemon.objwatch import ObjectWatches
+from ckptd.daemon.objwatch import ObjectWatches, is_object_watch
 from ckptd.daemon.reconcile import Outcome, Reconciler
 from ckptd.daemon.requests import RequestServer
 from ckptd.daemon.runs import RunSpec
@@ -184,7 +184,8 @@ class Daemon:
     def all_runs(self) -> list[RunSpec]:
         specs = []
         for i, w in enumerate(self.config.watches):
-            specs += runs_mod.discover(i, w)
+            if not is_object_watch(w):  # (object store watches are polled: objwatch.py)
+                specs += runs_mod.discover(i, w)
         return specs
 
     def full_reconcile(
