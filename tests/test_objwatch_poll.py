@@ -123,3 +123,28 @@ def test_a_run_deleted_from_the_bucket_goes_gone(golden: Corpus, db: tuple[Store
     objects.delete(o.key for o in objects.list_tree(f"{objects.root}/r/"))
     w.poll()
     assert {st for _, _, st in _recorded(path)} == {"gone"}
+
+
+def test_run_once_polls_object_store_watches(golden: Corpus, tmp_path: Path) -> None:
+    """``ckptd run --once`` (the Daemon's run_once) records an object store watch's runs,
+    beside a local watch."""
+    from ckptd.config import Config, DaemonConfig
+    from ckptd.daemon.main import Daemon
+
+    local = golden.copy("tf1", tmp_path / "local" / "tf1").parent
+    bucket = _watch()
+    db = tmp_path / "ckptd.db"
+    config = Config(
+        "<test>",
+        DaemonConfig(f"sqlite:///{db}"),
+        (WatchConfig(path=local, runs="*"), bucket),
+    )
+    daemon = Daemon(config)
+    (w,) = daemon.objwatch.watches
+    upload(w._open(), golden.run_dir("tf2"), "r")
+    try:
+        assert daemon.run_once() == 3 + 3
+    finally:
+        daemon.store.close()
+    runs = query(db, "SELECT name, watch_path FROM runs ORDER BY name")
+    assert runs == [("r", str(bucket.path)), ("tf1", str(local))]
