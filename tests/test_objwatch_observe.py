@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +220,83 @@ def test_whole_watch_listing_splits_runs_as_run_listings_do(golden: Corpus, stor
     (single,) = list_watch(store, None)  # the watch is one run
     assert single.key == store.root and single.objects == list_run(store, "").objects
     assert f"{store.root}/team/notes.txt" in {o.key for o in single.objects}
+
+
+# ------------------------------------------------------------------ on real servers (S3, GCS)
+
+
+def _server_store(bucket: Any) -> Store:
+    return open_store(bucket.url_of("runs"), endpoint_url=bucket.server.endpoint)
+
+
+def test_half_way_uploads_on_real_servers(
+    golden: Corpus, bucket: Any, objstore_env: dict[str, str]
+) -> None:
+    from tests.objupload import upload_checkpoint, upload_run
+
+    tf2, sharded = golden.run_dir("tf2"), golden.run_dir("sharded")
+    upload_run(bucket.fs, tf2, bucket.key("runs", "a"), prefixes=["ckpt-10", "ckpt-20"])
+    upload_checkpoint(bucket.fs, tf2, bucket.key("runs", "a"), "ckpt-30", stop="data")
+    upload_checkpoint(bucket.fs, sharded, bucket.key("runs", "b"), "ckpt-10")
+    upload_checkpoint(bucket.fs, sharded, bucket.key("runs", "b"), "ckpt-20", stop="shard")
+    store = _server_store(bucket)
+    states = {}
+    for name in ("a", "b"):
+        _req, obs = look(store, name)
+        states |= {
+            f"{name}/{f.prefix.rsplit('/', 1)[1]}": (f.state, f.step)
+            for f in obs.found  # type: ignore[attr-defined]
+        }
+    assert states == {
+        "a/ckpt-10": ("complete", 10),
+        "a/ckpt-20": ("complete", 20),
+        "a/ckpt-30": ("incomplete", 30),
+        "b/ckpt-10": ("complete", 10),
+        "b/ckpt-20": ("corrupt", 20),  # an index naming a shard that is not there
+    }
+
+
+def test_rewritten_object_is_a_new_version_on_real_servers(
+    golden: Corpus, bucket: Any, objstore_env: dict[str, str]
+) -> None:
+    run = golden.run_dir("tf2")
+    store = _server_store(bucket)
+    upload(store, run, "r")
+    _req, first = look(store, "r")
+    before = {f.prefix.rsplit("/", 1)[1]: f.signature for f in first.found}  # type: ignore[attr-defined]
+    other = (run / "ckpt-20.index").read_bytes()  # same size, other bytes
+    assert len(other) == (run / "ckpt-10.index").stat().st_size
+    store.put(f"{store.root}/r/ckpt-10.index", other)
+    _req, second = look(store, "r")
+    after = {f.prefix.rsplit("/", 1)[1]: f.signature for f in second.found}  # type: ignore[attr-defined]
+    assert after["ckpt-10"][0] == before["ckpt-10"][0]  # the same size …
+    assert after["ckpt-10"][1] != before["ckpt-10"][1]  # … but another version
+    assert after["ckpt-20"] == before["ckpt-20"]
+    if bucket.scheme == "gs":  # a generation changes even when the bytes do not
+        store.put(f"{store.root}/r/ckpt-20.index", other)
+        _req, third = look(store, "r")
+        again = {f.prefix.rsplit("/", 1)[1]: f.signature for f in third.found}  # type: ignore[attr-defined]
+        assert again["ckpt-20"][1] != after["ckpt-20"][1]
+
+
+def test_event_file_uploaded_whole_at_each_flush(
+    golden: Corpus, bucket: Any, objstore_env: dict[str, str]
+) -> None:
+    """GCS (and S3) have no append: TensorFlow uploads the event file whole at each flush, a
+    new generation holding the old bytes first. It is read on from the offset: one ranged GET."""
+    data = _events_file(golden).read_bytes()
+    store = _server_store(bucket)
+    key = f"{store.root}/r/events.out.tfevents.1.host"
+    store.put(key, data[: len(data) // 2])
+    _req, first = look(store, "r")
+    ((url, tail),) = first.events.items()  # type: ignore[attr-defined]
+    store.put(key, data)
+    state = RunState(1, 1, scanned=True, event_files={url: _file(tail)})  # type: ignore[dict-item]
+    before = store.requests
+    _req, second = look(store, "r", state)
+    again = second.events[url]  # type: ignore[attr-defined]
+    assert store.requests - before == 2  # the listing, one ranged GET from the offset
+    assert again.start == tail.read.offset and again.read.offset == len(data)
+    whole = set(tail.read.scalars) | set(again.read.scalars)
+    _req, fresh = look(store, "r")
+    assert whole == set(fresh.events[url].read.scalars)  # type: ignore[attr-defined]

@@ -95,21 +95,21 @@ def test_a_failing_store_is_reported_and_recovered_from(
     w = _poller(store, _watch())
     objects = w._open()
     upload(objects, golden.run_dir("tf2"), "r")
-    real = objects.read
+    real = objects.read_range
 
-    def broken(key: str, start: int = 0, end: int | None = None) -> bytes:
+    def broken(key: str, start: int, end: int, *, size: int | None = None) -> bytes:
         if fault == "throttled":
-            raise StoreError("GET failed: 503 SlowDown (throttled)")
-        return real(key, start, end)[:-1]  # a range cut short
+            raise StoreError("throttled", "GET failed: 503 SlowDown (throttled)")
+        return real(key, start, end, size=size)[:-1]  # a range cut short
 
-    monkeypatch.setattr(objects, "read", broken)
+    monkeypatch.setattr(objects, "read_range", broken)
     with pytest.raises(Exception) as failure:
         w.poll()
     assert w.failed(failure.value) > 0
     assert _recorded(path) == []  # nothing concluded from a failed or short read
     error = w.describe(True)["last_error"]
     assert ("SlowDown" if fault == "throttled" else "retrying") in error
-    monkeypatch.setattr(objects, "read", real)
+    monkeypatch.setattr(objects, "read_range", real)
     assert w.poll() == 3
     assert w.describe(True)["last_error"] is None
 

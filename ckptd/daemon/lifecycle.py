@@ -11,12 +11,19 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ckptd.config import Config, load_config, warn_missing_paths
+from ckptd.config import (
+    Config,
+    WatchConfig,
+    check_object_stores,
+    load_config,
+    warn_missing_paths,
+)
 from ckptd.core.errors import StoreError
 from ckptd.daemon import metrics
+from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.health import Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
-from ckptd.daemon.objwatch import ObjectWatches
+from ckptd.daemon.objwatch import ObjectWatches, is_object_watch
 from ckptd.daemon.scheduler import Job
 from ckptd.daemon.watch import Watcher
 from ckptd.io.observe import stop_fork_server
@@ -207,6 +214,9 @@ class Supervisor:
         old = d.config
         try:
             new = load_config(old.source)
+            check_object_stores(new)
+            objects = tuple(w for w in new.watches if is_object_watch(w))
+            new = runs_mod.local_only(new)
             jobs = d.jobs.daemon_jobs(new, reload=True)
         except Exception as exc:  # whatever the cause, the running config stays
             self._reload_failed(exc)
@@ -215,18 +225,19 @@ class Supervisor:
         for key in ("database", "name", "lease_ttl", "evaluate_on"):
             if getattr(new.daemon, key) != getattr(old.daemon, key):
                 log.warning("the %s setting changed; it takes effect at the next restart", key)
+        before = d.object_watches
         try:
-            self._apply(new, jobs)
+            self._apply(new, jobs, objects)
         except Exception as exc:
             log.exception("applying the new config failed; going back to the running one")
-            self._apply(old, d.jobs.daemon_jobs(old, reload=True))
+            self._apply(old, d.jobs.daemon_jobs(old, reload=True), before)
             self._reload_failed(exc)
             return
         d.reload_error = None
         log.info("configuration reloaded from %s", new.source)
         notify("READY=1", "STATUS=configuration reloaded")
 
-    def _apply(self, config: Config, jobs: list[Job]) -> None:
+    def _apply(self, config: Config, jobs: list[Job], objects: tuple[WatchConfig, ...]) -> None:
         d = self.daemon
         d.watcher.stop()
         d.config = config
@@ -235,7 +246,8 @@ class Supervisor:
         d.watcher = Watcher(config.watches, d.on_path, on_armed=d.on_armed)
         d.watcher.start()
         d.objwatch.stop()
-        d.objwatch = ObjectWatches(config.watches, d.record_with)
+        d.object_watches = objects
+        d.objwatch = ObjectWatches(objects, d.record_with)
         d.objwatch.start()
         d.jobs.schedule(jobs)
 

@@ -75,6 +75,10 @@ class Daemon:
     thread is ``supervisor``."""
 
     def __init__(self, config: Config, *, prefetched: ObservePool | None = None) -> None:
+        # Object store watches are polled (objwatch.py); the rest of the daemon (inotify,
+        # evaluation, export, prune) works on the local watches for now.
+        self.object_watches = tuple(w for w in config.watches if is_object_watch(w))
+        config = runs_mod.local_only(config)
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
@@ -105,7 +109,7 @@ class Daemon:
         )
         self.eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
-        self.objwatch = ObjectWatches(config.watches, self.record_with)
+        self.objwatch = ObjectWatches(self.object_watches, self.record_with)
         self.scheduler = Scheduler(self.progress)
         self.jobs = Jobs(self)
         self.supervisor = Supervisor(self)
@@ -184,8 +188,7 @@ class Daemon:
     def all_runs(self) -> list[RunSpec]:
         specs = []
         for i, w in enumerate(self.config.watches):
-            if not is_object_watch(w):  # (object store watches are polled: objwatch.py)
-                specs += runs_mod.discover(i, w)
+            specs += runs_mod.discover(i, w)
         return specs
 
     def full_reconcile(
@@ -207,7 +210,8 @@ class Daemon:
         for watch_path, name in self._known_runs - current:
             if watch_path in watches:
                 i, w = watches[watch_path]
-                specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
+                root = w.local_path
+                specs.append(RunSpec(i, name, root / name if w.runs else root, w))
         if quick:
             specs = self.reconciler.changed(specs)
         self._report_unsupported_runs()

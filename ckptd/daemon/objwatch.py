@@ -49,12 +49,11 @@ Record = Callable[[RunSpec, Callable[[Request], Observation]], Outcome]
 
 
 def is_object_watch(w: WatchConfig) -> bool:
-    return isinstance(w.path, str)
+    return w.is_object_store
 
 
 def poll_interval(w: WatchConfig) -> float:
-    interval = getattr(w, "poll_interval", None)
-    return interval.total_seconds() if interval is not None else 10.0
+    return w.poll_interval.total_seconds()
 
 
 @dataclass

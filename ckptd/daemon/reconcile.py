@@ -35,7 +35,7 @@ def run_dir(spec: RunSpec) -> RunDir:
             spec.url,
             str(w.path),
         )
-    return RunDir(spec.name, spec.path, w.path, w.keras_template, w.step_variable)
+    return RunDir(spec.name, spec.path, w.local_path, w.keras_template, w.step_variable)
 
 
 class Reconciler:

@@ -30,6 +30,7 @@ from ckptd.io.formats.step import readable, step_keys, step_value
 from ckptd.io.formats.tensorbundle import read_header
 from ckptd.io.formats.tf import index_error, shards_problem
 from ckptd.io.kerasname import KerasTemplate
+from ckptd.io.objstore.failures import NOT_FOUND
 from ckptd.io.objstore.listing import RunListing
 from ckptd.io.objstore.store import ObjectInfo, Store, StoreError
 from ckptd.io.observe import Request, RunObservation
@@ -46,7 +47,14 @@ class ShortRead(Exception):
 
 
 def _read(store: Store, o: ObjectInfo, start: int, end: int) -> bytes:
-    data = store.read(o.key, start, end)
+    """Bytes ``[start, end)`` of ``o`` (one ranged GET, retried by the store when cut short);
+    FileNotFoundError when the object is gone since the listing."""
+    try:
+        data = store.read_range(o.key, start, end, size=o.size)
+    except StoreError as exc:
+        if exc.kind == NOT_FOUND:
+            raise FileNotFoundError(o.key) from None
+        raise
     if len(data) != end - start:
         raise ShortRead(f"{store.url_of(o.key)}: read {len(data)} of bytes {start}-{end}; retrying")
     return data
@@ -253,7 +261,12 @@ def _tail(store: Store, url: str, rel: str, o: ObjectInfo, req: Request) -> Even
     result = ReadResult(offset=start)
     prefix = rel.rpartition("/")[0]
     try:
-        scan_records(lambda n, pos: store.read(o.key, pos, pos + n), o.size, prefix, result)
+        scan_records(
+            lambda n, pos: store.read_range(o.key, pos, pos + n, size=o.size),
+            o.size,
+            prefix,
+            result,
+        )
     except (StoreError, OSError) as exc:  # keep what was read; the rest at the next poll
         result.retry = f"unreadable: {exc}"
     r = result
