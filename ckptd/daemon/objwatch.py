@@ -165,7 +165,8 @@ class ObjectWatch:
         message = str(exc) or type(exc).__name__
         if message != self.last_error:  # once per distinct failure, not once per attempt
             expected = isinstance(exc, StoreError | ShortRead | OSError)
-            log.warning("%s: %s; retrying with backoff", self.url, message, exc_info=not expected)
+            shown = message if self.url in message else f"{self.url}: {message}"
+            log.warning("%s; retrying with backoff", shown, exc_info=not expected)
         self.last_error = message
         if self.failing_since is None:
             self.failing_since = time.time()
