@@ -5,7 +5,9 @@ what polling costs and what fails, and survives the server going away."""
 from __future__ import annotations
 
 import json
+import socket
 import textwrap
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from tests.objupload import upload_checkpoint, upload_run
 pytestmark = pytest.mark.parametrize("objstore_server", ["s3"], indirect=True)
 
 
-def _config(tmp_path: Path, url: str, endpoint: str) -> tuple[Path, Path]:
+def _config(tmp_path: Path, url: str, endpoint: str, daemon: str = "") -> tuple[Path, Path]:
     db = tmp_path / "ckptd.db"
     config = tmp_path / "ckptd.toml"
     config.write_text(
@@ -27,6 +29,7 @@ def _config(tmp_path: Path, url: str, endpoint: str) -> tuple[Path, Path]:
             [daemon]
             database = "sqlite:///{db}"
             heartbeat_interval = "1s"
+            {daemon}
 
             [[watch]]
             path = "{url}"
@@ -65,7 +68,15 @@ def test_records_uploads_while_running_never_a_half_way_one(
     objstore_env: dict[str, str],
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
-    config, db = _config(tmp_path, bucket.url_of("runs"), bucket.server.endpoint)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config, db = _config(
+        tmp_path,
+        bucket.url_of("runs"),
+        bucket.server.endpoint,
+        daemon=f'metrics_address = "127.0.0.1:{port}"',
+    )
     run = golden.run_dir("tf2")
     upload_run(bucket.fs, run, bucket.key("runs", "r"), prefixes=["ckpt-10"])
     daemon = daemon_factory(config)
@@ -82,6 +93,11 @@ def test_records_uploads_while_running_never_a_half_way_one(
     assert watch["last_error"] is None
     shown = ckptd("status", config=config)
     assert "/min" in shown.stdout and bucket.url_of("runs") in shown.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        scraped = r.read().decode()
+    line = f'ckptd_object_store_requests_total{{watch="{bucket.url_of("runs")}"}}'
+    (count,) = [float(x.rsplit(" ", 1)[1]) for x in scraped.splitlines() if x.startswith(line)]
+    assert count >= 3
     # The rest of its upload arrives: recorded then.
     upload_checkpoint(bucket.fs, run, bucket.key("runs", "r"), "ckpt-30")
     wait_for(lambda: _states(db).get("ckpt-30") == "complete", timeout=60)
