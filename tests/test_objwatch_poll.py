@@ -120,9 +120,25 @@ def test_a_run_deleted_from_the_bucket_goes_gone(golden: Corpus, db: tuple[Store
     objects = w._open()
     upload(objects, golden.run_dir("tf2"), "r")
     assert w.poll() == 3
+    objects.put(f"{objects.bucket}/README", b"another tool's object")
     objects.delete(o.key for o in objects.list_tree(f"{objects.root}/r/"))
     w.poll()
     assert {st for _, _, st in _recorded(path)} == {"gone"}
+
+
+def test_a_missing_bucket_concludes_nothing(golden: Corpus, db: tuple[Store, Path]) -> None:
+    """Every run listing empty because the bucket is gone (or no longer readable) is a
+    failure to report, not every checkpoint deleted."""
+    store, path = db
+    w = _poller(store, _watch())
+    objects = w._open()
+    upload(objects, golden.run_dir("tf2"), "r")
+    assert w.poll() == 3
+    objects.delete(o.key for o in objects.list_tree(f"{objects.bucket}/"))  # bucket and all
+    with pytest.raises(StoreError) as failure:
+        w.poll()
+    assert failure.value.kind == "missing bucket"
+    assert {st for _, _, st in _recorded(path)} == {"complete"}
 
 
 def test_run_once_polls_object_store_watches(golden: Corpus, tmp_path: Path) -> None:

@@ -100,6 +100,10 @@ class ObjectWatch:
                 names = list(listed)
             else:
                 names = discover_runs(store, self.watch.runs)
+            if not names and self.runs:
+                # Every run gone at once: first make sure the bucket is still there and
+                # readable (a StoreError, nothing concluded) before calling them gone.
+                store.check_access()
             objects = 0
             for name in sorted(set(names) | self.runs):
                 if stop is not None and stop.is_set():
