@@ -54,6 +54,9 @@ class StoreError(Exception):
         self.kind, self.message, self.url, self.attempts = kind, message, url, attempts
         super().__init__(message)
 
+    def __str__(self) -> str:
+        return self.message
+
     @property
     def transient(self) -> bool:
         return self.kind in TRANSIENT
