@@ -228,3 +228,22 @@ def test_export_dir_on_an_object_store_is_checked_too(
     result = ckptd("config", "check", config=write(tmp_path, bucket.url_of("runs"), extra))
     assert result.returncode == 78, result.stderr
     assert "watch[0].freeze.export_dir: missing bucket:" in result.stderr
+
+
+def test_daemon_skips_object_store_watches_with_a_log_line(
+    tmp_path: Path, bucket: Bucket, objstore_env: dict[str, str]
+) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    config = tmp_path / "ckptd.toml"
+    config.write_text(
+        f'[daemon]\ndatabase = "sqlite:///{tmp_path / "ckptd.db"}"\n'
+        f'[[watch]]\npath = "{bucket.url_of("runs")}"\nruns = "*"\n'
+        f'[[watch]]\npath = "{local}"\nruns = "*"\n'
+    )
+    result = ckptd("run", "--once", config=config)
+    assert result.returncode == 0, result.stderr
+    assert f"watch[0] {bucket.url_of('runs')}: object store watches are not observed" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr

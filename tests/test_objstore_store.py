@@ -12,7 +12,7 @@ from ckptd.io.objstore import Retry, Store, StoreError, open_store
 from tests.conftest import Corpus
 from tests.objfaults import FaultProxy, fault_proxy
 from tests.objfixtures import Bucket
-from tests.objupload import upload_run
+from tests.objupload import upload_checkpoint, upload_run
 
 
 @pytest.fixture(autouse=True)
@@ -241,3 +241,48 @@ def test_truncated_every_time_is_reported(bucket: Bucket, proxy: FaultProxy) -> 
     with pytest.raises(StoreError) as exc:
         store.read_range(bucket.key("r/ckpt.index"), 0, 1000, size=1000)
     assert exc.value.kind == "truncated" and "after 2 attempts" in str(exc.value)
+
+
+# ------------------------------------------------------------------ the test helpers themselves
+
+
+def test_uploads_follow_tensorflows_order(bucket: Bucket, golden: Corpus) -> None:
+    run = golden.run_dir("sharded")
+    order: list[str] = []
+    keys = upload_checkpoint(bucket.fs, run, bucket.key("r"), "ckpt-10", before_each=order.append)
+    names = [k.rsplit("/", 1)[-1] for k in keys]
+    assert order == keys and names[-1] == "ckpt-10.index"
+    assert names[:-1] == [f"ckpt-10.data-0000{i}-of-00004" for i in range(4)]
+    for name in names:
+        assert bucket.get(f"r/{name}") == (run / name).read_bytes()
+
+
+def test_uploads_stopped_half_way(bucket: Bucket, golden: Corpus) -> None:
+    run = golden.run_dir("sharded")
+    upload_run(bucket.fs, run, bucket.key("data-only"), scheme=bucket.scheme, stop="data")
+    upload_run(bucket.fs, run, bucket.key("no-shard"), scheme=bucket.scheme, stop="shard")
+    data_only = bucket.names("data-only")
+    assert "data-only/ckpt-10.index" in data_only and "data-only/ckpt-20.index" not in data_only
+    assert "data-only/ckpt-20.data-00003-of-00004" in data_only
+    # The state file names the last complete checkpoint only.
+    state = bucket.get("data-only/checkpoint").decode()
+    assert 'model_checkpoint_path: "ckpt-10"' in state and "ckpt-20" not in state
+    no_shard = bucket.names("no-shard")
+    assert "no-shard/ckpt-20.index" in no_shard
+    assert "no-shard/ckpt-20.data-00003-of-00004" not in no_shard
+    assert "no-shard/ckpt-20.data-00002-of-00004" in no_shard
+
+
+@pytest.mark.parametrize("objstore_server", ["s3"], indirect=True)
+def test_server_restart_is_unreachable_then_recovers(bucket: Bucket) -> None:
+    bucket.put("r/a", b"kept on disk")
+    store = store_of(bucket, "r", retry=Retry(attempts=2, base=0.01, cap=0.01))
+    assert [o.name for o in store.list_dir()[0]] == ["a"]
+    bucket.server.stop()
+    try:
+        with pytest.raises(StoreError) as exc:
+            store.list_dir()
+        assert exc.value.kind == "unreachable"
+    finally:
+        bucket.server.start()
+    assert [o.name for o in store.list_dir()[0]] == ["a"]  # SeaweedFS keeps its data

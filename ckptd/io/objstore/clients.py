@@ -13,6 +13,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+# A server that accepts but never answers must not hang a scan (or `config check`) for long:
+# bounded connects and reads (per socket read, not per body: a large shard may take a while).
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+
 Count = Callable[[str], None]  # called with "LIST", "GET", "HEAD", "PUT" or "DELETE"
 
 _S3_OPERATIONS = {
@@ -56,7 +61,10 @@ def filesystem(scheme: str, endpoint_url: str | None, count: Count) -> tuple[Any
     if scheme == "s3":
         return _s3(endpoint_url, count, options), True
     if scheme == "gs":
-        fs = _gcs_class()(endpoint_url=endpoint_url, **options)
+        from aiohttp import ClientTimeout
+
+        timeout = ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+        fs = _gcs_class()(endpoint_url=endpoint_url, requests_timeout=timeout, **options)
         fs.ckptd_count = count
         return fs, True
     import fsspec
@@ -125,7 +133,11 @@ def _s3(endpoint_url: str | None, count: Count, options: dict[str, Any]) -> Any:
     if endpoint_url:
         options["endpoint_url"] = endpoint_url
     # botocore's retries: one attempt in all (s3fs's loop is set to one below).
-    options["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
+    options["config_kwargs"] = {
+        "retries": {"total_max_attempts": 1},
+        "connect_timeout": CONNECT_TIMEOUT,
+        "read_timeout": READ_TIMEOUT,
+    }
     fs = S3FileSystem(session=session, **options)
     fs.retries = 1
     return fs
