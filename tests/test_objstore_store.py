@@ -213,6 +213,7 @@ def test_throttling_that_persists_is_reported_after_bounded_attempts(
         store.list_dir()
     assert exc.value.kind == "throttled" and exc.value.attempts == 3
     assert "poll_interval" in str(exc.value)
+    assert store.errors() == {"throttled": 3} and store.last_error is exc.value
     assert len(proxy.requests) == 3 and proxy.pending() == 7
 
 
@@ -286,3 +287,28 @@ def test_server_restart_is_unreachable_then_recovers(bucket: Bucket) -> None:
     finally:
         bucket.server.start()
     assert [o.name for o in store.list_dir()[0]] == ["a"]  # SeaweedFS keeps its data
+
+
+@pytest.mark.parametrize("objstore_server", ["s3"], indirect=True)
+def test_credentials_never_reach_a_debug_log(
+    bucket: Bucket, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from ckptd import logs
+    from tests.objservers import ACCESS_KEY, SECRET_KEY
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        logs.setup("debug")
+        logging.getLogger("ckptd.test").debug("debug logging is on")
+        store = store_of(bucket, "r")
+        store.put(bucket.key("r/a"), b"x")
+        store.list_dir()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "debug logging is on" in err
+    assert ACCESS_KEY not in err and SECRET_KEY not in err and "Signature=" not in err

@@ -101,6 +101,8 @@ class Store:
         self._counts = dict.fromkeys(METHODS, 0)
         self.retries = 0  # attempts beyond the first, all requests together
         self.last_error: StoreError | None = None  # the latest failure, retried or not
+        self.last_error_at = 0.0  # its time.time(), for "failing since" in status
+        self._errors: dict[str, int] = {}
 
     # ------------------------------------------------------------ accounting
 
@@ -114,6 +116,11 @@ class Store:
         """Requests made so far by method (``LIST``, ``GET``, ``HEAD``, ``PUT``, ``DELETE``)."""
         with self._lock:
             return dict(self._counts)
+
+    def errors(self) -> dict[str, int]:
+        """Failed attempts so far by failure kind (``throttled``, ``unreachable``, …)."""
+        with self._lock:
+            return dict(self._errors)
 
     def count_request(self, method: str) -> None:
         """One request sent (called by the filesystem as it sends it, from its IO thread)."""
@@ -136,7 +143,9 @@ class Store:
             except Exception as exc:
                 err = classify(exc, self.url_of(key), bucket_request=bucket_request)
                 err.attempts = attempt
-                self.last_error = err
+                with self._lock:
+                    self._errors[err.kind] = self._errors.get(err.kind, 0) + 1
+                    self.last_error, self.last_error_at = err, time.time()
                 if not err.transient or attempt >= self.retry.attempts:
                     raise err from exc
             with self._lock:
