@@ -25,6 +25,7 @@ from ckptd.io.objstore.failures import (
     NOT_FOUND,
     TRUNCATED,
     StoreError,
+    Truncated,
     classify,
 )
 
@@ -64,16 +65,6 @@ class Retry:
         """Seconds to wait after failed attempt number ``failed`` (1-based), with jitter so
         daemons throttled together do not come back together."""
         return min(self.cap, self.base * 2 ** (failed - 1)) * random.uniform(0.5, 1.0)
-
-
-class _Short(Exception):
-    """A range read returned fewer bytes than the object holds there."""
-
-    def __init__(self, got: int, wanted: int) -> None:
-        super().__init__(f"got {got} of {wanted} bytes")
-
-
-_Short.__name__ = "Truncated"  # what failures.classify recognizes
 
 
 class Store:
@@ -217,7 +208,7 @@ class Store:
                     info = self.stat(key)
                     real = info.size if info is not None else 0
                 if len(data) < min(wanted, real - start):
-                    raise _Short(len(data), wanted)
+                    raise Truncated(f"got {len(data)} of {wanted} bytes")
             return data
 
         try:
