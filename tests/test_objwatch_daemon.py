@@ -55,6 +55,16 @@ def _watch_status(config: Path) -> dict[str, Any]:
     return watch
 
 
+def _error_shown(config: Path) -> str | None:
+    """The watch's last error once the daemon reports one (None before it is up)."""
+    out = ckptd("status", "--json", config=config)
+    if out.returncode != 0:
+        return None
+    watches = json.loads(out.stdout)["daemon"].get("watches") or [{}]
+    error: str | None = watches[0].get("last_error")
+    return error
+
+
 def _polls_later(config: Path, n: int = 3) -> None:
     """Until the daemon has made ``n`` more polls' worth of requests (a poll is at least one)."""
     start = _watch_status(config)["requests"]
@@ -150,3 +160,39 @@ def test_server_stopped_mid_scan_daemon_stays_up_and_recovers(
     wait_for(lambda: _watch_status(config)["last_error"] is None, timeout=60)
     assert _states(db)["ckpt-10"] == "complete"
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("fault", ["503", "truncate"])
+def test_throttled_or_truncated_answers_record_nothing_wrong(
+    tmp_path: Path,
+    golden: Corpus,
+    bucket: Any,
+    objstore_env: dict[str, str],
+    daemon_factory: Callable[..., DaemonProcess],
+    fault: str,
+) -> None:
+    """503 SlowDown on every request, or every read of an index cut short: the daemon stays
+    up, says what fails, records nothing from it; when the store answers again, it records."""
+    from tests.objfaults import fault_proxy
+
+    run = golden.run_dir("tf2")
+    upload_run(bucket.fs, run, bucket.key("runs", "r"), prefixes=["ckpt-10"])
+    with fault_proxy(bucket.server.endpoint, bucket.scheme) as proxy:
+        config, db = _config(tmp_path, bucket.url_of("runs"), proxy.endpoint)
+        daemon = daemon_factory(config)
+        wait_for(lambda: _states(db).get("ckpt-10") == "complete", timeout=60)
+        if fault == "503":
+            proxy.fail("503", times=10_000)
+        else:
+            proxy.fail("truncate", times=10_000, match=lambda m, p: m == "GET" and ".index" in p)
+        upload_run(bucket.fs, run, bucket.key("runs", "r"), prefixes=["ckpt-20"], events=False)
+        failing = wait_for(lambda: _error_shown(config), timeout=120)
+        assert ("throttl" if fault == "503" else "shorter than asked") in failing
+        assert _states(db) == {"ckpt-10": "complete"}
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        with proxy._lock:
+            proxy._faults.clear()  # the store answers again
+        wait_for(lambda: _states(db).get("ckpt-20") == "complete", timeout=180)
+        assert [s for (s,) in query(db, "SELECT step FROM checkpoints ORDER BY step")] == [10, 20]
+        wait_for(lambda: _error_shown(config) is None, timeout=120)
+        assert daemon.stop() == 0
