@@ -312,3 +312,14 @@ def test_credentials_never_reach_a_debug_log(
     err = capsys.readouterr().err
     assert "debug logging is on" in err
     assert ACCESS_KEY not in err and SECRET_KEY not in err and "Signature=" not in err
+
+
+def test_a_refusal_is_denied_and_not_retried(bucket: Bucket, proxy: FaultProxy) -> None:
+    store = proxied(bucket, proxy, [])
+    proxy.fail("403", times=5)
+    with pytest.raises(StoreError) as exc:
+        store.list_dir()
+    assert exc.value.kind == "denied" and exc.value.attempts == 1
+    where = "AWS_ACCESS_KEY_ID" if bucket.scheme == "s3" else "GOOGLE_APPLICATION_CREDENTIALS"
+    assert where in str(exc.value) and "\n" not in str(exc.value)
+    assert len(proxy.requests) == 1 and store.retries == 0
