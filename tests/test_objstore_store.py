@@ -323,3 +323,23 @@ def test_a_refusal_is_denied_and_not_retried(bucket: Bucket, proxy: FaultProxy) 
     where = "AWS_ACCESS_KEY_ID" if bucket.scheme == "s3" else "GOOGLE_APPLICATION_CREDENTIALS"
     assert where in str(exc.value) and "\n" not in str(exc.value)
     assert len(proxy.requests) == 1 and store.retries == 0
+
+
+def test_a_read_of_one_version_never_mixes_in_another(bucket: Bucket) -> None:
+    store = store_of(bucket, "r")
+    key = bucket.key("r/events.out.tfevents.1")
+    store.put(key, b"first flush")
+    old = store.stat(key)
+    assert old is not None
+    assert store.read_range(key, 0, 5, size=old.size, version=old.version) == b"first"
+    store.put(key, b"FIRST FLUSH, second flush")  # re-uploaded whole, as GCS event files are
+    new = store.stat(key)
+    assert new is not None
+    with pytest.raises(StoreError) as exc:
+        store.read_range(key, 0, 5, size=old.size, version=old.version)
+    assert exc.value.kind == "changed" and "list it again" in str(exc.value)
+    assert str(exc.value).startswith(f"{bucket.scheme}://{key}: ")
+    assert store.retries == 0  # not a transient failure
+    # From the remembered offset of the new version on.
+    tail = store.read_range(key, 11, new.size, size=new.size, version=new.version)
+    assert tail == b", second flush"

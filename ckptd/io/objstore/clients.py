@@ -98,6 +98,40 @@ def list_entries(fs: Any, scheme: str, key: str) -> list[dict[str, Any]]:
     return listed
 
 
+def get_range(fs: Any, scheme: str, key: str, start: int, end: int, version: str) -> bytes:
+    """Bytes ``[start, end)`` of ``key`` as of ``version`` (an S3 ETag, a GCS generation): one
+    GET that fails rather than mix two versions (S3: 412 for If-Match; GCS: that generation,
+    a 404 once it is replaced)."""
+    if scheme == "s3":
+        from fsspec.asyn import sync
+
+        bucket, _, name = key.partition("/")
+
+        async def get() -> bytes:
+            resp = await fs._call_s3(
+                "get_object",
+                Bucket=bucket,
+                Key=name,
+                Range=f"bytes={start}-{end - 1}",
+                IfMatch=f'"{version}"',
+            )
+            try:
+                data: bytes = await resp["Body"].read()
+                return data
+            finally:
+                resp["Body"].close()
+
+        result: bytes = sync(fs.loop, get)
+        return result
+    if scheme == "gs":
+        data: bytes = fs.cat_file(key, start=start, end=end, generation=version)
+        return data
+    if str(fs.info(key).get("ETag") or "") not in ("", version):
+        raise FileNotFoundError(f"{key}: version {version} is gone")
+    data = fs.cat_file(key, start=start, end=end)
+    return data
+
+
 def head(fs: Any, scheme: str, key: str) -> dict[str, Any]:
     """An object's metadata in one request (the libraries' ``info`` also lists the key as a
     prefix, to find "directories": two or three requests). FileNotFoundError when absent."""
