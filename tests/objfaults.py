@@ -8,6 +8,7 @@ unless a fault is queued for it:
   without reaching the server;
 - ``"403"``: HTTP 403 with the store's access denied error (the GCS emulator has no
   authentication: this is how a refusal from GCS is tested);
+- ``"hang"``: no answer at all until the proxy stops (a server that accepts and stalls);
 - ``"drop"``: the connection is closed without an answer;
 - ``"truncate"``: the server's answer with its body cut in half and Content-Length saying so
   (a short but well-formed response: only the reader can tell);
@@ -29,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-FAULTS = ("503", "403", "drop", "truncate", "cut")
+FAULTS = ("503", "403", "hang", "drop", "truncate", "cut")
 _ERRORS = {
     ("s3", 503): ("SlowDown", "Please reduce your request rate."),
     ("s3", 403): ("AccessDenied", "Access Denied"),
@@ -82,6 +83,7 @@ class FaultProxy:
     requests: list[tuple[str, str]] = field(default_factory=list)
     _faults: deque[_Fault] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
     _server: _Server | None = None
     _thread: threading.Thread | None = None
 
@@ -126,6 +128,9 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._take(self.command, self.path)
+                if fault == "hang":
+                    proxy._stopping.wait(60)
+                    fault = "drop"
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
@@ -194,6 +199,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.close_connections()  # clients' idle keep-alive connections too

@@ -343,3 +343,16 @@ def test_a_read_of_one_version_never_mixes_in_another(bucket: Bucket) -> None:
     # From the remembered offset of the new version on.
     tail = store.read_range(key, 11, new.size, size=new.size, version=new.version)
     assert tail == b", second flush"
+
+
+def test_a_stalled_server_times_out_as_unreachable(bucket: Bucket, proxy: FaultProxy) -> None:
+    store = open_store(
+        bucket.url_of("r"),
+        endpoint_url=proxy.endpoint,
+        retry=Retry(attempts=2, base=0.01, cap=0.01),
+        timeouts=(1.0, 0.5),
+    )
+    proxy.fail("hang", times=5)
+    with pytest.raises(StoreError) as exc:
+        store.list_dir()
+    assert exc.value.kind == "unreachable" and exc.value.attempts == 2

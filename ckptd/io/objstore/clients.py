@@ -54,16 +54,22 @@ def gcs_method(http_method: str, path: str, params: dict[str, Any]) -> str:
     return "HEAD"  # an object's or a bucket's metadata
 
 
-def filesystem(scheme: str, endpoint_url: str | None, count: Count) -> tuple[Any, bool]:
+def filesystem(
+    scheme: str,
+    endpoint_url: str | None,
+    count: Count,
+    timeouts: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
+) -> tuple[Any, bool]:
     """An fsspec filesystem for ``scheme`` without listing cache or retries of its own, and
-    whether it reports its HTTP requests through ``count`` (the in-memory one has none)."""
+    whether it reports its HTTP requests through ``count`` (the in-memory one has none).
+    ``timeouts``: seconds to connect, and to wait for each read from the socket."""
     options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
     if scheme == "s3":
-        return _s3(endpoint_url, count, options), True
+        return _s3(endpoint_url, count, options, timeouts), True
     if scheme == "gs":
         from aiohttp import ClientTimeout
 
-        timeout = ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+        timeout = ClientTimeout(sock_connect=timeouts[0], sock_read=timeouts[1])
         fs = _gcs_class()(endpoint_url=endpoint_url, requests_timeout=timeout, **options)
         fs.ckptd_count = count
         return fs, True
@@ -154,7 +160,9 @@ def head(fs: Any, scheme: str, key: str) -> dict[str, Any]:
     return info
 
 
-def _s3(endpoint_url: str | None, count: Count, options: dict[str, Any]) -> Any:
+def _s3(
+    endpoint_url: str | None, count: Count, options: dict[str, Any], timeouts: tuple[float, float]
+) -> Any:
     from aiobotocore.session import AioSession
     from s3fs import S3FileSystem
 
@@ -169,8 +177,8 @@ def _s3(endpoint_url: str | None, count: Count, options: dict[str, Any]) -> Any:
     # botocore's retries: one attempt in all (s3fs's loop is set to one below).
     options["config_kwargs"] = {
         "retries": {"total_max_attempts": 1},
-        "connect_timeout": CONNECT_TIMEOUT,
-        "read_timeout": READ_TIMEOUT,
+        "connect_timeout": timeouts[0],
+        "read_timeout": timeouts[1],
     }
     fs = S3FileSystem(session=session, **options)
     fs.retries = 1

@@ -270,13 +270,16 @@ def open_store(
     endpoint_url: str | None = None,
     retry: Retry | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    timeouts: tuple[float, float] = (clients.CONNECT_TIMEOUT, clients.READ_TIMEOUT),
 ) -> Store:
     """The store at ``url``; credentials come from the environment as s3fs/gcsfs take them
     (``AWS_*``/profiles, ``GOOGLE_APPLICATION_CREDENTIALS``), never from ckptd."""
     scheme = url.partition("://")[0]
     store = Store(url, None, retry=retry, sleep=sleep)
     try:
-        store.fs, store.counted = clients.filesystem(scheme, endpoint_url, store.count_request)
+        store.fs, store.counted = clients.filesystem(
+            scheme, endpoint_url, store.count_request, timeouts
+        )
     except ImportError as exc:
         extra = {"s3": "s3", "gs": "gcs"}.get(scheme, scheme)
         raise StoreError(
