@@ -295,3 +295,19 @@ def test_sighup_to_a_missing_bucket_keeps_the_running_config(
     )
     assert d.stop() == 0
     assert "Traceback" not in d.log()
+
+
+@pytest.mark.parametrize("objstore_server", ["s3"], indirect=True)
+def test_a_store_down_at_start_is_a_warning_not_exit_78(
+    tmp_path: Path, objstore_server: ObjServer, objstore_env: dict[str, str]
+) -> None:
+    """systemd does not restart a unit that exits 78: a server down at start (or at a reload)
+    must not stop the daemon for good, unlike wrong credentials or a missing bucket."""
+    (port,) = free_ports(1)  # nothing listens there
+    url = objstore_server.url("somebucket", "runs")
+    extra = f'endpoint_url = "http://127.0.0.1:{port}"'
+    result = ckptd("run", "--once", config=write(tmp_path, url, extra))
+    assert result.returncode != 78, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "watch[0].path: unreachable:" in result.stderr
+    assert "polling goes on with backoff" in result.stderr

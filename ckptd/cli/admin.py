@@ -30,8 +30,9 @@ def run(ctx: CliContext, once: bool) -> None:
     from ckptd.io import observe
 
     config = ctx.config(required=True)
-    check_object_stores(config)  # wrong credentials, no bucket: exit 78 before starting
     logs.setup(config.daemon.log_level)
+    # Wrong credentials, no bucket: exit 78 before starting; a store down now: a warning.
+    check_object_stores(config, transient=False)
     warn_missing_paths(config)
     # Started before the imports below, so they overlap them: the fork server the backfill's
     # workers come from and, on a database that knows no run yet, the backfill's observations.

@@ -4,7 +4,11 @@ every command that reads the config: that would cost each of them a request per 
 
 from __future__ import annotations
 
+import logging
+
 from ckptd.config.schema import Config, ConfigError, Problem
+
+log = logging.getLogger(__name__)
 
 # A start-up (or SIGHUP) check: a server that is down fails in about a second, one that
 # accepts and never answers within half a minute, inside systemd's WatchdogSec=60.
@@ -12,8 +16,13 @@ CHECK_ATTEMPTS = 2
 CHECK_TIMEOUTS = (5.0, 10.0)  # seconds to connect, to wait for a read
 
 
-def object_store_problems(config: Config) -> list[Problem]:
-    """One problem per object store location (watch path, export_dir) that cannot be used."""
+# Failures that say nothing about the config: the server is down, slow or overloaded now.
+TRANSIENT = ("unreachable", "throttled", "server error", "truncated")
+
+
+def object_store_problems(config: Config, *, transient: bool = True) -> list[Problem]:
+    """One problem per object store location (watch path, export_dir) that cannot be used;
+    with ``transient=False``, a failure of the moment (``TRANSIENT``) is logged, not returned."""
     # Imported here: the commands that only read the config do not pay for it.
     from ckptd.io.objstore import Retry, StoreError, open_store
 
@@ -32,13 +41,21 @@ def object_store_problems(config: Config) -> list[Problem]:
                 )
                 store.check_access()
             except StoreError as err:
+                if not transient and err.kind in TRANSIENT:
+                    log.warning("%s: %s: %s (polling goes on with backoff)", key, err.kind, err)
+                    continue
                 problems.append(Problem(config.source, key, f"{err.kind}: {err.message}"))
     return problems
 
 
-def check_object_stores(config: Config) -> None:
-    """Raise a ConfigError (exit 78) naming every object store location that cannot be used."""
-    problems = object_store_problems(config)
+def check_object_stores(config: Config, *, transient: bool = True) -> None:
+    """Raise a ConfigError (exit 78) naming every object store location that cannot be used.
+
+    ``ckptd run`` and a reload pass ``transient=False``: a server down or throttled at start is
+    not a config error (systemd does not restart a unit that exits 78), so the daemon starts,
+    says so, and its poller backs off until the store answers; wrong credentials or a missing
+    bucket still stop it."""
+    problems = object_store_problems(config, transient=transient)
     if problems:
         first, *more = problems
         raise ConfigError(first.source, first.key, first.message, more=more)

@@ -214,7 +214,7 @@ class Supervisor:
         old = d.config
         try:
             new = load_config(old.source)
-            check_object_stores(new)
+            check_object_stores(new, transient=False)
             objects = tuple(w for w in new.watches if is_object_watch(w))
             new = runs_mod.local_only(new)
             jobs = d.jobs.daemon_jobs(new, reload=True)
