@@ -13,9 +13,11 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ckptd.api import objprune
 from ckptd.core.model import Checkpoint, utcnow
 from ckptd.core.retention import Plan
 from ckptd.io import fsops, statefile
+from ckptd.io.objstore import is_object_url
 from ckptd.store import claims, pruning
 from ckptd.store.audit import Entry
 from ckptd.store.handle import Store
@@ -137,6 +139,8 @@ def finish(store: Store, batches: list[Batch], repair: Sequence[tuple[str, str]]
 
     def clean(job: tuple[str, str, list[Batch]]) -> list[Outcome]:
         path, root, group = job
+        if is_object_url(path):
+            return objprune.clean(store, path, group)
         outcomes: list[Outcome] = []
         removed: set[str] = set()
         for b in group:  # one directory descriptor per batch

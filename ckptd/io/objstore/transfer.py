@@ -1,0 +1,173 @@
+"""Copies between an object store and local directories, for the worker (which reads and writes
+only local files: TensorFlow 2.6+ has no ``s3://`` of its own, and the worker never imports
+fsspec).
+
+Downloads: a checkpoint's recorded objects into a local directory, checked against the version
+recorded for its main object (a checkpoint rewritten meanwhile is not evaluated as the old one).
+
+Uploads of exports: a version directory appears to TF Serving as soon as one of its objects
+exists, and Serving loads it as soon as ``saved_model.pb`` is there (serving#1086). So every other
+object is uploaded first and the marker (``saved_model.pb``, else the export's manifest) last,
+by itself: a version without its marker was never published, and is removed by recovery.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.io.objstore.store import Store, StoreError
+
+# The objects whose presence publishes a version, in order of preference.
+MARKERS = ("saved_model.pb", "saved_model.pbtxt")
+MANIFEST = "assets.extra/ckptd.json"
+
+
+class Rewritten(StoreError):
+    """The checkpoint's main object is not the version ckptd recorded any more."""
+
+
+def _fs(store: Store) -> Any:
+    return store.fs
+
+
+def _count(store: Store, n: int = 1) -> None:
+    store._count(n)  # the Store counts every request, whoever makes it
+
+
+def download(
+    store: Store,
+    run_key: str,
+    names: Iterable[str],
+    dest: Path,
+    *,
+    main: str | None = None,
+    version: str | None = None,
+) -> int:
+    """Copy the run's objects ``names`` into ``dest`` (same relative names); the bytes copied.
+    With ``main`` and ``version``: raises :class:`Rewritten` when ``main`` is not that version
+    (checked by one listing before the copy, and once more after it)."""
+    names = list(names)
+    for name in names:
+        if not name or any(p in ("", ".", "..") for p in name.split("/")):
+            raise StoreError(f"{name!r}: not a plain relative object name; refused")
+    if main is not None and version is not None:
+        _check_version(store, run_key, main, version)
+    total = 0
+    fs = _fs(store)
+    for name in names:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _count(store)
+        try:
+            fs.get_file(f"{run_key}/{name}", str(target))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{store.url_of(run_key.lstrip('/'))}/{name}: gone") from exc
+        total += target.stat().st_size
+    if main is not None and version is not None:
+        _check_version(store, run_key, main, version)
+    return total
+
+
+def _check_version(store: Store, run_key: str, main: str, version: str) -> None:
+    objects, _ = store.list_dir(run_key)
+    found = {o.name: o for o in objects}.get(main)
+    if found is None:
+        raise FileNotFoundError(f"{store.url_of(run_key.lstrip('/'))}/{main}: gone")
+    if found.version != version:
+        raise Rewritten(
+            f"{main}: rewritten since it was recorded (version {version}, now {found.version})"
+        )
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An export directory's files, as uploaded: the body first, the marker last."""
+
+    body: tuple[str, ...]
+    marker: str
+
+
+def plan_upload(local: Path) -> Upload:
+    """Every file under ``local`` (relative names, sorted), and which of them goes last."""
+    names = sorted(
+        os.path.relpath(os.path.join(d, f), local).replace(os.sep, "/")
+        for d, _, files in os.walk(local)
+        for f in files
+    )
+    if not names:
+        raise StoreError(f"{local}: nothing to upload")
+    # As marker_of says: the SavedModel when there is one, else the manifest.
+    marker = next((m for m in MARKERS if m in names), MANIFEST if MANIFEST in names else names[-1])
+    return Upload(tuple(n for n in names if n != marker), marker)
+
+
+def upload_body(store: Store, local: Path, dest_key: str, plan: Upload) -> None:
+    """Upload every file of ``plan`` but its marker (nothing is published yet)."""
+    fs = _fs(store)
+    for name in plan.body:
+        _count(store)
+        fs.put_file(str(local / name), f"{dest_key}/{name}")
+
+
+def upload_marker(store: Store, local: Path, dest_key: str, plan: Upload) -> None:
+    """Upload the marker: from now on the version is published (one PUT)."""
+    _count(store)
+    _fs(store).put_file(str(local / plan.marker), f"{dest_key}/{plan.marker}")
+
+
+def upload_export(store: Store, local: Path, dest_key: str) -> Upload:
+    """:func:`upload_body` then :func:`upload_marker`."""
+    plan = plan_upload(local)
+    upload_body(store, local, dest_key, plan)
+    upload_marker(store, local, dest_key, plan)
+    return plan
+
+
+def marker_of(formats: Iterable[str]) -> tuple[str, ...]:
+    """The names that publish an export of ``formats`` (any one of them)."""
+    return MARKERS if "saved_model" in formats else (MANIFEST,)
+
+
+def highest_version(store: Store, root_key: str) -> int:
+    """The highest numeric version prefix under ``root_key`` (0 if none), published or not: a
+    new version goes above a half-uploaded one, never into it."""
+    try:
+        _, prefixes = store.list_dir(root_key)
+    except FileNotFoundError:
+        return 0
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes)
+    return max((int(n) for n in names if n.isdigit()), default=0)
+
+
+def is_published(store: Store, version_key: str, marker: tuple[str, ...] = MARKERS) -> bool:
+    """Whether the version at ``version_key`` has one of the ``marker`` objects (one listing
+    per folder of the marker names)."""
+    folders: dict[str, set[str]] = {}
+    for m in marker:
+        folder, _, name = m.rpartition("/")
+        folders.setdefault(folder, set()).add(name)
+    for folder, names in folders.items():
+        try:
+            objects, _ = store.list_dir(f"{version_key}/{folder}" if folder else version_key)
+        except FileNotFoundError:
+            continue
+        if names & {o.name for o in objects}:
+            return True
+    return False
+
+
+def remove_tree(store: Store, key: str) -> int:
+    """Delete every object under ``key`` (a version ckptd wrote); the number deleted."""
+    fs = _fs(store)
+    _count(store)
+    try:
+        keys = list(fs.find(key))
+    except FileNotFoundError:
+        return 0
+    if keys:
+        store.delete(keys)
+    return len(keys)
