@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "eval_throughput": ("eval_throughput", [], "eval_throughput"),
     "freeze": ("freeze", [], "freeze"),
     "prune": ("prune", [], "prune"),
+    "objstore_backfill": ("objstore_backfill", [], "objstore_backfill"),  # SeaweedFS
 }
 
 

@@ -208,17 +208,13 @@ def test_download_checks_the_recorded_version(
     run = golden.run_dir("sharded")
     upload_run(store, fs, run, "/bucket/r")
     group = recorded(store, "/bucket/r", "ckpt-20")
-    size = transfer.download(
-        store, "/bucket/r", group.files, tmp_path / "a", main=group.main, version=group.version
-    )
+    size = transfer.download(store, "/bucket/r", group.files, tmp_path / "a", expect=group)
     for name in group.files:
         assert (tmp_path / "a" / name).read_bytes() == (run / name).read_bytes()
     assert size == sum((run / n).stat().st_size for n in group.files)
     fs.put_file(str(run / "ckpt-20.index"), "/bucket/r/ckpt-20.index")  # rewritten
     with pytest.raises(transfer.Rewritten):
-        transfer.download(
-            store, "/bucket/r", group.files, tmp_path / "b", main=group.main, version=group.version
-        )
+        transfer.download(store, "/bucket/r", group.files, tmp_path / "b", expect=group)
     with pytest.raises(transfer.StoreError, match="refused"):
         transfer.download(store, "/bucket/r", ["../x"], tmp_path / "c")
 
@@ -277,3 +273,37 @@ def test_frozen_only_export_is_published_by_its_manifest(
     marker = transfer.marker_of(["frozen"])
     assert transfer.is_published(store, "/bucket/x/1", marker)
     assert not transfer.is_published(store, "/bucket/x/1")  # no SavedModel there
+
+
+def test_object_destination_publishes_with_the_marker_last(
+    mem: tuple[Store, VersionedMemory], tmp_path: Path
+) -> None:
+    """api/exportdest: the body is uploaded before the commit, the marker in it (one PUT)."""
+    from ckptd.api.exportdest import ObjectDest
+
+    store, fs = mem
+    dest = ObjectDest("memory://bucket/exports/run", store)
+    assert dest.highest_version() == 0
+    tmp = dest.staging(1)
+    for name in ("saved_model.pb", "variables/variables.index", "assets.extra/ckptd.json"):
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(b"x")
+    dest.upload(tmp, 1)
+    assert not dest.exists(dest.final(1), "saved_model")  # uploaded, not published
+    fs.calls.clear()
+    dest.publish(tmp, 1)
+    assert fs.puts() == ["bucket/exports/run/1/saved_model.pb"] or fs.puts() == [
+        "/bucket/exports/run/1/saved_model.pb"
+    ]
+    assert dest.exists(dest.final(1), "saved_model") and not tmp.exists()
+    # A failed export after its body went up: discarded, never published.
+    tmp2 = dest.staging(2)
+    (tmp2 / "saved_model.pb").write_bytes(b"y")
+    (tmp2 / "variables").mkdir()
+    (tmp2 / "variables" / "variables.index").write_bytes(b"y")
+    dest.upload(tmp2, 2)
+    assert dest.highest_version() == 2
+    dest.discard(tmp2, 2)
+    assert dest.highest_version() == 1 and not tmp2.exists()
+    dest.remove(dest.final(1))
+    assert dest.highest_version() == 0

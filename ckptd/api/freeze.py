@@ -16,24 +16,18 @@ tried again by the daemon with the backoff of evaluations (``core/backoff``).
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import ckptd
-from ckptd.api import export_recovery
-from ckptd.api.exportdir import (
-    TMP_PREFIX,
-    export_root,
-    fsync_dir,
-    highest_version,
-    write_manifest,
-)
+from ckptd.api import export_recovery, objstores
+from ckptd.api.exportdest import destination
+from ckptd.api.exportdir import TMP_PREFIX, write_manifest
+from ckptd.api.localcopy import CopyFailed, local_checkpoint
 from ckptd.api.record import Leases
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
@@ -42,6 +36,7 @@ from ckptd.core import backoff, retention
 from ckptd.core.model import Checkpoint, Run, iso, utcnow
 from ckptd.core.ranking import select_best
 from ckptd.io import fsops
+from ckptd.io.objstore import StoreError
 from ckptd.store import claims, exports
 from ckptd.store.claims import FREEZE
 from ckptd.store.handle import Store
@@ -50,6 +45,8 @@ from ckptd.worker.client import WorkerClient, WorkerError
 from ckptd.worker.protocol import NOT_FOUND, STOPPING
 
 log = logging.getLogger(__name__)
+
+__all__ = ["TMP_PREFIX", "ExportOutcome", "Freezer", "freeze"]  # TMP_PREFIX: api.exportdir
 
 
 NOT_HELD = "another daemon holds the run's lease now; it exports the run"
@@ -125,6 +122,7 @@ class Freezer:
         serves already; skipped while another process exports the run, and (``honour_backoff``,
         the daemon) while a failed export of it waits for its retry, and while another daemon
         holds the run's lease."""
+        objstores.configure([watch])
         hold = self.leases.current(run.id) if self.leases is not None else None
         if self.leases is not None and hold is None:
             return ExportOutcome(run.name, None, "skipped", message=NOT_HELD)
@@ -176,8 +174,8 @@ class Freezer:
                     "skipped",
                     message=f"no checkpoint has a value for {watch.best.metric} yet",
                 )
-        root = export_root(watch, run)
-        on_disk = highest_version(root)
+        dest = destination(watch, run)
+        on_disk = dest.highest_version()
         # Serving serves the highest numeric directory: our highest version, unless one was
         # removed or added there by hand since.
         serving = published[0] if published and published[0].version == on_disk else None
@@ -197,26 +195,26 @@ class Freezer:
             return ExportOutcome(
                 run.name, target.label, "skipped", message="waiting for its .meta file"
             )
-        root.mkdir(parents=True, exist_ok=True)
         metric = watch.best.metric
         value = target.metrics.get(metric) if metric else None
         value = None if value is None or value != value else value  # NaN: no value
         export_id, version, attempt = exports.begin(
             self.store,
             target,
-            root=str(root),
+            root=dest.root,
             on_disk=on_disk,
             formats="+".join(fr.format),
             metric=metric,
             metric_value=value,
             hold=hold,
         )
-        final = root / str(version)
-        tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        final = dest.final(version)
+        tmp = dest.staging(version)
         reason = f"best by {metric}" if checkpoint is None else "requested"
         t0 = time.perf_counter()
         try:
-            verify = self._write_and_verify(target, watch, tmp)
+            with local_checkpoint(self.store, target, run.path) as local:  # (objects: a copy)
+                verify = self._write_and_verify(replace(target, prefix=local.prefix), watch, tmp)
             info = {
                 "version": version,
                 "run": run.name,
@@ -234,11 +232,11 @@ class Freezer:
             write_manifest(tmp, info)
             if renewal.lost:  # another process may be exporting this run now: do not publish
                 raise ClaimLost("this export's claim on the run expired and was taken over")
+            dest.upload(tmp, version)  # (on an object store: all but the marker)
             seconds = time.perf_counter() - t0
 
-            def publish() -> None:  # atomic: the numeric name appears complete
-                os.rename(tmp, final)
-                fsync_dir(root)
+            def publish() -> None:  # the numeric version appears complete, at once
+                dest.publish(tmp, version)
 
             exports.published(
                 self.store,
@@ -259,11 +257,8 @@ class Freezer:
                 hold=hold,
                 publish=publish,
             )
-        except (WorkerError, ClaimLost, OSError, fsops.UnsafePath, Fenced) as exc:
-            try:
-                fsops.remove_tree(root, tmp.name)
-            except (OSError, fsops.UnsafePath):
-                log.warning("could not remove %s", tmp)
+        except (WorkerError, ClaimLost, OSError, StoreError, CopyFailed, Fenced) as exc:
+            dest.discard(tmp, version)
             if isinstance(exc, Fenced):  # not published: the run's new holder exports it
                 retry = utcnow()
                 exports.failed(
@@ -271,6 +266,7 @@ class Freezer:
                 )
                 raise
             kind = exc.kind if isinstance(exc, WorkerError) else None
+            kind = NOT_FOUND if isinstance(exc, CopyFailed) and exc.gone else kind
             return self._failed(
                 export_id, target, run, watch, attempt, str(exc), kind, time.perf_counter() - t0
             )
@@ -283,9 +279,7 @@ class Freezer:
             seconds,
         )
         self._retire(run, watch, history)
-        return ExportOutcome(
-            run.name, target.label, "published", str(final), True, "", seconds, version
-        )
+        return ExportOutcome(run.name, target.label, "published", final, True, "", seconds, version)
 
     def _write_and_verify(self, c: Checkpoint, watch: WatchConfig, tmp: Path) -> dict[str, Any]:
         fr = watch.freeze
@@ -364,18 +358,18 @@ class Freezer:
         best = (
             select_best(history, watch.best.metric, watch.best.mode) if watch.best.metric else None
         )
-        rows = exports.published_under(self.store, str(export_root(watch, run)))
+        dest = destination(watch, run)
+        rows = exports.published_under(self.store, dest.root)
         by_id = {e.id: e for e in rows}
         published = [retention.Published(e.id, e.checkpoint_id, e.path) for e in reversed(rows)]
         retired = retention.exports_to_retire(
             published, fr.keep, best.id if best else None, utcnow()
         )
         for e in (by_id[r.id] for r in reversed(retired)):  # newest first
-            p = Path(e.path)
             try:
-                fsops.remove_tree(p.parent, p.name)
-            except (OSError, fsops.UnsafePath) as exc:
-                log.warning("could not remove old export %s: %s", p, exc)
+                dest.remove(e.path)
+            except (OSError, fsops.UnsafePath, StoreError) as exc:
+                log.warning("could not remove old export %s: %s", e.path, exc)
                 continue
             exports.removed(self.store, e, reason=f"beyond keep = {fr.keep}")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptd.io.objstore.prune import Recorded
 from ckptd.io.objstore.store import Store, StoreError
 
 # The objects whose presence publishes a version, in order of preference.
@@ -39,23 +40,17 @@ def _count(store: Store, n: int = 1) -> None:
 
 
 def download(
-    store: Store,
-    run_key: str,
-    names: Iterable[str],
-    dest: Path,
-    *,
-    main: str | None = None,
-    version: str | None = None,
+    store: Store, run_key: str, names: Iterable[str], dest: Path, *, expect: Recorded | None = None
 ) -> int:
     """Copy the run's objects ``names`` into ``dest`` (same relative names); the bytes copied.
-    With ``main`` and ``version``: raises :class:`Rewritten` when ``main`` is not that version
+    With ``expect``: raises :class:`Rewritten` when its main object is not the recorded version
     (checked by one listing before the copy, and once more after it)."""
     names = list(names)
     for name in names:
         if not name or any(p in ("", ".", "..") for p in name.split("/")):
             raise StoreError(f"{name!r}: not a plain relative object name; refused")
-    if main is not None and version is not None:
-        _check_version(store, run_key, main, version)
+    if expect is not None:
+        _check_version(store, run_key, expect)
     total = 0
     fs = _fs(store)
     for name in names:
@@ -67,19 +62,20 @@ def download(
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{store.url_of(run_key.lstrip('/'))}/{name}: gone") from exc
         total += target.stat().st_size
-    if main is not None and version is not None:
-        _check_version(store, run_key, main, version)
+    if expect is not None:
+        _check_version(store, run_key, expect)
     return total
 
 
-def _check_version(store: Store, run_key: str, main: str, version: str) -> None:
+def _check_version(store: Store, run_key: str, expect: Recorded) -> None:
     objects, _ = store.list_dir(run_key)
-    found = {o.name: o for o in objects}.get(main)
+    found = {o.name: o for o in objects}.get(expect.main)
     if found is None:
-        raise FileNotFoundError(f"{store.url_of(run_key.lstrip('/'))}/{main}: gone")
-    if found.version != version:
+        raise FileNotFoundError(f"{store.url_of(run_key.lstrip('/'))}/{expect.main}: gone")
+    if not expect.matches(found):
         raise Rewritten(
-            f"{main}: rewritten since it was recorded (version {version}, now {found.version})"
+            f"{expect.main}: rewritten since it was recorded (version {expect.describe()}, "
+            f"now {found.version or found.size})"
         )
 
 
