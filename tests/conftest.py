@@ -313,12 +313,25 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
             d.proc.wait()
 
 
+def _lives_for_the_process(thread: threading.Thread) -> bool:
+    """fsspec's one IO thread, and its event loop's executor threads (getaddrinfo), are started
+    on first use and serve every later S3/GCS call of the process: not a test's leak."""
+    return thread.name == "fsspecIO" or (
+        thread.name.startswith("asyncio_")
+        and any(t.name == "fsspecIO" for t in threading.enumerate())
+    )
+
+
 def leaked_threads(before: set[threading.Thread], wait: float = 5) -> list[threading.Thread]:
     """Threads started since ``before`` that are still alive, daemon threads included, after up
     to ``wait`` seconds for those being stopped to finish."""
     deadline = time.monotonic() + wait
     while True:
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        leaked = [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and not _lives_for_the_process(t)
+        ]
         if not leaked or time.monotonic() > deadline:
             return leaked
         time.sleep(0.05)
@@ -360,3 +373,19 @@ def new_database_url(request: pytest.FixtureRequest, kind: str, tmp_path: Path) 
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each store test runs on SQLite and on a real PostgreSQL."""
     return new_database_url(request, request.param, tmp_path)
+
+
+# ------------------------------------------------------------------ object stores: S3 and GCS
+
+from tests.objfixtures import (  # noqa: E402, F401 (fixtures; after ENV, which objstore_env extends)
+    bucket,
+    gcs_server,
+    mark_objstore,
+    objstore_env,
+    objstore_server,
+    s3_server,
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mark_objstore(items)

@@ -110,14 +110,15 @@ def _export_roots(store: Store, watches: tuple[WatchConfig, ...]) -> dict[Path, 
     directory of no recorded run)."""
     roots: dict[Path, int | None] = {}
     for w in watches:
-        if w.freeze is None or not w.freeze.export_dir.is_dir():
-            continue
+        root = w.freeze.export_dir if w.freeze is not None else None
+        if not isinstance(root, Path) or not root.is_dir():
+            continue  # none, or on an object store: no local directory to recover
         for run in store_runs.present_runs(store, str(w.path)):
             roots[export_root(w, run)] = run.id
         if w.runs:
-            for p in w.freeze.export_dir.iterdir():
+            for p in root.iterdir():
                 if p.is_dir() and not p.is_symlink() and not p.name.startswith(TMP_PREFIX):
                     roots.setdefault(p, None)
         else:
-            roots.setdefault(w.freeze.export_dir, None)
+            roots.setdefault(root, None)
     return roots

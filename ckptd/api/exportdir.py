@@ -17,7 +17,10 @@ MANIFEST = os.path.join("assets.extra", "ckptd.json")  # where Serving expects e
 
 def export_root(watch: WatchConfig, run: Run) -> Path:
     assert watch.freeze is not None
-    return watch.freeze.export_dir / run.name if watch.runs else watch.freeze.export_dir
+    root = watch.freeze.export_dir
+    if isinstance(root, str):
+        raise ValueError(f"exports to an object store ({root}) are not supported yet")
+    return root / run.name if watch.runs else root
 
 
 def highest_version(root: Path) -> int:

@@ -25,11 +25,12 @@ def run(ctx: CliContext, once: bool) -> None:
       ckptd -c ckptd.toml run --once     # backfill and exit (cron-friendly)
     """
     from ckptd import logs
-    from ckptd.config import warn_missing_paths
+    from ckptd.config import check_object_stores, warn_missing_paths
     from ckptd.daemon import prefetch
     from ckptd.io import observe
 
     config = ctx.config(required=True)
+    check_object_stores(config)  # wrong credentials, no bucket: exit 78 before starting
     logs.setup(config.daemon.log_level)
     warn_missing_paths(config)
     # Started before the imports below, so they overlap them: the fork server the backfill's
@@ -75,10 +76,11 @@ def config_check(ctx: CliContext, as_json: bool) -> None:
     """
     import dataclasses
 
-    from ckptd.config import missing_paths
+    from ckptd.config import check_object_stores, missing_paths
     from ckptd.core.durations import format_duration
 
     cfg = ctx.config(required=True)
+    check_object_stores(cfg)  # each bucket exists and the credentials work, or exit 78
     warnings = missing_paths(cfg)
 
     def plain(value: object) -> object:

@@ -4,6 +4,7 @@
 table, ``load`` reads the file and walks it. Import from here: ``from ckptd.config import X``.
 """
 
+from ckptd.config.access import check_object_stores, object_store_problems
 from ckptd.config.load import (
     DEFAULT_CONFIG_PATH,
     MAX_CONFIG_BYTES,
@@ -67,10 +68,12 @@ __all__ = [
     "Schema",
     "WatchConfig",
     "WorkerConfig",
+    "check_object_stores",
     "config_path",
     "default_database_url",
     "load_config",
     "missing_paths",
+    "object_store_problems",
     "parse_config",
     "parse_duration",
     "warn_missing_paths",

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ckptd.config import locations
 from ckptd.config.schema import (
     BEST_KEYS,
     DAEMON_KEYS,
@@ -135,7 +136,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if watch is not None:
             watches.append((i, watch))
     # Each watch against the watches above it (O(watches x depth), not every pair).
-    first: dict[Path, int] = {}
+    first: dict[Path | str, int] = {}
     for j, w in watches:
         if w.path in first:
             reader.fail(
@@ -145,7 +146,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             first[w.path] = j
     by_index = dict(watches)
     for j, inner in watches:
-        for parent in inner.path.parents:
+        for parent in locations.parents(inner.path):
             outer = first.get(parent)
             if outer is not None and (problem := _overlap(outer, by_index[outer], j, inner)):
                 reader.fail(f"watch[{max(outer, j)}].path", problem)
@@ -162,7 +163,10 @@ def _worker(reader: _Reader, raw: object, watches: list[WatchConfig]) -> WorkerC
     if "watches" in values:
         base, known = _base(reader.source), {w.path for w in watches}
         # Resolved as a relative [[watch]] path is, so both name the same directory.
-        served = tuple(p if p.is_absolute() else (base / p).resolve() for p in values["watches"])
+        served = tuple(
+            p if isinstance(p, str) or p.is_absolute() else (base / p).resolve()
+            for p in values["watches"]
+        )
         for p in served:
             if p not in known:
                 listed = ", ".join(str(w.path) for w in watches) or "none"
@@ -191,7 +195,18 @@ def _watch(reader: _Reader, raw: dict[str, Any], where: str) -> WatchConfig | No
     path_ok = reader.require(
         values, where, "path", 'the directory to watch, e.g. path = "/data/runs"'
     )
-    if path_ok and not values["path"].is_absolute():
+    if path_ok and isinstance(values["path"], str):
+        locations.check_object_watch(reader.fail, values, where)
+    elif path_ok:
+        for key in ("endpoint_url", "poll_interval"):
+            if key in values:
+                reader.fail(
+                    f"{where}.{key}",
+                    'applies to object store watches (path = "s3://…" or "gs://…") only; '
+                    "a local watch is notified by inotify and rescanned every "
+                    "daemon.rescan_interval",
+                )
+    if path_ok and isinstance(values["path"], Path) and not values["path"].is_absolute():
         try:
             values["path"] = (base / values["path"]).resolve()
         except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
@@ -220,7 +235,8 @@ def _watch(reader: _Reader, raw: dict[str, Any], where: str) -> WatchConfig | No
         if reader.require(fr, f"{where}.freeze", "export_dir", "where exports are published"):
             if "frozen_graph" in fr.get("format", ()) and not fr.get("outputs"):
                 reader.require({}, f"{where}.freeze", "outputs", "frozen_graph needs output nodes")
-            fr["export_dir"] = Path(os.path.normpath(base / fr["export_dir"]))
+            if isinstance(fr["export_dir"], Path):
+                fr["export_dir"] = Path(os.path.normpath(base / fr["export_dir"]))
             freeze = FreezeConfig(**fr)
     if "retain" in raw:
         retain = RetainConfig(**reader.section(raw["retain"], f"{where}.retain", RETAIN_KEYS))
@@ -276,7 +292,7 @@ def _overlap(i: int, outer: WatchConfig, j: int, inner: WatchConfig) -> str | No
     would depend on event order. So a watch path may not lie inside another watch's runs; one
     merely inside the other's directory, in a branch its ``runs`` glob cannot match, is fine.
     """
-    rel = inner.path.relative_to(outer.path).parts
+    rel = locations.relative_parts(inner.path, outer.path)
     if outer.runs is not None:
         pattern = Path(outer.runs).parts
         if not all(fnmatch.fnmatchcase(r, p) for r, p in zip(rel, pattern, strict=False)):
@@ -361,6 +377,8 @@ def missing_paths(config: Config) -> list[str]:
     """Watch paths that do not exist yet: a warning, not an error (they are picked up later)."""
     out = []
     for i, w in enumerate(config.watches):
+        if isinstance(w.path, str):
+            continue  # an object store prefix exists once an object is under it
         try:
             os.stat(w.path)
         except FileNotFoundError:

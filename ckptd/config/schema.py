@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd.config import locations
 from ckptd.config import values as v
 from ckptd.core import retention
 from ckptd.core.model import INT64_MAX
@@ -16,6 +17,7 @@ from ckptd.core.model import INT64_MAX
 EVALUATORS = ("tfevents", "meta_graph", "keras", "python", "command")
 EXPORT_FORMATS = v.EXPORT_FORMATS
 OBSERVERS = ("auto", "inotify", "polling")
+DEFAULT_POLL_INTERVAL = timedelta(seconds=10)  # of an object store watch: one LIST per run
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -79,7 +81,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    export_dir: Path
+    export_dir: Path | str  # a local directory, or an object store URL (s3://, gs://)
     format: tuple[str, ...] = ("saved_model",)
     every: timedelta = timedelta(hours=1)
     cron: str | None = None
@@ -110,7 +112,8 @@ class RetainConfig:
 
 @dataclass(frozen=True)
 class WatchConfig:
-    path: Path
+    # A local directory (a Path), or an object store URL ("s3://bucket/runs", a str).
+    path: Path | str
     runs: str | None = None
     observer: str = "auto"
     keras_template: str | None = None
@@ -121,6 +124,21 @@ class WatchConfig:
     evaluate: EvaluateConfig | None = None
     freeze: FreezeConfig | None = None
     retain: RetainConfig | None = None
+    # Object store watches only: their server (else the library's default: AWS_ENDPOINT_URL,
+    # STORAGE_EMULATOR_HOST or the cloud's) and how often each run is listed (no inotify there).
+    endpoint_url: str | None = None
+    poll_interval: timedelta = DEFAULT_POLL_INTERVAL
+
+    @property
+    def is_object_store(self) -> bool:
+        return isinstance(self.path, str)
+
+    @property
+    def local_path(self) -> Path:
+        """The directory of a local watch (an object store watch has none: a ValueError)."""
+        if isinstance(self.path, str):
+            raise ValueError(f"{self.path} is an object store URL, not a local directory")
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -146,7 +164,7 @@ class WorkerConfig:
     """``[worker]``: what a ``ckptd worker`` process serves (the daemon ignores it)."""
 
     name: str = field(default_factory=socket.gethostname)
-    watches: tuple[Path, ...] | None = None  # the watch paths it serves; None: every watch
+    watches: tuple[Path | str, ...] | None = None  # watch paths it serves; None: every watch
     kinds: tuple[str, ...] = WORKER_KINDS
     concurrency: int = 1  # warm TensorFlow workers, each working one job at a time
     claim_ttl: timedelta = timedelta(seconds=60)
@@ -210,12 +228,14 @@ WORKER_KEYS: Schema = {
     "claim_ttl": v.duration("3s", "1d"),
 }
 WATCH_KEYS: Schema = {
-    "path": v.path,
+    "path": locations.path_or_url,
     "runs": v.runs_glob,
     "observer": v.choice(*OBSERVERS),
     "keras_template": v.keras_template,
     "step_variable": v.step_variable,
     "keras_model": keras_model,
+    "endpoint_url": locations.endpoint_url,
+    "poll_interval": v.duration("1s", "1d"),
 }
 BEST_KEYS: Schema = {"metric": v.string, "mode": v.choice("min", "max")}
 EVALUATE_KEYS: Schema = {
@@ -235,7 +255,7 @@ EVALUATE_KEYS: Schema = {
     "batch_size": v.whole(1, 2**31 - 1),
 }
 FREEZE_KEYS: Schema = {
-    "export_dir": v.path,
+    "export_dir": locations.path_or_url,
     "format": v.export_formats,
     "every": v.duration("1s", "30d"),
     "cron": v.crontab,

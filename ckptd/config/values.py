@@ -166,11 +166,14 @@ def export_formats(value: object) -> tuple[str, ...]:
     return tuple(sorted(set(items), key=EXPORT_FORMATS.index))
 
 
-def path_list(value: object) -> tuple[Path, ...]:
-    """A non-empty list of paths (a worker's watches: each must be a [[watch]] path)."""
+def path_list(value: object) -> tuple[Path | str, ...]:
+    """A non-empty list of paths or object store URLs (a worker's watches: each must be a
+    [[watch]] path)."""
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ValueError(f'expected a list of paths such as ["/data/runs"], got {show(value)}')
-    return tuple(dict.fromkeys(path(v) for v in value))
+    from ckptd.config.locations import path_or_url
+
+    return tuple(dict.fromkeys(path_or_url(v) for v in value))
 
 
 def subset(*choices: str) -> Callable[[object], tuple[str, ...]]:

@@ -11,9 +11,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ckptd.config import Config, load_config, warn_missing_paths
+from ckptd.config import Config, check_object_stores, load_config, warn_missing_paths
 from ckptd.core.errors import StoreError
 from ckptd.daemon import metrics
+from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.health import Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
 from ckptd.daemon.scheduler import Job
@@ -205,6 +206,8 @@ class Supervisor:
         old = d.config
         try:
             new = load_config(old.source)
+            check_object_stores(new)
+            new = runs_mod.local_only(new)
             jobs = d.jobs.daemon_jobs(new, reload=True)
         except Exception as exc:  # whatever the cause, the running config stays
             self._reload_failed(exc)

@@ -67,6 +67,7 @@ class Daemon:
     thread is ``supervisor``."""
 
     def __init__(self, config: Config, *, prefetched: ObservePool | None = None) -> None:
+        config = runs_mod.local_only(config)  # object store watches: not observed here yet
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
@@ -197,7 +198,8 @@ class Daemon:
         for watch_path, name in self._known_runs - current:
             if watch_path in watches:
                 i, w = watches[watch_path]
-                specs.append(RunSpec(i, name, w.path / name if w.runs else w.path, w))
+                root = w.local_path
+                specs.append(RunSpec(i, name, root / name if w.runs else root, w))
         if quick:
             specs = self.reconciler.changed(specs)
         self._report_unsupported_runs()

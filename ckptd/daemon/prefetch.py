@@ -48,12 +48,20 @@ def start(config: Config, workers: int) -> observe.ObservePool | None:
     no run yet and there are enough runs to be worth it; else None."""
     if workers <= 1 or not knows_no_run(config.daemon.database):
         return None
-    specs = [s for i, w in enumerate(config.watches) for s in runs_mod.discover(i, w)]
+    specs = [
+        s
+        for i, w in enumerate(runs_mod.local_only(config, quiet=True).watches)
+        for s in runs_mod.discover(i, w)
+    ]
     if len(specs) < observe.PARALLEL_MIN_RUNS:
         return None
     requests = [
         observe.Request.first_look(
-            s.path, s.watch.keras_template, observe.STALE_AFTER, s.watch.path, s.watch.step_variable
+            s.path,
+            s.watch.keras_template,
+            observe.STALE_AFTER,
+            s.watch.local_path,
+            s.watch.step_variable,
         )
         for s in specs
     ]

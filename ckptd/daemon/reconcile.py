@@ -25,7 +25,7 @@ __all__ = ["Outcome", "Reconciler", "run_dir"]
 
 def run_dir(spec: RunSpec) -> RunDir:
     w = spec.watch
-    return RunDir(spec.name, spec.path, w.path, w.keras_template, w.step_variable)
+    return RunDir(spec.name, spec.path, w.local_path, w.keras_template, w.step_variable)
 
 
 class Reconciler:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ckptd.config import WatchConfig
+from ckptd.config import Config, WatchConfig
 from ckptd.io import safeio
 from ckptd.io.formats import is_utf8 as _utf8
 
@@ -23,6 +23,36 @@ class RunSpec:
     name: str
     path: Path
     watch: WatchConfig
+
+
+def local_only(config: Config, *, quiet: bool = False) -> Config:
+    """The watches this daemon observes: those on local disks. An object store watch is left
+    out, and so is an export to an object store, each said once in the log, until their
+    observer (daemon/objwatch.py) and uploader run them."""
+    kept = []
+    for i, w in enumerate(config.watches):
+        if w.is_object_store:
+            if quiet:
+                continue
+            log.warning(
+                "watch[%d] %s: object store watches are not observed by this version of the "
+                "daemon yet; it is skipped",
+                i,
+                w.path,
+            )
+            continue
+        if w.freeze is not None and isinstance(w.freeze.export_dir, str):
+            if not quiet:
+                log.warning(
+                    "watch[%d] %s: exports to an object store (%s) are not supported by this "
+                    "version of the daemon yet; its [watch.freeze] is skipped",
+                    i,
+                    w.path,
+                    w.freeze.export_dir,
+                )
+            w = replace(w, freeze=None)
+        kept.append(w)
+    return replace(config, watches=tuple(kept))
 
 
 UNSUPPORTED: set[str] = set()  # run directories reported as having non-UTF-8 names
@@ -46,7 +76,7 @@ def discover(watch_index: int, watch: WatchConfig) -> list[RunSpec]:
     directories are listed through directory fds and a symlinked directory is never a run nor
     entered.
     """
-    root = watch.path
+    root = watch.local_path
     if not watch.runs:
         return [RunSpec(watch_index, root.name, root, watch)] if root.is_dir() else []
     parts = Path(watch.runs).parts
@@ -91,7 +121,7 @@ def discover(watch_index: int, watch: WatchConfig) -> list[RunSpec]:
 def is_present(spec: RunSpec) -> bool:
     """Whether ``spec``'s directory exists as a real directory under its watch root."""
     try:
-        with safeio.open_dir_under(spec.watch.path, spec.path):
+        with safeio.open_dir_under(spec.watch.local_path, spec.path):
             return True
     except (FileNotFoundError, NotADirectoryError, safeio.UnsafePath):
         return False
@@ -105,7 +135,7 @@ def run_of(watch_index: int, watch: WatchConfig, path: str) -> RunSpec | None:
     if path != root and not path.startswith(root + os.sep):
         return None
     if not watch.runs:
-        return RunSpec(watch_index, watch.path.name, watch.path, watch)
+        return RunSpec(watch_index, watch.local_path.name, watch.local_path, watch)
     rel = path[len(root) + 1 :].split(os.sep) if path != root else []
     depth = _depth(watch.runs)
     if len(rel) < depth:
@@ -116,4 +146,4 @@ def run_of(watch_index: int, watch: WatchConfig, path: str) -> RunSpec | None:
     if not all(_utf8(part) for part in rel[:depth]):
         return None
     name = "/".join(rel[:depth])
-    return RunSpec(watch_index, name, watch.path / name, watch)
+    return RunSpec(watch_index, name, watch.local_path / name, watch)

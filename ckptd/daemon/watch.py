@@ -176,7 +176,7 @@ class Watcher:
         with self._lock:
             for slot in self.slots:
                 self._start(slot)
-                if not slot.watch.path.is_dir():
+                if not slot.watch.local_path.is_dir():
                     self._wait_for(slot)
         self._thread = threading.Thread(target=self._loop, name="ckptd-watch", daemon=True)
         self._thread.start()
@@ -195,7 +195,7 @@ class Watcher:
                 log.exception("checking the watched paths failed")
 
     def _start(self, slot: _Slot) -> None:
-        if not slot.watch.path.is_dir():
+        if not slot.watch.local_path.is_dir():
             return
         shown = str(slot.watch.path)
         real = os.path.realpath(shown)
@@ -242,7 +242,7 @@ class Watcher:
 
     def _wait_for(self, slot: _Slot) -> None:
         """Watch the nearest existing ancestor of the missing path (if not already)."""
-        path = slot.watch.path
+        path = slot.watch.local_path
         ancestor = path.parent
         while not ancestor.is_dir() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
@@ -269,7 +269,7 @@ class Watcher:
 
     def _replaced(self, slot: _Slot) -> bool:
         """Whether the watched directory was deleted, moved or replaced since it was armed."""
-        if slot.gone or not slot.watch.path.is_dir():
+        if slot.gone or not slot.watch.local_path.is_dir():
             return True
         try:
             st = os.stat(os.path.realpath(slot.watch.path))
@@ -302,7 +302,7 @@ class Watcher:
                     log.error("observer for %s died; restarting it", slot.watch.path)
                     _stop(slot.observer)
                     slot.observer = None
-                if slot.watch.path.is_dir():
+                if slot.watch.local_path.is_dir():
                     self._stop_waiting(slot)
                     self._start(slot)  # (when it cannot: the periodic rescan covers the path)
                     if slot.observer is not None:
@@ -310,7 +310,7 @@ class Watcher:
                         armed.append(slot.watch)
                     continue
                 self._wait_for(slot)
-                if slot.watch.path.is_dir():
+                if slot.watch.local_path.is_dir():
                     self._wake.set()  # it appeared meanwhile: look again at once
         for watch in armed:
             self.on_armed(watch)

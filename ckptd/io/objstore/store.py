@@ -3,20 +3,34 @@
 Keys are fsspec paths without the scheme (``bucket/runs/r1/model.ckpt-5.index``); URLs keep it
 (``s3://bucket/runs/r1``). Listings never come from a cache: a stale listing hides new
 checkpoints (s3fs#703), so every filesystem is opened with ``use_listings_cache=False``.
+
+Retries are this module's own, bounded, with backoff (the libraries' are turned off, so the
+request counts are the requests made): a throttled, unreachable or failing server, or a range
+read that came back short, is tried again; every other failure is a :class:`StoreError` at once.
 """
 
 from __future__ import annotations
 
+import functools
+import random
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from ckptd.io.objstore.failures import (
+    MISSING_BUCKET,
+    MISSING_LIBRARY,
+    NOT_FOUND,
+    TRUNCATED,
+    StoreError,
+    classify,
+)
 
 SCHEMES = ("s3", "gs", "memory")  # memory://: fsspec's in-process store, for tests
-
-
-class StoreError(Exception):
-    """An object store request failed in a way the caller should report (one line)."""
+METHODS = ("LIST", "GET", "HEAD", "PUT", "DELETE")
+_T = TypeVar("_T")
 
 
 def is_object_url(path: str) -> bool:
@@ -38,69 +52,253 @@ class ObjectInfo:
         return self.key.rsplit("/", 1)[-1]
 
 
-class Store:
-    """The objects under one URL prefix; counts the requests it makes."""
+@dataclass(frozen=True)
+class Retry:
+    """How often and how patiently a transient failure is tried again."""
 
-    def __init__(self, url: str, fs: Any) -> None:
+    attempts: int = 4  # in all, the first included
+    base: float = 0.2  # seconds before the second attempt; doubled after each failure
+    cap: float = 5.0
+
+    def delay(self, failed: int) -> float:
+        """Seconds to wait after failed attempt number ``failed`` (1-based), with jitter so
+        daemons throttled together do not come back together."""
+        return min(self.cap, self.base * 2 ** (failed - 1)) * random.uniform(0.5, 1.0)
+
+
+class _Short(Exception):
+    """A range read returned fewer bytes than the object holds there."""
+
+    def __init__(self, got: int, wanted: int) -> None:
+        super().__init__(f"got {got} of {wanted} bytes")
+
+
+_Short.__name__ = "Truncated"  # what failures.classify recognizes
+
+
+class Store:
+    """The objects under one URL prefix; counts the requests it makes, by method."""
+
+    def __init__(
+        self,
+        url: str,
+        fs: Any,
+        *,
+        retry: Retry | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.url = url.rstrip("/")
         self.scheme, _, rest = self.url.partition("://")
         self.root = rest  # key of the URL prefix
+        self.bucket = rest.split("/", 1)[0]
         self.fs = fs
+        self.retry = retry or Retry()
+        self.sleep = sleep
         self._lock = threading.Lock()
-        self.requests = 0  # LIST + GET + PUT + DELETE requests made so far
+        self._counts = dict.fromkeys(METHODS, 0)
+        self.retries = 0  # attempts beyond the first, all requests together
+        self.last_error: StoreError | None = None  # the latest failure, retried or not
 
-    def _count(self, n: int = 1) -> None:
+    # ------------------------------------------------------------ accounting
+
+    @property
+    def requests(self) -> int:
+        """Requests made so far (every attempt), all methods together."""
         with self._lock:
-            self.requests += n
+            return sum(self._counts.values())
+
+    def counts(self) -> dict[str, int]:
+        """Requests made so far by method (``LIST``, ``GET``, ``HEAD``, ``PUT``, ``DELETE``)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _count(self, method: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[method] += n
 
     def url_of(self, key: str) -> str:
         return f"{self.scheme}://{key}"
 
-    def list_dir(self, key: str) -> tuple[list[ObjectInfo], list[str]]:
-        """The objects directly under ``key`` and its sub-prefixes (one delimiter listing)."""
-        self._count()
+    def _call(
+        self, method: str, key: str, fn: Callable[[], _T], *, bucket_request: bool = False
+    ) -> _T:
+        """``fn()`` (one request), tried again on transient failures; a StoreError otherwise."""
+        attempt = 1
+        while True:
+            self._count(method)
+            try:
+                return fn()
+            except Exception as exc:
+                err = classify(exc, self.url_of(key), bucket_request=bucket_request)
+                err.attempts = attempt
+                self.last_error = err
+                if not err.transient or attempt >= self.retry.attempts:
+                    raise err from exc
+            with self._lock:
+                self.retries += 1
+            self.sleep(self.retry.delay(attempt))
+            attempt += 1
+
+    # ------------------------------------------------------------ requests
+
+    def list_dir(self, key: str | None = None) -> tuple[list[ObjectInfo], list[str]]:
+        """The objects directly under ``key`` (default: the store's prefix) and its
+        sub-prefixes: one delimiter listing. A prefix holding nothing lists empty."""
+        key = self.root if key is None else key.rstrip("/")
+
+        def ls() -> list[dict[str, Any]]:
+            entries: list[dict[str, Any]] = self.fs.ls(key, detail=True, refresh=True)
+            return entries
+
+        try:
+            entries = self._call("LIST", key, ls)
+        except StoreError as err:
+            if err.kind != NOT_FOUND:
+                raise
+            return [], []
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
-        for entry in self.fs.ls(key, detail=True, refresh=True):
+        for entry in entries:
             name = entry["name"].rstrip("/")
+            if name == key:
+                continue  # the prefix itself (a "directory" marker object)
             if entry.get("type") == "directory":
                 prefixes.append(name)
             else:
                 objects.append(_info(name, entry))
         return objects, prefixes
 
+    def stat(self, key: str) -> ObjectInfo | None:
+        """The object ``key`` (one HEAD), or None when there is none."""
+        try:
+            entry = self._call("HEAD", key, lambda: self.fs.info(key, refresh=True))
+        except StoreError as err:
+            if err.kind == NOT_FOUND:
+                return None
+            raise
+        if entry.get("type") == "directory":
+            return None
+        return _info(str(entry["name"]).rstrip("/"), entry)
+
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
-        """Bytes ``[start, end)`` of an object (one ranged GET)."""
-        self._count()
-        data: bytes = self.fs.cat_file(key, start=start, end=end)
+        """Bytes ``[start, end)`` of an object (``end`` None: to its end): one GET."""
+        data: bytes = self._call("GET", key, lambda: self.fs.cat_file(key, start=start, end=end))
         return data
+
+    def read_range(self, key: str, start: int, end: int, *, size: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of an object of ``size`` bytes (when known): one ranged GET.
+
+        A body shorter than the range (clipped to ``size``) is a truncated read and is tried
+        again; without ``size``, a short body is checked against the object's size (a HEAD).
+        """
+        if start < 0 or end < start:
+            raise ValueError(f"bad range [{start}, {end})")
+        wanted = (min(end, size) if size is not None else end) - start
+        if wanted <= 0:
+            return b""
+
+        def get() -> bytes:
+            data: bytes = self.fs.cat_file(key, start=start, end=start + wanted)
+            if len(data) < wanted:
+                real = size
+                if real is None:
+                    info = self.stat(key)
+                    real = info.size if info is not None else 0
+                if len(data) < min(wanted, real - start):
+                    raise _Short(len(data), wanted)
+            return data
+
+        try:
+            return self._call("GET", key, get)
+        except StoreError as err:
+            if err.kind == TRUNCATED:
+                err.message = f"{err.message} (after {err.attempts} attempts)"
+            raise
 
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` as one object (readers see the old or the new one, never a mix)."""
-        self._count()
-        self.fs.pipe_file(key, data)
+        self._call("PUT", key, lambda: self.fs.pipe_file(key, data))
 
     def delete(self, keys: Iterable[str]) -> None:
+        """Delete objects (one batched request per 1000 keys on S3; one per key on GCS)."""
         keys = list(keys)
-        if keys:
-            self._count()
-            self.fs.rm(keys)
+        if not keys:
+            return
+        for i in range(0, len(keys), 1000):
+            batch = keys[i : i + 1000]
+            self._call("DELETE", batch[0], functools.partial(self.fs.rm, batch))
+
+    def check_access(self) -> None:
+        """That the bucket exists and the credentials may list it (a StoreError if not): one
+        LIST of the prefix, and a look at the bucket when the prefix holds nothing."""
+        objects, prefixes = self.list_dir()
+        if objects or prefixes:
+            return
+        try:
+            self._call("HEAD", self.bucket, lambda: self.fs.info(self.bucket), bucket_request=True)
+        except StoreError as err:
+            if err.kind == NOT_FOUND:
+                err.kind = MISSING_BUCKET
+            raise
 
 
 def _info(name: str, entry: dict[str, Any]) -> ObjectInfo:
     version = entry.get("generation") or entry.get("ETag") or entry.get("etag") or ""
-    modified = entry.get("LastModified") or entry.get("updated") or entry.get("created")
+    modified = entry.get("LastModified") or entry.get("mtime") or entry.get("created")
     stamp = getattr(modified, "timestamp", None)  # a datetime; some stores give a string or none
     mtime_ns = int(stamp() * 1e9) if stamp is not None else 0
     return ObjectInfo(name, int(entry.get("size") or 0), str(version).strip('"'), mtime_ns)
 
 
-def open_store(url: str, *, endpoint_url: str | None = None) -> Store:
-    """The store at ``url``; credentials come from the environment as s3fs/gcsfs take them."""
+def _filesystem(scheme: str, endpoint_url: str | None) -> Any:
+    """An fsspec filesystem without listing cache and without the library's own retries."""
+    options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+    if scheme == "s3":
+        from s3fs import S3FileSystem
+
+        if endpoint_url:
+            options["endpoint_url"] = endpoint_url
+        # s3fs's retry loop and botocore's: one attempt each, Store retries.
+        options["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
+        fs = S3FileSystem(**options)
+        fs.retries = 1
+        return fs
+    if scheme == "gs":
+        from gcsfs.core import GCSFileSystem  # not gcsfs's experimental class: see _GCS
+
+        return _gcs_class(GCSFileSystem)(endpoint_url=endpoint_url, **options)
     import fsspec
 
+    return fsspec.filesystem(scheme, **options)
+
+
+def _gcs_class(base: type) -> type:
+    """gcsfs's plain filesystem with its request retries taken out (its ``_request`` is wrapped
+    in a retry decorator; the undecorated function is kept as ``__wrapped__``)."""
+
+    class _GCS(base):  # type: ignore[misc, valid-type]
+        _request = getattr(base._request, "__wrapped__", base._request)  # type: ignore[attr-defined]
+
+    return _GCS
+
+
+def open_store(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    retry: Retry | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Store:
+    """The store at ``url``; credentials come from the environment as s3fs/gcsfs take them
+    (``AWS_*``/profiles, ``GOOGLE_APPLICATION_CREDENTIALS``), never from ckptd."""
     scheme = url.partition("://")[0]
-    options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
-    if endpoint_url and scheme in ("s3", "gs"):
-        options["endpoint_url"] = endpoint_url
-    return Store(url, fsspec.filesystem(scheme, **options))
+    try:
+        fs = _filesystem(scheme, endpoint_url)
+    except ImportError as exc:
+        extra = {"s3": "s3", "gs": "gcs"}.get(scheme, scheme)
+        raise StoreError(
+            MISSING_LIBRARY,
+            f"{url}: {exc.name or 'its library'} is not installed; pip install 'ckptd[{extra}]'",
+            url=url,
+        ) from None
+    return Store(url, fs, retry=retry, sleep=sleep)
