@@ -29,7 +29,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "eval_throughput": ("eval_throughput", [], "eval_throughput"),
     "freeze": ("freeze", [], "freeze"),
     "prune": ("prune", [], "prune"),
-    "objstore_backfill": ("objstore_backfill", [], "objstore_backfill"),  # SeaweedFS
+    "objstore_detect": ("objstore_detect", [], "objstore_detect"),  # SeaweedFS S3
+    "objstore_idle": ("objstore_idle", [], "objstore_idle"),
+    "objstore_backfill": ("objstore_backfill", [], "objstore_backfill"),
 }
 
 

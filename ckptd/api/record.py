@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -110,7 +110,7 @@ class Recorder:
         versions = recording.run_versions(self.store)
         out = []
         for run in runs:
-            hint = self._hints.get(str(run.path))
+            hint = self._hints.get(run.key)
             out.append(
                 hint is not None
                 and versions.get(hint.run_id) == hint.version
@@ -125,7 +125,7 @@ class Recorder:
         against their prepared states. ``prefetched``: first looks begun before the database was
         read (``daemon/prefetch.py``), used if they are of exactly these runs, all empty here."""
         with self._lock:
-            states = [self._prepared.get(str(r.path)) for r in runs]
+            states = [self._prepared.get(r.key) for r in runs]
             requests = [
                 Request.for_state(r, s, self.stale_after)
                 if s is not None
@@ -142,11 +142,19 @@ class Recorder:
             prefetched.close()
         return observe_many(requests, workers)
 
-    def record(self, run: RunDir, observation: Observation | None = None) -> Outcome:
+    def record(
+        self,
+        run: RunDir,
+        observation: Observation | None = None,
+        *,
+        observer: Callable[[Request], Observation] = observe,
+    ) -> Outcome:
         """Bring the store in line with ``run``'s directory. ``observation``: one made earlier
-        (``observe_all``), used only if the run is still at the version it was made against."""
+        (``observe_all``), used only if the run is still at the version it was made against.
+        ``observer``: how the run is looked at (an object store's listing; default: the local
+        directory), called only while this daemon may record the run."""
         with self._lock:
-            state = self._prepared.pop(str(run.path), None)
+            state = self._prepared.pop(run.key, None)
             for _ in range(ATTEMPTS):
                 if state is None:
                     state = recording.load_state(self.store, run)
@@ -157,7 +165,7 @@ class Recorder:
                         return Outcome(run.name)  # another daemon holds the run: stand by
                 state = replace(state, unsupported=self._reported.get(state.run_id, frozenset()))
                 if observation is None or not _current(observation, state):
-                    observation = observe(Request.for_state(run, state, self.stale_after))
+                    observation = observer(Request.for_state(run, state, self.stale_after))
                 changes = diff(observation, state)
                 try:
                     new_ids = (
@@ -172,7 +180,7 @@ class Recorder:
                     self._settled(run, state, observation, changes, version)
                     return _outcome(run, state, changes, new_ids)
                 state = observation = None  # someone wrote the run meanwhile: look again
-        raise Contended(f"{run.path}: the run kept changing while being recorded; retried later")
+        raise Contended(f"{run.key}: the run kept changing while being recorded; retried later")
 
     def _settled(
         self,
@@ -183,7 +191,7 @@ class Recorder:
         version: int,
     ) -> None:
         """After a successful apply (or nothing to apply): hints and one-time reports."""
-        path = str(run.path)
+        path = run.key
         if obs.unreadable is not None:
             if path not in self._unreadable:
                 self._unreadable.add(path)
@@ -196,11 +204,11 @@ class Recorder:
             return
         if path in self._unreadable:
             self._unreadable.discard(path)
-            log.info("%s: readable again", run.path)
+            log.info("%s: readable again", run.key)
         if changes.reported:
             self._reported[state.run_id] = state.unsupported | set(changes.reported)
             for name in changes.reported:
-                log.warning("%s/%s: file name is not valid UTF-8; ignored", run.path, name)
+                log.warning("%s/%s: file name is not valid UTF-8; ignored", run.key, name)
         for key, read in changes.event_reads:
             if read.skipped:
                 log.warning(
@@ -234,9 +242,9 @@ class Recorder:
         first, why = unread[0]
         more = f" (and {len(unread) - 1} more: ckptd events --json)" if len(unread) > 1 else ""
         reason = f"{first}: {why}{more}"
-        log.warning("%s: not recorded: %s", run.path, reason)
+        log.warning("%s: not recorded: %s", run.key, reason)
         detail = {"files": [{"file": f, "why": w} for f, w in unread[:UNREAD_LISTED]]}
-        entry = audit.Entry(utcnow(), UNRECOGNIZED, run_id, None, str(run.path), reason, detail)
+        entry = audit.Entry(utcnow(), UNRECOGNIZED, run_id, None, run.key, reason, detail)
         audit.write(self.store, [entry])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -187,9 +188,22 @@ def echo_daemon(d: DaemonStatus | None, *, cluster: bool = False, verbose: bool 
             instead = f" (watching {w['watching']})" if w.get("watching") else ""
             echo(f"  waiting for {w.get('path')}{instead}")
         elif isinstance(w, dict):
-            echo(f"  watching {w.get('path')} ({w.get('observer')})")
+            echo(f"  watching {w.get('path')} ({w.get('observer')}{_requests_text(w)})")
+            if w.get("last_error"):
+                since = w.get("failing_since")
+                when = f" since {iso(datetime.fromtimestamp(since, UTC))}" if since else ""
+                echo("    " + style(f"failing{when}: {w['last_error']}", fg="red"))
         else:
             echo(f"  watching {w}")
+
+
+def _requests_text(w: dict[str, Any]) -> str:
+    """An object store watch's request rate (what listing the bucket costs)."""
+    if "requests" not in w:
+        return ""
+    rate = w.get("requests_per_minute")
+    shown = "measuring" if rate is None else f"{rate:g}/min"
+    return f", {w['requests']} requests, {shown}"
 
 
 def echo_worker(w: WorkerStatus) -> None:

@@ -24,6 +24,19 @@ class RunDir:
     root: Path
     keras_template: str | None = None
     step_variable: str | None = None  # the tensor a TF checkpoint's step is read from
+    # On an object store: the run's and the watch's URLs (``s3://bucket/runs/r1``), what the
+    # store records them by; ``path`` and ``root`` are then not local directories.
+    url: str | None = None
+    root_url: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What the store records the run by: its path, or its URL."""
+        return self.url if self.url is not None else str(self.path)
+
+    @property
+    def root_key(self) -> str:
+        return self.root_url if self.root_url is not None else str(self.root)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class Jobs:
                 "state": "running",
                 "heartbeat_interval": d.config.daemon.heartbeat_interval.total_seconds(),
                 "evaluate_on": "local" if d.eval_loop.local else "workers",
-                "watches": d.watcher.describe(),
+                "watches": d.watcher.describe() + d.objwatch.describe(),
                 "counts": counts,
                 "pending_rescans": len(d.dirty),
                 "jobs": {k: v for k, v in d.scheduler.last_success.items()},

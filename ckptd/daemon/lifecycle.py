@@ -11,12 +11,19 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ckptd.config import Config, check_object_stores, load_config, warn_missing_paths
+from ckptd.config import (
+    Config,
+    WatchConfig,
+    check_object_stores,
+    load_config,
+    warn_missing_paths,
+)
 from ckptd.core.errors import StoreError
 from ckptd.daemon import metrics
 from ckptd.daemon import runs as runs_mod
 from ckptd.daemon.health import Stuck, stall_bound, start_timeout
 from ckptd.daemon.notify import notify, watchdog_interval
+from ckptd.daemon.objwatch import ObjectWatches, is_object_watch
 from ckptd.daemon.scheduler import Job
 from ckptd.daemon.watch import Watcher
 from ckptd.io.observe import stop_fork_server
@@ -74,6 +81,7 @@ class Supervisor:
                     exc,
                 )
         d.watcher.start()  # before the backfill, so nothing written during it is missed
+        d.objwatch.start()  # (its first poll records what the buckets hold)
         t0 = time.monotonic()
         recorded = d.backfill()
         if d.stop_event.is_set():
@@ -207,6 +215,7 @@ class Supervisor:
         try:
             new = load_config(old.source)
             check_object_stores(new)
+            objects = tuple(w for w in new.watches if is_object_watch(w))
             new = runs_mod.local_only(new)
             jobs = d.jobs.daemon_jobs(new, reload=True)
         except Exception as exc:  # whatever the cause, the running config stays
@@ -216,18 +225,19 @@ class Supervisor:
         for key in ("database", "name", "lease_ttl", "evaluate_on"):
             if getattr(new.daemon, key) != getattr(old.daemon, key):
                 log.warning("the %s setting changed; it takes effect at the next restart", key)
+        before = d.object_watches
         try:
-            self._apply(new, jobs)
+            self._apply(new, jobs, objects)
         except Exception as exc:
             log.exception("applying the new config failed; going back to the running one")
-            self._apply(old, d.jobs.daemon_jobs(old, reload=True))
+            self._apply(old, d.jobs.daemon_jobs(old, reload=True), before)
             self._reload_failed(exc)
             return
         d.reload_error = None
         log.info("configuration reloaded from %s", new.source)
         notify("READY=1", "STATUS=configuration reloaded")
 
-    def _apply(self, config: Config, jobs: list[Job]) -> None:
+    def _apply(self, config: Config, jobs: list[Job], objects: tuple[WatchConfig, ...]) -> None:
         d = self.daemon
         d.watcher.stop()
         d.config = config
@@ -235,6 +245,10 @@ class Supervisor:
         d.progress.bound = stall_bound(config.daemon.heartbeat_interval)
         d.watcher = Watcher(config.watches, d.on_path, on_armed=d.on_armed)
         d.watcher.start()
+        d.objwatch.stop()
+        d.object_watches = objects
+        d.objwatch = ObjectWatches(objects, d.record_with)
+        d.objwatch.start()
         d.jobs.schedule(jobs)
 
     def _reload_failed(self, exc: Exception) -> None:
@@ -253,6 +267,7 @@ class Supervisor:
         d.worker.terminate()  # a running evaluation/export is redone at the next start
         d.scheduler.shutdown()
         d.watcher.stop()
+        d.objwatch.stop()
         deadline = time.monotonic() + STOP_GRACE
         for thread in (d.reconcile_thread, d.eval_thread):
             if thread is not None:

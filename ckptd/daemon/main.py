@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ckptd import __version__
@@ -34,12 +34,20 @@ from ckptd.daemon.health import DatabaseHealth, Progress, Stuck, stall_bound
 from ckptd.daemon.jobs import Jobs
 from ckptd.daemon.leases import LeaseKeeper
 from ckptd.daemon.lifecycle import Supervisor
+from ckptd.daemon.objwatch import ObjectWatches, is_object_watch
 from ckptd.daemon.reconcile import Outcome, Reconciler
 from ckptd.daemon.requests import RequestServer
 from ckptd.daemon.runs import RunSpec
 from ckptd.daemon.scheduler import Scheduler
 from ckptd.daemon.watch import Watcher
-from ckptd.io.observe import PARALLEL_MIN_RUNS, ObservePool, default_workers, stop_fork_server
+from ckptd.io.observe import (
+    PARALLEL_MIN_RUNS,
+    ObservePool,
+    Request,
+    default_workers,
+    observe,
+    stop_fork_server,
+)
 from ckptd.store import audit, daemons, migrate
 from ckptd.store.db import DatabaseUnreachable
 from ckptd.store.handle import Store
@@ -67,7 +75,10 @@ class Daemon:
     thread is ``supervisor``."""
 
     def __init__(self, config: Config, *, prefetched: ObservePool | None = None) -> None:
-        config = runs_mod.local_only(config)  # object store watches: not observed here yet
+        # Object store watches are polled (objwatch.py); the rest of the daemon (inotify,
+        # evaluation, export, prune) works on the local watches for now.
+        self.object_watches = tuple(w for w in config.watches if is_object_watch(w))
+        config = runs_mod.local_only(config)
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
         # WAL checkpoints (an fsync) run in their own job, never inside a recording commit.
@@ -98,6 +109,7 @@ class Daemon:
         )
         self.eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
+        self.objwatch = ObjectWatches(self.object_watches, self.record_with)
         self.scheduler = Scheduler(self.progress)
         self.jobs = Jobs(self)
         self.supervisor = Supervisor(self)
@@ -245,9 +257,19 @@ class Daemon:
         )
         self._reported_runs |= set(new)
 
-    def _reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Outcome:
+    def record_with(self, spec: RunSpec, observer: Callable[[Request], Observation]) -> Outcome:
+        """Record ``spec`` as ``observer`` sees it (an object store run, from its listing)."""
+        with self.progress.busy(f"reconcile of {spec.url or spec.path}"):
+            return self._reconcile(spec, observer=observer)
+
+    def _reconcile(
+        self,
+        spec: RunSpec,
+        observation: Observation | None = None,
+        observer: Callable[[Request], Observation] = observe,
+    ) -> Outcome:
         try:
-            outcome = self.reconciler.reconcile(spec, observation)
+            outcome = self.reconciler.reconcile(spec, observation, observer)
             self.health.last_reconcile = time.time()
             self.health.db_ok = True
         except Exception as exc:
@@ -323,6 +345,7 @@ class Daemon:
             stuck = self.progress.stuck()
         alive = self.reconcile_thread is not None and self.reconcile_thread.is_alive()
         threads = alive and self.watcher.healthy() and self.scheduler.running()
+        threads = threads and self.objwatch.healthy()
         return threads and not stuck and self.health.db_ok
 
     def healthy(self, stuck: list[Stuck] | None = None) -> bool:
@@ -336,6 +359,7 @@ class Daemon:
         self.prepare()
         self.leases.start()
         n = self.backfill()
+        n += self.objwatch.poll_once()
         self.evaluator.enqueue()
         if self.eval_loop.local:
             self.evaluator.run_pending(run_ids=self.leases.held())

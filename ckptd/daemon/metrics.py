@@ -86,6 +86,12 @@ def serve(address: str) -> None:
     _m["worker_jobs"] = Gauge(
         "ckptd_worker_jobs", "Jobs each worker has in flight", ["name"], registry=registry
     )
+    _m["object_store_requests"] = Counter(
+        "ckptd_object_store_requests",
+        "Requests made to each object store watch (LIST, GET, PUT, DELETE)",
+        ["watch"],
+        registry=registry,
+    )
     start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
     log.info("serving Prometheus metrics on http://%s/metrics", address)
 
@@ -104,6 +110,11 @@ def detection_latency(seconds: list[float]) -> None:
     if _m:
         for s in seconds:
             _m["latency"].observe(max(s, 0.0))
+
+
+def object_store_requests(watch: str, n: int) -> None:
+    if _m and n > 0:
+        _m["object_store_requests"].labels(watch).inc(n)
 
 
 def evaluation(outcome: str, seconds: float) -> None:

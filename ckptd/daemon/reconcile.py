@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ckptd.api.record import Leases, Outcome, Recorder
 from ckptd.core.recording import Observation, RunDir
 from ckptd.daemon import metrics
 from ckptd.daemon.runs import RunSpec
-from ckptd.io.observe import STALE_AFTER, ObservePool
+from ckptd.io.observe import STALE_AFTER, ObservePool, Request, observe
 from ckptd.store.handle import Store
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,16 @@ __all__ = ["Outcome", "Reconciler", "run_dir"]
 
 def run_dir(spec: RunSpec) -> RunDir:
     w = spec.watch
+    if spec.url is not None:  # an object store run: recorded by its URL and its watch's
+        return RunDir(
+            spec.name,
+            spec.path,
+            spec.path,
+            w.keras_template,
+            w.step_variable,
+            spec.url,
+            str(w.path),
+        )
     return RunDir(spec.name, spec.path, w.local_path, w.keras_template, w.step_variable)
 
 
@@ -56,10 +66,16 @@ class Reconciler:
             [run_dir(s) for s in specs], workers, prefetched=prefetched
         )
 
-    def reconcile(self, spec: RunSpec, observation: Observation | None = None) -> Outcome:
+    def reconcile(
+        self,
+        spec: RunSpec,
+        observation: Observation | None = None,
+        observer: Callable[[Request], Observation] = observe,
+    ) -> Outcome:
         """Bring the database in line with ``spec``'s directory; ``observation``: what a worker
-        saw (``observe_all``), used only if nothing was written for this run since."""
-        outcome = self.recorder.record(run_dir(spec), observation)
+        saw (``observe_all``), used only if nothing was written for this run since;
+        ``observer``: how the run is looked at (an object store run: its listing)."""
+        outcome = self.recorder.record(run_dir(spec), observation, observer=observer)
         if outcome.written_at:
             committed = time.time()
             metrics.detection_latency([committed - t for t in outcome.written_at])

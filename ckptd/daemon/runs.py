@@ -23,23 +23,17 @@ class RunSpec:
     name: str
     path: Path
     watch: WatchConfig
+    url: str | None = None  # on an object store: the run's URL (``path`` is then not local)
 
 
 def local_only(config: Config, *, quiet: bool = False) -> Config:
-    """The watches this daemon observes: those on local disks. An object store watch is left
-    out, and so is an export to an object store, each said once in the log, until their
-    observer (daemon/objwatch.py) and uploader run them."""
+    """The watches on local disks: what inotify, the local scans, evaluation, export and prune
+    work on. An object store watch is left out (its runs are recorded by its poller,
+    daemon/objwatch.py), and so is an export to an object store, said once in the log, until
+    its uploader runs it."""
     kept = []
     for i, w in enumerate(config.watches):
         if w.is_object_store:
-            if quiet:
-                continue
-            log.warning(
-                "watch[%d] %s: object store watches are not observed by this version of the "
-                "daemon yet; it is skipped",
-                i,
-                w.path,
-            )
             continue
         if w.freeze is not None and isinstance(w.freeze.export_dir, str):
             if not quiet:

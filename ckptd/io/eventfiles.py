@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,8 +67,12 @@ def metric_prefix(run_dir: Path, event_file: Path) -> str:
     return "" if str(rel) == "." else rel.as_posix()
 
 
-def _frames(fd: int, pos: int, end: int) -> Iterator[tuple[int, int, bytes | None, str | None]]:
-    """(start, end, payload, error) of each whole record of ``fd`` from ``pos`` up to ``end``.
+Pread = Callable[[int, int], bytes]  # (size, offset) -> up to size bytes from offset
+
+
+def _frames(read: Pread, pos: int, end: int) -> Iterator[tuple[int, int, bytes | None, str | None]]:
+    """(start, end, payload, error) of each whole record of the file ``read`` reads, from
+    ``pos`` up to ``end`` (a local file: ``os.pread`` of its fd; an object: ranged GETs).
 
     Stops at a partial tail (the trainer is still writing it). Reads ``_CHUNK`` bytes at a time
     and holds at most one chunk plus one record; the payload of a record over ``MAX_RECORD`` is
@@ -81,9 +85,7 @@ def _frames(fd: int, pos: int, end: int) -> Iterator[tuple[int, int, bytes | Non
         nonlocal buf, i
         have = buf[i:]
         while len(have) < n:
-            chunk = os.pread(
-                fd, min(max(_CHUNK, n - len(have)), end - pos - len(have)), pos + len(have)
-            )
+            chunk = read(min(max(_CHUNK, n - len(have)), end - pos - len(have)), pos + len(have))
             if not chunk:
                 return False
             have += chunk
@@ -165,8 +167,6 @@ def read_scalars(path: Path, offset: int, prefix: str, *, root: Path) -> ReadRes
     bounded chunks. A broken frame sets ``error`` (permanent); an OS error sets ``retry``; a
     value that is not a valid scalar is skipped and counted, and reading goes on.
     """
-    from tensorboard.compat.proto import event_pb2  # slow to import: only for an event file
-
     result = ReadResult(offset=offset)
     try:
         with safeio.open_dir_under(root, path.parent) as dfd:
@@ -178,20 +178,29 @@ def read_scalars(path: Path, offset: int, prefix: str, *, root: Path) -> ReadRes
         result.retry = f"unreadable: {exc.strerror or exc}"
         return result
     try:
-        for start, end, payload, error in _frames(fd, offset, st.st_size):
-            if error:
-                result.error = error
-                break
-            result.offset = end
-            if payload is None:
-                result.skip(f"record at byte {start} is over {MAX_RECORD:,} bytes (not a scalar)")
-                continue
-            _scalars(event_pb2, payload, start, prefix, result)
+        scan_records(lambda n, pos: os.pread(fd, n, pos), st.st_size, prefix, result)
     except OSError as exc:  # e.g. EIO part way: keep what was read, the rest at the next scan
         result.retry = f"unreadable: {exc.strerror or exc}"
     finally:
         os.close(fd)
     return result
+
+
+def scan_records(read: Pread, size: int, prefix: str, result: ReadResult) -> None:
+    """Add to ``result`` the scalars of the whole records between ``result.offset`` and
+    ``size``, moving ``result.offset`` past each; errors of ``read`` propagate (what was read
+    before them stays in ``result``)."""
+    from tensorboard.compat.proto import event_pb2  # slow to import: only for an event file
+
+    for start, end, payload, error in _frames(read, result.offset, size):
+        if error:
+            result.error = error
+            break
+        result.offset = end
+        if payload is None:
+            result.skip(f"record at byte {start} is over {MAX_RECORD:,} bytes (not a scalar)")
+            continue
+        _scalars(event_pb2, payload, start, prefix, result)
 
 
 def _scalars(event_pb2: Any, payload: bytes, start: int, prefix: str, result: ReadResult) -> None:

@@ -31,7 +31,7 @@ def load_states(store: Store, runs: Sequence[RunDir]) -> dict[str, RunState]:
 
 
 def load_state(store: Store, run: RunDir) -> RunState:
-    return load_states(store, [run])[str(run.path)]
+    return load_states(store, [run])[run.key]
 
 
 def run_versions(store: Store) -> dict[int, int]:
@@ -42,7 +42,7 @@ def run_versions(store: Store) -> dict[int, int]:
 
 def _load(session: Session, runs: Sequence[RunDir]) -> dict[str, RunState]:
     conn = session.connection()
-    wanted = {str(r.path): r for r in runs}
+    wanted = {r.key: r for r in runs}
     paths = list(wanted)
     found: dict[str, tuple[int, int, bool, bool, str | None]] = {}
     checkpoints: dict[int, dict[str, Known]] = {}
@@ -88,11 +88,11 @@ def _create(session: Session, runs: list[RunDir]) -> dict[str, RunState]:
         conn,
         _runs,
         ("name", "path", "watch_path", "present", "created_at"),
-        [(r.name, str(r.path), str(r.root), True, now) for r in runs],
+        [(r.name, r.key, r.root_key, True, now) for r in runs],
         conflict_keys=("path",),
     )
     created: dict[str, tuple[int, int]] = {}
-    paths = [str(r.path) for r in runs]
+    paths = [r.key for r in runs]
     for i in range(0, len(paths), _CHUNK):
         q = select(_runs.c.path, _runs.c.id, _runs.c.version)
         for path, rid, version in conn.execute(q.where(_runs.c.path.in_(paths[i : i + _CHUNK]))):
@@ -100,9 +100,7 @@ def _create(session: Session, runs: list[RunDir]) -> dict[str, RunState]:
     audit.record_many(
         session,
         [
-            audit.Entry(
-                now, "run_discovered", created[str(r.path)][0], None, r.name, None, {"path": p}
-            )
+            audit.Entry(now, "run_discovered", created[r.key][0], None, r.name, None, {"path": p})
             for r, p in zip(runs, paths, strict=True)
         ],
     )

@@ -34,12 +34,7 @@ def keras(
         return None
     name = entry.name
     is_h5 = name.endswith(".weights.h5")
-    fmt = "keras_weights" if is_h5 else "keras"
-    parsed = template.parse(name) if template else None
-    if parsed is None:
-        digits = re.findall(r"\d+", name.rsplit(".weights.h5" if is_h5 else ".keras", 1)[0])
-        parsed = (int(digits[0]) if digits else None, {})
-    step, metrics = parsed
+    fmt, step, metrics = keras_name(name, template)
     signature = (st.st_size, st.st_mtime_ns)
     path = f"{rel}/{name}" if rel else name  # its one file, relative to the run directory
     prefix = str(run_dir / path)
@@ -62,6 +57,20 @@ def keras(
     return seen.found(fmt, state, problem, signature)
 
 
+def keras_name(
+    name: str, template: KerasTemplate | None
+) -> tuple[str, int | None, dict[str, float]]:
+    """(format, step, metrics) a Keras checkpoint's file name says (the template's fields, else
+    its first number)."""
+    is_h5 = name.endswith(".weights.h5")
+    fmt = "keras_weights" if is_h5 else "keras"
+    parsed = template.parse(name) if template else None
+    if parsed is None:
+        digits = re.findall(r"\d+", name.rsplit(".weights.h5" if is_h5 else ".keras", 1)[0])
+        parsed = (int(digits[0]) if digits else None, {})
+    return fmt, parsed[0], parsed[1]
+
+
 def _incomplete(dir_fd: int, name: str, is_h5: bool, size: int) -> str | None:
     """None when the file is whole, else why not (zip end record / HDF5 end-of-file address).
 
@@ -71,7 +80,7 @@ def _incomplete(dir_fd: int, name: str, is_h5: bool, size: int) -> str | None:
     try:
         with os.fdopen(fd, "rb") as fh:
             if is_h5:
-                return _hdf5_incomplete(fh.read(48), size)
+                return hdf5_incomplete(fh.read(48), size)
             # (reads only the end of the archive: its end record, a bounded search)
             if not zipfile.is_zipfile(fh):
                 return "not a complete zip archive (still being written, or truncated)"
@@ -80,7 +89,7 @@ def _incomplete(dir_fd: int, name: str, is_h5: bool, size: int) -> str | None:
         return f"unreadable: {exc.strerror}"
 
 
-def _hdf5_incomplete(head: bytes, size: int) -> str | None:
+def hdf5_incomplete(head: bytes, size: int) -> str | None:
     """Why an HDF5 file whose first 48 bytes are ``head`` is not whole, or None."""
     if len(head) < 16 or not head.startswith(HDF5_SIGNATURE):
         return "no HDF5 signature (still being written, or not an HDF5 file)"

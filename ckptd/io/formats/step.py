@@ -48,14 +48,26 @@ def read_step(dir_fd: int, data_name: str, at: TensorAt) -> int | None:
     """The integer scalar ``at`` in the data shard ``data_name`` of ``dir_fd``; None when it is
     not one, cannot be read, or its bytes fail the index's checksum (the shard is not the one
     this index describes, e.g. rewritten since): the caller falls back to the file name."""
-    width = _INTEGERS.get(at.dtype)
-    if width is None or at.size != width[0]:
+    if not readable(at):
         return None
     try:
         raw = safeio.read_checked(data_name, dir_fd, at.offset, at.size)
     except OSError:
         return None
-    if len(raw) != at.size or masked_crc32c(raw) != at.crc32c:
+    return step_value(raw, at)
+
+
+def readable(at: TensorAt) -> bool:
+    """Whether ``at`` is a tensor a step can be read from (an integer scalar)."""
+    width = _INTEGERS.get(at.dtype)
+    return width is not None and at.size == width[0]
+
+
+def step_value(raw: bytes, at: TensorAt) -> int | None:
+    """The step in ``raw``, the bytes ``at`` locates (read from a local file or an object);
+    None when they fail the index's checksum or are no step."""
+    width = _INTEGERS.get(at.dtype)
+    if width is None or len(raw) != at.size or masked_crc32c(raw) != at.crc32c:
         return None
     value = int.from_bytes(raw, "little", signed=width[1])
     return value if value >= 0 else None

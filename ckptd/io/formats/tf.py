@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,18 +126,12 @@ def bundle(
     except safeio.NotRegularFile:  # swapped for a FIFO or a device since the listing
         return seen.found(fmt, CORRUPT, f"{g.index.name}: not a regular file", signature)
     except BundleError as exc:
-        # No footer yet = still being written (TF2 writes .index in place); anything else = corrupt.
-        # An index without a footer whose data files are long finished is truncated.
-        state = INCOMPLETE if "footer" in str(exc) or "too short" in str(exc) else CORRUPT
-        reason = f"index: {exc}"
-        if state == INCOMPLETE and now - ist.st_mtime > stale_after:
-            state = CORRUPT
-            reason = f"index truncated: {exc}; unchanged for {now - ist.st_mtime:.0f} s"
+        state, reason = index_error(exc, now - ist.st_mtime, stale_after)
         return seen.found(fmt, state, reason, signature)
     except OSError as exc:
         return seen.found(fmt, INCOMPLETE, f"index unreadable: {exc.strerror}")
     fmt = "tf2" if header.is_object_graph else "tf1"
-    problem = _shards_problem(header, g, shard_sizes)
+    problem = shards_problem(header, g.totals, g.data.keys(), shard_sizes)
     if problem is not None:
         return seen.found(fmt, CORRUPT, problem, signature)
     at = header.located
@@ -148,12 +143,33 @@ def bundle(
     )
 
 
-def _shards_problem(header: BundleHeader, g: Group, shard_sizes: dict[int, int]) -> str | None:
-    """Why the data shards on disk cannot be the ones the index describes, or None."""
-    total = header.num_shards or (max(g.totals) if g.totals else 0)
-    if len(g.totals) > 1 or (g.totals and total not in g.totals):
-        return f"data shards disagree on the shard count ({sorted(g.totals)} vs index {total})"
-    missing = [i for i in range(total) if i not in g.data]
+def index_error(exc: BundleError, age: float, stale_after: float) -> tuple[str, str]:
+    """(state, reason) of a checkpoint whose index did not parse, unchanged for ``age`` s.
+
+    No footer yet = still being written (TF2 writes .index in place; on an object store a
+    reader never sees that, but a truncated upload looks the same); anything else = corrupt.
+    An index without a footer whose data files are long finished is truncated.
+    """
+    state = INCOMPLETE if "footer" in str(exc) or "too short" in str(exc) else CORRUPT
+    reason = f"index: {exc}"
+    if state == INCOMPLETE and age > stale_after:
+        state = CORRUPT
+        reason = f"index truncated: {exc}; unchanged for {age:.0f} s"
+    return state, reason
+
+
+def shards_problem(
+    header: BundleHeader,
+    totals: Collection[int],
+    present: Collection[int],
+    shard_sizes: dict[int, int],
+) -> str | None:
+    """Why the data shards listed cannot be the ones the index describes, or None.
+    ``totals``: the MMMMM of the listed shard names; ``present``: their NNNNN."""
+    total = header.num_shards or (max(totals) if totals else 0)
+    if len(totals) > 1 or (totals and total not in totals):
+        return f"data shards disagree on the shard count ({sorted(totals)} vs index {total})"
+    missing = [i for i in range(total) if i not in present]
     if missing:
         shown = ", ".join(f"{i:05d}" for i in missing[:4]) + (" …" if len(missing) > 4 else "")
         return f"missing data shard(s) {shown} of {total:05d}"

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from ckptd.io.objstore.failures import (
@@ -159,7 +160,7 @@ class Store:
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
         for entry in entries:
-            name = entry["name"].rstrip("/")
+            name = _key(entry["name"].rstrip("/"))
             if name == key:
                 continue  # the prefix itself (a "directory" marker object)
             if entry.get("type") == "directory":
@@ -167,6 +168,27 @@ class Store:
             else:
                 objects.append(_info(name, entry))
         return objects, prefixes
+
+    def list_tree(self, key: str) -> list[ObjectInfo]:
+        """Every object under the prefix ``key`` (one listing without a delimiter, paged by the
+        store): a run and its subdirectories in one request where a delimiter listing would
+        cost one per subdirectory. A prefix holding nothing lists empty."""
+
+        def find() -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = self.fs.find(key, detail=True, withdirs=False)
+            return found
+
+        try:
+            found = self._call("LIST", key, find)
+        except StoreError as err:
+            if err.kind != NOT_FOUND:
+                raise
+            return []
+        return [
+            _info(_key(name), entry)
+            for name, entry in sorted(found.items())
+            if entry.get("type") != "directory" and not name.endswith("/")
+        ]
 
     def stat(self, key: str) -> ObjectInfo | None:
         """The object ``key`` (one HEAD), or None when there is none."""
@@ -242,11 +264,23 @@ class Store:
             raise
 
 
+def _key(name: str) -> str:
+    return name.lstrip("/")  # memory:// names start with one; object keys are bucket/…
+
+
 def _info(name: str, entry: dict[str, Any]) -> ObjectInfo:
     version = entry.get("generation") or entry.get("ETag") or entry.get("etag") or ""
     modified = entry.get("LastModified") or entry.get("mtime") or entry.get("created")
     stamp = getattr(modified, "timestamp", None)  # a datetime; some stores give a string or none
-    mtime_ns = int(stamp() * 1e9) if stamp is not None else 0
+    if isinstance(modified, str):  # gcsfs: RFC 3339 text
+        try:
+            stamp = datetime.fromisoformat(modified).timestamp
+        except ValueError:
+            stamp = None
+    if stamp is not None:
+        mtime_ns = int(stamp() * 1e9)
+    else:  # memory:// gives seconds as a number
+        mtime_ns = int(modified * 1e9) if isinstance(modified, int | float) else 0
     return ObjectInfo(name, int(entry.get("size") or 0), str(version).strip('"'), mtime_ns)
 
 
