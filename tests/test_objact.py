@@ -1,14 +1,15 @@
 """Acting on object-store checkpoints at the io level: prune deletes only what was recorded, in
 the recorded version; downloads for evaluation; exports uploaded with their marker last.
 
-Against fsspec's in-process ``memory://`` store (with a generation per write, as GCS gives);
-the same tests run against the real servers in ``test_objact_servers.py``.
+Against fsspec's in-process ``memory://`` store (with a generation per write, as GCS gives),
+then against the real servers (SeaweedFS for S3, fake-gcs-server for GCS).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,12 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from ckptd.io import statefile
-from ckptd.io.objstore import Store, transfer
+from ckptd.io.objstore import Store, open_store, transfer
 from ckptd.io.objstore import prune as objprune
+from ckptd.io.objstore.observe import identity
 from tests.conftest import Corpus
+from tests.objfixtures import Bucket
+from tests.objupload import upload_checkpoint, upload_run
 
 _generations = itertools.count(1)
 
@@ -37,22 +41,25 @@ class VersionedMemory(MemoryFileSystem):
         self.generation: dict[str, int] = {}
         self.calls: list[tuple[str, Any]] = []
 
+    def _key(self, path: str) -> str:
+        return str(self._strip_protocol(path)).lstrip("/")  # as the Store spells keys
+
     def _bump(self, path: str) -> None:
         self.generation[self._strip_protocol(path)] = next(_generations)
 
     def pipe_file(self, path: str, value: bytes, *args: Any, **kwargs: Any) -> None:
-        self.calls.append(("put", self._strip_protocol(path)))
+        self.calls.append(("put", self._key(path)))
         super().pipe_file(path, value, *args, **kwargs)
         self._bump(path)
 
     def put_file(self, lpath: str, rpath: str, *args: Any, **kwargs: Any) -> None:
-        self.calls.append(("put", self._strip_protocol(rpath)))
+        self.calls.append(("put", self._key(rpath)))
         super().put_file(lpath, rpath, *args, **kwargs)
         self._bump(rpath)
 
     def rm(self, path: Any, *args: Any, **kwargs: Any) -> None:
         paths = [path] if isinstance(path, str) else list(path)
-        self.calls.append(("delete", sorted(self._strip_protocol(p) for p in paths)))
+        self.calls.append(("delete", sorted(self._key(p) for p in paths)))
         super().rm(paths, *args, **kwargs)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
@@ -79,7 +86,7 @@ def mem() -> Iterator[tuple[Store, VersionedMemory]]:
     yield Store("memory://bucket", fs), fs
 
 
-def upload_run(store: Store, fs: VersionedMemory, run_dir: Path, key: str) -> None:
+def upload_mem(store: Store, fs: VersionedMemory, run_dir: Path, key: str) -> None:
     """A run's files uploaded in TensorFlow's order: data shards, then each index, then the
     state file (and anything else)."""
     names = sorted(p.name for p in run_dir.iterdir() if p.is_file())
@@ -94,27 +101,31 @@ def versions_of(store: Store, key: str) -> dict[str, str]:
 
 
 def recorded(store: Store, key: str, name: str) -> objprune.Recorded:
-    found = versions_of(store, key)
-    files = tuple(sorted(n for n in found if n.startswith(name + ".")))
-    return objprune.Recorded(name, files, found[name + ".index"])
+    """The checkpoint ``name`` as the observer records it: size of its index, identity of its
+    index and data objects (io/objstore/observe.py)."""
+    present = objprune.listing(store, key)
+    files = tuple(sorted(n for n in present if n.startswith(name + ".")))
+    index = present[name + ".index"]
+    data = [present[f] for f in files if ".data-" in f]
+    return objprune.Recorded(name, files, size=index.size, ident=identity(index, *data))
 
 
 def test_prune_deletes_only_recorded_objects_data_first(
     mem: tuple[Store, VersionedMemory], golden: Corpus
 ) -> None:
     store, fs = mem
-    upload_run(store, fs, golden.run_dir("sharded"), "/bucket/runs/r1")
+    upload_mem(store, fs, golden.run_dir("sharded"), "bucket/runs/r1")
     # Not recorded: an unfinished upload (shards without index), another tool's file.
-    fs.pipe_file("/bucket/runs/r1/ckpt-30.data-00000-of-00004", b"half")
-    fs.pipe_file("/bucket/runs/r1/notes.txt", b"mine")
-    before = versions_of(store, "/bucket/runs/r1")
-    group = recorded(store, "/bucket/runs/r1", "ckpt-10")
+    fs.pipe_file("bucket/runs/r1/ckpt-30.data-00000-of-00004", b"half")
+    fs.pipe_file("bucket/runs/r1/notes.txt", b"mine")
+    before = versions_of(store, "bucket/runs/r1")
+    group = recorded(store, "bucket/runs/r1", "ckpt-10")
     assert len(group.files) == 5
     fs.calls.clear()
-    [removal], left = objprune.remove_groups(store, "/bucket/runs/r1", [group])
+    [removal], left = objprune.remove_groups(store, "bucket/runs/r1", [group])
     assert removal.ok and sorted(removal.removed) == sorted(group.files)
     assert removal.bytes_freed > 0
-    after = versions_of(store, "/bucket/runs/r1")
+    after = versions_of(store, "bucket/runs/r1")
     assert set(after) == set(before) - set(group.files)
     assert after == {n: v for n, v in before.items() if n in after}  # nothing else rewritten
     assert "ckpt-30.data-00000-of-00004" in after and "notes.txt" in after
@@ -122,7 +133,7 @@ def test_prune_deletes_only_recorded_objects_data_first(
     # Data objects in one request, then the index in another.
     deletes = [p for kind, p in fs.calls if kind == "delete"]
     assert [len(d) for d in deletes] == [4, 1]
-    assert deletes[1] == ["/bucket/runs/r1/ckpt-10.index"]
+    assert deletes[1] == ["bucket/runs/r1/ckpt-10.index"]
 
 
 def test_rewritten_main_object_is_left_and_reported(
@@ -130,15 +141,36 @@ def test_rewritten_main_object_is_left_and_reported(
 ) -> None:
     store, fs = mem
     run = golden.run_dir("sharded")
-    upload_run(store, fs, run, "/bucket/r")
-    old = recorded(store, "/bucket/r", "ckpt-10")
+    upload_mem(store, fs, run, "bucket/r")
+    old = recorded(store, "bucket/r", "ckpt-10")
     # The trainer saved ckpt-10 again (a restart): the same names, a new version.
-    upload_run(store, fs, run, "/bucket/r")
-    before = versions_of(store, "/bucket/r")
-    [removal], _ = objprune.remove_groups(store, "/bucket/r", [old])
+    upload_mem(store, fs, run, "bucket/r")
+    before = versions_of(store, "bucket/r")
+    [removal], _ = objprune.remove_groups(store, "bucket/r", [old])
     assert not removal.ok and "rewritten since it was recorded" in removal.errors[0]
     assert removal.removed == []
-    assert versions_of(store, "/bucket/r") == before
+    assert versions_of(store, "bucket/r") == before
+
+
+def test_rewritten_data_shard_leaves_the_checkpoint(
+    mem: tuple[Store, VersionedMemory], golden: Corpus
+) -> None:
+    """The identity covers the data objects too: a shard uploaded again is another save."""
+    store, fs = mem
+    run = golden.run_dir("sharded")
+    upload_mem(store, fs, run, "bucket/r")
+    old = recorded(store, "bucket/r", "ckpt-10")
+    shard = "ckpt-10.data-00001-of-00004"
+    fs.put_file(str(run / shard), f"bucket/r/{shard}")
+    before = versions_of(store, "bucket/r")
+    [removal], _ = objprune.remove_groups(store, "bucket/r", [old])
+    assert not removal.ok and "rewritten" in removal.errors[0]
+    assert versions_of(store, "bucket/r") == before
+    # The version field alone (an ETag kept by a caller) is also honoured.
+    index = objprune.listing(store, "bucket/r")["ckpt-10.index"]
+    by_etag = objprune.Recorded("ckpt-10", old.files, version=index.version)
+    [removal], _ = objprune.remove_groups(store, "bucket/r", [by_etag])
+    assert removal.ok and len(removal.removed) == 5
 
 
 def test_main_object_gone_leaves_the_rest(
@@ -146,47 +178,47 @@ def test_main_object_gone_leaves_the_rest(
 ) -> None:
     """Without its index the recorded version is gone; shards of that name may be a new upload."""
     store, fs = mem
-    upload_run(store, fs, golden.run_dir("sharded"), "/bucket/r")
-    group = recorded(store, "/bucket/r", "ckpt-10")
-    fs.rm("/bucket/r/ckpt-10.index")
-    before = versions_of(store, "/bucket/r")
-    [removal], _ = objprune.remove_groups(store, "/bucket/r", [group])
+    upload_mem(store, fs, golden.run_dir("sharded"), "bucket/r")
+    group = recorded(store, "bucket/r", "ckpt-10")
+    fs.rm("bucket/r/ckpt-10.index")
+    before = versions_of(store, "bucket/r")
+    [removal], _ = objprune.remove_groups(store, "bucket/r", [group])
     assert removal.ok and removal.removed == [] and removal.missing == ["ckpt-10.index"]
-    assert versions_of(store, "/bucket/r") == before
+    assert versions_of(store, "bucket/r") == before
 
 
 def test_unrecorded_version_and_bad_names_are_refused(mem: tuple[Store, VersionedMemory]) -> None:
     store, fs = mem
-    fs.pipe_file("/bucket/r/model.keras", b"x")
-    fs.pipe_file("/bucket/other.keras", b"y")
-    no_version = objprune.Recorded("model.keras", ("model.keras",), "")
-    escaping = objprune.Recorded("m", ("../other.keras",), "1")
-    results, _ = objprune.remove_groups(store, "/bucket/r", [no_version, escaping])
+    fs.pipe_file("bucket/r/model.keras", b"x")
+    fs.pipe_file("bucket/other.keras", b"y")
+    no_version = objprune.Recorded("model.keras", ("model.keras",))
+    escaping = objprune.Recorded("m", ("../other.keras",), version="1")
+    results, _ = objprune.remove_groups(store, "bucket/r", [no_version, escaping])
     assert all(not r.ok for r in results)
     assert "refused" in results[1].errors[0]
-    assert versions_of(store, "/bucket/r") and versions_of(store, "/bucket")["other.keras"]
+    assert versions_of(store, "bucket/r") and versions_of(store, "bucket")["other.keras"]
 
 
 def test_state_file_rewritten_by_one_put(
     mem: tuple[Store, VersionedMemory], golden: Corpus
 ) -> None:
     store, fs = mem
-    upload_run(store, fs, golden.run_dir("sharded"), "/bucket/r")
-    before = statefile.parse(fs.cat_file("/bucket/r/checkpoint").decode())
+    upload_mem(store, fs, golden.run_dir("sharded"), "bucket/r")
+    before = statefile.parse(fs.cat_file("bucket/r/checkpoint").decode())
     assert [Path(p).name for p in before.all_model_checkpoint_paths] == ["ckpt-10", "ckpt-20"]
-    group = recorded(store, "/bucket/r", "ckpt-10")
-    [_removal], left = objprune.remove_groups(store, "/bucket/r", [group])
+    group = recorded(store, "bucket/r", "ckpt-10")
+    [_removal], left = objprune.remove_groups(store, "bucket/r", [group])
     fs.calls.clear()
-    changed = objprune.drop_entries(store, "/bucket/r", ["ckpt-10"], set(left), lambda: None)
+    changed = objprune.drop_entries(store, "bucket/r", ["ckpt-10"], set(left), lambda: None)
     assert changed
-    assert fs.puts() == ["/bucket/r/checkpoint"]  # one PUT, the whole file
-    after = statefile.parse(fs.cat_file("/bucket/r/checkpoint").decode())
+    assert fs.puts() == ["bucket/r/checkpoint"]  # one PUT, the whole file
+    after = statefile.parse(fs.cat_file("bucket/r/checkpoint").decode())
     assert [Path(p).name for p in after.all_model_checkpoint_paths] == ["ckpt-20"]
     assert Path(after.model_checkpoint_path).name == "ckpt-20"
     assert len(after.all_model_checkpoint_timestamps) == len(after.all_model_checkpoint_paths)
     # Nothing to change: no PUT.
     fs.calls.clear()
-    assert not objprune.drop_entries(store, "/bucket/r", [], set(left), lambda: None)
+    assert not objprune.drop_entries(store, "bucket/r", [], set(left), lambda: None)
     assert fs.puts() == []
 
 
@@ -195,9 +227,9 @@ def test_state_file_with_full_urls_and_no_entry_left(mem: tuple[Store, Versioned
     store, fs = mem
     text = 'model_checkpoint_path: "memory://bucket/r/m-2"\nall_model_checkpoint_paths: '
     text += '"memory://bucket/r/m-1"\nall_model_checkpoint_paths: "memory://bucket/r/m-2"\n'
-    fs.pipe_file("/bucket/r/checkpoint", text.encode())
-    assert objprune.drop_entries(store, "/bucket/r", ["m-1", "m-2"], set(), lambda: "m-0")
-    after = statefile.parse(fs.cat_file("/bucket/r/checkpoint").decode())
+    fs.pipe_file("bucket/r/checkpoint", text.encode())
+    assert objprune.drop_entries(store, "bucket/r", ["m-1", "m-2"], set(), lambda: "m-0")
+    after = statefile.parse(fs.cat_file("bucket/r/checkpoint").decode())
     assert after.model_checkpoint_path == "m-0" and after.all_model_checkpoint_paths == ["m-0"]
 
 
@@ -206,17 +238,17 @@ def test_download_checks_the_recorded_version(
 ) -> None:
     store, fs = mem
     run = golden.run_dir("sharded")
-    upload_run(store, fs, run, "/bucket/r")
-    group = recorded(store, "/bucket/r", "ckpt-20")
-    size = transfer.download(store, "/bucket/r", group.files, tmp_path / "a", expect=group)
+    upload_mem(store, fs, run, "bucket/r")
+    group = recorded(store, "bucket/r", "ckpt-20")
+    size = transfer.download(store, "bucket/r", group.files, tmp_path / "a", expect=group)
     for name in group.files:
         assert (tmp_path / "a" / name).read_bytes() == (run / name).read_bytes()
     assert size == sum((run / n).stat().st_size for n in group.files)
-    fs.put_file(str(run / "ckpt-20.index"), "/bucket/r/ckpt-20.index")  # rewritten
+    fs.put_file(str(run / "ckpt-20.index"), "bucket/r/ckpt-20.index")  # rewritten
     with pytest.raises(transfer.Rewritten):
-        transfer.download(store, "/bucket/r", group.files, tmp_path / "b", expect=group)
+        transfer.download(store, "bucket/r", group.files, tmp_path / "b", expect=group)
     with pytest.raises(transfer.StoreError, match="refused"):
-        transfer.download(store, "/bucket/r", ["../x"], tmp_path / "c")
+        transfer.download(store, "bucket/r", ["../x"], tmp_path / "c")
 
 
 def export_dir(tmp_path: Path) -> Path:
@@ -236,12 +268,12 @@ def test_export_upload_puts_saved_model_last(
 ) -> None:
     store, fs = mem
     local = export_dir(tmp_path)
-    plan = transfer.upload_export(store, local, "/bucket/exports/3")
+    plan = transfer.upload_export(store, local, "bucket/exports/3")
     assert plan.marker == "saved_model.pb"
     puts = fs.puts()
-    assert len(puts) == 4 and puts[-1] == "/bucket/exports/3/saved_model.pb"
-    assert transfer.is_published(store, "/bucket/exports/3")
-    assert transfer.highest_version(store, "/bucket/exports") == 3
+    assert len(puts) == 4 and puts[-1] == "bucket/exports/3/saved_model.pb"
+    assert transfer.is_published(store, "bucket/exports/3")
+    assert transfer.highest_version(store, "bucket/exports") == 3
 
 
 def test_half_upload_is_never_published_and_is_removed(
@@ -249,14 +281,14 @@ def test_half_upload_is_never_published_and_is_removed(
 ) -> None:
     store, _fs = mem
     local = export_dir(tmp_path)
-    transfer.upload_export(store, local, "/bucket/exports/1")
+    transfer.upload_export(store, local, "bucket/exports/1")
     plan = transfer.plan_upload(local)
-    transfer.upload_body(store, local, "/bucket/exports/2", plan)  # stopped before the marker
-    assert not transfer.is_published(store, "/bucket/exports/2")
-    assert transfer.highest_version(store, "/bucket/exports") == 2  # a new one goes above it
-    assert transfer.remove_tree(store, "/bucket/exports/2") == 3
-    assert transfer.highest_version(store, "/bucket/exports") == 1
-    assert transfer.is_published(store, "/bucket/exports/1")
+    transfer.upload_body(store, local, "bucket/exports/2", plan)  # stopped before the marker
+    assert not transfer.is_published(store, "bucket/exports/2")
+    assert transfer.highest_version(store, "bucket/exports") == 2  # a new one goes above it
+    assert transfer.remove_tree(store, "bucket/exports/2") == 3
+    assert transfer.highest_version(store, "bucket/exports") == 1
+    assert transfer.is_published(store, "bucket/exports/1")
 
 
 def test_frozen_only_export_is_published_by_its_manifest(
@@ -267,12 +299,12 @@ def test_frozen_only_export_is_published_by_its_manifest(
     (d / "assets.extra").mkdir(parents=True)
     (d / "frozen.pb").write_bytes(b"g")
     (d / "assets.extra" / "ckptd.json").write_text("{}")
-    plan = transfer.upload_export(store, d, "/bucket/x/1")
+    plan = transfer.upload_export(store, d, "bucket/x/1")
     assert plan.marker == transfer.MANIFEST
-    assert fs.puts()[-1] == "/bucket/x/1/assets.extra/ckptd.json"
+    assert fs.puts()[-1] == "bucket/x/1/assets.extra/ckptd.json"
     marker = transfer.marker_of(["frozen"])
-    assert transfer.is_published(store, "/bucket/x/1", marker)
-    assert not transfer.is_published(store, "/bucket/x/1")  # no SavedModel there
+    assert transfer.is_published(store, "bucket/x/1", marker)
+    assert not transfer.is_published(store, "bucket/x/1")  # no SavedModel there
 
 
 def test_object_destination_publishes_with_the_marker_last(
@@ -293,7 +325,7 @@ def test_object_destination_publishes_with_the_marker_last(
     fs.calls.clear()
     dest.publish(tmp, 1)
     assert fs.puts() == ["bucket/exports/run/1/saved_model.pb"] or fs.puts() == [
-        "/bucket/exports/run/1/saved_model.pb"
+        "bucket/exports/run/1/saved_model.pb"
     ]
     assert dest.exists(dest.final(1), "saved_model") and not tmp.exists()
     # A failed export after its body went up: discarded, never published.
@@ -307,3 +339,108 @@ def test_object_destination_publishes_with_the_marker_last(
     assert dest.highest_version() == 1 and not tmp2.exists()
     dest.remove(dest.final(1))
     assert dest.highest_version() == 0
+
+
+# ------------------------------------------------------------------ the same on real servers
+
+
+def server_store(bucket: Bucket) -> Store:
+    return open_store(bucket.url, endpoint_url=bucket.server.endpoint)
+
+
+class PutLog:
+    """Records the keys the store's filesystem uploads files to, in the order of the requests
+    (uploads are made one after the other)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.keys: list[str] = []
+        original = fs.put_file
+
+        def spy(lpath: str, rpath: str, *args: Any, **kw: Any) -> Any:
+            self.keys.append(str(rpath))
+            return original(lpath, rpath, *args, **kw)
+
+        fs.put_file = spy
+
+
+def test_server_prune_deletes_only_recorded_objects(
+    bucket: Bucket, golden: Corpus, objstore_env: dict[str, str]
+) -> None:
+    run = golden.run_dir("sharded")
+    key = bucket.key("runs/r")
+    upload_run(bucket.fs, run, key, scheme=bucket.scheme, prefixes=["ckpt-10"])
+    # Not recorded: an upload stopped after its data, and another tool's file.
+    upload_checkpoint(bucket.fs, run, key, "ckpt-20", stop="data")
+    bucket.put("runs/r/notes.txt", b"not ckptd's")
+    store = server_store(bucket)
+    group = recorded(store, key, "ckpt-10")
+    before = bucket.names("runs/r")
+    [removal], left = objprune.remove_groups(store, key, [group])
+    assert removal.ok and sorted(removal.removed) == sorted(group.files)
+    after = bucket.names("runs/r")
+    assert after == sorted(set(before) - {f"runs/r/{f}" for f in group.files})
+    assert "runs/r/notes.txt" in after
+    assert [n for n in after if "ckpt-20.data" in n] == [n for n in before if "ckpt-20.data" in n]
+    assert store.counts()["DELETE"] in (2, 5)  # S3: data then index; GCS: one per object
+    # The state file: one GET, one PUT, naming what is left (nothing: the newest recorded).
+    puts = store.counts()["PUT"]
+    assert objprune.drop_entries(store, key, ["ckpt-10"], set(left), lambda: "ckpt-20")
+    assert store.counts()["PUT"] == puts + 1
+    state = statefile.parse(bucket.get("runs/r/checkpoint").decode())
+    assert state.model_checkpoint_path == "ckpt-20"
+
+
+def test_server_rewritten_checkpoint_is_left(
+    bucket: Bucket, golden: Corpus, objstore_env: dict[str, str]
+) -> None:
+    run = golden.run_dir("tf2")
+    key = bucket.key("runs/r")
+    upload_run(bucket.fs, run, key, scheme=bucket.scheme, prefixes=["ckpt-10"])
+    store = server_store(bucket)
+    group = recorded(store, key, "ckpt-10")
+    # Saved again under the same name (another trainer start): other bytes, a new version.
+    data = next(p for p in run.iterdir() if p.name.startswith("ckpt-10.data-"))
+    bucket.fs.pipe_file(f"{key}/{data.name}", data.read_bytes() + b"\0")
+    before = bucket.names("runs/r")
+    [removal], _ = objprune.remove_groups(store, key, [group])
+    assert not removal.ok and "rewritten" in removal.errors[0]
+    assert bucket.names("runs/r") == before
+    assert store.counts()["DELETE"] == 0
+
+
+def test_server_download_and_export_upload_order(
+    bucket: Bucket, golden: Corpus, objstore_env: dict[str, str], tmp_path: Path
+) -> None:
+    run = golden.run_dir("sharded")
+    key = bucket.key("runs/r")
+    upload_run(bucket.fs, run, key, scheme=bucket.scheme)
+    store = server_store(bucket)
+    group = recorded(store, key, "ckpt-20")
+    transfer.download(store, key, group.files, tmp_path / "copy", expect=group)
+    for name in group.files:
+        assert (tmp_path / "copy" / name).read_bytes() == (run / name).read_bytes()
+
+    from ckptd.api.exportdest import ObjectDest
+
+    log = PutLog(store.fs)
+    dest = ObjectDest(bucket.url_of("exports"), store)
+    local = export_dir(tmp_path)
+    tmp = dest.staging(1)
+    shutil.copytree(local, tmp, dirs_exist_ok=True)
+    dest.upload(tmp, 1)
+    assert not dest.exists(dest.final(1), "saved_model")  # everything but the marker: hidden
+    dest.publish(tmp, 1)
+    assert dest.exists(dest.final(1), "saved_model")
+    assert len(log.keys) == 4 and log.keys[-1].endswith("/1/saved_model.pb")
+    # The server's own clock agrees: no object of the version is newer than the marker.
+    objects = store.list_tree(bucket.key("exports/1"))
+    marker = next(o for o in objects if o.name == "saved_model.pb")
+    assert all(o.mtime_ns <= marker.mtime_ns for o in objects)
+    # Stopped before its marker: never published, removed by recovery's remove_tree.
+    tmp2 = dest.staging(2)
+    shutil.copytree(local, tmp2, dirs_exist_ok=True)
+    dest.upload(tmp2, 2)
+    assert dest.highest_version() == 2 and not dest.exists(dest.final(2), "saved_model")
+    assert transfer.remove_tree(store, bucket.key("exports/2")) == 3
+    assert store.list_tree(bucket.key("exports/2")) == []  # (SeaweedFS keeps the folder)
+    assert dest.exists(dest.final(1), "saved_model")

@@ -91,7 +91,7 @@ def _exists(e: exports.Export) -> bool | None:
         return Path(e.path).exists()
     try:
         return of_path(e.path).exists(e.path, e.format)
-    except (OSError, StoreError, ImportError, ValueError) as exc:
+    except StoreError as exc:
         log.warning("%s: not checked: %s", e.path, exc)
         return None
 
@@ -101,7 +101,7 @@ def _remove_half_upload(e: exports.Export) -> None:
     try:
         of_path(e.path).remove(e.path)
         log.info("removed interrupted export %s", e.path)
-    except (OSError, StoreError, ImportError, ValueError) as exc:
+    except StoreError as exc:
         log.warning("could not remove %s: %s", e.path, exc)
 
 

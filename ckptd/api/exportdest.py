@@ -105,7 +105,7 @@ class ObjectDest:
         if self._plans.pop(version, None) is not None:  # objects were uploaded: never published
             try:
                 transfer.remove_tree(self.store, f"{self.key}/{version}")
-            except (OSError, transfer.StoreError) as exc:
+            except transfer.StoreError as exc:
                 log.warning("could not remove %s: %s (removed at the next start)", tmp, exc)
 
     def remove(self, path: str) -> None:

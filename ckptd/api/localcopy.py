@@ -20,6 +20,7 @@ from ckptd.api.objprune import recorded
 from ckptd.api.objstores import key_of, store_for
 from ckptd.core.model import Checkpoint
 from ckptd.io.objstore import StoreError, is_object_url, transfer
+from ckptd.io.objstore.failures import NOT_FOUND
 from ckptd.store import signatures
 from ckptd.store.handle import Store
 
@@ -57,15 +58,17 @@ def local_checkpoint(db: Store, c: Checkpoint, run_url: str) -> Iterator[Local]:
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         transfer.download(store_for(run_url), key_of(run_url), c.files, dest, expect=rec)
-    except FileNotFoundError as exc:
-        _remove(dest, c.files)
-        raise CopyFailed(f"{exc} (pruned or deleted)", gone=True) from exc
     except transfer.Rewritten as exc:
         _remove(dest, c.files)
         raise CopyFailed(f"{c.prefix}: {exc}", gone=True) from exc
-    except (OSError, StoreError, ImportError, ValueError) as exc:
+    except StoreError as exc:
         _remove(dest, c.files)
+        if exc.kind == NOT_FOUND:
+            raise CopyFailed(f"{exc} (pruned or deleted)", gone=True) from exc
         raise CopyFailed(f"copying {c.prefix} here failed: {exc}") from exc
+    except OSError as exc:  # the local disk
+        _remove(dest, c.files)
+        raise CopyFailed(f"copying {c.prefix} to {dest} failed: {exc}") from exc
     try:
         yield Local(str(dest / rec.name), str(dest))
     finally:

@@ -30,20 +30,17 @@ log = logging.getLogger("ckptd.api.prune")
 def trainer_state(run_url: str) -> TrainerState:
     """The run's state file as retention reads it; raises :class:`StoreError` (also for a store
     that cannot be opened) when it cannot be read."""
-    try:
-        store = store_for(run_url)
-    except (ImportError, ValueError) as exc:
-        raise StoreError(f"{run_url}: {exc}") from exc
+    store = store_for(run_url)
     return objprune.trainer_state(store, key_of(run_url), run_url)
 
 
 def recorded(c: Checkpoint, run_url: str, signature: Sequence[int]) -> objprune.Recorded:
-    """What identifies ``c``'s recorded version: its files, and the size and modification time
-    of its main object (every signature begins with them)."""
+    """What identifies ``c``'s recorded version: its files, and the size of its main object
+    and the identity of its objects (an object store signature's first two numbers)."""
     name = c.prefix[len(run_url) + 1 :] if c.prefix.startswith(run_url + "/") else c.prefix
-    size = signature[0] if len(signature) >= 1 else None
-    mtime = signature[1] if len(signature) >= 2 else None
-    return objprune.Recorded(name, tuple(c.files), size=size, mtime_ns=mtime)
+    size = signature[0] if len(signature) >= 2 else None
+    ident = signature[1] if len(signature) >= 2 else None
+    return objprune.Recorded(name, tuple(c.files), size=size, ident=ident)
 
 
 def clean(
@@ -60,8 +57,7 @@ def clean(
         removals, left = objprune.remove_groups(store, key, groups)
         if not group:
             left = objprune.listing(store, key)
-    except (OSError, StoreError, ImportError, ValueError) as exc:
-        # ImportError: s3fs/gcsfs not installed; ValueError: fsspec's unknown protocol.
+    except StoreError as exc:
         log.warning("%s: not pruned: %s", run_url, exc)
         removals = [Removal(errors=[f"{run_url}: {exc}"]) for _ in groups]
         left = {}

@@ -20,13 +20,15 @@ The ``checkpoint`` state file is read with one GET and, when it changes, rewritt
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from ckptd.core.retention import NO_STATE, TrainerState
 from ckptd.io import statefile
 from ckptd.io.fsops import Removal
-from ckptd.io.objstore.store import ObjectInfo, Store, StoreError
+from ckptd.io.objstore.failures import FAILED, NOT_FOUND, StoreError
+from ckptd.io.objstore.observe import identity
+from ckptd.io.objstore.store import ObjectInfo, Store
 from ckptd.io.statefile import STATE_FILE, CheckpointState
 
 log = logging.getLogger(__name__)
@@ -35,36 +37,50 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Recorded:
     """One recorded checkpoint of a run: its files (relative to the run) and what identified
-    the version of its main file when it was recorded: its ETag or generation, and/or its size
-    and modification time (what every signature begins with)."""
+    its version when it was recorded: the size of its main object and the identity of its
+    objects (:func:`observe.identity` of the index and data shards, or of a Keras file: both
+    change whenever one of them is rewritten). A raw ETag/generation of the main object is
+    taken too."""
 
     name: str  # the prefix's name in the run: model.ckpt-5
     files: tuple[str, ...]
-    version: str = ""
-    size: int | None = None
-    mtime_ns: int | None = None
-
-    def describe(self) -> str:
-        if self.version:
-            return self.version
-        return f"{self.size} bytes at {self.mtime_ns}" if self.size is not None else "?"
-
-    def matches(self, o: ObjectInfo) -> bool:
-        """Whether ``o`` is the recorded version of the main object (never, with nothing to
-        tell it by)."""
-        if not self.version and self.size is None:
-            return False
-        if self.version and o.version != self.version:
-            return False
-        if self.size is not None and o.size != self.size:
-            return False
-        return self.mtime_ns is None or not o.mtime_ns or o.mtime_ns == self.mtime_ns
+    size: int | None = None  # of the main object
+    ident: int | None = None
+    version: str = ""  # the main object's ETag or generation
 
     @property
     def main(self) -> str:
         """The object whose version identifies the checkpoint: its index, or its one file."""
         index = self.name + ".index"
         return index if index in self.files or len(self.files) != 1 else self.files[0]
+
+    @property
+    def data(self) -> list[str]:
+        """Its data shards in shard order (their names sort so), as the identity takes them."""
+        return sorted(f for f in self.files if ".data-" in f and f.startswith(self.name + "."))
+
+    def describe(self) -> str:
+        return self.version or f"{self.size} bytes, identity {self.ident}"
+
+    def matches(self, present: Mapping[str, ObjectInfo]) -> bool:
+        """Whether the objects ``present`` (by name in the run) are the recorded version
+        (never, with nothing to tell it by)."""
+        main = present.get(self.main)
+        if main is None or (not self.version and self.size is None and self.ident is None):
+            return False
+        if self.version and main.version != self.version:
+            return False
+        if self.size is not None and main.size != self.size:
+            return False
+        if self.ident is None:
+            return True
+        parts = [main]
+        if self.main == self.name + ".index":
+            shards = [present.get(f) for f in self.data]
+            if any(o is None for o in shards):
+                return False
+            parts += [o for o in shards if o is not None]
+        return identity(*parts) == self.ident
 
 
 def _plain(name: str) -> bool:
@@ -78,6 +94,16 @@ def listing(store: Store, run_key: str) -> dict[str, ObjectInfo]:
     return {o.name: o for o in objects}
 
 
+def objects_of(store: Store, run_key: str, names: Collection[str]) -> dict[str, ObjectInfo]:
+    """The run's objects by name relative to the run: one delimiter listing of the run, and
+    one of each sub-folder ``names`` reach into (a Keras checkpoint's)."""
+    present = listing(store, run_key)
+    for sub in sorted({f.rsplit("/", 1)[0] for f in names if "/" in f and _plain(f)}):
+        objects, _ = store.list_dir(f"{run_key}/{sub}")
+        present.update({f"{sub}/{o.name}": o for o in objects})
+    return present
+
+
 def remove_groups(
     store: Store, run_key: str, groups: Sequence[Recorded]
 ) -> tuple[list[Removal], dict[str, ObjectInfo]]:
@@ -89,14 +115,8 @@ def remove_groups(
     main object)."""
     results = [Removal() for _ in groups]
     try:
-        present = listing(store, run_key)
-        subs = {f.rsplit("/", 1)[0] for g in groups for f in g.files if "/" in f and _plain(f)}
-        for sub in sorted(subs):
-            objects, _ = store.list_dir(f"{run_key}/{sub}")
-            present.update({f"{sub}/{o.name}": o for o in objects})
-    except FileNotFoundError:
-        present = {}
-    except (OSError, StoreError) as exc:
+        present = objects_of(store, run_key, [f for g in groups for f in g.files])
+    except StoreError as exc:
         for r in results:
             r.errors.append(f"listing {run_key}: {exc}")
         return results, {}
@@ -112,11 +132,10 @@ def remove_groups(
             # The recorded version is gone; what remains of the name may be a new upload.
             r.missing.append(g.main)
             continue
-        if not g.matches(main):
-            now = main.version or f"{main.size} bytes at {main.mtime_ns}"
+        if not g.matches(present):
             r.errors.append(
-                f"{g.main}: rewritten since it was recorded (version {g.describe()}, now "
-                f"{now}); left with its objects"
+                f"{g.name}: rewritten since it was recorded (it was {g.describe()}; "
+                f"{g.main} is now {main.version or main.size}); left with its objects"
             )
             continue
         for f in g.files:
@@ -131,22 +150,28 @@ def remove_groups(
         batch = [(r, f) for r, f in batch if not r.errors]
         if not batch:
             continue
-        try:
-            store.delete(f"{run_key}/{f}" for _, f in batch)
-        except FileNotFoundError:
-            pass  # someone else deleted one meanwhile: it is gone all the same
-        except (OSError, StoreError) as exc:
+        failure = _delete(store, [f"{run_key}/{f}" for _, f in batch])
+        if failure is not None:
             for r, _ in batch:
-                if not r.errors:
-                    r.errors.append(f"deleting from {run_key}: {exc}")
+                r.errors.append(f"deleting from {run_key}: {failure}")
             continue
         for r, f in batch:
-            if not r.errors:  # (a FileNotFoundError above: counted removed, as it is gone)
+            if not r.errors:
                 r.removed.append(f)
                 r.bytes_freed += present[f].size
     gone = {f for r in results for f in r.removed}
     left = {n: o for n, o in present.items() if n not in gone}
     return results, left
+
+
+def _delete(store: Store, keys: list[str]) -> str | None:
+    """Why deleting ``keys`` failed, or None."""
+    try:
+        store.delete(keys)
+    except StoreError as exc:
+        if exc.kind != NOT_FOUND:  # (one deleted by someone else meanwhile is gone all the same)
+            return str(exc)
+    return None
 
 
 def _name_in_run(entry: str, run_url: str) -> str:
@@ -162,12 +187,12 @@ def read_state(store: Store, run_key: str) -> CheckpointState | None:
     key = f"{run_key}/{STATE_FILE}"
     try:
         raw = store.read(key, 0, statefile.STATE_FILE_MAX_BYTES + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"{key}: {exc}") from exc
+    except StoreError as exc:
+        if exc.kind == NOT_FOUND:
+            return None
+        raise
     if len(raw) > statefile.STATE_FILE_MAX_BYTES:
-        raise StoreError(f"{key}: over {statefile.STATE_FILE_MAX_BYTES} bytes")
+        raise StoreError(FAILED, f"{key}: over {statefile.STATE_FILE_MAX_BYTES} bytes")
     return statefile.parse(raw.decode("utf-8", errors="replace"))
 
 
@@ -231,7 +256,7 @@ def drop_entries(
         return False
     try:
         store.put(key, statefile.render(new).encode("utf-8"))
-    except (OSError, StoreError) as exc:
+    except StoreError as exc:
         log.error("could not rewrite %s: %s", key, exc)
         return False
     return True

@@ -13,14 +13,16 @@ by itself: a version without its marker was never published, and is removed by r
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd.io.objstore.prune import Recorded
-from ckptd.io.objstore.store import Store, StoreError
+from ckptd.io.objstore.failures import FAILED, NOT_FOUND, StoreError
+from ckptd.io.objstore.prune import Recorded, objects_of
+from ckptd.io.objstore.store import Store
 
 # The objects whose presence publishes a version, in order of preference.
 MARKERS = ("saved_model.pb", "saved_model.pbtxt")
@@ -30,13 +32,13 @@ MANIFEST = "assets.extra/ckptd.json"
 class Rewritten(StoreError):
     """The checkpoint's main object is not the version ckptd recorded any more."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(FAILED, message)
 
-def _fs(store: Store) -> Any:
-    return store.fs
 
-
-def _count(store: Store, n: int = 1) -> None:
-    store._count(n)  # the Store counts every request, whoever makes it
+def _call(store: Store, method: str, key: str, fn: Callable[[], Any]) -> Any:
+    """One request through the store: counted, retried when transient, a StoreError else."""
+    return store._call(method, key, fn)  # the Store's own accounting and retries
 
 
 def download(
@@ -48,19 +50,15 @@ def download(
     names = list(names)
     for name in names:
         if not name or any(p in ("", ".", "..") for p in name.split("/")):
-            raise StoreError(f"{name!r}: not a plain relative object name; refused")
+            raise StoreError(FAILED, f"{name!r}: not a plain relative object name; refused")
     if expect is not None:
         _check_version(store, run_key, expect)
     total = 0
-    fs = _fs(store)
     for name in names:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        _count(store)
-        try:
-            fs.get_file(f"{run_key}/{name}", str(target))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{store.url_of(run_key.lstrip('/'))}/{name}: gone") from exc
+        key = f"{run_key}/{name}"
+        _call(store, "GET", key, functools.partial(store.fs.get_file, key, str(target)))
         total += target.stat().st_size
     if expect is not None:
         _check_version(store, run_key, expect)
@@ -68,14 +66,13 @@ def download(
 
 
 def _check_version(store: Store, run_key: str, expect: Recorded) -> None:
-    objects, _ = store.list_dir(run_key)
-    found = {o.name: o for o in objects}.get(expect.main)
-    if found is None:
-        raise FileNotFoundError(f"{store.url_of(run_key.lstrip('/'))}/{expect.main}: gone")
-    if not expect.matches(found):
+    present = objects_of(store, run_key, expect.files)
+    if expect.main not in present:
+        url = store.url_of(f"{run_key}/{expect.main}")
+        raise StoreError(NOT_FOUND, f"{url}: gone", url=url)
+    if not expect.matches(present):
         raise Rewritten(
-            f"{expect.main}: rewritten since it was recorded (version {expect.describe()}, "
-            f"now {found.version or found.size})"
+            f"{expect.name}: rewritten since it was recorded (it was {expect.describe()})"
         )
 
 
@@ -95,7 +92,7 @@ def plan_upload(local: Path) -> Upload:
         for f in files
     )
     if not names:
-        raise StoreError(f"{local}: nothing to upload")
+        raise StoreError(FAILED, f"{local}: nothing to upload")
     # As marker_of says: the SavedModel when there is one, else the manifest.
     marker = next((m for m in MARKERS if m in names), MANIFEST if MANIFEST in names else names[-1])
     return Upload(tuple(n for n in names if n != marker), marker)
@@ -103,16 +100,17 @@ def plan_upload(local: Path) -> Upload:
 
 def upload_body(store: Store, local: Path, dest_key: str, plan: Upload) -> None:
     """Upload every file of ``plan`` but its marker (nothing is published yet)."""
-    fs = _fs(store)
     for name in plan.body:
-        _count(store)
-        fs.put_file(str(local / name), f"{dest_key}/{name}")
+        _put(store, local / name, f"{dest_key}/{name}")
 
 
 def upload_marker(store: Store, local: Path, dest_key: str, plan: Upload) -> None:
     """Upload the marker: from now on the version is published (one PUT)."""
-    _count(store)
-    _fs(store).put_file(str(local / plan.marker), f"{dest_key}/{plan.marker}")
+    _put(store, local / plan.marker, f"{dest_key}/{plan.marker}")
+
+
+def _put(store: Store, path: Path, key: str) -> None:
+    _call(store, "PUT", key, functools.partial(store.fs.put_file, str(path), key))
 
 
 def upload_export(store: Store, local: Path, dest_key: str) -> Upload:
@@ -131,10 +129,7 @@ def marker_of(formats: Iterable[str]) -> tuple[str, ...]:
 def highest_version(store: Store, root_key: str) -> int:
     """The highest numeric version prefix under ``root_key`` (0 if none), published or not: a
     new version goes above a half-uploaded one, never into it."""
-    try:
-        _, prefixes = store.list_dir(root_key)
-    except FileNotFoundError:
-        return 0
+    _, prefixes = store.list_dir(root_key)  # (nothing there: empty)
     names = (p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes)
     return max((int(n) for n in names if n.isdigit()), default=0)
 
@@ -147,10 +142,7 @@ def is_published(store: Store, version_key: str, marker: tuple[str, ...] = MARKE
         folder, _, name = m.rpartition("/")
         folders.setdefault(folder, set()).add(name)
     for folder, names in folders.items():
-        try:
-            objects, _ = store.list_dir(f"{version_key}/{folder}" if folder else version_key)
-        except FileNotFoundError:
-            continue
+        objects, _ = store.list_dir(f"{version_key}/{folder}" if folder else version_key)
         if names & {o.name for o in objects}:
             return True
     return False
@@ -158,12 +150,6 @@ def is_published(store: Store, version_key: str, marker: tuple[str, ...] = MARKE
 
 def remove_tree(store: Store, key: str) -> int:
     """Delete every object under ``key`` (a version ckptd wrote); the number deleted."""
-    fs = _fs(store)
-    _count(store)
-    try:
-        keys = list(fs.find(key))
-    except FileNotFoundError:
-        return 0
-    if keys:
-        store.delete(keys)
+    keys = [o.key for o in store.list_tree(key)]
+    store.delete(keys)
     return len(keys)
