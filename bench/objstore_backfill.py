@@ -1,7 +1,8 @@
 """Backfill from an object store: how fast ckptd records a bucket's existing checkpoints.
 
-Server: SeaweedFS on loopback (tests/objservers.py, loaded from its file as bench/_pg.py loads
-tests/pg.py), started for this benchmark and stopped at its end.
+Server: SeaweedFS on loopback (tests/objservers.py through bench/_objstore.py, as bench/_pg.py
+loads tests/pg.py), started for this benchmark and stopped at its end. Both sides reach it
+through ``_objstore.CountingProxy``, which counts their requests on the wire.
 
 Corpus: ONE real TF1 run (``python -m ckptd.worker.train tf1``, 100 saves, ``--save-every 1``)
 uploaded R times under ``s3://bench/runs/run-NNN/`` (100 checkpoints per run, 10,000 for the
@@ -25,7 +26,6 @@ The machine may be shared with other work: the figures are those of one loaded r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
@@ -38,7 +38,6 @@ from typing import Any
 from _common import (
     ENV,
     PY,
-    REPO,
     check,
     ckptd_cmd,
     fmt,
@@ -50,8 +49,8 @@ from _common import (
     summary_row,
     timed_run,
     train,
-    write_config,
 )
+from _objstore import CountingProxy, object_config, seaweedfs, unavailable
 
 STEPS = 100  # checkpoints per run
 RUNS = 100
@@ -60,24 +59,15 @@ BUCKET = "bench"
 TARGET_VS_ANCHOR = 1.0  # at least as fast as a walk that only lists and reads
 
 
-def _load_servers() -> Any:
-    path = REPO / "tests" / "objservers.py"
-    spec = importlib.util.spec_from_file_location("ckptd_tests_objservers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 ANCHOR = textwrap.dedent(
     """
     import json, sys, time
     t0 = time.perf_counter()
-    import fsspec
-    fs = fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True)
+    import s3fs
+    fs = s3fs.S3FileSystem(endpoint_url=sys.argv[1], use_listings_cache=False,
+                           skip_instance_cache=True)
     t1 = time.perf_counter()
-    root = sys.argv[1]
+    root = sys.argv[2]
     lists = gets = checkpoints = nbytes = 0
     pending = [root]
     while pending:  # gfile.walk: one delimiter listing per directory
@@ -135,21 +125,33 @@ def upload(fs: Any, src: Path, runs: int) -> dict[str, Any]:
     return {"objects": objects, "upload_s": time.perf_counter() - t0}
 
 
-def run_ckptd(work: Path, n: int) -> dict[str, Any]:
+def run_ckptd(work: Path, n: int, proxy: CountingProxy) -> dict[str, Any]:
     db = work / "ckptd.db"
-    config = write_config(work / "ckptd.toml", f"s3://{BUCKET}/runs", db=db, runs="*")  # type: ignore[arg-type]
+    config = object_config(
+        work / "ckptd.toml", f"s3://{BUCKET}/runs", db=db, endpoint=proxy.endpoint, interval="10s"
+    )
+    before = proxy.snapshot()
     wall, proc = timed_run(ckptd_cmd(config, "run", "--once"), timeout=3600)
     check(proc, "ckptd run --once")
+    requests = proxy.snapshot() - before
     complete = query(db, "select count(*) from checkpoints where state = 'complete'")[0][0]
-    return {"wall_s": wall, "complete": complete, "expected": n, "rate": n / wall}
+    return {
+        "wall_s": wall,
+        "complete": complete,
+        "expected": n,
+        "rate": n / wall,
+        "requests": dict(requests),
+    }
 
 
-def run_anchor() -> dict[str, Any]:
-    wall, proc = timed_run([PY, "-c", ANCHOR, f"{BUCKET}/runs"], timeout=3600)
+def run_anchor(proxy: CountingProxy) -> dict[str, Any]:
+    before = proxy.snapshot()
+    wall, proc = timed_run([PY, "-c", ANCHOR, proxy.endpoint, f"{BUCKET}/runs"], timeout=3600)
     check(proc, "anchor walk")
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall_s"] = wall
     out["rate"] = out["checkpoints"] / wall
+    out["requests"] = dict(proxy.snapshot() - before)
     return out
 
 
@@ -160,35 +162,44 @@ def main() -> int:
     args = ap.parse_args()
     runs = args.runs or (QUICK_RUNS if args.quick else RUNS)
     n = runs * STEPS
-    servers = _load_servers()
-    with tempfile.TemporaryDirectory(prefix="ckptd-bench-objbackfill-") as tmp:
-        work = Path(tmp)
+    why = unavailable()
+    if why is not None:
+        print(f"SeaweedFS unavailable: {why}")
+        return 1
+    with (
+        tempfile.TemporaryDirectory(prefix="ckptd-objbackfill-") as t,
+        seaweedfs(Path(t) / "s3") as s3,
+    ):
+        work = Path(t)
+        env = {**ENV, **s3.env}
+        env.pop("AWS_ENDPOINT_URL", None)  # everyone goes through the counting proxy
+        ENV.clear()
+        ENV.update(env)  # (timed_run starts processes with ENV)
+        s3.make_bucket(BUCKET)
+        src, _saves = build_source(work)
+        corpus = upload(s3.filesystem(), src, runs)
+        print(f"uploaded {corpus['objects']} objects in {corpus['upload_s']:.1f} s", flush=True)
+        proxy = CountingProxy(s3.endpoint).start()
         try:
-            server = servers.seaweedfs(work / "weed")
-        except servers.Unavailable as exc:
-            print(f"objstore_backfill: skipped: {exc}")
-            return 0
-        server.start()
-        try:
-            ENV.update(server.env)  # endpoint and credentials for ckptd and the anchor
-            server.make_bucket(BUCKET)
-            fs = server.filesystem()
-            src, _saves = build_source(work)
-            corpus = upload(fs, src, runs)
-            print(f"uploaded {corpus['objects']} objects in {corpus['upload_s']:.1f} s", flush=True)
-            ours = run_ckptd(work, n)
-            anchor = run_anchor()
+            ours = run_ckptd(work, n, proxy)
+            anchor = run_anchor(proxy)
         finally:
-            server.stop()
+            proxy.stop()
     if ours["complete"] != n or anchor["checkpoints"] != n:
         print(f"objstore_backfill: FAILED: {ours['complete']} / {anchor['checkpoints']} of {n}")
         return 1
     r = ratio(ours["rate"], anchor["rate"])
     print_table(
-        ["", "checkpoints", "wall s", "checkpoints/s"],
+        ["", "checkpoints", "wall s", "checkpoints/s", "requests"],
         [
-            ["ckptd run --once", str(n), fmt(ours["wall_s"], 2), fmt(ours["rate"], 1)],
-            ["TensorBoard-style walk", str(n), fmt(anchor["wall_s"], 2), fmt(anchor["rate"], 1)],
+            [
+                label,
+                str(n),
+                fmt(r["wall_s"], 2),
+                fmt(r["rate"], 1),
+                str(sum(r["requests"].values())),
+            ]
+            for label, r in (("ckptd run --once", ours), ("TensorBoard-style walk", anchor))
         ],
     )
     print(f"ckptd vs the walk: {fmt_ratio(r)} (higher is faster); machine shared, one run")
