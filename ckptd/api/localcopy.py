@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ckptd.api.objstores import key_of, store_for
 from ckptd.core.model import Checkpoint
 from ckptd.io.objstore import StoreError, is_object_url, transfer
 from ckptd.io.objstore.failures import NOT_FOUND
+from ckptd.io.objstore.prune import Recorded
 from ckptd.store import signatures
 from ckptd.store.handle import Store
 
@@ -42,9 +44,16 @@ class Local:
 
 
 def run_dir_for(run_url: str) -> Path:
-    """The local directory a run's checkpoints are copied into (the same for every copy)."""
+    """The local directory this process copies a run's checkpoints into (the same for every
+    copy; another process has its own, so neither removes what the other is reading)."""
     digest = hashlib.sha256(run_url.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"{CACHE}-{os.getuid()}" / digest
+    return Path(tempfile.gettempdir()) / f"{CACHE}-{os.getuid()}" / f"{digest}-{os.getpid()}"
+
+
+# Copies in use in this process (an export may read the checkpoint an evaluation is reading):
+# (directory, prefix) -> users; the last one out removes the files.
+_lock = threading.Lock()
+_users: dict[tuple[Path, str], int] = {}
 
 
 @contextmanager
@@ -55,8 +64,25 @@ def local_checkpoint(db: Store, c: Checkpoint, run_url: str) -> Iterator[Local]:
         return
     rec = recorded(c, run_url, signatures.signatures(db, [c.id]).get(c.id, ()))
     dest = run_dir_for(run_url)
-    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    held = (dest, rec.name)
+    with _lock:
+        # Held while copying too: a second user waits for the first copy, then shares it.
+        if _users.get(held, 0) == 0:
+            _copy(c, rec, run_url, dest)
+        _users[held] = _users.get(held, 0) + 1
     try:
+        yield Local(str(dest / rec.name), str(dest))
+    finally:
+        with _lock:
+            _users[held] -= 1
+            if _users[held] == 0:
+                del _users[held]
+                _remove(dest, c.files)
+
+
+def _copy(c: Checkpoint, rec: Recorded, run_url: str, dest: Path) -> None:
+    try:
+        dest.mkdir(parents=True, exist_ok=True, mode=0o700)
         transfer.download(store_for(run_url), key_of(run_url), c.files, dest, expect=rec)
     except transfer.Rewritten as exc:
         _remove(dest, c.files)
@@ -69,10 +95,6 @@ def local_checkpoint(db: Store, c: Checkpoint, run_url: str) -> Iterator[Local]:
     except OSError as exc:  # the local disk
         _remove(dest, c.files)
         raise CopyFailed(f"copying {c.prefix} to {dest} failed: {exc}") from exc
-    try:
-        yield Local(str(dest / rec.name), str(dest))
-    finally:
-        _remove(dest, c.files)
 
 
 def _remove(dest: Path, names: tuple[str, ...]) -> None:
