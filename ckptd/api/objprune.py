@@ -54,9 +54,10 @@ def clean(
     key = key_of(run_url)
     try:
         store = store_for(run_url)
-        removals, left = objprune.remove_groups(store, key, groups)
-        if not group:
-            left = objprune.listing(store, key)
+        if group:
+            removals, left = objprune.remove_groups(store, key, groups)
+        else:  # a repair of the state file alone
+            removals, left = [], objprune.listing(store, key)
     except StoreError as exc:
         log.warning("%s: not pruned: %s", run_url, exc)
         removals = [Removal(errors=[f"{run_url}: {exc}"]) for _ in groups]
