@@ -336,3 +336,38 @@ def test_object_destination_publishes_with_the_marker_last(
     assert dest.highest_version() == 1 and not tmp2.exists()
     dest.remove(dest.final(1))
     assert dest.highest_version() == 0
+
+
+def test_local_copy_is_shared_then_removed_and_refused_when_rewritten(
+    mem: tuple[Store, VersionedMemory],
+    golden: Corpus,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """api/localcopy: what the worker reads of an object store checkpoint."""
+    from ckptd.api import localcopy
+    from ckptd.core.model import Checkpoint
+    from ckptd.store import signatures
+
+    store, fs = mem
+    run = golden.run_dir("sharded")
+    upload_mem(store, fs, run, "bucket/runs/r")
+    rec = recorded(store, "bucket/runs/r", "ckpt-10")
+    monkeypatch.setattr(localcopy, "store_for", lambda url: store)
+    monkeypatch.setattr(signatures, "signatures", lambda db, ids: {1: (rec.size, rec.ident)})
+    url = "memory://bucket/runs/r"
+    c = Checkpoint(
+        1, "r", 1, f"{url}/ckpt-10", 10, "tf2", "complete", None, 0, rec.files, False, None, None
+    )
+    with localcopy.local_checkpoint(None, c, url) as a:  # type: ignore[arg-type]
+        index = Path(a.prefix + ".index")
+        assert index.read_bytes() == (run / "ckpt-10.index").read_bytes()
+        with localcopy.local_checkpoint(None, c, url) as b:  # type: ignore[arg-type]
+            assert b == a  # an export reading what an evaluation reads: one copy
+        assert index.exists()  # still in use by the first
+    assert not index.exists() and not list(Path(a.run_dir).iterdir())
+    fs.put_file(str(run / "ckpt-10.index"), "bucket/runs/r/ckpt-10.index")  # saved again
+    copy = localcopy.local_checkpoint(None, c, url)  # type: ignore[arg-type]
+    with pytest.raises(localcopy.CopyFailed) as failed, copy:
+        pass
+    assert failed.value.gone and "rewritten" in str(failed.value)
+    assert not list(Path(a.run_dir).iterdir())
