@@ -32,6 +32,23 @@ class _Formatter(logging.Formatter):
         return text
 
 
+# Libraries kept at warning or above. The object store ones log each request with its signed
+# headers at debug level: credentials never reach the log, whatever log_level says.
+NOISY = (
+    "apscheduler",
+    "watchdog",
+    "alembic",
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "gcsfs",
+    "fsspec",
+    "google.auth",
+    "urllib3",
+    "aiohttp",
+)
+
+
 def setup(level: str = "info") -> None:
     """journald keeps levels from ``<N>`` prefixes; it sets JOURNAL_STREAM for our stderr."""
     journald = bool(os.environ.get("JOURNAL_STREAM"))
@@ -40,5 +57,5 @@ def setup(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("apscheduler", "watchdog", "alembic"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

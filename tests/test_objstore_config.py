@@ -160,7 +160,7 @@ def test_config_check_passes_for_a_usable_bucket(
 ) -> None:
     result = ckptd("config", "check", config=write(tmp_path, bucket.url_of("runs")))
     assert result.returncode == 0, result.stderr
-    assert f"watch[0] {bucket.url_of('runs')}" in result.stdout
+    assert f"watch[0] {bucket.url_of('runs')}: runs=*, polled every 10s" in result.stdout
 
 
 def test_missing_bucket_is_one_line_exit_78(
@@ -228,3 +228,64 @@ def test_export_dir_on_an_object_store_is_checked_too(
     result = ckptd("config", "check", config=write(tmp_path, bucket.url_of("runs"), extra))
     assert result.returncode == 78, result.stderr
     assert "watch[0].freeze.export_dir: missing bucket:" in result.stderr
+
+
+def test_daemon_skips_object_store_watches_with_a_log_line(
+    tmp_path: Path, bucket: Bucket, objstore_env: dict[str, str]
+) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    config = tmp_path / "ckptd.toml"
+    config.write_text(
+        f'[daemon]\ndatabase = "sqlite:///{tmp_path / "ckptd.db"}"\n'
+        f'[[watch]]\npath = "{bucket.url_of("runs")}"\nruns = "*"\n'
+        f'[[watch]]\npath = "{local}"\nruns = "*"\n'
+    )
+    result = ckptd("run", "--once", config=config)
+    assert result.returncode == 0, result.stderr
+    assert f"watch[0] {bucket.url_of('runs')}: object store watches are not observed" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sighup_to_a_missing_bucket_keeps_the_running_config(
+    tmp_path: Path, bucket: Bucket, objstore_env: dict[str, str], daemon_factory
+) -> None:
+    import json
+    import signal
+
+    from tests.conftest import wait_for
+
+    local = tmp_path / "local"
+    local.mkdir()
+    head = (
+        f'[daemon]\ndatabase = "sqlite:///{tmp_path / "ckptd.db"}"\nheartbeat_interval = "1s"\n'
+        f'[[watch]]\npath = "{local}"\nruns = "*"\n'
+    )
+    conf = tmp_path / "ckptd.toml"
+    conf.write_text(head)
+    good = tmp_path / "good.toml"
+    good.write_text(head)
+    d = daemon_factory(conf)
+
+    def status() -> dict:
+        result = ckptd("status", "--json", config=good)
+        return json.loads(result.stdout)["daemon"] if result.returncode == 0 else {}
+
+    wait_for(lambda: status().get("alive"))
+    missing = f"{bucket.scheme}://{bucket.name}-nope/runs"
+    conf.write_text(head + f'[[watch]]\npath = "{missing}"\nruns = "*"\n')
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    error = wait_for(lambda: status().get("reload_error"))
+    assert "watch[1].path: missing bucket:" in error and f"bucket {bucket.name}-nope" in error
+    assert d.proc.poll() is None
+    # Fixed: reloaded, and the object store watch is skipped with its log line.
+    conf.write_text(head + f'[[watch]]\npath = "{bucket.url_of("runs")}"\nruns = "*"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: not status().get("reload_error"))
+    wait_for(lambda: "object store watches are not observed" in d.log())
+    assert d.stop() == 0
+    assert "Traceback" not in d.log()

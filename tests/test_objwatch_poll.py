@@ -120,9 +120,27 @@ def test_a_run_deleted_from_the_bucket_goes_gone(golden: Corpus, db: tuple[Store
     objects = w._open()
     upload(objects, golden.run_dir("tf2"), "r")
     assert w.poll() == 3
+    objects.put(f"{objects.bucket}/README", b"another tool's object")
     objects.delete(o.key for o in objects.list_tree(f"{objects.root}/r/"))
     w.poll()
     assert {st for _, _, st in _recorded(path)} == {"gone"}
+
+
+def test_a_missing_bucket_concludes_nothing(
+    golden: Corpus, db: tuple[Store, Path], bucket: Any, objstore_env: dict[str, str]
+) -> None:
+    """Every run listing empty because the bucket is gone (on a real S3 or GCS server) is a
+    failure to report, not every checkpoint deleted."""
+    store, path = db
+    watch = WatchConfig(path=bucket.url_of("runs"), runs="*", endpoint_url=bucket.server.endpoint)
+    w = _poller(store, watch)
+    upload(w._open(), golden.run_dir("tf2"), "r")
+    assert w.poll() == 3
+    bucket.fs.rm(bucket.name, recursive=True)  # the bucket and all in it
+    with pytest.raises(StoreError) as failure:
+        w.poll()
+    assert failure.value.kind == "missing bucket"
+    assert {st for _, _, st in _recorded(path)} == {"complete"}
 
 
 def test_run_once_polls_object_store_watches(golden: Corpus, tmp_path: Path) -> None:
@@ -148,3 +166,28 @@ def test_run_once_polls_object_store_watches(golden: Corpus, tmp_path: Path) -> 
         daemon.store.close()
     runs = query(db, "SELECT name, watch_path FROM runs ORDER BY name")
     assert runs == [("r", str(bucket.path)), ("tf1", str(local))]
+
+
+def test_a_run_deleted_while_no_daemon_watched_goes_gone(
+    golden: Corpus, db: tuple[Store, Path]
+) -> None:
+    from ckptd.store import runs as store_runs
+
+    store, path = db
+    watch = _watch()
+    w = _poller(store, watch)
+    objects = w._open()
+    upload(objects, golden.run_dir("tf2"), "r")
+    upload(objects, golden.run_dir("tf1"), "s")
+    assert w.poll() == 6
+    objects.delete(o.key for o in objects.list_tree(f"{objects.root}/r/"))
+    # A daemon started afresh: it knows the watch's runs from the database only.
+    reconciler = Reconciler(store)
+    again = ObjectWatches(
+        (watch,),
+        lambda spec, obs: reconciler.reconcile(spec, None, obs),
+        lambda url: [r.name for r in store_runs.present_runs(store, url)],
+    ).watches[0]
+    again.poll()
+    states = {(p.rsplit("/", 2)[-2], st) for p, _, st in _recorded(path)}
+    assert states == {("r", "gone"), ("s", "complete")}

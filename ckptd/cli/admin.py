@@ -106,6 +106,9 @@ def config_check(ctx: CliContext, as_json: bool) -> None:
     click.echo(f"{cfg.source}: OK — database {cfg.daemon.database}, {len(cfg.watches)} watch(es)")
     for i, w in enumerate(cfg.watches):
         parts = [f"runs={w.runs}" if w.runs else "single run", f"observer={w.observer}"]
+        if w.is_object_store:
+            parts[1] = f"polled every {format_duration(w.poll_interval)}"
+            parts += [f"endpoint={w.endpoint_url}"] if w.endpoint_url else []
         if w.best.metric:
             parts.append(f"best={w.best.metric} ({w.best.mode})")
         for name in ("evaluate", "freeze", "retain"):

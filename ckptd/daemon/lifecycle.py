@@ -251,7 +251,7 @@ class Supervisor:
         d.watcher.start()
         d.objwatch.stop()
         d.object_watches = objects
-        d.objwatch = ObjectWatches(objects, d.record_with)
+        d.objwatch = ObjectWatches(objects, d.record_with, d.present_runs)
         d.objwatch.start()
         d.jobs.schedule(jobs)
 

@@ -49,6 +49,7 @@ from ckptd.io.observe import (
     stop_fork_server,
 )
 from ckptd.store import audit, daemons, migrate
+from ckptd.store import runs as store_runs
 from ckptd.store.db import DatabaseUnreachable
 from ckptd.store.handle import Store
 from ckptd.worker.client import WorkerClient
@@ -110,7 +111,7 @@ class Daemon:
         )
         self.eval_thread: threading.Thread | None = None
         self.watcher = Watcher(config.watches, self.on_path, on_armed=self.on_armed)
-        self.objwatch = ObjectWatches(self.object_watches, self.record_with)
+        self.objwatch = ObjectWatches(self.object_watches, self.record_with, self.present_runs)
         self.scheduler = Scheduler(self.progress)
         self.jobs = Jobs(self)
         self.supervisor = Supervisor(self)
@@ -257,6 +258,11 @@ class Daemon:
             self.store, [audit.Entry(now, "unsupported_name", subject=s, reason=why) for s in new]
         )
         self._reported_runs |= set(new)
+
+    def present_runs(self, watch_path: str) -> list[str]:
+        """Names of the runs of a watch recorded present (what an object store poller checks
+        first: a run deleted while no daemon watched)."""
+        return [r.name for r in store_runs.present_runs(self.store, watch_path)]
 
     def record_with(self, spec: RunSpec, observer: Callable[[Request], Observation]) -> Outcome:
         """Record ``spec`` as ``observer`` sees it (an object store run, from its listing)."""

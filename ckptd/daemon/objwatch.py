@@ -46,6 +46,7 @@ RATE_WINDOW = 60.0  # seconds the requests-per-minute figure is taken over
 PAGE = 1000  # objects per listing page (S3's and GCS's maximum)
 
 Record = Callable[[RunSpec, Callable[[Request], Observation]], Outcome]
+Known = Callable[[str], list[str]]  # watch URL -> names of its runs recorded present
 
 
 def is_object_watch(w: WatchConfig) -> bool:
@@ -63,6 +64,7 @@ class ObjectWatch:
     index: int
     watch: WatchConfig
     record: Record
+    known: Known = lambda _url: []
     store: Store | None = None
     markers: dict[str, str] = field(default_factory=dict)  # run -> listing marker, settled
     runs: set[str] = field(default_factory=set)  # runs seen so far (to notice them gone)
@@ -81,15 +83,15 @@ class ObjectWatch:
 
     def _open(self) -> Store:
         if self.store is None:
-            self.store = open_store(
-                self.url, endpoint_url=getattr(self.watch, "endpoint_url", None)
-            )
+            self.store = open_store(self.url, endpoint_url=self.watch.endpoint_url)
         return self.store
 
     def poll(self, stop: threading.Event | None = None) -> int:
         """Look at every run once; the checkpoints recorded. Raises StoreError when the store
         fails (what was recorded before that stays recorded)."""
         store = self._open()
+        if self.polls == 0:  # runs deleted while no daemon watched: found gone now
+            self.runs |= {n if self.watch.runs else "" for n in self.known(self.url)}
         deep = self.polls % DEEP_EVERY == 0
         self.polls += 1
         recorded = 0
@@ -100,6 +102,10 @@ class ObjectWatch:
                 names = list(listed)
             else:
                 names = discover_runs(store, self.watch.runs)
+            if not names and self.runs:
+                # Every run gone at once: first make sure the bucket is still there and
+                # readable (a StoreError, nothing concluded) before calling them gone.
+                store.check_access()
             objects = 0
             for name in sorted(set(names) | self.runs):
                 if stop is not None and stop.is_set():
@@ -165,7 +171,8 @@ class ObjectWatch:
         message = str(exc) or type(exc).__name__
         if message != self.last_error:  # once per distinct failure, not once per attempt
             expected = isinstance(exc, StoreError | ShortRead | OSError)
-            log.warning("%s: %s; retrying with backoff", self.url, message, exc_info=not expected)
+            shown = message if self.url in message else f"{self.url}: {message}"
+            log.warning("%s; retrying with backoff", shown, exc_info=not expected)
         self.last_error = message
         if self.failing_since is None:
             self.failing_since = time.time()
@@ -213,9 +220,11 @@ def _nothing(store: Store, name: str) -> tuple[str, str, tuple[()]]:
 class ObjectWatches:
     """A polling thread per object store watch of the config."""
 
-    def __init__(self, watches: tuple[WatchConfig, ...], record: Record) -> None:
+    def __init__(
+        self, watches: tuple[WatchConfig, ...], record: Record, known: Known = lambda _u: []
+    ) -> None:
         self.watches = [
-            ObjectWatch(i, w, record) for i, w in enumerate(watches) if is_object_watch(w)
+            ObjectWatch(i, w, record, known) for i, w in enumerate(watches) if is_object_watch(w)
         ]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

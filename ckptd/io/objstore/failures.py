@@ -54,9 +54,16 @@ class StoreError(Exception):
         self.kind, self.message, self.url, self.attempts = kind, message, url, attempts
         super().__init__(message)
 
+    def __str__(self) -> str:
+        return self.message
+
     @property
     def transient(self) -> bool:
         return self.kind in TRANSIENT
+
+
+class Truncated(Exception):
+    """A body shorter than the range asked for, within the object's size (seen by the Store)."""
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -90,10 +97,9 @@ def _kind(exc: BaseException, bucket_request: bool) -> str:
     names = {type(e).__name__ for e in _chain(exc)}
     for e in _chain(exc):
         status, code = _http(e)
-        if code in _THROTTLE_CODES or status == 429 or (status == 503 and "SlowDown" in str(e)):
+        # S3 answers 503 SlowDown, GCS 429 or 503 "backend error": back off from each.
+        if code in _THROTTLE_CODES or status in (429, 503):
             return THROTTLED
-        if status == 503:
-            return THROTTLED  # S3 sends 503 SlowDown, GCS 503 "backend error": back off both
         if status >= 500:
             return SERVER
         if code in _DENIED_CODES or status in (401, 403):
@@ -104,7 +110,11 @@ def _kind(exc: BaseException, bucket_request: bool) -> str:
             return NOT_FOUND
     if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
         return DENIED  # none found: botocore and google-auth say so before any request
-    if names & {"ClientPayloadError", "IncompleteRead", "IncompleteReadError", "Truncated"}:
+    if any(isinstance(e, Truncated) for e in _chain(exc)) or names & {
+        "ClientPayloadError",
+        "IncompleteRead",
+        "IncompleteReadError",
+    }:
         return TRUNCATED
     if names & {
         "EndpointConnectionError",

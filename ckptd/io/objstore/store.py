@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+from ckptd.io.objstore import clients
 from ckptd.io.objstore.failures import (
-    MISSING_BUCKET,
     MISSING_LIBRARY,
     NOT_FOUND,
     TRUNCATED,
     StoreError,
+    Truncated,
     classify,
 )
 
@@ -67,16 +68,6 @@ class Retry:
         return min(self.cap, self.base * 2 ** (failed - 1)) * random.uniform(0.5, 1.0)
 
 
-class _Short(Exception):
-    """A range read returned fewer bytes than the object holds there."""
-
-    def __init__(self, got: int, wanted: int) -> None:
-        super().__init__(f"got {got} of {wanted} bytes")
-
-
-_Short.__name__ = "Truncated"  # what failures.classify recognizes
-
-
 class Store:
     """The objects under one URL prefix; counts the requests it makes, by method."""
 
@@ -87,18 +78,23 @@ class Store:
         *,
         retry: Retry | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        counted: bool = False,
     ) -> None:
         self.url = url.rstrip("/")
         self.scheme, _, rest = self.url.partition("://")
         self.root = rest  # key of the URL prefix
         self.bucket = rest.split("/", 1)[0]
         self.fs = fs
+        # True: ``fs`` reports each HTTP request it sends (count_request); else each call counts.
+        self.counted = counted
         self.retry = retry or Retry()
         self.sleep = sleep
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(METHODS, 0)
         self.retries = 0  # attempts beyond the first, all requests together
         self.last_error: StoreError | None = None  # the latest failure, retried or not
+        self.last_error_at = 0.0  # its time.time(), for "failing since" in status
+        self._errors: dict[str, int] = {}
 
     # ------------------------------------------------------------ accounting
 
@@ -113,9 +109,15 @@ class Store:
         with self._lock:
             return dict(self._counts)
 
-    def _count(self, method: str, n: int = 1) -> None:
+    def errors(self) -> dict[str, int]:
+        """Failed attempts so far by failure kind (``throttled``, ``unreachable``, …)."""
         with self._lock:
-            self._counts[method] += n
+            return dict(self._errors)
+
+    def count_request(self, method: str) -> None:
+        """One request sent (called by the filesystem as it sends it, from its IO thread)."""
+        with self._lock:
+            self._counts[method] += 1
 
     def url_of(self, key: str) -> str:
         return f"{self.scheme}://{key}"
@@ -126,13 +128,16 @@ class Store:
         """``fn()`` (one request), tried again on transient failures; a StoreError otherwise."""
         attempt = 1
         while True:
-            self._count(method)
+            if not self.counted:
+                self.count_request(method)
             try:
                 return fn()
             except Exception as exc:
                 err = classify(exc, self.url_of(key), bucket_request=bucket_request)
                 err.attempts = attempt
-                self.last_error = err
+                with self._lock:
+                    self._errors[err.kind] = self._errors.get(err.kind, 0) + 1
+                    self.last_error, self.last_error_at = err, time.time()
                 if not err.transient or attempt >= self.retry.attempts:
                     raise err from exc
             with self._lock:
@@ -147,12 +152,10 @@ class Store:
         sub-prefixes: one delimiter listing. A prefix holding nothing lists empty."""
         key = self.root if key is None else key.rstrip("/")
 
-        def ls() -> list[dict[str, Any]]:
-            entries: list[dict[str, Any]] = self.fs.ls(key, detail=True, refresh=True)
-            return entries
-
         try:
-            entries = self._call("LIST", key, ls)
+            entries = self._call(
+                "LIST", key, lambda: clients.list_entries(self.fs, self.scheme, key)
+            )
         except StoreError as err:
             if err.kind != NOT_FOUND:
                 raise
@@ -193,7 +196,7 @@ class Store:
     def stat(self, key: str) -> ObjectInfo | None:
         """The object ``key`` (one HEAD), or None when there is none."""
         try:
-            entry = self._call("HEAD", key, lambda: self.fs.info(key, refresh=True))
+            entry = self._call("HEAD", key, lambda: clients.head(self.fs, self.scheme, key))
         except StoreError as err:
             if err.kind == NOT_FOUND:
                 return None
@@ -227,7 +230,7 @@ class Store:
                     info = self.stat(key)
                     real = info.size if info is not None else 0
                 if len(data) < min(wanted, real - start):
-                    raise _Short(len(data), wanted)
+                    raise Truncated(f"got {len(data)} of {wanted} bytes")
             return data
 
         try:
@@ -251,17 +254,9 @@ class Store:
             self._call("DELETE", batch[0], functools.partial(self.fs.rm, batch))
 
     def check_access(self) -> None:
-        """That the bucket exists and the credentials may list it (a StoreError if not): one
-        LIST of the prefix, and a look at the bucket when the prefix holds nothing."""
-        objects, prefixes = self.list_dir()
-        if objects or prefixes:
-            return
-        try:
-            self._call("HEAD", self.bucket, lambda: self.fs.info(self.bucket), bucket_request=True)
-        except StoreError as err:
-            if err.kind == NOT_FOUND:
-                err.kind = MISSING_BUCKET
-            raise
+        """That the bucket exists, the server answers and the credentials may list the prefix
+        (a StoreError saying which is not so): one LIST."""
+        self.list_dir()
 
 
 def _key(name: str) -> str:
@@ -284,38 +279,6 @@ def _info(name: str, entry: dict[str, Any]) -> ObjectInfo:
     return ObjectInfo(name, int(entry.get("size") or 0), str(version).strip('"'), mtime_ns)
 
 
-def _filesystem(scheme: str, endpoint_url: str | None) -> Any:
-    """An fsspec filesystem without listing cache and without the library's own retries."""
-    options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
-    if scheme == "s3":
-        from s3fs import S3FileSystem
-
-        if endpoint_url:
-            options["endpoint_url"] = endpoint_url
-        # s3fs's retry loop and botocore's: one attempt each, Store retries.
-        options["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
-        fs = S3FileSystem(**options)
-        fs.retries = 1
-        return fs
-    if scheme == "gs":
-        from gcsfs.core import GCSFileSystem  # not gcsfs's experimental class: see _GCS
-
-        return _gcs_class(GCSFileSystem)(endpoint_url=endpoint_url, **options)
-    import fsspec
-
-    return fsspec.filesystem(scheme, **options)
-
-
-def _gcs_class(base: type) -> type:
-    """gcsfs's plain filesystem with its request retries taken out (its ``_request`` is wrapped
-    in a retry decorator; the undecorated function is kept as ``__wrapped__``)."""
-
-    class _GCS(base):  # type: ignore[misc, valid-type]
-        _request = getattr(base._request, "__wrapped__", base._request)  # type: ignore[attr-defined]
-
-    return _GCS
-
-
 def open_store(
     url: str,
     *,
@@ -326,8 +289,9 @@ def open_store(
     """The store at ``url``; credentials come from the environment as s3fs/gcsfs take them
     (``AWS_*``/profiles, ``GOOGLE_APPLICATION_CREDENTIALS``), never from ckptd."""
     scheme = url.partition("://")[0]
+    store = Store(url, None, retry=retry, sleep=sleep)
     try:
-        fs = _filesystem(scheme, endpoint_url)
+        store.fs, store.counted = clients.filesystem(scheme, endpoint_url, store.count_request)
     except ImportError as exc:
         extra = {"s3": "s3", "gs": "gcs"}.get(scheme, scheme)
         raise StoreError(
@@ -335,4 +299,4 @@ def open_store(
             f"{url}: {exc.name or 'its library'} is not installed; pip install 'ckptd[{extra}]'",
             url=url,
         ) from None
-    return Store(url, fs, retry=retry, sleep=sleep)
+    return store
