@@ -6,6 +6,9 @@ unless a fault is queued for it:
 
 - ``"503"``: HTTP 503 with the store's throttling error (S3 ``SlowDown``, a GCS JSON error),
   without reaching the server;
+- ``"403"``: HTTP 403 with the store's access denied error (the GCS emulator has no
+  authentication: this is how a refusal from GCS is tested);
+- ``"hang"``: no answer at all until the proxy stops (a server that accepts and stalls);
 - ``"drop"``: the connection is closed without an answer;
 - ``"truncate"``: the server's answer with its body cut in half and Content-Length saying so
   (a short but well-formed response: only the reader can tell);
@@ -27,7 +30,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-FAULTS = ("503", "drop", "truncate", "cut")
+FAULTS = ("503", "403", "hang", "drop", "truncate", "cut")
+_ERRORS = {
+    ("s3", 503): ("SlowDown", "Please reduce your request rate."),
+    ("s3", 403): ("AccessDenied", "Access Denied"),
+    ("gs", 503): ("", "Backend Error"),
+    ("gs", 403): ("", "ckptd-test does not have storage.objects.list access"),
+}
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
@@ -74,6 +83,7 @@ class FaultProxy:
     requests: list[tuple[str, str]] = field(default_factory=list)
     _faults: deque[_Fault] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
     _server: _Server | None = None
     _thread: threading.Thread | None = None
 
@@ -118,12 +128,15 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 fault = proxy._take(self.command, self.path)
+                if fault == "hang":
+                    proxy._stopping.wait(60)
+                    fault = "drop"
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                if fault == "503":
-                    self._throttled()
+                if fault in ("503", "403"):
+                    self._error(int(fault))
                     return
                 conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
                 try:
@@ -158,17 +171,18 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(2)
 
-            def _throttled(self) -> None:
+            def _error(self, status: int) -> None:
+                code, message = _ERRORS[proxy.scheme, status]
                 if proxy.scheme == "s3":
                     body = (
-                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                        b"<Message>Please reduce your request rate.</Message></Error>"
-                    )
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{message}</Message></Error>"
+                    ).encode()
                     kind = "application/xml"
                 else:
-                    body = b'{"error": {"code": 503, "message": "Backend Error"}}'
+                    body = f'{{"error": {{"code": {status}, "message": "{message}"}}}}'.encode()
                     kind = "application/json"
-                self.send_response(503)
+                self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -185,6 +199,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.close_connections()  # clients' idle keep-alive connections too

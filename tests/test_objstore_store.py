@@ -312,3 +312,47 @@ def test_credentials_never_reach_a_debug_log(
     err = capsys.readouterr().err
     assert "debug logging is on" in err
     assert ACCESS_KEY not in err and SECRET_KEY not in err and "Signature=" not in err
+
+
+def test_a_refusal_is_denied_and_not_retried(bucket: Bucket, proxy: FaultProxy) -> None:
+    store = proxied(bucket, proxy, [])
+    proxy.fail("403", times=5)
+    with pytest.raises(StoreError) as exc:
+        store.list_dir()
+    assert exc.value.kind == "denied" and exc.value.attempts == 1
+    where = "AWS_ACCESS_KEY_ID" if bucket.scheme == "s3" else "GOOGLE_APPLICATION_CREDENTIALS"
+    assert where in str(exc.value) and "\n" not in str(exc.value)
+    assert len(proxy.requests) == 1 and store.retries == 0
+
+
+def test_a_read_of_one_version_never_mixes_in_another(bucket: Bucket) -> None:
+    store = store_of(bucket, "r")
+    key = bucket.key("r/events.out.tfevents.1")
+    store.put(key, b"first flush")
+    old = store.stat(key)
+    assert old is not None
+    assert store.read_range(key, 0, 5, size=old.size, version=old.version) == b"first"
+    store.put(key, b"FIRST FLUSH, second flush")  # re-uploaded whole, as GCS event files are
+    new = store.stat(key)
+    assert new is not None
+    with pytest.raises(StoreError) as exc:
+        store.read_range(key, 0, 5, size=old.size, version=old.version)
+    assert exc.value.kind == "changed" and "list it again" in str(exc.value)
+    assert str(exc.value).startswith(f"{bucket.scheme}://{key}: ")
+    assert store.retries == 0  # not a transient failure
+    # From the remembered offset of the new version on.
+    tail = store.read_range(key, 11, new.size, size=new.size, version=new.version)
+    assert tail == b", second flush"
+
+
+def test_a_stalled_server_times_out_as_unreachable(bucket: Bucket, proxy: FaultProxy) -> None:
+    store = open_store(
+        bucket.url_of("r"),
+        endpoint_url=proxy.endpoint,
+        retry=Retry(attempts=2, base=0.01, cap=0.01),
+        timeouts=(1.0, 0.5),
+    )
+    proxy.fail("hang", times=5)
+    with pytest.raises(StoreError) as exc:
+        store.list_dir()
+    assert exc.value.kind == "unreachable" and exc.value.attempts == 2

@@ -7,8 +7,10 @@ from __future__ import annotations
 from ckptd.config.schema import Config, ConfigError, Problem
 from ckptd.io.objstore import Retry, StoreError, open_store
 
-# A start-up check: a server that is down fails in about a second, not after minutes.
+# A start-up (or SIGHUP) check: a server that is down fails in about a second, one that
+# accepts and never answers within half a minute, inside systemd's WatchdogSec=60.
 CHECK_RETRY = Retry(attempts=2, base=0.5, cap=1.0)
+CHECK_TIMEOUTS = (5.0, 10.0)  # seconds to connect, to wait for a read
 
 
 def object_store_problems(config: Config, *, retry: Retry = CHECK_RETRY) -> list[Problem]:
@@ -22,7 +24,10 @@ def object_store_problems(config: Config, *, retry: Retry = CHECK_RETRY) -> list
             if not isinstance(place, str):
                 continue  # a local path
             try:
-                open_store(place, endpoint_url=w.endpoint_url, retry=retry).check_access()
+                store = open_store(
+                    place, endpoint_url=w.endpoint_url, retry=retry, timeouts=CHECK_TIMEOUTS
+                )
+                store.check_access()
             except StoreError as err:
                 problems.append(Problem(config.source, key, f"{err.kind}: {err.message}"))
     return problems

@@ -54,16 +54,22 @@ def gcs_method(http_method: str, path: str, params: dict[str, Any]) -> str:
     return "HEAD"  # an object's or a bucket's metadata
 
 
-def filesystem(scheme: str, endpoint_url: str | None, count: Count) -> tuple[Any, bool]:
+def filesystem(
+    scheme: str,
+    endpoint_url: str | None,
+    count: Count,
+    timeouts: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
+) -> tuple[Any, bool]:
     """An fsspec filesystem for ``scheme`` without listing cache or retries of its own, and
-    whether it reports its HTTP requests through ``count`` (the in-memory one has none)."""
+    whether it reports its HTTP requests through ``count`` (the in-memory one has none).
+    ``timeouts``: seconds to connect, and to wait for each read from the socket."""
     options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
     if scheme == "s3":
-        return _s3(endpoint_url, count, options), True
+        return _s3(endpoint_url, count, options, timeouts), True
     if scheme == "gs":
         from aiohttp import ClientTimeout
 
-        timeout = ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+        timeout = ClientTimeout(sock_connect=timeouts[0], sock_read=timeouts[1])
         fs = _gcs_class()(endpoint_url=endpoint_url, requests_timeout=timeout, **options)
         fs.ckptd_count = count
         return fs, True
@@ -98,6 +104,40 @@ def list_entries(fs: Any, scheme: str, key: str) -> list[dict[str, Any]]:
     return listed
 
 
+def get_range(fs: Any, scheme: str, key: str, start: int, end: int, version: str) -> bytes:
+    """Bytes ``[start, end)`` of ``key`` as of ``version`` (an S3 ETag, a GCS generation): one
+    GET that fails rather than mix two versions (S3: 412 for If-Match; GCS: that generation,
+    a 404 once it is replaced)."""
+    if scheme == "s3":
+        from fsspec.asyn import sync
+
+        bucket, _, name = key.partition("/")
+
+        async def get() -> bytes:
+            resp = await fs._call_s3(
+                "get_object",
+                Bucket=bucket,
+                Key=name,
+                Range=f"bytes={start}-{end - 1}",
+                IfMatch=f'"{version}"',
+            )
+            try:
+                data: bytes = await resp["Body"].read()
+                return data
+            finally:
+                resp["Body"].close()
+
+        result: bytes = sync(fs.loop, get)
+        return result
+    if scheme == "gs":
+        data: bytes = fs.cat_file(key, start=start, end=end, generation=version)
+        return data
+    if str(fs.info(key).get("ETag") or "") not in ("", version):
+        raise FileNotFoundError(f"{key}: version {version} is gone")
+    data = fs.cat_file(key, start=start, end=end)
+    return data
+
+
 def head(fs: Any, scheme: str, key: str) -> dict[str, Any]:
     """An object's metadata in one request (the libraries' ``info`` also lists the key as a
     prefix, to find "directories": two or three requests). FileNotFoundError when absent."""
@@ -120,7 +160,9 @@ def head(fs: Any, scheme: str, key: str) -> dict[str, Any]:
     return info
 
 
-def _s3(endpoint_url: str | None, count: Count, options: dict[str, Any]) -> Any:
+def _s3(
+    endpoint_url: str | None, count: Count, options: dict[str, Any], timeouts: tuple[float, float]
+) -> Any:
     from aiobotocore.session import AioSession
     from s3fs import S3FileSystem
 
@@ -135,8 +177,8 @@ def _s3(endpoint_url: str | None, count: Count, options: dict[str, Any]) -> Any:
     # botocore's retries: one attempt in all (s3fs's loop is set to one below).
     options["config_kwargs"] = {
         "retries": {"total_max_attempts": 1},
-        "connect_timeout": CONNECT_TIMEOUT,
-        "read_timeout": READ_TIMEOUT,
+        "connect_timeout": timeouts[0],
+        "read_timeout": timeouts[1],
     }
     fs = S3FileSystem(session=session, **options)
     fs.retries = 1

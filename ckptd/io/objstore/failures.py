@@ -18,8 +18,11 @@ TRUNCATED = "truncated"  # a body shorter than its range or its Content-Length
 DENIED = "denied"  # wrong or missing credentials, or no permission
 MISSING_BUCKET = "missing bucket"
 NOT_FOUND = "not found"  # an object (or prefix) that is not there
+CHANGED = "changed"  # a read of one version (ETag, generation) found another, or none
 MISSING_LIBRARY = "missing library"  # s3fs / gcsfs not installed
 FAILED = "failed"  # anything else: reported as the library said it
+
+CHANGED_TEXT = "the object was rewritten or deleted since it was listed; list it again"
 
 KINDS = (
     UNREACHABLE,
@@ -29,6 +32,7 @@ KINDS = (
     DENIED,
     MISSING_BUCKET,
     NOT_FOUND,
+    CHANGED,
     MISSING_LIBRARY,
     FAILED,
 )
@@ -102,6 +106,8 @@ def _kind(exc: BaseException, bucket_request: bool) -> str:
             return THROTTLED
         if status >= 500:
             return SERVER
+        if status == 412 or code == "PreconditionFailed":
+            return CHANGED
         if code in _DENIED_CODES or status in (401, 403):
             return DENIED
         if code == "NoSuchBucket" or (bucket_request and status == 404):
@@ -174,6 +180,8 @@ def classify(exc: BaseException, url: str, *, bucket_request: bool = False) -> S
         text = f"{url}: the object store failed ({detail}); retried, it may recover"
     elif kind == TRUNCATED:
         text = f"{url}: a read came back shorter than asked ({detail}); retried"
+    elif kind == CHANGED:
+        text = f"{url}: {CHANGED_TEXT}"
     elif kind == NOT_FOUND:
         text = f"{url}: no such object"
     else:

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 from ckptd.io.objstore import clients
 from ckptd.io.objstore.failures import (
+    CHANGED,
+    CHANGED_TEXT,
     MISSING_LIBRARY,
     NOT_FOUND,
     TRUNCATED,
@@ -210,11 +212,21 @@ class Store:
         data: bytes = self._call("GET", key, lambda: self.fs.cat_file(key, start=start, end=end))
         return data
 
-    def read_range(self, key: str, start: int, end: int, *, size: int | None = None) -> bytes:
+    def read_range(
+        self,
+        key: str,
+        start: int,
+        end: int,
+        *,
+        size: int | None = None,
+        version: str | None = None,
+    ) -> bytes:
         """Bytes ``[start, end)`` of an object of ``size`` bytes (when known): one ranged GET.
 
         A body shorter than the range (clipped to ``size``) is a truncated read and is tried
         again; without ``size``, a short body is checked against the object's size (a HEAD).
+        With ``version`` (an ObjectInfo's), the bytes are that version's or the read fails
+        with kind ``changed``: never a mix of an old listing and a new object.
         """
         if start < 0 or end < start:
             raise ValueError(f"bad range [{start}, {end})")
@@ -223,7 +235,11 @@ class Store:
             return b""
 
         def get() -> bytes:
-            data: bytes = self.fs.cat_file(key, start=start, end=start + wanted)
+            if version:
+                stop = start + wanted
+                data = clients.get_range(self.fs, self.scheme, key, start, stop, version)
+            else:
+                data = self.fs.cat_file(key, start=start, end=start + wanted)
             if len(data) < wanted:
                 real = size
                 if real is None:
@@ -236,6 +252,9 @@ class Store:
         try:
             return self._call("GET", key, get)
         except StoreError as err:
+            if version and err.kind == NOT_FOUND:  # that generation is gone: replaced
+                text = f"{err.url}: {CHANGED_TEXT}"
+                raise StoreError(CHANGED, text, url=err.url, attempts=err.attempts) from err
             if err.kind == TRUNCATED:
                 err.message = f"{err.message} (after {err.attempts} attempts)"
             raise
@@ -285,13 +304,16 @@ def open_store(
     endpoint_url: str | None = None,
     retry: Retry | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    timeouts: tuple[float, float] = (clients.CONNECT_TIMEOUT, clients.READ_TIMEOUT),
 ) -> Store:
     """The store at ``url``; credentials come from the environment as s3fs/gcsfs take them
     (``AWS_*``/profiles, ``GOOGLE_APPLICATION_CREDENTIALS``), never from ckptd."""
     scheme = url.partition("://")[0]
     store = Store(url, None, retry=retry, sleep=sleep)
     try:
-        store.fs, store.counted = clients.filesystem(scheme, endpoint_url, store.count_request)
+        store.fs, store.counted = clients.filesystem(
+            scheme, endpoint_url, store.count_request, timeouts
+        )
     except ImportError as exc:
         extra = {"s3": "s3", "gs": "gcs"}.get(scheme, scheme)
         raise StoreError(
