@@ -379,12 +379,11 @@ class Freezer:
 
 def freeze(store: Store, target: Target, *, force: bool = False) -> ExportOutcome:
     """``ckptd freeze``: export the target checkpoint, or the run's best if it changed."""
-    fr = target.watch.freeze
-    if fr is None or isinstance(fr.export_dir, str):
-        why = "has no [watch.freeze] section: add one with export_dir and format to the config"
-        if fr is not None:
-            why = f"exports to {fr.export_dir}: not supported yet (use a local export_dir)"
-        raise NotConfigured(f"run {target.run.name} {why}")
+    if target.watch.freeze is None:
+        raise NotConfigured(
+            f"run {target.run.name} has no [watch.freeze] section: "
+            "add one with export_dir and format to the config"
+        )
     freezer = Freezer(store)
     try:
         return freezer.freeze_run(target.run, target.watch, target.checkpoint, force=force)
