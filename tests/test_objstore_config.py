@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckptd.config import ConfigError, parse_config
-from tests.conftest import ckptd
+from tests.conftest import ckptd, query
 from tests.objfixtures import Bucket
 from tests.objservers import ObjServer, free_ports
 
@@ -230,7 +230,7 @@ def test_export_dir_on_an_object_store_is_checked_too(
     assert "watch[0].freeze.export_dir: missing bucket:" in result.stderr
 
 
-def test_daemon_skips_object_store_watches_with_a_log_line(
+def test_run_once_polls_object_store_watches_beside_local_ones(
     tmp_path: Path, bucket: Bucket, objstore_env: dict[str, str]
 ) -> None:
     local = tmp_path / "local"
@@ -241,12 +241,13 @@ def test_daemon_skips_object_store_watches_with_a_log_line(
         f'[[watch]]\npath = "{bucket.url_of("runs")}"\nruns = "*"\n'
         f'[[watch]]\npath = "{local}"\nruns = "*"\n'
     )
+    bucket.put("runs/r/notes.txt", b"a run with no checkpoint yet")
     result = ckptd("run", "--once", config=config)
     assert result.returncode == 0, result.stderr
-    assert f"watch[0] {bucket.url_of('runs')}: object store watches are not observed" in (
-        result.stderr
-    )
+    assert "not observed" not in result.stderr  # polled (daemon/objwatch.py), not skipped
     assert "Traceback" not in result.stderr
+    rows = query(tmp_path / "ckptd.db", "SELECT name, watch_path FROM runs")
+    assert rows == [("r", bucket.url_of("runs"))]
 
 
 @pytest.mark.slow
@@ -282,10 +283,15 @@ def test_sighup_to_a_missing_bucket_keeps_the_running_config(
     error = wait_for(lambda: status().get("reload_error"))
     assert "watch[1].path: missing bucket:" in error and f"bucket {bucket.name}-nope" in error
     assert d.proc.poll() is None
-    # Fixed: reloaded, and the object store watch is skipped with its log line.
+    # Fixed: reloaded, and the object store watch is polled.
     conf.write_text(head + f'[[watch]]\npath = "{bucket.url_of("runs")}"\nruns = "*"\n')
     d.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: not status().get("reload_error"))
-    wait_for(lambda: "object store watches are not observed" in d.log())
+    wait_for(
+        lambda: any(
+            w.get("path") == bucket.url_of("runs") and w.get("requests")
+            for w in status().get("watches", [])
+        )
+    )
     assert d.stop() == 0
     assert "Traceback" not in d.log()

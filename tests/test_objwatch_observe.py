@@ -300,3 +300,20 @@ def test_event_file_uploaded_whole_at_each_flush(
     whole = set(tail.read.scalars) | set(again.read.scalars)
     _req, fresh = look(store, "r")
     assert whole == set(fresh.events[url].read.scalars)  # type: ignore[attr-defined]
+
+
+def test_object_rewritten_between_listing_and_read(
+    golden: Corpus, bucket: Any, objstore_env: dict[str, str]
+) -> None:
+    """The listing's version is the one read: an index rewritten after the listing is not
+    parsed against the listed sizes (never a mix); the checkpoint is looked at again."""
+    run = golden.run_dir("tf2")
+    store = _server_store(bucket)
+    upload(store, run, "r")
+    listing = list_run(store, "r")
+    store.put(f"{store.root}/r/ckpt-10.index", (run / "ckpt-20.index").read_bytes())
+    obs = observe_listing(store, listing, Request.first_look(Path("/unused"), None, 120.0))
+    by = {f.prefix.rsplit("/", 1)[1]: f for f in obs.found}
+    assert by["ckpt-10"].state == formats.INCOMPLETE
+    assert "replaced while being read" in (by["ckpt-10"].reason or "")
+    assert by["ckpt-20"].state == formats.COMPLETE

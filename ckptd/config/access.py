@@ -5,16 +5,19 @@ every command that reads the config: that would cost each of them a request per 
 from __future__ import annotations
 
 from ckptd.config.schema import Config, ConfigError, Problem
-from ckptd.io.objstore import Retry, StoreError, open_store
 
 # A start-up (or SIGHUP) check: a server that is down fails in about a second, one that
 # accepts and never answers within half a minute, inside systemd's WatchdogSec=60.
-CHECK_RETRY = Retry(attempts=2, base=0.5, cap=1.0)
+CHECK_ATTEMPTS = 2
 CHECK_TIMEOUTS = (5.0, 10.0)  # seconds to connect, to wait for a read
 
 
-def object_store_problems(config: Config, *, retry: Retry = CHECK_RETRY) -> list[Problem]:
+def object_store_problems(config: Config) -> list[Problem]:
     """One problem per object store location (watch path, export_dir) that cannot be used."""
+    # Imported here: the commands that only read the config do not pay for it.
+    from ckptd.io.objstore import Retry, StoreError, open_store
+
+    retry = Retry(attempts=CHECK_ATTEMPTS, base=0.5, cap=1.0)
     problems: list[Problem] = []
     for i, w in enumerate(config.watches):
         places = [(f"watch[{i}].path", w.path)]

@@ -7,8 +7,6 @@ Transient kinds are retried by :class:`ckptd.io.objstore.store.Store`; the other
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import Iterator
 
 UNREACHABLE = "unreachable"  # no connection, reset, timed out: the server is down or far
@@ -138,7 +136,7 @@ def _kind(exc: BaseException, bucket_request: bool) -> str:
     }:
         return UNREACHABLE
     for e in _chain(exc):
-        if isinstance(e, ConnectionError | socket.timeout | TimeoutError | asyncio.TimeoutError):
+        if isinstance(e, ConnectionError | TimeoutError):  # socket's and asyncio's too
             return UNREACHABLE
         if isinstance(e, PermissionError) or str(e).startswith("Forbidden"):
             return DENIED

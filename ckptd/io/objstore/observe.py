@@ -30,7 +30,7 @@ from ckptd.io.formats.step import readable, step_keys, step_value
 from ckptd.io.formats.tensorbundle import read_header
 from ckptd.io.formats.tf import index_error, shards_problem
 from ckptd.io.kerasname import KerasTemplate
-from ckptd.io.objstore.failures import NOT_FOUND
+from ckptd.io.objstore.failures import CHANGED, NOT_FOUND
 from ckptd.io.objstore.listing import RunListing
 from ckptd.io.objstore.store import ObjectInfo, Store, StoreError
 from ckptd.io.observe import Request, RunObservation
@@ -47,12 +47,12 @@ class ShortRead(Exception):
 
 
 def _read(store: Store, o: ObjectInfo, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of ``o`` (one ranged GET, retried by the store when cut short);
-    FileNotFoundError when the object is gone since the listing."""
+    """Bytes ``[start, end)`` of the listed version of ``o`` (one ranged GET, retried by the
+    store when cut short); FileNotFoundError when that version is gone since the listing."""
     try:
-        data = store.read_range(o.key, start, end, size=o.size)
+        data = store.read_range(o.key, start, end, size=o.size, version=o.version or None)
     except StoreError as exc:
-        if exc.kind == NOT_FOUND:
+        if exc.kind in (NOT_FOUND, CHANGED):  # the listed version is gone: list again
             raise FileNotFoundError(o.key) from None
         raise
     if len(data) != end - start:
@@ -262,12 +262,18 @@ def _tail(store: Store, url: str, rel: str, o: ObjectInfo, req: Request) -> Even
     prefix = rel.rpartition("/")[0]
     try:
         scan_records(
-            lambda n, pos: store.read_range(o.key, pos, pos + n, size=o.size),
+            lambda n, pos: store.read_range(
+                o.key, pos, pos + n, size=o.size, version=o.version or None
+            ),
             o.size,
             prefix,
             result,
         )
-    except (StoreError, OSError) as exc:  # keep what was read; the rest at the next poll
+    except StoreError as exc:
+        if exc.kind not in (NOT_FOUND, CHANGED):
+            raise  # the store fails: reported, nothing concluded
+        result.retry = f"unreadable: {exc}"  # a newer upload: read on from here next poll
+    except OSError as exc:  # keep what was read; the rest at the next poll
         result.retry = f"unreadable: {exc}"
     r = result
     read = EventRead(r.offset, tuple(r.scalars), r.error, r.retry, r.skipped, r.skip_reason)
