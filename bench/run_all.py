@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "prune": ("prune", [], "prune"),
     "objstore_detect": ("objstore_detect", [], "objstore_detect"),  # SeaweedFS S3
     "objstore_idle": ("objstore_idle", [], "objstore_idle"),
+    "objstore_backfill": ("objstore_backfill", [], "objstore_backfill"),
 }
 
 

@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from ckptd.api import objprune
 from ckptd.core.model import Checkpoint, utcnow
 from ckptd.core.retention import Plan
 from ckptd.io import fsops, statefile
+from ckptd.io.objstore import is_object_url
 from ckptd.store import audit, claims, pruning
 from ckptd.store.audit import Entry
 from ckptd.store.handle import Store
@@ -178,17 +180,23 @@ def finish(
     jobs = [(path, group[0].root, group) for path, group in by_dir.items()]
     jobs += [(path, root, []) for path, root in dict.fromkeys(repair) if path not in by_dir]
 
+    def lapsed(b: Batch) -> bool:
+        if holds is not None and b.ckpts and holds(b.ckpts[0].run_id) is None:
+            # Its lease lapsed (by this daemon's clock, before the database gives the run to
+            # another): the files are its new holder's to delete, and to record.
+            b.result.skipped = LAPSED
+            log.warning("%s: not pruned: %s", b.run_dir, LAPSED)
+            return True
+        return False
+
     def clean(job: tuple[str, str, list[Batch]]) -> list[Outcome]:
         path, root, group = job
+        kept = [b for b in group if not lapsed(b)]
+        if is_object_url(path):
+            return objprune.clean(store, path, kept) if kept or not group else []
         outcomes: list[Outcome] = []
         removed: set[str] = set()
-        for b in group:  # one directory descriptor per batch
-            if holds is not None and b.ckpts and holds(b.ckpts[0].run_id) is None:
-                # Its lease lapsed (by this daemon's clock, before the database gives the run
-                # to another): the files are its new holder's to delete, and to record.
-                b.result.skipped = LAPSED
-                log.warning("%s: not pruned: %s", b.run_dir, LAPSED)
-                continue
+        for b in kept:  # one directory descriptor per batch
             removals = fsops.remove_groups(root, path, [c.files for c in b.ckpts])
             pairs = list(zip(b.ckpts, removals, strict=True))
             outcomes.append((b, pairs))

@@ -15,17 +15,20 @@ import logging
 import threading
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from ckptd.api import objstores
 from ckptd.api.evaluate_command import run_command
+from ckptd.api.localcopy import CopyFailed, local_checkpoint
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
 from ckptd.config import Config, EvaluateConfig, WatchConfig
 from ckptd.core import backoff
 from ckptd.core.model import COMPLETE, Checkpoint, iso, utcnow
+from ckptd.io.objstore import is_object_url
 from ckptd.store import evaluation_reads, evaluations
 from ckptd.store.evaluation_reads import Waiting
 from ckptd.store.evaluations import DONE, FAILED, PENDING, Candidate, Job
@@ -148,6 +151,7 @@ class Evaluator:
     ) -> None:
         self.store = store
         self.config = config
+        objstores.configure(config.watches)
         self.client = client or WorkerClient()
         self.claim_ttl = claim_ttl  # a `ckptd worker`'s is its [worker] claim_ttl
         self.current: tuple[Job, datetime] | None = None  # the job being evaluated, since when
@@ -262,20 +266,25 @@ class Evaluator:
         self.current = (job, utcnow())
         with renewal:
             try:
-                if not Path(c.prefix + ".index").exists() and not Path(c.prefix).exists():
+                if not is_object_url(c.prefix) and not _exists(c.prefix):
                     raise WorkerError(
                         "not_found", f"{c.prefix} no longer exists (pruned or deleted)"
                     )
-                if ev.evaluator == "command":
-                    metrics = run_command(ev, c, c.run)
-                else:
-                    result = self.client.call(
-                        build_request(ev, c, job.run_path, watch.keras_model),
-                        timeout=ev.timeout.total_seconds(),
-                    )
-                    metrics = {str(k): float(v) for k, v in dict(result.get("metrics", {})).items()}
+                with local_checkpoint(self.store, c, job.run_path) as local:  # (a copy: objects)
+                    here = replace(c, prefix=local.prefix)
+                    if ev.evaluator == "command":
+                        metrics = run_command(ev, here, c.run)
+                    else:
+                        result = self.client.call(
+                            build_request(ev, here, local.run_dir, watch.keras_model),
+                            timeout=ev.timeout.total_seconds(),
+                        )
+                        got = dict(result.get("metrics", {}))
+                        metrics = {str(k): float(v) for k, v in got.items()}
             except WorkerError as exc:
                 error, kind = str(exc), exc.kind
+            except CopyFailed as exc:
+                error, kind = str(exc), "not_found" if exc.gone else ""
             finally:
                 self.current = None
         seconds = time.perf_counter() - t0
@@ -318,6 +327,10 @@ class Evaluator:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _exists(prefix: str) -> bool:
+    return Path(prefix + ".index").exists() or Path(prefix).exists()
 
 
 def check(target: Target) -> EvaluateConfig:

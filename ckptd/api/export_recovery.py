@@ -11,9 +11,12 @@ import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from ckptd.api import objstores
+from ckptd.api.exportdest import of_path
 from ckptd.api.exportdir import TMP_PREFIX, export_root
 from ckptd.config import WatchConfig
 from ckptd.io import fsops
+from ckptd.io.objstore import StoreError, is_object_url
 from ckptd.store import claims, exports
 from ckptd.store import runs as store_runs
 from ckptd.store.claims import FREEZE
@@ -47,11 +50,10 @@ def recover(
         hold = holds(run_id) if holds is not None else None
         return hold.owner if hold is not None else None
 
+    objstores.configure(watches)
     claims.release_gone(store, FREEZE)
     vanished = [
-        e.id
-        for e in exports.listed(store, "published")
-        if mine(e.run_id) and not Path(e.path).exists()
+        e.id for e in exports.listed(store, "published") if mine(e.run_id) and _exists(e) is False
     ]
     interrupted: dict[int | None, list[exports.Export]] = {}
     for e in exports.listed(store, "exporting"):
@@ -76,7 +78,12 @@ def recover(
             # export whose directory exists was published and verified; only its commit
             # was lost.
             for e in interrupted.get(run_id, []):
-                (published if Path(e.path).is_dir() else failed).append(e.id)
+                there = _exists(e)
+                if there is None:
+                    continue  # left as it is: looked at again at the next start
+                (published if there else failed).append(e.id)
+                if not there and is_object_url(e.path):
+                    _remove_half_upload(e)
             for root, name in temps.get(run_id, []):
                 try:
                     fsops.remove_tree(root, name)
@@ -90,6 +97,27 @@ def recover(
         store, published=published, failed=failed, removed=vanished, error=INTERRUPTED
     )
     return len(failed)
+
+
+def _exists(e: exports.Export) -> bool | None:
+    """Whether the export's version is there (on an object store: its marker was uploaded);
+    None when that cannot be told now (the store is unreachable)."""
+    if not is_object_url(e.path):
+        return Path(e.path).exists()
+    try:
+        return of_path(e.path).exists(e.path, e.format)
+    except StoreError as exc:
+        log.warning("%s: not checked: %s", e.path, exc)
+        return None
+
+
+def _remove_half_upload(e: exports.Export) -> None:
+    """An interrupted upload's objects: its version was never published (no marker)."""
+    try:
+        of_path(e.path).remove(e.path)
+        log.info("removed interrupted export %s", e.path)
+    except StoreError as exc:
+        log.warning("could not remove %s: %s", e.path, exc)
 
 
 def _export_roots(store: Store, watches: tuple[WatchConfig, ...]) -> dict[Path, int | None]:

@@ -16,24 +16,18 @@ tried again by the daemon with the backoff of evaluations (``core/backoff``).
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import ckptd
-from ckptd.api import export_recovery, export_retire
-from ckptd.api.exportdir import (
-    TMP_PREFIX,
-    export_root,
-    fsync_dir,
-    highest_version,
-    write_manifest,
-)
+from ckptd.api import export_recovery, export_retire, objstores
+from ckptd.api.exportdest import destination
+from ckptd.api.exportdir import TMP_PREFIX, write_manifest
+from ckptd.api.localcopy import CopyFailed, local_checkpoint
 from ckptd.api.record import Leases
 from ckptd.api.renewal import Renewal
 from ckptd.api.targets import NotConfigured, Target
@@ -42,6 +36,7 @@ from ckptd.core import backoff
 from ckptd.core.model import Checkpoint, Run, iso, utcnow
 from ckptd.core.ranking import select_best
 from ckptd.io import fsops
+from ckptd.io.objstore import StoreError
 from ckptd.store import claims, exports
 from ckptd.store.claims import FREEZE
 from ckptd.store.handle import Store
@@ -50,6 +45,8 @@ from ckptd.worker.client import WorkerClient, WorkerError
 from ckptd.worker.protocol import NOT_FOUND, STOPPING
 
 log = logging.getLogger(__name__)
+
+__all__ = ["TMP_PREFIX", "ExportOutcome", "Freezer", "freeze"]  # TMP_PREFIX: api.exportdir
 
 
 NOT_HELD = "another daemon holds the run's lease now; it exports the run"
@@ -126,6 +123,7 @@ class Freezer:
         serves already; skipped while another process exports the run, and (``honour_backoff``,
         the daemon) while a failed export of it waits for its retry, and while another daemon
         holds the run's lease."""
+        objstores.configure([watch])
         hold = self.leases.current(run.id) if self.leases is not None else None
         if self.leases is not None and hold is None:
             return ExportOutcome(run.name, None, "skipped", message=NOT_HELD)
@@ -180,8 +178,8 @@ class Freezer:
                     "skipped",
                     message=f"no checkpoint has a value for {watch.best.metric} yet",
                 )
-        root = export_root(watch, run)
-        on_disk = highest_version(root)
+        dest = destination(watch, run)
+        on_disk = dest.highest_version()
         # Serving serves the highest numeric directory: our highest version, unless one was
         # removed or added there by hand since.
         serving = published[0] if published and published[0].version == on_disk else None
@@ -201,26 +199,26 @@ class Freezer:
             return ExportOutcome(
                 run.name, target.label, "skipped", message="waiting for its .meta file"
             )
-        root.mkdir(parents=True, exist_ok=True)
         metric = watch.best.metric
         value = target.metrics.get(metric) if metric else None
         value = None if value is None or value != value else value  # NaN: no value
         export_id, version, attempt = exports.begin(
             self.store,
             target,
-            root=str(root),
+            root=dest.root,
             on_disk=on_disk,
             formats="+".join(fr.format),
             metric=metric,
             metric_value=value,
             hold=hold,
         )
-        final = root / str(version)
-        tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        final = dest.final(version)
+        tmp = dest.staging(version)
         reason = f"best by {metric}" if checkpoint is None else "requested"
         t0 = time.perf_counter()
         try:
-            verify = self._write_and_verify(target, watch, tmp)
+            with local_checkpoint(self.store, target, run.path) as local:  # (objects: a copy)
+                verify = self._write_and_verify(replace(target, prefix=local.prefix), watch, tmp)
             info = {
                 "version": version,
                 "run": run.name,
@@ -238,11 +236,11 @@ class Freezer:
             write_manifest(tmp, info)
             if renewal.lost:  # another process may be exporting this run now: do not publish
                 raise ClaimLost("this export's claim on the run expired and was taken over")
+            dest.upload(tmp, version)  # (on an object store: all but the marker)
             seconds = time.perf_counter() - t0
 
-            def publish() -> None:  # atomic: the numeric name appears complete
-                os.rename(tmp, final)
-                fsync_dir(root)
+            def publish() -> None:  # the numeric version appears complete, at once
+                dest.publish(tmp, version)
 
             exports.published(
                 self.store,
@@ -263,16 +261,22 @@ class Freezer:
                 hold=hold,
                 publish=publish,
             )
-        except (WorkerError, ClaimLost, OSError, fsops.UnsafePath, Fenced) as exc:
-            try:
-                fsops.remove_tree(root, tmp.name)
-            except (OSError, fsops.UnsafePath):
-                log.warning("could not remove %s", tmp)
+        except (
+            WorkerError,
+            ClaimLost,
+            OSError,
+            fsops.UnsafePath,
+            StoreError,
+            CopyFailed,
+            Fenced,
+        ) as exc:
+            dest.discard(tmp, version)
             if isinstance(exc, Fenced):
                 # Not published, and not this daemon's to record: the row stays 'exporting'
                 # for the run's new holder, whose recovery settles it and exports again.
                 raise
             kind = exc.kind if isinstance(exc, WorkerError) else None
+            kind = NOT_FOUND if isinstance(exc, CopyFailed) and exc.gone else kind
             return self._failed(
                 export_id,
                 target,
@@ -293,9 +297,7 @@ class Freezer:
             seconds,
         )
         export_retire.retire(self.store, run, watch, history, hold, self.leases)
-        return ExportOutcome(
-            run.name, target.label, "published", str(final), True, "", seconds, version
-        )
+        return ExportOutcome(run.name, target.label, "published", final, True, "", seconds, version)
 
     def _write_and_verify(self, c: Checkpoint, watch: WatchConfig, tmp: Path) -> dict[str, Any]:
         fr = watch.freeze
@@ -376,12 +378,11 @@ class Freezer:
 
 def freeze(store: Store, target: Target, *, force: bool = False) -> ExportOutcome:
     """``ckptd freeze``: export the target checkpoint, or the run's best if it changed."""
-    fr = target.watch.freeze
-    if fr is None or isinstance(fr.export_dir, str):
-        why = "has no [watch.freeze] section: add one with export_dir and format to the config"
-        if fr is not None:
-            why = f"exports to {fr.export_dir}: not supported yet (use a local export_dir)"
-        raise NotConfigured(f"run {target.run.name} {why}")
+    if target.watch.freeze is None:
+        raise NotConfigured(
+            f"run {target.run.name} has no [watch.freeze] section: "
+            "add one with export_dir and format to the config"
+        )
     freezer = Freezer(store)
     try:
         return freezer.freeze_run(target.run, target.watch, target.checkpoint, force=force)

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ckptd.api import objprune, objstores
 from ckptd.api.deletions import (
     Batch,
     Holds,
@@ -37,6 +38,7 @@ from ckptd.core import retention
 from ckptd.core.model import Run, iso, utcnow
 from ckptd.core.retention import Plan
 from ckptd.io import fsops, statefile
+from ckptd.io.objstore import StoreError, is_object_url
 from ckptd.store import audit, claims, pruning
 from ckptd.store.audit import Entry
 from ckptd.store.handle import Store
@@ -92,6 +94,7 @@ def prune(
     of up to about ``pruning.BATCH`` deletions, the intent of every run of the group committed
     before any of its files is removed. ``holds``: a daemon's leases; the intent is written only
     while it still holds each run's lease (fencing), else the run is skipped."""
+    objstores.configure(w for _, w in items)
     with _old_objects_frozen():
         return _prune(store, items, dry_run, holds)
 
@@ -123,7 +126,7 @@ def _prune(
         finish_interrupted(store, {rid: planned[rid].result for rid in held}, holds)
         _plan(store, todo, rules)
         _find_leftovers(store, todo)
-        todo = [p for p in todo if not p.result.dry_run]
+        todo = [p for p in todo if not p.result.dry_run and p.result.skipped is None]
         group: list[_Planned] = []
         size = 0
         for p in todo:  # bounded transactions: runs in groups of about BATCH deletions
@@ -173,19 +176,28 @@ def _plan(store: Store, todo: list[_Planned], rules: dict[int, tuple[retention.R
         p.result.history = history
         # One read of the run's state file: what TF resumes from is never deleted, and its
         # CheckpointManager's anchor for keep_every.
-        trainer = (
-            statefile.trainer_state(p.run.path, p.run.watch_path)
-            if history and p.run.present
-            else retention.NO_STATE
-        )
+        try:
+            trainer = _trainer_state(p.run) if history and p.run.present else retention.NO_STATE
+        except StoreError as exc:  # what TF resumes from is unknown: nothing may go
+            p.result.skipped = f"its state file could not be read: {exc}"
+            log.warning("%s: not pruned: %s", p.run.name, p.result.skipped)
+            continue
         p.result.plan = retention.plan(history, rules[p.run.id], now, trainer)
+
+
+def _trainer_state(run: Run) -> retention.TrainerState:
+    if is_object_url(run.path):
+        return objprune.trainer_state(run.path)
+    return statefile.trainer_state(run.path, run.watch_path)
 
 
 def _find_leftovers(store: Store, todo: list[_Planned]) -> None:
     """Plan the removal of TensorFlow's stale temporary names in each run directory: only those
     of a checkpoint prefix recorded for that run (a directory scan per run; the database is
     asked only about the rare names that look like TF's)."""
-    found = {p.run.id: fsops.find_leftovers(p.run.watch_path, p.run.path) for p in todo}
+    # (An object store has no temporary names: TensorFlow writes final names there.)
+    local = [p for p in todo if not is_object_url(p.run.path)]
+    found = {p.run.id: fsops.find_leftovers(p.run.watch_path, p.run.path) for p in local}
     found = {rid: leftovers for rid, leftovers in found.items() if leftovers}
     if not found:
         return

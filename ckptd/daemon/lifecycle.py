@@ -97,7 +97,7 @@ class Supervisor:
             target=d.eval_loop.serve, args=(d.stop_event,), name="ckptd-evaluate", daemon=True
         )
         d.eval_thread.start()
-        for job in d.jobs.daemon_jobs(d.config):
+        for job in d.jobs.daemon_jobs(d.acting):
             d.scheduler.add(job)
         d.scheduler.start()
 
@@ -216,8 +216,9 @@ class Supervisor:
             new = load_config(old.source)
             check_object_stores(new, transient=False)
             objects = tuple(w for w in new.watches if is_object_watch(w))
+            acting = new  # evaluation, export and prune: every watch
             new = runs_mod.local_only(new)
-            jobs = d.jobs.daemon_jobs(new, reload=True)
+            jobs = d.jobs.daemon_jobs(acting, reload=True)
         except Exception as exc:  # whatever the cause, the running config stays
             self._reload_failed(exc)
             return
@@ -225,23 +226,26 @@ class Supervisor:
         for key in ("database", "name", "lease_ttl", "evaluate_on"):
             if getattr(new.daemon, key) != getattr(old.daemon, key):
                 log.warning("the %s setting changed; it takes effect at the next restart", key)
-        before = d.object_watches
+        before, acted = d.object_watches, d.acting
         try:
-            self._apply(new, jobs, objects)
+            self._apply(new, jobs, objects, acting)
         except Exception as exc:
             log.exception("applying the new config failed; going back to the running one")
-            self._apply(old, d.jobs.daemon_jobs(old, reload=True), before)
+            self._apply(old, d.jobs.daemon_jobs(acted, reload=True), before, acted)
             self._reload_failed(exc)
             return
         d.reload_error = None
         log.info("configuration reloaded from %s", new.source)
         notify("READY=1", "STATUS=configuration reloaded")
 
-    def _apply(self, config: Config, jobs: list[Job], objects: tuple[WatchConfig, ...]) -> None:
+    def _apply(
+        self, config: Config, jobs: list[Job], objects: tuple[WatchConfig, ...], acting: Config
+    ) -> None:
         d = self.daemon
         d.watcher.stop()
         d.config = config
-        d.evaluator.config = config
+        d.acting = acting
+        d.evaluator.config = acting
         d.progress.bound = stall_bound(config.daemon.heartbeat_interval)
         d.watcher = Watcher(config.watches, d.on_path, on_armed=d.on_armed)
         d.watcher.start()

@@ -76,9 +76,10 @@ class Daemon:
     thread is ``supervisor``."""
 
     def __init__(self, config: Config, *, prefetched: ObservePool | None = None) -> None:
-        # Object store watches are polled (objwatch.py); the rest of the daemon (inotify,
-        # evaluation, export, prune) works on the local watches for now.
+        # Object store watches are polled (objwatch.py), local ones watched with inotify and
+        # scanned (``config``); evaluation, export and prune act on every watch (``acting``).
         self.object_watches = tuple(w for w in config.watches if is_object_watch(w))
+        self.acting = config
         config = runs_mod.local_only(config)
         self.config = config
         self._prefetched = prefetched  # the backfill's first looks, begun by `ckptd run`
@@ -98,7 +99,7 @@ class Daemon:
         self.step_mismatches = steps.Reporter(self.store)
         # One warm TensorFlow worker, shared by evaluation and export (each one is a big process).
         self.worker = WorkerClient()
-        self.evaluator = Evaluator(self.store, config, self.worker)
+        self.evaluator = Evaluator(self.store, self.acting, self.worker)
         self.freezer = Freezer(self.store, self.worker, self.leases)
         # What `ckptd evaluate`/`freeze` hand over while this runs, done in the evaluation thread.
         self.requests = RequestServer(
@@ -173,7 +174,7 @@ class Daemon:
                 log.info("re-queued evaluations of processes that have exited")
             if resumed := api_prune.resume(self.store, run_ids, holds=self.leases.current):
                 log.info("finished %d deletion(s) interrupted by the last stop", resumed)
-            if self.freezer.recover(self.config.watches, run_ids):
+            if self.freezer.recover(self.acting.watches, run_ids):
                 log.info("exports interrupted by the last stop will be redone")
 
     def backfill(self) -> int:
@@ -371,7 +372,7 @@ class Daemon:
         self.evaluator.enqueue()
         if self.eval_loop.local:
             self.evaluator.run_pending(run_ids=self.leases.held())
-        for w in self.config.watches:
+        for w in self.acting.watches:
             if w.freeze is not None:
                 self.jobs.freeze(w)
             if w.retain is not None:

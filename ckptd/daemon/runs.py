@@ -27,26 +27,11 @@ class RunSpec:
 
 
 def local_only(config: Config, *, quiet: bool = False) -> Config:
-    """The watches on local disks: what inotify, the local scans, evaluation, export and prune
-    work on. An object store watch is left out (its runs are recorded by its poller,
-    daemon/objwatch.py), and so is an export to an object store, said once in the log, until
-    its uploader runs it."""
-    kept = []
-    for i, w in enumerate(config.watches):
-        if w.is_object_store:
-            continue
-        if w.freeze is not None and isinstance(w.freeze.export_dir, str):
-            if not quiet:
-                log.warning(
-                    "watch[%d] %s: exports to an object store (%s) are not supported by this "
-                    "version of the daemon yet; its [watch.freeze] is skipped",
-                    i,
-                    w.path,
-                    w.freeze.export_dir,
-                )
-            w = replace(w, freeze=None)
-        kept.append(w)
-    return replace(config, watches=tuple(kept))
+    """The watches on local disks: what inotify and the local scans work on. An object store
+    watch is left out: its runs are recorded by its poller (daemon/objwatch.py); evaluation,
+    export and prune act on every watch (``Daemon.acting``). ``quiet``: kept for callers."""
+    del quiet
+    return replace(config, watches=tuple(w for w in config.watches if not w.is_object_store))
 
 
 UNSUPPORTED: set[str] = set()  # run directories reported as having non-UTF-8 names

@@ -143,7 +143,7 @@ def trainer_state(run_dir: StrPath, root: StrPath) -> TrainerState:
     state = read(Path(run_dir), Path(root))
     if state is None:
         return NO_STATE
-    return TrainerState(current_prefix(state, run_dir), _utc(state.last_preserved_timestamp))
+    return TrainerState(current_prefix(state, run_dir), utc(state.last_preserved_timestamp))
 
 
 def current_prefix(state: CheckpointState, run_dir: StrPath) -> str | None:
@@ -159,7 +159,7 @@ def current_prefix(state: CheckpointState, run_dir: StrPath) -> str | None:
     return path
 
 
-def _utc(timestamp: float | None) -> datetime | None:
+def utc(timestamp: float | None) -> datetime | None:
     """A state file's POSIX timestamp as the naive UTC time the store keeps; None if absurd."""
     if timestamp is None:
         return None

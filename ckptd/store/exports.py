@@ -29,7 +29,14 @@ EXPORTING, PUBLISHED, FAILED, REMOVED = "exporting", "published", "failed", "rem
 _x = table_of(ExportRow)
 _c = table_of(CheckpointRow)
 _r = table_of(RunRow)
-_EXPORT_COLUMNS = (_x.c.id, _c.c.run_id, _x.c.checkpoint_id, _x.c.path, _x.c.version)
+_EXPORT_COLUMNS = (
+    _x.c.id,
+    _c.c.run_id,
+    _x.c.checkpoint_id,
+    _x.c.path,
+    _x.c.version,
+    _x.c.format,
+)
 
 
 def _in_root(root: str) -> Any:
@@ -48,6 +55,7 @@ class Export:
     checkpoint_id: int
     path: str
     version: int
+    format: str = "saved_model"  # its formats, joined by "+"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ckptd.core.recording import EventRead, EventTail, Found, Observation
@@ -44,6 +45,9 @@ _ZIP_TAIL = 22 + 0xFFFF  # the end record and the longest comment it may have
 class ShortRead(Exception):
     """A ranged read returned fewer bytes than the listing says the object holds (a truncated
     response, or the object replaced meanwhile): nothing is concluded, the run is read again."""
+
+
+READ_THREADS = 8  # reads of one run in flight at once
 
 
 def _read(store: Store, o: ObjectInfo, start: int, end: int) -> bytes:
@@ -117,10 +121,19 @@ def observe_listing(
     known = req.known
     found: list[Found] = []
     keys = step_keys(req.step_variable)
-    for name, g in sorted(groups.items()):
-        if g.index is None and not g.data:
-            continue  # a lone .meta is not a checkpoint
-        found.append(_bundle(store, listing.url, name, g, known, now, req.stale_after, keys))
+    bundles = [(n, g) for n, g in sorted(groups.items()) if g.index is not None or g.data]
+
+    def bundle(item: tuple[str, _Group]) -> Found:  # (a lone .meta is not a checkpoint)
+        return _bundle(store, listing.url, item[0], item[1], known, now, req.stale_after, keys)
+
+    if len(bundles) > 1:
+        # Each bundle costs up to two reads, and a request's round trip is what bounds a run
+        # read one after another: several in flight at once (the store's I/O loop serves
+        # them together; threads are made only as reads wait).
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ckptd-objread") as pool:
+            found.extend(pool.map(bundle, bundles))
+    else:
+        found.extend(map(bundle, bundles))
     template = KerasTemplate(req.keras_template) if req.keras_template else None
     for rel, o in keras:
         found.append(_keras(store, listing.url, rel, o, template, known, now, req.stale_after))
