@@ -20,7 +20,7 @@ read to know a checkpoint is whole) and of every event file whole (TensorBoard r
 TensorFlow 2.6+ has no ``s3://`` of its own, so TensorFlow itself cannot be the anchor here.
 
 Usage: .venv/bin/python bench/objstore_backfill.py [--quick] [--runs R]
-The machine may be shared with other work: the figures are those of one loaded run.
+One run of each side; the load average printed at the end says how quiet the machine was.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def main() -> int:
             for label, r in (("ckptd run --once", ours), ("TensorBoard-style walk", anchor))
         ],
     )
-    print(f"ckptd vs the walk: {fmt_ratio(r)} (higher is faster); machine shared, one run")
+    print(f"ckptd vs the walk: {fmt_ratio(r)} (higher is faster), one run each")
     save_result(
         "objstore_backfill",
         {

@@ -162,7 +162,6 @@ def main() -> int:
     )
     p50 = ratio(res["anchor"]["p50_ms"], res["ckptd"]["p50_ms"])
     print(f"p50 anchor / ckptd: {fmt_ratio(p50)} (ckptd's latency includes recording it)")
-    print("(the machine was shared with other jobs while this ran: latencies are as measured)")
     summary = [
         summary_row(
             "S3 detection p50 (1 s poll) vs re-list",

@@ -215,8 +215,7 @@ def main() -> int:
         ["watcher", "LIST/min", "GET+HEAD/min", "total/min", "x ckptd (1 s)", "passes/min"], rows
     )
     print(
-        "(the machine was shared with other jobs while this ran: rates are what was measured;\n"
-        " an anchor polls serially, so where it made fewer passes than its interval allows, its\n"
+        "(an anchor polls serially, so where it made fewer passes than its interval allows, its\n"
         " rate was bounded by the server's latency and its ratio is a lower bound)"
     )
     summary = [
