@@ -157,3 +157,32 @@ def test_run_once_records_evaluates_exports_and_prunes_on_s3(
     if {10, 20} - kept:
         listed = [c["step"] for (d,) in pruned for c in json.loads(d)["checkpoints"]]
         assert sorted(listed) == sorted({10, 20} - kept)
+
+
+def test_the_read_commands_show_object_store_runs(
+    tmp_path: Path, corpus: Corpus, bucket: Bucket, objstore_env: dict[str, str]
+) -> None:
+    """status, ls, best and show answer from the database for a run on a bucket, naming its
+    checkpoints by URL (no local path is assumed)."""
+    run = corpus.run_dir("tf1")
+    upload_run(bucket.fs, run, bucket.key("runs/mnist"), scheme=bucket.scheme)
+    config, _db = _config(tmp_path, bucket, corpus)
+    assert ckptd("run", "--once", config=config).returncode == 0
+    status = ckptd("status", "--json", config=config)
+    assert status.returncode == 0, status.stderr
+    (row,) = json.loads(status.stdout)["runs"]
+    assert row["run"] == "mnist" and row["path"] == bucket.url_of("runs/mnist"), row
+    listed = ckptd("ls", "mnist", "--json", config=config)
+    assert listed.returncode == 0, listed.stderr
+    (newest,) = json.loads(listed.stdout)  # keep_last 1: the others are pruned
+    assert newest["path"] == bucket.url_of("runs/mnist/model.ckpt-30"), newest
+    best = ckptd("best", "mnist", "--json", config=config)
+    assert best.returncode == 0, best.stderr
+    assert json.loads(best.stdout)["best"][0]["path"] == newest["path"]
+    # show reads the .index object (one GET) and lists what TensorFlow saved in it.
+    shown = ckptd("show", "mnist@30", "--json", config=config)
+    assert shown.returncode == 0, shown.stderr
+    variables = json.loads(shown.stdout)
+    assert variables["checkpoint"] == newest["path"]
+    saved = {v["name"]: v["shape"] for v in variables["variables"]}
+    assert saved["hidden/weights"] == [64, 32] and saved["global_step"] == []

@@ -8,11 +8,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ckptd.api import objstores
 from ckptd.api.targets import watch_of
 from ckptd.config import Config, WatchConfig
 from ckptd.core.model import COMPLETE, CORRUPT, PRUNING, Checkpoint, Run, utcnow
 from ckptd.core.ranking import ranked, select_best
 from ckptd.core.retention import plan as plan_prune
+from ckptd.io.objstore import is_object_url
 from ckptd.store import reads, runs
 from ckptd.store.handle import Store
 
@@ -145,18 +147,56 @@ class Variables:
 KERAS_SUFFIXES = (".keras", ".weights.h5")
 
 
-def show(checkpoint: str, open_store: Callable[[], Store]) -> Variables:
+def show(
+    checkpoint: str, open_store: Callable[[], Store], config: Callable[[], Config] | None = None
+) -> Variables:
     """The variables saved in ``checkpoint``: a prefix path read where it is, or a recorded
     checkpoint (prefix or ``RUN@STEP``) read from its watch root, never through a symlink below
-    it. Read from the .index file (a Keras file: its HDF5 weights); the database is opened only
-    for a recorded one."""
+    it, or from its object store (with the endpoint of ``config``'s watch it is under). Read
+    from the .index file (a Keras file: its HDF5 weights); the database is opened only for a
+    recorded one."""
     keras = checkpoint.endswith(KERAS_SUFFIXES)
     prefix, root = checkpoint, os.path.dirname(os.path.abspath(checkpoint))
     if not os.path.exists(checkpoint if keras else checkpoint + ".index"):
         record, watch_root = reads.locate_checkpoint(open_store(), checkpoint)
         prefix, root = record.prefix, watch_root or root
         keras = record.format.startswith("keras")
+    if is_object_url(prefix):
+        if keras:
+            raise Unreadable(
+                f"{prefix}: the weights of a Keras file on an object store are not listed here; "
+                "download it and run `ckptd show FILE`"
+            )
+        if config is not None:
+            objstores.configure(config().watches)
+        return _object_bundle_tensors(prefix)
     return _keras_weights(root, prefix) if keras else _bundle_tensors(root, prefix)
+
+
+def _object_bundle_tensors(prefix: str) -> Variables:
+    from ckptd.io.formats import INDEX_MAX_BYTES
+    from ckptd.io.formats.tensorbundle import BundleError, list_tensors
+    from ckptd.io.objstore import StoreError
+    from ckptd.io.objstore.failures import NOT_FOUND
+
+    index = prefix + ".index"
+    try:
+        data = objstores.store_for(index).read(objstores.key_of(index), 0, INDEX_MAX_BYTES + 1)
+    except StoreError as exc:
+        if exc.kind == NOT_FOUND:
+            raise Unreadable(
+                f"{index} does not exist (was it pruned or deleted? see `ckptd events`)"
+            ) from None
+        raise Unreadable(f"{index} cannot be read: {exc}") from None
+    if len(data) > INDEX_MAX_BYTES:
+        raise Unreadable(
+            f"{index} is larger than {INDEX_MAX_BYTES >> 20} MiB, which no real checkpoint "
+            "index is; not read"
+        )
+    try:
+        return Variables(prefix, list_tensors(data))
+    except BundleError as exc:
+        raise Unreadable(f"{index} cannot be read: {exc}") from None
 
 
 def _bundle_tensors(root: str, prefix: str) -> Variables:

@@ -194,7 +194,7 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
 
     CHECKPOINT is a prefix path (model.ckpt-1000), a Keras file or RUN@STEP. Read straight from
     the .index file (a .keras or .weights.h5 file: its HDF5 weights, with h5py), without
-    TensorFlow.
+    TensorFlow; a checkpoint on S3 or GCS: its .index object, with one GET.
 
     \b
     Examples:
@@ -206,7 +206,7 @@ def show(ctx: CliContext, checkpoint: str, as_json: bool) -> None:
     from ckptd.api.listing import show as variables
 
     try:
-        shown = variables(checkpoint, ctx.store)
+        shown = variables(checkpoint, ctx.store, ctx.config)
     except Unreadable as exc:
         raise click.ClickException(str(exc)) from None
     prefix, tensors = shown.prefix, shown.tensors
