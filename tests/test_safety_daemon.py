@@ -127,7 +127,13 @@ def wait_alive(conf: Path, p: Proc, timeout: float = 120) -> dict[str, Any]:
         data = status(conf)
         return data if data and data["daemon"]["alive"] and data["daemon"]["pid"] == p.pid else None
 
-    result: dict[str, Any] = wait_for(alive, timeout=timeout, interval=0.3)
+    try:
+        result: dict[str, Any] = wait_for(alive, timeout=timeout, interval=0.3)
+    except AssertionError as exc:  # say why: exited (and how), or running but never alive
+        raise AssertionError(
+            f"{exc}; the daemon's exit status: {p.proc.poll()}; status: {status(conf)}; "
+            f"its log:\n{p.log()[-4000:]}"
+        ) from None
     return result
 
 
