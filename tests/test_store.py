@@ -35,8 +35,8 @@ def test_migrations_match_the_orm(database_url: str) -> None:
 
 
 def _schema(engine: Any) -> list[Any]:
-    """Every table and index as SQLite stores it: its columns and constraints, in any order;
-    on PostgreSQL, as its catalog describes them."""
+    """Every table, index and trigger as SQLite stores it: a table's columns and constraints in
+    any order; on PostgreSQL, as its catalog describes them."""
     if engine.dialect.name != "sqlite":
         return _catalog(engine)
     with engine.connect() as conn:
@@ -44,7 +44,10 @@ def _schema(engine: Any) -> list[Any]:
             text("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
         ).all()
     out = []
-    for kind, _name, sql in rows:
+    for kind, name, sql in rows:
+        if kind == "trigger":
+            out.append((kind, name, " ".join(sql.split())))
+            continue
         head, body = sql.split("(", 1)
         clauses, depth, cur = [], 0, ""
         for ch in body.rsplit(")", 1)[0]:
@@ -82,6 +85,11 @@ def _catalog(engine: Any) -> list[Any]:
                     sorted(map(repr, insp.get_indexes(table))),
                 )
             )
+        triggers = (
+            "SELECT pg_get_triggerdef(t.oid), pg_get_functiondef(t.tgfoid) FROM pg_trigger t "
+        )
+        triggers += "WHERE NOT t.tgisinternal ORDER BY t.tgname"
+        out.append(("triggers", [tuple(r) for r in conn.execute(text(triggers))]))
     return out
 
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 # The newest migration in migrations/versions. A test checks it equals Alembic's head, so the
 # daemon can tell "schema is current" with one SELECT instead of importing Alembic (slow).
-SCHEMA_HEAD = "0009"
+SCHEMA_HEAD = "0010"
 
 _version_table = Table(
     "alembic_version",

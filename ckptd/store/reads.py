@@ -17,7 +17,7 @@ from ckptd.core.model import Action, Checkpoint
 from ckptd.store import daemons, leases
 from ckptd.store.audit_reads import actions
 from ckptd.store.handle import Store
-from ckptd.store.runs import RunSummary, resolve_run, run_summaries, runs_table
+from ckptd.store.runs import RunSummary, resolve_run, run_summaries, runs_table, state_counts
 from ckptd.store.tables import (
     LIVE,
     CheckpointRow,
@@ -246,14 +246,6 @@ def resolve_checkpoint(session: Session, text: str) -> Checkpoint:
     if found is None:
         raise NotFound(f"no checkpoint {text!r}; list them with `ckptd ls`")
     return checkpoints(session, ids=[found])[0]
-
-
-def state_counts(session: Session, run_id: int | None = None) -> dict[str, int]:
-    """How many checkpoints (of ``run_id``, or of every run) are in each state."""
-    stmt = select(_c.state, func.count()).group_by(_c.state)
-    if run_id is not None:
-        stmt = stmt.where(_c.run_id == run_id)
-    return {s: n for s, n in session.execute(stmt)}
 
 
 def work_counts(session: Session) -> dict[str, dict[str, int]]:

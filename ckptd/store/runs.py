@@ -12,11 +12,12 @@ from sqlalchemy.orm import Session
 from ckptd.core.errors import NotFound
 from ckptd.core.model import COMPLETE, Run
 from ckptd.store.handle import Store
-from ckptd.store.tables import CheckpointRow, RunRow, table_of
+from ckptd.store.tables import CheckpointCountRow, CheckpointRow, RunRow, table_of
 
 runs_table = table_of(RunRow)
 _r = runs_table.c
 _c = table_of(CheckpointRow).c
+_k = table_of(CheckpointCountRow).c
 _RUN_COLUMNS = (_r.id, _r.name, _r.path, _r.watch_path, _r.present)
 
 
@@ -63,39 +64,29 @@ def resolve_run(session: Session, text: str) -> Run:
 def run_summaries(session: Session) -> list[RunSummary]:
     """Per run (by name): checkpoint counts by state and the newest complete step.
 
-    Index lookups on ix_checkpoints_run_state_step (migration 0002), per run: a count of its
-    range for each state present and its last complete entry. A GROUP BY over every checkpoint
-    was slower at a million checkpoints: it handles each row, where these only count entries."""
-    states = _states(session)
-    counts = [
-        select(func.count()).where(_c.run_id == _r.id, _c.state == state).scalar_subquery()
-        for state in states
-    ]
+    The counts are ``checkpoint_counts``' rows, kept by the database's triggers (not a count
+    of a million checkpoints); the newest step is one seek per run in
+    ix_checkpoints_run_state_step."""
+    counts: dict[int, dict[str, int]] = {}
+    for run_id, state, n in session.execute(
+        select(_k.run_id, _k.state, _k.n).where(_k.n != 0).order_by(_k.run_id, _k.state)
+    ):
+        counts.setdefault(run_id, {})[state] = n
     newest = (
         select(func.max(_c.step)).where(_c.run_id == _r.id, _c.state == COMPLETE).scalar_subquery()
     )
     return [
-        RunSummary(
-            name,
-            path,
-            bool(present),
-            {state: n for state, n in zip(states, ns, strict=True) if n},
-            step,
-        )
-        for name, path, present, step, *ns in session.execute(
-            select(_r.name, _r.path, _r.present, newest, *counts).order_by(_r.name)
+        RunSummary(name, path, bool(present), counts.get(run_id, {}), step)
+        for run_id, name, path, present, step in session.execute(
+            select(_r.id, _r.name, _r.path, _r.present, newest).order_by(_r.name)
         )
     ]
 
 
-def _states(session: Session) -> list[str]:
-    """The states any checkpoint is in, in order: one index seek each (ix_checkpoints_state)."""
-    states: list[str] = []
-    state = session.execute(select(func.min(_c.state))).scalar()
-    while state is not None:
-        states.append(state)
-        state = session.execute(select(func.min(_c.state)).where(_c.state > state)).scalar()
-    return states
+def state_counts(session: Session) -> dict[str, int]:
+    """How many checkpoints are in each state, by state (from ``checkpoint_counts``)."""
+    stmt = select(_k.state, func.sum(_k.n)).group_by(_k.state).order_by(_k.state)
+    return {state: int(n) for state, n in session.execute(stmt) if n}
 
 
 # ---------------------------------------------------------------- for the layers above

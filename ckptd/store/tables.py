@@ -19,11 +19,14 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
     text,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.functions import FunctionElement
+
+from ckptd.store import count_triggers
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -111,6 +114,17 @@ class CheckpointRow(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
     gone_at: Mapped[datetime | None] = mapped_column(DateTime)
     incarnation: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+
+
+class CheckpointCountRow(Base):
+    """How many checkpoints a run has in a state: kept by triggers on ``checkpoints``
+    (store/count_triggers.py, migration 0010), so `status` and the heartbeat read a row per
+    run and state instead of counting every checkpoint."""
+
+    __tablename__ = "checkpoint_counts"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(Int64)
 
 
 class MetricRow(Base):
@@ -275,6 +289,12 @@ class DaemonRow(Base):
     name: Mapped[str | None] = mapped_column(String(255))
     # "daemon" (watches, records, acts) or "worker" (``ckptd worker``: evaluates and exports).
     role: Mapped[str] = mapped_column(String(16), server_default="daemon")
+
+
+@event.listens_for(Base.metadata, "after_create")
+def _install_count_triggers(_metadata: MetaData, connection: Any, **_kw: Any) -> None:
+    """``create_all`` builds what the migrations build: the triggers of migration 0010 too."""
+    count_triggers.install(connection)
 
 
 def table_of(row: type[Base]) -> Table:
