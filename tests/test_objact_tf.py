@@ -186,3 +186,7 @@ def test_the_read_commands_show_object_store_runs(
     assert variables["checkpoint"] == newest["path"]
     saved = {v["name"]: v["shape"] for v in variables["variables"]}
     assert saved["hidden/weights"] == [64, 32] and saved["global_step"] == []
+    # A pruned checkpoint's index object is gone: the same words as for a file on disk.
+    gone = ckptd("show", "mnist@10", config=config)
+    assert gone.returncode != 0
+    assert f"{bucket.url_of('runs/mnist/model.ckpt-10')}.index does not exist" in gone.stderr

@@ -174,53 +174,57 @@ def show(
 
 
 def _object_bundle_tensors(prefix: str) -> Variables:
+    from ckptd.io import safeio
     from ckptd.io.formats import INDEX_MAX_BYTES
-    from ckptd.io.formats.tensorbundle import BundleError, list_tensors
     from ckptd.io.objstore import StoreError
     from ckptd.io.objstore.failures import NOT_FOUND
 
-    index = prefix + ".index"
-    try:
-        data = objstores.store_for(index).read(objstores.key_of(index), 0, INDEX_MAX_BYTES + 1)
-    except StoreError as exc:
-        if exc.kind == NOT_FOUND:
-            raise Unreadable(
-                f"{index} does not exist (was it pruned or deleted? see `ckptd events`)"
-            ) from None
-        raise Unreadable(f"{index} cannot be read: {exc}") from None
-    if len(data) > INDEX_MAX_BYTES:
-        raise Unreadable(
-            f"{index} is larger than {INDEX_MAX_BYTES >> 20} MiB, which no real checkpoint "
-            "index is; not read"
-        )
-    try:
-        return Variables(prefix, list_tensors(data))
-    except BundleError as exc:
-        raise Unreadable(f"{index} cannot be read: {exc}") from None
+    def read() -> bytes:
+        """The index object, its failures as a local read's (one wording for both)."""
+        index = prefix + ".index"
+        try:
+            data = objstores.store_for(index).read(objstores.key_of(index), 0, INDEX_MAX_BYTES + 1)
+        except StoreError as exc:
+            raise (FileNotFoundError if exc.kind == NOT_FOUND else OSError)(str(exc)) from None
+        if len(data) > INDEX_MAX_BYTES:
+            raise safeio.TooLarge(index)
+        return data
+
+    return _index_tensors(prefix, read)
 
 
 def _bundle_tensors(root: str, prefix: str) -> Variables:
     from ckptd.io import safeio
     from ckptd.io.formats import INDEX_MAX_BYTES
+
+    return _index_tensors(
+        prefix, lambda: safeio.read_under(root, prefix + ".index", INDEX_MAX_BYTES)
+    )
+
+
+def _index_tensors(prefix: str, read: Callable[[], bytes]) -> Variables:
+    """The tensors listed by ``prefix``'s index, whose bytes ``read`` returns (from a file or
+    an object): what went wrong said the same way wherever the index lies."""
+    from ckptd.io import safeio
+    from ckptd.io.formats import INDEX_MAX_BYTES
     from ckptd.io.formats.tensorbundle import BundleError, list_tensors
 
+    index = prefix + ".index"
     try:
-        return Variables(
-            prefix, list_tensors(safeio.read_under(root, prefix + ".index", INDEX_MAX_BYTES))
-        )
+        return Variables(prefix, list_tensors(read()))
     except FileNotFoundError:
         raise Unreadable(
-            f"{prefix}.index does not exist (was it pruned or deleted? see `ckptd events`)"
+            f"{index} does not exist (was it pruned or deleted? see `ckptd events`)"
         ) from None
     except safeio.TooLarge:
         raise Unreadable(
-            f"{prefix}.index is larger than {INDEX_MAX_BYTES >> 20} MiB, which no real "
-            "checkpoint index is; not read"
+            f"{index} is larger than {INDEX_MAX_BYTES >> 20} MiB, which no real checkpoint index "
+            "is; not read"
         ) from None
-    except OSError as exc:  # a FIFO or a symlink, a symlinked directory, permissions …
-        raise Unreadable(f"{prefix}.index cannot be read: {exc.strerror or exc}") from None
+    except OSError as exc:  # a FIFO or a symlink, a symlinked directory, permissions, a server
+        raise Unreadable(f"{index} cannot be read: {exc.strerror or exc}") from None
     except BundleError as exc:
-        raise Unreadable(f"{prefix}.index cannot be read: {exc}") from None
+        raise Unreadable(f"{index} cannot be read: {exc}") from None
 
 
 def _keras_weights(root: str, path: str) -> Variables:
