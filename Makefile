@@ -16,6 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[tf-cpu,test]'
 	$(MAKE) -s bytecode
+	-git config core.hooksPath .githooks 2>/dev/null  # commit subjects ≤ 72 characters
 	touch $(STAMP)
 
 # What a wheel install does: with PYTHONDONTWRITEBYTECODE set, an editable checkout never gets
@@ -33,6 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check ckptd migrations tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache  # the layers of DESIGN.md v2 (contracts in pyproject.toml)
+	.ci/commit-subjects
 
 test: lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
