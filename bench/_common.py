@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -195,6 +196,13 @@ def timed_run(
         list(cmd), capture_output=True, text=True, env=ENV, timeout=timeout, cwd=RUN_CWD
     )
     return time.perf_counter() - t0, proc
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every subprocess this process has waited for so far,
+    with theirs (a ``ckptd run --once`` with its observer processes, once it has exited)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def check(proc: subprocess.CompletedProcess[str], what: str) -> None:

@@ -4,6 +4,7 @@ its file so that there is one copy of it), started once per benchmark and stoppe
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from collections.abc import Iterator
@@ -39,3 +40,20 @@ def cluster(*options: str) -> Iterator[Any]:
         yield c
     finally:
         c.stop()
+
+
+def server_cpu(c: Any) -> float:
+    """CPU seconds (user + system) the cluster ``c``'s server has used so far: the postmaster,
+    its live processes, and those that have exited (a client's backend ends with its session)."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(c.root) in " ".join(proc.info["cmdline"] or []):
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    ct = child.cpu_times()
+                    total += ct.user + ct.system
+    return total

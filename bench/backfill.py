@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from _common import (
     RESULTS,
     RUN_CWD,
     check,
+    children_cpu,
     ckptd_cmd,
     db_epoch,
     fmt,
@@ -127,12 +129,23 @@ def build_corpus(work: Path, runs: int) -> tuple[Path, list[dict[str, Any]], dic
 
 
 def run_ckptd(
-    work: Path, root: Path, saves: list[dict[str, Any]], n: int, db: Path | str, name: str
+    work: Path,
+    root: Path,
+    saves: list[dict[str, Any]],
+    n: int,
+    db: Path | str,
+    name: str,
+    server_cpu: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """``run --once`` into a fresh database ``db`` (a SQLite file or a PostgreSQL URL)."""
+    """``run --once`` into a fresh database ``db`` (a SQLite file or a PostgreSQL URL), with
+    the CPU seconds it used and those the database server (``server_cpu``) used meanwhile."""
     config = write_config(work / f"{name}.toml", root, db=db, runs="*", observer="auto")
     t_start = time.time()
+    server_cpu = server_cpu or (lambda: 0.0)
+    cpu0, server0 = children_cpu(), server_cpu()
     wall, proc = timed_run(ckptd_cmd(config, "run", "--once"))
+    time.sleep(0.2)  # the server reaps the session's backend
+    cpu, server = children_cpu() - cpu0, server_cpu() - server0
     check(proc, "ckptd run --once")
     m = re.search(r"recorded (\d+) new checkpoint\(s\) in ([\d.]+) s", proc.stderr)
     complete = query(db, "select count(*) from checkpoints where state = 'complete'")[0][0]
@@ -165,6 +178,8 @@ def run_ckptd(
     check(proc2, "second ckptd run --once")
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
+        "server_cpu_s": server,
         "reconcile_s_logged": float(m.group(2)) if m else None,
         "recorded_logged": int(m.group(1)) if m else None,
         "complete": complete,
@@ -213,12 +228,20 @@ def step_read_cost(work: Path, root: Path, pairs: int = 2) -> dict[str, Any]:
 
 
 def run_anchor(root: Path, n: int) -> dict[str, Any]:
+    cpu0 = children_cpu()
     wall, proc = timed_run([PY, "-c", ANCHOR, str(root)], timeout=1800)
+    cpu = children_cpu() - cpu0
     check(proc, "anchor")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     if out["checkpoints"] != n:
         raise RuntimeError(f"anchor opened {out['checkpoints']} checkpoints, expected {n}")
-    return {**out, "wall_s": wall, "rate_wall": n / wall, "rate_excl_import": n / out["work_s"]}
+    return {
+        **out,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "rate_wall": n / wall,
+        "rate_excl_import": n / out["work_s"],
+    }
 
 
 def profile(work: Path, root: Path, db: Path | str, store: str) -> Path:
@@ -387,7 +410,8 @@ def main() -> int:
         cs = {}
         for store in stores:
             print(f"ckptd run --once into {LABEL[store]} …", flush=True)
-            cs[store] = run_ckptd(work, root, saves, n, fresh(store, "ckptd"), store)
+            server = (lambda: _pg.server_cpu(cluster)) if store == "postgresql" else None
+            cs[store] = run_ckptd(work, root, saves, n, fresh(store, "ckptd"), store, server)
         print("anchor (import tensorflow; get_checkpoint_state + list_variables) …", flush=True)
         a = run_anchor(root, n)
         steps = None
@@ -410,6 +434,17 @@ def main() -> int:
             f"{steps['record_off_s']:.3f} s; cost {steps['cost_wall_s']:+.3f} s = "
             f"{steps['cost_share_of_wall']:+.1%} of backfill wall time (target ≤ 10%)"
         )
+    cpus = os.cpu_count() or 1
+    used = ", ".join(
+        f"ckptd {LABEL[s]} {c['cpu_s']:.2f} s"
+        + (f" + PostgreSQL server {c['server_cpu_s']:.2f} s" if s == "postgresql" else "")
+        + f" (= {(c['cpu_s'] + c['server_cpu_s']) / (cpus * c['wall_s']):.0%} of {cpus} CPUs)"
+        for s, c in cs.items()
+    )
+    print(
+        f"CPU time, user + system: {used}; anchor {a['cpu_s']:.2f} s. ckptd's includes its "
+        "observer processes."
+    )
     print(
         "Notes: both read the same files, already in the page cache (just written). ckptd's "
         "wall time includes Python start-up, imports, creating the schema (create_all + stamp) "
