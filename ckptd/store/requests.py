@@ -18,17 +18,16 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, or_, select, update
 
 from ckptd.core.model import Checkpoint, Run, utcnow
-from ckptd.store import reads
+from ckptd.store import reads, tables
 from ckptd.store import runs as store_runs
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
-from ckptd.store.tables import RequestRow, RunRow, table_of
 
 PENDING, RUNNING, DONE, CANCELLED = "pending", "running", "done", "cancelled"
 EVALUATE, FREEZE = "evaluate", "freeze"
 
-_q = table_of(RequestRow)
-_r = table_of(RunRow)
+_q = tables.requests
+_r = tables.runs
 KEEP = timedelta(days=1)  # how long finished (or abandoned) requests stay
 
 
@@ -201,7 +200,7 @@ def claim_next(
                     _q.c.id == request_id
                 )
             ).one()
-            run = store_runs.to_run(s.get_one(RunRow, row.run_id))
+            run = store_runs.run_by_id(s, row.run_id)
             checkpoint = (
                 reads.checkpoints(s, ids=[row.checkpoint_id])[0]
                 if row.checkpoint_id is not None
