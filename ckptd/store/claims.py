@@ -98,7 +98,7 @@ def renew(store: Store, run_id: int, job: str, *, ttl: timedelta = DEFAULT_TTL) 
         .values(claimed_until=utcnow() + ttl)
     )
     with store.session() as conn:
-        return bool(conn.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(conn.execute(stmt).rowcount)
 
 
 def release(store: Store, run_id: int, job: str) -> None:
@@ -120,7 +120,7 @@ def release_gone(store: Store, job: str) -> int:
         if not gone:
             return 0
         stmt = delete(t).where(and_(t.c.job == job, t.c.claimed_by.in_(gone)))
-        return int(conn.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(conn.execute(stmt).rowcount)
 
 
 def holder_of(store: Store, run_id: int, job: str) -> tuple[str, datetime] | None:

@@ -114,7 +114,7 @@ def enqueue(
         .execution_options(preserve_rowcount=True)  # an INSERT's is dropped otherwise (psycopg)
     )
     with store.session() as s:
-        return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(s.execute(stmt).rowcount)
 
 
 def requeue(
@@ -150,7 +150,7 @@ def requeue(
         )
     )
     with store.session() as s:
-        return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(s.execute(stmt).rowcount)
 
 
 def candidates(
@@ -203,7 +203,7 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
         )
     )
     with store.session() as s:
-        if not s.execute(stmt).rowcount:  # type: ignore[attr-defined]
+        if not s.execute(stmt).rowcount:
             return None
         cid, attempt, run_path = s.execute(
             select(_e.c.checkpoint_id, _e.c.attempts, _r.c.path)
@@ -228,12 +228,12 @@ def renew(store: Store, job: Job, *, ttl: timedelta) -> bool:
     """Extend the claim; False when it is no longer ours (it expired, taken over or not)."""
     stmt = update(_e).where(_ours(store, job)).values(claimed_until=utcnow() + ttl)
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def _finish(conn: Connection, store: Store, job: Job, live: bool = True, **values: Any) -> bool:
     stmt = update(_e).where(_ours(store, job, live=live))
-    if conn.execute(stmt.values(claimed_by=None, claimed_until=None, **values)).rowcount:  # type: ignore[attr-defined]
+    if conn.execute(stmt.values(claimed_by=None, claimed_until=None, **values)).rowcount:
         return True
     if live:  # a result refused: say so in `ckptd events` (the caller logs it)
         c = job.checkpoint
@@ -355,4 +355,4 @@ def release_gone(store: Store) -> int:
             .where(_e.c.status == RUNNING, _e.c.claimed_by.in_(gone))
             .values(status=PENDING, claimed_by=None, claimed_until=None)
         )
-        return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(s.execute(stmt).rowcount)

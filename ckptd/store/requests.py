@@ -109,7 +109,7 @@ def cancel(store: Store, request_id: int) -> bool:
         .values(status=CANCELLED, finished_at=utcnow())
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def submit_unless_open(
@@ -192,7 +192,7 @@ def claim_next(
                 update(_q)
                 .where(_q.c.id == request_id, claimable)
                 .values(status=RUNNING, claimed_by=store.holder, claimed_until=now + ttl)
-            ).rowcount  # type: ignore[attr-defined]
+            ).rowcount
             if not taken:
                 continue  # another daemon or worker took it first
             row = s.execute(
@@ -218,7 +218,7 @@ def renew(store: Store, request_id: int, *, ttl: timedelta) -> bool:
     """Extend the claim while the work runs; False when the request is no longer ours."""
     stmt = update(_q).where(_ours(store, request_id)).values(claimed_until=utcnow() + ttl)
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def progress(store: Store, request_id: int, result: dict[str, Any], *, ttl: timedelta) -> bool:
@@ -229,7 +229,7 @@ def progress(store: Store, request_id: int, result: dict[str, Any], *, ttl: time
         .values(result=result, claimed_until=utcnow() + ttl)
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def release(store: Store, request_id: int) -> bool:
@@ -240,7 +240,7 @@ def release(store: Store, request_id: int) -> bool:
         .values(status=PENDING, claimed_by=None, claimed_until=None)
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def abandon(store: Store, request_id: int, holder: str) -> bool:
@@ -252,7 +252,7 @@ def abandon(store: Store, request_id: int, holder: str) -> bool:
         .values(status=CANCELLED, finished_at=utcnow())
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def finish(
@@ -263,6 +263,4 @@ def finish(
     if result is not None:
         values["result"] = result
     with store.session() as s:
-        return bool(
-            s.execute(update(_q).where(_ours(store, request_id)).values(**values)).rowcount  # type: ignore[attr-defined]
-        )
+        return bool(s.execute(update(_q).where(_ours(store, request_id)).values(**values)).rowcount)
