@@ -9,12 +9,11 @@ from typing import Any
 
 from sqlalchemy import event, select
 
-from ckptd.store import migrate
+from ckptd.store import migrate, tables
 from ckptd.store.db import make_engine, session_scope
-from ckptd.store.tables import CheckpointRow, RunRow, ScalarRow, table_of
 from ckptd.store.upsert import insert_many
 
-_runs, _ckpts, _scalars = table_of(RunRow), table_of(CheckpointRow), table_of(ScalarRow)
+_runs, _ckpts, _scalars = tables.runs, tables.checkpoints, tables.scalars
 
 
 def _statements(engine: Any) -> list[bool]:
@@ -35,8 +34,7 @@ def test_a_batch_is_written_in_one_statement_and_upserts_keep_the_last_row(
     migrate.ensure_schema(engine)
     now = datetime(2026, 12, 2, 12, 0, 0)
     try:
-        with session_scope(engine) as s:
-            conn = s.connection()
+        with session_scope(engine) as conn:
             insert_many(
                 conn,
                 _runs,

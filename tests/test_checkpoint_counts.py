@@ -13,10 +13,9 @@ from alembic import command
 from sqlalchemy import text
 
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, REPLACED
-from ckptd.store import count_triggers, migrate
+from ckptd.store import count_triggers, migrate, tables
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.runs import state_counts
-from ckptd.store.tables import CheckpointRow, RunRow, table_of
 from ckptd.store.upsert import insert_many
 
 STATES = (COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, REPLACED)
@@ -39,9 +38,7 @@ def _from_rows(conn: Any) -> dict[tuple[int, str], int]:
 
 
 def _add_runs(conn: Any, ids: list[int]) -> None:
-    insert_many(
-        conn, table_of(RunRow), _RUN, [(i, f"r{i}", f"/w/r{i}", "/w", True, NOW) for i in ids]
-    )
+    insert_many(conn, tables.runs, _RUN, [(i, f"r{i}", f"/w/r{i}", "/w", True, NOW) for i in ids])
 
 
 def _add_checkpoints(conn: Any, rng: random.Random, run: int, first: int, n: int) -> None:
@@ -50,11 +47,9 @@ def _add_checkpoints(conn: Any, rng: random.Random, run: int, first: int, n: int
         for s in range(first, first + n)
     ]
     if n == 1:  # the one-row INSERT the recorder uses for a single new checkpoint
-        conn.execute(
-            table_of(CheckpointRow).insert().values(dict(zip(_CKPT, rows[0], strict=True)))
-        )
+        conn.execute(tables.checkpoints.insert().values(dict(zip(_CKPT, rows[0], strict=True))))
     else:
-        insert_many(conn, table_of(CheckpointRow), _CKPT, rows)
+        insert_many(conn, tables.checkpoints, _CKPT, rows)
 
 
 def test_counts_follow_every_kind_of_write(database_url: str) -> None:
@@ -63,11 +58,10 @@ def test_counts_follow_every_kind_of_write(database_url: str) -> None:
     migrate.ensure_schema(engine)
     next_step = {1: 1, 2: 1, 3: 1}
     try:
-        with session_scope(engine) as s:
-            _add_runs(s.connection(), [1, 2, 3])
+        with session_scope(engine) as conn:
+            _add_runs(conn, [1, 2, 3])
         for i in range(40):
-            with session_scope(engine) as s:
-                conn = s.connection()
+            with session_scope(engine) as conn:
                 op = rng.choice(("insert", "insert", "state", "state", "move", "delete"))
                 if op == "insert":
                     run, n = rng.choice([1, 2, 3]), rng.choice([1, 7, 30])
@@ -87,15 +81,14 @@ def test_counts_follow_every_kind_of_write(database_url: str) -> None:
                     conn.execute(text("DELETE FROM checkpoints WHERE id % 7 = :r"), {"r": i % 7})
                 # inside the writing transaction already: a count never lags its rows
                 assert _counted(conn) == _from_rows(conn), f"after {op} #{i}"
-        with session_scope(engine) as s:
-            conn = s.connection()
+        with session_scope(engine) as conn:
             conn.execute(text("DELETE FROM runs WHERE id = 2"))  # cascades to its checkpoints
             assert _counted(conn) == _from_rows(conn)
             assert not any(run == 2 for run, _ in _counted(conn))
             totals: dict[str, int] = {}
             for (_run, state), n in _from_rows(conn).items():
                 totals[state] = totals.get(state, 0) + n
-            assert state_counts(s) == dict(sorted(totals.items()))
+            assert state_counts(conn) == dict(sorted(totals.items()))
             assert sum(totals.values()) > 20  # the sequence did leave rows to count
     finally:
         engine.dispose()
@@ -105,14 +98,14 @@ def test_a_rolled_back_write_leaves_the_counts_as_they_were(database_url: str) -
     engine = make_engine(database_url)
     migrate.ensure_schema(engine)
     try:
-        with session_scope(engine) as s:
-            _add_runs(s.connection(), [1])
-            _add_checkpoints(s.connection(), random.Random(1), 1, 1, 10)
+        with session_scope(engine) as conn:
+            _add_runs(conn, [1])
+            _add_checkpoints(conn, random.Random(1), 1, 1, 10)
         with engine.connect() as conn:
             before = _counted(conn)
         try:
-            with session_scope(engine) as s:
-                s.connection().execute(text("UPDATE checkpoints SET state = 'pruned'"))
+            with session_scope(engine) as conn:
+                conn.execute(text("UPDATE checkpoints SET state = 'pruned'"))
                 raise RuntimeError("abandoned")
         except RuntimeError:
             pass

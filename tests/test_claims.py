@@ -8,9 +8,8 @@ import pytest
 from sqlalchemy import insert
 
 from ckptd.core.model import utcnow
-from ckptd.store import claims, migrate
+from ckptd.store import claims, migrate, tables
 from ckptd.store.handle import Store
-from ckptd.store.tables import RunRow
 
 
 @pytest.fixture
@@ -20,7 +19,7 @@ def two(database_url: str) -> tuple[Store, Store, int]:
     migrate.ensure_schema(a.engine)
     with a.session() as s:
         run_id = s.execute(
-            insert(RunRow).values(name="r", path="/r", watch_path="/", created_at=utcnow())
+            insert(tables.runs).values(name="r", path="/r", watch_path="/", created_at=utcnow())
         ).inserted_primary_key[0]
     yield a, b, run_id
     a.close()

@@ -452,12 +452,12 @@ def test_renewal_and_a_prunes_fences_do_not_deadlock(
 
         waiting = "select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
         try:
-            with prune_store.session() as s:
-                leases.fence(s.connection(), leases.Hold(ids[0], "a", 1))
+            with prune_store.session() as conn:
+                leases.fence(conn, leases.Hold(ids[0], "a", 1))
                 thread = threading.Thread(target=renew)
                 thread.start()
                 until(lambda: fetch(url, waiting) == [(1,)], 30)  # renewal waits for run 1
-                leases.fence(s.connection(), leases.Hold(ids[1], "a", 1))
+                leases.fence(conn, leases.Hold(ids[1], "a", 1))
         except Exception as exc:
             errors.append(exc)
         thread.join(timeout=30)

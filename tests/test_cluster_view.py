@@ -18,10 +18,9 @@ from sqlalchemy import update
 from ckptd.api import status as api_status
 from ckptd.core.model import utcnow
 from ckptd.core.recording import RunDir
-from ckptd.store import daemons, leases, migrate, recording
+from ckptd.store import daemons, leases, migrate, recording, tables
 from ckptd.store.daemons import WORKER
 from ckptd.store.handle import Store
-from ckptd.store.tables import DaemonRow, table_of
 from tests.conftest import Corpus, ckptd, load_golden, wait_for, write_config
 
 
@@ -45,19 +44,15 @@ def _elsewhere(store: Store, member_id: int, host: str) -> None:
     """Its row as if written on ``host`` (rows of this process would count as dead ones of an
     earlier process with its pid, and be marked stopped by the next claim)."""
     with store.session() as s:
-        s.execute(
-            update(table_of(DaemonRow))
-            .where(table_of(DaemonRow).c.id == member_id)
-            .values(host=host)
-        )
+        s.execute(update(tables.daemons).where(tables.daemons.c.id == member_id).values(host=host))
 
 
 def _age(store: Store, member_id: int, age: timedelta) -> None:
     """Its last heartbeat ``age`` ago (a process that died without marking itself stopped)."""
     with store.session() as s:
         s.execute(
-            update(table_of(DaemonRow))
-            .where(table_of(DaemonRow).c.id == member_id)
+            update(tables.daemons)
+            .where(tables.daemons.c.id == member_id)
             .values(heartbeat_at=utcnow() - age)
         )
 

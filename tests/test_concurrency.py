@@ -23,10 +23,9 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from ckptd.core.model import COMPLETE, utcnow
-from ckptd.store import audit_reads, claims, evaluation_reads, evaluations, migrate
+from ckptd.store import audit_reads, claims, evaluation_reads, evaluations, migrate, tables
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
-from ckptd.store.tables import CheckpointRow, EvaluationRow, ExportRow, MetricRow, RunRow
 from tests.conftest import Corpus, ckptd, query, wait_for, write_config
 
 WATCH = "/w"
@@ -44,14 +43,14 @@ def two(database_url: str) -> Iterator[tuple[Store, Store, list[int]]]:
     with a.session() as s:
         for r in range(2):
             run_id = s.execute(
-                insert(RunRow).values(
+                insert(tables.runs).values(
                     name=f"r{r}", path=f"{WATCH}/r{r}", watch_path=WATCH, created_at=now
                 )
             ).inserted_primary_key[0]
             run_ids.append(run_id)
             for step in range(20):
                 s.execute(
-                    insert(CheckpointRow).values(
+                    insert(tables.checkpoints).values(
                         run_id=run_id,
                         prefix=f"{WATCH}/r{r}/ckpt-{step}",
                         step=step,
@@ -96,7 +95,7 @@ def test_concurrent_claims_take_each_job_exactly_once(two: tuple[Store, Store, l
     assert len(claimed) == 40 and set(claimed.values()) == {1}, claimed
     assert won["a"] and won["b"], "one store took every job: the test raced nothing"
     with a.session() as s:
-        rows = s.execute(select(EvaluationRow.status, EvaluationRow.claimed_by)).all()
+        rows = s.execute(select(tables.evaluations.c.status, tables.evaluations.c.claimed_by)).all()
     assert {st for st, _ in rows} == {"running"}
     assert Counter(h for _, h in rows) == {a.holder: len(won["a"]), b.holder: len(won["b"])}
 
@@ -120,16 +119,21 @@ def test_an_expired_claim_is_claimable_and_a_live_one_is_not(
     assert not evaluations.finish_done(a, job, {"eval/score": 0.5}, 1.0)
     assert not evaluations.release(a, job)
     with a.session() as s:
-        assert s.scalars(select(MetricRow.value)).all() == []
-        version = s.scalar(select(RunRow.version).where(RunRow.id == job.checkpoint.run_id))
+        assert s.scalars(select(tables.metrics.c.value)).all() == []
+        version = s.scalar(
+            select(tables.runs.c.version).where(tables.runs.c.id == job.checkpoint.run_id)
+        )
     assert evaluations.finish_done(b, taken, {"eval/score": 0.25}, 1.0)
     with a.session() as s:
-        assert s.scalars(select(MetricRow.value)).all() == [0.25]
+        assert s.scalars(select(tables.metrics.c.value)).all() == [0.25]
         # A metric write bumps its run's version (recording then re-reads the run).
-        assert s.scalar(select(RunRow.version).where(RunRow.id == job.checkpoint.run_id)) > version
+        assert (
+            s.scalar(select(tables.runs.c.version).where(tables.runs.c.id == job.checkpoint.run_id))
+            > version
+        )
         status, claimed_by = s.execute(
-            select(EvaluationRow.status, EvaluationRow.claimed_by).where(
-                EvaluationRow.id == first.evaluation_id
+            select(tables.evaluations.c.status, tables.evaluations.c.claimed_by).where(
+                tables.evaluations.c.id == first.evaluation_id
             )
         ).one()
         (evaluated,) = audit_reads.actions(s, kinds=["evaluated"])
@@ -204,7 +208,7 @@ def test_an_export_another_process_holds_is_skipped_with_a_clear_message(
     assert outcome.status == "skipped" and freezer.client.started == 0
     assert b.holder in outcome.message and "try again when it has finished" in outcome.message
     with a.session() as s:
-        assert s.scalar(select(func.count()).select_from(ExportRow)) == 0
+        assert s.scalar(select(func.count()).select_from(tables.exports)) == 0
     claims.release(b, run_id, claims.FREEZE)
     assert claims.holder_of(a, run_id, claims.FREEZE) is None
 
@@ -236,9 +240,11 @@ def test_recovery_leaves_an_export_in_progress_in_a_live_process_alone(
     temp = export / "r0" / f"{TMP_PREFIX}19-0123abcd"
     temp.mkdir(parents=True)
     with b.session() as s:
-        cid = s.scalar(select(CheckpointRow.id).where(CheckpointRow.run_id == run_id).limit(1))
+        cid = s.scalar(
+            select(tables.checkpoints.c.id).where(tables.checkpoints.c.run_id == run_id).limit(1)
+        )
         s.execute(
-            insert(ExportRow).values(
+            insert(tables.exports).values(
                 checkpoint_id=cid,
                 format="saved_model",
                 version=19,
@@ -253,14 +259,16 @@ def test_recovery_leaves_an_export_in_progress_in_a_live_process_alone(
         assert freezer.recover(cfg.watches) == 0
         assert temp.is_dir()
         with a.session() as s:
-            assert s.execute(select(ExportRow.status)).all() == [("exporting",)]
+            assert s.execute(select(tables.exports.c.status)).all() == [("exporting",)]
         claims.release(b, run_id, claims.FREEZE)  # b was killed before it could finish
         assert freezer.recover(cfg.watches) == 1
     finally:
         freezer.close()
     assert not temp.exists()
     with a.session() as s:
-        ((status, error),) = s.execute(select(ExportRow.status, ExportRow.error)).all()
+        ((status, error),) = s.execute(
+            select(tables.exports.c.status, tables.exports.c.error)
+        ).all()
     assert status == "failed" and "interrupted" in error
 
 
@@ -282,12 +290,12 @@ def test_a_long_evaluation_renews_its_claim_so_nobody_takes_it_over(
     migrate.ensure_schema(a.engine)
     with a.session() as s:
         run_id = s.execute(
-            insert(RunRow).values(
+            insert(tables.runs).values(
                 name="r", path=str(watch / "r"), watch_path=str(watch), created_at=utcnow()
             )
         ).inserted_primary_key[0]
         s.execute(
-            insert(CheckpointRow).values(
+            insert(tables.checkpoints).values(
                 run_id=run_id,
                 prefix=str(prefix),
                 step=1,
@@ -325,7 +333,7 @@ def test_a_long_evaluation_renews_its_claim_so_nobody_takes_it_over(
         taken = []
         while worker.is_alive():  # another process tries all along, well past the TTL
             with b.session() as s:
-                (eid,) = s.scalars(select(EvaluationRow.id)).all()
+                (eid,) = s.scalars(select(tables.evaluations.c.id)).all()
             job = evaluations.claim(b, eid, ttl=LONG)
             if job is not None:
                 taken.append(job)

@@ -53,16 +53,18 @@ def _setup(
 def _evaluations(engine: object) -> dict[int, tuple[str, int, str | None]]:
     from sqlalchemy import select
 
-    from ckptd.store.tables import CheckpointRow, EvaluationRow
+    from ckptd.store import tables
 
     with session_scope(engine) as s:  # type: ignore[arg-type]
         rows = s.execute(
             select(
-                CheckpointRow.step,
-                EvaluationRow.status,
-                EvaluationRow.attempts,
-                EvaluationRow.error,
-            ).join(EvaluationRow, EvaluationRow.checkpoint_id == CheckpointRow.id)
+                tables.checkpoints.c.step,
+                tables.evaluations.c.status,
+                tables.evaluations.c.attempts,
+                tables.evaluations.c.error,
+            ).join(
+                tables.evaluations, tables.evaluations.c.checkpoint_id == tables.checkpoints.c.id
+            )
         ).all()
     return {step: (status, attempts, error) for step, status, attempts, error in rows}
 

@@ -18,10 +18,9 @@ from ckptd.api.record import Recorder
 from ckptd.config import parse_config
 from ckptd.core.model import utcnow
 from ckptd.core.recording import RunDir
-from ckptd.store import claims, leases, migrate, pruning
+from ckptd.store import claims, leases, migrate, pruning, tables
 from ckptd.store.handle import Store, process_name
 from ckptd.store.leases import Hold
-from ckptd.store.tables import RunRow
 from tests.conftest import load_golden
 
 TTL = 30.0  # leases that outlive each test unless it expires them
@@ -53,7 +52,7 @@ def _runs(store: Store, n: int) -> list[int]:
     with store.session() as s:
         return [
             s.execute(
-                insert(RunRow).values(
+                insert(tables.runs).values(
                     name=f"r{i}", path=f"/runs/r{i}", watch_path="/runs", created_at=utcnow()
                 )
             ).inserted_primary_key[0]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
+from ckptd.store import tables
 from ckptd.store.handle import Store
 from ckptd.store.leases import db_now
-from ckptd.store.tables import RunLeaseRow
 from tests.conftest import DaemonProcess, ckptd, load_golden, wait_for, write_config
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def _config(tmp_path: Path, name: str, root: Path, url: str) -> Path:
 
 def _holders(db: Store) -> dict[str, int]:
     """Who holds live leases, by the database's clock."""
-    leases = RunLeaseRow.__table__.c
+    leases = tables.run_leases.c
     stmt = (
         select(leases.owner, func.count())
         .where(leases.expires_at > db_now())

@@ -7,13 +7,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, REPLACED
-from ckptd.store import migrate
+from ckptd.store import migrate, tables
 from ckptd.store.db import make_engine, session_scope
 from ckptd.store.runs import RunSummary, run_summaries
-from ckptd.store.tables import CheckpointRow, RunRow, table_of
 from ckptd.store.upsert import insert_many
 
-_runs, _ckpts = table_of(RunRow), table_of(CheckpointRow)
+_runs, _ckpts = tables.runs, tables.checkpoints
 _RUN = ("id", "name", "path", "watch_path", "present", "created_at", "scanned_at")
 _CKPT = ("run_id", "prefix", "step", "format", "state", "size_bytes", "files", "has_meta")
 _CKPT += ("signature", "recorded_at")
@@ -27,8 +26,7 @@ def test_every_state_is_counted_per_run(database_url: str) -> None:
     b_states = [PRUNED, PRUNED, GONE, CORRUPT, COMPLETE, PRUNING, COMPLETE, REPLACED, COMPLETE]
     b_states += [CORRUPT, GONE, REPLACED]
     try:
-        with session_scope(engine) as s:
-            conn = s.connection()
+        with session_scope(engine) as conn:
             insert_many(
                 conn,
                 _runs,

@@ -1,4 +1,4 @@
-"""Store: migrations match the ORM, ship in the wheel, and SQLite is set up as promised."""
+"""Store: migrations match the tables, ship in the wheel, and SQLite is set up as promised."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from sqlalchemy import text
 
 from ckptd.store import migrate
 from ckptd.store.db import StoreError, make_engine, session_scope
-from ckptd.store.tables import Base
+from ckptd.store.tables import metadata
 from tests.conftest import ENV, REPO, new_database_url
 
 
-def test_migrations_match_the_orm(database_url: str) -> None:
+def test_migrations_match_the_tables(database_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
@@ -27,8 +27,8 @@ def test_migrations_match_the_orm(database_url: str) -> None:
     before, after = migrate.upgrade(engine)
     assert before is None and after == migrate.head_revision(engine)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-    assert diff == [], f"ORM and migrations disagree: {diff}"
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == [], f"tables and migrations disagree: {diff}"
     assert migrate.is_current(engine)
     # Idempotent: upgrading again is a no-op.
     assert migrate.upgrade(engine) == (after, after)
@@ -111,7 +111,7 @@ def test_start_up_schema_fast_path_builds_what_the_migrations_build(
     assert migrate.head_revision(created) == migrate.SCHEMA_HEAD
     assert migrate.current_revision(created) == migrate.SCHEMA_HEAD
     with created.connect() as conn:
-        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     # Same tables, columns, constraints and indexes, clause by clause as SQLite keeps them.
     assert [r[:2] for r in _schema(created)] == [r[:2] for r in _schema(migrated)]
     assert _schema(created) == _schema(migrated)

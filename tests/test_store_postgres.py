@@ -189,18 +189,17 @@ def test_concurrent_exports_of_a_run_get_distinct_versions(database_url: str) ->
     from sqlalchemy import insert
 
     from ckptd.core.model import COMPLETE, utcnow
-    from ckptd.store import exports, reads
+    from ckptd.store import exports, reads, tables
     from ckptd.store.handle import Store
-    from ckptd.store.tables import CheckpointRow, RunRow
 
     a, b = Store.open(database_url), Store.open(database_url)
     migrate.ensure_schema(a.engine)
     with a.session() as s:
         run_id = s.execute(
-            insert(RunRow).values(name="r", path="/w/r", watch_path="/w", created_at=utcnow())
+            insert(tables.runs).values(name="r", path="/w/r", watch_path="/w", created_at=utcnow())
         ).inserted_primary_key[0]
         cid = s.execute(
-            insert(CheckpointRow).values(
+            insert(tables.checkpoints).values(
                 run_id=run_id,
                 prefix="/w/r/ckpt-1",
                 step=1,

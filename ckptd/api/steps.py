@@ -39,8 +39,8 @@ def _of(u: unmatched.Unmatched) -> StepMismatch:
 
 
 def mismatches(store: Store) -> list[StepMismatch]:
-    with store.session() as session:
-        return [_of(u) for u in unmatched.unmatched_runs(session)]
+    with store.session() as conn:
+        return [_of(u) for u in unmatched.unmatched_runs(conn)]
 
 
 class Reporter:
@@ -53,15 +53,15 @@ class Reporter:
 
     def report(self) -> list[StepMismatch]:
         """The mismatches reported now."""
-        with self.store.session() as session:
-            found = [u for u in unmatched.unmatched_runs(session) if u.run_id not in self._done]
+        with self.store.session() as conn:
+            found = [u for u in unmatched.unmatched_runs(conn) if u.run_id not in self._done]
             if not found:
                 return []
-            already = unmatched.reported(session, (u.run_id for u in found))
+            already = unmatched.reported(conn, (u.run_id for u in found))
             new = [u for u in found if u.run_id not in already]
             now = utcnow()
             audit.record_many(
-                session,
+                conn,
                 [
                     audit.Entry(
                         now,

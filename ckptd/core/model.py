@@ -1,4 +1,4 @@
-"""Domain records: what the store hands out and the policies consume (never ORM rows)."""
+"""Domain records: what the store hands out and the policies consume (never database rows)."""
 
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from ckptd.core.model import utcnow
-from ckptd.store.tables import ActionRow, table_of
+from ckptd.store import tables
 from ckptd.store.upsert import insert_many
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ COLUMNS = Entry._fields
 
 
 def record(
-    session: Session,
+    conn: Connection,
     kind: str,
     *,
     run_id: int | None = None,
@@ -43,21 +43,19 @@ def record(
     at: datetime | None = None,
 ) -> None:
     """One audit row, in the caller's transaction."""
-    record_many(
-        session, [Entry(at or utcnow(), kind, run_id, checkpoint_id, subject, reason, detail)]
-    )
+    record_many(conn, [Entry(at or utcnow(), kind, run_id, checkpoint_id, subject, reason, detail)])
 
 
-def record_many(session: Session, entries: Iterable[Entry]) -> None:
-    """Many audit rows in one compiled INSERT (executemany by the driver, no per-row ORM work)."""
+def record_many(conn: Connection, entries: Iterable[Entry]) -> None:
+    """Many audit rows in one compiled INSERT (executemany by the driver)."""
     rows = [e if e.detail is not None else e._replace(detail={}) for e in entries]
     if rows:
-        insert_many(session.connection(), table_of(ActionRow), COLUMNS, rows)
+        insert_many(conn, tables.actions, COLUMNS, rows)
 
 
 def write(store: Store, entries: Iterable[Entry]) -> None:
     """Audit rows in a transaction of their own (for work that changes no other row)."""
     rows = list(entries)
     if rows:
-        with store.session() as session:
-            record_many(session, rows)
+        with store.session() as conn:
+            record_many(conn, rows)

@@ -5,20 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, select
 
 from ckptd.core.model import Action
+from ckptd.store import tables
 from ckptd.store.handle import Store
-from ckptd.store.runs import resolve_run, runs_table
-from ckptd.store.tables import ActionRow, table_of
+from ckptd.store.runs import resolve_run
 
-_actions_table = table_of(ActionRow)
+_actions_table = tables.actions
 _a = _actions_table.c
 
 
 def actions(
-    session: Session,
+    conn: Connection,
     *,
     limit: int = 50,
     run_id: int | None = None,
@@ -33,9 +32,9 @@ def actions(
     ``id``. ``limit`` counts events, not rows.
     """
     stmt = (
-        select(_a.id, _a.at, _a.kind, runs_table.c.name, _a.subject, _a.reason, _a.detail)
+        select(_a.id, _a.at, _a.kind, tables.runs.c.name, _a.subject, _a.reason, _a.detail)
         .select_from(_actions_table)
-        .join(runs_table, runs_table.c.id == _a.run_id, isouter=True)
+        .join(tables.runs, tables.runs.c.id == _a.run_id, isouter=True)
         .order_by(_a.id.desc())
     )
     if run_id is not None:
@@ -44,7 +43,7 @@ def actions(
         stmt = stmt.where(_a.kind.in_(list(kinds)))
     # Every row is at least one event: `limit` rows always hold the newest `limit` events.
     newest_first: list[Action] = []
-    for r in session.execute(stmt.limit(limit)):
+    for r in conn.execute(stmt.limit(limit)):
         newest_first += reversed(_events_of(r))
         if len(newest_first) >= limit:
             break
@@ -82,6 +81,6 @@ def load_events(
 ) -> list[Action]:
     """:func:`actions` of the run named ``run`` (a name or an absolute path; :class:`NotFound`
     when there is none), or of every run."""
-    with store.session() as session:
-        run_id = resolve_run(session, run).id if run else None
-        return actions(session, limit=limit, run_id=run_id, kinds=kinds)
+    with store.session() as conn:
+        run_id = resolve_run(conn, run).id if run else None
+        return actions(conn, limit=limit, run_id=run_id, kinds=kinds)

@@ -22,9 +22,9 @@ from typing import Any
 from sqlalchemy import and_, delete, or_, select, update
 
 from ckptd.core.model import utcnow
+from ckptd.store import tables
 from ckptd.store.handle import DAEMON_TAG, Store, holder_gone
 from ckptd.store.leases import db_now
-from ckptd.store.tables import RunClaimRow, RunLeaseRow, table_of
 from ckptd.store.upsert import _dialect_insert
 
 PRUNE, FREEZE = "prune", "freeze"
@@ -39,8 +39,8 @@ class Busy(Exception):
         self.holder, self.until = holder, until
 
 
-_claims = table_of(RunClaimRow)
-_leases = table_of(RunLeaseRow)
+_claims = tables.run_claims
+_leases = tables.run_leases
 
 
 def _may_take(
@@ -84,50 +84,50 @@ def claim(
         set_={"claimed_by": stmt.excluded.claimed_by, "claimed_until": stmt.excluded.claimed_until},
         where=_may_take(store, now, lease_owner, [run_id]),
     ).returning(table.c.run_id)
-    with store.session() as session:
+    with store.session() as conn:
         # RETURNING: SQLAlchemy keeps no INSERT's rowcount (psycopg then reports -1).
-        return session.execute(stmt).first() is not None
+        return conn.execute(stmt).first() is not None
 
 
 def renew(store: Store, run_id: int, job: str, *, ttl: timedelta = DEFAULT_TTL) -> bool:
     """Extend a claim this process holds; False if it was lost (expired and taken)."""
-    t = table_of(RunClaimRow)
+    t = tables.run_claims
     stmt = (
         update(t)
         .where(and_(t.c.run_id == run_id, t.c.job == job, t.c.claimed_by == store.holder))
         .values(claimed_until=utcnow() + ttl)
     )
-    with store.session() as session:
-        return bool(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    with store.session() as conn:
+        return bool(conn.execute(stmt).rowcount)
 
 
 def release(store: Store, run_id: int, job: str) -> None:
-    t = table_of(RunClaimRow)
+    t = tables.run_claims
     stmt = delete(t).where(
         and_(t.c.run_id == run_id, t.c.job == job, t.c.claimed_by == store.holder)
     )
-    with store.session() as session:
-        session.execute(stmt)
+    with store.session() as conn:
+        conn.execute(stmt)
 
 
 def release_gone(store: Store, job: str) -> int:
     """Drop the claims on ``job`` whose holder process has exited (a daemon killed mid-export
     restarts without waiting for its old claim to expire); returns how many."""
-    t = table_of(RunClaimRow)
-    with store.session() as session:
-        holders = session.scalars(select(t.c.claimed_by).where(t.c.job == job).distinct()).all()
+    t = tables.run_claims
+    with store.session() as conn:
+        holders = conn.scalars(select(t.c.claimed_by).where(t.c.job == job).distinct()).all()
         gone = [h for h in holders if holder_gone(h)]
         if not gone:
             return 0
         stmt = delete(t).where(and_(t.c.job == job, t.c.claimed_by.in_(gone)))
-        return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(conn.execute(stmt).rowcount)
 
 
 def holder_of(store: Store, run_id: int, job: str) -> tuple[str, datetime] | None:
     """The live claim on a job, if any (for messages and ``status``)."""
-    t = table_of(RunClaimRow)
-    with store.session() as session:
-        row = session.execute(
+    t = tables.run_claims
+    with store.session() as conn:
+        row = conn.execute(
             t.select().where(
                 and_(t.c.run_id == run_id, t.c.job == job, t.c.claimed_until >= utcnow())
             )
@@ -184,7 +184,7 @@ def claim_many(
     until = now + ttl
     t = _claims
     held: set[int] = set()
-    with store.session() as session:
+    with store.session() as conn:
         for chunk in _chunks(run_ids):
             stmt = _dialect_insert(store.dialect)(t).values(
                 [
@@ -200,17 +200,17 @@ def claim_many(
                 },
                 where=_may_take(store, now, lease_owner, chunk),
             ).returning(t.c.run_id)
-            held.update(session.execute(stmt).scalars())
+            held.update(conn.execute(stmt).scalars())
             refused = [rid for rid in chunk if rid not in held]
             if not refused:
                 continue
-            others = session.execute(
+            others = conn.execute(
                 select(t.c.run_id, t.c.claimed_by).where(t.c.run_id.in_(refused), t.c.job == job)
             ).all()
             for holder in {h for _, h in others if holder_gone(h)}:
                 ids = [rid for rid, h in others if h == holder]
                 held.update(
-                    session.execute(
+                    conn.execute(
                         update(t)
                         .where(t.c.run_id.in_(ids), t.c.job == job, t.c.claimed_by == holder)
                         .values(claimed_by=store.holder, claimed_until=until)
@@ -224,12 +224,12 @@ def renew_many(
     store: Store, run_ids: Iterable[int], job: str, *, ttl: timedelta = DEFAULT_TTL
 ) -> set[int]:
     """:func:`renew` for many runs; the ids whose claim this process still holds."""
-    t = table_of(RunClaimRow)
+    t = tables.run_claims
     held: set[int] = set()
-    with store.session() as session:
+    with store.session() as conn:
         for chunk in _chunks(run_ids):
             held.update(
-                session.execute(
+                conn.execute(
                     update(t)
                     .where(t.c.run_id.in_(chunk), t.c.job == job, t.c.claimed_by == store.holder)
                     .values(claimed_until=utcnow() + ttl)
@@ -240,10 +240,10 @@ def renew_many(
 
 
 def release_many(store: Store, run_ids: Iterable[int], job: str) -> None:
-    t = table_of(RunClaimRow)
-    with store.session() as session:
+    t = tables.run_claims
+    with store.session() as conn:
         for chunk in _chunks(run_ids):
-            session.execute(
+            conn.execute(
                 delete(t).where(
                     t.c.run_id.in_(chunk), t.c.job == job, t.c.claimed_by == store.holder
                 )
@@ -252,11 +252,11 @@ def release_many(store: Store, run_ids: Iterable[int], job: str) -> None:
 
 def holders(store: Store, run_ids: Iterable[int], job: str) -> dict[int, tuple[str, datetime]]:
     """The live claims on ``job`` of these runs: run id -> (holder, until), for messages."""
-    t = table_of(RunClaimRow)
+    t = tables.run_claims
     out: dict[int, tuple[str, datetime]] = {}
-    with store.session() as session:
+    with store.session() as conn:
         for chunk in _chunks(run_ids):
-            rows = session.execute(
+            rows = conn.execute(
                 select(t.c.run_id, t.c.claimed_by, t.c.claimed_until).where(
                     t.c.run_id.in_(chunk), t.c.job == job, t.c.claimed_until >= utcnow()
                 )

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, insert, select, text, update
 
 from ckptd.core.model import heartbeat_grace, iso, utcnow
+from ckptd.store import tables
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
-from ckptd.store.tables import DaemonRow, table_of
 
-_daemons = table_of(DaemonRow)
+_daemons = tables.daemons
 DAEMON, WORKER = "daemon", "worker"  # daemons.role
 
 
@@ -163,33 +162,33 @@ def _record(row: Any) -> DaemonRecord:
     )
 
 
-def latest(session: Session) -> DaemonRecord | None:
+def latest(conn: Connection) -> DaemonRecord | None:
     """The newest daemon's row (inside the caller's transaction)."""
     query = select(_daemons).where(_daemons.c.role == DAEMON)
-    row = session.execute(query.order_by(_daemons.c.id.desc()).limit(1)).first()
+    row = conn.execute(query.order_by(_daemons.c.id.desc()).limit(1)).first()
     return None if row is None else _record(row)
 
 
 def others(
-    session: Session, newest: DaemonRecord | None, *, seen_since: datetime | None = None
+    conn: Connection, newest: DaemonRecord | None, *, seen_since: datetime | None = None
 ) -> list[DaemonRecord]:
     """The other daemons not marked stopped, newest first: those sharing the database with
     ``newest`` (a dead one's row stays until a daemon of its name starts again)."""
     return [
         m
-        for m in members(session, seen_since=seen_since)
+        for m in members(conn, seen_since=seen_since)
         if m.role == DAEMON and (newest is None or m.id != newest.id)
     ]
 
 
-def members(session: Session, *, seen_since: datetime | None = None) -> list[DaemonRecord]:
+def members(conn: Connection, *, seen_since: datetime | None = None) -> list[DaemonRecord]:
     """Every daemon and worker not marked stopped, newest first, in one SELECT; with
     ``seen_since``, only those whose last heartbeat is newer (one killed long ago, whose row
     nobody marked stopped, is forgotten rather than listed forever)."""
     query = select(_daemons).where(_daemons.c.stopped_at.is_(None))
     if seen_since is not None:
         query = query.where(_daemons.c.heartbeat_at > seen_since)
-    return [_record(r) for r in session.execute(query.order_by(_daemons.c.id.desc()))]
+    return [_record(r) for r in conn.execute(query.order_by(_daemons.c.id.desc()))]
 
 
 def newest(store: Store) -> DaemonRecord | None:

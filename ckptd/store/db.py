@@ -1,4 +1,4 @@
-"""Engines and the one session scope: SQLite's pragmas and BEGIN IMMEDIATE, PostgreSQL's
+"""Engines and the one transaction scope: SQLite's pragmas and BEGIN IMMEDIATE, PostgreSQL's
 pooled connections, read-only CLI access on both."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from ckptd.core.errors import StoreError
 from ckptd.store.urls import redacted, sqlite_path
@@ -155,16 +154,14 @@ def checkpoint_wal(engine: Engine) -> tuple[int, int, int] | None:
         raise store_error(exc) from exc
 
 
-def insert_id(session: Session, stmt: Any) -> int:
+def insert_id(conn: Connection, stmt: Any) -> int:
     """Execute an INSERT of one row and return its new ``id``."""
-    # Core execution on the session's connection (same transaction): the ORM's bulk-insert path
-    # costs far more a statement, for nothing here, as no ORM objects are involved.
-    return int(session.connection().execute(stmt.returning(stmt.table.c.id)).scalar_one())
+    return int(conn.execute(stmt.returning(stmt.table.c.id)).scalar_one())
 
 
-def rowcount(session: Session, stmt: Any) -> int:
+def rowcount(conn: Connection, stmt: Any) -> int:
     """Execute an UPDATE/DELETE and return how many rows it touched."""
-    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    return int(conn.execute(stmt).rowcount)
 
 
 def store_error(exc: SQLAlchemyError | sqlite3.Error) -> StoreError:
@@ -197,17 +194,17 @@ def store_error(exc: SQLAlchemyError | sqlite3.Error) -> StoreError:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """Commit on success, roll back on error; driver errors become :class:`StoreError`."""
-    session = Session(engine, expire_on_commit=False)
+def session_scope(engine: Engine) -> Iterator[Connection]:
+    """One transaction on a connection of its own: commit on success, roll back on error;
+    driver errors become :class:`StoreError`. The transaction begins at the first statement
+    (BEGIN IMMEDIATE on SQLite, see ``_on_begin``): a scope that executes nothing takes no lock."""
     try:
-        yield session
-        session.commit()
+        with engine.connect() as conn:
+            try:
+                yield conn
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
     except SQLAlchemyError as exc:
-        session.rollback()
         raise store_error(exc) from exc
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()

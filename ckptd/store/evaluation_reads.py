@@ -7,17 +7,16 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, case, func, literal, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, and_, case, func, literal, or_, select
 
 from ckptd.core.model import COMPLETE, utcnow
+from ckptd.store import tables
 from ckptd.store.evaluations import PENDING, RUNNING, live_claim, present, scope
 from ckptd.store.handle import Store
-from ckptd.store.tables import CheckpointRow, EvaluationRow, RunRow, table_of
 
-_e = table_of(EvaluationRow)
-_c = table_of(CheckpointRow)
-_r = table_of(RunRow)
+_e = tables.evaluations
+_c = tables.checkpoints
+_r = tables.runs
 
 
 def pending_count(
@@ -76,7 +75,7 @@ def waiting(
     ]
 
 
-def status_counts(session: Session) -> dict[str, int]:
+def status_counts(conn: Connection) -> dict[str, int]:
     """Evaluations by status, for ``status``: pending and running ones count only while their
     checkpoint is complete (a pruned or deleted checkpoint's leftover job is no work)."""
     live = or_(_e.c.status.not_in([PENDING, RUNNING]), present())
@@ -86,5 +85,5 @@ def status_counts(session: Session) -> dict[str, int]:
         else_=_e.c.status,
     )
     rows = select(status.label("status")).where(live).subquery()
-    counts = session.execute(select(rows.c.status, func.count()).group_by(rows.c.status))
+    counts = conn.execute(select(rows.c.status, func.count()).group_by(rows.c.status))
     return {name: n for name, n in counts}

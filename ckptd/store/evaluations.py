@@ -16,20 +16,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, exists, literal, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Connection, Select, and_, exists, literal, or_, select, update
 
 from ckptd.core.model import COMPLETE, Checkpoint, utcnow
-from ckptd.store import audit, reads, versions
+from ckptd.store import audit, reads, tables, versions
 from ckptd.store.handle import Store, holder_gone
-from ckptd.store.tables import CheckpointRow, EvaluationRow, MetricRow, RunRow, table_of
 from ckptd.store.upsert import _dialect_insert, upsert
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
-_e = table_of(EvaluationRow)
-_c = table_of(CheckpointRow)
-_r = table_of(RunRow)
+_e = tables.evaluations
+_c = tables.checkpoints
+_r = tables.runs
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,7 @@ def enqueue(
         .execution_options(preserve_rowcount=True)  # an INSERT's is dropped otherwise (psycopg)
     )
     with store.session() as s:
-        return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(s.execute(stmt).rowcount)
 
 
 def requeue(
@@ -152,7 +150,7 @@ def requeue(
         )
     )
     with store.session() as s:
-        return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(s.execute(stmt).rowcount)
 
 
 def candidates(
@@ -205,7 +203,7 @@ def claim(store: Store, evaluation_id: int, *, ttl: timedelta) -> Job | None:
         )
     )
     with store.session() as s:
-        if not s.execute(stmt).rowcount:  # type: ignore[attr-defined]
+        if not s.execute(stmt).rowcount:
             return None
         cid, attempt, run_path = s.execute(
             select(_e.c.checkpoint_id, _e.c.attempts, _r.c.path)
@@ -230,17 +228,17 @@ def renew(store: Store, job: Job, *, ttl: timedelta) -> bool:
     """Extend the claim; False when it is no longer ours (it expired, taken over or not)."""
     stmt = update(_e).where(_ours(store, job)).values(claimed_until=utcnow() + ttl)
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
-def _finish(session: Session, store: Store, job: Job, live: bool = True, **values: Any) -> bool:
+def _finish(conn: Connection, store: Store, job: Job, live: bool = True, **values: Any) -> bool:
     stmt = update(_e).where(_ours(store, job, live=live))
-    if session.execute(stmt.values(claimed_by=None, claimed_until=None, **values)).rowcount:  # type: ignore[attr-defined]
+    if conn.execute(stmt.values(claimed_by=None, claimed_until=None, **values)).rowcount:
         return True
     if live:  # a result refused: say so in `ckptd events` (the caller logs it)
         c = job.checkpoint
         audit.record(
-            session,
+            conn,
             "fenced",
             run_id=c.run_id,
             checkpoint_id=c.id,
@@ -263,7 +261,7 @@ def finish_done(store: Store, job: Job, metrics: dict[str, float], seconds: floa
             return False
         upsert(
             s,
-            MetricRow,
+            tables.metrics,
             [
                 dict(
                     checkpoint_id=c.id,
@@ -357,4 +355,4 @@ def release_gone(store: Store) -> int:
             .where(_e.c.status == RUNNING, _e.c.claimed_by.in_(gone))
             .values(status=PENDING, claimed_by=None, claimed_until=None)
         )
-        return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return int(s.execute(stmt).rowcount)

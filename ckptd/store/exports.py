@@ -18,17 +18,16 @@ from typing import Any
 from sqlalchemy import and_, func, insert, select, update
 
 from ckptd.core.model import Checkpoint, utcnow
-from ckptd.store import audit, leases, reads
+from ckptd.store import audit, leases, reads, tables
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
 from ckptd.store.leases import Hold
-from ckptd.store.tables import CheckpointRow, ExportRow, RunRow, table_of
 
 EXPORTING, PUBLISHED, FAILED, REMOVED = "exporting", "published", "failed", "removed"
 
-_x = table_of(ExportRow)
-_c = table_of(CheckpointRow)
-_r = table_of(RunRow)
+_x = tables.exports
+_c = tables.checkpoints
+_r = tables.runs
 _EXPORT_COLUMNS = (
     _x.c.id,
     _c.c.run_id,
@@ -155,7 +154,7 @@ def begin(
     (:class:`leases.Fenced`, and nothing is written, if it is gone)."""
     with store.session() as s:
         if hold is not None:
-            leases.fence(s.connection(), hold)
+            leases.fence(s, hold)
         if store.dialect == "postgresql":  # (SQLite: BEGIN IMMEDIATE serialises writers)
             # Two exports of the run read the highest version one after the other.
             s.execute(select(_r.c.id).where(_r.c.id == c.run_id).with_for_update())
@@ -206,7 +205,7 @@ def published(
     renames nor writes (:class:`leases.Fenced`), and an error of ``publish`` writes nothing."""
     with store.session() as s:
         if hold is not None:
-            leases.fence(s.connection(), hold)
+            leases.fence(s, hold)
         if publish is not None:
             publish()
         s.execute(
@@ -239,7 +238,7 @@ def failed(
     row stays ``exporting`` for the run's new holder to settle, if it is gone)."""
     with store.session() as s:
         if hold is not None:
-            leases.fence(s.connection(), hold)
+            leases.fence(s, hold)
         s.execute(
             update(_x)
             .where(_x.c.id == export_id)
@@ -275,7 +274,7 @@ def removed(
     (:class:`leases.Fenced`), and an error of ``remove`` writes nothing."""
     with store.session() as s:
         if hold is not None:
-            leases.fence(s.connection(), hold)
+            leases.fence(s, hold)
         if remove is not None:
             remove()
         s.execute(

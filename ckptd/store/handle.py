@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine
 
 from ckptd.store.db import checkpoint_wal, make_engine, session_scope
 
@@ -50,10 +49,10 @@ class Store:
         return cls(engine, process_name(daemon=daemon))
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self) -> Iterator[Connection]:
         """One transaction (commit on success). For the store's own modules only."""
-        with session_scope(self.engine) as session:
-            yield session
+        with session_scope(self.engine) as conn:
+            yield conn
 
     @property
     def dialect(self) -> str:

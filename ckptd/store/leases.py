@@ -18,12 +18,12 @@ from sqlalchemy import DateTime, and_, case, func, literal, or_, select, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
+from ckptd.store import tables
 from ckptd.store.handle import Store
-from ckptd.store.tables import RunLeaseRow, RunRow, table_of
 from ckptd.store.upsert import _dialect_insert
 
-_leases = table_of(RunLeaseRow)
-_runs = table_of(RunRow)
+_leases = tables.run_leases
+_runs = tables.runs
 _CHUNK = 500  # run ids per IN (...)
 
 
@@ -94,20 +94,20 @@ def claim(store: Store, owner: str, run_ids: Collection[int], ttl: float) -> dic
     return held
 
 
-def _not_locked(session: Any, chunk: list[int]) -> list[int]:
+def _not_locked(conn: Any, chunk: list[int]) -> list[int]:
     """The runs of ``chunk`` whose lease row no other transaction has locked (locked now for
     this one, in run id order), or that have none yet. A lease row is locked by its holder's
     write in flight (:func:`fence`): waiting for it would stall this daemon's claims behind one
     paused process; that run is claimed at a later scan instead."""
     in_chunk = _leases.c.run_id.in_(chunk)
     lockable = select(_leases.c.run_id).where(in_chunk).order_by(_leases.c.run_id)
-    free = set(session.scalars(lockable.with_for_update(skip_locked=True)))
-    present = set(session.scalars(select(_leases.c.run_id).where(in_chunk)))
+    free = set(conn.scalars(lockable.with_for_update(skip_locked=True)))
+    present = set(conn.scalars(select(_leases.c.run_id).where(in_chunk)))
     return [r for r in chunk if r in free or r not in present]
 
 
 def _claim_chunk(
-    session: Any, dialect: str, owner: str, chunk: list[int], ttl: float, expired: Any
+    conn: Any, dialect: str, owner: str, chunk: list[int], ttl: float, expired: Any
 ) -> dict[int, int]:
     if not chunk:
         return {}
@@ -124,7 +124,7 @@ def _claim_chunk(
         },
         where=or_(expired, _leases.c.owner == owner),
     ).returning(_leases.c.run_id, _leases.c.epoch)
-    return {r.run_id: r.epoch for r in session.execute(stmt)}
+    return {r.run_id: r.epoch for r in conn.execute(stmt)}
 
 
 def adopt(store: Store, owner: str, ttl: float) -> dict[int, int]:
@@ -201,10 +201,10 @@ def still_held(conn: Any, hold: Hold) -> bool:
     return bool(result.rowcount == 1)
 
 
-def held_by_owner(session: Any) -> dict[str, Held]:
+def held_by_owner(conn: Any) -> dict[str, Held]:
     """The live leases of each daemon, by name (one grouped SELECT, in the caller's
     transaction)."""
-    rows = session.execute(
+    rows = conn.execute(
         select(_leases.c.owner, func.count(), func.min(_leases.c.expires_at))
         .where(_leases.c.expires_at > db_now())
         .group_by(_leases.c.owner)

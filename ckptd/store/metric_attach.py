@@ -12,7 +12,7 @@ from sqlalchemy import DateTime, String, and_, bindparam, exists, insert, litera
 
 from ckptd.core.incarnations import KERAS_FORMATS, span
 from ckptd.core.recording import Changes
-from ckptd.store.tables import CheckpointRow, MetricRow, ScalarRow, table_of
+from ckptd.store import tables
 
 _CHUNK = 500  # ids per IN (...): SQLite is slow with long lists
 
@@ -69,7 +69,7 @@ def _attach_scalars(
 
 
 # Statements built once (building one costs more than running it).
-_ckpts, _scalars, _metrics = table_of(CheckpointRow), table_of(ScalarRow), table_of(MetricRow)
+_ckpts, _scalars, _metrics = tables.checkpoints, tables.scalars, tables.metrics
 # A Keras per-epoch series, at the run's root or in a subdirectory (validation/epoch_loss).
 _EPOCH_SERIES = (r"epoch\_%", r"%/epoch\_%")
 

@@ -159,11 +159,11 @@ def is_current(engine: Engine) -> bool:
 def ensure_schema(engine: Engine) -> tuple[str | None, str | None]:
     """Bring the schema to head at start-up, cheaply; returns (before, after).
 
-    Current schema: one SELECT. Empty database: ``create_all`` from the ORM and stamp head, the
+    Current schema: one SELECT. Empty database: ``create_all`` from the tables and stamp head, the
     Alembic cookbook's way to create a fresh database (a test checks the result is the schema the
     migrations build). Anything else (an older revision, a foreign database): Alembic's upgrade.
     """
-    from ckptd.store.tables import Base
+    from ckptd.store.tables import metadata
 
     with engine.begin() as conn:  # BEGIN IMMEDIATE: one process creates, the others wait
         _lock_schema(conn)
@@ -173,7 +173,7 @@ def ensure_schema(engine: Engine) -> tuple[str | None, str | None]:
             if current == SCHEMA_HEAD:
                 return current, current
         elif not tables:
-            Base.metadata.create_all(conn)
+            metadata.create_all(conn)
             _version_table.create(conn)
             conn.execute(_version_table.insert().values(version_num=SCHEMA_HEAD))
             return None, SCHEMA_HEAD

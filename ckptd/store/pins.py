@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, insert
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, delete, insert
 
 from ckptd.core.model import Checkpoint, utcnow
+from ckptd.store import tables
 from ckptd.store.handle import Store
 from ckptd.store.reads import resolve_checkpoint
-from ckptd.store.tables import ActionRow, PinRow, table_of
 
-_pins = table_of(PinRow)
-_actions = table_of(ActionRow)
+_pins = tables.pins
+_actions = tables.actions
 
 
 def set_pinned(
@@ -20,21 +19,21 @@ def set_pinned(
     """Pin or unpin the checkpoint named ``checkpoint`` (prefix path or ``RUN@STEP``) and record
     it in the audit log, in one transaction. Returns the checkpoint (as it was) and whether
     anything changed (False: it already was so)."""
-    with store.session() as session:
-        c = resolve_checkpoint(session, checkpoint)
+    with store.session() as conn:
+        c = resolve_checkpoint(conn, checkpoint)
         if c.pinned == pinned:
             return c, False
         now = utcnow()
         if pinned:
-            session.execute(insert(_pins).values(checkpoint_id=c.id, reason=reason, created_at=now))
+            conn.execute(insert(_pins).values(checkpoint_id=c.id, reason=reason, created_at=now))
         else:
-            session.execute(delete(_pins).where(_pins.c.checkpoint_id == c.id))
-        _audit(session, c, "pinned" if pinned else "unpinned", reason)
+            conn.execute(delete(_pins).where(_pins.c.checkpoint_id == c.id))
+        _audit(conn, c, "pinned" if pinned else "unpinned", reason)
     return c, True
 
 
-def _audit(session: Session, c: Checkpoint, kind: str, reason: str | None) -> None:
-    session.execute(
+def _audit(conn: Connection, c: Checkpoint, kind: str, reason: str | None) -> None:
+    conn.execute(
         insert(_actions).values(
             at=utcnow(),
             kind=kind,

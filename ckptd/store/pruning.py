@@ -16,20 +16,10 @@ from typing import Any, NamedTuple
 from sqlalchemy import BindParameter, and_, bindparam, case, exists, func, or_, select, update
 
 from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
-from ckptd.store import audit, claims, leases, reads, versions
+from ckptd.store import audit, claims, leases, reads, tables, versions
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
 from ckptd.store.leases import Hold, still_held
-from ckptd.store.tables import (
-    CheckpointRow,
-    EvaluationRow,
-    ExportRow,
-    MetricRow,
-    PinRow,
-    RunClaimRow,
-    RunRow,
-    table_of,
-)
 
 # Ids per ``IN (...)`` list: far below SQLite's bound-parameter limit, and short statements.
 CHUNK = 2_000
@@ -39,32 +29,32 @@ CHUNK = 2_000
 BATCH = 20_000
 HISTORY_RUNS = 50  # runs read per history query when planning
 
-_c = table_of(CheckpointRow).c
-_r = table_of(RunRow).c
-_m = table_of(MetricRow).c
-_pins = table_of(PinRow).c
-_evals = table_of(EvaluationRow).c
-_exports = table_of(ExportRow).c
-_claims = table_of(RunClaimRow).c
+_c = tables.checkpoints.c
+_r = tables.runs.c
+_m = tables.metrics.c
+_pins = tables.pins.c
+_evals = tables.evaluations.c
+_exports = tables.exports.c
+_claims = tables.run_claims.c
 
 # Built once (SQLAlchemy caches their compiled form): expanding IN parameters take a list of ids
 # as one value, without a bind parameter object per id.
 _IDS: BindParameter[int] = bindparam("ids", expanding=True)
 _RUN_IDS: BindParameter[int] = bindparam("run_ids", expanding=True)
 _MARK_PRUNING = (
-    update(table_of(CheckpointRow))
+    update(tables.checkpoints)
     .where(_c.id.in_(_IDS), _c.state == COMPLETE)
     .values(state=PRUNING, reason=bindparam("why"))
     .returning(_c.id, _c.run_id)
 )
 _MARK_PRUNED = (
-    update(table_of(CheckpointRow))
+    update(tables.checkpoints)
     .where(_c.id.in_(_IDS))
     .values(state=PRUNED, gone_at=bindparam("at", type_=_c.gone_at.type), reason=bindparam("why"))
 )
 # When the trainer wrote a checkpoint, as retention's save order reads it.
 _SAVED = func.coalesce(_c.created_at, _c.completed_at, _c.recorded_at)
-_RESTORE = update(table_of(CheckpointRow)).where(_c.id.in_(_IDS)).values(state=COMPLETE)
+_RESTORE = update(tables.checkpoints).where(_c.id.in_(_IDS)).values(state=COMPLETE)
 # What planning reads: a run's checkpoints, with the columns every Checkpoint is built from.
 _PLAN_COLUMNS = select(*reads.CHECKPOINT_COLUMNS).where(_c.run_id.in_(_RUN_IDS))
 _OF_RUNS = select(_c.id).where(_c.run_id.in_(_RUN_IDS))
@@ -88,7 +78,7 @@ _FREEZING = exists().where(
 )
 _PLAN_EXPORTS = (
     select(_exports.checkpoint_id, _exports.status)
-    .join(table_of(CheckpointRow), _c.id == _exports.checkpoint_id)
+    .join(tables.checkpoints, _c.id == _exports.checkpoint_id)
     .where(
         _c.run_id.in_(_RUN_IDS),
         or_(_exports.status == "published", and_(_exports.status == "exporting", _FREEZING)),
@@ -136,8 +126,7 @@ def histories(store: Store, wanted: Sequence[Wanted]) -> dict[int, list[Checkpoi
         first.setdefault(w.run.id, w)
     queue = list(first.values())
     while queue:
-        with store.session() as s:
-            conn = s.connection()
+        with store.session() as conn:
             read = 0
             while queue and read < BATCH:
                 chunk, queue = queue[:HISTORY_RUNS], queue[HISTORY_RUNS:]
@@ -227,8 +216,7 @@ def mark_pruning(
     nothing is marked)."""
     marked: set[int] = set()
     runs_touched: set[int] = set()
-    with store.session() as s:
-        conn = s.connection()
+    with store.session() as conn:
         for hold in sorted(holds, key=lambda h: h.run_id):  # run id order, as renewals lock
             leases.fence(conn, hold)
         for reason, ids in wanted.items():
@@ -236,7 +224,7 @@ def mark_pruning(
                 for cid, run_id in conn.execute(_MARK_PRUNING, {"ids": chunk, "why": reason}):
                     marked.add(cid)
                     runs_touched.add(run_id)
-        versions.bump(s, runs_touched)
+        versions.bump(conn, runs_touched)
     return marked
 
 
@@ -254,8 +242,7 @@ def record_results(
     ``holds``: the daemon's leases of ``run_ids``, checked in the same transaction; nothing is
     written for a run whose lease is gone or not among them (its new holder finishes its
     prune). Returns those fenced runs."""
-    with store.session() as s:
-        conn = s.connection()
+    with store.session() as conn:
         fenced: set[int] = set()
         if holds is not None:
             live = {h.run_id for h in sorted(holds, key=lambda h: h.run_id) if still_held(conn, h)}
@@ -270,8 +257,8 @@ def record_results(
                 conn.execute(mark, {"ids": chunk, "at": at, "why": reason})
         for chunk in _chunks(restored):
             conn.execute(restore, {"ids": chunk})
-        audit.record_many(s, entries)
-        versions.bump(s, set(run_ids) - fenced)
+        audit.record_many(conn, entries)
+        versions.bump(conn, set(run_ids) - fenced)
     return fenced
 
 
@@ -289,7 +276,7 @@ def interrupted(store: Store, run_ids: Collection[int] | None = None) -> list[In
     when given)."""
     stmt = (
         select(_c.id, _c.run_id, _r.path, _r.watch_path)
-        .join(table_of(RunRow), _r.id == _c.run_id)
+        .join(tables.runs, _r.id == _c.run_id)
         .where(_c.state == PRUNING)
     )
     with store.session() as s:
@@ -318,7 +305,7 @@ def runs_with_pruned(
     before the state file was rewritten leaves entries for deleted checkpoints there."""
     stmt = (
         select(_r.id, _r.path, _r.watch_path)
-        .join(table_of(CheckpointRow), _c.run_id == _r.id)
+        .join(tables.checkpoints, _c.run_id == _r.id)
         .where(_c.state == PRUNED, _r.present)
         .distinct()
     )
@@ -335,7 +322,7 @@ def newest_complete(store: Store, run_dir: str) -> str | None:
     with store.session() as s:
         return s.scalar(
             select(_c.prefix)
-            .join(table_of(RunRow), _r.id == _c.run_id)
+            .join(tables.runs, _r.id == _c.run_id)
             .where(_r.path == run_dir, _c.state == COMPLETE, _c.format.in_(("tf1", "tf2")))
             .order_by(_SAVED.desc(), _c.step.desc(), _c.id.desc())
             .limit(1)

@@ -9,38 +9,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, and_, func, select
 
 from ckptd.core.errors import NotFound
 from ckptd.core.model import Action, Checkpoint
-from ckptd.store import daemons, leases
+from ckptd.store import daemons, leases, tables
 from ckptd.store.audit_reads import actions
 from ckptd.store.handle import Store
-from ckptd.store.runs import RunSummary, resolve_run, run_summaries, runs_table, state_counts
-from ckptd.store.tables import (
-    LIVE,
-    CheckpointRow,
-    EvaluationRow,
-    ExportRow,
-    MetricRow,
-    PinRow,
-    RunLeaseRow,
-    json_text,
-    table_of,
-)
+from ckptd.store.runs import RunSummary, resolve_run, run_summaries, state_counts
+from ckptd.store.tables import LIVE, json_text
 
 # When the same metric comes from several sources, an evaluation beats the run's own summaries,
 # which beat a value parsed from a file name (rounded by the template).
 SOURCE_RANK = {"evaluator": 0, "tfevents": 1, "filename": 2}
 
-# Column reads use the Core tables: a Core SELECT skips the ORM's per-statement compile state and
-# mapper configuration, and loads no entities into an identity map.
-_c = table_of(CheckpointRow).c
-_metrics = table_of(MetricRow).c
-_pins = table_of(PinRow).c
-_evaluations = table_of(EvaluationRow).c
-_exports = table_of(ExportRow).c
+_c = tables.checkpoints.c
+_metrics = tables.metrics.c
+_pins = tables.pins.c
+_evaluations = tables.evaluations.c
+_exports = tables.exports.c
 
 # What every Checkpoint is built from, in :func:`to_checkpoints`' order; ``files`` as its JSON
 # text, so that all rows' lists decode in one ``json.loads``.
@@ -148,7 +135,7 @@ def best_sources(rows: Iterable[Any]) -> dict[int, dict[str, float]]:
 
 
 def checkpoints(
-    session: Session,
+    conn: Connection,
     *,
     run_id: int | None = None,
     run_ids: Sequence[int] | None = None,
@@ -162,8 +149,8 @@ def checkpoints(
 
     ``run_ids``: the histories of many runs in one go.
     """
-    r = runs_table.c
-    stmt = select(*CHECKPOINT_COLUMNS, r.name).join(runs_table, r.id == _c.run_id)
+    r = tables.runs.c
+    stmt = select(*CHECKPOINT_COLUMNS, r.name).join(tables.runs, r.id == _c.run_id)
     if run_id is not None:
         stmt = stmt.where(_c.run_id == run_id)
     if run_ids is not None:
@@ -175,7 +162,7 @@ def checkpoints(
     stmt = stmt.order_by(*((_c.id.desc(),) if newest_first else (r.name, _c.step, _c.id)))
     if limit:
         stmt = stmt.limit(limit)
-    rows = session.execute(stmt).all()
+    rows = conn.execute(stmt).all()
     if not rows:
         return []
     whole_runs = ids is None and not limit
@@ -188,11 +175,11 @@ def checkpoints(
         of = select(_c.id).where(_c.run_id.in_(list(run_ids)))
     else:
         of = [row[0] for row in rows] if len(rows) <= 30000 else None
-    extras = _extras(session, of)
+    extras = _extras(conn, of)
     return to_checkpoints(rows, {row[1]: row[-1] for row in rows}, extras)
 
 
-def _extras(session: Session, of: Any) -> Extras:
+def _extras(conn: Connection, of: Any) -> Extras:
     """Metrics, pins, evaluations and exports of the checkpoints ``of`` (ids, a subquery of
     ids, or None for all) in four queries."""
 
@@ -200,66 +187,66 @@ def _extras(session: Session, of: Any) -> Extras:
         return True if of is None else column.in_(of)
 
     m = _metrics
-    exports = session.execute(
+    exports = conn.execute(
         select(_exports.checkpoint_id, _exports.status, _exports.version, _c.run_id)
-        .join_from(table_of(ExportRow), table_of(CheckpointRow), _c.id == _exports.checkpoint_id)
+        .join_from(tables.exports, tables.checkpoints, _c.id == _exports.checkpoint_id)
         .where(and_(where(_exports.checkpoint_id), _exports.status.in_(["published", "exporting"])))
     ).all()
     return Extras.of(
-        session.execute(
+        conn.execute(
             select(m.checkpoint_id, m.name, m.value, m.source).where(where(m.checkpoint_id))
         ),
-        session.scalars(select(_pins.checkpoint_id).where(where(_pins.checkpoint_id))),
-        session.execute(
+        conn.scalars(select(_pins.checkpoint_id).where(where(_pins.checkpoint_id))),
+        conn.execute(
             select(_evaluations.checkpoint_id, _evaluations.status).where(
                 where(_evaluations.checkpoint_id)
             )
         ).all(),
         exports,
-        _serving_versions(session, {row[3] for row in exports if row[1] == "published"}),
+        _serving_versions(conn, {row[3] for row in exports if row[1] == "published"}),
     )
 
 
-def _serving_versions(session: Session, run_ids: set[int]) -> dict[int, int]:
+def _serving_versions(conn: Connection, run_ids: set[int]) -> dict[int, int]:
     """Each run's highest published export version (what TF Serving serves), by run id."""
     if not run_ids:
         return {}
     stmt = (
         select(_c.run_id, func.max(_exports.version))
-        .join_from(table_of(ExportRow), table_of(CheckpointRow), _c.id == _exports.checkpoint_id)
+        .join_from(tables.exports, tables.checkpoints, _c.id == _exports.checkpoint_id)
         .where(_exports.status == "published", _c.run_id.in_(sorted(run_ids)))
         .group_by(_c.run_id)
     )
-    return {run_id: version for run_id, version in session.execute(stmt)}
+    return {run_id: version for run_id, version in conn.execute(stmt)}
 
 
-def resolve_checkpoint(session: Session, text: str) -> Checkpoint:
+def resolve_checkpoint(conn: Connection, text: str) -> Checkpoint:
     """A checkpoint by prefix path or ``RUN@STEP``."""
     run_text, sep, step_text = text.rpartition("@")
     if sep and step_text.isdigit():
-        run = resolve_run(session, run_text)
+        run = resolve_run(conn, run_text)
         where = and_(_c.run_id == run.id, _c.step == int(step_text))
     else:
         path = os.path.abspath(text)
         where = and_(_c.prefix.in_([path, path.removesuffix(".index")]), LIVE)
-    found = session.scalar(select(_c.id).where(where).order_by(_c.id.desc()).limit(1))
+    found = conn.scalar(select(_c.id).where(where).order_by(_c.id.desc()).limit(1))
     if found is None:
         raise NotFound(f"no checkpoint {text!r}; list them with `ckptd ls`")
-    return checkpoints(session, ids=[found])[0]
+    return checkpoints(conn, ids=[found])[0]
 
 
-def work_counts(session: Session) -> dict[str, dict[str, int]]:
+def work_counts(conn: Connection) -> dict[str, dict[str, int]]:
     """Evaluations and exports by status."""
     from ckptd.store import evaluation_reads  # (its evaluations module imports this one)
 
     return {
-        "evaluations": evaluation_reads.status_counts(session),
-        "exports": _by_status(session, _exports.status),
+        "evaluations": evaluation_reads.status_counts(conn),
+        "exports": _by_status(conn, _exports.status),
     }
 
 
-def _by_status(session: Session, column: Any) -> dict[str, int]:
-    return {s: n for s, n in session.execute(select(column, func.count()).group_by(column))}
+def _by_status(conn: Connection, column: Any) -> dict[str, int]:
+    return {s: n for s, n in conn.execute(select(column, func.count()).group_by(column))}
 
 
 # ---------------------------------------------------------------- for the layers above
@@ -273,23 +260,23 @@ def load_checkpoints(
     states: Sequence[str] | None = None,
 ) -> list[Checkpoint]:
     """:func:`checkpoints` in a transaction of its own."""
-    with store.session() as session:
-        return checkpoints(session, run_id=run_id, run_ids=run_ids, states=states)
+    with store.session() as conn:
+        return checkpoints(conn, run_id=run_id, run_ids=run_ids, states=states)
 
 
 def count_states(store: Store) -> dict[str, int]:
     """How many checkpoints are in each state (the daemon's heartbeat and metrics)."""
-    with store.session() as session:
-        return state_counts(session)
+    with store.session() as conn:
+        return state_counts(conn)
 
 
 def locate_checkpoint(store: Store, text: str) -> tuple[Checkpoint, str | None]:
     """A checkpoint by prefix path or ``RUN@STEP``, and its watch root (where its files are
     reached from)."""
-    with store.session() as session:
-        checkpoint = resolve_checkpoint(session, text)
-        root = session.scalar(
-            select(runs_table.c.watch_path).where(runs_table.c.id == checkpoint.run_id)
+    with store.session() as conn:
+        checkpoint = resolve_checkpoint(conn, text)
+        root = conn.scalar(
+            select(tables.runs.c.watch_path).where(tables.runs.c.id == checkpoint.run_id)
         )
     return checkpoint, root
 
@@ -319,20 +306,20 @@ def status_rows(
     lease, every run's summary, the ``newest`` complete checkpoints, work counts and the
     ``problems`` newest events of ``kinds``. Set-based: a handful of statements however many
     checkpoints there are."""
-    with store.session() as session:
-        newest_daemon = daemons.latest(session)
+    with store.session() as conn:
+        newest_daemon = daemons.latest(conn)
         return StatusRows(
             newest_daemon,
             [
                 m
-                for m in daemons.members(session, seen_since=seen_since)
+                for m in daemons.members(conn, seen_since=seen_since)
                 if newest_daemon is None or m.id != newest_daemon.id
             ],
-            held_runs(session),
-            run_summaries(session),
-            checkpoints(session, states=["complete"], limit=newest, newest_first=True),
-            work_counts(session),
-            actions(session, limit=problems, kinds=kinds),
+            held_runs(conn),
+            run_summaries(conn),
+            checkpoints(conn, states=["complete"], limit=newest, newest_first=True),
+            work_counts(conn),
+            actions(conn, limit=problems, kinds=kinds),
         )
 
 
@@ -340,17 +327,17 @@ def cluster_rows(
     store: Store, *, seen_since: datetime | None = None
 ) -> tuple[list[daemons.DaemonRecord], dict[str, list[tuple[str, datetime]]]]:
     """Every daemon and worker seen since ``seen_since`` and every live lease (two SELECTs)."""
-    with store.session() as session:
-        return daemons.members(session, seen_since=seen_since), held_runs(session)
+    with store.session() as conn:
+        return daemons.members(conn, seen_since=seen_since), held_runs(conn)
 
 
-def held_runs(session: Session) -> dict[str, list[tuple[str, datetime]]]:
+def held_runs(conn: Connection) -> dict[str, list[tuple[str, datetime]]]:
     """Each daemon's live leases as (run name, expiry), by daemon name then run name: one
     SELECT joining the leases to their runs."""
-    r, lease = runs_table.c, table_of(RunLeaseRow).c
-    rows = session.execute(
+    r, lease = tables.runs.c, tables.run_leases.c
+    rows = conn.execute(
         select(lease.owner, r.name, lease.expires_at)
-        .join(runs_table, r.id == lease.run_id)
+        .join(tables.runs, r.id == lease.run_id)
         .where(lease.expires_at > leases.db_now())
         .order_by(lease.owner, r.name)
     )

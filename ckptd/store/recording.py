@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     DateTime,
     bindparam,
     delete,
@@ -22,11 +23,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session
 
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, REPLACED, utcnow
 from ckptd.core.recording import Changes, Found, RunState
-from ckptd.store import audit, leases
+from ckptd.store import audit, leases, tables
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
 from ckptd.store.leases import Hold
@@ -34,16 +34,7 @@ from ckptd.store.metric_attach import METRIC_COLUMNS, attach_event_values
 from ckptd.store.runstate import load_state as load_state
 from ckptd.store.runstate import load_states as load_states
 from ckptd.store.runstate import run_versions as run_versions
-from ckptd.store.tables import (
-    LIVE,
-    CheckpointRow,
-    EvaluationRow,
-    EventFileRow,
-    MetricRow,
-    RunRow,
-    ScalarRow,
-    table_of,
-)
+from ckptd.store.tables import LIVE
 from ckptd.store.upsert import insert_many, insert_returning
 
 _CHUNK = 500  # ids or paths per IN (...): SQLite is slow with long lists
@@ -64,10 +55,10 @@ def apply(
     nothing is written). Returns the ids of the new checkpoints by prefix, or None (nothing
     written) if the run changed."""
     try:
-        with store.session() as session:
+        with store.session() as conn:
             if hold is not None:
-                leases.fence(session.connection(), hold)
-            return _apply(session, state, changes)
+                leases.fence(conn, hold)
+            return _apply(conn, state, changes)
     except _Stale:
         return None
 
@@ -75,8 +66,7 @@ def apply(
 # ----------------------------------------------------------------------------- applying
 
 
-def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int]:
-    conn = session.connection()
+def _apply(conn: Connection, state: RunState, changes: Changes) -> dict[str, int]:
     now = utcnow()
     run = state.run_id
     bumped = conn.execute(
@@ -131,7 +121,7 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
             raise _Stale
         conn.execute(_UNQUEUE, {"ids": chunk})  # its files are gone: nothing to evaluate
 
-    new_ids = _insert_checkpoints(session, run, changes, now)
+    new_ids = _insert_checkpoints(conn, run, changes, now)
 
     def id_of(prefix: str) -> int:
         return new_ids[prefix] if prefix in new_ids else state.checkpoints[prefix].id
@@ -151,7 +141,7 @@ def _apply(session: Session, state: RunState, changes: Changes) -> dict[str, int
         )
     attach_event_values(conn, run, changes, new_ids, starts, now)
     audit.record_many(
-        session,
+        conn,
         [
             audit.Entry(
                 now,
@@ -194,10 +184,10 @@ def _update_checkpoint(cid: int, f: Found, now: datetime, completed: bool) -> An
 
 
 def _insert_checkpoints(
-    session: Session, run: int, changes: Changes, now: datetime
+    conn: Connection, run: int, changes: Changes, now: datetime
 ) -> dict[str, int]:
     """Insert the new checkpoints; their ids by prefix. One executemany, then the ids by prefix
-    (unique among live rows): cheaper than INSERT … RETURNING through the ORM, which
+    (unique among live rows): cheaper than SQLAlchemy's INSERT … RETURNING of many rows, which
     re-processes every row. On PostgreSQL the one INSERT returns them (a SELECT by prefix there
     was planned once, as a prepared statement, while the table was small: a sequential scan)."""
     new = changes.new
@@ -222,8 +212,7 @@ def _insert_checkpoints(
     ]
     if len(rows) == 1:
         values = dict(zip(_CHECKPOINT_COLUMNS, rows[0], strict=True))
-        return {new[0].prefix: insert_id(session, insert(_ckpts).values(**values))}
-    conn = session.connection()
+        return {new[0].prefix: insert_id(conn, insert(_ckpts).values(**values))}
     if conn.dialect.name == "postgresql":  # the ids come back from the INSERT itself
         return dict(insert_returning(conn, _ckpts, _CHECKPOINT_COLUMNS, rows, ("prefix", "id")))
     insert_many(conn, _ckpts, _CHECKPOINT_COLUMNS, rows)
@@ -249,9 +238,9 @@ def _from_ts(ts: float) -> datetime | None:
 
 # Statements built once (building one costs more than running it, and a backfill runs a few
 # per run).
-_runs, _ckpts, _files = table_of(RunRow), table_of(CheckpointRow), table_of(EventFileRow)
-_scalars, _metrics = table_of(ScalarRow), table_of(MetricRow)
-_evaluations = table_of(EvaluationRow)
+_runs, _ckpts, _files = tables.runs, tables.checkpoints, tables.event_files
+_scalars, _metrics = tables.scalars, tables.metrics
+_evaluations = tables.evaluations
 _CHECKPOINT_COLUMNS = (
     "run_id",
     "prefix",

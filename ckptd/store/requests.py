@@ -18,17 +18,16 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, or_, select, update
 
 from ckptd.core.model import Checkpoint, Run, utcnow
-from ckptd.store import reads
+from ckptd.store import reads, tables
 from ckptd.store import runs as store_runs
 from ckptd.store.db import insert_id
 from ckptd.store.handle import Store
-from ckptd.store.tables import RequestRow, RunRow, table_of
 
 PENDING, RUNNING, DONE, CANCELLED = "pending", "running", "done", "cancelled"
 EVALUATE, FREEZE = "evaluate", "freeze"
 
-_q = table_of(RequestRow)
-_r = table_of(RunRow)
+_q = tables.requests
+_r = tables.runs
 KEEP = timedelta(days=1)  # how long finished (or abandoned) requests stay
 
 
@@ -110,7 +109,7 @@ def cancel(store: Store, request_id: int) -> bool:
         .values(status=CANCELLED, finished_at=utcnow())
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def submit_unless_open(
@@ -193,7 +192,7 @@ def claim_next(
                 update(_q)
                 .where(_q.c.id == request_id, claimable)
                 .values(status=RUNNING, claimed_by=store.holder, claimed_until=now + ttl)
-            ).rowcount  # type: ignore[attr-defined]
+            ).rowcount
             if not taken:
                 continue  # another daemon or worker took it first
             row = s.execute(
@@ -201,7 +200,7 @@ def claim_next(
                     _q.c.id == request_id
                 )
             ).one()
-            run = store_runs.to_run(s.get_one(RunRow, row.run_id))
+            run = store_runs.run_by_id(s, row.run_id)
             checkpoint = (
                 reads.checkpoints(s, ids=[row.checkpoint_id])[0]
                 if row.checkpoint_id is not None
@@ -219,7 +218,7 @@ def renew(store: Store, request_id: int, *, ttl: timedelta) -> bool:
     """Extend the claim while the work runs; False when the request is no longer ours."""
     stmt = update(_q).where(_ours(store, request_id)).values(claimed_until=utcnow() + ttl)
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def progress(store: Store, request_id: int, result: dict[str, Any], *, ttl: timedelta) -> bool:
@@ -230,7 +229,7 @@ def progress(store: Store, request_id: int, result: dict[str, Any], *, ttl: time
         .values(result=result, claimed_until=utcnow() + ttl)
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def release(store: Store, request_id: int) -> bool:
@@ -241,7 +240,7 @@ def release(store: Store, request_id: int) -> bool:
         .values(status=PENDING, claimed_by=None, claimed_until=None)
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def abandon(store: Store, request_id: int, holder: str) -> bool:
@@ -253,7 +252,7 @@ def abandon(store: Store, request_id: int, holder: str) -> bool:
         .values(status=CANCELLED, finished_at=utcnow())
     )
     with store.session() as s:
-        return bool(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        return bool(s.execute(stmt).rowcount)
 
 
 def finish(
@@ -264,6 +263,4 @@ def finish(
     if result is not None:
         values["result"] = result
     with store.session() as s:
-        return bool(
-            s.execute(update(_q).where(_ours(store, request_id)).values(**values)).rowcount  # type: ignore[attr-defined]
-        )
+        return bool(s.execute(update(_q).where(_ours(store, request_id)).values(**values)).rowcount)

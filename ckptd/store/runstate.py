@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from json import loads
 
-from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, bindparam, select
 
 from ckptd.core.model import utcnow
 from ckptd.core.recording import EventFile, Known, RunDir, RunState
-from ckptd.store import audit
+from ckptd.store import audit, tables
 from ckptd.store.handle import Store
-from ckptd.store.tables import LIVE, CheckpointRow, EventFileRow, RunRow, json_text, table_of
+from ckptd.store.tables import LIVE, json_text
 from ckptd.store.upsert import insert_many
 
 _CHUNK = 500  # ids or paths per IN (...): SQLite is slow with long lists
@@ -26,8 +25,8 @@ def load_states(store: Store, runs: Sequence[RunDir]) -> dict[str, RunState]:
     """What the store holds for ``runs``, by path: two SELECTs per 500 runs, whatever their
     size. Runs it does not know are created (each with its ``run_discovered`` entry) and start
     empty, with no further query."""
-    with store.session() as session:
-        return _load(session, runs)
+    with store.session() as conn:
+        return _load(conn, runs)
 
 
 def load_state(store: Store, run: RunDir) -> RunState:
@@ -36,12 +35,11 @@ def load_state(store: Store, run: RunDir) -> RunState:
 
 def run_versions(store: Store) -> dict[int, int]:
     """Every run's version (one SELECT): a quick rescan trusts what it saw at that version."""
-    with store.session() as session:
-        return dict(session.connection().execute(select(_runs.c.id, _runs.c.version)).all())
+    with store.session() as conn:
+        return dict(conn.execute(select(_runs.c.id, _runs.c.version)).all())
 
 
-def _load(session: Session, runs: Sequence[RunDir]) -> dict[str, RunState]:
-    conn = session.connection()
+def _load(conn: Connection, runs: Sequence[RunDir]) -> dict[str, RunState]:
     wanted = {r.key: r for r in runs}
     paths = list(wanted)
     found: dict[str, tuple[int, int, bool, bool, str | None]] = {}
@@ -77,12 +75,11 @@ def _load(session: Session, runs: Sequence[RunDir]) -> dict[str, RunState]:
     }
     missing = [wanted[p] for p in paths if p not in found]
     if missing:
-        out.update(_create(session, missing))
+        out.update(_create(conn, missing))
     return out
 
 
-def _create(session: Session, runs: list[RunDir]) -> dict[str, RunState]:
-    conn = session.connection()
+def _create(conn: Connection, runs: list[RunDir]) -> dict[str, RunState]:
     now = utcnow()
     insert_many(
         conn,
@@ -98,7 +95,7 @@ def _create(session: Session, runs: list[RunDir]) -> dict[str, RunState]:
         for path, rid, version in conn.execute(q.where(_runs.c.path.in_(paths[i : i + _CHUNK]))):
             created[path] = (rid, version)
     audit.record_many(
-        session,
+        conn,
         [
             audit.Entry(now, "run_discovered", created[r.key][0], None, r.name, None, {"path": p})
             for r, p in zip(runs, paths, strict=True)
@@ -107,7 +104,7 @@ def _create(session: Session, runs: list[RunDir]) -> dict[str, RunState]:
     return {p: RunState(rid, version) for p, (rid, version) in created.items()}
 
 
-_runs, _ckpts, _files = table_of(RunRow), table_of(CheckpointRow), table_of(EventFileRow)
+_runs, _ckpts, _files = tables.runs, tables.checkpoints, tables.event_files
 _LOAD_RUNS = (
     select(
         _runs.c.path,

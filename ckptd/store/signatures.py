@@ -8,10 +8,11 @@ from collections.abc import Collection
 
 from sqlalchemy import select
 
+from ckptd.store import tables
 from ckptd.store.handle import Store
-from ckptd.store.tables import CheckpointRow, json_text, table_of
+from ckptd.store.tables import json_text
 
-_c = table_of(CheckpointRow)
+_c = tables.checkpoints
 CHUNK = 500
 
 

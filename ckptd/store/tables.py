@@ -1,14 +1,16 @@
-"""ORM rows. The schema is owned by Alembic (``migrations/``); a test checks they agree."""
+"""The tables, as SQLAlchemy Core ``Table`` objects (no ORM: importing it is slow, and rows are
+only ever read and written with Core statements). The schema is owned by Alembic
+(``migrations/``); a test checks they agree."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     DateTime,
     Float,
     ForeignKey,
@@ -23,7 +25,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.functions import FunctionElement
 
 from ckptd.store import count_triggers
@@ -62,241 +63,241 @@ def _json_text_pg(element: json_text, compiler: Any, **kw: Any) -> str:
     return f"CAST({compiler.process(element.clauses, **kw)} AS TEXT)"
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
+metadata = MetaData(naming_convention=NAMING)
 
-
-class RunRow(Base):
-    __tablename__ = "runs"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(1024))
-    path: Mapped[str] = mapped_column(String(4096), unique=True)
-    watch_path: Mapped[str] = mapped_column(String(4096))
-    present: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    scanned_at: Mapped[datetime | None] = mapped_column(DateTime)
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(1024), nullable=False),
+    Column("path", String(4096), unique=True, nullable=False),
+    Column("watch_path", String(4096), nullable=False),
+    Column("present", Boolean, default=True, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("scanned_at", DateTime),
     # Bumped by every writer of the run's rows: writes conditional on it never apply a stale view.
-    version: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    Column("version", Integer, server_default=text("0"), nullable=False),
     # When each incarnation after the first began (POSIX seconds; NULL: one so far).
-    incarnation_starts: Mapped[list[float] | None] = mapped_column(JSON)
+    Column("incarnation_starts", JSON),
+)
 
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("prefix", String(4096), nullable=False),
+    Column("step", Int64),
+    Column("format", String(32), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", Text),
+    Column("size_bytes", Int64, default=0, nullable=False),
+    Column("files", JSON, default=list, nullable=False),
+    Column("has_meta", Boolean, default=False, nullable=False),
+    Column("signature", JSON, default=list, nullable=False),
+    Column("created_at", DateTime),
+    Column("recorded_at", DateTime, nullable=False),
+    Column("completed_at", DateTime),
+    Column("gone_at", DateTime),
+    Column("incarnation", Integer, server_default=text("1"), nullable=False),
+    Index("ix_checkpoints_run_step", "run_id", "step"),
+    Index("ix_checkpoints_state", "state"),
+    # Covers `status`'s per-run counts by state and newest step (migration 0002).
+    Index("ix_checkpoints_run_state_step", "run_id", "state", "step"),
+    # A prefix names one live row; versions written before it under that name are
+    # ``replaced`` (migration 0004). Queries by prefix say LIVE too, to use this index.
+    Index(
+        "ux_checkpoints_live_prefix",
+        "prefix",
+        unique=True,
+        sqlite_where=LIVE,
+        postgresql_where=LIVE,
+    ),
+)
 
-class CheckpointRow(Base):
-    __tablename__ = "checkpoints"
-    __table_args__ = (
-        Index("ix_checkpoints_run_step", "run_id", "step"),
-        Index("ix_checkpoints_state", "state"),
-        # Covers `status`'s per-run counts by state and newest step (migration 0002).
-        Index("ix_checkpoints_run_state_step", "run_id", "state", "step"),
-        # A prefix names one live row; versions written before it under that name are
-        # ``replaced`` (migration 0004). Queries by prefix say LIVE too, to use this index.
-        Index(
-            "ux_checkpoints_live_prefix",
-            "prefix",
-            unique=True,
-            sqlite_where=LIVE,
-            postgresql_where=LIVE,
-        ),
-    )
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    prefix: Mapped[str] = mapped_column(String(4096))
-    step: Mapped[int | None] = mapped_column(Int64)
-    format: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Int64, default=0)
-    files: Mapped[list[str]] = mapped_column(JSON, default=list)
-    has_meta: Mapped[bool] = mapped_column(Boolean, default=False)
-    signature: Mapped[list[int]] = mapped_column(JSON, default=list)
-    created_at: Mapped[datetime | None] = mapped_column(DateTime)
-    recorded_at: Mapped[datetime] = mapped_column(DateTime)
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
-    gone_at: Mapped[datetime | None] = mapped_column(DateTime)
-    incarnation: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+# How many checkpoints a run has in a state: kept by triggers on ``checkpoints``
+# (store/count_triggers.py, migration 0010), so `status` and the heartbeat read a row per run
+# and state instead of counting every checkpoint.
+checkpoint_counts = Table(
+    "checkpoint_counts",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("state", String(16), primary_key=True),
+    Column("n", Int64, nullable=False),
+)
 
+metrics = Table(
+    "metrics",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "checkpoint_id", Integer, ForeignKey("checkpoints.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("name", String(512), nullable=False),
+    Column("value", Float),
+    Column("step", Int64),
+    Column("source", String(32), nullable=False),  # tfevents | evaluator | filename
+    Column("recorded_at", DateTime, nullable=False),
+    UniqueConstraint("checkpoint_id", "name", "source", name="uq_metrics_checkpoint_name_source"),
+)
 
-class CheckpointCountRow(Base):
-    """How many checkpoints a run has in a state: kept by triggers on ``checkpoints``
-    (store/count_triggers.py, migration 0010), so `status` and the heartbeat read a row per
-    run and state instead of counting every checkpoint."""
-
-    __tablename__ = "checkpoint_counts"
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), primary_key=True)
-    n: Mapped[int] = mapped_column(Int64)
-
-
-class MetricRow(Base):
-    __tablename__ = "metrics"
-    __table_args__ = (
-        UniqueConstraint(
-            "checkpoint_id", "name", "source", name="uq_metrics_checkpoint_name_source"
-        ),
-    )
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(512))
-    value: Mapped[float | None] = mapped_column(Float)
-    step: Mapped[int | None] = mapped_column(Int64)
-    source: Mapped[str] = mapped_column(String(32))  # tfevents | evaluator | filename
-    recorded_at: Mapped[datetime] = mapped_column(DateTime)
-
-
-class ScalarRow(Base):
-    """Every scalar from a run's event files, so a checkpoint recorded later finds its value."""
-
-    __tablename__ = "scalars"
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    name: Mapped[str] = mapped_column(String(512), primary_key=True)
-    step: Mapped[int] = mapped_column(Int64, primary_key=True)
-    value: Mapped[float | None] = mapped_column(Float)
-    wall_time: Mapped[float] = mapped_column(Float)
+# Every scalar from a run's event files, so a checkpoint recorded later finds its value.
+scalars = Table(
+    "scalars",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(512), primary_key=True),
+    Column("step", Int64, primary_key=True),
+    Column("value", Float),
+    Column("wall_time", Float, nullable=False),
     # When the event file that logged it was created: decides its incarnation (migration 0004).
-    born: Mapped[float] = mapped_column(Float, primary_key=True, server_default=text("0"))
+    Column("born", Float, primary_key=True, server_default=text("0")),
+)
 
+event_files = Table(
+    "event_files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("path", String(4096), unique=True, nullable=False),
+    Column("offset", Int64, default=0, nullable=False),
+    Column("error", Text),
+    Column("updated_at", DateTime, nullable=False),
+)
 
-class EventFileRow(Base):
-    __tablename__ = "event_files"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    path: Mapped[str] = mapped_column(String(4096), unique=True)
-    offset: Mapped[int] = mapped_column(Int64, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime] = mapped_column(DateTime)
+evaluations = Table(
+    "evaluations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "checkpoint_id",
+        Integer,
+        ForeignKey("checkpoints.id", ondelete="CASCADE"),
+        unique=True,
+        nullable=False,
+    ),
+    Column("status", String(16), nullable=False),  # pending | running | done | failed
+    Column("attempts", Integer, default=0, nullable=False),
+    Column("error", Text),
+    Column("duration_s", Float),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    Column("next_attempt_at", DateTime),
+    Column("claimed_by", String(255)),  # while running: who
+    Column("claimed_until", DateTime),  # ... and until when
+)
 
-
-class EvaluationRow(Base):
-    __tablename__ = "evaluations"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    checkpoint_id: Mapped[int] = mapped_column(
-        ForeignKey("checkpoints.id", ondelete="CASCADE"), unique=True
-    )
-    status: Mapped[str] = mapped_column(String(16))  # pending | running | done | failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
-    duration_s: Mapped[float | None] = mapped_column(Float)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
-    claimed_by: Mapped[str | None] = mapped_column(String(255))  # while running: who
-    claimed_until: Mapped[datetime | None] = mapped_column(DateTime)  # ... and until when
-
-
-class ExportRow(Base):
-    __tablename__ = "exports"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"))
-    format: Mapped[str] = mapped_column(String(32))
+exports = Table(
+    "exports",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "checkpoint_id", Integer, ForeignKey("checkpoints.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("format", String(32), nullable=False),
     # The serving version (its directory's name): higher than every earlier one of its export
     # root, so TF Serving serves the newest publish (migration 0005; before it, the step).
-    version: Mapped[int] = mapped_column(Int64)
-    path: Mapped[str] = mapped_column(String(4096))
-    status: Mapped[str] = mapped_column(String(16))  # exporting | published | failed | removed
-    verified: Mapped[bool] = mapped_column(Boolean, default=False)
-    error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    removed_at: Mapped[datetime | None] = mapped_column(DateTime)
-    step: Mapped[int | None] = mapped_column(Int64)  # of the checkpoint exported
-    metric: Mapped[str | None] = mapped_column(String(512))  # [watch.best] metric, and its
-    metric_value: Mapped[float | None] = mapped_column(Float)  # value at export time
-    attempt: Mapped[int | None] = mapped_column(Integer)  # of this checkpoint's export
+    Column("version", Int64, nullable=False),
+    Column("path", String(4096), nullable=False),
+    Column("status", String(16), nullable=False),  # exporting | published | failed | removed
+    Column("verified", Boolean, default=False, nullable=False),
+    Column("error", Text),
+    Column("created_at", DateTime, nullable=False),
+    Column("removed_at", DateTime),
+    Column("step", Int64),  # of the checkpoint exported
+    Column("metric", String(512)),  # [watch.best] metric, and its
+    Column("metric_value", Float),  # value at export time
+    Column("attempt", Integer),  # of this checkpoint's export
     # failed: when the daemon tries again (NULL: it gave up); as evaluations
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    Column("next_attempt_at", DateTime),
+)
 
+# A per-run job (prune, freeze) held by one process until ``claimed_until``.
+run_claims = Table(
+    "run_claims",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("job", String(16), primary_key=True),
+    Column("claimed_by", String(255), nullable=False),
+    Column("claimed_until", DateTime, nullable=False),
+)
 
-class RunClaimRow(Base):
-    """A per-run job (prune, freeze) held by one process until ``claimed_until``."""
+# Which daemon acts on a run: ``owner`` until ``expires_at`` (the database's clock), with an
+# ``epoch`` that grows at every change of holder; writes for the run check it (fencing).
+run_leases = Table(
+    "run_leases",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("owner", String(255), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Index("ix_run_leases_owner", "owner"),
+)
 
-    __tablename__ = "run_claims"
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    job: Mapped[str] = mapped_column(String(16), primary_key=True)
-    claimed_by: Mapped[str] = mapped_column(String(255))
-    claimed_until: Mapped[datetime] = mapped_column(DateTime)
+# Work the CLI hands to a running daemon (``ckptd evaluate``/``freeze``), claimed by it.
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # evaluate | freeze
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("checkpoint_id", Integer, ForeignKey("checkpoints.id", ondelete="CASCADE")),
+    Column("options", JSON, default=dict, nullable=False),  # again, force
+    Column("status", String(16), nullable=False),  # pending | running | done | cancelled
+    Column("requested_by", String(255), nullable=False),
+    Column("requested_at", DateTime, nullable=False),
+    Column("claimed_by", String(255)),
+    Column("claimed_until", DateTime),
+    Column("result", JSON),  # progress, then the outcome
+    Column("error", Text),  # why the daemon could not do it
+    Column("finished_at", DateTime),
+    Index("ix_requests_status", "status"),
+)
 
+pins = Table(
+    "pins",
+    metadata,
+    Column(
+        "checkpoint_id", Integer, ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("reason", Text),
+    Column("created_at", DateTime, nullable=False),
+)
 
-class RunLeaseRow(Base):
-    """Which daemon acts on a run: ``owner`` until ``expires_at`` (the database's clock), with
-    an ``epoch`` that grows at every change of holder; writes for the run check it (fencing)."""
+# Audit log: what ckptd did, to what, why, when.
+actions = Table(
+    "actions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime, index=True, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="SET NULL")),
+    Column("checkpoint_id", Integer, ForeignKey("checkpoints.id", ondelete="SET NULL")),
+    Column("subject", Text),
+    Column("reason", Text),
+    Column("detail", JSON, default=dict, nullable=False),
+)
 
-    __tablename__ = "run_leases"
-    __table_args__ = (Index("ix_run_leases_owner", "owner"),)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(255))
-    epoch: Mapped[int] = mapped_column(Integer)
-    expires_at: Mapped[datetime] = mapped_column(DateTime)
-
-
-class RequestRow(Base):
-    """Work the CLI hands to a running daemon (``ckptd evaluate``/``freeze``), claimed by it."""
-
-    __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_status", "status"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # evaluate | freeze
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    checkpoint_id: Mapped[int | None] = mapped_column(
-        ForeignKey("checkpoints.id", ondelete="CASCADE")
-    )
-    options: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)  # again, force
-    status: Mapped[str] = mapped_column(String(16))  # pending | running | done | cancelled
-    requested_by: Mapped[str] = mapped_column(String(255))
-    requested_at: Mapped[datetime] = mapped_column(DateTime)
-    claimed_by: Mapped[str | None] = mapped_column(String(255))
-    claimed_until: Mapped[datetime | None] = mapped_column(DateTime)
-    result: Mapped[dict[str, object] | None] = mapped_column(JSON)  # progress, then the outcome
-    error: Mapped[str | None] = mapped_column(Text)  # why the daemon could not do it
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
-
-
-class PinRow(Base):
-    __tablename__ = "pins"
-    checkpoint_id: Mapped[int] = mapped_column(
-        ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
-    )
-    reason: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-
-
-class ActionRow(Base):
-    """Audit log: what ckptd did, to what, why, when."""
-
-    __tablename__ = "actions"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime, index=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
-    checkpoint_id: Mapped[int | None] = mapped_column(
-        ForeignKey("checkpoints.id", ondelete="SET NULL")
-    )
-    subject: Mapped[str | None] = mapped_column(Text)
-    reason: Mapped[str | None] = mapped_column(Text)
-    detail: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
-
-
-class DaemonRow(Base):
-    __tablename__ = "daemons"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    host: Mapped[str] = mapped_column(String(255))
-    pid: Mapped[int] = mapped_column(Integer)
-    version: Mapped[str] = mapped_column(String(32))
-    config: Mapped[str] = mapped_column(Text)
-    started_at: Mapped[datetime] = mapped_column(DateTime)
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
-    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
-    status: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+daemons = Table(
+    "daemons",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("config", Text, nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=False),
+    Column("stopped_at", DateTime),
+    Column("status", JSON, default=dict, nullable=False),
     # Last, where migration 0008 adds it; NULL for a daemon started before 0008.
-    name: Mapped[str | None] = mapped_column(String(255))
+    Column("name", String(255)),
     # "daemon" (watches, records, acts) or "worker" (``ckptd worker``: evaluates and exports).
-    role: Mapped[str] = mapped_column(String(16), server_default="daemon")
+    Column("role", String(16), server_default="daemon", nullable=False),
+)
 
 
-@event.listens_for(Base.metadata, "after_create")
+@event.listens_for(metadata, "after_create")
 def _install_count_triggers(_metadata: MetaData, connection: Any, **_kw: Any) -> None:
     """``create_all`` builds what the migrations build: the triggers of migration 0010 too."""
     count_triggers.install(connection)
-
-
-def table_of(row: type[Base]) -> Table:
-    """The Core table of an ORM row class (for bulk executemany without ORM overhead)."""
-    return cast(Table, row.__table__)

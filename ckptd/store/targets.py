@@ -7,7 +7,6 @@ from ckptd.core.model import Checkpoint, Run
 from ckptd.store import reads
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
-from ckptd.store.tables import RunRow
 
 
 def resolve(store: Store, text: str) -> tuple[Run, Checkpoint | None]:
@@ -17,4 +16,4 @@ def resolve(store: Store, text: str) -> tuple[Run, Checkpoint | None]:
             return store_runs.resolve_run(s, text), None
         except NotFound:
             checkpoint = reads.resolve_checkpoint(s, text)
-            return store_runs.to_run(s.get_one(RunRow, checkpoint.run_id)), checkpoint
+            return store_runs.run_by_id(s, checkpoint.run_id), checkpoint

@@ -1,6 +1,6 @@
 """Bulk writes: one compiled statement, many rows, SQLAlchemy's own value conversion.
 
-``session.execute(insert(t), rows)`` re-processes every parameter dict through the compiler,
+``conn.execute(insert(t), rows)`` re-processes every parameter dict through the compiler,
 row by row; a backfill writes tens of thousands of rows, so here the statement is compiled
 once, each column's bind processor (the same one SQLAlchemy would apply: DateTime -> its SQLite
 string, JSON -> text) is applied to plain tuples, and the driver does the rest: SQLite's
@@ -161,8 +161,8 @@ def _arrays(params: list[Any]) -> tuple[list[Any], ...]:
 
 
 def upsert(
-    session: Any,
-    table: Any,
+    conn: Any,
+    table: Table,
     rows: list[dict[str, Any]],
     *,
     keys: Sequence[str],
@@ -172,10 +172,9 @@ def upsert(
     if not rows:
         return
     columns = list(rows[0])
-    core = table if isinstance(table, Table) else table.__table__
     insert_many(
-        session.connection(),
-        core,
+        conn,
+        table,
         columns,
         [[r[c] for c in columns] for r in rows],
         conflict_keys=keys,

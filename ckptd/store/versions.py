@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, update
 
-from ckptd.store.tables import RunRow, table_of
+from ckptd.store import tables
 
 
-def bump(session: Session, run_ids: Iterable[int]) -> None:
+def bump(conn: Connection, run_ids: Iterable[int]) -> None:
     """Bump the version of each run (inside the caller's transaction)."""
     ids = sorted(set(run_ids))
-    runs = table_of(RunRow)
+    runs = tables.runs
     for i in range(0, len(ids), 500):
-        session.execute(
+        conn.execute(
             update(runs).where(runs.c.id.in_(ids[i : i + 500])).values(version=runs.c.version + 1)
         )
