@@ -187,11 +187,11 @@ def test_prometheus_metrics_endpoint(tmp_path: Path, corpus: Corpus) -> None:
             except OSError:
                 return ""  # not listening yet
 
-        text = wait_for(
-            lambda: t if 'ckptd_checkpoints{state="complete"} 3.0' in (t := scrape()) else None
-        )
+        # The heartbeat sets the counts, then its success time once it returns: both, in turn.
+        heartbeat = 'ckptd_job_last_success_timestamp_seconds{job="heartbeat"}'
+        complete = 'ckptd_checkpoints{state="complete"} 3.0'
+        text = wait_for(lambda: t if complete in (t := scrape()) and heartbeat in t else None)
         assert "ckptd_detection_latency_seconds_count 3.0" in text
-        assert 'ckptd_job_last_success_timestamp_seconds{job="heartbeat"}' in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
