@@ -123,6 +123,16 @@ def test_a_dead_daemons_evaluation_is_prunable_once_its_claim_expired(
     assert result.returncode == 0, result.stderr
     states = dict(_sql(store, "select step, state from checkpoints"))
     assert states[step] == "pruned", (step, states, result.stdout)
+    # Its job goes back to the queue, not 'running' for good: nobody claims the jobs of a
+    # checkpoint that is no longer complete (the cluster fault suite's audit caught one).
+    assert _running(store) == []
+    (job,) = _sql(
+        store,
+        "select e.status, e.claimed_by from evaluations e join checkpoints c "
+        "on c.id = e.checkpoint_id where c.step = :step",
+        step=step,
+    )
+    assert job == ("pending", None)
 
 
 def test_a_dead_daemons_evaluation_is_done_by_the_next_holder_once(

@@ -55,6 +55,18 @@ _MARK_PRUNED = (
 # When the trainer wrote a checkpoint, as retention's save order reads it.
 _SAVED = func.coalesce(_c.created_at, _c.completed_at, _c.recorded_at)
 _RESTORE = update(tables.checkpoints).where(_c.id.in_(_IDS)).values(state=COMPLETE)
+# A pruned checkpoint's evaluation whose holder's claim had expired (planning saw it as not in
+# progress) goes back to the queue, as any expired job does: else it stays 'running' for good,
+# since nobody claims the jobs of checkpoints that are no longer complete.
+_REQUEUE_EXPIRED = (
+    update(tables.evaluations)
+    .where(
+        _evals.checkpoint_id.in_(_IDS),
+        _evals.status == "running",
+        _evals.claimed_until < bindparam("at", type_=_evals.claimed_until.type),
+    )
+    .values(status="pending", claimed_by=None, claimed_until=None)
+)
 # What planning reads: a run's checkpoints, with the columns every Checkpoint is built from.
 _PLAN_COLUMNS = select(*reads.CHECKPOINT_COLUMNS).where(_c.run_id.in_(_RUN_IDS))
 _OF_RUNS = select(_c.id).where(_c.run_id.in_(_RUN_IDS))
@@ -255,6 +267,7 @@ def record_results(
         for reason, ids in pruned.items():
             for chunk in _chunks(ids):
                 conn.execute(mark, {"ids": chunk, "at": at, "why": reason})
+                conn.execute(_REQUEUE_EXPIRED, {"ids": chunk, "at": at})
         for chunk in _chunks(restored):
             conn.execute(restore, {"ids": chunk})
         audit.record_many(conn, entries)
