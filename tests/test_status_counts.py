@@ -1,6 +1,7 @@
-"""`status`'s per-run counts (store/runs.run_summaries) come from index lookups per run and
-state: every state a checkpoint can be in is counted, runs without checkpoints are listed, and
-the newest step is the newest complete one, on SQLite and PostgreSQL."""
+"""`status`'s per-run counts (store/runs.run_summaries) come from ``checkpoint_counts``, which
+the database's triggers keep (tests/test_checkpoint_counts.py): every state a checkpoint can be
+in is counted, runs without checkpoints are listed, and the newest step is the newest complete
+one, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
