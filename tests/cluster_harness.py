@@ -37,7 +37,7 @@ from tests.conftest import ENV, PY, REPO
 # not recorded").
 PAUSABLE = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, signal, sys, threading
     from ckptd.store import pruning, recording
 
     trigger = os.environ["CKPTD_TEST_PAUSE"]
@@ -50,7 +50,9 @@ PAUSABLE = textwrap.dedent(
             os.unlink(trigger)
         except OSError:
             return
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # To this thread, which stops at once (a stop sent to the process goes to its main
+        # thread first, and this one could write before the stop reached it).
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
     real_apply, real_write = recording.apply, recording._apply
 

@@ -216,6 +216,21 @@ def test_changes_while_down_are_caught_up(tmp_path: Path, corpus: Corpus) -> Non
     assert gone[0].reason == "deleted outside ckptd"
 
 
+def test_a_run_directory_gone_at_once_gives_its_reason(tmp_path: Path, corpus: Corpus) -> None:
+    """Moved away or deleted in one step: every checkpoint is gone "run directory is gone"."""
+    rec, watches, engine = _setup(tmp_path)
+    run = corpus.copy("tf1", tmp_path / "runs" / "a")
+    specs = discover(0, watches[0])
+    rec.reconcile_many(specs)
+    run.rename(tmp_path / "elsewhere")
+    rec.reconcile_many(specs)  # (as the daemon does for a run it knows)
+    assert {(c.step, c.state) for c in _ls(engine)} == {(10, "gone"), (20, "gone"), (30, "gone")}
+    with session_scope(engine) as s:
+        gone = audit_reads.actions(s, kinds=["gone"])
+    assert sorted(a.subject for a in gone) == [str(run / f"model.ckpt-{n}") for n in (10, 20, 30)]
+    assert {a.reason for a in gone} == {"run directory is gone"}
+
+
 def test_partial_then_complete(tmp_path: Path, corpus: Corpus) -> None:
     """A save in progress is not recorded; when it completes it is, with its metric."""
     rec, watches, engine = _setup(tmp_path, runs=None)
