@@ -24,6 +24,8 @@ from ckptd.store.handle import Store, holder_gone
 from ckptd.store.upsert import _dialect_insert, upsert
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+# A job given back to the queue, for any evaluator to claim.
+REQUEUED: dict[str, Any] = {"status": PENDING, "claimed_by": None, "claimed_until": None}
 
 _e = tables.evaluations
 _c = tables.checkpoints
@@ -140,14 +142,7 @@ def requeue(
                 _e.c.claimed_by == store.holder,
             ),
         )
-        .values(
-            status=PENDING,
-            attempts=0,
-            error=None,
-            next_attempt_at=None,
-            claimed_by=None,
-            claimed_until=None,
-        )
+        .values(**REQUEUED, attempts=0, error=None, next_attempt_at=None)
     )
     with store.session() as s:
         return int(s.execute(stmt).rowcount)
@@ -351,8 +346,6 @@ def release_gone(store: Store) -> int:
         if not gone:
             return 0
         stmt = (
-            update(_e)
-            .where(_e.c.status == RUNNING, _e.c.claimed_by.in_(gone))
-            .values(status=PENDING, claimed_by=None, claimed_until=None)
+            update(_e).where(_e.c.status == RUNNING, _e.c.claimed_by.in_(gone)).values(**REQUEUED)
         )
         return int(s.execute(stmt).rowcount)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import BindParameter, and_, bindparam, case, exists, func, or_, select, update
 
 from ckptd.core.model import COMPLETE, PRUNED, PRUNING, Checkpoint, Run, utcnow
-from ckptd.store import audit, claims, leases, reads, tables, versions
+from ckptd.store import audit, claims, evaluations, leases, reads, tables, versions
 from ckptd.store import runs as store_runs
 from ckptd.store.handle import Store
 from ckptd.store.leases import Hold, still_held
@@ -62,10 +62,10 @@ _REQUEUE_EXPIRED = (
     update(tables.evaluations)
     .where(
         _evals.checkpoint_id.in_(_IDS),
-        _evals.status == "running",
+        _evals.status == evaluations.RUNNING,
         _evals.claimed_until < bindparam("at", type_=_evals.claimed_until.type),
     )
-    .values(status="pending", claimed_by=None, claimed_until=None)
+    .values(**evaluations.REQUEUED)
 )
 # What planning reads: a run's checkpoints, with the columns every Checkpoint is built from.
 _PLAN_COLUMNS = select(*reads.CHECKPOINT_COLUMNS).where(_c.run_id.in_(_RUN_IDS))
