@@ -1,7 +1,7 @@
 """``checkpoint_counts`` (run, state -> n) is kept by the database's triggers: after any mix of
 inserts, state changes, moves, deletes and a run's deletion it equals a count of the rows, on
 SQLite and PostgreSQL; migration 0010 fills it from the rows already there; a fresh database
-(``create_all``) gets the same triggers as a migrated one."""
+(``create_all``) gets the same triggers as a migrated one; `status` reads them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sqlalchemy import text
 from ckptd.core.model import COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, REPLACED
 from ckptd.store import count_triggers, migrate, tables
 from ckptd.store.db import make_engine, session_scope
-from ckptd.store.runs import state_counts
+from ckptd.store.runs import RunSummary, run_summaries, state_counts
 from ckptd.store.upsert import insert_many
 
 STATES = (COMPLETE, CORRUPT, GONE, PRUNED, PRUNING, REPLACED)
@@ -159,3 +159,47 @@ def test_a_fresh_database_gets_the_triggers_the_migration_installs(database_url:
             assert _triggers(conn) == sorted(count_triggers.TRIGGERS)
     finally:
         engine.dispose()
+
+
+def test_status_counts_every_state_per_run(database_url: str) -> None:
+    """`status` (store/runs.run_summaries) reads these counts: every state is counted, runs
+    without checkpoints are listed, and the newest step is the newest complete one."""
+    engine = make_engine(database_url)
+    migrate.ensure_schema(engine)
+    now = datetime(2026, 12, 2, 12, 0, 0)
+    # run b: steps 1..12 in every state; the newest complete step is 9, not the newest step.
+    b_states = [PRUNED, PRUNED, GONE, CORRUPT, COMPLETE, PRUNING, COMPLETE, REPLACED, COMPLETE]
+    b_states += [CORRUPT, GONE, REPLACED]
+    try:
+        with session_scope(engine) as conn:
+            insert_many(
+                conn,
+                tables.runs,
+                _RUN,
+                [
+                    (1, "b", "/w/b", "/w", True, now),
+                    (2, "a", "/w/a", "/w", True, now),
+                    (3, "empty", "/w/empty", "/w", False, now),
+                ],
+            )
+            rows = [(1, f"/w/b/ckpt-{i + 1}", i + 1, "tf2", st) for i, st in enumerate(b_states)]
+            rows += [(2, f"/w/a/ckpt-{i}", i, "tf2", COMPLETE) for i in (3, 1, 2)]
+            insert_many(
+                conn, tables.checkpoints, _CKPT, [(*r, 1, [], False, [], now) for r in rows]
+            )
+        with session_scope(engine) as s:
+            got = run_summaries(s)
+    finally:
+        engine.dispose()
+    assert got == [
+        RunSummary("a", "/w/a", True, {COMPLETE: 3}, 3),
+        RunSummary(
+            "b",
+            "/w/b",
+            True,
+            {COMPLETE: 3, CORRUPT: 2, GONE: 2, PRUNED: 2, PRUNING: 1, REPLACED: 2},
+            9,
+        ),
+        RunSummary("empty", "/w/empty", False, {}, None),
+    ]
+    assert list(got[1].counts) == sorted(got[1].counts)  # as GROUP BY state ordered them
