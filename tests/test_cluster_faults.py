@@ -234,10 +234,11 @@ def test_sigstop_past_the_ttl_write_fenced_then_rejoins(cluster: Cluster) -> Non
         since, resumed = node.log_size(), _utcnow()
     finally:
         os.kill(node.pid, signal.SIGCONT)  # a failure above must not leave it stopped
-    # The write it was about to make is refused by the database, and it says so.
+    # The write it was about to make is refused by the database, and it says so: in its log,
+    # then in an audit row (written after the log line).
     until(lambda: "fenced: recording of run" in node.log(since), 30)
-    fenced = [e for e in cluster.events("fenced") if e[0] >= resumed]
-    assert fenced and all(f"daemon {name} no longer holds" in e[4] for e in fenced), fenced
+    fenced = until(lambda: [e for e in cluster.events("fenced") if e[0] >= resumed], 30)
+    assert all(f"daemon {name} no longer holds" in e[4] for e in fenced), fenced
     time.sleep(3 * RESCAN)
     # It wrote nothing for the runs it lost: no recording, no evaluation.
     assert _recorded_lines(node, since) == []
