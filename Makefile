@@ -36,8 +36,11 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache  # the layers of DESIGN.md v2 (contracts in pyproject.toml)
 	.ci/commit-subjects
 
+# The suite in TEST_JOBS processes (pytest-xdist): most tests wait on daemons, trainers and
+# servers, so three share two CPUs well. TEST_JOBS=0 runs it in this one process.
+TEST_JOBS ?= 3
 test: lint
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 # Also runs without TensorFlow installed: tests/golden holds files it wrote (regenerate.py).
 test-fast: $(STAMP)
