@@ -249,6 +249,29 @@ def test_partial_then_complete(tmp_path: Path, corpus: Corpus) -> None:
     assert c.state == "complete" and "eval/accuracy" in c.metrics
 
 
+def test_a_checkpoint_seen_while_cp_p_copies_it_is_one_row(tmp_path: Path, corpus: Corpus) -> None:
+    """`cp -p` and shutil.copytree write the index, then set its time, then copy the data. Seen
+    at each step, the checkpoint is corrupt (data missing) under two index identities, then
+    complete: one row throughout, never a "replaced" version of itself."""
+    rec, watches, engine = _setup(tmp_path, runs=None)
+    src = corpus.run_dir("tf2")
+    run = tmp_path / "runs"
+    (spec,) = discover(0, watches[0])
+    shutil.copyfile(src / "ckpt-10.index", run / "ckpt-10.index")  # content, time of the copy
+    rec.reconcile(spec)
+    shutil.copystat(src / "ckpt-10.index", run / "ckpt-10.index")  # then the source's time
+    rec.reconcile(spec)
+    with session_scope(engine) as s:
+        assert s.execute(text("SELECT state FROM checkpoints")).scalars().all() == ["corrupt"]
+    shutil.copy2(src / "ckpt-10.data-00000-of-00001", run)
+    rec.reconcile(spec)
+    with session_scope(engine) as s:
+        rows = s.execute(text("SELECT step, state FROM checkpoints")).all()
+        kinds = [a.kind for a in audit_reads.actions(s)]
+    assert [tuple(r) for r in rows] == [(10, "complete")]
+    assert "replaced" not in kinds
+
+
 def test_meta_arriving_after_is_recorded(tmp_path: Path, corpus: Corpus) -> None:
     rec, watches, engine = _setup(tmp_path, runs=None)
     src = corpus.run_dir("tf1")

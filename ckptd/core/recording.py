@@ -179,7 +179,12 @@ def diff(obs: Observation, state: RunState) -> Changes:
 
 def _rewritten(known: Known, f: Found) -> bool:
     """Whether ``f`` is a new file under a recorded name (a trainer saving ``weights`` again, or
-    restarted and writing ``ckpt-1`` anew): its identity changed, so it is a new version."""
+    restarted and writing ``ckpt-1`` anew): its identity changed, so it is a new version. Not
+    when the recorded one is corrupt: that is the same save still arriving (``cp -p`` and
+    ``shutil.copytree`` write the index, then set its time, then copy the data), and a corrupt
+    row has nothing (evaluations, exports) to keep as history."""
+    if known.state == CORRUPT:
+        return False
     before, now = inc.identity(known.signature), inc.identity(f.signature)
     return bool(before) and bool(now) and before != now
 
